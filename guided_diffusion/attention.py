@@ -1,0 +1,101 @@
+"""Self-attention of the ADM U-Net, with a hook to replace the attention computation.
+
+Every attention function here takes q, k, v shaped (N, heads, tokens, head_channels) and returns the
+attention output in the same shape. The block (``AttentionBlock`` in ``unet.py``) owns the memory layout
+(the two QKV orders of upstream) and the choice of batch rows; an :class:`AttentionOverride` only says
+*how* to attend. This is what PAG, its ablations and SAG build on (see ``pag/perturbations.py``).
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch as th
+import torch.nn.functional as F
+
+# (q, k, v) -> output, all (N, heads, tokens, head_channels).
+AttentionFn = Callable[[th.Tensor, th.Tensor, th.Tensor], th.Tensor]
+
+
+def sdpa_attention(q, k, v):
+    """Standard softmax attention (scale 1/sqrt(head_channels)) through torch's fused kernels."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def attention_logits(q, k):
+    """Pre-softmax scores (N, heads, T, T) in float32.
+
+    The scale is split over q and k, as upstream does, so fp16 inputs cannot overflow before the product.
+    """
+    scale = q.shape[-1] ** -0.25
+    return th.matmul(q.float() * scale, (k.float() * scale).transpose(-1, -2))
+
+
+def attention_map(q, k):
+    """The softmaxed attention map (N, heads, T, T) in float32; rows sum to one."""
+    return attention_logits(q, k).softmax(dim=-1)
+
+
+def attend_with_map(weights, v):
+    """Attention output for an explicit (N, heads, T, T) map."""
+    return th.matmul(weights.to(v.dtype), v)
+
+
+def identity_attention(q, k, v):
+    """Identity attention map: each token attends only to itself, so the output is V (no Q K^T)."""
+    return v
+
+
+@dataclass(frozen=True)
+class AttentionOverride:
+    """Replace one attention block's attention computation for some batch rows.
+
+    attention_fn: how to attend on the selected rows (for example :func:`identity_attention`).
+    rows: which batch rows use ``attention_fn``: ``"all"``, ``"second_half"`` (of the block's current
+        batch), or a bool tensor with one entry per batch row.
+    fork: duplicate the block's input batch first, ``[x; x]``, and apply ``attention_fn`` to the copy
+        only. Everything before this block then ran once on ``x``; the U-Net repeats its time embedding
+        and skip connections to the doubled batch. Used for the shared-prefix PAG pass: only the first
+        perturbed block forks, later ones use ``rows="second_half"``.
+    """
+
+    attention_fn: AttentionFn
+    rows: Union[str, th.Tensor] = "all"
+    fork: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.rows, str) and self.rows not in ("all", "second_half"):
+            raise ValueError(f"rows must be 'all', 'second_half' or a bool tensor, got {self.rows!r}")
+        if self.fork and not (isinstance(self.rows, str) and self.rows == "second_half"):
+            raise ValueError("fork=True perturbs the duplicated half only; use rows='second_half'")
+
+    def row_mask(self, batch_size, device):
+        """The bool mask over batch rows that use ``attention_fn``."""
+        if isinstance(self.rows, th.Tensor):
+            if self.rows.shape != (batch_size,):
+                raise ValueError(
+                    f"attention override row mask has shape {tuple(self.rows.shape)}, "
+                    f"but the batch has {batch_size} rows"
+                )
+            return self.rows.to(device=device, dtype=th.bool)
+        mask = th.ones(batch_size, dtype=th.bool, device=device)
+        if self.rows == "second_half":
+            if batch_size % 2:
+                raise ValueError(f"rows='second_half' needs an even batch, got {batch_size} rows")
+            mask[: batch_size // 2] = False
+        return mask
+
+
+def attend_rows(q, k, v, override):
+    """Attention over a batch where ``override`` selects the rows attended with its own function."""
+    if override is None:
+        return sdpa_attention(q, k, v)
+    mask = override.row_mask(q.shape[0], q.device)
+    if bool(mask.all()):
+        return override.attention_fn(q, k, v)
+    if not bool(mask.any()):
+        return sdpa_attention(q, k, v)
+    out = th.empty_like(v)
+    keep = ~mask
+    out[keep] = sdpa_attention(q[keep], k[keep], v[keep])
+    out[mask] = override.attention_fn(q[mask], k[mask], v[mask]).to(out.dtype)
+    return out

@@ -1,0 +1,662 @@
+"""The ADM U-Net (Dhariwal & Nichol, 2021), parameter-compatible with the official checkpoints.
+
+Module names and parameter shapes follow upstream guided-diffusion exactly, so its state dicts load
+strictly. Attention blocks can have their attention computation overridden per batch row
+(``AttentionBlock.override``), which is how PAG perturbs them; see ``attention.py``.
+"""
+
+from abc import abstractmethod
+
+import torch as th
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import AttentionOverride, attend_rows
+from .fp16_util import convert_module_to_f16, convert_module_to_f32
+from .nn import (
+    avg_pool_nd,
+    conv_nd,
+    linear,
+    normalization,
+    timestep_embedding,
+    zero_module,
+)
+
+
+def _repeat_to_batch(tensor, batch_size):
+    """Repeat ``tensor`` along the batch as [t; t; ...] to ``batch_size`` rows (after a PAG fork)."""
+    if tensor.shape[0] == batch_size:
+        return tensor
+    if batch_size % tensor.shape[0]:
+        raise RuntimeError(f"cannot expand a batch of {tensor.shape[0]} to {batch_size}")
+    return tensor.repeat(batch_size // tensor.shape[0], *([1] * (tensor.dim() - 1)))
+
+
+def _maybe_checkpoint(fn, args, enabled):
+    if enabled and th.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+class TimestepBlock(nn.Module):
+    """A module whose forward takes the timestep embedding as a second argument."""
+
+    @abstractmethod
+    def forward(self, x, emb):
+        """Apply the module to ``x`` given the timestep embeddings ``emb``."""
+
+
+class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    """A sequential container that passes the timestep embedding to the children that take it."""
+
+    def forward(self, x, emb):
+        for layer in self:
+            if isinstance(layer, TimestepBlock):
+                x = layer(x, _repeat_to_batch(emb, x.shape[0]))
+            else:
+                x = layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, optionally followed by a 3x3 convolution."""
+
+    def __init__(self, channels, use_conv, dims=2, out_channels=None):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.dims = dims
+        if use_conv:
+            self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=1)
+
+    def forward(self, x):
+        if self.dims == 3:
+            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    """2x downsampling by a strided 3x3 convolution or by average pooling."""
+
+    def __init__(self, channels, use_conv, dims=2, out_channels=None):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        stride = 2 if dims != 3 else (1, 2, 2)
+        if use_conv:
+            self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=stride, padding=1)
+        else:
+            if self.channels != self.out_channels:
+                raise ValueError("average-pool downsampling cannot change the channel count")
+            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """Residual block conditioned on the timestep embedding (optionally by scale and shift)."""
+
+    def __init__(
+        self,
+        channels,
+        emb_channels,
+        dropout,
+        out_channels=None,
+        use_conv=False,
+        use_scale_shift_norm=False,
+        dims=2,
+        use_checkpoint=False,
+        up=False,
+        down=False,
+    ):
+        super().__init__()
+        self.out_channels = out_channels or channels
+        self.use_checkpoint = use_checkpoint
+        self.use_scale_shift_norm = use_scale_shift_norm
+
+        self.in_layers = nn.Sequential(
+            normalization(channels),
+            nn.SiLU(),
+            conv_nd(dims, channels, self.out_channels, 3, padding=1),
+        )
+        self.updown = up or down
+        if up:
+            self.h_upd = Upsample(channels, False, dims)
+            self.x_upd = Upsample(channels, False, dims)
+        elif down:
+            self.h_upd = Downsample(channels, False, dims)
+            self.x_upd = Downsample(channels, False, dims)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(),
+            linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels),
+        )
+        self.out_layers = nn.Sequential(
+            normalization(self.out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
+        )
+        if self.out_channels == channels:
+            self.skip_connection = nn.Identity()
+        elif use_conv:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 3, padding=1)
+        else:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
+
+    def forward(self, x, emb):
+        return _maybe_checkpoint(self._forward, (x, emb), self.use_checkpoint)
+
+    def _forward(self, x, emb):
+        if self.updown:
+            # Resample between the normalisation and the convolution, as upstream does.
+            h = self.in_layers[:-1](x)
+            h = self.h_upd(h)
+            x = self.x_upd(x)
+            h = self.in_layers[-1](h)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)
+        emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.dim() - 2)))
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention with a residual connection.
+
+    ``use_new_attention_order`` picks upstream's QKV layout: False (legacy) splits heads before q/k/v,
+    True splits q/k/v first. Both store the same parameters; only the channel order of ``qkv`` differs.
+
+    ``override`` (an :class:`AttentionOverride` or None) replaces the attention computation for some
+    batch rows; it is set by ``pag.perturbed_attention`` / the PAG engine and is None otherwise.
+    """
+
+    def __init__(
+        self,
+        channels,
+        num_heads=1,
+        num_head_channels=-1,
+        use_checkpoint=False,
+        use_new_attention_order=False,
+    ):
+        super().__init__()
+        self.channels = channels
+        if num_head_channels == -1:
+            self.num_heads = num_heads
+        else:
+            if channels % num_head_channels:
+                raise ValueError(
+                    f"{channels} channels do not split into heads of {num_head_channels} channels"
+                )
+            self.num_heads = channels // num_head_channels
+        if channels % self.num_heads:
+            raise ValueError(f"{channels} channels do not split into {self.num_heads} heads")
+        self.use_checkpoint = use_checkpoint
+        self.use_new_attention_order = use_new_attention_order
+        self.norm = normalization(channels)
+        self.qkv = conv_nd(1, channels, channels * 3, 1)
+        self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
+        self.override = None
+
+    @property
+    def head_channels(self):
+        return self.channels // self.num_heads
+
+    def split_qkv(self, qkv):
+        """(N, 3 * C, T) -> q, k, v each (N, heads, T, head_channels), in this block's QKV order."""
+        n, _, tokens = qkv.shape
+        if self.use_new_attention_order:
+            qkv = qkv.reshape(n, 3, self.num_heads, self.head_channels, tokens).transpose(0, 1)
+        else:
+            qkv = qkv.reshape(n, self.num_heads, 3, self.head_channels, tokens).transpose(1, 2)
+            qkv = qkv.permute(1, 0, 2, 3, 4)
+        q, k, v = (part.transpose(-1, -2) for part in qkv)
+        return q, k, v
+
+    def forward(self, x):
+        return _maybe_checkpoint(self._forward, (x,), self.use_checkpoint)
+
+    def _forward(self, x):
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        q, k, v = self.split_qkv(self.qkv(self.norm(x)))
+        override = self.override
+        if override is not None and override.fork:
+            # Shared prefix: the copy attends with the override, the original as usual.
+            x = th.cat([x, x])
+            h = th.cat([attend_rows(q, k, v, None), override.attention_fn(q, k, v).to(v.dtype)])
+        else:
+            h = attend_rows(q, k, v, override)
+        # (N, heads, T, head_channels) -> (N, C, T) with head-major channels, as upstream.
+        h = h.transpose(-1, -2).reshape(x.shape[0], c, -1)
+        h = self.proj_out(h)
+        return (x + h).reshape(x.shape[0], c, *spatial)
+
+
+class AttentionPool2d(nn.Module):
+    """Attention pooling of the noisy-image classifier's output (CLIP-style)."""
+
+    def __init__(self, spacial_dim, embed_dim, num_heads_channels, output_dim=None):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(
+            th.randn(embed_dim, spacial_dim**2 + 1) / embed_dim**0.5
+        )
+        self.qkv_proj = conv_nd(1, embed_dim, 3 * embed_dim, 1)
+        self.c_proj = conv_nd(1, embed_dim, output_dim or embed_dim, 1)
+        self.num_heads = embed_dim // num_heads_channels
+        self.head_channels = num_heads_channels
+
+    def forward(self, x):
+        b, c, *_ = x.shape
+        x = x.reshape(b, c, -1)
+        x = th.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)
+        x = x + self.positional_embedding[None].to(x.dtype)
+        qkv = self.qkv_proj(x)
+        # q/k/v split first, then heads (upstream's "new" order).
+        q, k, v = (
+            part.reshape(b, self.num_heads, self.head_channels, -1).transpose(-1, -2)
+            for part in qkv.chunk(3, dim=1)
+        )
+        h = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, -1)
+        return self.c_proj(h)[:, :, 0]
+
+
+def _build_encoder(
+    model,
+    in_channels,
+    model_channels,
+    num_res_blocks,
+    attention_resolutions,
+    dropout,
+    channel_mult,
+    conv_resample,
+    dims,
+    use_checkpoint,
+    num_heads,
+    num_head_channels,
+    use_scale_shift_norm,
+    resblock_updown,
+    use_new_attention_order,
+    num_classes=None,
+):
+    """Build ``time_embed`` (``label_emb``), ``input_blocks`` and ``middle_block`` on ``model`` (shared by U-Net and
+    classifier). Returns the channel counts of the skip connections, the last channel count and the
+    final downsampling factor."""
+    time_embed_dim = model_channels * 4
+    model.time_embed = nn.Sequential(
+        linear(model_channels, time_embed_dim),
+        nn.SiLU(),
+        linear(time_embed_dim, time_embed_dim),
+    )
+    if num_classes is not None:
+        model.label_emb = nn.Embedding(num_classes, time_embed_dim)
+
+    def attention(ch, heads, downsample_factor):
+        block = AttentionBlock(
+            ch,
+            use_checkpoint=use_checkpoint,
+            num_heads=heads,
+            num_head_channels=num_head_channels,
+            use_new_attention_order=use_new_attention_order,
+        )
+        block.downsample_factor = downsample_factor  # for listing blocks by resolution
+        return block
+
+    def resblock(ch, out_ch, **kwargs):
+        return ResBlock(
+            ch,
+            time_embed_dim,
+            dropout,
+            out_channels=out_ch,
+            dims=dims,
+            use_checkpoint=use_checkpoint,
+            use_scale_shift_norm=use_scale_shift_norm,
+            **kwargs,
+        )
+
+    ch = int(channel_mult[0] * model_channels)
+    model.input_blocks = nn.ModuleList(
+        [TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))]
+    )
+    skip_channels = [ch]
+    ds = 1
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            layers = [resblock(ch, int(mult * model_channels))]
+            ch = int(mult * model_channels)
+            if ds in attention_resolutions:
+                layers.append(attention(ch, num_heads, ds))
+            model.input_blocks.append(TimestepEmbedSequential(*layers))
+            skip_channels.append(ch)
+        if level != len(channel_mult) - 1:
+            if resblock_updown:
+                down = resblock(ch, ch, down=True)
+            else:
+                down = Downsample(ch, conv_resample, dims=dims, out_channels=ch)
+            model.input_blocks.append(TimestepEmbedSequential(down))
+            skip_channels.append(ch)
+            ds *= 2
+    model.middle_block = TimestepEmbedSequential(
+        resblock(ch, ch), attention(ch, num_heads, ds), resblock(ch, ch)
+    )
+    return skip_channels, ch, ds, resblock, attention
+
+
+class UNetModel(nn.Module):
+    """The ADM U-Net.
+
+    attention_resolutions: downsampling factors (not resolutions) at which attention is used,
+    e.g. (2, 4, 8) for attention at 32, 16 and 8 pixels of a 64x64 model.
+    num_classes: if set, the model is class-conditional with that many classes.
+    """
+
+    def __init__(
+        self,
+        image_size,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        dropout=0,
+        channel_mult=(1, 2, 4, 8),
+        conv_resample=True,
+        dims=2,
+        num_classes=None,
+        use_checkpoint=False,
+        use_fp16=False,
+        num_heads=1,
+        num_head_channels=-1,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=False,
+        resblock_updown=False,
+        use_new_attention_order=False,
+    ):
+        super().__init__()
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = attention_resolutions
+        self.dropout = dropout
+        self.channel_mult = channel_mult
+        self.conv_resample = conv_resample
+        self.num_classes = num_classes
+        self.use_checkpoint = use_checkpoint
+        self.dtype = th.float16 if use_fp16 else th.float32
+        self.num_heads = num_heads
+        self.num_head_channels = num_head_channels
+        self.num_heads_upsample = num_heads_upsample
+
+        skip_channels, ch, ds, resblock, attention = _build_encoder(
+            self,
+            in_channels,
+            model_channels,
+            num_res_blocks,
+            attention_resolutions,
+            dropout,
+            channel_mult,
+            conv_resample,
+            dims,
+            use_checkpoint,
+            num_heads,
+            num_head_channels,
+            use_scale_shift_norm,
+            resblock_updown,
+            use_new_attention_order,
+            num_classes,
+        )
+
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                skip_ch = skip_channels.pop()
+                layers = [resblock(ch + skip_ch, int(model_channels * mult))]
+                ch = int(model_channels * mult)
+                if ds in attention_resolutions:
+                    layers.append(attention(ch, num_heads_upsample, ds))
+                if level and i == num_res_blocks:
+                    if resblock_updown:
+                        layers.append(resblock(ch, ch, up=True))
+                    else:
+                        layers.append(Upsample(ch, conv_resample, dims=dims, out_channels=ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        input_ch = int(channel_mult[0] * model_channels)
+        self.out = nn.Sequential(
+            normalization(ch),
+            nn.SiLU(),
+            zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1)),
+        )
+
+    def convert_to_fp16(self):
+        """Convert the torso (input, middle and output blocks) to float16, as upstream does."""
+        self.input_blocks.apply(convert_module_to_f16)
+        self.middle_block.apply(convert_module_to_f16)
+        self.output_blocks.apply(convert_module_to_f16)
+
+    def convert_to_f32(self):
+        """Convert the torso back to float32."""
+        self.input_blocks.apply(convert_module_to_f32)
+        self.middle_block.apply(convert_module_to_f32)
+        self.output_blocks.apply(convert_module_to_f32)
+
+
+    def forward(self, x, timesteps, y=None):
+        """Predict eps (and the variance interpolation with learned sigma) for ``x`` at ``timesteps``.
+
+        If an attention block's override forks the batch (PAG's shared prefix), the output has twice
+        the input's rows: [unperturbed; perturbed].
+        """
+        _check_images(x, timesteps, self.in_channels, self.image_size)
+        _check_labels(self.num_classes, x.shape[0], y)
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if self.num_classes is not None:
+            emb = emb + self.label_emb(y)
+
+        skips = []
+        h = x.type(self.dtype)
+        for module in self.input_blocks:
+            h = module(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for module in self.output_blocks:
+            skip = _repeat_to_batch(skips.pop(), h.shape[0])
+            h = module(th.cat([h, skip], dim=1), emb)
+        return self.out(h.type(x.dtype))
+
+
+def _check_images(x, timesteps, channels, image_size, what="model"):
+    """Raise a ValueError naming the expected shapes when ``x`` or ``timesteps`` cannot fit."""
+    if x.dim() != 4 or tuple(x.shape[1:]) != (channels, image_size, image_size):
+        raise ValueError(
+            f"the {what} expects images of shape (N, {channels}, {image_size}, {image_size}), "
+            f"got {tuple(x.shape)}"
+        )
+    if timesteps.dim() != 1 or timesteps.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"expected one timestep per image ({x.shape[0]}), got timesteps of shape "
+            f"{tuple(timesteps.shape)}"
+        )
+
+
+def _check_labels(num_classes, batch_size, y):
+    if num_classes is None:
+        if y is not None:
+            raise ValueError(
+                "this model is unconditional (class_cond=False) but was given labels y; "
+                "drop y, or build the model with class_cond=True"
+            )
+        return
+    if y is None:
+        raise ValueError(
+            f"this model is class-conditional ({num_classes} classes) and needs labels: "
+            "pass y=<LongTensor of shape (N,)>"
+        )
+    if y.dim() != 1 or y.shape[0] != batch_size:
+        raise ValueError(f"expected {batch_size} labels of shape ({batch_size},), got {tuple(y.shape)}")
+    if y.dtype.is_floating_point:
+        raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes - 1}], got values from {int(y.min())} to {int(y.max())}"
+        )
+
+
+class SuperResModel(UNetModel):
+    """A U-Net conditioned on a low-resolution image, which is upsampled and stacked onto the input."""
+
+    def __init__(self, image_size, in_channels, *args, **kwargs):
+        super().__init__(image_size, in_channels * 2, *args, **kwargs)
+
+    def forward(self, x, timesteps, low_res=None, **kwargs):
+        if low_res is None:
+            raise ValueError("the super-resolution model needs low_res=<low-resolution images>")
+        _check_images(x, timesteps, self.in_channels // 2, self.image_size)
+        upsampled = F.interpolate(low_res, x.shape[2:], mode="bilinear")
+        return super().forward(th.cat([x, upsampled], dim=1), timesteps, **kwargs)
+
+
+class EncoderUNetModel(nn.Module):
+    """The half U-Net with attention pooling used as the noisy-image classifier."""
+
+    def __init__(
+        self,
+        image_size,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        dropout=0,
+        channel_mult=(1, 2, 4, 8),
+        conv_resample=True,
+        dims=2,
+        use_checkpoint=False,
+        use_fp16=False,
+        num_heads=1,
+        num_head_channels=-1,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=False,
+        resblock_updown=False,
+        use_new_attention_order=False,
+        pool="adaptive",
+    ):
+        super().__init__()
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.use_checkpoint = use_checkpoint
+        self.dtype = th.float16 if use_fp16 else th.float32
+        self.pool = pool
+        skip_channels, ch, ds, _, _ = _build_encoder(
+            self,
+            in_channels,
+            model_channels,
+            num_res_blocks,
+            attention_resolutions,
+            dropout,
+            channel_mult,
+            conv_resample,
+            dims,
+            use_checkpoint,
+            num_heads,
+            num_head_channels,
+            use_scale_shift_norm,
+            resblock_updown,
+            use_new_attention_order,
+        )
+        if pool == "adaptive":
+            self.out = nn.Sequential(
+                normalization(ch),
+                nn.SiLU(),
+                nn.AdaptiveAvgPool2d((1, 1)),
+                zero_module(conv_nd(dims, ch, out_channels, 1)),
+                nn.Flatten(),
+            )
+        elif pool == "attention":
+            if num_head_channels == -1:
+                raise ValueError("attention pooling needs num_head_channels")
+            self.out = nn.Sequential(
+                normalization(ch),
+                nn.SiLU(),
+                AttentionPool2d(image_size // ds, ch, num_head_channels, out_channels),
+            )
+        elif pool == "spatial":
+            self.out = nn.Sequential(
+                nn.Linear(sum(skip_channels) + ch, 2048), nn.ReLU(), nn.Linear(2048, out_channels)
+            )
+        elif pool == "spatial_v2":
+            self.out = nn.Sequential(
+                nn.Linear(sum(skip_channels) + ch, 2048),
+                normalization(2048),
+                nn.SiLU(),
+                nn.Linear(2048, out_channels),
+            )
+        else:
+            raise ValueError(f"unknown classifier pool {pool!r}: use adaptive, attention, spatial or spatial_v2")
+
+    def convert_to_fp16(self):
+        self.input_blocks.apply(convert_module_to_f16)
+        self.middle_block.apply(convert_module_to_f16)
+
+    def convert_to_f32(self):
+        self.input_blocks.apply(convert_module_to_f32)
+        self.middle_block.apply(convert_module_to_f32)
+
+    def forward(self, x, timesteps):
+        _check_images(x, timesteps, self.in_channels, self.image_size, what="classifier")
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        pooled = []
+        h = x.type(self.dtype)
+        for module in self.input_blocks:
+            h = module(h, emb)
+            if self.pool.startswith("spatial"):
+                pooled.append(h.type(x.dtype).mean(dim=(2, 3)))
+        h = self.middle_block(h, emb)
+        if self.pool.startswith("spatial"):
+            pooled.append(h.type(x.dtype).mean(dim=(2, 3)))
+            return self.out(th.cat(pooled, dim=-1))
+        return self.out(h.type(x.dtype))
+
+
+def attention_blocks(model):
+    """{name: AttentionBlock} of every self-attention block of ``model``, in ``named_modules()`` order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AttentionBlock)}
+
+
+def attention_block_info(model):
+    """Rows of (name, resolution, channels, heads) for every attention block of a U-Net or classifier."""
+    return [
+        (name, model.image_size // block.downsample_factor, block.channels, block.num_heads)
+        for name, block in attention_blocks(model).items()
+    ]
+
+
+__all__ = [
+    "AttentionBlock",
+    "AttentionOverride",
+    "EncoderUNetModel",
+    "SuperResModel",
+    "UNetModel",
+    "attention_block_info",
+    "attention_blocks",
+]
