@@ -56,11 +56,14 @@ class AttentionOverride:
         only. Everything before this block then ran once on ``x``; the U-Net repeats its time embedding
         and skip connections to the doubled batch. Used for the shared-prefix PAG pass: only the first
         perturbed block forks, later ones use ``rows="second_half"``.
+    base_fn: how the other rows attend (default: standard attention). SAG records the unperturbed
+        rows' attention map through it.
     """
 
     attention_fn: AttentionFn
     rows: Union[str, th.Tensor] = "all"
     fork: bool = False
+    base_fn: AttentionFn = sdpa_attention
 
     def __post_init__(self):
         if isinstance(self.rows, str) and self.rows not in ("all", "second_half"):
@@ -89,13 +92,16 @@ def attend_rows(q, k, v, override):
     """Attention over a batch where ``override`` selects the rows attended with its own function."""
     if override is None:
         return sdpa_attention(q, k, v)
+    if override.fork:
+        # Shared prefix: the original rows attend as usual, the copy with the override.
+        return th.cat([override.base_fn(q, k, v), override.attention_fn(q, k, v).to(v.dtype)])
     mask = override.row_mask(q.shape[0], q.device)
     if bool(mask.all()):
         return override.attention_fn(q, k, v)
-    if not bool(mask.any()):
-        return sdpa_attention(q, k, v)
-    out = th.empty_like(v)
     keep = ~mask
-    out[keep] = sdpa_attention(q[keep], k[keep], v[keep])
+    if bool(keep.all()):
+        return override.base_fn(q, k, v)
+    out = th.empty_like(v)
+    out[keep] = override.base_fn(q[keep], k[keep], v[keep]).to(out.dtype)
     out[mask] = override.attention_fn(q[mask], k[mask], v[mask]).to(out.dtype)
     return out

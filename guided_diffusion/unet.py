@@ -233,13 +233,9 @@ class AttentionBlock(nn.Module):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
         q, k, v = self.split_qkv(self.qkv(self.norm(x)))
-        override = self.override
-        if override is not None and override.fork:
-            # Shared prefix: the copy attends with the override, the original as usual.
-            x = th.cat([x, x])
-            h = th.cat([attend_rows(q, k, v, None), override.attention_fn(q, k, v).to(v.dtype)])
-        else:
-            h = attend_rows(q, k, v, override)
+        if self.override is not None and self.override.fork:
+            x = th.cat([x, x])  # the copy's residual path
+        h = attend_rows(q, k, v, self.override)
         # (N, heads, T, head_channels) -> (N, C, T) with head-major channels, as upstream.
         h = h.transpose(-1, -2).reshape(x.shape[0], c, -1)
         h = self.proj_out(h)

@@ -1,0 +1,126 @@
+"""Guidance settings: one dataclass that round-trips through YAML and command-line flags."""
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import List
+
+import torch as th
+
+from .layers import PAPER_LAYERS_256, split_layer_list
+from .perturbations import PerturbationParams
+
+SCHEDULES = ("constant", "linear", "adaptive")
+
+
+@dataclass
+class GuidanceConfig:
+    """Every guidance setting of a sampling run.
+
+    pag_scale is the paper's s: ``eps + s * (eps - eps_perturbed)``. The PAG authors' code calls
+    ``1 + s`` its ``--guide_scale`` (their scripts' 4.0 is s = 3.0). s = 0 is the unguided model, one
+    forward pass per step.
+    """
+
+    pag_scale: float = 0.0
+    pag_layers: List[str] = field(default_factory=lambda: list(PAPER_LAYERS_256))
+    perturbation: str = "identity"
+    drop_rate: float = 0.5
+    noise_std: float = 1.0
+    blur_kernel_size: int = 9
+    blur_sigma: float = 1.0
+    perturbation_seed: int = 0
+    # Original (1000-step) timesteps [lo, hi], both included, where PAG and SAG are on.
+    guidance_interval: List[int] = field(default_factory=lambda: [0, 1000])
+    # constant: s. linear: s at t = T-1 to pag_scale_end at t = 0.
+    # adaptive: diffusers' pag_adaptive_scale, max(0, s - pag_adaptive_scale * (1000 - t)).
+    pag_schedule: str = "constant"
+    pag_scale_end: float = 0.0
+    pag_adaptive_scale: float = 0.0
+    # Self-attention guidance (Hong et al., 2023); their --guide_scale is 1 + sag_scale.
+    sag_scale: float = 0.0
+    sag_layer: str = "output_blocks.2.1"
+    sag_blur_sigma: float = 9.0
+    # Classifier guidance (upstream's --classifier_scale), applied after PAG/SAG through cond_fn.
+    classifier_scale: float = 0.0
+
+    def __post_init__(self):
+        self.pag_layers = split_layer_list(self.pag_layers)
+        if isinstance(self.guidance_interval, str):
+            self.guidance_interval = [int(v) for v in self.guidance_interval.split(",")]
+        self.guidance_interval = [int(v) for v in self.guidance_interval]
+        self.validate()
+
+    @property
+    def perturbation_params(self):
+        return PerturbationParams(
+            drop_rate=self.drop_rate,
+            noise_std=self.noise_std,
+            blur_kernel_size=self.blur_kernel_size,
+            blur_sigma=self.blur_sigma,
+            seed=self.perturbation_seed,
+        )
+
+    def validate(self, num_timesteps=1000):
+        """Raise a ValueError naming the bad setting; called on construction and by ``guide``."""
+        self.perturbation_params.validate(self.perturbation)
+        if self.pag_schedule not in SCHEDULES:
+            raise ValueError(f"pag_schedule must be one of {', '.join(SCHEDULES)}, got {self.pag_schedule!r}")
+        if len(self.guidance_interval) != 2:
+            raise ValueError(f"guidance_interval must be [lo, hi], got {self.guidance_interval}")
+        lo, hi = self.guidance_interval
+        if not 0 <= lo <= hi <= num_timesteps:
+            raise ValueError(
+                f"guidance_interval {self.guidance_interval} must satisfy 0 <= lo <= hi <= {num_timesteps} "
+                "(original timesteps)"
+            )
+        if self.pag_scale and not self.pag_layers:
+            raise ValueError("pag_scale is set but pag_layers is empty")
+        if self.sag_scale and self.sag_blur_sigma <= 0:
+            raise ValueError(f"sag_blur_sigma must be > 0, got {self.sag_blur_sigma}")
+        if self.classifier_scale < 0:
+            raise ValueError(f"classifier_scale must be >= 0, got {self.classifier_scale}")
+
+    @property
+    def uses_pag(self):
+        return self.pag_scale != 0 or (self.pag_schedule == "linear" and self.pag_scale_end != 0)
+
+    def pag_scale_at(self, t, num_timesteps=1000):
+        """PAG scale per batch row at original timesteps ``t`` (0 outside the interval)."""
+        t = t.float()
+        if self.pag_schedule == "constant":
+            scale = th.full_like(t, float(self.pag_scale))
+        elif self.pag_schedule == "linear":
+            frac = t / max(num_timesteps - 1, 1)
+            scale = self.pag_scale_end + (self.pag_scale - self.pag_scale_end) * frac
+        else:
+            scale = (self.pag_scale - self.pag_adaptive_scale * (1000 - t)).clamp(min=0)
+        return scale * self.in_interval(t)
+
+    def sag_scale_at(self, t):
+        return th.full_like(t.float(), float(self.sag_scale)) * self.in_interval(t)
+
+    def in_interval(self, t):
+        lo, hi = self.guidance_interval
+        return ((t >= lo) & (t <= hi)).float()
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        """Build from a mapping (YAML, flags); unknown keys are an error naming the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown guidance settings: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
+        return cls(**dict(values))
+
+
+def guidance_defaults():
+    """Flag defaults for ``add_dict_to_argparser`` (lists become comma-separated strings)."""
+    defaults = GuidanceConfig().to_dict()
+    defaults["pag_layers"] = ",".join(defaults["pag_layers"])
+    defaults["guidance_interval"] = ",".join(str(v) for v in defaults["guidance_interval"])
+    return defaults
