@@ -26,10 +26,17 @@ from .perturbations import attention_overrides, make_attention_fn
 SAG_BLUR_KERNEL = 31  # Hong et al.'s ADM setting
 
 
-def guidance_step(eps, eps_away, scale):
-    """Move ``eps`` away from ``eps_away``: ``eps + scale * (eps - eps_away)``; ``scale`` per row."""
-    scale = scale.to(eps.dtype).reshape(-1, *([1] * (eps.dim() - 1)))
-    return eps + scale * (eps - eps_away)
+def guidance_step(eps, *terms):
+    """The guidance formula: ``eps + sum_i s_i * (eps - eps_i)`` over ``terms`` of ``(eps_i, s_i)``.
+
+    PAG's term is (eps of the perturbed pass, s); SAG's is (eps on the degraded input, its scale).
+    Scales are per batch row.
+    """
+    guided = eps
+    for eps_away, scale in terms:
+        scale = scale.to(eps.dtype).reshape(-1, *([1] * (eps.dim() - 1)))
+        guided = guided + scale * (eps - eps_away)
+    return guided
 
 
 class _MapRecorder:
@@ -87,13 +94,13 @@ class GuidedModel:
         channels = x.shape[1]
         base = out[: x.shape[0]]
         eps, rest = base[:, :channels], base[:, channels:]
-        guided = eps
+        terms = []
         if use_pag:
-            guided = guidance_step(guided, out[x.shape[0]:, :channels], pag_scale)
+            terms.append((out[x.shape[0]:, :channels], pag_scale))
         if use_sag:
             x_degraded = self._sag_input(x, t, eps, recorder.map)
-            eps_degraded = self.model(x_degraded, t, **model_kwargs)[:, :channels]
-            guided = guidance_step(guided, eps_degraded, sag_scale)
+            terms.append((self.model(x_degraded, t, **model_kwargs)[:, :channels], sag_scale))
+        guided = guidance_step(eps, *terms)
         return th.cat([guided, rest], dim=1)
 
     def _overrides(self, use_pag, recorder, row_seeds):
