@@ -16,3 +16,32 @@ $(VENV)/.installed: setup.py
 
 test: install
 	$(PY) -m pytest -q tests
+
+# Downloads (scripts/download.py): resumable, verified by loading, size/sha256 recorded in
+# downloads/manifest.json. Override the selection: make download-models MODELS="64x64_diffusion 64x64_classifier"
+# (or MODELS=all), make download-refs REFS="imagenet256 imagenet128". DOWNLOAD_FLAGS="--force" etc. pass through.
+MODELS ?= 256x256_diffusion_uncond 256x256_diffusion 256x256_classifier
+REFS ?= imagenet256
+DOWNLOAD_FLAGS ?=
+
+.PHONY: download-models download-refs download-inception
+
+download-models: install
+	$(PY) scripts/download.py models $(MODELS) $(DOWNLOAD_FLAGS)
+
+download-refs: install
+	$(PY) scripts/download.py refs $(REFS) $(DOWNLOAD_FLAGS)
+
+download-inception: install
+	$(PY) scripts/download.py inception $(DOWNLOAD_FLAGS)
+
+# Evaluator regression (evaluations/regression.py): evaluates guided-diffusion's pair
+# admnet_guided_upsampled_imagenet256.npz vs VIRTUAL_imagenet256_labeled.npz and prints the differences from the
+# upstream TF evaluator's published numbers; without the files or Inception weights it says how to get them.
+# Paths: make check-evaluator EVAL_FLAGS="--ref PATH --sample PATH --inception-weights PATH --device cuda".
+EVAL_FLAGS ?=
+
+.PHONY: check-evaluator
+
+check-evaluator: install
+	$(PY) -m evaluations.regression $(EVAL_FLAGS)

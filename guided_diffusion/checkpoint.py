@@ -9,7 +9,6 @@ import io
 import os
 import re
 
-import blobfile as bf
 import torch as th
 
 
@@ -18,15 +17,18 @@ class CheckpointError(ValueError):
 
 
 def read_state_dict(path):
-    """Read a state dict from a local path or a blobfile URL (gs://, az://, https://) onto the CPU."""
-    path = os.fspath(path)
-    if not bf.exists(path):
+    """Read a state dict from a local path or URL (gs://, az://, https://, file://) onto the CPU.
+
+    Under a process group, rank 0 reads the file and broadcasts its bytes (``dist_util``).
+    """
+    from . import dist_util
+
+    try:
+        return dist_util.load_state_dict(path)
+    except FileNotFoundError as err:
         raise FileNotFoundError(
-            f"checkpoint not found: {path} (download the official ones with `make download-models`)"
-        )
-    with bf.BlobFile(path, "rb") as f:
-        data = f.read()
-    return state_dict_from_bytes(data, path)
+            f"{err} (download the official checkpoints with `make download-models`)"
+        ) from None
 
 
 def state_dict_from_bytes(data, source="<bytes>"):
