@@ -125,17 +125,17 @@ def diagnose_mismatch(model_shapes, ckpt_shapes):
     return hints
 
 
-def check_state_dict(model, state_dict, source="the checkpoint"):
-    """Raise :class:`CheckpointError` unless ``state_dict`` has exactly the model's names and shapes."""
-    model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    ckpt_shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+def mismatch_report(model_shapes, ckpt_shapes, source="the checkpoint"):
+    """A message explaining how ``ckpt_shapes`` differ from ``model_shapes`` ({name: shape}), or None."""
+    model_shapes = {k: tuple(v) for k, v in model_shapes.items()}
+    ckpt_shapes = {k: tuple(v) for k, v in ckpt_shapes.items()}
     missing = sorted(set(model_shapes) - set(ckpt_shapes))
     unexpected = sorted(set(ckpt_shapes) - set(model_shapes))
     wrong_shape = sorted(
         k for k in set(model_shapes) & set(ckpt_shapes) if model_shapes[k] != ckpt_shapes[k]
     )
     if not (missing or unexpected or wrong_shape):
-        return
+        return None
     lines = [f"{source} does not fit the model built from these flags."]
     hints = diagnose_mismatch(model_shapes, ckpt_shapes)
     if hints:
@@ -150,7 +150,18 @@ def check_state_dict(model, state_dict, source="the checkpoint"):
             for k in wrong_shape[:3]
         )
         lines.append(f"{len(wrong_shape)} keys with other shapes, e.g. {shown}")
-    raise CheckpointError("\n".join(lines))
+    return "\n".join(lines)
+
+
+def check_state_dict(model, state_dict, source="the checkpoint"):
+    """Raise :class:`CheckpointError` unless ``state_dict`` has exactly the model's names and shapes."""
+    report = mismatch_report(
+        {k: v.shape for k, v in model.state_dict().items()},
+        {k: v.shape for k, v in state_dict.items()},
+        source,
+    )
+    if report:
+        raise CheckpointError(report)
 
 
 def load_checkpoint(model, source):

@@ -402,6 +402,39 @@ def create_gaussian_diffusion(
     )
 
 
+MODEL_KINDS = ("diffusion", "upsampler", "classifier")
+
+
+def model_defaults(kind):
+    """Upstream's flag defaults for a model kind: diffusion, upsampler or classifier."""
+    if kind == "diffusion":
+        return model_and_diffusion_defaults()
+    if kind == "upsampler":
+        return sr_model_and_diffusion_defaults()
+    if kind == "classifier":
+        return classifier_and_diffusion_defaults()
+    raise ValueError(f"unknown model kind {kind!r}; use one of {', '.join(MODEL_KINDS)}")
+
+
+def create_model_from_flags(kind, flags):
+    """Build ``(model, diffusion)`` of ``kind`` from flags merged onto upstream's defaults.
+
+    This is how a ``configs/models/*.yaml`` entry becomes a model. Unknown flags are an error.
+    """
+    defaults = model_defaults(kind)
+    unknown = sorted(set(flags) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"flags {', '.join(unknown)} are not {kind} flags (known: {', '.join(sorted(defaults))})"
+        )
+    args = {**defaults, **flags}
+    if kind == "diffusion":
+        return create_model_and_diffusion(**args)
+    if kind == "upsampler":
+        return sr_create_model_and_diffusion(**args)
+    return create_classifier_and_diffusion(**args)
+
+
 def add_dict_to_argparser(parser, default_dict):
     """Add one `--key` flag per entry; booleans accept yes/no/true/false/1/0."""
     for k, v in default_dict.items():

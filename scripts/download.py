@@ -312,21 +312,11 @@ def expected_shapes(item: Item) -> Dict[str, Tuple[int, ...]]:
     import torch
     from guided_diffusion import script_util as su
 
-    if item.kind == "diffusion":
-        defaults, build = su.model_and_diffusion_defaults(), su.create_model_and_diffusion
-    elif item.kind == "upsampler":
-        defaults, build = su.sr_model_and_diffusion_defaults(), su.sr_create_model_and_diffusion
-    elif item.kind == "classifier":
-        defaults, build = su.classifier_defaults(), su.create_classifier
-    else:
-        raise DownloadError(f"{item.name}: no model for kind {item.kind!r}")
-    unknown = sorted(set(item.flags) - set(defaults))
-    if unknown:
-        raise DownloadError(f"{item.name}: flags {', '.join(unknown)} are not {item.kind} flags "
-                            f"(known: {', '.join(sorted(defaults))})")
-    with torch.device("meta"):
-        built = build(**{**defaults, **item.flags})
-    model = built[0] if isinstance(built, tuple) else built
+    try:
+        with torch.device("meta"):
+            model = su.create_model_from_flags(item.kind, item.flags)[0]
+    except ValueError as e:
+        raise DownloadError(f"{item.name}: {e}") from None
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -348,28 +338,11 @@ def load_tensor_dict(path: Path) -> Dict:
 
 
 def compare_shapes(found: Dict[str, Tuple[int, ...]], expected: Dict[str, Tuple[int, ...]], what: str) -> None:
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = sorted(k for k in set(found) & set(expected) if tuple(found[k]) != tuple(expected[k]))
-    if not (missing or unexpected or wrong):
-        return
-    lines = [f"{what} does not match the model its flags build"]
-    try:
-        from guided_diffusion.checkpoint import diagnose_mismatch
+    from guided_diffusion.checkpoint import mismatch_report
 
-        hints = diagnose_mismatch(expected, found)
-        if hints:
-            lines.append("likely cause: " + "; ".join(hints))
-    except ImportError:
-        pass
-    if missing:
-        lines.append(f"{len(missing)} missing keys, e.g. {', '.join(missing[:4])}")
-    if unexpected:
-        lines.append(f"{len(unexpected)} unexpected keys, e.g. {', '.join(unexpected[:4])}")
-    if wrong:
-        lines.append(f"{len(wrong)} keys with other shapes, e.g. " + ", ".join(
-            f"{k}: file {list(found[k])} vs model {list(expected[k])}" for k in wrong[:3]))
-    raise VerifyError("\n  ".join(lines))
+    report = mismatch_report(expected, found, what)
+    if report:
+        raise VerifyError(report)
 
 
 def verify_checkpoint(path: Path, expected: Optional[Dict[str, Tuple[int, ...]]], what: str) -> str:

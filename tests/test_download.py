@@ -262,7 +262,7 @@ def test_checkpoint_shape_mismatch_detected(server, tmp_path):
         run(item, tmp_path, shapes_fn=lambda it: expected)
     msg = str(err.value)
     assert "1 missing keys, e.g. c.bias" in msg
-    assert "b.weight: file [8, 64, 3, 3] vs model [16, 64, 3, 3]" in msg
+    assert "b.weight: checkpoint [8, 64, 3, 3] vs model [16, 64, 3, 3]" in msg
     assert not (tmp_path / "dest" / "tiny.pt").exists()
 
 

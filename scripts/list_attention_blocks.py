@@ -1,0 +1,49 @@
+"""Print every attention block of a model (name, resolution, channels, heads) for choosing PAG layers.
+
+    python scripts/list_attention_blocks.py 256x256_diffusion_uncond
+    python scripts/list_attention_blocks.py configs/models/64x64_diffusion.yaml
+    python scripts/list_attention_blocks.py --flags image_size=32,num_channels=64,channel_mult=1,2,2 ...
+
+The model is built on the meta device: no weights, no memory, no checkpoint needed.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from guided_diffusion.model_config import load_model_config  # noqa: E402
+from guided_diffusion.script_util import create_model_from_flags  # noqa: E402
+from pag.layers import format_attention_blocks  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", help="official checkpoint name or model config YAML")
+    parser.add_argument("--kind", default="diffusion", help="with --flag: diffusion, upsampler or classifier")
+    parser.add_argument("--flag", action="append", default=[], metavar="KEY=VALUE",
+                        help="model flag (repeatable), applied over the config or the upstream defaults")
+    args = parser.parse_args(argv)
+    kind, flags = args.kind, {}
+    if args.model:
+        config = load_model_config(args.model)
+        kind, flags = config["kind"], dict(config["flags"])
+    elif not args.flag:
+        parser.error("give a model name / config, or --flag KEY=VALUE flags")
+    for item in args.flag:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--flag expects KEY=VALUE, got {item!r}")
+        flags[key] = yaml.safe_load(value)
+    with torch.device("meta"):
+        model = create_model_from_flags(kind, flags)[0]
+    print(format_attention_blocks(model))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
