@@ -408,3 +408,19 @@ def test_conformance_ddim25(pag_reference, scale, key):
     with torch.no_grad():
         out = diffusion.ddim_sample_loop(guided, (2, 3, 32, 32), noise=pag_reference["xT"], clip_denoised=True, eta=0.0)
     assert (out - pag_reference[key]).abs().max().item() < 1e-3
+
+
+def test_fp16_torso_guided_pass_is_finite_and_close():
+    model, _ = small_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)  # keep this random net's activations inside fp16's range
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([100, 900])
+    config = pag.GuidanceConfig(pag_scale=3.0, pag_layers=SMALL_LAYERS)
+    with torch.no_grad():
+        full = pag.guide(model, config)(x, t)
+        model.dtype = torch.float16
+        model.convert_to_fp16()
+        half = pag.guide(model, config)(x, t)
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert ((half - full).abs().max() / full.abs().max()).item() < 2e-2
