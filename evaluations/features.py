@@ -1,0 +1,215 @@
+"""Inception features in the layout of OpenAI's ADM (guided-diffusion) evaluator.
+
+The network is torch-fidelity's ``inception-v3-compat`` extractor, a port of the TensorFlow Inception graph
+of 2015-12-05 that the ADM evaluator uses. Per image it gives:
+
+* ``pool``: pool_3, 2048 floats (FID, precision/recall),
+* ``logits``: pool_3 times the logits weight without the bias, 1008 classes (Inception Score),
+* ``spatial``: the first 7 channels of the 17x17 ``mixed_6/conv`` tensor (torchvision layout:
+  ``Mixed_6d.branch1x1`` after its BatchNorm and ReLU), flattened in H, W, C order: 17 * 17 * 7 = 2023 floats
+  (sFID). Taken with a forward hook on that module.
+
+Input: uint8 images, N x H x W x 3, values 0..255; the network resizes them to 299 x 299 itself (the
+TensorFlow-1.x-compatible bilinear resize).
+"""
+
+import hashlib
+import io
+import os
+import sys
+
+import numpy as np
+import torch
+
+POOL_DIM = 2048
+LOGITS_DIM = 1008
+SPATIAL_CHANNELS = 7
+SPATIAL_SIZE = 17
+SPATIAL_DIM = SPATIAL_SIZE * SPATIAL_SIZE * SPATIAL_CHANNELS  # 2023
+
+EXTRACTOR_NAME = "inception-v3-compat"
+WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + WEIGHTS_FILENAME
+RANDOM_WEIGHTS_MARK = "RANDOM-WEIGHTS"
+
+# torch-fidelity's feature names.
+_TF_POOL = "2048"
+_TF_LOGITS = "logits_unbiased"
+
+
+class MissingInceptionWeights(FileNotFoundError):
+    """The Inception weights file is not on disk (nothing is ever downloaded here)."""
+
+
+def default_weights_path():
+    """Where torch hub (and so torch-fidelity) keeps the weights: ``<torch hub dir>/checkpoints/<file>``."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILENAME)
+
+
+def missing_weights_message(looked_at):
+    return (
+        f"Inception weights not found at {looked_at}.\n"
+        f"The evaluator needs torch-fidelity's {EXTRACTOR_NAME} weights, file {WEIGHTS_FILENAME},\n"
+        f"from {WEIGHTS_URL}\n"
+        f"Get it with `make download-inception` (or download it yourself), then pass "
+        f"--inception-weights PATH or put it at {default_weights_path()}.\n"
+        f"For tests and dry runs only, --allow-random-weights uses a randomly initialised network "
+        f"(every number is then marked {RANDOM_WEIGHTS_MARK} and means nothing)."
+    )
+
+
+def resolve_weights_path(weights_path=None):
+    """The weights file to load: ``weights_path`` if given, else torch hub's cache. Raises when absent."""
+    path = os.path.expanduser(weights_path) if weights_path else default_weights_path()
+    if not os.path.isfile(path):
+        raise MissingInceptionWeights(missing_weights_message(path))
+    return path
+
+
+def file_sha256(path, chunk_size=1 << 24):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            if not chunk:
+                break
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _torch_fidelity_class():
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    return FeatureExtractorInceptionV3
+
+
+def _random_init_class():
+    base = _torch_fidelity_class()
+
+    class RandomInitInceptionV3(base):
+        """torch-fidelity's inception-v3-compat architecture left at PyTorch's default initialisation.
+
+        The parent constructor loads the state dict it reads from ``feature_extractor_weights_path``; this class
+        is given an empty one, and an empty state dict leaves the initialised parameters as they are. Convolutions
+        are then re-initialised with He (fan-in, ReLU) scaling so that activations keep their scale through the
+        network's depth (PyTorch's default initialisation shrinks them to ~1e-8 at pool_3: degenerate features and
+        slow denormal arithmetic).
+        """
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            for module in self.modules():
+                if isinstance(module, torch.nn.Conv2d):
+                    torch.nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+            torch.nn.init.normal_(self.fc.weight, std=POOL_DIM ** -0.5)
+            torch.nn.init.normal_(self.fc.bias, std=0.1)
+
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            if len(state_dict) == 0:
+                return None
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    return RandomInitInceptionV3
+
+
+def _empty_state_dict_file():
+    buf = io.BytesIO()
+    torch.save({}, buf)
+    buf.seek(0)
+    return buf
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class InceptionFeatures:
+    """Callable: uint8 N x H x W x 3 images -> dict of ``pool``, ``logits``, ``spatial`` float32 arrays.
+
+    :param weights_path: the weights file; None looks in torch hub's cache (``default_weights_path()``).
+    :param allow_random_weights: when no ``weights_path`` is given and torch hub's cache has no weights, use a
+        randomly initialised network (seeded by ``seed``, so identical across processes) instead of raising.
+        For tests and dry runs only.
+    :param device: torch device; default cuda when available.
+    """
+
+    def __init__(self, weights_path=None, allow_random_weights=False, device=None, seed=0):
+        self.device = torch.device(device or default_device())
+        cls = _torch_fidelity_class()
+        features = [_TF_POOL, _TF_LOGITS]
+        try:
+            path = resolve_weights_path(weights_path)
+        except MissingInceptionWeights:
+            if weights_path or not allow_random_weights:  # an explicit path that is missing is always an error
+                raise
+            path = None
+        if path is not None:
+            self.weights_path = os.path.abspath(path)
+            self.random_weights = False
+            model = cls(EXTRACTOR_NAME, features, feature_extractor_weights_path=self.weights_path)
+            self._id = None  # hashed lazily: only caches need it
+        else:
+            self.weights_path = None
+            self.random_weights = True
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = _random_init_class()(EXTRACTOR_NAME, features,
+                                             feature_extractor_weights_path=_empty_state_dict_file())
+            self._id = f"{EXTRACTOR_NAME}:{RANDOM_WEIGHTS_MARK}:seed{seed}"
+            print(f"WARNING: {RANDOM_WEIGHTS_MARK}: randomly initialised Inception network; "
+                  "all metrics are meaningless.", file=sys.stderr)
+        self.model = model.eval().to(self.device)
+        self._spatial = None
+        self.model.Mixed_6d.branch1x1.register_forward_hook(self._spatial_hook)
+        self.num_calls = 0  # number of batches run through the network
+        self.num_images = 0
+
+    @property
+    def id(self):
+        """Identifies the network's weights: part of cache keys."""
+        if self._id is None:
+            self._id = f"{EXTRACTOR_NAME}:sha256={file_sha256(self.weights_path)[:16]}"
+        return self._id
+
+    def _spatial_hook(self, module, inputs, output):
+        # output: N x 192 x 17 x 17 after BatchNorm + ReLU. Keep 7 channels, lay out as H, W, C.
+        n = output.shape[0]
+        self._spatial = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(n, -1).float().cpu()
+
+    @torch.no_grad()
+    def __call__(self, images):
+        images = check_image_batch(images)
+        x = torch.from_numpy(np.array(images, copy=True)).permute(0, 3, 1, 2).contiguous().to(self.device)
+        self._spatial = None
+        pool, logits = self.model(x)
+        spatial = self._spatial
+        self._spatial = None
+        if spatial is None or spatial.shape[1] != SPATIAL_DIM:
+            raise RuntimeError(f"sFID hook produced {None if spatial is None else tuple(spatial.shape)}, "
+                               f"expected (N, {SPATIAL_DIM})")
+        self.num_calls += 1
+        self.num_images += images.shape[0]
+        return {
+            "pool": pool.float().cpu().numpy(),
+            "logits": logits.float().cpu().numpy(),
+            "spatial": spatial.numpy(),
+        }
+
+
+def check_image_batch(images):
+    """Validate a batch of images: N x H x W x 3, integers in 0..255. Returns it as uint8."""
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must be N x H x W x 3, got shape {images.shape}")
+    if images.shape[-1] != 3:
+        hint = " (this looks like N x C x H x W; expected channels last)" if images.shape[1] == 3 else ""
+        raise ValueError(f"images must have 3 channels in the last axis (N x H x W x 3), got shape "
+                         f"{images.shape}{hint}")
+    if images.dtype == np.uint8:
+        return images
+    if not np.issubdtype(images.dtype, np.integer):
+        raise ValueError(f"images must be uint8 in 0..255, got dtype {images.dtype} (samples are saved as "
+                         "((x + 1) * 127.5).clamp(0, 255).to(uint8))")
+    if images.size and (images.min() < 0 or images.max() > 255):
+        raise ValueError(f"images out of range: values {images.min()}..{images.max()}, expected 0..255")
+    return images.astype(np.uint8)

@@ -1,0 +1,404 @@
+"""Reading image batches (npz), computing their features and statistics, and caching them.
+
+An image batch is an ``.npz`` whose ``arr_0`` is uint8 N x H x W x 3 (what ``scripts/image_sample.py`` and the
+ADM reference batches hold). ``arr_0`` is streamed from the zip member in batches, so a 50k x 256 x 256 x 3
+file (10 GB) is never in memory at once. Reference batches may also carry ``mu``, ``sigma`` (pool_3) and
+``mu_s``, ``sigma_s`` (spatial) statistics; like the ADM evaluator, those are used for FID/sFID when present.
+
+Features and statistics computed from ``arr_0`` are cached under ``cache_dir`` keyed by the npz file's sha256 and
+the extractor's id (which hashes the Inception weights), so a sweep extracts its reference batch once.
+"""
+
+import json
+import os
+import tempfile
+import time
+import zipfile
+
+import numpy as np
+
+from evaluations.features import POOL_DIM, SPATIAL_DIM, check_image_batch, file_sha256
+
+CACHE_FORMAT = 1
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+
+
+def default_cache_dir():
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "pag_adm", "eval")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# npz access
+
+
+class NpzImages:
+    """Lazy view of ``arr_0`` in an npz file: shape and dtype from the header, data streamed in batches."""
+
+    def __init__(self, path, key="arr_0"):
+        self.path = str(path)
+        self.key = key
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"no such npz file: {self.path}")
+        if not zipfile.is_zipfile(self.path):
+            raise ValueError(f"{self.path} is not an npz (zip) file")
+        with zipfile.ZipFile(self.path) as zf:
+            names = [n[:-4] if n.endswith(".npy") else n for n in zf.namelist()]
+            if key not in names:
+                raise ValueError(f"{self.path} has no '{key}' array (it has: {', '.join(names) or 'nothing'}); "
+                                 f"image batches keep their uint8 N x H x W x 3 images in '{key}'")
+            with zf.open(key + ".npy") as f:
+                self.shape, self.fortran_order, self.dtype, self.header_ok = _read_npy_header(f)
+        self.keys = names
+        if self.header_ok is False:  # unsupported header version: read the real shape by loading
+            arr = self._load_whole()
+            self.shape, self.fortran_order, self.dtype = arr.shape, False, arr.dtype
+        _check_image_array_header(self.path, self.shape, self.dtype)
+
+    def __len__(self):
+        return int(self.shape[0])
+
+    @property
+    def num_images(self):
+        return int(self.shape[0])
+
+    def _load_whole(self):
+        with np.load(self.path, allow_pickle=False) as obj:
+            return np.ascontiguousarray(obj[self.key])
+
+    def iter_batches(self, batch_size, start=0, stop=None):
+        """Yield uint8 arrays of at most ``batch_size`` images, for images ``start:stop``."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        stop = self.num_images if stop is None else min(stop, self.num_images)
+        if start >= stop:
+            return
+        if self.fortran_order or self.header_ok is False:
+            arr = self._load_whole()
+            for i in range(start, stop, batch_size):
+                yield check_image_batch(arr[i:min(i + batch_size, stop)])
+            return
+        row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        with zipfile.ZipFile(self.path) as zf, zf.open(self.key + ".npy") as f:
+            _read_npy_header(f)
+            if start:
+                f.seek(start * row_bytes, os.SEEK_CUR)
+            for i in range(start, stop, batch_size):
+                n = min(batch_size, stop - i)
+                data = f.read(n * row_bytes)
+                if len(data) != n * row_bytes:
+                    raise ValueError(f"{self.path}: '{self.key}' is truncated (wanted {n * row_bytes} bytes at "
+                                     f"image {i}, got {len(data)})")
+                yield check_image_batch(np.frombuffer(data, dtype=self.dtype).reshape((n,) + tuple(self.shape[1:])))
+
+
+def _read_npy_header(f):
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        return None, None, None, False
+    return tuple(shape), bool(fortran), np.dtype(dtype), True
+
+
+def _check_image_array_header(path, shape, dtype):
+    if len(shape) != 4:
+        raise ValueError(f"{path}: arr_0 must be N x H x W x 3 images, got shape {shape}")
+    if shape[-1] != 3:
+        hint = " (this looks like N x C x H x W; expected channels last)" if shape[1] == 3 else ""
+        raise ValueError(f"{path}: arr_0 must have 3 channels in the last axis, got shape {shape}{hint}")
+    if shape[0] == 0:
+        raise ValueError(f"{path}: arr_0 holds no images")
+    if dtype.hasobject or not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"{path}: arr_0 must be uint8 images in 0..255, got dtype {dtype} (samples are saved as "
+                         "((x + 1) * 127.5).clamp(0, 255).to(uint8))")
+
+
+def read_npz_statistics(path):
+    """``{"mu", "sigma", "mu_s", "sigma_s"}`` from the npz when it holds them (as ADM reference batches do), else
+    None. Only these four members are read."""
+    with np.load(path, allow_pickle=False) as obj:
+        keys = set(obj.files)
+        if "mu" not in keys:
+            return None
+        missing = [k for k in STAT_KEYS if k not in keys]
+        if missing:
+            raise ValueError(f"{path} has 'mu' but not {missing}: reference statistics need all of {STAT_KEYS}")
+        stats = {k: np.asarray(obj[k], dtype=np.float64) for k in STAT_KEYS}
+    check_statistics(stats, where=str(path))
+    return stats
+
+
+def check_statistics(stats, where="statistics"):
+    """Shapes (2048 pool, 2023 spatial) and finiteness of ``mu``, ``sigma``, ``mu_s``, ``sigma_s``."""
+    for mu_key, sigma_key, dim in (("mu", "sigma", POOL_DIM), ("mu_s", "sigma_s", SPATIAL_DIM)):
+        mu, sigma = stats[mu_key], stats[sigma_key]
+        if mu.shape != (dim,) or sigma.shape != (dim, dim):
+            raise ValueError(f"{where}: {mu_key} {mu.shape} / {sigma_key} {sigma.shape} do not match the "
+                             f"evaluator's features: expected ({dim},) / ({dim}, {dim})")
+        for key in (mu_key, sigma_key):
+            if not np.all(np.isfinite(stats[key])):
+                raise ValueError(f"{where}: {key} contains NaN or infinite values")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# distributed extraction
+
+
+def shard_bounds(n, rank, world_size):
+    """Contiguous slice ``[start, stop)`` of ``n`` items for ``rank`` of ``world_size``; the first ``n % world``
+    ranks take one extra item. Concatenating the slices of ranks 0..world-1 gives ``range(n)``."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad rank {rank} for world size {world_size}")
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+class SingleProcess:
+    rank = 0
+    world_size = 1
+
+    def gather(self, obj):
+        return [obj]
+
+    def bcast(self, obj):
+        return obj
+
+
+class TorchDistributed:
+    def __init__(self):
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def gather(self, obj):
+        out = [None] * self.world_size
+        self._dist.all_gather_object(out, obj)
+        return out if self.rank == 0 else None
+
+    def bcast(self, obj):
+        box = [obj]
+        self._dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+class MPIDistributed:
+    def __init__(self, comm):
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.world_size = comm.Get_size()
+
+    def gather(self, obj):
+        return self.comm.gather(obj, root=0)
+
+    def bcast(self, obj):
+        return self.comm.bcast(obj, root=0)
+
+
+_MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+
+def detect_distributed():
+    """torch.distributed when initialised; MPI (mpi4py) when launched by mpiexec with more than one process;
+    else a single process. mpi4py is imported only under an MPI launcher."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return TorchDistributed()
+    except ImportError:  # pragma: no cover
+        pass
+    if any(k in os.environ for k in _MPI_ENV):
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.Get_size() > 1:
+            return MPIDistributed(MPI.COMM_WORLD)
+    return SingleProcess()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# features and statistics
+
+
+def batch_statistics(features):
+    """Mean and covariance (``np.cov(rowvar=False)``, float64) of N x D features, as the ADM evaluator."""
+    features = np.asarray(features)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"statistics need at least 2 feature vectors, got shape {features.shape}")
+    return np.mean(features, axis=0, dtype=np.float64), np.cov(features, rowvar=False)
+
+
+def extract_features(images, extractor, batch_size=64, progress=False, dist=None, desc=None):
+    """Run ``extractor`` over an ``NpzImages`` (or an npz path). With ``dist`` (or a detected torch.distributed /
+    MPI world of several processes), each rank extracts a contiguous slice and rank 0 receives the whole result;
+    other ranks get None. Returns ``{"pool", "logits", "spatial"}`` float32 arrays in file order."""
+    if not isinstance(images, NpzImages):
+        images = NpzImages(images)
+    dist = dist or detect_distributed()
+    start, stop = shard_bounds(images.num_images, dist.rank, dist.world_size)
+    parts = {"pool": [], "logits": [], "spatial": []}
+    batches = images.iter_batches(batch_size, start, stop)
+    if progress and dist.rank == 0:
+        from tqdm.auto import tqdm
+
+        n_batches = -(-(stop - start) // batch_size)
+        batches = tqdm(batches, total=n_batches, desc=desc or os.path.basename(images.path), unit="batch")
+    for batch in batches:
+        out = extractor(batch)
+        for k in parts:
+            parts[k].append(out[k])
+    local = {k: (np.concatenate(v, axis=0) if v else None) for k, v in parts.items()}
+    gathered = dist.gather(local)
+    if gathered is None:
+        return None
+    return {k: np.concatenate([g[k] for g in gathered if g[k] is not None], axis=0) for k in parts}
+
+
+class HashMemo:
+    """sha256 of files, remembered by (real path, size, mtime) in ``<cache_dir>/hashes.json``."""
+
+    def __init__(self, cache_dir):
+        self.path = os.path.join(cache_dir, "hashes.json") if cache_dir else None
+
+    def _load(self):
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def sha256(self, file_path):
+        st = os.stat(file_path)
+        key = f"{os.path.realpath(file_path)}|{st.st_size}|{st.st_mtime_ns}"
+        memo = self._load() if self.path else {}
+        if key in memo:
+            return memo[key]
+        digest = file_sha256(file_path)
+        if self.path:
+            memo = self._load()
+            memo[key] = digest
+            atomic_write_text(self.path, json.dumps(memo, indent=0, sort_keys=True))
+        return digest
+
+
+def atomic_write_text(path, text):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, _default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _default_file_mode():
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+class FeatureCache:
+    """npz files ``<cache_dir>/<file sha256>-<extractor id hash>.npz`` holding pool, logits, mu, sigma, mu_s,
+    sigma_s of one image batch. ``cache_dir=None`` disables caching."""
+
+    def __init__(self, cache_dir):
+        self.cache_dir = os.path.expanduser(cache_dir) if cache_dir else None
+        self.hashes = HashMemo(self.cache_dir)
+
+    def entry_path(self, file_sha, extractor_id):
+        import hashlib
+
+        ext = hashlib.sha256(f"{extractor_id}|format{CACHE_FORMAT}".encode()).hexdigest()[:16]
+        return os.path.join(self.cache_dir, f"{file_sha}-{ext}.npz")
+
+    def load(self, entry):
+        try:
+            with np.load(entry, allow_pickle=False) as obj:
+                return {k: obj[k] for k in ("pool", "logits") + STAT_KEYS}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            return None
+
+    def save(self, entry, data, meta):
+        os.makedirs(self.cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".entry.", suffix=".npz")
+        os.close(fd)
+        try:
+            np.savez(tmp, meta=np.array(json.dumps(meta)), **data)
+            os.chmod(tmp, _default_file_mode())
+            os.replace(tmp, entry)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+
+
+def batch_features(path, extractor, batch_size=64, cache_dir=None, progress=False, dist=None, desc=None):
+    """Features of an image batch, from the cache when there, else extracted (and cached).
+
+    Returns ``{"pool", "logits", "mu", "sigma", "mu_s", "sigma_s", "num_images", "image_shape", "sha256",
+    "from_cache"}`` on rank 0 (None on other ranks). The statistics here are always those of the images;
+    ``image_batch_statistics`` prefers the ones stored in the npz.
+    """
+    images = NpzImages(path)
+    dist = dist or detect_distributed()
+    cache = FeatureCache(cache_dir)
+    entry = None
+    if cache.cache_dir:
+        if dist.rank == 0:
+            digest = cache.hashes.sha256(images.path)
+            entry = cache.entry_path(digest, extractor.id)
+            hit = cache.load(entry) if os.path.exists(entry) else None
+        else:
+            digest, hit = None, None
+        hit_flag = dist.bcast(hit is not None)
+        if hit_flag:
+            if dist.rank != 0:
+                return None
+            hit.update(num_images=images.num_images, image_shape=list(images.shape[1:]), sha256=digest,
+                       from_cache=True)
+            if hit["pool"].shape[0] != images.num_images:
+                raise ValueError(f"cache entry {entry} does not match {images.path}: remove it")
+            return hit
+    else:
+        digest = None
+    feats = extract_features(images, extractor, batch_size=batch_size, progress=progress, dist=dist, desc=desc)
+    if feats is None:
+        return None
+    mu, sigma = batch_statistics(feats["pool"]) if images.num_images > 1 else (None, None)
+    mu_s, sigma_s = batch_statistics(feats["spatial"]) if images.num_images > 1 else (None, None)
+    out = {"pool": feats["pool"], "logits": feats["logits"], "mu": mu, "sigma": sigma, "mu_s": mu_s,
+           "sigma_s": sigma_s}
+    if cache.cache_dir and mu is not None:
+        meta = {"source": os.path.realpath(images.path), "sha256": digest, "extractor": extractor.id,
+                "num_images": images.num_images, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        cache.save(entry, out, meta)
+    out.update(num_images=images.num_images, image_shape=list(images.shape[1:]), sha256=digest, from_cache=False)
+    return out
+
+
+def image_batch_statistics(path, features):
+    """FID/sFID statistics for a batch: the npz's ``mu``/``sigma``/``mu_s``/``sigma_s`` when it has them (as the
+    ADM evaluator), else those of the extracted features. Returns ``(stats, source)``, source "npz" or "images"."""
+    stats = read_npz_statistics(path)
+    if stats is not None:
+        return stats, "npz"
+    if features.get("mu") is None:
+        raise ValueError(f"{path}: FID needs at least 2 images (or mu/sigma/mu_s/sigma_s in the npz)")
+    stats = {k: np.asarray(features[k], dtype=np.float64) for k in STAT_KEYS}
+    check_statistics(stats, where=f"statistics of {path}")
+    return stats, "images"

@@ -1,0 +1,472 @@
+"""Tables and plots of many runs' evaluation results.
+
+A run is a directory holding the evaluator's JSON (``evaluate(..., json_path=...)`` / ``--json``; any ``*.json``
+with the evaluator's ``format`` key, ``eval.json`` by convention) and the run's ``config.yaml`` (keys such as
+``pag_scale``, ``pag_layers``, ``perturbation``, ``use_ddim``, ``timestep_respacing``; nested mappings are
+searched too). ``make_table`` writes one table per experiment in Markdown, CSV and LaTeX, rows grouped by
+guidance scale / layer set / perturbation / sampler, with published anchors (an experiment YAML's ``anchors:``
+list) printed below our rows, plus matplotlib plots of FID and IS against the guidance scale and of precision
+against recall.
+"""
+
+import csv
+import io
+import json
+import math
+import os
+import re
+
+from evaluations.evaluator import METRIC_KEYS, RESULT_FORMAT
+from evaluations.features import RANDOM_WEIGHTS_MARK
+from evaluations.reference import atomic_write_text
+
+DEFAULT_GROUP_BY = ("pag_scale", "pag_layers", "perturbation", "sampler")
+METRIC_HEADERS = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "Precision",
+                  "recall": "Recall"}
+METRIC_FORMATS = {"fid": "{:.2f}", "sfid": "{:.2f}", "inception_score": "{:.2f}", "precision": "{:.3f}",
+                  "recall": "{:.3f}"}
+_METRIC_ALIASES = {"fid": "fid", "sfid": "sfid", "is": "inception_score", "inceptionscore": "inception_score",
+                   "precision": "precision", "prec": "precision", "recall": "recall", "rec": "recall"}
+_LABEL_KEYS = ("label", "name", "method", "model")
+CONFIG_NAMES = ("config.yaml", "config.yml")
+TABLE_METRICS = ("fid", "sfid", "inception_score", "precision", "recall")  # the order of published tables
+
+
+# --------------------------------------------------------------------------------------------------------------
+# loading runs
+
+
+def _is_result(obj):
+    return isinstance(obj, dict) and (obj.get("format") == RESULT_FORMAT or all(k in obj for k in METRIC_KEYS))
+
+
+def find_result_files(path):
+    """Evaluator JSON files at ``path``: the file itself, or those in the directory (``eval.json`` first), or,
+    when the directory has none, those in its subdirectories (a directory of runs)."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no such run directory or result file: {path}")
+
+    def results_in(directory):
+        names = sorted(n for n in os.listdir(directory) if n.endswith(".json"))
+        names.sort(key=lambda n: n != "eval.json")
+        found = []
+        for name in names:
+            full = os.path.join(directory, name)
+            try:
+                with open(full) as f:
+                    if _is_result(json.load(f)):
+                        found.append(full)
+            except (OSError, ValueError):
+                continue
+        return found
+
+    own = results_in(path)
+    if own:
+        return own[:1]
+    found = []
+    for root, dirs, _ in os.walk(path):
+        dirs.sort()
+        if root != path:
+            own = results_in(root)
+            if own:
+                found.append(own[0])
+    if not found:
+        raise FileNotFoundError(f"no evaluator result (*.json with '{RESULT_FORMAT}') in {path} or below")
+    return found
+
+
+def _load_config(json_path):
+    import yaml
+
+    here = os.path.dirname(os.path.abspath(json_path))
+    for directory in (here, os.path.dirname(here)):
+        for name in CONFIG_NAMES:
+            candidate = os.path.join(directory, name)
+            if os.path.isfile(candidate):
+                with open(candidate) as f:
+                    cfg = yaml.safe_load(f) or {}
+                if not isinstance(cfg, dict):
+                    raise ValueError(f"{candidate}: expected a mapping, got {type(cfg).__name__}")
+                return cfg, candidate
+    return {}, None
+
+
+def _flatten(cfg, prefix=""):
+    flat = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _lookup(flat, key):
+    if key in flat:
+        return flat[key]
+    matches = [v for k, v in flat.items() if k.endswith("." + key)]
+    return matches[0] if matches else None
+
+
+def _sampler(flat):
+    use_ddim = _lookup(flat, "use_ddim")
+    respacing = _lookup(flat, "timestep_respacing")
+    if use_ddim is None and respacing in (None, ""):
+        return None
+    ddim = bool(use_ddim) or (isinstance(respacing, str) and respacing.startswith("ddim"))
+    steps = re.findall(r"\d+", str(respacing)) if respacing not in (None, "") else []
+    steps = "+".join(steps) if steps else ("1000" if not ddim else "?")
+    return f"{'DDIM' if ddim else 'DDPM'}-{steps}"
+
+
+def _group_value(flat, key):
+    if key == "sampler":
+        value = _lookup(flat, "sampler")
+        return value if value is not None else _sampler(flat)
+    value = _lookup(flat, key)
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    return value
+
+
+def load_run(path, group_by=DEFAULT_GROUP_BY):
+    """One row: metrics and provenance from the JSON at (or in) ``path``, group values from its config."""
+    json_path = find_result_files(path)[0] if os.path.isdir(path) else os.fspath(path)
+    with open(json_path) as f:
+        try:
+            result = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{json_path}: not valid JSON ({e})") from None
+    if not _is_result(result):
+        raise ValueError(f"{json_path} is not an evaluator result (needs {', '.join(METRIC_KEYS)})")
+    for key in METRIC_KEYS:
+        if not isinstance(result[key], (int, float)) or isinstance(result[key], bool):
+            raise ValueError(f"{json_path}: {key} is not a number: {result[key]!r}")
+    cfg, cfg_path = _load_config(json_path)
+    flat = _flatten(cfg)
+    run_dir = os.path.dirname(os.path.abspath(json_path))
+    experiment = _lookup(flat, "experiment")
+    if isinstance(experiment, dict):
+        experiment = experiment.get("name")
+    if experiment is None:
+        experiment = os.path.basename(os.path.dirname(run_dir)) or "experiment"
+    row = {
+        "run": os.path.basename(run_dir),
+        "experiment": str(experiment),
+        "source": "ours",
+        "random_weights": bool(result.get("random_weights")),
+        "num_samples": (result.get("sample") or {}).get("num_images"),
+        "json": json_path,
+        "config": cfg_path,
+    }
+    for key in group_by:
+        row[key] = _group_value(flat, key)
+    for key in METRIC_KEYS:
+        row[key] = float(result[key])
+    return row
+
+
+def normalise_anchor(anchor, group_by=DEFAULT_GROUP_BY):
+    """A published-anchor dict (metric names in any usual spelling: FID, sFID, IS, Precision, Recall) -> row."""
+    if not isinstance(anchor, dict):
+        raise ValueError(f"an anchor must be a mapping, got {anchor!r}")
+    row = {"run": None, "source": "published", "random_weights": False, "num_samples": None}
+    for key, value in anchor.items():
+        canon = _METRIC_ALIASES.get(re.sub(r"[^a-z]", "", str(key).lower()))
+        if canon:
+            row[canon] = None if value in (None, "-", "") else float(value)
+    for key in _LABEL_KEYS:
+        if anchor.get(key) is not None:
+            row["run"] = str(anchor[key])
+            break
+    if anchor.get("source"):
+        row["source"] = f"published ({anchor['source']})"
+    flat = _flatten(anchor)
+    for key in group_by:
+        row[key] = _group_value(flat, key)
+    for key in METRIC_KEYS:
+        row.setdefault(key, None)
+    if all(row[k] is None for k in METRIC_KEYS):
+        raise ValueError(f"anchor {anchor!r} has none of the metrics {', '.join(METRIC_HEADERS.values())}")
+    row["run"] = row["run"] or "published"
+    return row
+
+
+# --------------------------------------------------------------------------------------------------------------
+# rendering
+
+
+def _sort_key(row, group_by, scale_key=None):
+    """Blocks of equal non-scale group values (in ``group_by`` order), the scale ascending inside a block."""
+    order = [g for g in group_by if g != scale_key] + ([scale_key] if scale_key else [])
+    key = []
+    for g in order:
+        v = row.get(g)
+        if v is None:
+            key.append((2, 0, ""))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            key.append((0, float(v), ""))
+        else:
+            key.append((1, 0, str(v)))
+    return key
+
+
+def _fmt_metric(key, value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return METRIC_FORMATS[key].format(value)
+
+
+def _fmt_value(value):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _columns(rows, group_by):
+    groups = [g for g in group_by if any(r.get(g) is not None for r in rows)]
+    return ["run"] + groups + list(TABLE_METRICS) + ["num_samples", "source"]
+
+
+def _header(col):
+    return {"run": "run", "num_samples": "N", "source": "source"}.get(col, METRIC_HEADERS.get(col, col))
+
+
+def _cell(row, col):
+    if col in METRIC_KEYS:
+        return _fmt_metric(col, row.get(col))
+    if col == "source":
+        return row["source"] + (f" [{RANDOM_WEIGHTS_MARK}]" if row.get("random_weights") else "")
+    return _fmt_value(row.get(col))
+
+
+def _notes(rows):
+    notes = []
+    if any(r.get("random_weights") for r in rows):
+        notes.append(f"{RANDOM_WEIGHTS_MARK}: rows so marked were computed with a randomly initialised Inception "
+                     "network; their numbers mean nothing.")
+    if any(r["source"] != "ours" for r in rows):
+        notes.append("Published rows: numbers as reported by their source, not computed here; "
+                     "ours come from this repository's evaluator.")
+    return notes
+
+
+def render_markdown(rows, group_by, title=None):
+    cols = _columns(rows, group_by)
+    out = []
+    if title:
+        out += [f"## {title}", ""]
+    out.append("| " + " | ".join(_header(c) for c in cols) + " |")
+    out.append("|" + "|".join("---:" if c in METRIC_KEYS or c == "num_samples" else "---" for c in cols) + "|")
+    for row in rows:
+        out.append("| " + " | ".join(_cell(row, c).replace("|", "\\|") for c in cols) + " |")
+    notes = _notes(rows)
+    if notes:
+        out.append("")
+        out += [f"*{n}*" for n in notes]
+    return "\n".join(out) + "\n"
+
+
+def render_csv(rows, group_by):
+    cols = _columns(rows, group_by) + ["random_weights", "json"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(cols)
+    for row in rows:
+        writer.writerow(["" if row.get(c) is None else row.get(c) for c in cols])
+    return buf.getvalue()
+
+
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text):
+    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in str(text))
+
+
+def render_latex(rows, group_by, title=None):
+    cols = _columns(rows, group_by)
+    align = "".join("r" if c in METRIC_KEYS or c == "num_samples" else "l" for c in cols)
+    out = [r"\begin{table}[t]", r"\centering", rf"\begin{{tabular}}{{{align}}}", r"\toprule",
+           " & ".join(latex_escape(_header(c)) for c in cols) + r" \\", r"\midrule"]
+    previous_source = None
+    for row in rows:
+        is_ours = row["source"] == "ours"
+        if previous_source is not None and is_ours != previous_source:
+            out.append(r"\midrule")
+        previous_source = is_ours
+        out.append(" & ".join(latex_escape(_cell(row, c)) for c in cols) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    caption = latex_escape(title or "Evaluation")
+    notes = _notes(rows)
+    if notes:
+        caption += " " + " ".join(latex_escape(n) for n in notes)
+    out += [rf"\caption{{{caption}}}", r"\end{table}"]
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# plots
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _scale_key(rows, group_by):
+    for key in group_by:
+        values = [r.get(key) for r in rows if r["source"] == "ours"]
+        if values and all(_is_number(v) for v in values):
+            return key
+    return None
+
+
+def plot_runs(rows, group_by, out_prefix, title=None):
+    """``<prefix>_fid_is.png`` (FID and IS against the guidance scale) and ``<prefix>_pr.png`` (precision against
+    recall). Returns the paths written."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ours = [r for r in rows if r["source"] == "ours"]
+    anchors = [r for r in rows if r["source"] != "ours"]
+    marked = f" [{RANDOM_WEIGHTS_MARK}]" if any(r.get("random_weights") for r in ours) else ""
+    x_key = _scale_key(rows, group_by)
+    others = [g for g in group_by if g != x_key and any(r.get(g) is not None for r in ours)]
+    series_keys = [g for g in others if len({_fmt_value(r.get(g)) for r in ours}) > 1]
+    constant = [f"{g}={_fmt_value(ours[0].get(g))}" for g in others if g not in series_keys] if ours else []
+    subtitle = ("\n" + "; ".join(constant)) if constant else ""
+
+    def series_name(row):
+        return ", ".join(f"{k}={_fmt_value(row.get(k))}" for k in series_keys) or "ours"
+
+    series = {}
+    for row in ours:
+        series.setdefault(series_name(row), []).append(row)
+    paths = []
+
+    if x_key is not None:
+        fig = Figure(figsize=(10, 4))
+        FigureCanvasAgg(fig)
+        for ax, metric in zip(fig.subplots(1, 2), ("fid", "inception_score")):
+            for name, members in series.items():
+                pts = sorted((r[x_key], r[metric]) for r in members)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            for a in anchors:
+                if a.get(metric) is None:
+                    continue
+                if _is_number(a.get(x_key)):
+                    ax.plot([a[x_key]], [a[metric]], marker="x", linestyle="none", markersize=9,
+                            label=f"{a['run']} (published)")
+                else:
+                    ax.axhline(a[metric], linestyle="--", linewidth=1, color="gray")
+                    ax.annotate(f"{a['run']} (published)", (0.01, a[metric]), xycoords=("axes fraction", "data"),
+                                fontsize=7, color="gray", va="bottom")
+            ax.set_xlabel(x_key)
+            ax.set_ylabel(METRIC_HEADERS[metric])
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))
+        fig.suptitle((title or "") + marked + subtitle, fontsize=9)
+        path = out_prefix + "_fid_is.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        paths.append(path)
+
+    fig = Figure(figsize=(5, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name, members in series.items():
+        ax.plot([r["recall"] for r in members], [r["precision"] for r in members], marker="o", linestyle="none",
+                label=name)
+        if x_key is not None:
+            for r in members:
+                ax.annotate(_fmt_value(r[x_key]), (r["recall"], r["precision"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+    for a in anchors:
+        if a.get("precision") is not None and a.get("recall") is not None:
+            ax.plot([a["recall"]], [a["precision"]], marker="x", linestyle="none", markersize=9,
+                    label=f"{a['run']} (published)")
+    ax.set_xlabel("Recall")
+    ax.set_ylabel("Precision")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    ax.set_title((title or "") + marked + subtitle, fontsize=8)
+    path = out_prefix + "_pr.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def _safe_name(name):
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "experiment"
+
+
+def make_table(runs, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None, experiment=None, plots=True):
+    """Gather runs into one table per experiment.
+
+    :param runs: run directories, result JSON files, or directories of run directories.
+    :param out_dir: where ``<experiment>.md``, ``.csv``, ``.tex`` and the ``.png`` plots go.
+    :param group_by: config keys that identify a row (``sampler`` is derived from ``use_ddim`` and
+        ``timestep_respacing``); rows are sorted by them in order.
+    :param anchors: published numbers to print below ours: a list of dicts (e.g. an experiment YAML's
+        ``anchors:``), metric keys ``FID``/``sFID``/``IS``/``Precision``/``Recall`` in any case, optional
+        ``label`` and ``source``, and optionally group keys such as ``pag_scale``.
+    :param experiment: put every run in one table of this name (default: each run's ``experiment`` config key,
+        else the name of the directory above the run directory).
+    :returns: ``{experiment: {"rows": [...], "files": [...]}}``.
+    """
+    if isinstance(runs, (str, os.PathLike)):
+        runs = [runs]
+    group_by = tuple(group_by)
+    json_paths = []
+    for run in runs:
+        json_paths += find_result_files(run)
+    if not json_paths:
+        raise ValueError("make_table: no runs given")
+    rows = [load_run(p, group_by) for p in json_paths]
+    anchor_rows = [normalise_anchor(a, group_by) for a in (anchors or [])]
+    if experiment is not None:
+        for row in rows:
+            row["experiment"] = str(experiment)
+    os.makedirs(out_dir, exist_ok=True)
+    tables = {}
+    for name in sorted({r["experiment"] for r in rows}):
+        ours = [r for r in rows if r["experiment"] == name]
+        scale_key = _scale_key(ours, group_by)
+        ours.sort(key=lambda r: _sort_key(r, group_by, scale_key))
+        table_rows = ours + anchor_rows
+        prefix = os.path.join(out_dir, _safe_name(name))
+        files = []
+        for ext, text in (("md", render_markdown(table_rows, group_by, title=name)),
+                          ("csv", render_csv(table_rows, group_by)),
+                          ("tex", render_latex(table_rows, group_by, title=name))):
+            atomic_write_text(f"{prefix}.{ext}", text)
+            files.append(f"{prefix}.{ext}")
+        if plots:
+            files += plot_runs(table_rows, group_by, prefix, title=name)
+        tables[name] = {"rows": table_rows, "files": files}
+    return tables
+
+
+def load_anchors(path):
+    """The ``anchors:`` list of an experiment YAML (or a YAML file that is itself the list)."""
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if isinstance(data, dict):
+        data = data.get("anchors")
+        if data is None:
+            raise ValueError(f"{path} has no 'anchors:' key")
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: anchors must be a list of mappings")
+    return data
