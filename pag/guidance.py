@@ -15,7 +15,6 @@ import math
 
 import torch as th
 import torch.nn.functional as F
-from torchvision.transforms.v2.functional import gaussian_blur
 
 from guided_diffusion.attention import AttentionOverride, attend_with_map, attention_map, sdpa_attention
 
@@ -141,6 +140,8 @@ class GuidedModel:
         if th.isnan(abar).any():
             raise ValueError(f"timesteps {t.tolist()} are not steps of this diffusion's schedule")
         x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+        from torchvision.transforms.v2.functional import gaussian_blur  # slow import: only for SAG
+
         blurred = gaussian_blur(x0, kernel_size=[SAG_BLUR_KERNEL] * 2, sigma=[self.config.sag_blur_sigma] * 2)
         degraded = blurred * mask + x0 * (1 - mask)
         return abar.sqrt() * degraded + (1 - abar).sqrt() * eps

@@ -10,7 +10,6 @@ import contextlib
 from dataclasses import dataclass
 
 import torch as th
-from torchvision.transforms.v2.functional import gaussian_blur
 
 from guided_diffusion.attention import (
     AttentionOverride,
@@ -111,6 +110,8 @@ def make_attention_fn(kind="identity", params=PerturbationParams(), row_seeds=No
             return attend_with_map(weights + params.noise_std * rng.randn(weights.shape, weights.device), v)
 
     elif kind == "blur":
+
+        from torchvision.transforms.v2.functional import gaussian_blur  # slow import: only when used
 
         def attend(q, k, v):
             weights = attention_map(q, k)

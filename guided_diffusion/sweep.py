@@ -1,0 +1,337 @@
+"""Sweeps: a base configuration and a grid of values, one resumable sampling run per grid cell.
+
+    out_dir: results/pag_scale_sweep     # each cell samples into out_dir/<cell name>
+    base:                                # settings of every cell (flag names, as in a --config file)
+      model: 256x256_diffusion
+      num_samples: 50000
+      batch_size: 32
+    grid:                                # every combination of these values is a cell
+      pag_scale: [0, 1, 2, 3, 4]
+      sampler:                           # an axis that is not a flag: each value is a bundle of flags
+        - {name: ddpm250, timestep_respacing: "250"}
+        - {name: ddim25, timestep_respacing: ddim25, use_ddim: true}
+    ref_batch: downloads/refs/VIRTUAL_imagenet256_labeled.npz   # optional: evaluate the cells, make the table
+    evaluation: {batch_size: 64}         # optional: keyword arguments of evaluations.evaluator.evaluate
+    name: pag_scale_sweep                # optional: the table's name (default: out_dir's name)
+    anchors: []                          # optional: published numbers printed below ours in the table
+
+A cell's name joins ``key-value`` for each grid axis with ``__`` (``pag_scale-3__sampler-ddim25``; a bundle
+contributes its ``name``). Grid values override base ones. Every cell is checked (settings, checkpoints,
+out_dir, model flags, guidance layers) before the first sample is drawn; then the cells run one after the
+other in the same process world (one ``mpiexec``), each resuming where it stopped. Afterwards
+:func:`after_runs` evaluates the finished cells and writes the table when ``ref_batch`` is given.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import inspect
+import itertools
+import os
+import re
+from typing import Any, Dict, List, Optional
+
+from . import dist_util, logger, sample_io, sample_run
+from .checkpoint import CheckpointError
+from .sample_run import SampleConfigError
+
+SWEEP_KEYS = ("out_dir", "base", "grid", "ref_batch", "evaluation", "name", "anchors")
+MAX_NAME = 120
+
+
+@dataclasses.dataclass
+class Cell:
+    name: str
+    assignments: Dict[str, Any]  # grid axis -> the value (or bundle) of this cell, as written
+    overrides: Dict[str, Any]  # flag -> value set by the grid
+    settings: Dict[str, Any]  # resolved settings
+
+    @property
+    def out_dir(self):
+        return self.settings["out_dir"]
+
+
+@dataclasses.dataclass
+class Sweep:
+    path: str
+    out_dir: str
+    base: Dict[str, Any]
+    axes: List[tuple]  # [(axis name, [values])]
+    ref_batch: Optional[str] = None
+    evaluation: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    name: Optional[str] = None
+    anchors: Optional[list] = None
+
+
+def load_sweep(path, out_dir=None):
+    """Read and check a sweep YAML (``out_dir`` overrides its ``out_dir:``)."""
+    data = sample_run.read_yaml_mapping(path, what="sweep config")
+    unknown = [k for k in data if k not in SWEEP_KEYS]
+    if unknown:
+        raise SampleConfigError(
+            f"unknown key(s) in sweep config {path}: "
+            + ", ".join(f"{k}{sample_run._suggest(k, SWEEP_KEYS)}" for k in unknown)
+            + f"; a sweep config has {', '.join(SWEEP_KEYS)} (settings go under base:)")
+    out_dir = out_dir or data.get("out_dir")
+    if not out_dir:
+        raise SampleConfigError(f"sweep config {path}: out_dir is required (out_dir: DIR, or --out_dir)")
+    base = data.get("base") or {}
+    grid = data.get("grid") or {}
+    if not isinstance(base, dict) or not isinstance(grid, dict):
+        raise SampleConfigError(f"sweep config {path}: base and grid must be mappings")
+    for key in ("out_dir", "overwrite"):
+        if key in base or key in grid:
+            raise SampleConfigError(f"sweep config {path}: {key} cannot be set in base or grid (cells get "
+                                    "out_dir/<cell name>; pass --overwrite to scripts/sweep.py)")
+    sample_run.check_keys(base, f"base of {path}")
+    flags = sample_run.sample_defaults()
+    axes, owner = [], {}
+    for axis, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise SampleConfigError(f"sweep config {path}: grid.{axis} must be a non-empty list of values "
+                                    "(a single value belongs in base)")
+        if axis in flags:
+            keys = [axis]
+        else:
+            if not all(isinstance(v, dict) for v in values):
+                raise SampleConfigError(
+                    f"sweep config {path}: grid.{axis} is not a setting{sample_run._suggest(axis, list(flags))}; "
+                    "an axis that is not a setting must list mappings of settings (with an optional name)")
+            keys = sorted({k for v in values for k in v if k != "name"})
+            for value in values:
+                sample_run.check_keys({k: v for k, v in value.items() if k != "name"}, f"grid.{axis} of {path}")
+        for key in keys:
+            if key in owner:
+                raise SampleConfigError(f"sweep config {path}: {key} is set by both grid.{owner[key]} and "
+                                        f"grid.{axis}")
+            owner[key] = axis
+        axes.append((axis, values))
+    evaluation = data.get("evaluation") or {}
+    if not isinstance(evaluation, dict):
+        raise SampleConfigError(f"sweep config {path}: evaluation must be a mapping of evaluate() arguments")
+    anchors = data.get("anchors")
+    if anchors is not None and not isinstance(anchors, list):
+        raise SampleConfigError(f"sweep config {path}: anchors must be a list")
+    return Sweep(path=str(path), out_dir=str(out_dir), base=base, axes=axes, ref_batch=data.get("ref_batch"),
+                 evaluation=evaluation, name=data.get("name"), anchors=anchors)
+
+
+def _value_text(value):
+    if isinstance(value, dict):
+        return str(value.get("name", ""))
+    if isinstance(value, (list, tuple)):
+        return "+".join(str(v) for v in value)
+    return str(value)
+
+
+def cell_name(assignments):
+    """The directory name of a cell: ``axis-value`` parts joined with ``__``, file-system safe."""
+    if not assignments:
+        return "base"
+    parts = []
+    for axis, value in assignments.items():
+        text = _value_text(value)
+        parts.append(f"{axis}-{text}" if text else axis)
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "_", "__".join(parts)).strip("._") or "cell"
+    if len(name) > MAX_NAME:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+        name = f"{name[:MAX_NAME - 11]}-{digest}"
+    return name
+
+
+def expand(sweep, overwrite=False):
+    """The sweep's cells, each with resolved settings (errors name the cell)."""
+    cells, seen = [], {}
+    names = [axis for axis, _ in sweep.axes]
+    for combo in itertools.product(*[values for _, values in sweep.axes]):
+        assignments = dict(zip(names, combo))
+        unnamed = [a for a, v in assignments.items() if isinstance(v, dict) and not v.get("name")]
+        if unnamed:  # bundles without a name are numbered by position
+            for axis in unnamed:
+                values = dict(sweep.axes)[axis]
+                assignments[axis] = dict(assignments[axis], name=f"{values.index(assignments[axis])}")
+        overrides = {}
+        for axis, value in assignments.items():
+            if isinstance(value, dict):
+                overrides.update({k: v for k, v in value.items() if k != "name"})
+            else:
+                overrides[axis] = value
+        name = cell_name(assignments)
+        if name in seen:
+            raise SampleConfigError(f"sweep config {sweep.path}: cells {seen[name]} and {assignments} get the "
+                                    f"same directory name {name!r}; give the bundles distinct names")
+        seen[name] = assignments
+        try:
+            settings = sample_run.resolve_settings([
+                (f"base of {sweep.path}", sweep.base),
+                (f"grid cell {name}", overrides),
+                ("the sweep", {"out_dir": os.path.join(sweep.out_dir, name), "overwrite": overwrite}),
+            ])
+        except SampleConfigError as e:
+            raise SampleConfigError(f"cell {name}: {e}") from None
+        cells.append(Cell(name, assignments, overrides, settings))
+    return cells
+
+
+def cell_status(cell):
+    """'complete', 'k/n shards', or 'new' (read from the file system only)."""
+    s = cell.settings
+    final = os.path.join(cell.out_dir, sample_io.samples_filename(s["num_samples"], s["image_size"], s["image_size"]))
+    if os.path.exists(final):
+        return "complete"
+    shard_dir = os.path.join(cell.out_dir, sample_run.SHARD_DIR)
+    total = -(-s["num_samples"] // s["shard_size"])
+    done = 0
+    if os.path.isdir(shard_dir):
+        done = sum(1 for n in os.listdir(shard_dir)
+                   if sample_io.shard_index(n) is not None and sample_io.shard_index(n) < total)
+    return f"{done}/{total} shards" if done else "new"
+
+
+def describe(sweep, cells):
+    """The dry-run listing: each cell, its grid settings, status and an equivalent command."""
+    lines = [f"{len(cells)} cell(s) in {sweep.out_dir}:"]
+    for cell in cells:
+        settings = ", ".join(f"{k}={v}" for k, v in cell.overrides.items()) or "(base only)"
+        lines.append(f"  {cell.name}  [{cell_status(cell)}]  {settings}")
+        lines.append(f"    {sample_run.to_command(cell.settings)}")
+    if sweep.ref_batch:
+        lines.append(f"then: evaluate each cell against {sweep.ref_batch} (eval.json) and write the table to "
+                     f"{os.path.join(sweep.out_dir, 'table')}")
+    else:
+        lines.append("no ref_batch: cells are not evaluated")
+    return "\n".join(lines)
+
+
+def _evaluate_fn():
+    from evaluations.evaluator import evaluate
+
+    return evaluate
+
+
+def _table_fn():
+    try:
+        from evaluations.table import make_table
+    except ImportError:
+        return None
+    return make_table
+
+
+def check_evaluation(sweep, evaluate_fn=None):
+    """Before sampling: the reference batch exists and ``evaluation:`` names evaluate()'s arguments."""
+    if not sweep.ref_batch:
+        return
+    if not os.path.exists(sweep.ref_batch):
+        raise SampleConfigError(f"ref_batch {sweep.ref_batch} not found (download the reference batches with "
+                                "`make download-refs`)")
+    fn = evaluate_fn or _evaluate_fn()
+    params = inspect.signature(fn).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        bad = [k for k in sweep.evaluation if k not in params or k in ("ref_path", "sample_path", "json_path")]
+        if bad:
+            raise SampleConfigError(f"sweep config {sweep.path}: evaluation: unknown argument(s) {', '.join(bad)}")
+
+
+def after_runs(run_dirs, sweep, evaluate_fn=None, table_fn=None):
+    """The evaluation seam: evaluate each finished run (``eval.json`` in its directory) and make the table.
+
+    Does nothing without ``ref_batch``. Collective (every rank calls it; the evaluator shares the work);
+    returns make_table's result on rank 0, else None. A run whose eval.json is newer than its samples is
+    not evaluated again.
+    """
+    if not sweep.ref_batch:
+        if dist_util.get_rank() == 0:
+            logger.log("no ref_batch in the sweep config: skipping evaluation")
+        return None
+    evaluate_fn = evaluate_fn or _evaluate_fn()
+    for run_dir in run_dirs:
+        samples = sorted(n for n in os.listdir(run_dir) if n.startswith("samples_") and n.endswith(".npz"))
+        if len(samples) != 1:
+            raise RuntimeError(f"{run_dir}: expected one samples_*.npz, found {samples}")
+        npz = os.path.join(run_dir, samples[0])
+        json_path = os.path.join(run_dir, "eval.json")
+        if os.path.exists(json_path) and os.path.getmtime(json_path) >= os.path.getmtime(npz):
+            continue
+        if dist_util.get_rank() == 0:
+            logger.log(f"evaluating {npz} against {sweep.ref_batch}")
+        evaluate_fn(sweep.ref_batch, npz, json_path=json_path, **sweep.evaluation)
+    dist_util.barrier()
+    table_fn = table_fn or _table_fn()
+    result = None
+    if dist_util.get_rank() == 0:
+        if table_fn is None:
+            logger.log("evaluations.table is not available: no table written")
+        else:
+            result = table_fn(list(run_dirs), os.path.join(sweep.out_dir, "table"), anchors=sweep.anchors,
+                              experiment=sweep.name)
+            logger.log(f"table written to {os.path.join(sweep.out_dir, 'table')}")
+    dist_util.barrier()
+    return result
+
+
+def run_sweep(sweep, cells, evaluate_fn=None, table_fn=None, model_wrapper=None):
+    """Check every cell, then sample them in turn (collective), then :func:`after_runs`. Returns run dirs."""
+    dist_util.setup_dist()
+    check_evaluation(sweep, evaluate_fn)
+    plans, devices = [], []
+    for cell in cells:  # every out_dir and checkpoint path first: nothing is loaded or sampled yet
+        device = sample_run.resolve_device(cell.settings)
+        try:
+            plans.append(sample_run.prepare(cell.settings, device))
+        except SampleConfigError as e:
+            raise SampleConfigError(f"cell {cell.name}: {e}") from None
+        devices.append(device)
+    cache, samplers = {}, []
+    for cell, plan, device in zip(cells, plans, devices):  # then model flags and guidance layers
+        if plan.complete:
+            samplers.append(None)
+            continue
+        try:
+            models = sample_run.load_models(cell.settings, device, cache)
+            samplers.append(sample_run.Sampler(cell.settings, models, device, model_wrapper=model_wrapper))
+        except (SampleConfigError, CheckpointError) as e:
+            raise type(e)(f"cell {cell.name}: {e}") from None
+    run_dirs = []
+    for i, (cell, plan, sampler) in enumerate(zip(cells, plans, samplers)):
+        sample_run.configure_logging(cell.out_dir)
+        if dist_util.get_rank() == 0:
+            logger.log(f"sweep cell {i + 1}/{len(cells)}: {cell.name}")
+        sample_run.execute(plan, sampler)
+        run_dirs.append(cell.out_dir)
+    logger.configure(dir=sweep.out_dir, format_strs=["stdout", "log"])
+    after_runs(run_dirs, sweep, evaluate_fn, table_fn)
+    return run_dirs
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Run under mpiexec/torchrun/srun to sample every cell on many GPUs.")
+    p.add_argument("config", help="sweep YAML (base:, grid:, out_dir:, optional ref_batch:)")
+    p.add_argument("--out_dir", help="overrides the config's out_dir")
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                   help="list the cells, their state and equivalent commands; sample nothing")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of cells whose directory holds another configuration")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if not args.dry_run:
+        dist_util.setup_dist()
+    try:
+        sweep = load_sweep(args.config, args.out_dir)
+        cells = expand(sweep, overwrite=args.overwrite)
+        if args.dry_run:
+            print(describe(sweep, cells))
+            return 0
+        run_sweep(sweep, cells)
+    except (SampleConfigError, CheckpointError) as e:
+        sample_run.report_error(e, everywhere=True)
+        return 2
+    except (sample_run.NonFiniteError, sample_run.PeerFailedError) as e:
+        sample_run.report_error(e, everywhere=False)
+        return 1
+    logger.reset()
+    dist_util.cleanup_dist()
+    return 0
