@@ -20,3 +20,16 @@ def load_model_config(name_or_path):
         if key not in config:
             raise ValueError(f"{path}: model config lacks {key!r}")
     return config
+
+
+def model_configs(config_dir=CONFIG_DIR):
+    """{name: config} of every ``*.yaml`` in ``config_dir`` (unreadable files are skipped)."""
+    configs = {}
+    for path in sorted(Path(config_dir).glob("*.yaml")):
+        try:
+            entry = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(entry, dict) and entry.get("name"):
+            configs[entry["name"]] = entry
+    return configs

@@ -57,6 +57,7 @@ import pag
 
 from . import dist_util, logger, sample_io
 from .checkpoint import CheckpointError, check_state_dict
+from .model_config import CONFIG_DIR as MODEL_CONFIG_DIR, model_configs
 from .respace import space_timesteps
 from .script_util import (
     NUM_CLASSES,
@@ -69,7 +70,6 @@ from .script_util import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MODEL_CONFIG_DIR = REPO_ROOT / "configs" / "models"
 DEFAULT_MODEL_DIR = Path("downloads") / "models"
 
 # Test hook: a process kills itself (SIGKILL, no clean-up) after writing this many shards.
@@ -249,22 +249,9 @@ def read_yaml_mapping(path, what="--config"):
     return data
 
 
-def model_presets(config_dir=MODEL_CONFIG_DIR):
-    """{name: entry} of configs/models/*.yaml."""
-    presets = {}
-    for path in sorted(Path(config_dir).glob("*.yaml")):
-        try:
-            entry = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
-            continue
-        if isinstance(entry, dict) and entry.get("name"):
-            presets[entry["name"]] = entry
-    return presets
-
-
 def preset_values(name):
     """Flags and default model_path of official checkpoint ``name`` (``--model NAME``)."""
-    presets = model_presets()
+    presets = model_configs(MODEL_CONFIG_DIR)
     entry = presets.get(name)
     if entry is None or entry.get("kind") != "diffusion":
         known = sorted(n for n, e in presets.items() if e.get("kind") == "diffusion")
@@ -442,7 +429,7 @@ def resolve_device(settings):
 
 def _checkpoint_hint(path):
     base = os.path.basename(path)
-    for name, entry in model_presets().items():
+    for name, entry in model_configs(MODEL_CONFIG_DIR).items():
         if entry.get("file") == base:
             return (f"It is the official {name} checkpoint: download it with `make download-models "
                     f"MODELS={name}` (into {DEFAULT_MODEL_DIR}/), or point the flag at your copy.")
