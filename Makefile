@@ -45,3 +45,29 @@ EVAL_FLAGS ?=
 
 check-evaluator: install
 	$(PY) -m evaluations.regression $(EVAL_FLAGS)
+
+# Reproduction targets: one sweep per table (configs/experiments/*.yaml), sampled under mpiexec on GPUS
+# processes, evaluated against the ADM reference batch, tabulated (results/<experiment>/table/).
+# `make -n reproduce-table1` lists the commands; DRY_RUN=1 makes each sweep list its cells and the
+# equivalent per-cell commands instead of sampling. Needs `make download-models download-refs download-inception`.
+GPUS ?= 8
+NUM_SAMPLES ?= 50000
+BATCH_SIZE ?= 32
+MPIEXEC ?= $(VENV)/bin/mpiexec
+SWEEP = $(if $(DRY_RUN),,$(MPIEXEC) -n $(GPUS) )$(PY) scripts/sweep.py
+SWEEP_FLAGS = --set num_samples=$(NUM_SAMPLES) --set batch_size=$(BATCH_SIZE) $(if $(DRY_RUN),--dry-run)
+TABLE1 = table1_uncond_ddpm250 table1_uncond_ddim25 table1_cond_ddpm250 table1_cond_ddim25 pag_cg_cond
+
+.PHONY: reproduce-table1 ablation-scale ablation-layers ablation-perturbation
+
+reproduce-table1: install
+	$(foreach e,$(TABLE1),$(SWEEP) configs/experiments/$(e).yaml $(SWEEP_FLAGS) &&) true
+
+ablation-scale: install
+	$(SWEEP) configs/experiments/ablation_scale.yaml $(SWEEP_FLAGS)
+
+ablation-layers: install
+	$(SWEEP) configs/experiments/ablation_layers.yaml $(SWEEP_FLAGS)
+
+ablation-perturbation: install
+	$(SWEEP) configs/experiments/ablation_perturbation.yaml $(SWEEP_FLAGS)

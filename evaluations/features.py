@@ -31,6 +31,8 @@ EXTRACTOR_NAME = "inception-v3-compat"
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + WEIGHTS_FILENAME
 RANDOM_WEIGHTS_MARK = "RANDOM-WEIGHTS"
+# Marks numbers computed with the CPU demo's own feature network (evaluations/demo_features.py).
+DEMO_FEATURES_MARK = "DEMO-FEATURES"
 
 # torch-fidelity's feature names.
 _TF_POOL = "2048"

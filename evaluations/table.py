@@ -17,7 +17,7 @@ import os
 import re
 
 from evaluations.evaluator import METRIC_KEYS, RESULT_FORMAT
-from evaluations.features import RANDOM_WEIGHTS_MARK
+from evaluations.features import DEMO_FEATURES_MARK, RANDOM_WEIGHTS_MARK
 from evaluations.reference import atomic_write_text
 
 DEFAULT_GROUP_BY = ("pag_scale", "pag_layers", "perturbation", "sampler")
@@ -159,6 +159,7 @@ def load_run(path, group_by=DEFAULT_GROUP_BY):
         "experiment": str(experiment),
         "source": "ours",
         "random_weights": bool(result.get("random_weights")),
+        "marker": result.get("marker") or (RANDOM_WEIGHTS_MARK if result.get("random_weights") else None),
         "num_samples": (result.get("sample") or {}).get("num_images"),
         "json": json_path,
         "config": cfg_path,
@@ -242,7 +243,7 @@ def _cell(row, col):
     if col in METRIC_KEYS:
         return _fmt_metric(col, row.get(col))
     if col == "source":
-        return row["source"] + (f" [{RANDOM_WEIGHTS_MARK}]" if row.get("random_weights") else "")
+        return row["source"] + (f" [{row['marker']}]" if row.get("marker") else "")
     return _fmt_value(row.get(col))
 
 
@@ -251,6 +252,10 @@ def _notes(rows):
     if any(r.get("random_weights") for r in rows):
         notes.append(f"{RANDOM_WEIGHTS_MARK}: rows so marked were computed with a randomly initialised Inception "
                      "network; their numbers mean nothing.")
+    if any(r.get("marker") == DEMO_FEATURES_MARK for r in rows):
+        notes.append(f"{DEMO_FEATURES_MARK}: rows so marked were computed with the demo's own small feature network "
+                     "on its synthetic data set (FID, sFID, precision, recall and a classifier score in place of "
+                     "IS); they are not Inception metrics and are not comparable with published numbers.")
     if any(r["source"] != "ours" for r in rows):
         notes.append("Published rows: numbers as reported by their source, not computed here; "
                      "ours come from this repository's evaluator.")
@@ -336,7 +341,8 @@ def plot_runs(rows, group_by, out_prefix, title=None):
 
     ours = [r for r in rows if r["source"] == "ours"]
     anchors = [r for r in rows if r["source"] != "ours"]
-    marked = f" [{RANDOM_WEIGHTS_MARK}]" if any(r.get("random_weights") for r in ours) else ""
+    markers = sorted({r["marker"] for r in ours if r.get("marker")})
+    marked = "".join(f" [{m}]" for m in markers)
     x_key = _scale_key(rows, group_by)
     others = [g for g in group_by if g != x_key and any(r.get(g) is not None for r in ours)]
     series_keys = [g for g in others if len({_fmt_value(r.get(g)) for r in ours}) > 1]

@@ -57,7 +57,7 @@ import pag
 
 from . import dist_util, logger, sample_io
 from .checkpoint import CheckpointError, check_state_dict
-from .model_config import CONFIG_DIR as MODEL_CONFIG_DIR, model_configs
+from .model_config import CONFIG_DIR as MODEL_CONFIG_DIR, load_model_config, model_configs
 from .respace import space_timesteps
 from .script_util import (
     NUM_CLASSES,
@@ -250,15 +250,25 @@ def read_yaml_mapping(path, what="--config"):
 
 
 def preset_values(name):
-    """Flags and default model_path of official checkpoint ``name`` (``--model NAME``)."""
-    presets = model_configs(MODEL_CONFIG_DIR)
-    entry = presets.get(name)
+    """Flags and default model_path of ``--model NAME``: an official checkpoint of ``configs/models/``, or
+    the path of a model config YAML in that format (its ``file`` is then relative to the YAML's folder)."""
+    if str(name).endswith((".yaml", ".yml")):
+        path = Path(name)
+        if not path.exists():
+            raise SampleConfigError(f"--model {name}: no such model config file")
+        entry = load_model_config(path)
+        model_path = path.parent / entry["file"]
+    else:
+        presets = model_configs(MODEL_CONFIG_DIR)
+        entry = presets.get(name)
+        model_path = DEFAULT_MODEL_DIR / entry["file"] if entry else None
     if entry is None or entry.get("kind") != "diffusion":
+        presets = model_configs(MODEL_CONFIG_DIR)
         known = sorted(n for n, e in presets.items() if e.get("kind") == "diffusion")
         raise SampleConfigError(f"unknown --model {name!r}{_suggest(name, known)}; the diffusion models of "
-                                f"configs/models/ are: {', '.join(known)}")
-    values = coerce_all(dict(entry.get("flags") or {}), f"configs/models/{name}.yaml")
-    values["model_path"] = str(DEFAULT_MODEL_DIR / entry["file"])
+                                f"configs/models/ are: {', '.join(known)} (or give a model config .yaml path)")
+    values = coerce_all(dict(entry.get("flags") or {}), f"--model {name}")
+    values["model_path"] = str(model_path)
     return values
 
 

@@ -31,6 +31,8 @@ import os
 import re
 from typing import Any, Dict, List, Optional
 
+import yaml
+
 from . import dist_util, logger, sample_io, sample_run
 from .checkpoint import CheckpointError
 from .sample_run import SampleConfigError
@@ -63,8 +65,9 @@ class Sweep:
     anchors: Optional[list] = None
 
 
-def load_sweep(path, out_dir=None):
-    """Read and check a sweep YAML (``out_dir`` overrides its ``out_dir:``)."""
+def load_sweep(path, out_dir=None, overrides=None):
+    """Read and check a sweep YAML (``out_dir`` overrides its ``out_dir:``; ``overrides`` its ``base:``
+    settings, e.g. ``{"num_samples": 1000}`` from ``--set num_samples=1000``)."""
     data = sample_run.read_yaml_mapping(path, what="sweep config")
     unknown = [k for k in data if k not in SWEEP_KEYS]
     if unknown:
@@ -79,6 +82,7 @@ def load_sweep(path, out_dir=None):
     grid = data.get("grid") or {}
     if not isinstance(base, dict) or not isinstance(grid, dict):
         raise SampleConfigError(f"sweep config {path}: base and grid must be mappings")
+    base = {**base, **(overrides or {})}
     for key in ("out_dir", "overwrite"):
         if key in base or key in grid:
             raise SampleConfigError(f"sweep config {path}: {key} cannot be set in base or grid (cells get "
@@ -312,7 +316,20 @@ def build_parser():
                    help="list the cells, their state and equivalent commands; sample nothing")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the outputs of cells whose directory holds another configuration")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base setting of every cell, e.g. --set num_samples=1000 (repeatable)")
     return p
+
+
+def parse_overrides(items):
+    """``["num_samples=1000", ...]`` -> ``{"num_samples": 1000}`` (values parsed as YAML scalars)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SampleConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return overrides
 
 
 def main(argv=None):
@@ -320,7 +337,7 @@ def main(argv=None):
     if not args.dry_run:
         dist_util.setup_dist()
     try:
-        sweep = load_sweep(args.config, args.out_dir)
+        sweep = load_sweep(args.config, args.out_dir, parse_overrides(args.overrides))
         cells = expand(sweep, overwrite=args.overwrite)
         if args.dry_run:
             print(describe(sweep, cells))

@@ -232,3 +232,19 @@ def test_sweep_under_mpiexec_matches_one_process(finished_sweep, ckpt, tmp_path)
                 np.load(tmp_path / "mpi" / name / "samples_4x32x32x3.npz") as b:
             np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
             assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1
+
+
+def test_set_overrides_base_settings_of_every_cell(tmp_path):
+    from guided_diffusion.sweep import load_sweep, parse_overrides
+    from guided_diffusion.sample_run import SampleConfigError
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text("out_dir: x\nbase: {num_samples: 50000, batch_size: 32}\ngrid: {pag_scale: [0, 3]}\n")
+    overrides = parse_overrides(["num_samples=1000", "batch_size=8"])
+    assert overrides == {"num_samples": 1000, "batch_size": 8}
+    sweep = load_sweep(str(config), overrides=overrides)
+    assert sweep.base == {"num_samples": 1000, "batch_size": 8}
+    with pytest.raises(SampleConfigError, match="KEY=VALUE"):
+        parse_overrides(["num_samples"])
+    with pytest.raises(SampleConfigError, match="num_sample"):
+        load_sweep(str(config), overrides={"num_sample": 3})
