@@ -63,7 +63,7 @@ def _describe(path, images, feats, stats_source):
 
 def evaluate(ref_path, sample_path, *, batch_size=64, device=None, inception_weights=None,
              allow_random_weights=False, cache_dir=_DEFAULT, cache_samples=False, extractor=None,
-             split_size=5000, k=3, progress=True, json_path=None, dist=None):
+             split_size=5000, k=3, progress=True, json_path=None, dist=None, feature_net=None):
     """Evaluate ``sample_path`` against ``ref_path`` (both npz image batches). Returns the result dict (the
     ``--json`` content): ``inception_score``, ``fid``, ``sfid``, ``precision``, ``recall`` and provenance. Under
     several processes, only rank 0 gets it (others None).
@@ -71,6 +71,8 @@ def evaluate(ref_path, sample_path, *, batch_size=64, device=None, inception_wei
     :param cache_dir: features/statistics cache; default ``~/.cache/pag_adm/eval``; None disables it. The
         reference batch is always cached there, the samples only with ``cache_samples``.
     :param extractor: an ``InceptionFeatures`` to reuse (then ``device``/``inception_weights`` are ignored).
+    :param feature_net: the CPU demo's feature network checkpoint (``evaluations/demo_features.py``) to use
+        instead of Inception; every number is then marked ``DEMO-FEATURES``.
     :param json_path: also write the result there, atomically (temp file, then rename).
     """
     if cache_dir is _DEFAULT:
@@ -90,6 +92,10 @@ def evaluate(ref_path, sample_path, *, batch_size=64, device=None, inception_wei
     dist = dist or detect_distributed()
     if device is None and dist.world_size > 1 and torch.cuda.is_available():
         device = f"cuda:{dist.rank % torch.cuda.device_count()}"  # one GPU per process on a node
+    if extractor is None and feature_net is not None:
+        from .demo_features import DemoFeatures
+
+        extractor = DemoFeatures(feature_net, device=device)
     if extractor is None:
         extractor = InceptionFeatures(weights_path=inception_weights, allow_random_weights=allow_random_weights,
                                       device=device)
@@ -113,7 +119,7 @@ def evaluate(ref_path, sample_path, *, batch_size=64, device=None, inception_wei
     result.update({
         "format": RESULT_FORMAT,
         "random_weights": extractor.random_weights,
-        "marker": RANDOM_WEIGHTS_MARK if extractor.random_weights else None,
+        "marker": getattr(extractor, "marker", None) or (RANDOM_WEIGHTS_MARK if extractor.random_weights else None),
         "ref": _describe(ref_path, ref_images, ref, ref_source),
         "sample": _describe(sample_path, sample_images, sample, sample_source),
         "extractor": extractor.id,
@@ -148,8 +154,10 @@ def write_json(path, result):
 
 
 def format_lines(result):
-    """The upstream evaluator's five lines; with random weights each carries the RANDOM-WEIGHTS mark."""
-    mark = f"  [{RANDOM_WEIGHTS_MARK}]" if result.get("random_weights") else ""
+    """The upstream evaluator's five lines; with random weights (or the demo's feature network) each carries
+    the result's mark (RANDOM-WEIGHTS, DEMO-FEATURES)."""
+    marker = result.get("marker") or (RANDOM_WEIGHTS_MARK if result.get("random_weights") else None)
+    mark = f"  [{marker}]" if marker else ""
     return [f"{METRIC_LABELS[key]}: {float(result[key])!r}{mark}" for key in METRIC_KEYS]
 
 
@@ -169,6 +177,8 @@ def build_parser():
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--cache-samples", action="store_true", help="cache the sample batch's features too")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--feature-net", metavar="PATH",
+                   help="use the CPU demo's feature network instead of Inception (numbers marked DEMO-FEATURES)")
     return p
 
 
@@ -179,7 +189,7 @@ def main(argv=None):
             args.ref_batch, args.sample_batch, batch_size=args.batch_size, device=args.device,
             inception_weights=args.inception_weights, allow_random_weights=args.allow_random_weights,
             cache_dir=None if args.no_cache else args.cache_dir, cache_samples=args.cache_samples,
-            progress=not args.no_progress, json_path=args.json,
+            progress=not args.no_progress, json_path=args.json, feature_net=args.feature_net,
         )
     except (MissingInceptionWeights, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -131,10 +131,12 @@ def read_npz_statistics(path):
     return stats
 
 
-def check_statistics(stats, where="statistics"):
-    """Shapes (2048 pool, 2023 spatial) and finiteness of ``mu``, ``sigma``, ``mu_s``, ``sigma_s``."""
-    for mu_key, sigma_key, dim in (("mu", "sigma", POOL_DIM), ("mu_s", "sigma_s", SPATIAL_DIM)):
+def check_statistics(stats, where="statistics", dims=(POOL_DIM, SPATIAL_DIM)):
+    """Shapes (by default Inception's: 2048 pool, 2023 spatial) and finiteness of ``mu``, ``sigma``, ``mu_s``,
+    ``sigma_s``. ``dims=None`` checks only that each ``sigma`` is square and fits its ``mu`` (other extractors)."""
+    for (mu_key, sigma_key), dim in zip((("mu", "sigma"), ("mu_s", "sigma_s")), dims or (None, None)):
         mu, sigma = stats[mu_key], stats[sigma_key]
+        dim = mu.shape[0] if dim is None and mu.ndim == 1 else dim
         if mu.shape != (dim,) or sigma.shape != (dim, dim):
             raise ValueError(f"{where}: {mu_key} {mu.shape} / {sigma_key} {sigma.shape} do not match the "
                              f"evaluator's features: expected ({dim},) / ({dim}, {dim})")
@@ -400,5 +402,5 @@ def image_batch_statistics(path, features):
     if features.get("mu") is None:
         raise ValueError(f"{path}: FID needs at least 2 images (or mu/sigma/mu_s/sigma_s in the npz)")
     stats = {k: np.asarray(features[k], dtype=np.float64) for k in STAT_KEYS}
-    check_statistics(stats, where=f"statistics of {path}")
+    check_statistics(stats, where=f"statistics of {path}", dims=None)  # any extractor's feature sizes
     return stats, "images"

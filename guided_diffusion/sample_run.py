@@ -85,6 +85,7 @@ SAMPLING_DEFAULTS = dict(
     classifier_scale=1.0,  # upstream's default; used only with --classifier_path
     seed=0,
     shard_size=256,
+    num_classes=NUM_CLASSES,  # labels are drawn uniformly from [0, num_classes)
 )
 # Settings that do not change the samples: they may differ between a run and its resumption.
 RUNTIME_DEFAULTS = dict(
@@ -104,6 +105,7 @@ HELP = {
     "num_samples": "number of samples N (indices 0..N-1)",
     "batch_size": "samples per forward pass (does not change the samples)",
     "seed": "sample i depends only on (seed, i)",
+    "num_classes": "class labels are drawn uniformly from [0, num_classes) (a model trained on fewer classes)",
     "shard_size": "samples per shard file (the unit of resumption)",
     "out_dir": "output directory (created; resumed if it holds the same configuration)",
     "device": "cpu, cuda or cuda:N (default: the GPU of this process's local rank, else the CPU)",
@@ -302,6 +304,9 @@ def finalize(settings):
     for key in ("num_samples", "batch_size", "shard_size", "image_size", "diffusion_steps"):
         if s[key] <= 0:
             problems.append(f"{key} must be positive, got {s[key]}")
+    if not 1 <= s["num_classes"] <= NUM_CLASSES:
+        problems.append(f"num_classes must lie in [1, {NUM_CLASSES}] (the model's label embedding), "
+                        f"got {s['num_classes']}")
     if s["seed"] < 0:
         problems.append(f"seed must be >= 0, got {s['seed']}")
     if not s["out_dir"]:
@@ -383,9 +388,9 @@ def sample_seeds(seed, index):
     return int(state[0]), int(state[1]), int(state[2]) & (2**63 - 1)
 
 
-def sample_labels(seed, indices):
-    """Class labels of samples ``indices``: uniform over the classes, each from (seed, i) only."""
-    return np.array([np.random.default_rng(sample_seeds(seed, i)[1]).integers(NUM_CLASSES) for i in indices],
+def sample_labels(seed, indices, num_classes=NUM_CLASSES):
+    """Class labels of samples ``indices``: uniform over ``num_classes``, each from (seed, i) only."""
+    return np.array([np.random.default_rng(sample_seeds(seed, i)[1]).integers(num_classes) for i in indices],
                     dtype=np.int64)
 
 
@@ -711,7 +716,7 @@ class Sampler:
         model_kwargs = {"row_seeds": th.tensor([r for _, _, r in seeds], dtype=th.int64, device=device)}
         labels = None
         if self.with_labels:
-            labels = sample_labels(s["seed"], indices)
+            labels = sample_labels(s["seed"], indices, s["num_classes"])
             model_kwargs["y"] = th.from_numpy(labels).to(device)
         loop = self.diffusion.ddim_sample_loop_progressive if s["use_ddim"] else \
             self.diffusion.p_sample_loop_progressive

@@ -236,18 +236,10 @@ def check_evaluation(sweep, evaluate_fn=None):
             raise SampleConfigError(f"sweep config {sweep.path}: evaluation: unknown argument(s) {', '.join(bad)}")
 
 
-def after_runs(run_dirs, sweep, evaluate_fn=None, table_fn=None):
-    """The evaluation seam: evaluate each finished run (``eval.json`` in its directory) and make the table.
+def _evaluate_runs(run_dirs, sweep, evaluate_fn):
+    """Evaluate each run without an up-to-date eval.json (on this process alone)."""
+    from evaluations.reference import SingleProcess
 
-    Does nothing without ``ref_batch``. Collective (every rank calls it; the evaluator shares the work);
-    returns make_table's result on rank 0, else None. A run whose eval.json is newer than its samples is
-    not evaluated again.
-    """
-    if not sweep.ref_batch:
-        if dist_util.get_rank() == 0:
-            logger.log("no ref_batch in the sweep config: skipping evaluation")
-        return None
-    evaluate_fn = evaluate_fn or _evaluate_fn()
     for run_dir in run_dirs:
         samples = sorted(n for n in os.listdir(run_dir) if n.startswith("samples_") and n.endswith(".npz"))
         if len(samples) != 1:
@@ -256,9 +248,34 @@ def after_runs(run_dirs, sweep, evaluate_fn=None, table_fn=None):
         json_path = os.path.join(run_dir, "eval.json")
         if os.path.exists(json_path) and os.path.getmtime(json_path) >= os.path.getmtime(npz):
             continue
+        logger.log(f"evaluating {npz} against {sweep.ref_batch}")
+        evaluate_fn(sweep.ref_batch, npz, json_path=json_path, dist=SingleProcess(), **sweep.evaluation)
+
+
+def after_runs(run_dirs, sweep, evaluate_fn=None, table_fn=None):
+    """The evaluation seam: evaluate each finished run (``eval.json`` in its directory) and make the table.
+
+    Does nothing without ``ref_batch``. Collective (every rank calls it); rank 0 evaluates (on its GPU) while
+    the others wait, and an evaluation error is raised on every rank. Returns make_table's result on rank 0,
+    else None. A run whose eval.json is newer than its samples is
+    not evaluated again.
+    """
+    if not sweep.ref_batch:
         if dist_util.get_rank() == 0:
-            logger.log(f"evaluating {npz} against {sweep.ref_batch}")
-        evaluate_fn(sweep.ref_batch, npz, json_path=json_path, **sweep.evaluation)
+            logger.log("no ref_batch in the sweep config: skipping evaluation")
+        return None
+    evaluate_fn = evaluate_fn or _evaluate_fn()
+    # Rank 0 evaluates alone, then tells every rank how it went: an evaluation error must not leave the
+    # other ranks waiting in a collective inside the evaluator.
+    error = None
+    if dist_util.get_rank() == 0:
+        try:
+            _evaluate_runs(run_dirs, sweep, evaluate_fn)
+        except Exception as exc:  # re-raised below, on every rank
+            error = f"{type(exc).__name__}: {exc}"
+    error = dist_util.broadcast_object(error)
+    if error is not None:
+        raise RuntimeError(f"evaluation failed: {error}")
     dist_util.barrier()
     table_fn = table_fn or _table_fn()
     result = None

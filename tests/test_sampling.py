@@ -353,3 +353,10 @@ def test_bad_input_fails_before_sampling(case, ckpt, tmp_path, capsys, monkeypat
         assert text in err, err
     out_dir = tmp_path / "out"
     assert not (out_dir / "shards").exists() and not (out_dir / "config.yaml").exists()
+
+
+def test_num_classes_limits_the_label_range():
+    labels = sample_run.sample_labels(SEED, range(200), num_classes=10)
+    assert labels.min() >= 0 and labels.max() == 9 and len(set(labels.tolist())) == 10
+    # The same (seed, i) stream: a label does not depend on which other samples are drawn with it.
+    assert sample_run.sample_labels(SEED, [17], num_classes=10)[0] == labels[17]

@@ -143,7 +143,7 @@ def finished_sweep(ckpt, tmp_path_factory):
                        ref_batch=str(base / "ref.npz"), evaluation={"batch_size": 7}, name="tiny")
     calls = {"evaluate": [], "table": []}
 
-    def evaluate(ref_path, sample_path, json_path=None, batch_size=64):
+    def evaluate(ref_path, sample_path, json_path=None, batch_size=64, dist=None):
         calls["evaluate"].append((ref_path, sample_path, batch_size))
         Path(json_path).write_text("{}")
 
@@ -248,3 +248,16 @@ def test_set_overrides_base_settings_of_every_cell(tmp_path):
         parse_overrides(["num_samples"])
     with pytest.raises(SampleConfigError, match="num_sample"):
         load_sweep(str(config), overrides={"num_sample": 3})
+
+
+def test_evaluation_error_is_raised_not_left_hanging(finished_sweep):
+    _, cfg, run_dirs, _, _, make_table = finished_sweep
+    for run_dir in run_dirs:
+        (Path(run_dir) / "eval.json").unlink()
+
+    def broken(ref_path, sample_path, json_path=None, batch_size=64, dist=None):
+        raise ValueError("features of another size")
+
+    with pytest.raises(RuntimeError, match="evaluation failed: ValueError: features of another size"):
+        sweep.after_runs(run_dirs, cfg, evaluate_fn=broken, table_fn=make_table)
+    assert not any((Path(run_dir) / "eval.json").exists() for run_dir in run_dirs)
