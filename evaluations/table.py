@@ -123,7 +123,13 @@ def _sampler(flat):
     return f"{'DDIM' if ddim else 'DDPM'}-{steps}"
 
 
+# Settings that mean nothing when PAG is off (pag_scale 0): shown as "-" rather than their defaults.
+_PAG_ONLY_KEYS = ("pag_layers", "perturbation")
+
+
 def _group_value(flat, key):
+    if key in _PAG_ONLY_KEYS and _lookup(flat, "pag_scale") in (0, 0.0):
+        return "-"
     if key == "sampler":
         value = _lookup(flat, "sampler")
         return value if value is not None else _sampler(flat)

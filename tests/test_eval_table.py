@@ -68,9 +68,11 @@ def test_markdown_csv_latex_and_plots(runs, tmp_path):
     ours = [r for r in table["rows"] if r["source"] == "ours"]
     # Blocks of equal layers / perturbation / sampler, pag_scale ascending inside each; the sampler is derived
     # from use_ddim / timestep_respacing.
+    # Unguided rows (pag_scale 0: no layers, shown as "-") come first, then each layer set by scale.
     assert [(r["sampler"], r["pag_scale"]) for r in ours] == [
-        ("DDIM-25", 3.0), ("DDPM-250", 0.0), ("DDPM-250", 1.0), ("DDPM-250", 3.0)]
-    assert ours[0]["pag_layers"] == "input_blocks.14.1, middle_block.1"  # found in a nested config too
+        ("DDPM-250", 0.0), ("DDIM-25", 3.0), ("DDPM-250", 1.0), ("DDPM-250", 3.0)]
+    assert ours[0]["pag_layers"] == "-"
+    assert ours[1]["pag_layers"] == "input_blocks.14.1, middle_block.1"  # found in a nested config too
     assert [r["run"] for r in table["rows"][4:]] == ["ADM baseline", "SAG s=0.5", "CG"]
 
     md = (out / "pag_uncond.md").read_text()
