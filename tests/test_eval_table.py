@@ -79,8 +79,7 @@ def test_markdown_csv_latex_and_plots(runs, tmp_path):
     lines = [ln for ln in md.splitlines() if ln.startswith("|")]
     assert lines[0] == ("| run | pag_scale | pag_layers | perturbation | sampler | FID | sFID | IS | Precision "
                         "| Recall | N | source |")
-    assert lines[2].startswith("| s0 | 0 | - | - | DDPM-250 | 26.12 | 5.00 ")
-                               "| 39.50 | 0.700 | 0.600 | 50000 | ours |")
+    assert lines[2] == "| s0 | 0 | - | - | DDPM-250 | 26.12 | 5.00 | 39.50 | 0.700 | 0.600 | 50000 | ours |"
     assert "| ADM baseline | 0 | - | - | - | 26.21 | 6.35 | 39.70 | 0.610 | 0.630 | - | published (SAG README) |" in md
     assert "| CG | - | - | - | - | 2.97 | - | - | - | - | - | published |" in md
 
