@@ -86,7 +86,7 @@ def test_markdown_csv_latex_and_plots(runs, tmp_path):
     rows = list(csv.DictReader(io.StringIO((out / "pag_uncond.csv").read_text())))
     assert len(rows) == 7
     assert float(rows[3]["fid"]) == 15.5 and rows[3]["sampler"] == "DDPM-250"  # full precision in CSV
-    assert [r["run"] for r in rows[:4]] == ["ddim_s3", "s0", "s1", "s3"]
+    assert [r["run"] for r in rows[:4]] == ["s0", "ddim_s3", "s1", "s3"]
     assert rows[3]["json"].endswith(os.path.join("s3", "eval.json"))
 
     tex = (out / "pag_uncond.tex").read_text()
