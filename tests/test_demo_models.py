@@ -1,0 +1,226 @@
+"""The embedded demo's data set, feature network, committed checkpoints and training script."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from evaluations import demo_features
+from guided_diffusion import demo_data
+from guided_diffusion.checkpoint import CheckpointError, load_checkpoint
+from guided_diffusion.script_util import create_model_from_flags
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_DIR = ROOT / "checkpoints" / "demo"
+
+
+# -- data set ----------------------------------------------------------------------------------------------
+
+
+def test_dataset_is_deterministic_and_typed():
+    a_images, a_labels = demo_data.make_dataset(12, seed=7)
+    b_images, b_labels = demo_data.make_dataset(12, seed=7)
+    assert a_images.shape == (12, 32, 32, 3) and a_images.dtype == np.uint8
+    assert a_labels.shape == (12,) and a_labels.dtype == np.int64
+    np.testing.assert_array_equal(a_images, b_images)
+    np.testing.assert_array_equal(a_labels, b_labels)
+    other, _ = demo_data.make_dataset(12, seed=8)
+    assert not np.array_equal(a_images, other)
+
+
+def test_sample_depends_only_on_seed_and_index():
+    small, small_labels = demo_data.make_dataset(10, seed=3)
+    large, large_labels = demo_data.make_dataset(20, seed=3)
+    np.testing.assert_array_equal(small, large[:10])
+    np.testing.assert_array_equal(small_labels, large_labels[:10])
+    tail, tail_labels = demo_data.make_dataset(5, seed=3, start=15)
+    np.testing.assert_array_equal(tail, large[15:])
+    np.testing.assert_array_equal(tail_labels, large_labels[15:])
+    image, label = demo_data.make_sample(3, 17)
+    np.testing.assert_array_equal(image, large[17])
+    assert label == large_labels[17]
+    # Different indices give different images.
+    assert len({large[i].tobytes() for i in range(20)}) == 20
+
+
+def test_labels_in_range_and_roughly_balanced():
+    images, labels = demo_data.make_dataset(1000, seed=11)
+    assert labels.min() >= 0 and labels.max() < demo_data.NUM_CLASSES == 10
+    counts = np.bincount(labels, minlength=10)
+    # 100 expected per class (standard deviation ~9.5).
+    assert counts.min() >= 65 and counts.max() <= 135, counts
+    # Images have structure: a shape on a background (not flat), with anti-aliased edges.
+    spread = images.reshape(1000, -1).astype(float).std(axis=1)
+    assert spread.min() > 10
+    assert len(np.unique(images[0])) > 20
+
+
+def test_image_grid_layout():
+    images = np.full((5, 4, 4, 3), 7, dtype=np.uint8)
+    grid = demo_data.image_grid(images, columns=3, pad=1, pad_value=0)
+    assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 3)
+    assert (grid[1:5, 1:5] == 7).all() and (grid[0] == 0).all()
+    assert (grid[6:10, 11:15] == 0).all()  # the sixth cell is empty
+
+
+# -- feature network ---------------------------------------------------------------------------------------
+
+
+def test_feature_net_output_shapes_and_batching():
+    torch.manual_seed(0)
+    net = demo_features.DemoFeatureNet().eval()
+    images, _ = demo_data.make_dataset(7, seed=1)
+    features, logits = demo_features.extract(net, images, batch_size=3)
+    assert features.shape == (7, 128) and features.dtype == np.float64
+    assert logits.shape == (7, 10) and logits.dtype == np.float64
+    whole, whole_logits = demo_features.extract(net, images, batch_size=100)
+    np.testing.assert_allclose(features, whole, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits, whole_logits, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="uint8"):
+        demo_features.extract(net, images.astype(np.float32))
+
+
+def test_feature_net_save_load_round_trip(tmp_path):
+    torch.manual_seed(1)
+    net = demo_features.DemoFeatureNet().eval()
+    path = tmp_path / "f.pt"
+    demo_features.save_demo_feature_net(net, path, held_out_accuracy=0.5)
+    loaded = demo_features.load_demo_feature_net(path)
+    images, _ = demo_data.make_dataset(4, seed=2)
+    np.testing.assert_allclose(demo_features.extract(net, images)[0], demo_features.extract(loaded, images)[0])
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="not a demo feature-net checkpoint"):
+        demo_features.load_demo_feature_net(tmp_path / "bad.pt")
+
+
+# -- committed checkpoints ---------------------------------------------------------------------------------
+
+
+def _demo_config():
+    return yaml.safe_load((DEMO_DIR / "adm_demo.yaml").read_text())
+
+
+def test_committed_checkpoints_exist_and_are_small():
+    config = _demo_config()
+    assert config["name"] == "adm_demo" and config["kind"] == "diffusion"
+    assert config["num_classes"] == demo_data.NUM_CLASSES
+    assert config["class_names"] == list(demo_data.CLASS_NAMES)
+    total = (DEMO_DIR / config["file"]).stat().st_size + (DEMO_DIR / "features_demo.pt").stat().st_size
+    assert total <= 10 * 1024 * 1024, total
+    record = (DEMO_DIR / "TRAINING.md").read_text()
+    assert "held-out accuracy" in record and "final losses" in record
+
+
+def test_committed_diffusion_checkpoint_loads_strictly_and_denoises():
+    config = _demo_config()
+    flags = config["flags"]
+    assert flags["image_size"] == 32 and flags["learn_sigma"] and flags["class_cond"]
+    assert flags["attention_resolutions"] == "16,8"
+    model, diffusion = create_model_from_flags(config["kind"], flags)
+    untrained_mse = _denoising_mse(model, diffusion)
+    load_checkpoint(model, str(DEMO_DIR / config["file"]))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    trained_mse = _denoising_mse(model, diffusion)
+    # An untrained U-Net (zero output layer) predicts eps = 0: MSE ~1. The trained one denoises.
+    assert untrained_mse > 0.9
+    assert trained_mse < 0.25, trained_mse
+    # A model with other flags does not accept the checkpoint.
+    other, _ = create_model_from_flags("diffusion", {**flags, "num_channels": 64})
+    with pytest.raises(CheckpointError, match="num_channels"):
+        load_checkpoint(other, str(DEMO_DIR / config["file"]))
+
+
+def _denoising_mse(model, diffusion):
+    images, labels = demo_data.make_dataset(16, seed=99)
+    x0 = demo_features.images_to_tensor(images)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.full((16,), 300, dtype=torch.long)
+    model.eval()
+    with torch.no_grad():
+        x_t = diffusion.q_sample(x0, t, noise=noise)
+        eps = model(x_t, t, y=torch.as_tensor(labels))[:, :3]
+    assert eps.shape == noise.shape and torch.isfinite(eps).all()
+    return float(((eps - noise) ** 2).mean())
+
+
+def test_committed_feature_net_classifies_fresh_images():
+    net = demo_features.load_demo_feature_net(DEMO_DIR / "features_demo.pt")
+    images, labels = demo_data.make_dataset(300, seed=424242)
+    assert demo_features.accuracy(net, images, labels) > 0.9
+
+
+# -- training script ---------------------------------------------------------------------------------------
+
+
+def _load_train_demo():
+    spec = importlib.util.spec_from_file_location("train_demo", ROOT / "scripts" / "train_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ema_rate_warms_up_to_the_rate():
+    train_demo = _load_train_demo()
+    assert train_demo.ema_rate_at(0, 0.999) == pytest.approx(0.1)
+    assert train_demo.ema_rate_at(10_000, 0.999) == 0.999
+
+
+def test_train_demo_two_steps_writes_loadable_files(tmp_path):
+    train_demo = _load_train_demo()
+    threads = torch.get_num_threads()
+    try:
+        train_demo.main([
+            "--what", "all", "--steps", "2", "--feature_steps", "2", "--batch_size", "4",
+            "--feature_batch_size", "8", "--num_images", "40", "--held_out", "20", "--threads", "1",
+            "--out_dir", str(tmp_path), "--log_every", "0",
+        ])
+    finally:
+        torch.set_num_threads(threads)
+    config = yaml.safe_load((tmp_path / "adm_demo.yaml").read_text())
+    assert config["file"] == "adm_demo.pt" and config["flags"] == _demo_config()["flags"]
+    model, _ = create_model_from_flags(config["kind"], config["flags"])
+    load_checkpoint(model, str(tmp_path / config["file"]))
+    net = demo_features.load_demo_feature_net(tmp_path / "features_demo.pt")
+    features, logits = demo_features.extract(net, demo_data.make_dataset(3, seed=0)[0])
+    assert features.shape == (3, 128) and logits.shape == (3, 10)
+    record = (tmp_path / "TRAINING.md").read_text()
+    assert "- steps: 2 (requested 2), 8 images seen" in record
+    assert "2 steps" in record and "held-out accuracy" in record
+
+    # Continued training from those weights records the earlier stage.
+    continued = tmp_path / "continued"
+    try:
+        train_demo.main([
+            "--what", "diffusion", "--steps", "1", "--batch_size", "2", "--num_images", "10", "--threads", "1",
+            "--init_from", str(tmp_path / "adm_demo.pt"), "--out_dir", str(continued), "--log_every", "0",
+        ])
+    finally:
+        torch.set_num_threads(threads)
+    load_checkpoint(model, str(continued / "adm_demo.pt"))
+    record = (continued / "TRAINING.md").read_text()
+    assert f"started from `{tmp_path / 'adm_demo.pt'}`" in record
+    assert "### Earlier stage" in record and "- steps: 2 (requested 2)" in record
+    assert "- steps: 1 (requested 1), 2 images seen" in record
+
+
+def test_thread_chooser_picks_the_faster_setting():
+    train_demo = _load_train_demo()
+    threads = torch.get_num_threads()
+    try:
+        for two_threads_seconds, expected in [(5.0, [1, 1, 2] + [1] * 9), (0.5, [1, 1] + [2] * 8 + [1, 1])]:
+            chooser = train_demo.ThreadChooser(0, period=10, probe=2)
+            used = []
+            for step in range(12):
+                chooser.before_step(step)
+                used.append(chooser.current)
+                chooser.after_step(step, two_threads_seconds if chooser.current == 2 else 1.0)
+            assert used == expected
+        fixed = train_demo.ThreadChooser(2)
+        fixed.before_step(0)
+        assert fixed.current == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
