@@ -81,7 +81,7 @@ TRAIN_DEMO_FLAGS ?=
 .PHONY: train-demo
 
 train-demo: install
-	$(PY) scripts/train_demo.py --what all --steps DEMO_STEPS --threads 0 --check_samples 64 $(TRAIN_DEMO_FLAGS)
+	$(PY) scripts/train_demo.py --what all --steps 1500 --threads 0 --check_samples 64 $(TRAIN_DEMO_FLAGS)
 
 # The embedded CPU demo: the whole main job (sweep under mpiexec -n 2, evaluation, table, plots) on the tiny
 # model of checkpoints/demo/, evaluated with the demo's feature network. Writes results/demo/{table.md,

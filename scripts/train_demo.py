@@ -1,7 +1,7 @@
 """Train the embedded demo's models on the generated shapes data set (guided_diffusion/demo_data.py).
 
-(a) A tiny class-conditional ADM U-Net (32x32, attention at 16x16 and 8x8, learned sigma with upstream's
-    hybrid loss, linear schedule of 1000 steps, uniform timestep sampler, AdamW, EMA weights).
+(a) A tiny class-conditional ADM U-Net (32x32, attention at 16x16 and 8x8, learned sigma with
+    upstream's hybrid loss, linear schedule of 1000 steps, uniform timestep sampler, AdamW, EMA weights).
 (b) The demo feature network (evaluations/demo_features.py) for demo-feature FID / precision / recall /
     classifier score.
 
@@ -13,7 +13,7 @@ Writes into --out_dir (default checkpoints/demo):
     TRAINING.md          the record: command, steps, time, losses, held-out accuracy, data, seed, versions
     samples_check.png    (--check_samples N) DDIM-25 samples, unguided (left) and PAG (right), same noise
 
-    python scripts/train_demo.py --what all            # what `make train-demo` runs
+    python scripts/train_demo.py --what all --check_samples 64   # what `make train-demo` runs
     python scripts/train_demo.py --what diffusion --steps 2 --out_dir /tmp/demo   # a smoke run
 
 Threads: on a 2-core machine shared with other jobs, one thread was up to ~4x faster than two (OpenMP
@@ -45,10 +45,8 @@ from guided_diffusion.script_util import create_model_from_flags  # noqa: E402
 
 MODEL_NAME = "adm_demo"
 # Upstream flag names; every flag not listed keeps model_and_diffusion_defaults().
-# channel_mult starts at 2 so the 32x32 level has 64 channels: the U-Net's output GroupNorm has 32 groups, and
-# with 32 channels it is a per-channel instance norm that removes each channel's spatial mean, so the model
-# cannot predict the per-image mean colour of eps (a first model with channel_mult 1,2,2 never learned it:
-# saturated colours after DDIM sampling however long it trained).
+# channel_mult starts at 2 so the 32x32 level has 64 channels: the output GroupNorm has 32 groups, and with 32
+# channels it is a per-channel instance norm that removes each channel's spatial mean (the image's colour).
 DEMO_FLAGS = {
     "image_size": 32,
     "class_cond": True,
@@ -78,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0: pick 1 or 2 by measuring")
     p.add_argument("--num_images", type=int, default=30000, help="training set size (both models)")
     # diffusion
-    p.add_argument("--steps", type=int, default=1000, help="diffusion training steps")
+    p.add_argument("--steps", type=int, default=1500, help="diffusion training steps")
     p.add_argument("--batch_size", type=int, default=32, help="diffusion batch size")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup_steps", type=int, default=100)
@@ -315,8 +313,8 @@ def write_record(args, out_dir, data_seconds, diffusion_info, feature_info, argv
         lines += [DIFFUSION_HEADING, ""] + _run_lines(args, argv, data_seconds, d["threads"]) + [
             f"- architecture (upstream flags): {', '.join(f'{k}={v}' for k, v in DEMO_FLAGS.items())}",
             f"- parameters: {d['params']:,} ({d['bytes'] / 1e6:.2f} MB as float32)",
-            "- objective: upstream hybrid loss (eps MSE + VB term for the learned variance), uniform "
-            "timestep sampler",
+            f"- objective: upstream hybrid loss ({'x_0' if DEMO_FLAGS.get('predict_xstart') else 'eps'} MSE + VB "
+            "term for the learned variance), uniform timestep sampler",
             f"- optimiser: AdamW, lr {args.lr} (linear warm-up over {args.warmup_steps} steps, then "
             f"{'cosine decay to 0' if args.lr_schedule == 'cosine' else 'constant'}), weight decay 0, "
             f"batch {args.batch_size}",
