@@ -50,26 +50,19 @@ class AttentionOverride:
     """Replace one attention block's attention computation for some batch rows.
 
     attention_fn: how to attend on the selected rows (for example :func:`identity_attention`).
-    rows: which batch rows use ``attention_fn``: ``"all"``, ``"second_half"`` (of the block's current
-        batch), or a bool tensor with one entry per batch row.
-    fork: duplicate the block's input batch first, ``[x; x]``, and apply ``attention_fn`` to the copy
-        only. Everything before this block then ran once on ``x``; the U-Net repeats its time embedding
-        and skip connections to the doubled batch. Used for the shared-prefix PAG pass: only the first
-        perturbed block forks, later ones use ``rows="second_half"``.
+    rows: which batch rows use ``attention_fn``: ``"all"``, ``"second_half"`` (of the batch, as in
+        PAG's batched ``[x; x]`` pass), or a bool tensor with one entry per batch row.
     base_fn: how the other rows attend (default: standard attention). SAG records the unperturbed
         rows' attention map through it.
     """
 
     attention_fn: AttentionFn
     rows: Union[str, th.Tensor] = "all"
-    fork: bool = False
     base_fn: AttentionFn = sdpa_attention
 
     def __post_init__(self):
         if isinstance(self.rows, str) and self.rows not in ("all", "second_half"):
             raise ValueError(f"rows must be 'all', 'second_half' or a bool tensor, got {self.rows!r}")
-        if self.fork and not (isinstance(self.rows, str) and self.rows == "second_half"):
-            raise ValueError("fork=True perturbs the duplicated half only; use rows='second_half'")
 
     def row_mask(self, batch_size, device):
         """The bool mask over batch rows that use ``attention_fn``."""
@@ -82,19 +75,26 @@ class AttentionOverride:
             return self.rows.to(device=device, dtype=th.bool)
         mask = th.ones(batch_size, dtype=th.bool, device=device)
         if self.rows == "second_half":
-            if batch_size % 2:
-                raise ValueError(f"rows='second_half' needs an even batch, got {batch_size} rows")
-            mask[: batch_size // 2] = False
+            mask[: _half_of(batch_size)] = False
         return mask
+
+
+def _half_of(batch_size):
+    if batch_size % 2:
+        raise ValueError(f"rows='second_half' needs an even batch, got {batch_size} rows")
+    return batch_size // 2
 
 
 def attend_rows(q, k, v, override):
     """Attention over a batch where ``override`` selects the rows attended with its own function."""
     if override is None:
         return sdpa_attention(q, k, v)
-    if override.fork:
-        # Shared prefix: the original rows attend as usual, the copy with the override.
-        return th.cat([override.base_fn(q, k, v), override.attention_fn(q, k, v).to(v.dtype)])
+    if isinstance(override.rows, str) and override.rows == "all":
+        return override.attention_fn(q, k, v)
+    if isinstance(override.rows, str):  # second_half: slices, no gather / scatter
+        half = _half_of(q.shape[0])
+        base = override.base_fn(q[:half], k[:half], v[:half])
+        return th.cat([base, override.attention_fn(q[half:], k[half:], v[half:]).to(base.dtype)])
     mask = override.row_mask(q.shape[0], q.device)
     if bool(mask.all()):
         return override.attention_fn(q, k, v)

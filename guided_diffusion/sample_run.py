@@ -979,6 +979,8 @@ def run(settings, model_cache=None, model_wrapper=None):
     """Sample ``settings`` (from :func:`resolve_settings`) to completion; returns the npz path."""
     dist_util.setup_dist()
     device = resolve_device(settings)
+    if device.type == "cpu":
+        dist_util.tune_cpu_allocator()
     plan = prepare(settings, device)
     configure_logging(plan.out_dir)
     sampler = None

@@ -2,10 +2,13 @@
 
 Module names and parameter shapes follow upstream guided-diffusion exactly, so its state dicts load
 strictly. Attention blocks can have their attention computation overridden per batch row
-(``AttentionBlock.override``), which is how PAG perturbs them; see ``attention.py``.
+(``AttentionBlock.override``), which is how PAG perturbs them; see ``attention.py``. The U-Net can
+also run in pieces (``begin`` / ``run`` / ``finish`` over :class:`UNetState`), so that PAG computes the
+part before its first perturbed block once and shares it between the clean and the perturbed pass.
 """
 
 from abc import abstractmethod
+from dataclasses import dataclass, replace
 
 import torch as th
 import torch.nn as nn
@@ -22,15 +25,6 @@ from .nn import (
     timestep_embedding,
     zero_module,
 )
-
-
-def _repeat_to_batch(tensor, batch_size):
-    """Repeat ``tensor`` along the batch as [t; t; ...] to ``batch_size`` rows (after a PAG fork)."""
-    if tensor.shape[0] == batch_size:
-        return tensor
-    if batch_size % tensor.shape[0]:
-        raise RuntimeError(f"cannot expand a batch of {tensor.shape[0]} to {batch_size}")
-    return tensor.repeat(batch_size // tensor.shape[0], *([1] * (tensor.dim() - 1)))
 
 
 def _maybe_checkpoint(fn, args, enabled):
@@ -53,7 +47,7 @@ class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
     def forward(self, x, emb):
         for layer in self:
             if isinstance(layer, TimestepBlock):
-                x = layer(x, _repeat_to_batch(emb, x.shape[0]))
+                x = layer(x, emb)
             else:
                 x = layer(x)
         return x
@@ -233,13 +227,11 @@ class AttentionBlock(nn.Module):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
         q, k, v = self.split_qkv(self.qkv(self.norm(x)))
-        if self.override is not None and self.override.fork:
-            x = th.cat([x, x])  # the copy's residual path
         h = attend_rows(q, k, v, self.override)
         # (N, heads, T, head_channels) -> (N, C, T) with head-major channels, as upstream.
-        h = h.transpose(-1, -2).reshape(x.shape[0], c, -1)
+        h = h.transpose(-1, -2).reshape(b, c, -1)
         h = self.proj_out(h)
-        return (x + h).reshape(x.shape[0], c, *spatial)
+        return (x + h).reshape(b, c, *spatial)
 
 
 class AttentionPool2d(nn.Module):
@@ -456,27 +448,81 @@ class UNetModel(nn.Module):
 
 
     def forward(self, x, timesteps, y=None):
-        """Predict eps (and the variance interpolation with learned sigma) for ``x`` at ``timesteps``.
+        """Predict eps (and the variance interpolation with learned sigma) for ``x`` at ``timesteps``."""
+        return self.finish(self.run(self.begin(x, timesteps, y=y)))
 
-        If an attention block's override forks the batch (PAG's shared prefix), the output has twice
-        the input's rows: [unperturbed; perturbed].
-        """
+    # Running the U-Net in pieces. A "stage" is one top-level block: input_blocks.i, middle_block or
+    # output_blocks.i, in execution order.
+
+    @property
+    def stage_names(self):
+        """Top-level block names in execution order."""
+        return (
+            [f"input_blocks.{i}" for i in range(len(self.input_blocks))]
+            + ["middle_block"]
+            + [f"output_blocks.{i}" for i in range(len(self.output_blocks))]
+        )
+
+    def stage_of(self, module_name):
+        """Index in :attr:`stage_names` of the stage that contains ``module_name``."""
+        for index, stage in enumerate(self.stage_names):
+            if module_name == stage or module_name.startswith(stage + "."):
+                return index
+        raise ValueError(f"{module_name!r} is not inside any block of this U-Net")
+
+    def begin(self, x, timesteps, y=None):
+        """Check the inputs and embed the timesteps (and labels): the state before the first stage."""
         _check_images(x, timesteps, self.in_channels, self.image_size)
         _check_labels(self.num_classes, x.shape[0], y)
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
+        return UNetState(h=x.type(self.dtype), emb=emb, skips=(), next_stage=0, out_dtype=x.dtype)
 
-        skips = []
-        h = x.type(self.dtype)
-        for module in self.input_blocks:
-            h = module(h, emb)
-            skips.append(h)
-        h = self.middle_block(h, emb)
-        for module in self.output_blocks:
-            skip = _repeat_to_batch(skips.pop(), h.shape[0])
-            h = module(th.cat([h, skip], dim=1), emb)
-        return self.out(h.type(x.dtype))
+    def run(self, state, until=None):
+        """Run the stages from ``state.next_stage`` up to (not including) ``until`` (default: all).
+
+        ``state`` is not modified, so the same state can be continued more than once.
+        """
+        stop = len(self.stage_names) if until is None else until
+        if not state.next_stage <= stop <= len(self.stage_names):
+            raise ValueError(f"cannot run from stage {state.next_stage} to stage {stop}")
+        h, skips = state.h, list(state.skips)
+        num_inputs = len(self.input_blocks)
+        for index in range(state.next_stage, stop):
+            if index < num_inputs:
+                h = self.input_blocks[index](h, state.emb)
+                skips.append(h)
+            elif index == num_inputs:
+                h = self.middle_block(h, state.emb)
+            else:
+                h = self.output_blocks[index - num_inputs - 1](th.cat([h, skips.pop()], dim=1), state.emb)
+        return replace(state, h=h, skips=tuple(skips), next_stage=stop)
+
+    def finish(self, state):
+        """The output layer, after every stage has run."""
+        if state.next_stage != len(self.stage_names):
+            raise ValueError(f"the U-Net stopped at stage {state.next_stage}; run it to the end first")
+        return self.out(state.h.type(state.out_dtype))
+
+
+@dataclass(frozen=True)
+class UNetState:
+    """The U-Net's activations between two stages: what ``UNetModel.run`` continues from."""
+
+    h: th.Tensor
+    emb: th.Tensor
+    skips: tuple
+    next_stage: int
+    out_dtype: th.dtype
+
+    def repeat(self, times):
+        """The same state for ``[x; x; ...]`` (``times`` copies along the batch)."""
+
+        def rep(tensor):
+            return tensor.repeat(times, *([1] * (tensor.dim() - 1)))
+
+        return replace(self, h=rep(self.h), emb=rep(self.emb), skips=tuple(rep(s) for s in self.skips))
 
 
 def _check_images(x, timesteps, channels, image_size, what="model"):
@@ -523,11 +569,14 @@ class SuperResModel(UNetModel):
         super().__init__(image_size, in_channels * 2, *args, **kwargs)
 
     def forward(self, x, timesteps, low_res=None, **kwargs):
+        return self.finish(self.run(self.begin(x, timesteps, low_res=low_res, **kwargs)))
+
+    def begin(self, x, timesteps, low_res=None, **kwargs):
         if low_res is None:
             raise ValueError("the super-resolution model needs low_res=<low-resolution images>")
         _check_images(x, timesteps, self.in_channels // 2, self.image_size)
         upsampled = F.interpolate(low_res, x.shape[2:], mode="bilinear")
-        return super().forward(th.cat([x, upsampled], dim=1), timesteps, **kwargs)
+        return super().begin(th.cat([x, upsampled], dim=1), timesteps, **kwargs)
 
 
 class EncoderUNetModel(nn.Module):

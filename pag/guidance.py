@@ -6,9 +6,9 @@ with the network's signature and output shape, so ``p_sample_loop``, ``ddim_samp
 
     eps_guided = eps + s * (eps - eps_perturbed)
 
-PAG runs as one forward pass over ``[x; x]`` whose second half is perturbed; the U-Net part before the
-first perturbed block runs once on ``x`` and is shared (``AttentionOverride.fork``). With learned sigma,
-the variance channels come from the unperturbed pass, as in the authors' implementation.
+The U-Net part before the first perturbed block runs once and is shared by the clean and the
+perturbed prediction (see :class:`GuidedModel`). With learned sigma, the variance channels come from
+the unperturbed pass, as in the authors' implementation.
 """
 
 import math
@@ -55,18 +55,26 @@ class GuidedModel:
 
     ``t`` are the original (1000-step) timesteps, which is what ``SpacedDiffusion`` passes. An extra
     keyword ``row_seeds`` (one integer per row, e.g. sample indices) seeds random perturbations per row.
+
+    A PAG step runs the U-Net up to the top-level block holding the first perturbed layer once, on
+    ``x``, and continues from there for the clean and the perturbed prediction. ``batch_passes=True``
+    (default) continues once on ``[x; x]`` with the second half perturbed; False continues twice on
+    ``x``, which halves the activation memory after the prefix at some speed cost. Both give the same
+    numbers up to float rounding.
     """
 
-    def __init__(self, model, config, diffusion=None):
+    def __init__(self, model, config, diffusion=None, batch_passes=True):
         if not isinstance(config, GuidanceConfig):
             config = GuidanceConfig.from_dict(config)
         self.model = model
         self.config = config
+        self.batch_passes = batch_passes
         self.num_timesteps = getattr(diffusion, "original_num_steps", None) or getattr(
             diffusion, "num_timesteps", 1000
         )
         config.validate(self.num_timesteps)
         self.layers = resolve_layers(model, config.pag_layers) if config.uses_pag else []
+        self.shared_stages = min((model.stage_of(name) for name in self.layers), default=0)
         self.sag_layer = None
         self._alphas_cumprod = None
         if config.sag_scale:
@@ -88,46 +96,50 @@ class GuidedModel:
             return self.model(x, t, **model_kwargs)
 
         recorder = _MapRecorder() if use_sag else None
-        with attention_overrides(self.model, self._overrides(use_pag, recorder, row_seeds)):
-            out = self.model(x, t, **model_kwargs)
+        if use_pag:
+            out, eps_perturbed = self._clean_and_perturbed(x, t, model_kwargs, row_seeds, recorder)
+        else:
+            with attention_overrides(self.model, {self.sag_layer: AttentionOverride(recorder)}):
+                out = self.model(x, t, **model_kwargs)
         channels = x.shape[1]
-        base = out[: x.shape[0]]
-        eps, rest = base[:, :channels], base[:, channels:]
+        eps, rest = out[:, :channels], out[:, channels:]
         terms = []
         if use_pag:
-            terms.append((out[x.shape[0]:, :channels], pag_scale))
+            terms.append((eps_perturbed[:, :channels], pag_scale))
         if use_sag:
             x_degraded = self._sag_input(x, t, eps, recorder.map)
             terms.append((self.model(x_degraded, t, **model_kwargs)[:, :channels], sag_scale))
         guided = guidance_step(eps, *terms)
         return th.cat([guided, rest], dim=1)
 
-    def _overrides(self, use_pag, recorder, row_seeds):
-        overrides = {}
-        if use_pag:
-            perturb = make_attention_fn(
-                self.config.perturbation, self.config.perturbation_params, row_seeds=row_seeds
-            )
-            for i, name in enumerate(self.layers):
-                overrides[name] = AttentionOverride(perturb, rows="second_half", fork=i == 0)
-        if recorder is not None:
-            if self.sag_layer in overrides:
-                # The unperturbed half records its map; the copy stays perturbed.
-                overrides[self.sag_layer] = AttentionOverride(
-                    overrides[self.sag_layer].attention_fn, rows="second_half",
-                    fork=overrides[self.sag_layer].fork, base_fn=recorder,
-                )
-            elif use_pag and self._runs_after_fork(self.sag_layer):
-                overrides[self.sag_layer] = AttentionOverride(
-                    sdpa_attention, rows="second_half", base_fn=recorder
-                )
-            else:
-                overrides[self.sag_layer] = AttentionOverride(recorder)
-        return overrides
+    def _clean_and_perturbed(self, x, t, model_kwargs, row_seeds, recorder):
+        """The model's output and its output with the PAG layers perturbed, sharing the prefix."""
+        model = self.model
+        config = self.config
+        perturb = make_attention_fn(config.perturbation, config.perturbation_params, row_seeds=row_seeds)
+        # SAG records the clean pass's map at its layer, in the shared prefix or in the clean pass.
+        record_in_prefix = recorder is not None and model.stage_of(self.sag_layer) < self.shared_stages
+        record_later = recorder is not None and not record_in_prefix
+        recording = {self.sag_layer: AttentionOverride(recorder)} if recorder is not None else {}
+        with attention_overrides(model, recording if record_in_prefix else {}):
+            prefix = model.run(model.begin(x, t, **model_kwargs), until=self.shared_stages)
 
-    def _runs_after_fork(self, name):
-        order = [n for n, _ in self.model.named_modules()]
-        return order.index(name) > order.index(self.layers[0])
+        if self.batch_passes:
+            overrides = {name: AttentionOverride(perturb, rows="second_half") for name in self.layers}
+            if record_later:
+                other = overrides.get(self.sag_layer, AttentionOverride(sdpa_attention))
+                overrides[self.sag_layer] = AttentionOverride(
+                    other.attention_fn, "second_half", base_fn=recorder
+                )
+            with attention_overrides(model, overrides):
+                both = model.finish(model.run(prefix.repeat(2)))
+            return both[: x.shape[0]], both[x.shape[0]:]
+
+        with attention_overrides(model, recording if record_later else {}):
+            clean = model.finish(model.run(prefix))
+        with attention_overrides(model, {name: AttentionOverride(perturb) for name in self.layers}):
+            perturbed = model.finish(model.run(prefix))
+        return clean, perturbed
 
     def _sag_input(self, x, t, eps, head_mean_map):
         """Blur the predicted x0 where the attention map is strong, then re-noise it with eps."""
@@ -155,10 +167,10 @@ def _alphas_cumprod_by_original_timestep(diffusion):
     return table.float()
 
 
-def guide(model, config, diffusion=None):
+def guide(model, config, diffusion=None, batch_passes=True):
     """Return ``model`` guided by ``config`` (a :class:`GuidanceConfig` or a mapping of its fields).
 
     ``diffusion`` is needed only by SAG (the noise schedule). With every scale 0 the result calls the
-    model once per step and returns its output unchanged.
+    model once per step and returns its output unchanged. ``batch_passes``: see :class:`GuidedModel`.
     """
-    return GuidedModel(model, config, diffusion)
+    return GuidedModel(model, config, diffusion, batch_passes)

@@ -4,6 +4,9 @@ Builds the ADM 256x256 topology (the paper's model) with random weights, perturb
 (input_blocks.14.1, 16.1, 17.1, middle_block.1) with the identity map, and times one guided model call
 per variant, interleaving the variants so machine load affects them alike. Prints ratios measured in
 this one run. ``--num_channels`` shrinks the width for CPU runs (the topology stays the same).
+"engine" is what sampling uses (``pag.guide``: shared prefix, then one pass on ``[x; x]``);
+"engine_sequential" is its lower-memory variant (``batch_passes=False``: the rest runs twice on ``x``).
+On CPU the host allocator is tuned as the sampling entry points do (``dist_util.tune_cpu_allocator``).
 
     python scripts/bench_guidance.py                      # CPU-sized: 64 channels, batch 1
     python scripts/bench_guidance.py --num_channels 256 --batch_size 8 --device cuda --fp16
@@ -23,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pag  # noqa: E402
+from guided_diffusion.dist_util import tune_cpu_allocator  # noqa: E402
 from guided_diffusion.model_config import load_model_config  # noqa: E402
 from guided_diffusion.script_util import create_model_from_flags  # noqa: E402
 
@@ -58,6 +62,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    allocator = "glibc heap kept (as in sampling)" if device.type == "cpu" and tune_cpu_allocator() else "default"
     flags = dict(load_model_config(args.model)["flags"], num_channels=args.num_channels, use_fp16=args.fp16)
     torch.manual_seed(0)
     model = create_model_from_flags("diffusion", flags)[0]
@@ -75,10 +80,12 @@ def main(argv=None):
     if flags.get("class_cond"):
         kwargs["y"] = torch.zeros(args.batch_size, dtype=torch.long, device=device)
 
+    config = pag.GuidanceConfig(pag_scale=3.0, pag_layers=layers)
     variants = {
         "unguided": lambda: model(x, t, **kwargs),
         "naive_two_pass": lambda: naive_two_pass(model, layers)(x, t),
-        "engine": lambda: pag.guide(model, pag.GuidanceConfig(pag_scale=3.0, pag_layers=layers))(x, t, **kwargs),
+        "engine": lambda: pag.guide(model, config)(x, t, **kwargs),
+        "engine_sequential": lambda: pag.guide(model, config, batch_passes=False)(x, t, **kwargs),
     }
     times = {name: [] for name in variants}
     peak = {}
@@ -100,7 +107,8 @@ def main(argv=None):
 
     median = {name: statistics.median(values) for name, values in times.items()}
     print(f"device={device} model={args.model} num_channels={args.num_channels} batch={args.batch_size} "
-          f"fp16={args.fp16} layers={','.join(layers)} repeats={args.repeats} threads={torch.get_num_threads()}")
+          f"fp16={args.fp16} layers={','.join(layers)} repeats={args.repeats} threads={torch.get_num_threads()} "
+          f"host allocator: {allocator}")
     for name in variants:
         memory = f"  peak {peak[name]:8.1f} MiB" if name in peak else ""
         print(f"{name:>15}: {median[name] * 1000:9.1f} ms/step (median){memory}")

@@ -31,10 +31,10 @@ def small_model(class_cond=False, learn_sigma=True, respacing="", seed=0):
     return model.eval(), diffusion
 
 
-def count_forwards(model):
-    """Record the batch size of every forward call of ``model`` (a hook, so layer names stay the same)."""
+def count_forwards(model, module=None):
+    """Record the batch size of every call of ``module`` (default: ``model`` itself), through a hook."""
     calls = []
-    model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    (module or model).register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     return calls
 
 
@@ -73,16 +73,24 @@ def test_scale_zero_is_exactly_the_model_with_one_pass():
     assert calls == [3, 3]  # the guided call and the test's own call
 
 
+@pytest.mark.parametrize("batch_passes", [True, False])
 @pytest.mark.parametrize("class_cond", [False, True])
-def test_batched_shared_prefix_equals_two_passes(class_cond):
+def test_shared_prefix_equals_two_passes(class_cond, batch_passes):
     model, _ = small_model(class_cond=class_cond)
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([100, 800])
     kwargs = {"y": torch.tensor([7, 123])} if class_cond else {}
-    calls = count_forwards(model)
-    guided = pag.guide(model, pag.GuidanceConfig(pag_scale=3.0, pag_layers=SMALL_LAYERS))
+    first_block, first_perturbed, output = (
+        count_forwards(model, model.input_blocks[0]),
+        count_forwards(model, model.input_blocks[3]),
+        count_forwards(model, model.out),
+    )
+    config = pag.GuidanceConfig(pag_scale=3.0, pag_layers=SMALL_LAYERS)
+    guided = pag.guide(model, config, batch_passes=batch_passes)
     with torch.no_grad():
         got = guided(x, t, **kwargs)
-    assert calls == [2]  # one forward; the batch doubles inside, at the first perturbed block
+    assert first_block == [2]  # the prefix runs once, on x
+    # From the first perturbed layer's block on: once on [x; x], or twice on x.
+    assert first_perturbed == output == ([4] if batch_passes else [2, 2])
     expected = two_pass_pag(model, x, t, SMALL_LAYERS, 3.0, **kwargs)
     assert got.shape == (2, 6, 32, 32)
     assert (got - expected).abs().max().item() < 1e-5
@@ -257,15 +265,16 @@ def test_schedules():
 
 def test_outside_interval_is_exactly_unguided():
     model, _ = small_model()
-    calls = count_forwards(model)
-    guided = pag.guide(model, pag.GuidanceConfig(pag_scale=3.0, pag_layers=SMALL_LAYERS, guidance_interval=[0, 500]))
+    calls = count_forwards(model, model.out)
+    config = pag.GuidanceConfig(pag_scale=3.0, pag_layers=SMALL_LAYERS, guidance_interval=[0, 500])
+    guided = pag.guide(model, config, batch_passes=False)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         out = guided(x, torch.tensor([800]))
         assert calls == [1]
         assert torch.equal(out, model(x, torch.tensor([800])))
         guided(x, torch.tensor([400]))
-    assert calls == [1, 1, 1]
+    assert calls == [1, 1, 1, 1]  # inside the interval: a clean and a perturbed continuation
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -340,16 +349,17 @@ def test_sag_matches_independent_computation_and_needs_diffusion():
             pag.guide(model, config, diffusion)(x, torch.tensor([556, 556]))
 
 
+@pytest.mark.parametrize("batch_passes", [True, False])
 @pytest.mark.parametrize("sag_layer", ["output_blocks.1.1", "input_blocks.5.1", "input_blocks.3.1"])
-def test_pag_and_sag_combine_in_one_step(sag_layer):
-    # SAG's block after the fork, on a perturbed block, and before the fork.
+def test_pag_and_sag_combine_in_one_step(sag_layer, batch_passes):
+    # SAG's block after the shared prefix, on a perturbed block, and inside the shared prefix.
     model, diffusion = small_model(respacing="10")
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([555, 555])
     layers = ["input_blocks.5.1", "middle_block.1"]
     config = pag.GuidanceConfig(pag_scale=2.0, pag_layers=layers, sag_scale=0.5,
                                 sag_layer=sag_layer, sag_blur_sigma=3.0)
     with torch.no_grad():
-        got = pag.guide(model, config, diffusion)(x, t)
+        got = pag.guide(model, config, diffusion, batch_passes=batch_passes)(x, t)
         pag_only = two_pass_pag(model, x, t, layers, 2.0)
     _, eps, eps_deg, _ = independent_sag(model, diffusion, x, t, sag_layer, 3.0)
     expected = pag_only[:, :3] + 0.5 * (eps - eps_deg)

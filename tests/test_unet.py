@@ -169,29 +169,41 @@ def test_override_applies_per_batch_row_only():
     assert torch.allclose(mixed[~mask], base[~mask], atol=1e-5)
 
 
-def test_fork_gives_base_and_perturbed_halves():
+def test_running_in_stages_equals_forward_and_second_half_rows():
     model, _ = small_model(class_cond=True)
     x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([100, 700]), torch.tensor([3, 999])
     blocks = attention_blocks(model)
     layers = ["input_blocks.3.1", "middle_block.1", "output_blocks.1.1"]
+    split = model.stage_of("input_blocks.3.1")
+    assert model.stage_names[split] == "input_blocks.3"
+    assert model.stage_of("middle_block.1") == len(model.input_blocks)
+    with pytest.raises(ValueError, match="not inside any block"):
+        model.stage_of("out.0")
     with torch.no_grad():
         base = model(x, t, y=y)
+        prefix = model.run(model.begin(x, t, y=y), until=split)
+        assert prefix.next_stage == split and len(prefix.skips) == split
+        with pytest.raises(ValueError, match="run it to the end"):
+            model.finish(prefix)
+        resumed = model.finish(model.run(prefix))
         for name in layers:
             blocks[name].override = AttentionOverride(identity_attention)
         perturbed = model(x, t, y=y)
-        for i, name in enumerate(layers):
-            blocks[name].override = AttentionOverride(identity_attention, rows="second_half", fork=i == 0)
-        forked = model(x, t, y=y)
-    assert forked.shape == (4, 6, 32, 32)
-    assert torch.allclose(forked[:2], base, atol=1e-5)
-    assert torch.allclose(forked[2:], perturbed, atol=1e-5)
+        for name in layers:
+            blocks[name].override = AttentionOverride(identity_attention, rows="second_half")
+        both = model.finish(model.run(prefix.repeat(2)))
+    assert torch.equal(resumed, base)  # the state is not consumed by the first continuation
+    assert both.shape == (4, 6, 32, 32)
+    assert torch.allclose(both[:2], base, atol=1e-5)
+    assert torch.allclose(both[2:], perturbed, atol=1e-5)
+    assert (both[2:] - base).abs().max() > 1e-3
 
 
 def test_override_validation():
     with pytest.raises(ValueError, match="rows"):
         AttentionOverride(identity_attention, rows="first_half")
-    with pytest.raises(ValueError, match="second_half"):
-        AttentionOverride(identity_attention, fork=True)
+    with pytest.raises(ValueError, match="even batch"):
+        AttentionOverride(identity_attention, rows="second_half").row_mask(3, "cpu")
     override = AttentionOverride(identity_attention, rows=torch.tensor([True, False]))
     with pytest.raises(ValueError, match="3 rows"):
         override.row_mask(3, "cpu")
