@@ -3,7 +3,7 @@
     python scripts/demo.py prepare   # the reference batch: held-out images of the demo's data set
     python scripts/demo.py finish    # results/demo/table.md (printed), plot.png, grid.png
 
-Everything between is the real pipeline: ``scripts/sweep.py configs/experiments/demo.yaml`` samples every
+Everything between is the real pipeline: ``scripts/sweep.py configs/demo.yaml`` samples every
 cell under mpiexec, evaluates it (with the demo's feature network instead of Inception) and writes the
 table, exactly as the reproduction targets do.
 """
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from guided_diffusion import sample_io  # noqa: E402
 from guided_diffusion.demo_data import make_dataset  # noqa: E402
 
-CONFIG = ROOT / "configs" / "experiments" / "demo.yaml"
+CONFIG = ROOT / "configs" / "demo.yaml"
 REFERENCE_SEED = 1_000_003  # disjoint from the training data's seed
 # grid.png: the first GRID_COUNT samples of these two cells (the same seeds, so the same initial noise).
 BASELINE_CELL, GUIDED_CELL, GRID_COUNT = "method-baseline", "method-pag_s2", 32
