@@ -356,6 +356,8 @@ def plot_runs(rows, group_by, out_prefix, title=None):
     subtitle = ("\n" + "; ".join(constant)) if constant else ""
 
     def series_name(row):
+        if series_keys and all(row.get(k) is None for k in series_keys):
+            return "no PAG"
         return ", ".join(f"{k}={_fmt_value(row.get(k))}" for k in series_keys) or "ours"
 
     series = {}
@@ -366,16 +368,19 @@ def plot_runs(rows, group_by, out_prefix, title=None):
     if x_key is not None:
         fig = Figure(figsize=(10, 4))
         FigureCanvasAgg(fig)
-        for ax, metric in zip(fig.subplots(1, 2), ("fid", "inception_score")):
+        for index, (ax, metric) in enumerate(zip(fig.subplots(1, 2), ("fid", "inception_score"))):
             for name, members in series.items():
                 pts = sorted((r[x_key], r[metric]) for r in members)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+                # Runs at one scale only (e.g. unguided seeds) are points, not a vertical line.
+                style = "none" if len({p[0] for p in pts}) == 1 else "-"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle=style,
+                        label=name if index == 0 else None)
             for a in anchors:
                 if a.get(metric) is None:
                     continue
                 if _is_number(a.get(x_key)):
                     ax.plot([a[x_key]], [a[metric]], marker="x", linestyle="none", markersize=9,
-                            label=f"{a['run']} (published)")
+                            label=f"{a['run']} (published)" if index == 0 else None)
                 else:
                     ax.axhline(a[metric], linestyle="--", linewidth=1, color="gray")
                     ax.annotate(f"{a['run']} (published)", (0.01, a[metric]), xycoords=("axes fraction", "data"),
@@ -383,7 +388,7 @@ def plot_runs(rows, group_by, out_prefix, title=None):
             ax.set_xlabel(x_key)
             ax.set_ylabel(METRIC_HEADERS[metric])
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))
+        fig.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0))
         fig.suptitle((title or "") + marked + subtitle, fontsize=9)
         path = out_prefix + "_fid_is.png"
         fig.savefig(path, dpi=120, bbox_inches="tight")

@@ -683,6 +683,8 @@ class Sampler:
     def __init__(self, settings, models, device, model_wrapper=None):
         self.settings = settings
         self.device = device
+        if device.type == "cpu":
+            dist_util.tune_cpu_allocator()  # large activations would page-fault in at every step
         self.diffusion = build_diffusion(settings)
         config = pag.GuidanceConfig.from_dict({k: settings[k] for k in guidance_keys()})
         try:
@@ -979,8 +981,6 @@ def run(settings, model_cache=None, model_wrapper=None):
     """Sample ``settings`` (from :func:`resolve_settings`) to completion; returns the npz path."""
     dist_util.setup_dist()
     device = resolve_device(settings)
-    if device.type == "cpu":
-        dist_util.tune_cpu_allocator()
     plan = prepare(settings, device)
     configure_logging(plan.out_dir)
     sampler = None
