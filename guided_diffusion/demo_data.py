@@ -174,15 +174,3 @@ def make_dataset(n, seed=0, start=0):
     for k in range(n):
         images[k], labels[k] = make_sample(seed, start + k)
     return images, labels
-
-
-def image_grid(images, columns=8, pad=2, pad_value=255):
-    """Tile uint8 [N, H, W, 3] images into one uint8 [rows * (H + pad) + pad, ..., 3] array."""
-    images = np.asarray(images)
-    n, h, w, c = images.shape
-    rows = max(1, math.ceil(n / columns))
-    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), pad_value, dtype=np.uint8)
-    for k in range(n):
-        r, col = divmod(k, columns)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[k]
-    return grid

@@ -380,23 +380,12 @@ class GaussianDiffusion:
         randn_like=None,
     ):
         """Like p_sample_loop, but yield p_sample's dict after every step."""
-        device = _resolve_device(model, device, noise)
-        img = self._initial_noise(shape, noise, device, randn_like)
-        for i in self._step_indices(progress):
-            t = th.tensor([i] * shape[0], device=device)
-            with th.no_grad():
-                out = self.p_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    cond_fn=cond_fn,
-                    model_kwargs=model_kwargs,
-                    randn_like=randn_like,
-                )
-                yield out
-                img = out["sample"]
+
+        def step(img, t):
+            return self.p_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                 cond_fn=cond_fn, model_kwargs=model_kwargs, randn_like=randn_like)
+
+        yield from self._steps(step, model, shape, noise, device, progress, randn_like)
 
     # -- DDIM sampling --------------------------------------------------------------------------
 
@@ -503,22 +492,21 @@ class GaussianDiffusion:
         randn_like=None,
     ):
         """Like ddim_sample_loop, but yield ddim_sample's dict after every step."""
+
+        def step(img, t):
+            return self.ddim_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                    cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta, randn_like=randn_like)
+
+        yield from self._steps(step, model, shape, noise, device, progress, randn_like)
+
+    def _steps(self, step, model, shape, noise, device, progress, randn_like):
+        """Run ``step(img, t) -> dict`` from the initial noise over every timestep, yielding its dicts."""
         device = _resolve_device(model, device, noise)
         img = self._initial_noise(shape, noise, device, randn_like)
         for i in self._step_indices(progress):
             t = th.tensor([i] * shape[0], device=device)
             with th.no_grad():
-                out = self.ddim_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    cond_fn=cond_fn,
-                    model_kwargs=model_kwargs,
-                    eta=eta,
-                    randn_like=randn_like,
-                )
+                out = step(img, t)
                 yield out
                 img = out["sample"]
 

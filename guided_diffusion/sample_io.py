@@ -250,16 +250,39 @@ def first_images(shard_paths, limit):
     return np.concatenate(parts) if parts else np.zeros((0, 1, 1, 3), np.uint8)
 
 
-def image_grid(images, columns=None):
-    """(N, H, W, 3) uint8 -> one (rows*H, columns*W, 3) image; empty cells are black."""
+def image_grid(images, columns=None, pad=0, pad_value=0):
+    """(N, H, W, 3) uint8 -> one image of ``columns`` cells per row (default: about square).
+
+    ``pad`` pixels of ``pad_value`` separate and surround the cells; empty cells are ``pad_value``.
+    """
+    images = np.asarray(images)
     n, h, w, c = images.shape
     columns = columns or max(1, math.ceil(math.sqrt(n)))
     rows = max(1, math.ceil(n / columns))
-    grid = np.zeros((rows * h, columns * w, c), np.uint8)
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), pad_value, np.uint8)
     for i, image in enumerate(images):
         r, col = divmod(i, columns)
-        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top:top + h, left:left + w] = image
     return grid
+
+
+def save_side_by_side(left, right, path, columns=8, gap=6, zoom=3):
+    """Two grids of ``columns`` on a white background, ``left`` beside ``right`` (e.g. the same seeds
+    without and with guidance), enlarged ``zoom`` times without smoothing; written atomically as PNG."""
+    import io
+
+    from PIL import Image
+
+    a = image_grid(left, columns, pad=2, pad_value=255)
+    b = image_grid(right, columns, pad=2, pad_value=255)
+    canvas = np.full((max(a.shape[0], b.shape[0]), a.shape[1] + gap + b.shape[1], 3), 255, np.uint8)
+    canvas[: a.shape[0], : a.shape[1]] = a
+    canvas[: b.shape[0], a.shape[1] + gap:] = b
+    image = Image.fromarray(canvas).resize((canvas.shape[1] * zoom, canvas.shape[0] * zoom), Image.NEAREST)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def save_grid(images, path):

@@ -59,20 +59,6 @@ def _cell_samples(out_dir, cell):
         return npz["arr_0"]
 
 
-def side_by_side_grid(left, right, path, columns=8, gap=6):
-    """Two grids of the same seeds, baseline on the left and PAG on the right."""
-    from PIL import Image
-
-    a, b = sample_io.image_grid(left, columns), sample_io.image_grid(right, columns)
-    canvas = np.full((a.shape[0], a.shape[1] + gap + b.shape[1], 3), 255, np.uint8)
-    canvas[:, : a.shape[1]] = a
-    canvas[:, a.shape[1] + gap:] = b
-    image = Image.fromarray(canvas).resize((canvas.shape[1] * 3, canvas.shape[0] * 3), Image.NEAREST)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    sample_io.atomic_write_bytes(path, buf.getvalue())
-
-
 def finish(config):
     out_dir = ROOT / config["out_dir"]
     name = config.get("name", out_dir.name)
@@ -84,7 +70,7 @@ def finish(config):
     shutil.copyfile(table_dir / f"{name}_fid_is.png", out_dir / "plot.png")
     baseline = _cell_samples(out_dir, BASELINE_CELL)[:GRID_COUNT]
     guided = _cell_samples(out_dir, GUIDED_CELL)[:GRID_COUNT]
-    side_by_side_grid(baseline, guided, out_dir / "grid.png")
+    sample_io.save_side_by_side(baseline, guided, out_dir / "grid.png")
     print(table.read_text())
     print(f"wrote {out_dir}/table.md, plot.png (metrics against the PAG scale) and grid.png "
           f"(the same seeds: {BASELINE_CELL} left, {GUIDED_CELL} right)")

@@ -38,7 +38,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluations import demo_features  # noqa: E402
-from guided_diffusion import demo_data  # noqa: E402
+from guided_diffusion import demo_data, sample_io  # noqa: E402
 from guided_diffusion.checkpoint import load_checkpoint  # noqa: E402
 from guided_diffusion.resample import create_named_schedule_sampler  # noqa: E402
 from guided_diffusion.script_util import create_model_from_flags  # noqa: E402
@@ -255,7 +255,6 @@ def train_features(args, images, labels):
 def check_samples(model, n, seed, out_dir):
     """DDIM-25 samples, labels cycling over the classes: unguided | PAG (same x_T), saved side by side."""
     import pag
-    from PIL import Image
 
     _, diffusion = create_model_from_flags("diffusion", {**DEMO_FLAGS, "timestep_respacing": "ddim25"})
     gen = th.Generator().manual_seed(seed)
@@ -266,11 +265,9 @@ def check_samples(model, n, seed, out_dir):
         guided = pag.guide(model, pag.GuidanceConfig(pag_scale=scale, pag_layers=CHECK_PAG_LAYERS))
         x = diffusion.ddim_sample_loop(guided, (n, 3, 32, 32), noise=noise.clone(), model_kwargs={"y": y})
         images = ((x + 1) * 127.5).round().clamp(0, 255).to(th.uint8).permute(0, 2, 3, 1).numpy()
-        grids.append(demo_data.image_grid(images, columns=8))
-    gap = np.full((grids[0].shape[0], 8, 3), 255, dtype=np.uint8)
-    grid = np.concatenate([grids[0], gap, grids[1]], axis=1)
+        grids.append(images)
     path = out_dir / "samples_check.png"
-    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(path)
+    sample_io.save_side_by_side(grids[0], grids[1], path, gap=8)
     return path
 
 

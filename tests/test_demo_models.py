@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from evaluations import demo_features
-from guided_diffusion import demo_data
+from guided_diffusion import demo_data, sample_io
 from guided_diffusion.checkpoint import CheckpointError, load_checkpoint
 from guided_diffusion.script_util import create_model_from_flags
 
@@ -58,12 +59,21 @@ def test_labels_in_range_and_roughly_balanced():
     assert len(np.unique(images[0])) > 20
 
 
-def test_image_grid_layout():
+def test_image_grid_layout_and_side_by_side(tmp_path):
     images = np.full((5, 4, 4, 3), 7, dtype=np.uint8)
-    grid = demo_data.image_grid(images, columns=3, pad=1, pad_value=0)
+    grid = sample_io.image_grid(images, columns=3, pad=1, pad_value=0)
     assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 3)
     assert (grid[1:5, 1:5] == 7).all() and (grid[0] == 0).all()
     assert (grid[6:10, 11:15] == 0).all()  # the sixth cell is empty
+    assert sample_io.image_grid(images).shape == (2 * 4, 3 * 4, 3)  # default: about square, no padding
+    path = tmp_path / "pair.png"
+    sample_io.save_side_by_side(images, np.full_like(images, 200), path, columns=3, gap=5, zoom=2)
+    pair = np.asarray(Image.open(path))
+    one = 2 * 6 + 2, 3 * 6 + 2  # two rows, three columns of 4x4 cells with 2-pixel white padding
+    assert pair.shape == (2 * one[0], 2 * (2 * one[1] + 5), 3)
+    assert (pair[2 * 2: 2 * 6, 2 * 2: 2 * 6] == 7).all()
+    right = 2 * (one[1] + 5)
+    assert (pair[2 * 2: 2 * 6, right + 2 * 2: right + 2 * 6] == 200).all()
 
 
 # -- feature network ---------------------------------------------------------------------------------------
