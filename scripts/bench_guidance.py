@@ -6,7 +6,8 @@ per variant, interleaving the variants so machine load affects them alike. Print
 this one run. ``--num_channels`` shrinks the width for CPU runs (the topology stays the same).
 "engine" is what sampling uses (``pag.guide``: shared prefix, then one pass on ``[x; x]``);
 "engine_sequential" is its lower-memory variant (``batch_passes=False``: the rest runs twice on ``x``).
-On CPU the host allocator is tuned as the sampling entry points do (``dist_util.tune_cpu_allocator``).
+On CUDA each variant's peak GPU memory (``torch.cuda.max_memory_allocated``) is printed too; there is
+no per-variant peak on CPU. On CPU the host allocator is tuned as the sampling entry points do (``dist_util.tune_cpu_allocator``).
 
     python scripts/bench_guidance.py                      # CPU-sized: 64 channels, batch 1
     python scripts/bench_guidance.py --num_channels 256 --batch_size 8 --device cuda --fp16

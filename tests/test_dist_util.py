@@ -249,3 +249,29 @@ def test_slurm_style_two_processes(checkpoint, tmp_path):
     _run_pair(envs, path, tmp_path)
     results = check_results(tmp_path, total, "slurm")
     assert not any(r["mpi4py_imported"] for r in results)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_tune_cpu_allocator_keeps_freed_blocks_in_the_heap():
+    import ctypes.util
+
+    if "libc" not in (ctypes.util.find_library("c") or ""):
+        pytest.skip("no glibc")
+    script = (
+        "import torch, sys; from guided_diffusion.dist_util import tune_cpu_allocator; "
+        "tuned = tune_cpu_allocator() if sys.argv[1] == '1' else False; "
+        "import resource; "
+        "exec('for _ in range(10): block = torch.ones(64 * 2**20 // 4); del block'); "
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt; "
+        "exec('for _ in range(10): block = torch.ones(64 * 2**20 // 4); del block'); "
+        "print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)"
+    )
+    faults = {}
+    for flag in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", script, flag], capture_output=True, text=True, check=True,
+                             cwd=ROOT).stdout.split()
+        faults[flag] = (out[0], int(out[1]))
+    assert faults["1"][0] == "True"
+    # After a warm-up, ten fresh 64 MiB tensors: mmap'd and faulted in every time by default (16384
+    # pages each), reused from the heap when tuned.
+    assert faults["0"][1] > 10 * faults["1"][1]
