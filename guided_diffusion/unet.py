@@ -217,7 +217,9 @@ class AttentionBlock(nn.Module):
         else:
             qkv = qkv.reshape(n, self.num_heads, 3, self.head_channels, tokens).transpose(1, 2)
             qkv = qkv.permute(1, 0, 2, 3, 4)
-        q, k, v = (part.transpose(-1, -2) for part in qkv)
+        # Channels last and contiguous: what torch's fused attention kernels (CPU flash included) take;
+        # strided views would send SDPA to its slower reference path.
+        q, k, v = (part.transpose(-1, -2).contiguous() for part in qkv)
         return q, k, v
 
     def forward(self, x):
