@@ -75,7 +75,8 @@ ablation-perturbation: install
 # The embedded demo's models (scripts/train_demo.py): the tiny class-conditional ADM model (EMA weights) and the
 # demo feature net, trained on the generated shapes data set (guided_diffusion/demo_data.py), written to
 # checkpoints/demo/ with the record TRAINING.md and a DDIM-25 sample check (samples_check.png). About 45 minutes
-# on a shared 2-core CPU. TRAIN_DEMO_FLAGS passes through (e.g. "--threads 2" on an idle machine).
+# on a shared 2-core CPU. TRAIN_DEMO_FLAGS passes through: "--overwrite" to replace the committed files
+# (refused otherwise), "--threads 2" on an idle machine.
 TRAIN_DEMO_FLAGS ?=
 
 .PHONY: train-demo

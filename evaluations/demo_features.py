@@ -49,18 +49,27 @@ class DemoFeatureNet(nn.Module):
         return {"num_classes": self.num_classes, "widths": list(self.widths), "image_size": self.image_size}
 
     def forward(self, x):
+        _, features, logits = self.forward_with_map(x)
+        return features, logits
+
+    def forward_with_map(self, x):
+        """(last feature map, pooled features, logits)."""
         if x.dim() != 4 or tuple(x.shape[1:]) != (3, self.image_size, self.image_size):
             raise ValueError(
                 f"the demo feature net expects images of shape (N, 3, {self.image_size}, {self.image_size}), "
                 f"got {tuple(x.shape)}"
             )
-        features = self.body(x).mean(dim=(2, 3))
-        return features, self.head(features)
+        feature_map = self.body(x)
+        features = feature_map.mean(dim=(2, 3))
+        return feature_map, features, self.head(features)
 
 
 def images_to_tensor(images):
     """uint8 [N, H, W, 3] (numpy or tensor) -> float32 NCHW tensor in [-1, 1]."""
-    images = th.as_tensor(np.asarray(images))
+    images = np.asarray(images)
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()  # torch warns about (and could write through) read-only arrays, e.g. from npz
+    images = th.as_tensor(images)
     if images.dtype != th.uint8 or images.dim() != 4 or images.shape[-1] != 3:
         raise ValueError(
             f"expected uint8 images of shape (N, H, W, 3), got {images.dtype} {tuple(images.shape)}"
@@ -175,9 +184,7 @@ class DemoFeatures:
     def __call__(self, images):
         x = images_to_tensor(images).to(self.device)
         self.net.eval()
-        feature_map = self.net.body(x)
-        pool = feature_map.mean(dim=(2, 3))
-        logits = self.net.head(pool)
+        feature_map, pool, logits = self.net.forward_with_map(x)
         n = feature_map.shape[0]
         spatial = feature_map[:, : self.spatial_channels].permute(0, 2, 3, 1).reshape(n, -1)
         self.num_calls += 1

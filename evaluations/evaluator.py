@@ -119,7 +119,7 @@ def evaluate(ref_path, sample_path, *, batch_size=64, device=None, inception_wei
     result.update({
         "format": RESULT_FORMAT,
         "random_weights": extractor.random_weights,
-        "marker": getattr(extractor, "marker", None) or (RANDOM_WEIGHTS_MARK if extractor.random_weights else None),
+        "marker": extractor.marker,
         "ref": _describe(ref_path, ref_images, ref, ref_source),
         "sample": _describe(sample_path, sample_images, sample, sample_source),
         "extractor": extractor.id,
@@ -153,10 +153,16 @@ def write_json(path, result):
     atomic_write_text(path, json.dumps(result, indent=2, sort_keys=False) + "\n")
 
 
+def result_marker(result):
+    """The mark of a result dict (RANDOM-WEIGHTS, DEMO-FEATURES or None), also for results written before
+    results carried a ``marker``."""
+    return result.get("marker") or (RANDOM_WEIGHTS_MARK if result.get("random_weights") else None)
+
+
 def format_lines(result):
     """The upstream evaluator's five lines; with random weights (or the demo's feature network) each carries
     the result's mark (RANDOM-WEIGHTS, DEMO-FEATURES)."""
-    marker = result.get("marker") or (RANDOM_WEIGHTS_MARK if result.get("random_weights") else None)
+    marker = result_marker(result)
     mark = f"  [{marker}]" if marker else ""
     return [f"{METRIC_LABELS[key]}: {float(result[key])!r}{mark}" for key in METRIC_KEYS]
 

@@ -160,6 +160,7 @@ class InceptionFeatures:
             self._id = f"{EXTRACTOR_NAME}:{RANDOM_WEIGHTS_MARK}:seed{seed}"
             print(f"WARNING: {RANDOM_WEIGHTS_MARK}: randomly initialised Inception network; "
                   "all metrics are meaningless.", file=sys.stderr)
+        self.marker = RANDOM_WEIGHTS_MARK if self.random_weights else None  # printed beside every number
         self.model = model.eval().to(self.device)
         self._spatial = None
         self.model.Mixed_6d.branch1x1.register_forward_hook(self._spatial_hook)

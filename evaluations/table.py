@@ -16,7 +16,7 @@ import math
 import os
 import re
 
-from evaluations.evaluator import METRIC_KEYS, RESULT_FORMAT
+from evaluations.evaluator import METRIC_KEYS, RESULT_FORMAT, result_marker
 from evaluations.features import DEMO_FEATURES_MARK, RANDOM_WEIGHTS_MARK
 from evaluations.reference import atomic_write_text
 
@@ -165,7 +165,7 @@ def load_run(path, group_by=DEFAULT_GROUP_BY):
         "experiment": str(experiment),
         "source": "ours",
         "random_weights": bool(result.get("random_weights")),
-        "marker": result.get("marker") or (RANDOM_WEIGHTS_MARK if result.get("random_weights") else None),
+        "marker": result_marker(result),
         "num_samples": (result.get("sample") or {}).get("num_images"),
         "json": json_path,
         "config": cfg_path,

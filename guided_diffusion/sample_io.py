@@ -270,29 +270,30 @@ def image_grid(images, columns=None, pad=0, pad_value=0):
 def save_side_by_side(left, right, path, columns=8, gap=6, zoom=3):
     """Two grids of ``columns`` on a white background, ``left`` beside ``right`` (e.g. the same seeds
     without and with guidance), enlarged ``zoom`` times without smoothing; written atomically as PNG."""
-    import io
-
-    from PIL import Image
-
     a = image_grid(left, columns, pad=2, pad_value=255)
     b = image_grid(right, columns, pad=2, pad_value=255)
     canvas = np.full((max(a.shape[0], b.shape[0]), a.shape[1] + gap + b.shape[1], 3), 255, np.uint8)
     canvas[: a.shape[0], : a.shape[1]] = a
     canvas[: b.shape[0], a.shape[1] + gap:] = b
-    image = Image.fromarray(canvas).resize((canvas.shape[1] * zoom, canvas.shape[0] * zoom), Image.NEAREST)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(canvas, path, zoom)
 
 
 def save_grid(images, path):
     """Save a grid of ``images`` as a PNG, atomically."""
+    save_png(image_grid(images), path)
+
+
+def save_png(image, path, zoom=1):
+    """Write an (H, W, 3) uint8 array as a PNG, atomically, enlarged ``zoom`` times without smoothing."""
     import io
 
     from PIL import Image
 
+    picture = Image.fromarray(image)
+    if zoom != 1:
+        picture = picture.resize((image.shape[1] * zoom, image.shape[0] * zoom), Image.NEAREST)
     buf = io.BytesIO()
-    Image.fromarray(image_grid(images)).save(buf, format="PNG")
+    picture.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
 
 

@@ -86,6 +86,8 @@ class GuidedModel:
                 raise ValueError("guidance expects rescale_timesteps=False (as every official checkpoint)")
             (self.sag_layer,) = resolve_layers(model, [config.sag_layer])
             self._alphas_cumprod = _alphas_cumprod_by_original_timestep(diffusion)
+        # With PAG on, SAG's map is recorded in the shared prefix or, after it, in the clean continuation.
+        self.sag_in_prefix = bool(self.sag_layer) and model.stage_of(self.sag_layer) < self.shared_stages
 
     def __call__(self, x, t, row_seeds=None, **model_kwargs):
         pag_scale = self.config.pag_scale_at(t, self.num_timesteps) if self.layers else None
@@ -117,8 +119,7 @@ class GuidedModel:
         model = self.model
         config = self.config
         perturb = make_attention_fn(config.perturbation, config.perturbation_params, row_seeds=row_seeds)
-        # SAG records the clean pass's map at its layer, in the shared prefix or in the clean pass.
-        record_in_prefix = recorder is not None and model.stage_of(self.sag_layer) < self.shared_stages
+        record_in_prefix = recorder is not None and self.sag_in_prefix
         record_later = recorder is not None and not record_in_prefix
         recording = {self.sag_layer: AttentionOverride(recorder)} if recorder is not None else {}
         with attention_overrides(model, recording if record_in_prefix else {}):

@@ -95,7 +95,19 @@ def parse_args(argv=None):
     p.add_argument("--check_samples", type=int, default=0,
                    help="after training, write samples_check.png with this many DDIM-25 samples per side")
     p.add_argument("--log_every", type=int, default=50)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace checkpoints already in --out_dir (otherwise they are refused before training)")
     return p.parse_args(argv)
+
+
+def files_written(args):
+    """The checkpoint files this run writes into --out_dir (TRAINING.md is updated, not replaced)."""
+    names = []
+    if args.what in ("diffusion", "all"):
+        names += [f"{MODEL_NAME}.pt", f"{MODEL_NAME}.yaml"] + (["samples_check.png"] if args.check_samples else [])
+    if args.what in ("features", "all"):
+        names.append("features_demo.pt")
+    return names
 
 
 def log(msg):
@@ -264,8 +276,7 @@ def check_samples(model, n, seed, out_dir):
     for scale in (0.0, CHECK_PAG_SCALE):
         guided = pag.guide(model, pag.GuidanceConfig(pag_scale=scale, pag_layers=CHECK_PAG_LAYERS))
         x = diffusion.ddim_sample_loop(guided, (n, 3, 32, 32), noise=noise.clone(), model_kwargs={"y": y})
-        images = ((x + 1) * 127.5).round().clamp(0, 255).to(th.uint8).permute(0, 2, 3, 1).numpy()
-        grids.append(images)
+        grids.append(sample_io.to_uint8_nhwc(x))
     path = out_dir / "samples_check.png"
     sample_io.save_side_by_side(grids[0], grids[1], path, gap=8)
     return path
@@ -364,6 +375,12 @@ def main(argv=None):
     args = parse_args(argv)
     th.set_num_threads(args.threads or 1)
     out_dir = Path(args.out_dir)
+    existing = [name for name in files_written(args) if (out_dir / name).exists()]
+    if existing and not args.overwrite:
+        raise SystemExit(
+            f"error: {out_dir} already holds {', '.join(existing)}: pass --overwrite to replace them "
+            f"(make train-demo TRAIN_DEMO_FLAGS=--overwrite), or choose another --out_dir"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     record_path = out_dir / "TRAINING.md"
     previous = record_path.read_text() if record_path.exists() else ""

@@ -203,6 +203,10 @@ def test_train_demo_two_steps_writes_loadable_files(tmp_path):
     record = (tmp_path / "TRAINING.md").read_text()
     assert "- steps: 2 (requested 2), 8 images seen" in record
     assert "2 steps" in record and "held-out accuracy" in record
+    written = (tmp_path / "features_demo.pt").read_bytes()
+    with pytest.raises(SystemExit, match="already holds adm_demo.pt, adm_demo.yaml, features_demo.pt"):
+        train_demo.main(["--what", "all", "--out_dir", str(tmp_path), "--steps", "1"])
+    assert (tmp_path / "features_demo.pt").read_bytes() == written  # refused before any training
 
     # Continued training from those weights records the earlier stage.
     continued = tmp_path / "continued"
