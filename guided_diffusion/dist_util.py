@@ -351,8 +351,8 @@ def tune_cpu_allocator() -> bool:
 
     glibc serves blocks of 32 MiB and more (one 256x256 activation of a batch of two) with mmap and
     unmaps them on free, so every U-Net step page-faults its activations in again: on CPU that costs
-    about a quarter of the time, more for larger batches. Called by the sampling entry points on CPU;
-    returns whether the setting took effect.
+    about a quarter of the time, more for larger batches. Process-wide; called by the sampler
+    (``sample_run.Sampler``) on CPU and by ``scripts/bench_guidance.py``. Returns whether it took effect.
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -119,10 +119,9 @@ class GuidedModel:
         model = self.model
         config = self.config
         perturb = make_attention_fn(config.perturbation, config.perturbation_params, row_seeds=row_seeds)
-        record_in_prefix = recorder is not None and self.sag_in_prefix
-        record_later = recorder is not None and not record_in_prefix
         recording = {self.sag_layer: AttentionOverride(recorder)} if recorder is not None else {}
-        with attention_overrides(model, recording if record_in_prefix else {}):
+        record_in_prefix, record_later = (recording, {}) if self.sag_in_prefix else ({}, recording)
+        with attention_overrides(model, record_in_prefix):
             prefix = model.run(model.begin(x, t, **model_kwargs), until=self.shared_stages)
 
         if self.batch_passes:
@@ -136,7 +135,7 @@ class GuidedModel:
                 both = model.finish(model.run(prefix.repeat(2)))
             return both[: x.shape[0]], both[x.shape[0]:]
 
-        with attention_overrides(model, recording if record_later else {}):
+        with attention_overrides(model, record_later):
             clean = model.finish(model.run(prefix))
         with attention_overrides(model, {name: AttentionOverride(perturb) for name in self.layers}):
             perturbed = model.finish(model.run(prefix))

@@ -185,6 +185,8 @@ def test_running_in_stages_equals_forward_and_second_half_rows():
         assert prefix.next_stage == split and len(prefix.skips) == split
         with pytest.raises(ValueError, match="run it to the end"):
             model.finish(prefix)
+        with pytest.raises(ValueError, match=f"cannot run from stage {split} to stage 1"):
+            model.run(prefix, until=1)
         resumed = model.finish(model.run(prefix))
         for name in layers:
             blocks[name].override = AttentionOverride(identity_attention)
