@@ -13,13 +13,15 @@ Input: uint8 images, N x H x W x 3, values 0..255; the network resizes them to 2
 TensorFlow-1.x-compatible bilinear resize).
 """
 
-import hashlib
 import io
 import os
 import sys
 
 import numpy as np
 import torch
+
+from adm_common.files import file_sha256
+from adm_common.npz import check_image_batch
 
 POOL_DIM = 2048
 LOGITS_DIM = 1008
@@ -31,7 +33,7 @@ EXTRACTOR_NAME = "inception-v3-compat"
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + WEIGHTS_FILENAME
 RANDOM_WEIGHTS_MARK = "RANDOM-WEIGHTS"
-# Marks numbers computed with the CPU demo's own feature network (evaluations/demo_features.py).
+# Marks numbers computed with the CPU demo's own feature network (demo/features.py).
 DEMO_FEATURES_MARK = "DEMO-FEATURES"
 
 # torch-fidelity's feature names.
@@ -66,17 +68,6 @@ def resolve_weights_path(weights_path=None):
     if not os.path.isfile(path):
         raise MissingInceptionWeights(missing_weights_message(path))
     return path
-
-
-def file_sha256(path, chunk_size=1 << 24):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(chunk_size)
-            if not chunk:
-                break
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _torch_fidelity_class():
@@ -199,20 +190,18 @@ class InceptionFeatures:
         }
 
 
-def check_image_batch(images):
-    """Validate a batch of images: N x H x W x 3, integers in 0..255. Returns it as uint8."""
-    images = np.asarray(images)
-    if images.ndim != 4:
-        raise ValueError(f"images must be N x H x W x 3, got shape {images.shape}")
-    if images.shape[-1] != 3:
-        hint = " (this looks like N x C x H x W; expected channels last)" if images.shape[1] == 3 else ""
-        raise ValueError(f"images must have 3 channels in the last axis (N x H x W x 3), got shape "
-                         f"{images.shape}{hint}")
-    if images.dtype == np.uint8:
-        return images
-    if not np.issubdtype(images.dtype, np.integer):
-        raise ValueError(f"images must be uint8 in 0..255, got dtype {images.dtype} (samples are saved as "
-                         "((x + 1) * 127.5).clamp(0, 255).to(uint8))")
-    if images.size and (images.min() < 0 or images.max() > 255):
-        raise ValueError(f"images out of range: values {images.min()}..{images.max()}, expected 0..255")
-    return images.astype(np.uint8)
+def load_extractor(spec, path, device=None):
+    """A custom feature network for the evaluator: ``spec`` is ``"module:Class"`` of an extractor class taking
+    ``(path, device=...)`` with the interface of :class:`InceptionFeatures` (``__call__(uint8 NHWC) -> {pool,
+    logits, spatial}``, ``id``, ``device``, ``weights_path``, ``random_weights``, ``marker``). Imported when asked
+    for, so the evaluator depends on no particular network (the CPU demo's is ``demo.features:DemoFeatures``)."""
+    import importlib
+
+    module_name, sep, attr = str(spec).partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"feature extractor {spec!r}: expected 'module:Class'")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"feature extractor {spec!r} cannot be imported: {e}") from None
+    return cls(path, device=device)

@@ -17,7 +17,10 @@ import zipfile
 
 import numpy as np
 
-from evaluations.features import POOL_DIM, SPATIAL_DIM, check_image_batch, file_sha256
+from adm_common.files import atomic_write_text, current_umask, file_sha256, remove_quietly
+from adm_common.launch import detect_launch
+from adm_common.npz import NpzImages
+from evaluations.features import POOL_DIM, SPATIAL_DIM
 
 CACHE_FORMAT = 1
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -26,94 +29,6 @@ STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 def default_cache_dir():
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(root, "pag_adm", "eval")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# npz access
-
-
-class NpzImages:
-    """Lazy view of ``arr_0`` in an npz file: shape and dtype from the header, data streamed in batches."""
-
-    def __init__(self, path, key="arr_0"):
-        self.path = str(path)
-        self.key = key
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"no such npz file: {self.path}")
-        if not zipfile.is_zipfile(self.path):
-            raise ValueError(f"{self.path} is not an npz (zip) file")
-        with zipfile.ZipFile(self.path) as zf:
-            names = [n[:-4] if n.endswith(".npy") else n for n in zf.namelist()]
-            if key not in names:
-                raise ValueError(f"{self.path} has no '{key}' array (it has: {', '.join(names) or 'nothing'}); "
-                                 f"image batches keep their uint8 N x H x W x 3 images in '{key}'")
-            with zf.open(key + ".npy") as f:
-                self.shape, self.fortran_order, self.dtype, self.header_ok = _read_npy_header(f)
-        self.keys = names
-        if self.header_ok is False:  # unsupported header version: read the real shape by loading
-            arr = self._load_whole()
-            self.shape, self.fortran_order, self.dtype = arr.shape, False, arr.dtype
-        _check_image_array_header(self.path, self.shape, self.dtype)
-
-    def __len__(self):
-        return int(self.shape[0])
-
-    @property
-    def num_images(self):
-        return int(self.shape[0])
-
-    def _load_whole(self):
-        with np.load(self.path, allow_pickle=False) as obj:
-            return np.ascontiguousarray(obj[self.key])
-
-    def iter_batches(self, batch_size, start=0, stop=None):
-        """Yield uint8 arrays of at most ``batch_size`` images, for images ``start:stop``."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        stop = self.num_images if stop is None else min(stop, self.num_images)
-        if start >= stop:
-            return
-        if self.fortran_order or self.header_ok is False:
-            arr = self._load_whole()
-            for i in range(start, stop, batch_size):
-                yield check_image_batch(arr[i:min(i + batch_size, stop)])
-            return
-        row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
-        with zipfile.ZipFile(self.path) as zf, zf.open(self.key + ".npy") as f:
-            _read_npy_header(f)
-            if start:
-                f.seek(start * row_bytes, os.SEEK_CUR)
-            for i in range(start, stop, batch_size):
-                n = min(batch_size, stop - i)
-                data = f.read(n * row_bytes)
-                if len(data) != n * row_bytes:
-                    raise ValueError(f"{self.path}: '{self.key}' is truncated (wanted {n * row_bytes} bytes at "
-                                     f"image {i}, got {len(data)})")
-                yield check_image_batch(np.frombuffer(data, dtype=self.dtype).reshape((n,) + tuple(self.shape[1:])))
-
-
-def _read_npy_header(f):
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    else:
-        return None, None, None, False
-    return tuple(shape), bool(fortran), np.dtype(dtype), True
-
-
-def _check_image_array_header(path, shape, dtype):
-    if len(shape) != 4:
-        raise ValueError(f"{path}: arr_0 must be N x H x W x 3 images, got shape {shape}")
-    if shape[-1] != 3:
-        hint = " (this looks like N x C x H x W; expected channels last)" if shape[1] == 3 else ""
-        raise ValueError(f"{path}: arr_0 must have 3 channels in the last axis, got shape {shape}{hint}")
-    if shape[0] == 0:
-        raise ValueError(f"{path}: arr_0 holds no images")
-    if dtype.hasobject or not np.issubdtype(dtype, np.integer):
-        raise ValueError(f"{path}: arr_0 must be uint8 images in 0..255, got dtype {dtype} (samples are saved as "
-                         "((x + 1) * 127.5).clamp(0, 255).to(uint8))")
 
 
 def read_npz_statistics(path):
@@ -202,24 +117,25 @@ class MPIDistributed:
         return self.comm.bcast(obj, root=0)
 
 
-_MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
-
-
 def detect_distributed():
-    """torch.distributed when initialised; MPI (mpi4py) when launched by mpiexec with more than one process;
-    else a single process. mpi4py is imported only under an MPI launcher."""
-    try:
-        import torch.distributed as dist
+    """How this evaluation is split over processes: an initialised torch.distributed group; else the launcher
+    of ``adm_common.launch`` (the one detection the sampler uses too): mpiexec through mpi4py, torchrun or srun
+    through a gloo process group created here; else a single process."""
+    import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            return TorchDistributed()
-    except ImportError:  # pragma: no cover
-        pass
-    if any(k in os.environ for k in _MPI_ENV):
-        from mpi4py import MPI
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return TorchDistributed()
+    info = detect_launch()
+    if info.launcher == "mpi":
+        from mpi4py import MPI  # initialises MPI: only under an MPI launcher
 
         if MPI.COMM_WORLD.Get_size() > 1:
             return MPIDistributed(MPI.COMM_WORLD)
+    elif info.launcher in ("torchrun", "slurm") and info.world_size > 1:
+        host = f"[{info.master_addr}]" if ":" in info.master_addr else info.master_addr
+        dist.init_process_group("gloo", init_method=f"tcp://{host}:{info.master_port}", rank=info.rank,
+                                world_size=info.world_size)
+        return TorchDistributed()
     return SingleProcess()
 
 
@@ -288,33 +204,6 @@ class HashMemo:
         return digest
 
 
-def atomic_write_text(path, text):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, _default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def _default_file_mode():
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _remove_quietly(path):
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
 class FeatureCache:
     """npz files ``<cache_dir>/<file sha256>-<extractor id hash>.npz`` holding pool, logits, mu, sigma, mu_s,
     sigma_s of one image batch. ``cache_dir=None`` disables caching."""
@@ -342,10 +231,10 @@ class FeatureCache:
         os.close(fd)
         try:
             np.savez(tmp, meta=np.array(json.dumps(meta)), **data)
-            os.chmod(tmp, _default_file_mode())
+            os.chmod(tmp, 0o666 & ~current_umask())
             os.replace(tmp, entry)
         except BaseException:
-            _remove_quietly(tmp)
+            remove_quietly(tmp)
             raise
 
 

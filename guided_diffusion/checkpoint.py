@@ -11,20 +11,25 @@ import re
 
 import torch as th
 
+from . import dist_util
+
 
 class CheckpointError(ValueError):
     """A checkpoint could not be read, or does not fit the model."""
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """The bytes are not a PyTorch checkpoint at all (truncated, corrupt, or another kind of file)."""
+
+
 def read_state_dict(path):
     """Read a state dict from a local path or URL (gs://, az://, https://, file://) onto the CPU.
 
-    Under a process group, rank 0 reads the file and broadcasts its bytes (``dist_util``).
+    Under a process group, rank 0 reads the file and broadcasts its bytes (``dist_util``). This is the one
+    way the project reads checkpoints (sampling, downloads' verification, the demo).
     """
-    from . import dist_util
-
     try:
-        return dist_util.load_state_dict(path)
+        return state_dict_from_bytes(dist_util.read_everywhere(path), os.fspath(path))
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"{err} (download the official checkpoints with `make download-models`)"
@@ -37,7 +42,7 @@ def state_dict_from_bytes(data, source="<bytes>"):
         obj = th.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types here (zip, pickle, EOF, weights-only errors)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
+        raise UnreadableCheckpoint(
             f"{source} ({len(data)} bytes) is not a readable PyTorch checkpoint: it may be truncated "
             f"(an interrupted download: fetch it again), not a checkpoint at all, or hold objects other "
             f"than tensors [{reason}]"
@@ -45,7 +50,7 @@ def state_dict_from_bytes(data, source="<bytes>"):
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, th.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{source} does not hold a state dict (a mapping of names to tensors)")
+        raise CheckpointError(f"{source} is not a state dict (a mapping of names to tensors)")
     return obj
 
 

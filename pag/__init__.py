@@ -4,14 +4,16 @@ The guidance formula is ``pag.guidance.guidance_step``; ``pag.guide`` wraps a mo
 """
 
 from .classifier import classifier_cond_fn
-from .config import GuidanceConfig, guidance_defaults
+from .config import GuidanceConfig, guidance_defaults, guidance_help
 from .guidance import GuidedModel, guidance_step, guide
 from .layers import PAPER_LAYERS_256, format_attention_blocks, resolve_layers
 from .perturbations import (
-    PERTURBATIONS,
+    PARAMS,
+    REGISTRY,
     PerturbationParams,
     attention_overrides,
     make_attention_fn,
+    perturbation_names,
     perturbed_attention,
 )
 
@@ -19,15 +21,18 @@ __all__ = [
     "GuidanceConfig",
     "GuidedModel",
     "PAPER_LAYERS_256",
-    "PERTURBATIONS",
+    "PARAMS",
+    "REGISTRY",
     "PerturbationParams",
     "attention_overrides",
     "classifier_cond_fn",
     "format_attention_blocks",
     "guidance_defaults",
+    "guidance_help",
     "guidance_step",
     "guide",
     "make_attention_fn",
+    "perturbation_names",
     "perturbed_attention",
     "resolve_layers",
 ]

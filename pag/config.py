@@ -1,19 +1,39 @@
-"""Guidance settings: one dataclass that round-trips through YAML and command-line flags."""
+"""Guidance settings: one dataclass that round-trips through YAML and command-line flags.
+
+The perturbation parameters (``drop_rate``, ``blur_sigma``, ...) are fields generated from the perturbation
+registry (``pag.perturbations.PARAMS``): a new perturbation kind adds its fields here by itself.
+"""
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from typing import List
 
 import torch as th
 
 from .layers import PAPER_LAYERS_256, split_layer_list
-from .perturbations import PerturbationParams
+from .perturbations import PARAMS, PerturbationParams, perturbation_names, validate_perturbation
 
 SCHEDULES = ("constant", "linear", "adaptive")
 
+GUIDANCE_HELP = {
+    "pag_scale": "PAG scale s of eps + s * (eps - eps_perturbed); 0 = no PAG, one forward pass (the authors' "
+                 "--guide_scale is 1 + s)",
+    "pag_layers": "comma-separated attention blocks (names or globs, as in model.named_modules()) to perturb",
+    "perturbation": "how the attention of pag_layers is perturbed: " + ", ".join(perturbation_names()),
+    "guidance_interval": "lo,hi: original timesteps where PAG/SAG apply",
+    "pag_schedule": "how s changes over the timesteps: " + ", ".join(SCHEDULES),
+    "pag_scale_end": "linear schedule: s at t = 0",
+    "pag_adaptive_scale": "adaptive schedule: max(0, s - pag_adaptive_scale * (1000 - t))",
+    "sag_scale": "self-attention guidance scale (Hong et al. 2023; their --guide_scale is 1 + sag_scale)",
+    "sag_layer": "attention block whose map SAG reads",
+    "sag_blur_sigma": "SAG's Gaussian blur sigma",
+    "classifier_scale": "classifier guidance scale (needs --classifier_path)",
+}
+
 
 @dataclass
-class GuidanceConfig:
+class _GuidanceSettings:
     """Every guidance setting of a sampling run.
 
     pag_scale is the paper's s: ``eps + s * (eps - eps_perturbed)``. The PAG authors' code calls
@@ -24,11 +44,6 @@ class GuidanceConfig:
     pag_scale: float = 0.0
     pag_layers: List[str] = field(default_factory=lambda: list(PAPER_LAYERS_256))
     perturbation: str = "identity"
-    drop_rate: float = 0.5
-    noise_std: float = 1.0
-    blur_kernel_size: int = 9
-    blur_sigma: float = 1.0
-    perturbation_seed: int = 0
     # Original (1000-step) timesteps [lo, hi], both included, where PAG and SAG are on.
     guidance_interval: List[int] = field(default_factory=lambda: [0, 1000])
     # constant: s. linear: s at t = T-1 to pag_scale_end at t = 0.
@@ -52,17 +67,20 @@ class GuidanceConfig:
 
     @property
     def perturbation_params(self):
-        return PerturbationParams(
-            drop_rate=self.drop_rate,
-            noise_std=self.noise_std,
-            blur_kernel_size=self.blur_kernel_size,
-            blur_sigma=self.blur_sigma,
-            seed=self.perturbation_seed,
-        )
+        return PerturbationParams(**{name: getattr(self, name) for name in PARAMS})
 
     def validate(self, num_timesteps=1000):
-        """Raise a ValueError naming the bad setting; called on construction and by ``guide``."""
-        self.perturbation_params.validate(self.perturbation)
+        """Raise a ValueError naming the bad setting; called on construction (and by ``guide`` for a
+        diffusion whose step count is not 1000)."""
+        for name in ("pag_scale", "pag_scale_end", "pag_adaptive_scale", "sag_scale", "sag_blur_sigma",
+                     "classifier_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not isinstance(self.perturbation, str) or self.perturbation not in perturbation_names():
+            raise ValueError(f"unknown perturbation {self.perturbation!r}; choose one of "
+                             f"{', '.join(perturbation_names())}")
+        validate_perturbation(self.perturbation, self.perturbation_params)
         if self.pag_schedule not in SCHEDULES:
             raise ValueError(f"pag_schedule must be one of {', '.join(SCHEDULES)}, got {self.pag_schedule!r}")
         if len(self.guidance_interval) != 2:
@@ -116,6 +134,21 @@ class GuidanceConfig:
                 f"unknown guidance settings: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
             )
         return cls(**dict(values))
+
+
+GuidanceConfig = dataclasses.make_dataclass(
+    "GuidanceConfig",
+    [(p.name, type(p.default), field(default=p.default)) for p in PARAMS.values()],
+    bases=(_GuidanceSettings,),
+)
+GuidanceConfig.__doc__ = _GuidanceSettings.__doc__ + (
+    "\n    Perturbation parameters (from the registry): " + ", ".join(PARAMS) + ".\n")
+GuidanceConfig.__module__ = __name__
+
+
+def guidance_help():
+    """Flag help of each guidance setting (perturbation parameters from the registry)."""
+    return dict(GUIDANCE_HELP, **{p.name: p.help for p in PARAMS.values()})
 
 
 def guidance_defaults():

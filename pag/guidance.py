@@ -72,7 +72,8 @@ class GuidedModel:
         self.num_timesteps = getattr(diffusion, "original_num_steps", None) or getattr(
             diffusion, "num_timesteps", 1000
         )
-        config.validate(self.num_timesteps)
+        if self.num_timesteps != 1000:  # the config checked itself against 1000 steps when built
+            config.validate(self.num_timesteps)
         self.layers = resolve_layers(model, config.pag_layers) if config.uses_pag else []
         self.shared_stages = min((model.stage_of(name) for name in self.layers), default=0)
         self.sag_layer = None

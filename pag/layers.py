@@ -12,6 +12,11 @@ def split_layer_list(layers):
     """Accept a list of names or one comma-separated string; return a list of stripped names."""
     if isinstance(layers, str):
         layers = layers.split(",")
+    if not isinstance(layers, (list, tuple)):
+        raise ValueError(f"layers must be a list of block names or a comma-separated string, got {layers!r}")
+    bad = [name for name in layers if not isinstance(name, str)]
+    if bad:
+        raise ValueError(f"layer names must be strings such as 'middle_block.1', got {bad[0]!r} in {list(layers)}")
     return [name.strip() for name in layers if name and name.strip()]
 
 

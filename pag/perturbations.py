@@ -1,13 +1,20 @@
-"""Perturbations of self-attention: the paper's identity map and the ablation's alternatives.
+"""Perturbations of self-attention, as one registry: the paper's identity map and the ablation's alternatives.
 
-Each perturbation is an attention function ``(q, k, v) -> output`` (see ``guided_diffusion/attention.py``
-for the shapes) that an attention block applies to the batch rows it is told to perturb. Random ones
-draw from one generator per batch row, seeded from ``(seed, row seed)``, so results repeat exactly and,
-when the sampler passes each sample's index as its row seed, do not depend on batching.
+Each kind is one :class:`Perturbation` entry: its attention function ``(q, k, v) -> output`` (see
+``guided_diffusion/attention.py`` for the shapes), which an attention block applies to the batch rows it is
+told to perturb, and the parameters it reads. Parameters are declared once in :data:`PARAMS` with their
+default, flag help and check; ``GuidanceConfig``'s fields, the sampling flags and the README's table are all
+generated from this registry, so a new kind is one :func:`register`-ed builder (plus its parameters) and its
+test.
+
+Random kinds draw from one generator per batch row, seeded from ``(perturbation_seed, row seed)``, so results
+repeat exactly and, when the sampler passes each sample's index as its row seed, do not depend on batching.
 """
 
 import contextlib
+import math
 from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch as th
 
@@ -20,31 +27,104 @@ from guided_diffusion.attention import (
 )
 from guided_diffusion.unet import attention_blocks
 
-PERTURBATIONS = ("identity", "random_mask", "noise", "blur", "drop")
+
+@dataclass(frozen=True)
+class Param:
+    """One perturbation parameter: a ``GuidanceConfig`` field and a sampling flag of the same name."""
+
+    name: str
+    default: Any
+    help: str
+    check: Callable[[Any], bool] = lambda value: True
+    requirement: str = ""  # what ``check`` demands, completing "<name> must ...", for the error message
+    short: Optional[str] = None  # keyword accepted by perturbed_attention(...), e.g. sigma for blur_sigma
+
+    def validate(self, value):
+        if isinstance(value, bool) or not isinstance(value, type(self.default)) and not (
+                isinstance(self.default, float) and isinstance(value, int)):
+            raise ValueError(f"{self.name} must be {type(self.default).__name__}, got {value!r}")
+        if not self.check(value):
+            raise ValueError(f"{self.name} must {self.requirement}, got {value!r}")
+
+
+def _finite(v):
+    return math.isfinite(v)
+
+
+PARAMS: Dict[str, Param] = {p.name: p for p in (
+    Param("drop_rate", 0.5, "probability that an attention entry is dropped (random_mask, drop)",
+          lambda v: 0.0 <= v <= 1.0, "lie in [0, 1]"),
+    Param("noise_std", 1.0, "std of the Gaussian noise added to the attention map (noise)",
+          lambda v: _finite(v) and v >= 0, "be >= 0", short="std"),
+    Param("blur_kernel_size", 9, "Gaussian kernel size over the T x T attention map (blur)",
+          lambda v: v >= 1 and v % 2 == 1, "be a positive odd integer", short="kernel_size"),
+    Param("blur_sigma", 1.0, "Gaussian sigma over the T x T attention map (blur)",
+          lambda v: _finite(v) and v > 0, "be > 0", short="sigma"),
+    Param("perturbation_seed", 0, "seed of the random perturbations (random_mask, noise, drop)",
+          lambda v: v >= 0, "be >= 0", short="seed"),
+)}
 
 
 @dataclass(frozen=True)
-class PerturbationParams:
-    """Parameters of the perturbations; each kind reads only its own."""
+class Perturbation:
+    """A registry entry: ``build(values, rng) -> attention function``; ``values`` holds its parameters."""
 
-    drop_rate: float = 0.5  # random_mask, drop
-    noise_std: float = 1.0  # noise
-    blur_kernel_size: int = 9  # blur
-    blur_sigma: float = 1.0  # blur
-    seed: int = 0  # random_mask, noise, drop
+    name: str
+    params: Tuple[str, ...]
+    build: Callable
+    random: bool = False
 
-    def validate(self, kind):
-        if kind not in PERTURBATIONS:
-            raise ValueError(f"unknown perturbation {kind!r}; choose one of {', '.join(PERTURBATIONS)}")
-        if kind in ("random_mask", "drop") and not 0.0 <= self.drop_rate <= 1.0:
-            raise ValueError(f"drop_rate must lie in [0, 1], got {self.drop_rate}")
-        if kind == "noise" and self.noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
-        if kind == "blur":
-            if self.blur_sigma <= 0:
-                raise ValueError(f"blur_sigma must be > 0, got {self.blur_sigma}")
-            if self.blur_kernel_size < 1 or self.blur_kernel_size % 2 == 0:
-                raise ValueError(f"blur_kernel_size must be a positive odd integer, got {self.blur_kernel_size}")
+    @property
+    def definition(self):
+        return (self.build.__doc__ or "").strip()
+
+
+REGISTRY: Dict[str, Perturbation] = {}
+
+
+def register(name, params=(), random=False):
+    """Decorator adding a builder to :data:`REGISTRY` under ``name``."""
+    unknown = [p for p in params if p not in PARAMS]
+    if unknown:
+        raise ValueError(f"perturbation {name}: undeclared parameters {unknown}; add them to PARAMS")
+
+    def add(build):
+        REGISTRY[name] = Perturbation(name, tuple(params), build, random)
+        return build
+
+    return add
+
+
+class PerturbationParams(dict):
+    """Parameter values by flag name (``drop_rate``, ``blur_sigma``, ...); short names (``sigma``,
+    ``kernel_size``, ``seed``, ``std``) are accepted too. Missing parameters take their defaults."""
+
+    def __init__(self, **values):
+        super().__init__()
+        by_short = {p.short: p.name for p in PARAMS.values() if p.short}
+        for key, value in values.items():
+            name = key if key in PARAMS else by_short.get(key)
+            if name is None:
+                raise ValueError(f"unknown perturbation parameter {key!r}; known: "
+                                 + ", ".join(sorted(set(PARAMS) | set(by_short))))
+            if name in self:
+                raise ValueError(f"perturbation parameter {name} given twice (as {name} and its short name)")
+            self[name] = value
+
+    def value(self, name):
+        return self.get(name, PARAMS[name].default)
+
+
+def perturbation_names():
+    return tuple(REGISTRY)
+
+
+def validate_perturbation(kind, params):
+    """Raise a ValueError naming the problem: an unknown kind or a bad value of one of its parameters."""
+    if kind not in REGISTRY:
+        raise ValueError(f"unknown perturbation {kind!r}; choose one of {', '.join(REGISTRY)}")
+    for name in REGISTRY[kind].params:
+        PARAMS[name].validate(params.value(name))
 
 
 class _RowRandom:
@@ -75,62 +155,92 @@ class _RowRandom:
         return th.stack([th.randn(shape[1:], generator=g) for g in gens]).to(device)
 
 
-def make_attention_fn(kind="identity", params=PerturbationParams(), row_seeds=None):
-    """The attention function of perturbation ``kind``.
+# ------------------------------------------------------------------------------------------ the kinds
 
-    identity: the attention map is the identity, so the output is V; Q K^T is never computed.
-    random_mask: each off-diagonal logit is set to -inf with probability ``drop_rate`` before the
-        softmax; the diagonal is kept, so ``drop_rate=1`` is the identity map.
-    noise: Gaussian noise of std ``noise_std`` added to the softmaxed map.
-    blur: each head's softmaxed T x T map, seen as an image, Gaussian-blurred (torchvision's
-        ``gaussian_blur``: reflect padding, ``blur_kernel_size``, ``blur_sigma``).
-    drop: entries of the softmaxed map set to zero with probability ``drop_rate`` (no rescaling).
 
-    row_seeds: one integer per perturbed row (e.g. sample indices) for the random kinds; rows are
-        numbered 0, 1, ... when omitted. A returned function is for one forward pass: its generators
-        advance with every block it perturbs.
+@register("identity")
+def _identity(values, rng):
+    """The paper's perturbation: the attention map is the identity (each token attends only to itself), so the
+    block's attention output is V; Q K^T is never computed."""
+    return identity_attention
+
+
+@register("random_mask", params=("drop_rate", "perturbation_seed"), random=True)
+def _random_mask(values, rng):
+    """Each off-diagonal logit of Q K^T / sqrt(d) is set to -inf with probability ``drop_rate`` before the
+    softmax; the diagonal is kept, so ``drop_rate = 1`` is the identity map."""
+    rate = values.value("drop_rate")
+
+    def attend(q, k, v):
+        logits = attention_logits(q, k)
+        drop = rng.rand(logits.shape, logits.device) < rate
+        drop &= ~th.eye(logits.shape[-1], dtype=th.bool, device=logits.device)
+        return attend_with_map(logits.masked_fill(drop, float("-inf")).softmax(dim=-1), v)
+
+    return attend
+
+
+@register("noise", params=("noise_std", "perturbation_seed"), random=True)
+def _noise(values, rng):
+    """Gaussian noise of std ``noise_std`` added to the softmaxed attention map."""
+    std = values.value("noise_std")
+
+    def attend(q, k, v):
+        weights = attention_map(q, k)
+        return attend_with_map(weights + std * rng.randn(weights.shape, weights.device), v)
+
+    return attend
+
+
+@register("blur", params=("blur_kernel_size", "blur_sigma"))
+def _blur(values, rng):
+    """Each head's softmaxed T x T attention map, seen as an image, Gaussian-blurred (torchvision's
+    ``gaussian_blur``: reflect padding, ``blur_kernel_size``, ``blur_sigma``)."""
+    from torchvision.transforms.v2.functional import gaussian_blur  # slow import: only when used
+
+    size, sigma = values.value("blur_kernel_size"), values.value("blur_sigma")
+
+    def attend(q, k, v):
+        weights = attention_map(q, k)
+        n, heads, tokens, _ = weights.shape
+        blurred = gaussian_blur(weights.reshape(n * heads, 1, tokens, tokens), kernel_size=[size] * 2,
+                                sigma=[float(sigma)] * 2)
+        return attend_with_map(blurred.reshape(weights.shape), v)
+
+    return attend
+
+
+@register("drop", params=("drop_rate", "perturbation_seed"), random=True)
+def _drop(values, rng):
+    """Entries of the softmaxed attention map set to zero with probability ``drop_rate`` (no rescaling)."""
+    rate = values.value("drop_rate")
+
+    def attend(q, k, v):
+        weights = attention_map(q, k)
+        keep = rng.rand(weights.shape, weights.device) >= rate
+        return attend_with_map(weights * keep, v)
+
+    return attend
+
+
+# ------------------------------------------------------------------------------------------ using them
+
+
+def make_attention_fn(kind="identity", params=None, row_seeds=None, **values):
+    """The attention function of perturbation ``kind`` (see :data:`REGISTRY` for each definition).
+
+    params: a :class:`PerturbationParams` (or give the values as keywords, flag or short names).
+    row_seeds: one integer per perturbed row (e.g. sample indices) for the random kinds; rows are numbered
+        0, 1, ... when omitted. A returned function is for one forward pass: its generators advance with
+        every block it perturbs.
     """
-    params.validate(kind)
-    if kind == "identity":
-        return identity_attention
-    rng = _RowRandom(params.seed, row_seeds)
-
-    if kind == "random_mask":
-
-        def attend(q, k, v):
-            logits = attention_logits(q, k)
-            drop = rng.rand(logits.shape, logits.device) < params.drop_rate
-            drop &= ~th.eye(logits.shape[-1], dtype=th.bool, device=logits.device)
-            return attend_with_map(logits.masked_fill(drop, float("-inf")).softmax(dim=-1), v)
-
-    elif kind == "noise":
-
-        def attend(q, k, v):
-            weights = attention_map(q, k)
-            return attend_with_map(weights + params.noise_std * rng.randn(weights.shape, weights.device), v)
-
-    elif kind == "blur":
-
-        from torchvision.transforms.v2.functional import gaussian_blur  # slow import: only when used
-
-        def attend(q, k, v):
-            weights = attention_map(q, k)
-            n, heads, tokens, _ = weights.shape
-            blurred = gaussian_blur(
-                weights.reshape(n * heads, 1, tokens, tokens),
-                kernel_size=[params.blur_kernel_size] * 2,
-                sigma=[params.blur_sigma] * 2,
-            )
-            return attend_with_map(blurred.reshape(weights.shape), v)
-
-    else:  # drop
-
-        def attend(q, k, v):
-            weights = attention_map(q, k)
-            keep = rng.rand(weights.shape, weights.device) >= params.drop_rate
-            return attend_with_map(weights * keep, v)
-
-    attend.__name__ = f"{kind}_attention"
+    params = PerturbationParams(**dict(params or {}), **values)
+    validate_perturbation(kind, params)
+    entry = REGISTRY[kind]
+    rng = _RowRandom(params.value("perturbation_seed"), row_seeds) if entry.random else None
+    attend = entry.build(params, rng)
+    if attend is not identity_attention:
+        attend.__name__ = f"{kind}_attention"
     return attend
 
 
@@ -158,8 +268,10 @@ def attention_overrides(model, overrides):
 def perturbed_attention(model, layers, kind="identity", row_seeds=None, **params):
     """Perturb the named attention blocks (names or glob patterns) for every batch row.
 
-    >>> with perturbed_attention(model, ["input_blocks.14.1", "middle_block.*"]):
+    >>> with perturbed_attention(model, ["input_blocks.14.1", "middle_block.*"], kind="blur", sigma=2.0):
     ...     eps_perturbed = model(x, t)[:, :3]
+
+    Parameters may be given by flag name (``blur_sigma``) or short name (``sigma``).
     """
     from .layers import resolve_layers
 
@@ -167,3 +279,12 @@ def perturbed_attention(model, layers, kind="identity", row_seeds=None, **params
     attention_fn = make_attention_fn(kind, PerturbationParams(**params), row_seeds=row_seeds)
     with attention_overrides(model, {name: AttentionOverride(attention_fn) for name in names}):
         yield model
+
+
+def registry_markdown():
+    """The README's table of perturbations and their parameters, generated from the registry."""
+    lines = ["| perturbation | definition | parameters |", "|---|---|---|"]
+    for entry in REGISTRY.values():
+        params = ", ".join(f"`{p}` ({PARAMS[p].default!r})" for p in entry.params) or "-"
+        lines.append(f"| `{entry.name}` | {' '.join(entry.definition.split())} | {params} |")
+    return "\n".join(lines)

@@ -7,7 +7,7 @@ this one run. ``--num_channels`` shrinks the width for CPU runs (the topology st
 "engine" is what sampling uses (``pag.guide``: shared prefix, then one pass on ``[x; x]``);
 "engine_sequential" is its lower-memory variant (``batch_passes=False``: the rest runs twice on ``x``).
 On CUDA each variant's peak GPU memory (``torch.cuda.max_memory_allocated``) is printed too; there is
-no per-variant peak on CPU. On CPU the host allocator is tuned as the sampling entry points do (``dist_util.tune_cpu_allocator``).
+no per-variant peak on CPU. On CPU the host allocator is tuned as the sampling entry points do (``sampling.allocator.tune_cpu_allocator``).
 
     python scripts/bench_guidance.py                      # CPU-sized: 64 channels, batch 1
     python scripts/bench_guidance.py --num_channels 256 --batch_size 8 --device cuda --fp16
@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pag  # noqa: E402
-from guided_diffusion.dist_util import tune_cpu_allocator  # noqa: E402
-from guided_diffusion.model_config import load_model_config  # noqa: E402
+from sampling.allocator import tune_cpu_allocator  # noqa: E402
+from sampling.model_configs import load_model_config  # noqa: E402
 from guided_diffusion.script_util import create_model_from_flags  # noqa: E402
 
 

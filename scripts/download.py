@@ -21,7 +21,6 @@ A file that is present is never replaced unless ``--force`` is given.
 
 import argparse
 import datetime
-import hashlib
 import http.client
 import json
 import os
@@ -36,8 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIGS = REPO_ROOT / "configs"
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adm_common.files import atomic_write_text, file_sha256  # noqa: E402
+from adm_common.npz import npz_members, read_npy_header  # noqa: E402
+from sampling.model_configs import CONFIG_ROOT, ModelConfigError, load_model_config  # noqa: E402
+
+DEFAULT_CONFIGS = CONFIG_ROOT
 DEFAULT_MANIFEST = Path("downloads") / "manifest.json"
 DEFAULT_DESTS = {"models": Path("downloads") / "models", "refs": Path("downloads") / "refs"}
 MODEL_KINDS = ("diffusion", "upsampler", "classifier")
@@ -100,7 +105,10 @@ def load_model_items(configs_dir: Path = DEFAULT_CONFIGS) -> Dict[str, Item]:
         raise DownloadError(f"no model configs (*.yaml) in {model_dir}")
     items = {}
     for path in paths:
-        cfg = _read_yaml(path)
+        try:
+            cfg = load_model_config(path)
+        except ModelConfigError as e:
+            raise DownloadError(str(e)) from None
         _check_entry(cfg, str(path), required=("name", "kind", "url", "file"))
         if cfg["name"] != path.stem:
             raise DownloadError(f"{path}: name {cfg['name']!r} differs from the file name {path.stem!r}")
@@ -167,20 +175,7 @@ class Manifest:
 
     def record(self, key: str, entry: Dict) -> None:
         self.entries[key] = entry
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump({"files": self.entries}, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, self.path)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK_BYTES * 8), b""):
-            h.update(block)
-    return h.hexdigest()
+        atomic_write_text(self.path, json.dumps({"files": self.entries}, indent=1, sort_keys=True) + "\n")
 
 
 # -------------------------------------------------------------------------------------- fetching
@@ -321,20 +316,18 @@ def expected_shapes(item: Item) -> Dict[str, Tuple[int, ...]]:
 
 
 def load_tensor_dict(path: Path) -> Dict:
-    """torch.load(map_location='cpu', weights_only=True) with an error in plain words."""
-    import torch
+    """The state dict in ``path``, read the one way the project reads checkpoints, with errors in plain words."""
+    from guided_diffusion.checkpoint import CheckpointError, UnreadableCheckpoint, read_state_dict
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        try:  # files in the pre-zip format cannot be memory-mapped
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise VerifyError(f"{path} is not a loadable PyTorch checkpoint (truncated or corrupt download?): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise VerifyError(f"{path} loads, but is not a state dict (a non-empty mapping of names to tensors)")
-    return obj
+        state = read_state_dict(str(path))
+    except UnreadableCheckpoint as e:
+        raise VerifyError(f"{path} is not a loadable PyTorch checkpoint (truncated or corrupt download?): {e}") from e
+    except CheckpointError as e:
+        raise VerifyError(str(e)) from e
+    if not state:
+        raise VerifyError(f"{path} loads, but is an empty state dict")
+    return state
 
 
 def compare_shapes(found: Dict[str, Tuple[int, ...]], expected: Dict[str, Tuple[int, ...]], what: str) -> None:
@@ -354,16 +347,6 @@ def verify_checkpoint(path: Path, expected: Optional[Dict[str, Tuple[int, ...]]]
     return f"{len(state)} tensors, {n:,} values" + (", names and shapes match the flags" if expected else "")
 
 
-def _npy_header(zf: zipfile.ZipFile, member: str):
-    import numpy as np
-
-    with zf.open(member) as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            return np.lib.format.read_array_header_1_0(f)
-        return np.lib.format.read_array_header_2_0(f)
-
-
 def verify_npz(path: Path) -> str:
     """An evaluator batch: readable zip, uint8 NHWC ``arr_0``, consistent ``mu``/``sigma`` if present."""
     import numpy as np
@@ -379,11 +362,12 @@ def verify_npz(path: Path) -> str:
             raise VerifyError(f"{path}: cannot read the archive's members ({e}); corrupt download?") from e
         if bad is not None:
             raise VerifyError(f"{path}: member {bad} fails its CRC check; corrupt download?")
-        keys = {n[:-4]: n for n in zf.namelist() if n.endswith(".npy")}
+        keys = npz_members(zf)
         if "arr_0" not in keys:
             raise VerifyError(f"{path} has no arr_0 (the images); its arrays: {', '.join(sorted(keys)) or 'none'}")
         try:
-            shape, _, dtype = _npy_header(zf, keys["arr_0"])
+            with zf.open(keys["arr_0"]) as f:
+                shape, _, dtype = read_npy_header(f)
         except ValueError as e:
             raise VerifyError(f"{path}: arr_0 is not a valid .npy array: {e}") from e
         if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
@@ -445,7 +429,7 @@ def _check_record(item: Item, path: Path, record: Dict) -> None:
         raise DownloadError(
             f"{path} has {size} bytes but the manifest recorded {record.get('size')} when it was downloaded: "
             f"the file is truncated or was replaced. Re-download it with `{_force_hint(item)}`")
-    digest = sha256_file(path)
+    digest = file_sha256(path)
     if digest != record.get("sha256"):
         raise DownloadError(
             f"{path}: sha256 {digest} differs from the manifest's {record.get('sha256')}: the file is corrupt "
@@ -513,7 +497,7 @@ def ensure(item: Item, dest: Path, manifest: Manifest, *, force: bool = False, v
 
 
 def _entry(item: Item, path: Path, summary: str) -> Dict:
-    return {"url": item.url, "size": path.stat().st_size, "sha256": sha256_file(path),
+    return {"url": item.url, "size": path.stat().st_size, "sha256": file_sha256(path),
             "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "verified": summary}
 

@@ -6,7 +6,7 @@
     mpiexec -n 8 python scripts/image_sample.py ...       # or torchrun / srun: same images, faster
 
 Upstream guided-diffusion's flags work unchanged (model flags, --model_path, --classifier_path, ...);
---config FILE.yaml supplies flags (command-line flags win). See guided_diffusion/sample_run.py.
+--config FILE.yaml supplies flags (command-line flags win). See sampling/settings.py for every setting.
 """
 
 import os
@@ -15,7 +15,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion.sample_run import main  # noqa: E402
+from sampling.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

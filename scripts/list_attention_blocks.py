@@ -2,7 +2,7 @@
 
     python scripts/list_attention_blocks.py 256x256_diffusion_uncond
     python scripts/list_attention_blocks.py configs/models/64x64_diffusion.yaml
-    python scripts/list_attention_blocks.py --flags image_size=32,num_channels=64,channel_mult=1,2,2 ...
+    python scripts/list_attention_blocks.py --flag image_size=32 --flag num_channels=64 --flag channel_mult=1,2,2
 
 The model is built on the meta device: no weights, no memory, no checkpoint needed.
 """
@@ -16,7 +16,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guided_diffusion.model_config import load_model_config  # noqa: E402
+from sampling.model_configs import ModelConfigError, load_model_config  # noqa: E402
 from guided_diffusion.script_util import create_model_from_flags  # noqa: E402
 from pag.layers import format_attention_blocks  # noqa: E402
 
@@ -30,7 +30,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     kind, flags = args.kind, {}
     if args.model:
-        config = load_model_config(args.model)
+        try:
+            config = load_model_config(args.model)
+        except ModelConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         kind, flags = config["kind"], dict(config["flags"])
     elif not args.flag:
         parser.error("give a model name / config, or --flag KEY=VALUE flags")

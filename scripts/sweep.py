@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Run a sweep: a base configuration and a grid of values, one resumable sampling run per cell.
 
-    python scripts/sweep.py configs/sweeps/pag_scale.yaml --dry-run    # list cells and commands
-    mpiexec -n 8 python scripts/sweep.py configs/sweeps/pag_scale.yaml # sample every cell (resumable)
+    python scripts/sweep.py configs/experiments/ablation_scale.yaml --dry-run    # list cells and commands
+    mpiexec -n 8 python scripts/sweep.py configs/experiments/ablation_scale.yaml # sample every cell (resumable)
 
-See guided_diffusion/sweep.py for the config format.
+See sampling/sweep.py for the config format.
 """
 
 import os
@@ -13,7 +13,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion.sweep import main  # noqa: E402
+from sampling.cli import sweep_main as main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

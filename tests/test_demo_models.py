@@ -9,8 +9,9 @@ import torch
 import yaml
 from PIL import Image
 
-from evaluations import demo_features
-from guided_diffusion import demo_data, sample_io
+from demo import data as demo_data
+from demo import features as demo_features
+from sampling import images as sample_io
 from guided_diffusion.checkpoint import CheckpointError, load_checkpoint
 from guided_diffusion.script_util import create_model_from_flags
 
@@ -170,10 +171,9 @@ def test_committed_feature_net_classifies_fresh_images():
 
 
 def _load_train_demo():
-    spec = importlib.util.spec_from_file_location("train_demo", ROOT / "scripts" / "train_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from demo import train
+
+    return train
 
 
 def test_ema_rate_warms_up_to_the_rate():

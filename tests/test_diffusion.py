@@ -393,13 +393,19 @@ def test_randn_like_used_for_all_noise(loop):
     assert len(calls) == 8
 
 
-def test_p_sample_loop_default_rng_reproducible():
+def test_p_sample_loop_default_rng_draws_from_torch_global_stream():
+    """Without randn_like the loop draws x_T and every step's noise from torch's global RNG, in upstream's
+    order (x_T first, then one draw per step): the same as passing those draws explicitly."""
     diff = make_diffusion(T=1000, spacing="5")
+    shape = [1, 3, 4, 4]
     th.manual_seed(5)
-    a = diff.p_sample_loop(ToyEps(), [1, 3, 4, 4])
+    default = diff.p_sample_loop(ToyEps(), shape)
     th.manual_seed(5)
-    b = diff.p_sample_loop(ToyEps(), [1, 3, 4, 4])
-    assert th.equal(a, b) and th.isfinite(a).all()
+    x_T = th.randn(*shape)
+    explicit = diff.p_sample_loop(ToyEps(), shape, noise=x_T, randn_like=lambda x: th.randn_like(x))
+    assert th.equal(default, explicit) and th.isfinite(default).all()
+    th.manual_seed(6)
+    assert not th.allclose(diff.p_sample_loop(ToyEps(), shape), default)
 
 
 # ----------------------------------------------------------------------------------------------

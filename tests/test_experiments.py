@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from guided_diffusion.model_config import load_model_config
 from guided_diffusion.script_util import create_model_from_flags
-from guided_diffusion.sweep import expand, load_sweep
+from sampling.model_configs import load_model_config
+from sampling.sweep import expand, load_sweep
 from pag import PAPER_LAYERS_256, resolve_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ PAPER = list(PAPER_LAYERS_256)
 
 def cells_of(name):
     sweep = load_sweep(str(ROOT / "configs" / "experiments" / f"{name}.yaml"))
-    return sweep, {cell.name: cell.settings for cell in expand(sweep)}
+    return sweep, {cell.name: cell.settings.flat() for cell in expand(sweep)}
 
 
 def test_every_experiment_expands_and_its_layers_exist():
@@ -30,7 +30,7 @@ def test_every_experiment_expands_and_its_layers_exist():
         sweep = load_sweep(str(path))
         assert sweep.ref_batch == "downloads/refs/VIRTUAL_imagenet256_labeled.npz"
         for cell in expand(sweep):
-            settings = cell.settings
+            settings = cell.settings.flat()
             assert settings["num_samples"] == 50000, (path.name, cell.name)
             name = Path(settings["model_path"]).stem
             if name not in models:

@@ -1,9 +1,10 @@
-"""scripts/image_sample.py / guided_diffusion.sample_run: per-sample seeds, shards, resume, npz format, errors.
+"""scripts/image_sample.py / the sampling package: per-sample seeds, shards, resume, npz format, errors.
 
 Tiny random-weight class-conditional model (32x32, 4 respaced steps) with PAG on a random perturbation, so
 the per-sample ``row_seeds`` matter too. Runs with one process in this process, and under ``mpiexec -n 2``.
 """
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -18,11 +19,16 @@ import torch
 import yaml
 from PIL import Image
 
-from guided_diffusion import logger, sample_io, sample_run
+import sampling
+from adm_common.npz import NpzWriter, npz_header
+from guided_diffusion import logger
+from sampling import cli, images
+from sampling import shards as shard_files
 from guided_diffusion.script_util import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "image_sample.py"
+WORKER = ROOT / "tests" / "sample_worker.py"  # image_sample.py with test hooks injected
 SEED = 7
 N, SHARD = 10, 4
 
@@ -52,13 +58,20 @@ def clean_env(**extra):
     return env
 
 
-def run_script(args, nproc=1, **env):
+def run_script(args, nproc=1, kill_after_shards=None, **env):
     cmd = [sys.executable, str(SCRIPT), *args]
+    if kill_after_shards:
+        cmd = [sys.executable, str(WORKER), "--kill-after-shards", str(kill_after_shards), *args]
     if nproc > 1:
         mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
         assert mpiexec, "mpiexec not found: `make install` installs the openmpi package into .venv"
         cmd = [mpiexec, "--oversubscribe", "-n", str(nproc), *cmd]
     return subprocess.run(cmd, env=clean_env(**env), capture_output=True, text=True, timeout=240)
+
+
+def replace(settings, group, **values):
+    """``settings`` with some values of one group changed."""
+    return dataclasses.replace(settings, **{group: dataclasses.replace(getattr(settings, group), **values)})
 
 
 def sha256(path):
@@ -95,7 +108,7 @@ def ckpt(tmp_path_factory):
 def reference(tmp_path_factory, ckpt, one_thread):
     """One uninterrupted single-process run (batch size 3): the npz every other run is compared with."""
     out_dir = tmp_path_factory.mktemp("runs") / "reference"
-    assert sample_run.main(argv(out_dir, ckpt)) == 0
+    assert cli.main(argv(out_dir, ckpt)) == 0
     return out_dir
 
 
@@ -116,7 +129,7 @@ def test_npz_format_and_outputs(reference):
     assert images.dtype == np.uint8 and images.shape == (N, 32, 32, 3)
     assert labels.dtype == np.int64 and labels.shape == (N,)
     assert ((labels >= 0) & (labels < 1000)).all()
-    np.testing.assert_array_equal(labels, sample_run.sample_labels(SEED, range(N)))
+    np.testing.assert_array_equal(labels, sampling.sample_labels(SEED, range(N), 1000))
     assert not (np.diff(labels) >= 0).all(), "labels must not be sorted"
     assert len(set(labels.tolist())) >= N - 1
     assert images.std() > 5  # not a constant image
@@ -143,7 +156,7 @@ def test_npz_format_and_outputs(reference):
 
 def test_uint8_conversion_is_upstreams():
     x = torch.tensor([-1.5, -1.0, 0.0, 0.999, 1.0, 2.0]).reshape(1, 1, 2, 3).expand(1, 3, 2, 3)
-    out = sample_io.to_uint8_nhwc(x)
+    out = images.to_uint8_nhwc(x)
     assert out.shape == (1, 2, 3, 3) and out.dtype == np.uint8
     assert out[0, :, :, 0].ravel().tolist() == [0, 0, 127, 254, 255, 255]
 
@@ -152,29 +165,29 @@ def test_streaming_npz_writer(tmp_path):
     rng = np.random.default_rng(0)
     shards = []
     for k, n in enumerate((4, 4, 2)):
-        path = tmp_path / sample_io.shard_filename(k)
-        with sample_io.NpzWriter(path) as w:
+        path = tmp_path / shard_files.shard_filename(k)
+        with NpzWriter(path) as w:
             with w.stream("arr_0", (n, 5, 6, 3), np.uint8) as s:
                 images = rng.integers(0, 256, (n, 5, 6, 3), dtype=np.uint8)
                 s.write(images[:1])
                 s.write(images[1:])
             w.write("arr_1", np.arange(n, dtype=np.int64) + 10 * k)
         shards.append((path, images))
-    assert sample_io.merge_shards([p for p, _ in shards], tmp_path / "a.npz", with_labels=True) == (10, 5, 6, 3)
-    sample_io.merge_shards([p for p, _ in shards], tmp_path / "b.npz", with_labels=True)
+    assert shard_files.merge_shards([p for p, _ in shards], tmp_path / "a.npz", with_labels=True) == (10, 5, 6, 3)
+    shard_files.merge_shards([p for p, _ in shards], tmp_path / "b.npz", with_labels=True)
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()  # no timestamps inside
     with np.load(tmp_path / "a.npz") as npz:
         np.testing.assert_array_equal(npz["arr_0"], np.concatenate([i for _, i in shards]))
         assert npz["arr_1"].tolist() == [0, 1, 2, 3, 10, 11, 12, 13, 20, 21]
-    assert sample_io.npz_header(tmp_path / "a.npz", "arr_0") == ((10, 5, 6, 3), np.dtype(np.uint8))
+    assert npz_header(tmp_path / "a.npz", "arr_0") == ((10, 5, 6, 3), np.dtype(np.uint8))
 
     # A short stream is an error and leaves neither the file nor a temporary file behind.
     with pytest.raises(ValueError, match="2 rows written, the array has 3"):
-        with sample_io.NpzWriter(tmp_path / "short.npz") as w:
+        with NpzWriter(tmp_path / "short.npz") as w:
             with w.stream("arr_0", (3, 2), np.uint8) as s:
                 s.write(np.zeros((2, 2), np.uint8))
     with pytest.raises(ValueError, match="dtype"):
-        with sample_io.NpzWriter(tmp_path / "short.npz") as w:
+        with NpzWriter(tmp_path / "short.npz") as w:
             with w.stream("arr_0", (3, 2), np.uint8) as s:
                 s.write(np.zeros((3, 2), np.float32))
     assert sorted(os.listdir(tmp_path)) == sorted(["a.npz", "b.npz"] + [p.name for p, _ in shards])
@@ -184,21 +197,21 @@ def test_streaming_npz_writer(tmp_path):
 
 
 def test_sample_depends_only_on_seed_and_index(ckpt, one_thread, tmp_path):
-    settings = sample_run.resolve_cli(argv(tmp_path, ckpt))
+    settings = cli.resolve_cli(argv(tmp_path, ckpt))
     device = torch.device("cpu")
-    sampler = sample_run.Sampler(settings, sample_run.load_models(settings, device), device)
+    sampler = sampling.Sampler(settings, sampling.load_models(settings, device), device)
     alone, alone_labels = sampler.sample([5])
     batch, batch_labels = sampler.sample([3, 5, 8])
-    assert batch_labels[1] == alone_labels[0] == sample_run.sample_labels(SEED, [5])[0]
+    assert batch_labels[1] == alone_labels[0] == sampling.sample_labels(SEED, [5], 1000)[0]
     diff = np.abs(batch[1].astype(int) - alone[0].astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     assert np.abs(batch[0].astype(int) - alone[0].astype(int)).mean() > 10  # other samples differ
 
-    models = sample_run.load_models(settings, device)
-    other_seed = sample_run.Sampler(dict(settings, seed=SEED + 1), models, device)
+    models = sampling.load_models(settings, device)
+    other_seed = sampling.Sampler(replace(settings, "sampling", seed=SEED + 1), models, device)
     assert np.abs(other_seed.sample([5])[0].astype(int) - alone.astype(int)).mean() > 10
     # The perturbation matters (so the per-sample perturbation seeds above were exercised)
-    identity = sample_run.Sampler(dict(settings, perturbation="identity"), models, device)
+    identity = sampling.Sampler(replace(settings, "guidance", perturbation="identity"), models, device)
     assert np.abs(identity.sample([5])[0].astype(int) - alone.astype(int)).mean() > 3
 
 
@@ -214,7 +227,7 @@ def test_one_process_vs_two_with_other_batch_size(reference, ckpt, tmp_path):
 
 def test_kill_after_first_shard_and_resume_is_identical(reference, ckpt, tmp_path):
     out_dir = tmp_path / "killed"
-    killed = run_script(argv(out_dir, ckpt), **{sample_run.KILL_AFTER_SHARDS_ENV: 1})
+    killed = run_script(argv(out_dir, ckpt), kill_after_shards=1)
     assert killed.returncode == -9, killed.stdout + killed.stderr  # SIGKILL: no clean-up ran
     assert sorted(os.listdir(out_dir / "shards")) == ["shard_000000.npz"]
     assert not final(out_dir).exists()
@@ -234,7 +247,7 @@ def test_changed_config_is_refused_unless_overwrite(reference, ckpt, tmp_path, c
     shutil.copytree(reference, out_dir)
     before = {p.name: sha256(p) for p in out_dir.iterdir()}
 
-    assert sample_run.main(argv(out_dir, ckpt, pag_scale=3, perturbation="identity")) == 2
+    assert cli.main(argv(out_dir, ckpt, pag_scale=3, perturbation="identity")) == 2
     err = capsys.readouterr().err
     assert "holds a run with a different configuration" in err
     assert "pag_scale: 2.0 there, 3.0 now" in err and "perturbation: 'random_mask' there, 'identity' now" in err
@@ -242,13 +255,13 @@ def test_changed_config_is_refused_unless_overwrite(reference, ckpt, tmp_path, c
     assert {p.name: sha256(p) for p in out_dir.iterdir()} == before
 
     # Same settings, other batch size and device spelling: accepted, already complete, nothing resampled.
-    monkeypatch.setattr(sample_run.Sampler, "sample", lambda *a: pytest.fail("sampled a complete run"))
-    assert sample_run.main(argv(out_dir, ckpt, batch_size=5, device="cpu")) == 0
+    monkeypatch.setattr(sampling.Sampler, "sample", lambda *a: pytest.fail("sampled a complete run"))
+    assert cli.main(argv(out_dir, ckpt, batch_size=5, device="cpu")) == 0
     assert "the run is complete" in capsys.readouterr().out
     assert sha256(final(out_dir)) == before[final(out_dir).name]
     monkeypatch.undo()
 
-    assert sample_run.main(argv(out_dir, ckpt, pag_scale=3, perturbation="identity", overwrite=True)) == 0
+    assert cli.main(argv(out_dir, ckpt, pag_scale=3, perturbation="identity", overwrite=True)) == 0
     assert sha256(final(out_dir)) != before[final(out_dir).name]
     assert yaml.safe_load((out_dir / "config.yaml").read_text())["settings"]["pag_scale"] == 3.0
     assert "--overwrite: removed config.yaml, grid.png" in (out_dir / "log.txt").read_text()
@@ -258,14 +271,14 @@ def test_samples_without_a_record_are_not_touched(ckpt, tmp_path, capsys):
     out_dir = tmp_path / "run"
     (out_dir / "shards").mkdir(parents=True)
     (out_dir / "shards" / "shard_000000.npz").write_bytes(b"someone's work")
-    assert sample_run.main(argv(out_dir, ckpt)) == 2
+    assert cli.main(argv(out_dir, ckpt)) == 2
     assert "no config.yaml" in capsys.readouterr().err
     assert (out_dir / "shards" / "shard_000000.npz").read_bytes() == b"someone's work"
 
 
 def test_nonfinite_values_stop_the_run_and_keep_finished_shards(ckpt, one_thread, tmp_path):
     out_dir = tmp_path / "nan"
-    settings = sample_run.resolve_cli(argv(out_dir, ckpt, pag_scale=0, batch_size=2, shard_size=2))
+    settings = cli.resolve_cli(argv(out_dir, ckpt, pag_scale=0, batch_size=2, shard_size=2))
     calls = []
 
     def poison_after_one_shard(fn):
@@ -275,15 +288,15 @@ def test_nonfinite_values_stop_the_run_and_keep_finished_shards(ckpt, one_thread
             return out * float("nan") if len(calls) > 4 else out  # 4 steps per batch: shard 1 is clean
         return wrapped
 
-    with pytest.raises(sample_run.NonFiniteError, match=r"sample\(s\) 2, 3 at step 1 of 4 \(timestep 999\)"):
-        sample_run.run(settings, model_wrapper=poison_after_one_shard)
+    with pytest.raises(sampling.NonFiniteError, match=r"sample\(s\) 2, 3 at step 1 of 4 \(timestep 999\)"):
+        sampling.run(settings, model_wrapper=poison_after_one_shard)
     assert sorted(os.listdir(out_dir / "shards")) == ["shard_000000.npz"]
     with np.load(out_dir / "shards" / "shard_000000.npz") as npz:
         first = npz["arr_0"].copy()
     assert first.shape == (2, 32, 32, 3)
     assert not final(out_dir).exists()
 
-    sample_run.run(settings)  # the fault is gone: resumes from shard 1
+    sampling.run(settings)  # the fault is gone: resumes from shard 1
     with np.load(final(out_dir)) as npz:
         np.testing.assert_array_equal(npz["arr_0"][:2], first)
         assert npz["arr_0"].shape == (N, 32, 32, 3)
@@ -297,8 +310,8 @@ def test_yaml_config_and_command_line_precedence(tmp_path):
     config.write_text("pag_scale: 2\npag_layers: [middle_block.1, input_blocks.14.1]\ntimestep_respacing: 250\n"
                       "use_ddim: 'yes'\nattention_resolutions: [32, 16, 8]\nmodel: 256x256_diffusion\n"
                       "num_samples: 50000\nout_dir: from_yaml\n")
-    s = sample_run.resolve_cli(["--config", str(config), "--pag_scale", "3", "--class_cond", "False",
-                                "--out_dir", "x"])
+    s = cli.resolve_cli(["--config", str(config), "--pag_scale", "3", "--class_cond", "False",
+                         "--out_dir", "x"]).flat()
     assert s["pag_scale"] == 3.0 and s["out_dir"] == "x" and s["num_samples"] == 50000
     assert s["pag_layers"] == ["middle_block.1", "input_blocks.14.1"]
     assert s["timestep_respacing"] == "250" and s["use_ddim"] is True
@@ -306,8 +319,8 @@ def test_yaml_config_and_command_line_precedence(tmp_path):
     # --model's flags sit below the file and the command line
     assert s["num_channels"] == 256 and s["learn_sigma"] is True and s["class_cond"] is False
     assert s["model_path"] == os.path.join("downloads", "models", "256x256_diffusion.pt")
-    s = sample_run.resolve_cli(["--model", "256x256_diffusion", "--out_dir", "x", "--use_ddim",
-                                "--pag_layers", "input_blocks.14.1,middle_block.1"])
+    s = cli.resolve_cli(["--model", "256x256_diffusion", "--out_dir", "x", "--use_ddim",
+                         "--pag_layers", "input_blocks.14.1,middle_block.1"]).flat()
     assert s["use_ddim"] is True and s["class_cond"] is True
     assert s["pag_layers"] == ["input_blocks.14.1", "middle_block.1"]
 
@@ -345,9 +358,9 @@ def test_bad_input_fails_before_sampling(case, ckpt, tmp_path, capsys, monkeypat
     (tmp_path / "a_file").write_text("")
     (tmp_path / "bad.yaml").write_text("pag_scal: 2\n")
     (tmp_path / "bad_value.yaml").write_text("use_ddim: maybe\n")
-    monkeypatch.setattr(sample_run.Sampler, "sample", lambda *a: pytest.fail("sampling started"))
+    monkeypatch.setattr(sampling.Sampler, "sample", lambda *a: pytest.fail("sampling started"))
     make_argv, expected = BAD_INPUTS[case]
-    assert sample_run.main(make_argv(tmp_path, ckpt)) == 2
+    assert cli.main(make_argv(tmp_path, ckpt)) == 2
     err = capsys.readouterr().err
     for text in expected:
         assert text in err, err
@@ -356,7 +369,7 @@ def test_bad_input_fails_before_sampling(case, ckpt, tmp_path, capsys, monkeypat
 
 
 def test_num_classes_limits_the_label_range():
-    labels = sample_run.sample_labels(SEED, range(200), num_classes=10)
+    labels = sampling.sample_labels(SEED, range(200), num_classes=10)
     assert labels.min() >= 0 and labels.max() == 9 and len(set(labels.tolist())) == 10
     # The same (seed, i) stream: a label does not depend on which other samples are drawn with it.
-    assert sample_run.sample_labels(SEED, [17], num_classes=10)[0] == labels[17]
+    assert sampling.sample_labels(SEED, [17], num_classes=10)[0] == labels[17]

@@ -1,4 +1,4 @@
-"""scripts/sweep.py / guided_diffusion.sweep: grid expansion, cell names, dry run, resumable runs, the
+"""scripts/sweep.py / sampling.sweep: grid expansion, cell names, dry run, resumable runs, the
 evaluation seam, and a sweep under mpiexec."""
 
 import os
@@ -12,8 +12,10 @@ import pytest
 import torch
 import yaml
 
-from guided_diffusion import logger, sample_run, sweep
-from guided_diffusion.sample_run import SampleConfigError
+import sampling
+from guided_diffusion import logger
+from sampling import cli, sweep
+from sampling.settings import SampleConfigError
 from guided_diffusion.script_util import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +62,7 @@ def test_grid_expands_into_named_cells(ckpt, tmp_path):
     cells = sweep.expand(cfg)
     assert [c.name for c in cells] == ["pag_scale-0__sampler-ddpm4", "pag_scale-0__sampler-ddim3",
                                        "pag_scale-2__sampler-ddpm4", "pag_scale-2__sampler-ddim3"]
-    by_name = {c.name: c.settings for c in cells}
+    by_name = {c.name: c.settings.flat() for c in cells}
     s = by_name["pag_scale-2__sampler-ddim3"]
     assert s["pag_scale"] == 2.0 and s["use_ddim"] is True and s["timestep_respacing"] == "ddim3"
     assert s["out_dir"] == str(tmp_path / "out" / "pag_scale-2__sampler-ddim3")
@@ -76,8 +78,8 @@ def test_grid_expands_into_named_cells(ckpt, tmp_path):
     assert [c.name for c in cells] == [
         "pag_layers-input_blocks.5.1+middle_block.1__schedule-0", "pag_layers-input_blocks.5.1+middle_block.1__schedule-1",
         "pag_layers-middle_block.1__schedule-0", "pag_layers-middle_block.1__schedule-1"]
-    assert cells[0].settings["pag_layers"] == ["input_blocks.5.1", "middle_block.1"]
-    assert cells[0].settings["pag_schedule"] == "linear" and cells[1].settings["pag_scale_end"] == 0.0
+    assert cells[0].settings.flat()["pag_layers"] == ["input_blocks.5.1", "middle_block.1"]
+    assert cells[0].settings.flat()["pag_schedule"] == "linear" and cells[1].settings.flat()["pag_scale_end"] == 0.0
     cells = sweep.expand(sweep.load_sweep(write_sweep(tmp_path / "u.yaml", ckpt, tmp_path / "out", grid={})))
     assert [c.name for c in cells] == ["base"]
 
@@ -117,7 +119,7 @@ def test_bad_sweep_configs(case, ckpt, tmp_path):
 
 def test_dry_run_lists_cells_and_commands_and_writes_nothing(ckpt, tmp_path, capsys):
     path = write_sweep(tmp_path / "s.yaml", ckpt, tmp_path / "out")
-    assert sweep.main([str(path), "--dry-run"]) == 0
+    assert cli.sweep_main([str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "4 cell(s)" in out and "no ref_batch" in out
     commands = [line.strip() for line in out.splitlines() if line.strip().startswith("python ")]
@@ -131,7 +133,7 @@ def test_dry_run_lists_cells_and_commands_and_writes_nothing(ckpt, tmp_path, cap
     assert not (tmp_path / "out").exists()
     # The listed command is a valid image_sample.py command giving the same settings.
     args = ddim2[0].split()[2:]
-    assert sample_run.resolve_cli(args) == sweep.expand(sweep.load_sweep(path))[3].settings
+    assert cli.resolve_cli(args) == sweep.expand(sweep.load_sweep(path))[3].settings
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +147,12 @@ def finished_sweep(ckpt, tmp_path_factory):
 
     def evaluate(ref_path, sample_path, json_path=None, batch_size=64, dist=None):
         calls["evaluate"].append((ref_path, sample_path, batch_size))
-        Path(json_path).write_text("{}")
+        Path(json_path).write_text('{"fid": 1.0}')
+        return {"fid": 1.0}
 
     def make_table(runs, out_dir, anchors=None, experiment=None):
-        calls["table"].append((runs, out_dir, experiment))
+        calls["table"].append(([(r["run"], r["values"]["pag_scale"], r["values"]["sampler"], r["result"])
+                                for r in runs], out_dir, experiment))
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -174,15 +178,17 @@ def test_sweep_runs_every_cell_and_calls_the_evaluation_seam(finished_sweep):
         assert record["settings"]["pag_scale"] == (2.0 if run_dir.endswith("2") else 0.0)
     assert np.abs(images[0] - images[1]).mean() > 1  # the cells differ
     assert calls["evaluate"] == [(cfg.ref_batch, str(Path(d) / "samples_4x32x32x3.npz"), 7) for d in run_dirs]
-    assert calls["table"] == [(run_dirs, str(out / "table"), "tiny")]
+    # The table gets each cell's name, settings and result from the sweep (nothing re-read from disk).
+    cells = [("pag_scale-0", 0.0, "DDPM-4", {"fid": 1.0}), ("pag_scale-2", 2.0, "DDPM-4", {"fid": 1.0})]
+    assert calls["table"] == [(cells, str(out / "table"), "tiny")]
 
 
 def test_sweep_rerun_resumes_without_sampling_or_reevaluating(finished_sweep, monkeypatch):
     path, cfg, run_dirs, calls, evaluate, make_table = finished_sweep
     before = {d: (Path(d) / "samples_4x32x32x3.npz").read_bytes() for d in run_dirs}
     n_eval = len(calls["evaluate"])
-    monkeypatch.setattr(sample_run.Sampler, "sample", lambda *a: pytest.fail("a finished cell was sampled again"))
-    monkeypatch.setattr(sample_run, "load_models", lambda *a: pytest.fail("models loaded for finished cells"))
+    monkeypatch.setattr(sampling.Sampler, "sample", lambda *a: pytest.fail("a finished cell was sampled again"))
+    monkeypatch.setattr(sweep, "load_models", lambda *a: pytest.fail("models loaded for finished cells"))
     assert sweep.run_sweep(cfg, sweep.expand(cfg), evaluate_fn=evaluate, table_fn=make_table) == run_dirs
     assert len(calls["evaluate"]) == n_eval  # eval.json is newer than the samples
     assert len(calls["table"]) == 2
@@ -192,7 +198,7 @@ def test_sweep_rerun_resumes_without_sampling_or_reevaluating(finished_sweep, mo
 def test_no_ref_batch_means_no_evaluation(tmp_path):
     cfg = sweep.Sweep(path="s.yaml", out_dir=str(tmp_path), base={}, axes=[])
     fail = lambda *a, **k: pytest.fail("evaluation called without ref_batch")  # noqa: E731
-    assert sweep.after_runs([str(tmp_path)], cfg, evaluate_fn=fail, table_fn=fail) is None
+    assert sweep.after_runs([], cfg, evaluate_fn=fail, table_fn=fail) is None
 
 
 def test_evaluation_settings_checked_before_sampling(ckpt, tmp_path):
@@ -235,8 +241,8 @@ def test_sweep_under_mpiexec_matches_one_process(finished_sweep, ckpt, tmp_path)
 
 
 def test_set_overrides_base_settings_of_every_cell(tmp_path):
-    from guided_diffusion.sweep import load_sweep, parse_overrides
-    from guided_diffusion.sample_run import SampleConfigError
+    from sampling.cli import parse_overrides
+    from sampling.sweep import load_sweep
 
     config = tmp_path / "sweep.yaml"
     config.write_text("out_dir: x\nbase: {num_samples: 50000, batch_size: 32}\ngrid: {pag_scale: [0, 3]}\n")
@@ -252,6 +258,7 @@ def test_set_overrides_base_settings_of_every_cell(tmp_path):
 
 def test_evaluation_error_is_raised_not_left_hanging(finished_sweep):
     _, cfg, run_dirs, _, _, make_table = finished_sweep
+    cells = sweep.expand(cfg)
     for run_dir in run_dirs:
         (Path(run_dir) / "eval.json").unlink()
 
@@ -259,5 +266,5 @@ def test_evaluation_error_is_raised_not_left_hanging(finished_sweep):
         raise ValueError("features of another size")
 
     with pytest.raises(RuntimeError, match="evaluation failed: ValueError: features of another size"):
-        sweep.after_runs(run_dirs, cfg, evaluate_fn=broken, table_fn=make_table)
+        sweep.after_runs(cells, cfg, evaluate_fn=broken, table_fn=make_table)
     assert not any((Path(run_dir) / "eval.json").exists() for run_dir in run_dirs)

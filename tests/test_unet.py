@@ -47,7 +47,14 @@ def test_official_architectures_match_checkpoint_names_and_shapes(adm_checkpoint
 
 
 def test_all_twelve_entries_are_covered(adm_checkpoints):
-    assert sorted(adm_checkpoints) == sorted(ENTRIES)
+    """Every official checkpoint has a shipped model config (what --model and the downloads use), and the
+    reference data lists exactly those: a checkpoint without a config, or a config for none, fails here."""
+    from sampling.model_configs import CONFIG_DIR, load_model_config
+
+    shipped = {p.stem: load_model_config(p) for p in CONFIG_DIR.glob("*.yaml")}
+    assert sorted(shipped) == sorted(adm_checkpoints) and len(shipped) == 12
+    for name, config in shipped.items():
+        assert config["name"] == name and config["file"] == f"{name}.pt"
 
 
 def small_model(weight_scale=0.2, **overrides):

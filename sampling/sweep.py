@@ -19,23 +19,39 @@ A cell's name joins ``key-value`` for each grid axis with ``__`` (``pag_scale-3_
 contributes its ``name``). Grid values override base ones. Every cell is checked (settings, checkpoints,
 out_dir, model flags, guidance layers) before the first sample is drawn; then the cells run one after the
 other in the same process world (one ``mpiexec``), each resuming where it stopped. Afterwards
-:func:`after_runs` evaluates the finished cells and writes the table when ``ref_batch`` is given.
+:func:`after_runs` evaluates the finished cells and hands their settings and results to the table code when
+``ref_batch`` is given. The command line is ``sampling.cli`` (``scripts/sweep.py``).
 """
 
-import argparse
 import dataclasses
 import hashlib
 import inspect
 import itertools
 import os
 import re
+import time
 from typing import Any, Dict, List, Optional
 
-import yaml
+from adm_common.files import atomic_write_text
+from adm_common.npz import samples_filename
+from guided_diffusion import dist_util, logger
+from guided_diffusion.checkpoint import CheckpointError
 
-from . import dist_util, logger, sample_io, sample_run
-from .checkpoint import CheckpointError
-from .sample_run import SampleConfigError
+from .execute import POLL_SECONDS, execute
+from .models import load_models
+from .plan import prepare, resolve_device
+from .sampler import Sampler
+from .settings import (
+    SampleConfigError,
+    check_keys,
+    read_yaml_mapping,
+    resolve_settings,
+    sample_defaults,
+    sampler_label,
+    suggest,
+    to_command,
+)
+from .shards import SHARD_DIR, shard_index
 
 SWEEP_KEYS = ("out_dir", "base", "grid", "ref_batch", "evaluation", "name", "anchors")
 MAX_NAME = 120
@@ -46,11 +62,11 @@ class Cell:
     name: str
     assignments: Dict[str, Any]  # grid axis -> the value (or bundle) of this cell, as written
     overrides: Dict[str, Any]  # flag -> value set by the grid
-    settings: Dict[str, Any]  # resolved settings
+    settings: Any  # RunSettings
 
     @property
     def out_dir(self):
-        return self.settings["out_dir"]
+        return self.settings.out_dir
 
 
 @dataclasses.dataclass
@@ -68,12 +84,12 @@ class Sweep:
 def load_sweep(path, out_dir=None, overrides=None):
     """Read and check a sweep YAML (``out_dir`` overrides its ``out_dir:``; ``overrides`` its ``base:``
     settings, e.g. ``{"num_samples": 1000}`` from ``--set num_samples=1000``)."""
-    data = sample_run.read_yaml_mapping(path, what="sweep config")
+    data = read_yaml_mapping(path, what="sweep config")
     unknown = [k for k in data if k not in SWEEP_KEYS]
     if unknown:
         raise SampleConfigError(
             f"unknown key(s) in sweep config {path}: "
-            + ", ".join(f"{k}{sample_run._suggest(k, SWEEP_KEYS)}" for k in unknown)
+            + ", ".join(f"{k}{suggest(k, SWEEP_KEYS)}" for k in unknown)
             + f"; a sweep config has {', '.join(SWEEP_KEYS)} (settings go under base:)")
     out_dir = out_dir or data.get("out_dir")
     if not out_dir:
@@ -87,8 +103,8 @@ def load_sweep(path, out_dir=None, overrides=None):
         if key in base or key in grid:
             raise SampleConfigError(f"sweep config {path}: {key} cannot be set in base or grid (cells get "
                                     "out_dir/<cell name>; pass --overwrite to scripts/sweep.py)")
-    sample_run.check_keys(base, f"base of {path}")
-    flags = sample_run.sample_defaults()
+    check_keys(base, f"base of {path}")
+    flags = sample_defaults()
     axes, owner = [], {}
     for axis, values in grid.items():
         if not isinstance(values, list) or not values:
@@ -99,11 +115,11 @@ def load_sweep(path, out_dir=None, overrides=None):
         else:
             if not all(isinstance(v, dict) for v in values):
                 raise SampleConfigError(
-                    f"sweep config {path}: grid.{axis} is not a setting{sample_run._suggest(axis, list(flags))}; "
+                    f"sweep config {path}: grid.{axis} is not a setting{suggest(axis, list(flags))}; "
                     "an axis that is not a setting must list mappings of settings (with an optional name)")
             keys = sorted({k for v in values for k in v if k != "name"})
             for value in values:
-                sample_run.check_keys({k: v for k, v in value.items() if k != "name"}, f"grid.{axis} of {path}")
+                check_keys({k: v for k, v in value.items() if k != "name"}, f"grid.{axis} of {path}")
         for key in keys:
             if key in owner:
                 raise SampleConfigError(f"sweep config {path}: {key} is set by both grid.{owner[key]} and "
@@ -166,7 +182,7 @@ def expand(sweep, overwrite=False):
                                     f"same directory name {name!r}; give the bundles distinct names")
         seen[name] = assignments
         try:
-            settings = sample_run.resolve_settings([
+            settings = resolve_settings([
                 (f"base of {sweep.path}", sweep.base),
                 (f"grid cell {name}", overrides),
                 ("the sweep", {"out_dir": os.path.join(sweep.out_dir, name), "overwrite": overwrite}),
@@ -180,15 +196,14 @@ def expand(sweep, overwrite=False):
 def cell_status(cell):
     """'complete', 'k/n shards', or 'new' (read from the file system only)."""
     s = cell.settings
-    final = os.path.join(cell.out_dir, sample_io.samples_filename(s["num_samples"], s["image_size"], s["image_size"]))
-    if os.path.exists(final):
+    size, num_samples = s.model.image_size, s.sampling.num_samples
+    if os.path.exists(os.path.join(cell.out_dir, samples_filename(num_samples, size, size))):
         return "complete"
-    shard_dir = os.path.join(cell.out_dir, sample_run.SHARD_DIR)
-    total = -(-s["num_samples"] // s["shard_size"])
+    shard_dir = os.path.join(cell.out_dir, SHARD_DIR)
+    total = -(-num_samples // s.sampling.shard_size)
     done = 0
     if os.path.isdir(shard_dir):
-        done = sum(1 for n in os.listdir(shard_dir)
-                   if sample_io.shard_index(n) is not None and sample_io.shard_index(n) < total)
+        done = sum(1 for n in os.listdir(shard_dir) if shard_index(n) is not None and shard_index(n) < total)
     return f"{done}/{total} shards" if done else "new"
 
 
@@ -198,7 +213,7 @@ def describe(sweep, cells):
     for cell in cells:
         settings = ", ".join(f"{k}={v}" for k, v in cell.overrides.items()) or "(base only)"
         lines.append(f"  {cell.name}  [{cell_status(cell)}]  {settings}")
-        lines.append(f"    {sample_run.to_command(cell.settings)}")
+        lines.append(f"    {to_command(cell.settings)}")
     if sweep.ref_batch:
         lines.append(f"then: evaluate each cell against {sweep.ref_batch} (eval.json) and write the table to "
                      f"{os.path.join(sweep.out_dir, 'table')}")
@@ -214,11 +229,9 @@ def _evaluate_fn():
 
 
 def _table_fn():
-    try:
-        from evaluations.table import make_table
-    except ImportError:
-        return None
-    return make_table
+    from evaluations.table import make_table_from_results
+
+    return make_table_from_results
 
 
 def check_evaluation(sweep, evaluate_fn=None):
@@ -236,57 +249,94 @@ def check_evaluation(sweep, evaluate_fn=None):
             raise SampleConfigError(f"sweep config {sweep.path}: evaluation: unknown argument(s) {', '.join(bad)}")
 
 
-def _evaluate_runs(run_dirs, sweep, evaluate_fn):
-    """Evaluate each run without an up-to-date eval.json (on this process alone)."""
+def table_values(cell):
+    """What the table shows of a cell: its settings by flag name, and the sampler as tables name it."""
+    return dict(cell.settings.flat(), sampler=sampler_label(cell.settings))
+
+
+def _evaluate_cells(cells, sweep, evaluate_fn):
+    """Evaluate each cell without an up-to-date eval.json (on this process alone); returns the results."""
+    import json
+
     from evaluations.reference import SingleProcess
 
-    for run_dir in run_dirs:
-        samples = sorted(n for n in os.listdir(run_dir) if n.startswith("samples_") and n.endswith(".npz"))
-        if len(samples) != 1:
-            raise RuntimeError(f"{run_dir}: expected one samples_*.npz, found {samples}")
-        npz = os.path.join(run_dir, samples[0])
-        json_path = os.path.join(run_dir, "eval.json")
+    results = []
+    for cell in cells:
+        s = cell.settings
+        npz = os.path.join(cell.out_dir, samples_filename(s.sampling.num_samples, s.model.image_size,
+                                                          s.model.image_size))
+        if not os.path.exists(npz):
+            raise RuntimeError(f"{cell.out_dir}: {os.path.basename(npz)} is missing")
+        json_path = os.path.join(cell.out_dir, "eval.json")
         if os.path.exists(json_path) and os.path.getmtime(json_path) >= os.path.getmtime(npz):
+            with open(json_path) as f:
+                results.append(json.load(f))
             continue
         logger.log(f"evaluating {npz} against {sweep.ref_batch}")
-        evaluate_fn(sweep.ref_batch, npz, json_path=json_path, dist=SingleProcess(), **sweep.evaluation)
+        results.append(evaluate_fn(sweep.ref_batch, npz, json_path=json_path, dist=SingleProcess(),
+                                   **sweep.evaluation))
+    return results
 
 
-def after_runs(run_dirs, sweep, evaluate_fn=None, table_fn=None):
-    """The evaluation seam: evaluate each finished run (``eval.json`` in its directory) and make the table.
+def _evaluate_and_tabulate(cells, sweep, evaluate_fn, table_fn):
+    """Hand each cell's name, settings and result to the table code (nothing is re-read from disk)."""
+    results = _evaluate_cells(cells, sweep, evaluate_fn)
+    runs = [{"run": cell.name, "values": table_values(cell), "result": result,
+             "json": os.path.join(cell.out_dir, "eval.json")} for cell, result in zip(cells, results)]
+    experiment = sweep.name or os.path.basename(os.path.normpath(sweep.out_dir))
+    out = (table_fn or _table_fn())(runs, os.path.join(sweep.out_dir, "table"), anchors=sweep.anchors,
+                                    experiment=experiment)
+    logger.log(f"table written to {os.path.join(sweep.out_dir, 'table')}")
+    return out
 
-    Does nothing without ``ref_batch``. Collective (every rank calls it); rank 0 evaluates (on its GPU) while
-    the others wait, and an evaluation error is raised on every rank. Returns make_table's result on rank 0,
-    else None. A run whose eval.json is newer than its samples is
-    not evaluated again.
+
+_DONE, _FAILED = ".evaluation-done", ".evaluation-failed"
+
+
+class EvaluationFailedError(RuntimeError):
+    """Evaluating a sweep's cells failed (raised on every rank)."""
+
+
+def _markers(sweep):
+    return os.path.join(sweep.out_dir, _DONE), os.path.join(sweep.out_dir, _FAILED)
+
+
+def after_runs(cells, sweep, evaluate_fn=None, table_fn=None):
+    """The evaluation seam: evaluate each finished cell (``eval.json`` in its directory) and make the table
+    from the cells' settings and results.
+
+    Does nothing without ``ref_batch``. Rank 0 evaluates (on its GPU); the other ranks wait by polling for
+    its done (or failed) marker file, not in a collective, so a long evaluation cannot time them out. An
+    evaluation error is raised on every rank. Returns the table's result on rank 0, else None. A cell whose
+    eval.json is newer than its samples is not evaluated again.
     """
     if not sweep.ref_batch:
         if dist_util.get_rank() == 0:
             logger.log("no ref_batch in the sweep config: skipping evaluation")
         return None
     evaluate_fn = evaluate_fn or _evaluate_fn()
-    # Rank 0 evaluates alone, then tells every rank how it went: an evaluation error must not leave the
-    # other ranks waiting in a collective inside the evaluator.
-    error = None
-    if dist_util.get_rank() == 0:
-        try:
-            _evaluate_runs(run_dirs, sweep, evaluate_fn)
-        except Exception as exc:  # re-raised below, on every rank
-            error = f"{type(exc).__name__}: {exc}"
-    error = dist_util.broadcast_object(error)
-    if error is not None:
-        raise RuntimeError(f"evaluation failed: {error}")
-    dist_util.barrier()
-    table_fn = table_fn or _table_fn()
+    done, failed = _markers(sweep)
     result = None
     if dist_util.get_rank() == 0:
-        if table_fn is None:
-            logger.log("evaluations.table is not available: no table written")
-        else:
-            result = table_fn(list(run_dirs), os.path.join(sweep.out_dir, "table"), anchors=sweep.anchors,
-                              experiment=sweep.name)
-            logger.log(f"table written to {os.path.join(sweep.out_dir, 'table')}")
+        try:
+            result = _evaluate_and_tabulate(cells, sweep, evaluate_fn, table_fn)
+        except Exception as exc:
+            if dist_util.get_world_size() > 1:
+                atomic_write_text(failed, f"{type(exc).__name__}: {exc}")
+            raise EvaluationFailedError(f"evaluation failed: {type(exc).__name__}: {exc}") from exc
+        if dist_util.get_world_size() > 1:
+            atomic_write_text(done, "")
+    else:
+        while not (os.path.exists(done) or os.path.exists(failed)):
+            time.sleep(POLL_SECONDS)
+        if os.path.exists(failed):
+            with open(failed) as f:
+                raise EvaluationFailedError(f"evaluation failed: {f.read()}")
     dist_util.barrier()
+    if dist_util.get_rank() == 0:
+        for path in (done, failed):
+            if os.path.exists(path):
+                os.remove(path)
     return result
 
 
@@ -294,11 +344,15 @@ def run_sweep(sweep, cells, evaluate_fn=None, table_fn=None, model_wrapper=None)
     """Check every cell, then sample them in turn (collective), then :func:`after_runs`. Returns run dirs."""
     dist_util.setup_dist()
     check_evaluation(sweep, evaluate_fn)
+    if dist_util.get_rank() == 0:  # before the first collective below, so no rank sees a stale marker
+        for path in _markers(sweep):
+            if os.path.exists(path):
+                os.remove(path)
     plans, devices = [], []
     for cell in cells:  # every out_dir and checkpoint path first: nothing is loaded or sampled yet
-        device = sample_run.resolve_device(cell.settings)
+        device = resolve_device(cell.settings)
         try:
-            plans.append(sample_run.prepare(cell.settings, device))
+            plans.append(prepare(cell.settings, device))
         except SampleConfigError as e:
             raise SampleConfigError(f"cell {cell.name}: {e}") from None
         devices.append(device)
@@ -308,64 +362,19 @@ def run_sweep(sweep, cells, evaluate_fn=None, table_fn=None, model_wrapper=None)
             samplers.append(None)
             continue
         try:
-            models = sample_run.load_models(cell.settings, device, cache)
-            samplers.append(sample_run.Sampler(cell.settings, models, device, model_wrapper=model_wrapper))
+            models = load_models(cell.settings, device, cache)
+            samplers.append(Sampler(cell.settings, models, device, model_wrapper=model_wrapper))
         except (SampleConfigError, CheckpointError) as e:
             raise type(e)(f"cell {cell.name}: {e}") from None
-    run_dirs = []
     for i, (cell, plan, sampler) in enumerate(zip(cells, plans, samplers)):
-        sample_run.configure_logging(cell.out_dir)
+        configure_logging(cell.out_dir)
         if dist_util.get_rank() == 0:
             logger.log(f"sweep cell {i + 1}/{len(cells)}: {cell.name}")
-        sample_run.execute(plan, sampler)
-        run_dirs.append(cell.out_dir)
+        execute(plan, sampler)
     logger.configure(dir=sweep.out_dir, format_strs=["stdout", "log"])
-    after_runs(run_dirs, sweep, evaluate_fn, table_fn)
-    return run_dirs
+    after_runs(cells, sweep, evaluate_fn, table_fn)
+    return [cell.out_dir for cell in cells]
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Run under mpiexec/torchrun/srun to sample every cell on many GPUs.")
-    p.add_argument("config", help="sweep YAML (base:, grid:, out_dir:, optional ref_batch:)")
-    p.add_argument("--out_dir", help="overrides the config's out_dir")
-    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                   help="list the cells, their state and equivalent commands; sample nothing")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the outputs of cells whose directory holds another configuration")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a base setting of every cell, e.g. --set num_samples=1000 (repeatable)")
-    return p
-
-
-def parse_overrides(items):
-    """``["num_samples=1000", ...]`` -> ``{"num_samples": 1000}`` (values parsed as YAML scalars)."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise SampleConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-    return overrides
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if not args.dry_run:
-        dist_util.setup_dist()
-    try:
-        sweep = load_sweep(args.config, args.out_dir, parse_overrides(args.overrides))
-        cells = expand(sweep, overwrite=args.overwrite)
-        if args.dry_run:
-            print(describe(sweep, cells))
-            return 0
-        run_sweep(sweep, cells)
-    except (SampleConfigError, CheckpointError) as e:
-        sample_run.report_error(e, everywhere=True)
-        return 2
-    except (sample_run.NonFiniteError, sample_run.PeerFailedError) as e:
-        sample_run.report_error(e, everywhere=False)
-        return 1
-    logger.reset()
-    dist_util.cleanup_dist()
-    return 0
+def configure_logging(out_dir):
+    logger.configure(dir=out_dir, format_strs=["stdout", "log"], all_ranks=True)

@@ -2,13 +2,14 @@
 
 Its 128-d pooled features and 10 class logits stand in for Inception's pool_3 features and logits in the
 demo (``make demo``): FID, precision / recall and the classifier score computed on them are
-*demo-feature* metrics of the 32x32 shapes data set (``guided_diffusion.demo_data``), not Inception FID
+*demo-feature* metrics of the 32x32 shapes data set (``demo.data``), not Inception FID
 or Inception Score, and are not comparable with published numbers.
 
     net = load_demo_feature_net("checkpoints/demo/features_demo.pt")
     features, logits = extract(net, images_uint8_nhwc)   # float64 [N, 128], float64 [N, 10]
 
-``scripts/train_demo.py --what features`` trains it.
+``scripts/train_demo.py --what features`` trains it. The evaluator loads it through its extractor seam:
+``evaluate(..., feature_net=PATH, feature_extractor="demo.features:DemoFeatures")``.
 """
 
 import numpy as np
@@ -170,7 +171,8 @@ class DemoFeatures:
     spatial_channels = 7
 
     def __init__(self, path, device=None):
-        from .features import DEMO_FEATURES_MARK, file_sha256
+        from adm_common.files import file_sha256
+        from evaluations.features import DEMO_FEATURES_MARK
 
         self.device = th.device(device or "cpu")
         self.weights_path = str(path)

@@ -1,0 +1,209 @@
+"""Which launcher started this process, and its place in the job, from environment variables alone.
+
+Launchers, detected in this order:
+
+* ``torchrun`` (or anything else that sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``),
+* SLURM ``srun`` steps (``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``/``SLURM_NTASKS``, ``SLURM_LOCALID``; the
+  rendezvous host is the first node of the step),
+* ``mpiexec``/``mpirun`` (Open MPI, MPICH/PMI, PMIx, MVAPICH variables; rank and size then come from mpi4py).
+
+``PAG_DIST_LAUNCHER`` (``torchrun``, ``slurm``, ``mpi`` or ``none``) skips the detection. Nothing here imports
+mpi4py or torch: the process-group set-up (``guided_diffusion.dist_util``), the logger and the evaluator all
+read the job from this one module.
+"""
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import List, Mapping, Optional
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# Variables that an MPI launcher puts into every process it starts.
+_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
+_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+_MPI_LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK",
+                        "PALS_LOCAL_RANKID")
+
+
+@dataclass
+class LaunchInfo:
+    """What the environment says about this process's place in the job."""
+
+    launcher: str  # "torchrun", "slurm", "mpi" or "none"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+def _int_var(env: Mapping[str, str], name: str) -> int:
+    raw = env.get(name)
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def _first_var(env: Mapping[str, str], names) -> Optional[str]:
+    for name in names:
+        if env.get(name, "") != "":
+            return name
+    return None
+
+
+def expand_slurm_nodelist(nodelist: str) -> List[str]:
+    """Expand a SLURM host list such as ``gpu[01-03,07],login1`` into host names.
+
+    Uses ``scontrol show hostnames`` when it is on PATH; otherwise a parser for the common
+    forms (comma-separated hosts, one bracketed range group per host, zero padding kept).
+    """
+    nodelist = nodelist.strip()
+    if not nodelist:
+        raise ValueError("empty SLURM node list")
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
+                                 capture_output=True, text=True, timeout=30).stdout.split()
+            if out:
+                return out
+        except (OSError, subprocess.SubprocessError):
+            pass  # fall back to parsing below
+    hosts: List[str] = []
+    parts: List[str] = []
+    depth, cur = 0, ""
+    for ch in nodelist:  # split on commas that are not inside brackets
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    for part in parts:
+        if "[" not in part:
+            hosts.append(part)
+            continue
+        prefix, _, rest = part.partition("[")
+        body, _, suffix = rest.partition("]")
+        if "[" in suffix:
+            raise ValueError(f"cannot expand SLURM node list {nodelist!r} without scontrol")
+        for item in body.split(","):
+            if "-" in item:
+                lo, hi = item.split("-", 1)
+                width = len(lo)
+                hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1))
+            else:
+                hosts.append(f"{prefix}{item}{suffix}")
+    return hosts
+
+
+def _slurm_port(env: Mapping[str, str]) -> int:
+    """A port every task of the step derives alike, without talking to the others."""
+    job = int(env.get("SLURM_JOB_ID", env.get("SLURM_JOBID", "0")) or 0)
+    step = int(env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "0")) or 0)
+    return 15000 + (job * 7 + step) % 20000
+
+
+def _detect_torchrun(env: Mapping[str, str]) -> LaunchInfo:
+    missing = [v for v in _TORCHRUN_VARS if env.get(v, "") == ""]
+    if missing:
+        raise ValueError(
+            "torchrun-style launch detected (RANK/WORLD_SIZE set) but "
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; set all of "
+            f"{', '.join(_TORCHRUN_VARS)} or launch with torchrun")
+    return LaunchInfo("torchrun", _int_var(env, "RANK"), _int_var(env, "WORLD_SIZE"),
+                      _int_var(env, "LOCAL_RANK"), env["MASTER_ADDR"], _int_var(env, "MASTER_PORT"))
+
+
+def _detect_slurm(env: Mapping[str, str]) -> LaunchInfo:
+    size_var = "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
+    world = _int_var(env, size_var)
+    rank = _int_var(env, "SLURM_PROCID")
+    local = _int_var(env, "SLURM_LOCALID") if env.get("SLURM_LOCALID") else 0
+    addr = env.get("MASTER_ADDR") or None
+    if addr is None:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if nodelist:
+            addr = expand_slurm_nodelist(nodelist)[0]
+    if addr is None:
+        addr = env.get("SLURM_LAUNCH_NODE_IPADDR") or None
+    if addr is None:
+        raise ValueError("SLURM launch detected but no rendezvous host: none of MASTER_ADDR, "
+                         "SLURM_STEP_NODELIST, SLURM_JOB_NODELIST, SLURM_LAUNCH_NODE_IPADDR is set")
+    port = _int_var(env, "MASTER_PORT") if env.get("MASTER_PORT") else _slurm_port(env)
+    return LaunchInfo("slurm", rank, world, local, addr, port)
+
+
+def _mpi_env_size_rank(env: Mapping[str, str]):
+    size_name = _first_var(env, _MPI_SIZE_VARS)
+    rank_name = _first_var(env, _MPI_RANK_VARS)
+    size = _int_var(env, size_name) if size_name else None
+    rank = _int_var(env, rank_name) if rank_name else None
+    return size, rank
+
+
+def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
+    """Work out the launcher from environment variables alone (never imports mpi4py).
+
+    For MPI the result only says ``launcher="mpi"``; the rank and size come from mpi4py
+    in ``setup_dist``.  A SLURM step whose variables disagree with those of an MPI launcher
+    (``mpiexec`` run inside an ``sbatch`` script inherits the batch step's SLURM_PROCID=0)
+    is treated as an MPI launch.  The batch script itself (no ``SLURM_STEP_ID``) is not a
+    SLURM launch: ``python script.py`` in an sbatch script runs as one process.
+    """
+    env = os.environ if env is None else env
+    forced = env.get("PAG_DIST_LAUNCHER", "").strip().lower()
+    if forced and forced not in ("torchrun", "slurm", "mpi", "none"):
+        raise ValueError(f"PAG_DIST_LAUNCHER={forced!r}: expected torchrun, slurm, mpi or none")
+    if forced == "none":
+        return LaunchInfo("none")
+    if forced == "torchrun" or (not forced and env.get("RANK", "") != "" and env.get("WORLD_SIZE", "") != ""):
+        return _detect_torchrun(env)
+    if forced == "mpi":
+        return LaunchInfo("mpi")
+
+    mpi_size, mpi_rank = _mpi_env_size_rank(env)
+    in_srun_step = env.get("SLURM_PROCID", "") != "" and (
+        env.get("SLURM_STEP_ID", "") != "" or env.get("SLURM_STEPID", "") != ""
+        or env.get("SLURM_STEP_NUM_TASKS", "") != "")
+    if forced == "slurm" or in_srun_step:
+        info = _detect_slurm(env)
+        consistent = (mpi_size is None or mpi_size == info.world_size) and (
+            mpi_rank is None or mpi_rank == info.rank)
+        if forced == "slurm" or consistent:
+            return info if info.world_size > 1 or forced == "slurm" else LaunchInfo("none")
+        return LaunchInfo("mpi")
+    if mpi_size is not None and mpi_size > 1:
+        return LaunchInfo("mpi")
+    return LaunchInfo("none")
+
+
+def rank_from_env(env: Optional[Mapping[str, str]] = None) -> int:
+    """This process's rank as far as the environment tells it (before or without a process group): the
+    launcher's, else any rank variable a launcher sets (a lone ``RANK`` too), else 0."""
+    env = os.environ if env is None else env
+    try:
+        info = detect_launch(env)
+    except ValueError:  # incomplete torchrun variables: still a rank for the logger
+        info = None
+    if info is not None and info.launcher in ("torchrun", "slurm"):
+        return info.rank
+    for name in ("RANK",) + _MPI_RANK_VARS:
+        if env.get(name, "").isdigit():
+            return int(env[name])
+    return 0
+
+
+def mpi_local_rank(env: Optional[Mapping[str, str]] = None) -> Optional[int]:
+    """The node-local rank an MPI launcher put into the environment, or None."""
+    env = os.environ if env is None else env
+    name = _first_var(env, _MPI_LOCAL_RANK_VARS)
+    return _int_var(env, name) if name else None

@@ -1,0 +1,270 @@
+"""npz files of images: reading headers and streaming rows, checking image batches, and writing npz files
+atomically and deterministically, member by member.
+
+An ``.npz`` is a zip of ``.npy`` members. An image batch (upstream's format, what the sampler writes and
+the ADM reference batches hold) keeps uint8 N x H x W x 3 images in ``arr_0`` and, for class-conditional
+models, int64 labels in ``arr_1``. :class:`NpzImages` streams ``arr_0`` from the zip member, so a
+50k x 256 x 256 x 3 file (10 GB) is never in memory at once; :class:`NpzWriter` writes members as stored
+(uncompressed) zip entries chunk by chunk with a fixed timestamp, so the same arrays always give the same
+bytes, and the file appears only complete.
+"""
+
+import os
+import zipfile
+
+import numpy as np
+from numpy.lib import format as npy_format
+
+from .files import fsync_dir, remove_quietly, tmp_path_for
+
+# Zip entries' timestamp (the earliest zip can hold): same arrays -> same file bytes.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+SAVE_HINT = "samples are saved as ((x + 1) * 127.5).clamp(0, 255).to(uint8)"
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+def read_npy_header(f):
+    """(shape, fortran_order, dtype) from an open ``.npy`` stream positioned at its start; the stream is
+    left at the first data byte. Raises ValueError for a header version numpy cannot read here."""
+    version = npy_format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = npy_format.read_array_header_1_0(f)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = npy_format.read_array_header_2_0(f)
+    else:
+        raise ValueError(f"unsupported .npy format version {version}")
+    return tuple(shape), bool(fortran), np.dtype(dtype)
+
+
+def npz_members(zf):
+    """{array name: zip member name} of an open ``ZipFile``."""
+    return {n[:-4]: n for n in zf.namelist() if n.endswith(".npy")}
+
+
+def npz_header(path, name):
+    """(shape, dtype) of member ``name`` of an npz, read from its header only."""
+    with zipfile.ZipFile(path) as zf:
+        members = npz_members(zf)
+        if name not in members:
+            raise ValueError(f"{path} has no array {name} (it has {', '.join(sorted(members)) or 'nothing'})")
+        with zf.open(members[name]) as f:
+            shape, _, dtype = read_npy_header(f)
+    return shape, dtype
+
+
+def _check_layout(shape, where):
+    if len(shape) != 4:
+        raise ValueError(f"{where} must be N x H x W x 3 images, got shape {tuple(shape)}")
+    if shape[-1] != 3:
+        hint = " (this looks like N x C x H x W; expected channels last)" if shape[1] == 3 else ""
+        raise ValueError(f"{where} must have 3 channels in the last axis (N x H x W x 3), got shape "
+                         f"{tuple(shape)}{hint}")
+
+
+def _check_integer(dtype, where):
+    dtype = np.dtype(dtype)
+    if dtype.hasobject or not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"{where} must be uint8 images in 0..255, got dtype {dtype} ({SAVE_HINT})")
+
+
+def check_image_header(shape, dtype, where="images"):
+    """Raise a ValueError unless (shape, dtype) describe N >= 1 integer images N x H x W x 3."""
+    _check_layout(shape, where)
+    if shape[0] == 0:
+        raise ValueError(f"{where} holds no images")
+    _check_integer(dtype, where)
+
+
+def check_image_batch(images, where="images"):
+    """Validate a batch of images: N x H x W x 3, integers in 0..255. Returns it as uint8."""
+    images = np.asarray(images)
+    _check_layout(images.shape, where)
+    if images.dtype == np.uint8:
+        return images
+    _check_integer(images.dtype, where)
+    if images.size and (images.min() < 0 or images.max() > 255):
+        raise ValueError(f"{where} out of range: values {images.min()}..{images.max()}, expected 0..255")
+    return images.astype(np.uint8)
+
+
+class NpzImages:
+    """Lazy view of an image array (``arr_0``) in an npz: shape and dtype from the header, data streamed."""
+
+    def __init__(self, path, key="arr_0"):
+        self.path = str(path)
+        self.key = key
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"no such npz file: {self.path}")
+        if not zipfile.is_zipfile(self.path):
+            raise ValueError(f"{self.path} is not an npz (zip) file")
+        with zipfile.ZipFile(self.path) as zf:
+            members = npz_members(zf)
+            if key not in members:
+                raise ValueError(f"{self.path} has no '{key}' array (it has: {', '.join(members) or 'nothing'}); "
+                                 f"image batches keep their uint8 N x H x W x 3 images in '{key}'")
+            self.member = members[key]
+            try:
+                with zf.open(self.member) as f:
+                    self.shape, self.fortran_order, self.dtype = read_npy_header(f)
+                self.header_ok = True
+            except ValueError:  # a header version this numpy cannot parse by hand: load it whole
+                self.header_ok = False
+        self.keys = list(members)
+        if not self.header_ok:
+            arr = self._load_whole()
+            self.shape, self.fortran_order, self.dtype = arr.shape, False, arr.dtype
+        check_image_header(self.shape, self.dtype, f"{self.path}: {key}")
+
+    def __len__(self):
+        return int(self.shape[0])
+
+    @property
+    def num_images(self):
+        return int(self.shape[0])
+
+    def _load_whole(self):
+        with np.load(self.path, allow_pickle=False) as obj:
+            return np.ascontiguousarray(obj[self.key])
+
+    def iter_batches(self, batch_size, start=0, stop=None):
+        """Yield uint8 arrays of at most ``batch_size`` images, for images ``start:stop``."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        stop = self.num_images if stop is None else min(stop, self.num_images)
+        if start >= stop:
+            return
+        if self.fortran_order or not self.header_ok:
+            arr = self._load_whole()
+            for i in range(start, stop, batch_size):
+                yield check_image_batch(arr[i:min(i + batch_size, stop)])
+            return
+        row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
+            read_npy_header(f)
+            if start:
+                f.seek(start * row_bytes, os.SEEK_CUR)
+            for i in range(start, stop, batch_size):
+                n = min(batch_size, stop - i)
+                data = f.read(n * row_bytes)
+                if len(data) != n * row_bytes:
+                    raise ValueError(f"{self.path}: '{self.key}' is truncated (wanted {n * row_bytes} bytes at "
+                                     f"image {i}, got {len(data)})")
+                yield check_image_batch(np.frombuffer(data, dtype=self.dtype).reshape((n,) + tuple(self.shape[1:])))
+
+    def first(self, n):
+        """The first ``n`` images (fewer if the batch is smaller), reading nothing beyond them."""
+        return next(self.iter_batches(max(1, min(n, self.num_images))))
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+class ArrayStream:
+    """One ``.npy`` member being written: ``write`` chunks of rows until ``shape[0]`` rows are in."""
+
+    def __init__(self, fileobj, name, shape, dtype):
+        self._f = fileobj
+        self.name = name
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.rows = 0
+        header = {"descr": npy_format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
+        npy_format.write_array_header_1_0(self._f, header)
+
+    def write(self, chunk):
+        chunk = np.asarray(chunk)
+        if chunk.dtype != self.dtype:
+            raise ValueError(f"{self.name}: chunk of dtype {chunk.dtype}, the array is {self.dtype}")
+        if tuple(chunk.shape[1:]) != self.shape[1:]:
+            raise ValueError(f"{self.name}: chunk of shape {chunk.shape}, rows of the array are {self.shape[1:]}")
+        if self.rows + len(chunk) > self.shape[0]:
+            raise ValueError(f"{self.name}: {self.rows + len(chunk)} rows written, the array has {self.shape[0]}")
+        self._f.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+        self.rows += len(chunk)
+
+    def finish(self):
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.name}: {self.rows} rows written, the array has {self.shape[0]}")
+
+
+class _MemberContext:
+    def __init__(self, writer, name, shape, dtype):
+        self.writer, self.name, self.shape, self.dtype = writer, name, shape, dtype
+
+    def __enter__(self):
+        self.f = self.writer._open_member(self.name)
+        self.stream = ArrayStream(self.f, self.name, self.shape, self.dtype)
+        return self.stream
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self.stream.finish()
+        finally:
+            self.f.close()
+        return False
+
+
+class NpzWriter:
+    """Write an ``.npz`` atomically, member by member, streaming large arrays.
+
+        with NpzWriter(path) as w:
+            with w.stream("arr_0", (n, 256, 256, 3), np.uint8) as s:
+                for chunk in chunks:
+                    s.write(chunk)
+            w.write("arr_1", labels)
+
+    The file appears at ``path`` only when the ``with`` block ends without an exception; otherwise the
+    temporary file is removed and ``path`` is untouched.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self._tmp = None
+        self._zip = None
+        self._names = set()
+
+    def __enter__(self):
+        self._tmp = tmp_path_for(self.path)
+        self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        return self
+
+    def _open_member(self, name):
+        if name in self._names:
+            raise ValueError(f"{self.path}: member {name} written twice")
+        self._names.add(name)
+        info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+        info.compress_type = zipfile.ZIP_STORED
+        info.external_attr = 0o644 << 16
+        return self._zip.open(info, "w", force_zip64=True)
+
+    def stream(self, name, shape, dtype):
+        return _MemberContext(self, name, shape, dtype)
+
+    def write(self, name, array):
+        array = np.asarray(array)
+        if array.ndim == 0:
+            raise ValueError(f"{name}: scalars are not supported, write a 1-element array")
+        with self.stream(name, array.shape, array.dtype) as s:
+            s.write(array)
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self._zip.close()
+            if exc_type is None:
+                with open(self._tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(self._tmp, self.path)
+                fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        finally:
+            if exc_type is not None or os.path.exists(self._tmp):
+                remove_quietly(self._tmp)
+        return False
+
+
+def samples_filename(num_samples, height, width):
+    """Upstream's name for a sample batch: ``samples_{N}x{H}x{W}x3.npz``."""
+    return f"samples_{num_samples}x{height}x{width}x3.npz"

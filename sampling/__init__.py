@@ -1,0 +1,37 @@
+"""Sampling at scale: the run schema, run planning and resume, the sampler, sharded npz output and sweeps.
+
+Layers (one way): ``adm_common`` < ``guided_diffusion`` < ``pag`` < ``sampling``; ``evaluations`` (which
+needs only ``adm_common``) is called by the sweep after sampling. The model configs of the official
+checkpoints ship with this package (``sampling/configs/``).
+
+    settings = sampling.resolve_settings([("my settings", {"model": "256x256_diffusion", "out_dir": "out",
+                                                           "pag_scale": 3.0, "num_samples": 1000})])
+    sampling.run(settings)        # -> out/samples_1000x256x256x3.npz
+"""
+
+from .execute import PeerFailedError, execute
+from .models import Models, build_diffusion, load_models
+from .plan import RunPlan, prepare, resolve_device
+from .run import run
+from .sampler import NonFiniteError, Sampler, sample_labels, sample_seeds
+from .settings import RunSettings, SampleConfigError, build_settings, resolve_settings
+
+__all__ = [
+    "Models",
+    "NonFiniteError",
+    "PeerFailedError",
+    "RunPlan",
+    "RunSettings",
+    "SampleConfigError",
+    "Sampler",
+    "build_diffusion",
+    "build_settings",
+    "execute",
+    "load_models",
+    "prepare",
+    "resolve_device",
+    "resolve_settings",
+    "run",
+    "sample_labels",
+    "sample_seeds",
+]

@@ -1,0 +1,142 @@
+"""The command lines of ``scripts/image_sample.py`` and ``scripts/sweep.py``: flags, one exit-code mapping,
+and the process-wide settings a sampling process wants (set here, in the entry point, not on import).
+
+Exit status: 0 done, 2 bad input (reported before anything is sampled or deleted), 1 a failed run (non-finite
+samples, a failed peer process or evaluation; finished shards are kept).
+"""
+
+import argparse
+import sys
+
+import torch as th
+import yaml
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.checkpoint import CheckpointError
+from guided_diffusion.script_util import str2bool
+
+from .allocator import tune_cpu_allocator
+from .execute import PeerFailedError
+from .run import run
+from .sampler import NonFiniteError
+from .settings import HELP, SampleConfigError, read_yaml_mapping, resolve_settings, sample_defaults
+from .sweep import EvaluationFailedError, describe, expand, load_sweep, run_sweep
+
+SAMPLE_DESCRIPTION = "Sample N images with PAG / SAG / classifier guidance into an upstream-format npz, resumably."
+SWEEP_DESCRIPTION = "Sweeps: a base configuration and a grid of values, one resumable sampling run per grid cell."
+
+
+def _flag_type(default):
+    if isinstance(default, bool):
+        return str2bool
+    return str if default is None else type(default)
+
+
+def build_sample_parser():
+    parser = argparse.ArgumentParser(description=SAMPLE_DESCRIPTION, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="settings file (keys are flag names); command-line flags win")
+    for key, default in sample_defaults().items():
+        kwargs = dict(type=_flag_type(default), default=argparse.SUPPRESS,
+                      help=f"{HELP.get(key, '')} (default: {default!r})".strip())
+        if isinstance(default, bool):
+            kwargs.update(nargs="?", const=True, metavar="BOOL")
+        parser.add_argument(f"--{key}", **kwargs)
+    return parser
+
+
+def resolve_cli(argv=None):
+    """The checked ``RunSettings`` of a command line (and its ``--config`` file)."""
+    given = vars(build_sample_parser().parse_args(argv))
+    config = given.pop("config", None)
+    layers = [(f"--config {config}", read_yaml_mapping(config))] if config else []
+    layers.append(("the command line", given))
+    return resolve_settings(layers)
+
+
+def build_sweep_parser():
+    p = argparse.ArgumentParser(description=SWEEP_DESCRIPTION,
+                                epilog="Run under mpiexec/torchrun/srun to sample every cell on many GPUs.")
+    p.add_argument("config", help="sweep YAML (base:, grid:, out_dir:, optional ref_batch:)")
+    p.add_argument("--out_dir", help="overrides the config's out_dir")
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                   help="list the cells, their state and equivalent commands; sample nothing")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of cells whose directory holds another configuration")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base setting of every cell, e.g. --set num_samples=1000 (repeatable)")
+    return p
+
+
+def parse_overrides(items):
+    """``["num_samples=1000", ...]`` -> ``{"num_samples": 1000}`` (values parsed as YAML scalars)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SampleConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return overrides
+
+
+def report_error(error, everywhere):
+    """Print ``error`` once (rank 0) for errors every rank raised alike, else on this rank."""
+    if everywhere and dist_util.get_rank() != 0:
+        return
+    prefix = f"[rank {dist_util.get_rank()}] " if dist_util.get_world_size() > 1 and not everywhere else ""
+    print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
+
+
+def _prepare_process(settings_list):
+    """Process-wide settings of a sampling process (entry points only)."""
+    if any((s.runtime.device or ("cuda" if th.cuda.is_available() else "cpu")).startswith("cpu")
+           for s in settings_list):
+        tune_cpu_allocator()  # large activations would page-fault in at every step
+
+
+def exit_code(body):
+    """Run ``body()`` and map its outcome to the exit status (the one mapping of both commands)."""
+    try:
+        body()
+    except (SampleConfigError, CheckpointError) as e:
+        report_error(e, everywhere=True)
+        return 2
+    except (NonFiniteError, PeerFailedError) as e:
+        report_error(e, everywhere=False)
+        return 1
+    except EvaluationFailedError as e:
+        report_error(e, everywhere=True)
+        return 1
+    logger.reset()
+    dist_util.cleanup_dist()
+    return 0
+
+
+def main(argv=None, on_shard_written=None):
+    """``scripts/image_sample.py``."""
+    dist_util.setup_dist()
+
+    def body():
+        settings = resolve_cli(argv)
+        _prepare_process([settings])
+        run(settings, on_shard_written=on_shard_written)
+
+    return exit_code(body)
+
+
+def sweep_main(argv=None):
+    """``scripts/sweep.py``."""
+    args = build_sweep_parser().parse_args(argv)
+    if not args.dry_run:
+        dist_util.setup_dist()
+
+    def body():
+        sweep = load_sweep(args.config, args.out_dir, parse_overrides(args.overrides))
+        cells = expand(sweep, overwrite=args.overwrite)
+        if args.dry_run:
+            print(describe(sweep, cells))
+            return
+        _prepare_process([cell.settings for cell in cells])
+        run_sweep(sweep, cells)
+
+    return exit_code(body)

@@ -1,0 +1,60 @@
+"""Images of a run: upstream's uint8 conversion, grids, side-by-side comparisons and PNG files (atomic)."""
+
+import io
+import math
+
+import numpy as np
+
+from adm_common.files import atomic_write_bytes
+
+
+def to_uint8_nhwc(x):
+    """Images in [-1, 1] (N, C, H, W tensor) to upstream's uint8 NHWC array."""
+    import torch as th
+
+    return ((x + 1) * 127.5).clamp(0, 255).to(th.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def image_grid(images, columns=None, pad=0, pad_value=0):
+    """(N, H, W, 3) uint8 -> one image of ``columns`` cells per row (default: about square).
+
+    ``pad`` pixels of ``pad_value`` separate and surround the cells; empty cells are ``pad_value``.
+    """
+    images = np.asarray(images)
+    n, h, w, c = images.shape
+    columns = columns or max(1, math.ceil(math.sqrt(n)))
+    rows = max(1, math.ceil(n / columns))
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), pad_value, np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top:top + h, left:left + w] = image
+    return grid
+
+
+def save_png(image, path, zoom=1):
+    """Write an (H, W, 3) uint8 array as a PNG, atomically, enlarged ``zoom`` times without smoothing."""
+    from PIL import Image
+
+    picture = Image.fromarray(image)
+    if zoom != 1:
+        picture = picture.resize((image.shape[1] * zoom, image.shape[0] * zoom), Image.NEAREST)
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_grid(images, path):
+    """Save a grid of ``images`` as a PNG, atomically."""
+    save_png(image_grid(images), path)
+
+
+def save_side_by_side(left, right, path, columns=8, gap=6, zoom=3):
+    """Two grids of ``columns`` on a white background, ``left`` beside ``right`` (e.g. the same seeds
+    without and with guidance), enlarged ``zoom`` times without smoothing; written atomically as PNG."""
+    a = image_grid(left, columns, pad=2, pad_value=255)
+    b = image_grid(right, columns, pad=2, pad_value=255)
+    canvas = np.full((max(a.shape[0], b.shape[0]), a.shape[1] + gap + b.shape[1], 3), 255, np.uint8)
+    canvas[: a.shape[0], : a.shape[1]] = a
+    canvas[: b.shape[0], a.shape[1] + gap:] = b
+    save_png(canvas, path, zoom)

@@ -1,0 +1,102 @@
+"""Drawing samples by index: per-sample seeds, guided model function, the diffusion loop.
+
+Sample i's class label, its x_T and every step's noise come from generators seeded with ``(seed, i)`` only
+(the noise generator lives on the sampling device, so CPU and GPU runs differ), and random perturbations get a
+per-sample ``row_seeds`` from the same pair: a sample does not depend on the batch size, the number of processes
+or which process drew it.
+"""
+
+import numpy as np
+import torch as th
+
+import pag
+from guided_diffusion.script_util import NUM_CLASSES
+
+from .images import to_uint8_nhwc
+from .models import build_diffusion
+from .settings import SampleConfigError
+
+
+class NonFiniteError(RuntimeError):
+    """A sample became NaN or infinite."""
+
+
+def sample_seeds(seed, index):
+    """(noise seed, label seed, row seed) of sample ``index``: functions of (seed, index) only."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(3, dtype=np.uint64)
+    return int(state[0]), int(state[1]), int(state[2]) & (2**63 - 1)
+
+
+def sample_labels(seed, indices, num_classes=NUM_CLASSES):
+    """Class labels of samples ``indices``: uniform over ``num_classes``, each from (seed, i) only."""
+    return np.array([np.random.default_rng(sample_seeds(seed, i)[1]).integers(num_classes) for i in indices],
+                    dtype=np.int64)
+
+
+def format_indices(indices, limit=20):
+    shown = ", ".join(str(i) for i in indices[:limit])
+    return shown + (f", ... ({len(indices)} in all)" if len(indices) > limit else "")
+
+
+class Sampler:
+    """Draws samples by index: ``sample([i, j, ...]) -> (uint8 NHWC images, int64 labels or None)``.
+
+    ``model_wrapper(fn) -> fn`` wraps the guided model function (tests inject faults with it).
+    """
+
+    def __init__(self, settings, models, device, model_wrapper=None):
+        self.settings = settings
+        self.device = device
+        self.diffusion = build_diffusion(settings)
+        try:
+            guided = pag.guide(models.model, settings.guidance, diffusion=self.diffusion)
+        except ValueError as e:
+            raise SampleConfigError(f"guidance settings: {e}") from None
+        class_cond = settings.model.class_cond
+
+        def model_fn(x, t, y=None, **kwargs):
+            # An unconditional network gets no labels (they are there for the classifier).
+            return guided(x, t, y=y, **kwargs) if class_cond else guided(x, t, **kwargs)
+
+        self.model_fn = model_wrapper(model_fn) if model_wrapper else model_fn
+        self.cond_fn = None
+        if models.classifier is not None:
+            self.cond_fn = pag.classifier_cond_fn(models.classifier, settings.guidance.classifier_scale)
+        self.with_labels = bool(class_cond or models.classifier is not None)
+
+    def sample(self, indices):
+        s, device = self.settings, self.device
+        seed = s.sampling.seed
+        seeds = [sample_seeds(seed, i) for i in indices]
+        generators = [th.Generator(device=device).manual_seed(noise_seed) for noise_seed, _, _ in seeds]
+        batch = len(indices)
+
+        def randn_like(x):  # row j's noise comes from sample indices[j]'s generator, in draw order
+            if x.shape[0] != batch:
+                raise RuntimeError(f"noise requested for {x.shape[0]} rows, the batch has {batch}")
+            noise = [th.randn(tuple(x.shape[1:]), generator=g, device=device) for g in generators]
+            return th.stack(noise).to(x.dtype)
+
+        model_kwargs = {"row_seeds": th.tensor([r for _, _, r in seeds], dtype=th.int64, device=device)}
+        labels = None
+        if self.with_labels:
+            labels = sample_labels(seed, indices, s.sampling.num_classes)
+            model_kwargs["y"] = th.from_numpy(labels).to(device)
+        loop = self.diffusion.ddim_sample_loop_progressive if s.sampling.use_ddim else \
+            self.diffusion.p_sample_loop_progressive
+        steps = self.diffusion.num_timesteps
+        timestep_map = getattr(self.diffusion, "timestep_map", list(range(steps)))
+        size = s.model.image_size
+        sample = None
+        for step, out in enumerate(loop(self.model_fn, (batch, 3, size, size), clip_denoised=s.sampling.clip_denoised,
+                                        cond_fn=self.cond_fn, model_kwargs=model_kwargs, device=device,
+                                        randn_like=randn_like)):
+            sample = out["sample"]
+            finite = th.isfinite(sample).flatten(1).all(dim=1)
+            if not bool(finite.all()):
+                bad = [indices[j] for j in (~finite).nonzero().flatten().tolist()]
+                raise NonFiniteError(
+                    f"non-finite values in sample(s) {format_indices(bad)} at step {step + 1} of {steps} "
+                    f"(timestep {timestep_map[steps - 1 - step]}); the run stopped, finished shards in "
+                    f"{s.out_dir}/shards are intact")
+        return to_uint8_nhwc(sample), labels

@@ -1,0 +1,362 @@
+"""The run schema: every setting of a sampling run, typed, built and validated once.
+
+A run's settings come in five groups (dataclasses): ``model`` (upstream's model and classifier flags and the
+checkpoint paths), ``diffusion`` (upstream's diffusion flags), ``guidance`` (``pag.GuidanceConfig``),
+``sampling`` (what decides the samples besides those: seed, count, sampler) and ``runtime`` (what does not
+change any image: batch size, device, output directory). Each setting is also a flag of
+``scripts/image_sample.py`` under the same name, and a key of a ``--config`` YAML file or a sweep's ``base:``.
+
+Precedence, lowest first: defaults, ``--model``'s flags, ``--config FILE.yaml``, the command line.
+:func:`build_settings` checks everything and names every problem in one :class:`SampleConfigError`.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import math
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+import pag
+from guided_diffusion.respace import space_timesteps
+from guided_diffusion.script_util import NUM_CLASSES, classifier_defaults, diffusion_defaults
+from guided_diffusion.script_util import model_and_diffusion_defaults, str2bool
+
+from .model_configs import CONFIG_DIR, DEFAULT_MODEL_DIR, ModelConfigError, known_names, load_model_config
+
+
+class SampleConfigError(ValueError):
+    """Bad settings or an unusable out_dir; raised on every rank before any sampling."""
+
+
+def _group(name, defaults, doc):
+    cls = dataclasses.make_dataclass(name, [(k, type(v), field(default=v)) for k, v in defaults.items()])
+    cls.__doc__ = doc
+    cls.__module__ = __name__
+    return cls
+
+
+_DIFFUSION = diffusion_defaults()
+ModelSettings = _group("ModelSettings", dict(
+    {k: v for k, v in model_and_diffusion_defaults().items() if k not in _DIFFUSION},
+    model_path="",
+    classifier_path="",
+    **{k: v for k, v in classifier_defaults().items() if k != "image_size"},
+), "Upstream's model and classifier flags (their defaults are upstream's) and the checkpoints to load.")
+DiffusionSettings = _group("DiffusionSettings", _DIFFUSION, "Upstream's diffusion flags.")
+
+
+@dataclass
+class SamplingSettings:
+    """What, besides model, diffusion and guidance, decides the samples."""
+
+    num_samples: int = 10000
+    seed: int = 0  # sample i depends only on (seed, i)
+    use_ddim: bool = False
+    clip_denoised: bool = True
+    num_classes: int = NUM_CLASSES  # labels are drawn uniformly from [0, num_classes)
+    shard_size: int = 256
+
+
+@dataclass
+class RuntimeSettings:
+    """Settings that do not change the samples: they may differ between a run and its resumption."""
+
+    model: str = ""  # official checkpoint name or model config path (supplies flags and model_path)
+    batch_size: int = 16
+    out_dir: str = ""
+    device: str = ""
+    overwrite: bool = False
+    keep_shards: bool = False
+
+
+def _run_guidance_defaults():
+    return pag.GuidanceConfig(classifier_scale=1.0)  # upstream's --classifier_scale default
+
+
+@dataclass
+class RunSettings:
+    """Every setting of a run, by group. ``flat()`` gives them by flag name (the run record's form)."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
+    guidance: pag.GuidanceConfig = field(default_factory=_run_guidance_defaults)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+
+    def flat(self):
+        values = {}
+        for group in GROUPS:
+            values.update(dataclasses.asdict(getattr(self, group)))
+        return values
+
+    def identity(self, noise_device):
+        """The settings that decide the samples: a run in the same out_dir must have the same."""
+        ident = {k: v for k, v in self.flat().items() if FLAG_GROUP[k] != "runtime"}
+        ident["noise_device"] = noise_device
+        return plain(ident)
+
+    @property
+    def out_dir(self):
+        return self.runtime.out_dir
+
+    @property
+    def with_labels(self):
+        """Whether samples get class labels (a class-conditional model, or classifier guidance)."""
+        return bool(self.model.class_cond or self.model.classifier_path)
+
+
+GROUPS = ("model", "diffusion", "guidance", "sampling", "runtime")
+HELP = dict(
+    pag.guidance_help(),
+    model="official checkpoint name (configs/models/NAME.yaml) or a model config .yaml path: its flags, and "
+          "model_path downloads/models/FILE unless given",
+    model_path="diffusion checkpoint (local path or URL)",
+    classifier_path="noisy-image classifier checkpoint: enables classifier guidance",
+    num_samples="number of samples N (indices 0..N-1)",
+    batch_size="samples per forward pass (does not change the samples)",
+    seed="sample i depends only on (seed, i)",
+    num_classes="class labels are drawn uniformly from [0, num_classes) (a model trained on fewer classes)",
+    shard_size="samples per shard file (the unit of resumption)",
+    out_dir="output directory (created; resumed if it holds the same configuration)",
+    device="cpu, cuda or cuda:N (default: the GPU of this process's local rank, else the CPU)",
+    overwrite="replace the outputs of a different configuration in out_dir",
+    keep_shards="keep the shard files after merging them",
+)
+
+
+def _flat_defaults():
+    values = {}
+    for group in GROUPS:
+        values.update(dataclasses.asdict(getattr(RunSettings(), group)))
+    return values
+
+
+FLAG_GROUP = {key: group for group in GROUPS for key in dataclasses.asdict(getattr(RunSettings(), group))}
+
+
+def sample_defaults():
+    """Every setting with its default, by flag name (guidance lists as comma-separated flag strings)."""
+    values = _flat_defaults()
+    values.update({k: v for k, v in pag.guidance_defaults().items() if k in ("pag_layers", "guidance_interval")})
+    return values
+
+
+# ------------------------------------------------------------------------------------------ coercion
+
+
+def suggest(key, known):
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def coerce(key, value, default, source):
+    """A YAML value as the type of the flag's default (as the command line would give it)."""
+    where = f"{key} in {source}"
+    if key in ("pag_layers", "guidance_interval") and isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return str2bool(value)
+            except argparse.ArgumentTypeError:
+                pass
+        raise SampleConfigError(f"{where}: expected true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise SampleConfigError(f"{where}: expected an integer, got {value!r}")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise SampleConfigError(f"{where}: expected a number, got {value!r}") from None
+        else:
+            raise SampleConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise SampleConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
+    if isinstance(default, str):
+        if value is None:
+            return ""
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float, str)) for v in value):
+            return ",".join(str(v) for v in value)  # e.g. attention_resolutions: [32, 16, 8]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. timestep_respacing: 250
+        if isinstance(value, str):
+            return value
+        raise SampleConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def check_keys(values, source, allowed=None):
+    known = list(allowed if allowed is not None else sample_defaults())
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        details = ", ".join(f"{k}{suggest(k, known)}" for k in unknown)
+        raise SampleConfigError(f"unknown setting(s) in {source}: {details}; settings are the flag names "
+                                "of scripts/image_sample.py --help")
+
+
+def coerce_all(values, source):
+    check_keys(values, source)
+    defaults = sample_defaults()
+    return {k: coerce(k, v, defaults[k], source) for k, v in values.items()}
+
+
+def read_yaml_mapping(path, what="--config"):
+    """A YAML file holding a mapping (empty file: {}), with errors naming ``what`` it is."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise SampleConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise SampleConfigError(f"{what} {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SampleConfigError(f"{what} {path} must hold a mapping of setting names to values")
+    return data
+
+
+def preset_values(name):
+    """Flags and default model_path of ``--model NAME``: an official checkpoint of ``configs/models/``, or
+    the path of a model config YAML in that format (its ``file`` is then relative to the YAML's folder)."""
+    is_path = str(name).endswith((".yaml", ".yml"))
+    try:
+        entry = load_model_config(name)
+    except ModelConfigError as e:
+        if is_path:
+            raise SampleConfigError(f"--model {name}: {e}") from None
+        entry = None
+    if entry is None or entry.get("kind") != "diffusion":
+        known = known_names(CONFIG_DIR, kind="diffusion")
+        raise SampleConfigError(f"unknown --model {name!r}{suggest(str(name), known)}; the diffusion models of "
+                                f"configs/models/ are: {', '.join(known)} (or give a model config .yaml path)")
+    model_path = Path(name).parent / entry["file"] if is_path else DEFAULT_MODEL_DIR / entry["file"]
+    values = coerce_all(dict(entry.get("flags") or {}), f"--model {name}")
+    values["model_path"] = str(model_path)
+    return values
+
+
+def resolve_settings(layers):
+    """Defaults < ``--model`` flags < each layer in order. ``layers``: [(source, {flag: value})].
+    Returns the checked :class:`RunSettings`."""
+    typed = [(source, coerce_all(values, source)) for source, values in layers]
+    merged = sample_defaults()
+    name = ""
+    for _, values in typed:
+        name = values.get("model", name)
+    if name:
+        merged.update(preset_values(name))
+    for _, values in typed:
+        merged.update(values)
+    return build_settings(merged)
+
+
+def build_settings(values):
+    """Check flat settings and build the :class:`RunSettings`; every problem is named in one error."""
+    s = dict(values)
+    problems = []
+    for key in ("num_samples", "batch_size", "shard_size", "image_size", "diffusion_steps"):
+        if s[key] <= 0:
+            problems.append(f"{key} must be positive, got {s[key]}")
+    if not 1 <= s["num_classes"] <= NUM_CLASSES:
+        problems.append(f"num_classes must lie in [1, {NUM_CLASSES}] (the model's label embedding), "
+                        f"got {s['num_classes']}")
+    if s["seed"] < 0:
+        problems.append(f"seed must be >= 0, got {s['seed']}")
+    if not s["out_dir"]:
+        problems.append("out_dir is required (--out_dir DIR)")
+    if not s["model_path"]:
+        problems.append("model_path is required: --model_path FILE, or --model NAME for an official "
+                        "checkpoint (configs/models/)")
+    if s["device"]:
+        import torch as th
+
+        try:
+            th.device(s["device"])
+        except (RuntimeError, ValueError):
+            problems.append(f"device {s['device']!r} is not a torch device (cpu, cuda, cuda:N)")
+    if s["diffusion_steps"] > 0:
+        try:
+            space_timesteps(s["diffusion_steps"], s["timestep_respacing"] or [s["diffusion_steps"]])
+        except ValueError as e:
+            problems.append(f"timestep_respacing {s['timestep_respacing']!r}: {e}")
+    guidance = None
+    try:
+        guidance = pag.GuidanceConfig.from_dict({k: s[k] for k in s if FLAG_GROUP.get(k) == "guidance"})
+    except (TypeError, ValueError) as e:
+        problems.append(f"guidance settings: {e}")
+    if problems:
+        raise SampleConfigError("; ".join(problems))
+    groups = {}
+    for group in GROUPS:
+        if group == "guidance":
+            groups[group] = guidance
+        else:
+            cls = type(getattr(RunSettings(), group))
+            groups[group] = cls(**{k: s[k] for k in s if FLAG_GROUP.get(k) == group})
+    return RunSettings(**groups)
+
+
+def plain(obj):
+    """As it reads back from YAML (tuples -> lists, ...), so that comparisons are like for like."""
+    return yaml.safe_load(yaml.safe_dump(obj))
+
+
+def _default_identity(device_type):
+    values = dict(sample_defaults(), out_dir="-", model_path="-")
+    return build_settings(values).identity(device_type)
+
+
+def config_differences(old, new, device_type):
+    """Lines naming each setting that differs between a recorded identity and a new one."""
+    defaults = _default_identity(device_type)
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if key not in old and key in new and new[key] == defaults.get(key):
+            continue  # a setting added after that run, at its default
+        if old.get(key, "<unset>") != new.get(key, "<unset>"):
+            lines.append(f"{key}: {old.get(key, '<unset>')!r} there, {new.get(key, '<unset>')!r} now")
+    return lines
+
+
+def to_command(settings, script="scripts/image_sample.py"):
+    """The image_sample.py command line for ``settings``: every flag that differs from its default."""
+    defaults = build_settings(dict(sample_defaults(), out_dir="-", model_path="-")).flat()
+    values = settings.flat()
+    parts = ["python", script]
+    first = ["model_path", "out_dir"]
+    for key in first + [k for k in values if k not in first]:
+        value = values[key]
+        if key == "model" or plain(value) == plain(defaults[key]):
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        parts += [f"--{key}", shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+def sampler_label(settings):
+    """``DDPM-250``, ``DDIM-25``, ...: the sampler as tables name it."""
+    respacing = settings.diffusion.timestep_respacing
+    ddim = settings.sampling.use_ddim or respacing.startswith("ddim")
+    steps = "+".join(s for s in respacing.replace("ddim", "").split(",") if s) if respacing else ""
+    return f"{'DDIM' if ddim else 'DDPM'}-{steps or settings.diffusion.diffusion_steps}"
