@@ -35,6 +35,15 @@ download-refs: install
 download-inception: install
 	$(PY) scripts/download.py inception $(DOWNLOAD_FLAGS)
 
+# DINOv2 ViT-L/14 weights for --metrics ...,fd_dinov2: Meta's dinov2_vitl14_pretrain.pth into torch hub's cache
+# (<torch hub dir>/checkpoints/), checked by loading it. DINOV2_FLAGS="--dest PATH" puts it elsewhere.
+DINOV2_FLAGS ?=
+
+.PHONY: download-dinov2
+
+download-dinov2: install
+	$(PY) -m evaluations.dinov2 --download $(DINOV2_FLAGS)
+
 # Evaluator regression (evaluations/regression.py): evaluates guided-diffusion's pair
 # admnet_guided_upsampled_imagenet256.npz vs VIRTUAL_imagenet256_labeled.npz and prints the differences from the
 # upstream TF evaluator's published numbers; without the files or Inception weights it says how to get them.

@@ -8,7 +8,11 @@ prints the five lines of the upstream evaluator (``Inception Score: ``, ``FID: `
 Protocol (as upstream): features of ``arr_0`` of both files from the 2015 TF Inception (torch-fidelity's
 ``inception-v3-compat``); FID on pool_3 and sFID on the 2023 spatial features, each using the npz's stored
 ``mu``/``sigma`` (``mu_s``/``sigma_s``) when present; Inception Score of the samples in splits of 5000;
-precision/recall (k = 3) between all reference images and all samples on pool_3.
+precision/recall (k = 3) between all reference images and all samples on pool_3, with upstream's float16 distance
+blocks (``--pr-precision float32`` for float32 throughout).
+
+``--metrics`` selects among ``fid,sfid,is,pr,fd_dinov2`` (default ``fid,sfid,is,pr``: the five lines above).
+``fd_dinov2`` adds EDM2's FD_DINOv2 (``evaluations/dinov2.py``) and a line ``FD_DINOv2: `` after them.
 
 Run under ``mpiexec -n N`` (or with torch.distributed initialised), every process extracts a contiguous slice of
 each file and rank 0 computes and prints the metrics.
@@ -25,11 +29,16 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from evaluations.features import RANDOM_WEIGHTS_MARK, InceptionFeatures, MissingInceptionWeights  # noqa: E402
-from evaluations.metrics import frechet_distance, inception_score, precision_recall  # noqa: E402
+from adm_common.files import atomic_write_text  # noqa: E402
+from adm_common.npz import NpzImages  # noqa: E402
+from evaluations.features import (  # noqa: E402
+    RANDOM_WEIGHTS_MARK,
+    InceptionFeatures,
+    MissingInceptionWeights,
+    load_extractor,
+)
+from evaluations.metrics import PR_PRECISIONS, frechet_distance, inception_score, precision_recall  # noqa: E402
 from evaluations.reference import (  # noqa: E402
-    NpzImages,
-    atomic_write_text,
     batch_features,
     default_cache_dir,
     detect_distributed,
@@ -44,26 +53,54 @@ METRIC_LABELS = {
     "sfid": "sFID",
     "precision": "Precision",
     "recall": "Recall",
+    "fd_dinov2": "FD_DINOv2",
 }
+# --metrics names -> result keys. The first four need Inception; fd_dinov2 needs DINOv2.
+METRIC_RESULT_KEYS = {"is": ("inception_score",), "fid": ("fid",), "sfid": ("sfid",), "pr": ("precision", "recall"),
+                      "fd_dinov2": ("fd_dinov2",)}
+METRICS = ("fid", "sfid", "is", "pr", "fd_dinov2")
+DEFAULT_METRICS = ("fid", "sfid", "is", "pr")
+INCEPTION_METRICS = ("fid", "sfid", "is", "pr")
 RESULT_FORMAT = "pag_adm.evaluation/1"
+DEMO_EXTRACTOR = "demo.features:DemoFeatures"  # imported only when --feature-net is given
 _DEFAULT = object()
 
 
-def _describe(path, images, feats, stats_source):
-    return {
+def parse_metrics(metrics=None):
+    """``metrics`` (None, a comma-separated string or a list of names among ``METRICS``) -> a tuple in
+    ``METRICS`` order; None -> ``DEFAULT_METRICS``."""
+    if metrics is None:
+        return DEFAULT_METRICS
+    names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
+    names = [str(n).strip().lower() for n in names if str(n).strip()]
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown)}: choose among {','.join(METRICS)}")
+    if not names:
+        raise ValueError(f"no metric selected: choose among {','.join(METRICS)}")
+    return tuple(m for m in METRICS if m in names)
+
+
+def _describe(path, images, feats, stats_source, dinov2=None):
+    out = {
         "path": os.path.abspath(path),
         "bytes": os.path.getsize(path),
         "num_images": images.num_images,
         "image_shape": list(images.shape[1:]),
-        "sha256": feats.get("sha256"),
+        "sha256": (feats or {}).get("sha256") or (dinov2 or {}).get("sha256"),
         "statistics_from": stats_source,
-        "features_from_cache": bool(feats.get("from_cache")),
+        "features_from_cache": bool((feats or {}).get("from_cache")),
     }
+    if dinov2 is not None:
+        out["dinov2_statistics_from_cache"] = bool(dinov2.get("from_cache"))
+    return out
 
 
 def evaluate(ref_path, sample_path, *, batch_size=64, device=None, inception_weights=None,
              allow_random_weights=False, cache_dir=_DEFAULT, cache_samples=False, extractor=None,
-             split_size=5000, k=3, progress=True, json_path=None, dist=None, feature_net=None):
+             split_size=5000, k=3, progress=True, json_path=None, dist=None, feature_net=None,
+             feature_extractor=DEMO_EXTRACTOR, metrics=None, pr_precision="float16", dinov2_weights=None,
+             dinov2_extractor=None):
     """Evaluate ``sample_path`` against ``ref_path`` (both npz image batches). Returns the result dict (the
     ``--json`` content): ``inception_score``, ``fid``, ``sfid``, ``precision``, ``recall`` and provenance. Under
     several processes, only rank 0 gets it (others None).
@@ -71,10 +108,25 @@ def evaluate(ref_path, sample_path, *, batch_size=64, device=None, inception_wei
     :param cache_dir: features/statistics cache; default ``~/.cache/pag_adm/eval``; None disables it. The
         reference batch is always cached there, the samples only with ``cache_samples``.
     :param extractor: an ``InceptionFeatures`` to reuse (then ``device``/``inception_weights`` are ignored).
-    :param feature_net: the CPU demo's feature network checkpoint (``evaluations/demo_features.py``) to use
-        instead of Inception; every number is then marked ``DEMO-FEATURES``.
+    :param feature_net: a custom feature network's checkpoint to use instead of Inception, loaded by
+        ``feature_extractor`` (``"module:Class"``; default: the CPU demo's, ``demo/features.py``, whose numbers
+        are marked ``DEMO-FEATURES``).
     :param json_path: also write the result there, atomically (temp file, then rename).
+    :param metrics: names among ``fid, sfid, is, pr, fd_dinov2`` (list or comma-separated string); default
+        ``fid, sfid, is, pr``. The result holds only the requested metrics (``is``: ``inception_score``, ``pr``:
+        ``precision`` and ``recall``); Inception runs only for the first four.
+    :param pr_precision: ``"float16"`` (default: upstream's float16 distance blocks with per-block float32
+        fallback) or ``"float32"`` (float32 throughout); see ``evaluations.metrics.precision_recall``. Recorded
+        in the result as ``pr_precision``.
+    :param dinov2_weights: the DINOv2 ViT-L/14 checkpoint for ``fd_dinov2`` (default: torch hub's cache, see
+        ``evaluations/dinov2.py``); ``allow_random_weights`` applies to it too.
+    :param dinov2_extractor: a ``DINOv2Features`` to reuse (then ``dinov2_weights`` is ignored).
     """
+    metrics = parse_metrics(metrics)
+    if pr_precision not in PR_PRECISIONS:
+        raise ValueError(f"pr_precision must be one of {', '.join(PR_PRECISIONS)}, got {pr_precision!r}")
+    use_inception = any(m in INCEPTION_METRICS for m in metrics)
+    use_dinov2 = "fd_dinov2" in metrics
     if cache_dir is _DEFAULT:
         cache_dir = default_cache_dir()
     if batch_size < 1:
@@ -82,70 +134,123 @@ def evaluate(ref_path, sample_path, *, batch_size=64, device=None, inception_wei
     # Validate both inputs before any expensive work.
     ref_images = NpzImages(ref_path)
     sample_images = NpzImages(sample_path)
-    read_npz_statistics(ref_path)
-    read_npz_statistics(sample_path)
+    if use_inception:
+        read_npz_statistics(ref_path)
+        read_npz_statistics(sample_path)
     for images in (ref_images, sample_images):
-        if images.num_images <= k:
+        if "pr" in metrics and images.num_images <= k:
             raise ValueError(f"{images.path}: precision/recall with k = {k} need more than {k} images, "
                              f"got {images.num_images}")
+        if use_dinov2 and images.num_images < 2:
+            raise ValueError(f"{images.path}: FD_DINOv2 needs at least 2 images, got {images.num_images}")
 
     dist = dist or detect_distributed()
     if device is None and dist.world_size > 1 and torch.cuda.is_available():
         device = f"cuda:{dist.rank % torch.cuda.device_count()}"  # one GPU per process on a node
-    if extractor is None and feature_net is not None:
-        from .demo_features import DemoFeatures
-
-        extractor = DemoFeatures(feature_net, device=device)
-    if extractor is None:
+    if not use_inception:
+        extractor = None
+    elif extractor is None and feature_net is not None:
+        extractor = load_extractor(feature_extractor, feature_net, device=device)
+    elif extractor is None:
         extractor = InceptionFeatures(weights_path=inception_weights, allow_random_weights=allow_random_weights,
                                       device=device)
+    if not use_dinov2:
+        dinov2_extractor = None
+    elif dinov2_extractor is None:
+        from evaluations.dinov2 import DINOv2Features
+
+        dinov2_extractor = DINOv2Features(weights_path=dinov2_weights, allow_random_weights=allow_random_weights,
+                                          device=device)
     started = time.time()
-    ref = batch_features(ref_path, extractor, batch_size, cache_dir, progress, dist, desc="reference")
-    sample = batch_features(sample_path, extractor, batch_size, cache_dir if cache_samples else None, progress,
-                            dist, desc="samples")
+    ref = sample = ref_dino = sample_dino = None
+    if extractor is not None:
+        ref = batch_features(ref_path, extractor, batch_size, cache_dir, progress, dist, desc="reference")
+        sample = batch_features(sample_path, extractor, batch_size, cache_dir if cache_samples else None, progress,
+                                dist, desc="samples")
+    if dinov2_extractor is not None:
+        from evaluations.dinov2 import dinov2_statistics
+
+        ref_dino = dinov2_statistics(ref_path, dinov2_extractor, batch_size, cache_dir, progress, dist,
+                                     desc="reference")
+        sample_dino = dinov2_statistics(sample_path, dinov2_extractor, batch_size,
+                                        cache_dir if cache_samples else None, progress, dist, desc="samples")
     if dist.rank != 0:
         return None
 
-    ref_stats, ref_source = image_batch_statistics(ref_path, ref)
-    sample_stats, sample_source = image_batch_statistics(sample_path, sample)
-    result = {
-        "inception_score": inception_score(sample["logits"], split_size=split_size),
-        "fid": frechet_distance(sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"], ref_stats["sigma"]),
-        "sfid": frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"], ref_stats["mu_s"],
-                                 ref_stats["sigma_s"]),
-    }
-    result["precision"], result["recall"] = precision_recall(ref["pool"], sample["pool"], k=k,
-                                                             device=extractor.device)
+    result, marks, settings = {}, {}, {}
+    ref_source = sample_source = None
+    inception_mark = extractor.marker if extractor is not None else None
+    if "fid" in metrics or "sfid" in metrics:
+        ref_stats, ref_source = image_batch_statistics(ref_path, ref)
+        sample_stats, sample_source = image_batch_statistics(sample_path, sample)
+    if "is" in metrics:
+        result["inception_score"] = inception_score(sample["logits"], split_size=split_size)
+    if "fid" in metrics:
+        result["fid"] = frechet_distance(sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"],
+                                         ref_stats["sigma"])
+    if "sfid" in metrics:
+        result["sfid"] = frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"], ref_stats["mu_s"],
+                                          ref_stats["sigma_s"])
+    if "pr" in metrics:
+        blocks = []
+        result["precision"], result["recall"] = precision_recall(ref["pool"], sample["pool"], k=k,
+                                                                 device=extractor.device, pr_precision=pr_precision,
+                                                                 block_log=blocks)
+        settings["pr_blocks"] = {p: sum(b[3] == p for b in blocks) for p in PR_PRECISIONS}
+    for key in result:
+        marks[key] = inception_mark
+    if dinov2_extractor is not None:
+        result["fd_dinov2"] = frechet_distance(sample_dino["mu"], sample_dino["sigma"], ref_dino["mu"],
+                                               ref_dino["sigma"])
+        marks["fd_dinov2"] = dinov2_extractor.marker
+    random_nets = [name for name, ex in (("Inception", extractor), ("DINOv2", dinov2_extractor))
+                   if ex is not None and ex.random_weights]
+    if "pr" in metrics:
+        result["pr_precision"] = pr_precision
     result.update({
         "format": RESULT_FORMAT,
-        "random_weights": extractor.random_weights,
-        "marker": extractor.marker,
-        "ref": _describe(ref_path, ref_images, ref, ref_source),
-        "sample": _describe(sample_path, sample_images, sample, sample_source),
-        "extractor": extractor.id,
-        "inception_weights": extractor.weights_path,
-        "settings": {"batch_size": batch_size, "split_size": split_size, "k": k, "device": str(extractor.device),
-                     "processes": dist.world_size},
-        "versions": _versions(),
+        "metrics": list(metrics),
+        "random_weights": bool(random_nets),
+        # The row's mark (tables): the Inception extractor's, else RANDOM-WEIGHTS when DINOv2's weights are.
+        "marker": inception_mark or (RANDOM_WEIGHTS_MARK if random_nets else None),
+        "marks": marks,  # per metric: the mark printed beside it
+        "ref": _describe(ref_path, ref_images, ref, ref_source, ref_dino),
+        "sample": _describe(sample_path, sample_images, sample, sample_source, sample_dino),
+        "extractor": extractor.id if extractor is not None else None,
+        "inception_weights": extractor.weights_path if extractor is not None else None,
+        "settings": dict({"batch_size": batch_size, "split_size": split_size, "k": k,
+                          "device": str((extractor if extractor is not None else dinov2_extractor).device),
+                          "processes": dist.world_size}, **settings),
+        "versions": _versions(use_dinov2),
         "seconds": round(time.time() - started, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
-    if extractor.random_weights:
-        result["warning"] = (f"{RANDOM_WEIGHTS_MARK}: computed with a randomly initialised Inception network; "
-                             "these numbers mean nothing and must not be compared with anything")
+    if dinov2_extractor is not None:
+        result["dinov2"] = {"extractor": dinov2_extractor.id, "model": dinov2_extractor.model_name,
+                            "weights": dinov2_extractor.weights_path,
+                            "random_weights": dinov2_extractor.random_weights, "marker": dinov2_extractor.marker}
+    if random_nets:
+        result["warning"] = (f"{RANDOM_WEIGHTS_MARK}: computed with a randomly initialised "
+                             f"{' and '.join(random_nets)} network; the numbers marked so mean nothing and must not "
+                             "be compared with anything")
     if json_path:
         write_json(json_path, result)
     return result
 
 
-def _versions():
+def _versions(dinov2=False):
     import numpy
     import scipy
     import torch
     import torch_fidelity
 
-    return {"torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__, "numpy": numpy.__version__,
-            "scipy": scipy.__version__}
+    out = {"torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__, "numpy": numpy.__version__,
+           "scipy": scipy.__version__}
+    if dinov2:
+        import timm
+
+        out["timm"] = timm.__version__
+    return out
 
 
 def write_json(path, result):
@@ -160,11 +265,17 @@ def result_marker(result):
 
 
 def format_lines(result):
-    """The upstream evaluator's five lines; with random weights (or the demo's feature network) each carries
-    the result's mark (RANDOM-WEIGHTS, DEMO-FEATURES)."""
-    marker = result_marker(result)
-    mark = f"  [{marker}]" if marker else ""
-    return [f"{METRIC_LABELS[key]}: {float(result[key])!r}{mark}" for key in METRIC_KEYS]
+    """The upstream evaluator's five lines (those of the metrics the result holds), then ``FD_DINOv2: `` when it
+    holds that; with random weights (or the demo's feature network) a line carries its network's mark
+    (RANDOM-WEIGHTS, DEMO-FEATURES)."""
+    marks = result.get("marks")
+    lines = []
+    for key in METRIC_KEYS + ("fd_dinov2",):
+        if key not in result:
+            continue
+        marker = marks.get(key) if isinstance(marks, dict) else result_marker(result)
+        lines.append(f"{METRIC_LABELS[key]}: {float(result[key])!r}" + (f"  [{marker}]" if marker else ""))
+    return lines
 
 
 def build_parser():
@@ -184,7 +295,18 @@ def build_parser():
     p.add_argument("--cache-samples", action="store_true", help="cache the sample batch's features too")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--feature-net", metavar="PATH",
-                   help="use the CPU demo's feature network instead of Inception (numbers marked DEMO-FEATURES)")
+                   help="use a custom feature network instead of Inception (default loader: the CPU demo's, "
+                        "numbers marked DEMO-FEATURES)")
+    p.add_argument("--feature-extractor", metavar="MODULE:CLASS", default=DEMO_EXTRACTOR,
+                   help="the class that loads --feature-net (default: %(default)s)")
+    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                   help=f"comma-separated, among {','.join(METRICS)} (default: %(default)s)")
+    p.add_argument("--pr-precision", choices=PR_PRECISIONS, default="float16",
+                   help="precision/recall distances: float16 blocks with float32 fallback as OpenAI's evaluator "
+                        "(default), or float32 throughout")
+    p.add_argument("--dinov2-weights", metavar="PATH",
+                   help="DINOv2 ViT-L/14 checkpoint dinov2_vitl14_pretrain.pth for fd_dinov2 (default: torch hub "
+                        "cache; make download-dinov2)")
     return p
 
 
@@ -196,6 +318,8 @@ def main(argv=None):
             inception_weights=args.inception_weights, allow_random_weights=args.allow_random_weights,
             cache_dir=None if args.no_cache else args.cache_dir, cache_samples=args.cache_samples,
             progress=not args.no_progress, json_path=args.json, feature_net=args.feature_net,
+            feature_extractor=args.feature_extractor, metrics=args.metrics, pr_precision=args.pr_precision,
+            dinov2_weights=args.dinov2_weights,
         )
     except (MissingInceptionWeights, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,14 +5,16 @@
   diagonal of the root is an error, a smaller one is dropped.
 * ``inception_score``: softmax of the (bias-free) logits, consecutive splits of ``split_size`` samples (the last
   one may be shorter, as upstream), exp of the mean KL(p(y|x) || p(y)) per split, averaged over splits.
-* ``precision_recall``: Kynkaenniemi et al. (2019) with k = 3 as in ADM: the radius of a point is the squared
-  distance to its k-th nearest neighbour in its own set (itself excluded); a point lies in the other set's
-  manifold when it is within (<=) the radius of any point of that set. Precision = share of samples in the
-  reference manifold, recall = share of reference points in the sample manifold. Distances are squared
-  Euclidean, computed in float32 blocks (upstream computes them in float16 first and falls back to float32 on
-  overflow; float32 throughout is slightly more accurate, see the README's evaluation section).
+* ``precision_recall``: Kynkaenniemi et al. (2019) with k = 3, as OpenAI's evaluator computes it: the radius
+  of a point is the squared distance to its k-th nearest neighbour in its own set (itself counted as the 0-th);
+  a point lies in the other set's manifold when it is within (<=) the radius of any point of that set.
+  Precision = share of samples in the reference manifold, recall = share of reference points in the sample
+  manifold. By default (``pr_precision="float16"``) the squared distances are upstream's: per block of
+  10,000 x 10,000, ``max(|u|^2 - 2 u.v + |v|^2, 0)`` from float16 casts with float16 rounding, the block redone
+  in float32 when any entry is not finite; ``pr_precision="float32"`` computes every block in float32.
 """
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -106,6 +108,12 @@ def _logsumexp(x):
 # --------------------------------------------------------------------------------------------------------------
 # precision / recall
 
+PR_PRECISIONS = ("float16", "float32")
+# OpenAI's ManifoldEstimator: pairwise distances in blocks of 10,000 x 10,000; the float16 attempt and its float32
+# fallback are decided per block.
+UPSTREAM_ROW_BATCH = 10000
+UPSTREAM_COL_BATCH = 10000
+
 
 def _check_features(x, name):
     if torch.is_tensor(x):
@@ -118,53 +126,198 @@ def _check_features(x, name):
     return x
 
 
+def _check_pr_precision(pr_precision):
+    if pr_precision not in PR_PRECISIONS:
+        raise ValueError(f"pr_precision must be one of {', '.join(PR_PRECISIONS)}, got {pr_precision!r}")
+    return pr_precision
+
+
 def _rows_per_block(n_cols, max_block_elems):
     return max(1, int(max_block_elems // max(1, n_cols)))
 
 
+def _spans(n, size):
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+@contextlib.contextmanager
+def _strict_cuda_matmul(device):
+    """On CUDA: float32 matmuls without TF32 and float16 matmuls accumulated in float32 (cuBLAS may otherwise
+    reduce split-K partial sums in float16), as TensorFlow's float16/float32 matmuls. Restores the settings."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    cuda_matmul = torch.backends.cuda.matmul
+    saved = (torch.get_float32_matmul_precision(), cuda_matmul.allow_fp16_reduced_precision_reduction)
+    torch.set_float32_matmul_precision("highest")
+    cuda_matmul.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        cuda_matmul.allow_fp16_reduced_precision_reduction = saved[1]
+
+
 def squared_distances(a, b):
-    """Pairwise squared Euclidean distances of the rows of ``a`` and ``b`` (torch tensors), clamped at 0."""
+    """Pairwise squared Euclidean distances of the rows of ``a`` and ``b`` (float32 tensors):
+    ``max(|a|^2 - 2 a.b + |b|^2, 0)`` in float32, as upstream's float32 fallback."""
     d = (a * a).sum(1)[:, None] - 2.0 * (a @ b.T) + (b * b).sum(1)[None, :]
     return d.clamp_min_(0.0)
 
 
-def manifold_radii(features, k=3, max_block_elems=2 ** 25, device="cpu"):
-    """Squared distance of every row to its k-th nearest neighbour among the other rows (float32)."""
-    x = torch.as_tensor(np.ascontiguousarray(features), dtype=torch.float32, device=device)
-    n = x.shape[0]
+def _round16(t):
+    """float32 -> nearest float16 (ties to even; beyond 65504 -> inf) -> float32."""
+    return t.to(torch.float16).to(torch.float32)
+
+
+def float16_norms(x):
+    """Squared norms as upstream's float16 graph computes them: each square rounded to float16 (``tf.square`` of
+    a float16 tensor), summed with float32 accumulation, the sum rounded to float16. ``x``: float32 tensor; returns
+    float32 holding float16 values (inf where the sum overflows)."""
+    if x.is_cuda:
+        x16 = x.to(torch.float16)
+        return (x16 * x16).sum(1).to(torch.float32)  # CUDA reduces float16 in float32 and rounds the result
+    x16 = _round16(x)
+    return _round16(_round16(x16 * x16).sum(1))
+
+
+def squared_distances_float16(a, b, norms_a=None, norms_b=None):
+    """Upstream's float16 distance block: ``max((|a|^2 - 2 a.b) + |b|^2, 0)`` where both batches are cast to
+    float16, the norms and the dot products are accumulated in float32 and rounded to float16, and every following
+    operation rounds its result to float16 (so overflow gives inf or, through ``-inf`` and the clamp, 0).
+
+    On CUDA this is a float16 matmul and float16 element-wise ops; elsewhere it is emulated in float32 with a
+    rounding to float16 after every op (float32 holds the exact sum, difference and product of two float16 values
+    closely enough that rounding it to float16 is the correctly rounded float16 result). Returns float32 tensors
+    holding float16 values.
+    """
+    norms_a = float16_norms(a) if norms_a is None else norms_a
+    norms_b = float16_norms(b) if norms_b is None else norms_b
+    if a.is_cuda:
+        a16, b16 = a.to(torch.float16), b.to(torch.float16)
+        na, nb = norms_a.to(torch.float16), norms_b.to(torch.float16)
+        d = na[:, None] - 2.0 * (a16 @ b16.T) + nb[None, :]
+        return d.clamp_min_(0.0).to(torch.float32)
+    dots = _round16(_round16(a) @ _round16(b).T)
+    d = _round16(norms_a[:, None] - _round16(2.0 * dots))
+    d = _round16(d + norms_b[None, :])
+    return d.clamp_min_(0.0)
+
+
+class _Features:
+    """A feature set on the device, with its float16 norms when the float16 path needs them."""
+
+    def __init__(self, x, device, pr_precision):
+        self.x = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32, device=device)
+        self.norms16 = float16_norms(self.x) if pr_precision == "float16" else None
+
+    def __len__(self):
+        return self.x.shape[0]
+
+
+def _block(rows, r0, r1, cols, c0, c1, pr_precision, max_block_elems, reduce, log=None, phase=None):
+    """One upstream distance block: rows ``r0:r1`` x columns ``c0:c1``, computed in row chunks of at most
+    ``max_block_elems`` entries, ``reduce(d, lo, hi)`` applied to each chunk (``lo:hi`` relative to ``r0``).
+
+    float16: when any entry of the whole block is not finite, the block is computed again in float32 (the
+    results of its chunks so far are dropped), as upstream's ``tf.cond(reduce_all(is_finite(D16)), D16, D32)``.
+    Returns the chunks' results in order."""
+    u, v = rows.x[r0:r1], cols.x[c0:c1]
+    chunks = _spans(r1 - r0, _rows_per_block(c1 - c0, max_block_elems))
+    used = pr_precision
+    if pr_precision == "float16":
+        nu, nv = rows.norms16[r0:r1], cols.norms16[c0:c1]
+        out = []
+        for lo, hi in chunks:
+            d = squared_distances_float16(u[lo:hi], v, nu[lo:hi], nv)
+            if not bool(torch.isfinite(d).all()):
+                used = "float32"
+                break
+            out.append(reduce(d, lo, hi))
+    if used == "float32":
+        out = [reduce(squared_distances(u[lo:hi], v), lo, hi) for lo, hi in chunks]
+    if log is not None:
+        log.append((phase, r0, c0, used))
+    return out
+
+
+def _manifold_radii(feats, k, max_block_elems, pr_precision, row_batch_size, col_batch_size, log=None,
+                    phase="radii"):
+    n = len(feats)
     if n <= k:
         raise ValueError(f"the k = {k} nearest neighbours need more than {k} feature vectors, got {n}")
-    radii = torch.empty(n, dtype=torch.float32, device=device)
-    rows = _rows_per_block(n, max_block_elems)
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        d = squared_distances(x[start:stop], x)
-        idx = torch.arange(start, stop, device=device)
-        d[idx - start, idx] = -1.0  # itself: below every real distance, so the (k+1)-th smallest is the k-th NN
-        radii[start:stop] = torch.kthvalue(d, k + 1, dim=1).values
+    radii = torch.empty(n, dtype=torch.float32, device=feats.x.device)
+    for r0, r1 in _spans(n, row_batch_size):
+        best = None  # per row, the k + 1 smallest distances seen so far, ascending
+        for c0, c1 in _spans(n, col_batch_size):
+            parts = _block(feats, r0, r1, feats, c0, c1, pr_precision, max_block_elems,
+                           lambda d, lo, hi: torch.topk(d, min(k + 1, d.shape[1]), dim=1, largest=False).values,
+                           log, phase)
+            cand = torch.cat(parts, dim=0)
+            if best is not None:
+                cand = torch.cat([best, cand], dim=1)
+            best = torch.topk(cand, min(k + 1, cand.shape[1]), dim=1, largest=False).values
+        radii[r0:r1] = best[:, k]
     return radii
 
 
-def precision_recall(ref_features, sample_features, k=3, max_block_elems=2 ** 25, device="cpu"):
-    """``(precision, recall)`` of samples against a reference set of features (both N x D).
+def manifold_radii(features, k=3, max_block_elems=2 ** 25, device="cpu", pr_precision="float16",
+                   row_batch_size=UPSTREAM_ROW_BATCH, col_batch_size=UPSTREAM_COL_BATCH, block_log=None):
+    """Radius of every row: its (k+1)-th smallest squared distance to the rows of the same set, its own distance
+    (as computed: 0 up to rounding) included as the smallest, i.e. the distance to its k-th nearest neighbour, as
+    upstream's ``ManifoldEstimator.manifold_radii`` (``nhood_sizes=(3,)``, no ``clamp_to_percentile``).
 
-    Memory: blocks of at most ``max_block_elems`` float32 distances (128 MiB by default) besides the features,
-    so 10k reference x 50k sample x 2048-d features need about 0.5 GB.
+    Distances as in ``precision_recall``; returns a float32 tensor."""
+    _check_pr_precision(pr_precision)
+    x = _check_features(features, "features")
+    with _strict_cuda_matmul(device):
+        return _manifold_radii(_Features(x, device, pr_precision), k, max_block_elems, pr_precision,
+                               row_batch_size, col_batch_size, block_log)
+
+
+def precision_recall(ref_features, sample_features, k=3, max_block_elems=2 ** 25, device="cpu",
+                     pr_precision="float16", row_batch_size=UPSTREAM_ROW_BATCH, col_batch_size=UPSTREAM_COL_BATCH,
+                     block_log=None):
+    """``(precision, recall)`` of samples against a reference set of features (both N x D), as OpenAI's evaluator
+    computes them (``ManifoldEstimator`` with ``DistanceBlock``).
+
+    :param pr_precision: ``"float16"`` (default, upstream's): each block of pairwise squared distances (10,000 x
+        10,000: ``row_batch_size`` x ``col_batch_size``) is computed from float16 casts of both batches with float16
+        rounding, and again in float32 when any of its entries is not finite (overflow past 65504); radii and
+        memberships are decided on those rounded distances. ``"float32"``: every block in float32.
+    :param max_block_elems: memory only: a block is computed in row chunks of at most this many distances (the
+        float16/float32 decision stays per block), so the results do not depend on it.
+    :param block_log: a list to which ``(phase, row_start, col_start, precision_used)`` is appended per block, phase
+        ``"ref_radii"``, ``"sample_radii"`` or ``"pr"`` (rows: reference, columns: samples).
+
+    The reference rows are the distance formula's ``u`` and the samples its ``v``, as upstream (float16 rounding
+    makes the formula order matter). A point's radius is its k-th nearest neighbour's squared distance in its own
+    set (itself counted as the 0-th); a sample is in the reference manifold when its distance to some reference
+    point is <= that point's radius (precision), and vice versa (recall).
     """
+    _check_pr_precision(pr_precision)
     ref = _check_features(ref_features, "ref_features")
     sample = _check_features(sample_features, "sample_features")
     if ref.shape[1] != sample.shape[1]:
         raise ValueError(f"feature dimensions differ: reference {ref.shape[1]}, samples {sample.shape[1]}")
-    ref_radii = manifold_radii(ref, k, max_block_elems, device)
-    sample_radii = manifold_radii(sample, k, max_block_elems, device)
-    r = torch.as_tensor(np.ascontiguousarray(ref), dtype=torch.float32, device=device)
-    s = torch.as_tensor(np.ascontiguousarray(sample), dtype=torch.float32, device=device)
-    sample_in_ref = torch.zeros(s.shape[0], dtype=torch.bool, device=device)
-    ref_in_sample = torch.zeros(r.shape[0], dtype=torch.bool, device=device)
-    rows = _rows_per_block(r.shape[0], max_block_elems)
-    for start in range(0, s.shape[0], rows):
-        stop = min(start + rows, s.shape[0])
-        d = squared_distances(s[start:stop], r)  # samples x references
-        sample_in_ref[start:stop] = (d <= ref_radii[None, :]).any(dim=1)
-        ref_in_sample |= (d <= sample_radii[start:stop, None]).any(dim=0)
-    return int(sample_in_ref.sum()) / s.shape[0], int(ref_in_sample.sum()) / r.shape[0]
+    if row_batch_size < 1 or col_batch_size < 1:
+        raise ValueError("row_batch_size and col_batch_size must be positive")
+    with _strict_cuda_matmul(device):
+        r = _Features(ref, device, pr_precision)
+        s = _Features(sample, device, pr_precision)
+        args = (k, max_block_elems, pr_precision, row_batch_size, col_batch_size, block_log)
+        ref_radii = _manifold_radii(r, *args, phase="ref_radii")
+        sample_radii = _manifold_radii(s, *args, phase="sample_radii")
+        ref_in_sample = torch.zeros(len(r), dtype=torch.bool, device=r.x.device)
+        sample_in_ref = torch.zeros(len(s), dtype=torch.bool, device=s.x.device)
+        for r0, r1 in _spans(len(r), row_batch_size):
+            for c0, c1 in _spans(len(s), col_batch_size):
+                rr, sr = ref_radii[r0:r1], sample_radii[c0:c1]
+
+                def reduce(d, lo, hi):
+                    return (d <= sr[None, :]).any(dim=1), (d <= rr[lo:hi, None]).any(dim=0)
+
+                parts = _block(r, r0, r1, s, c0, c1, pr_precision, max_block_elems, reduce, block_log, "pr")
+                ref_in_sample[r0:r1] |= torch.cat([p[0] for p in parts])
+                sample_in_ref[c0:c1] |= torch.stack([p[1] for p in parts]).any(dim=0)
+    return int(sample_in_ref.sum()) / len(s), int(ref_in_sample.sum()) / len(r)

@@ -9,15 +9,15 @@ Features and statistics computed from ``arr_0`` are cached under ``cache_dir`` k
 the extractor's id (which hashes the Inception weights), so a sweep extracts its reference batch once.
 """
 
+import io
 import json
 import os
-import tempfile
 import time
 import zipfile
 
 import numpy as np
 
-from adm_common.files import atomic_write_text, current_umask, file_sha256, remove_quietly
+from adm_common.files import atomic_write_bytes, atomic_write_text, file_sha256
 from adm_common.launch import detect_launch
 from adm_common.npz import NpzImages
 from evaluations.features import POOL_DIM, SPATIAL_DIM
@@ -226,16 +226,9 @@ class FeatureCache:
             return None
 
     def save(self, entry, data, meta):
-        os.makedirs(self.cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".entry.", suffix=".npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, meta=np.array(json.dumps(meta)), **data)
-            os.chmod(tmp, 0o666 & ~current_umask())
-            os.replace(tmp, entry)
-        except BaseException:
-            remove_quietly(tmp)
-            raise
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.array(json.dumps(meta)), **data)
+        atomic_write_bytes(entry, buf.getvalue())
 
 
 def batch_features(path, extractor, batch_size=64, cache_dir=None, progress=False, dist=None, desc=None):

@@ -18,15 +18,19 @@ import re
 
 from evaluations.evaluator import METRIC_KEYS, RESULT_FORMAT, result_marker
 from evaluations.features import DEMO_FEATURES_MARK, RANDOM_WEIGHTS_MARK
-from evaluations.reference import atomic_write_text
+from adm_common.files import atomic_write_text
 
 DEFAULT_GROUP_BY = ("pag_scale", "pag_layers", "perturbation", "sampler")
 METRIC_HEADERS = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "Precision",
-                  "recall": "Recall"}
+                  "recall": "Recall", "fd_dinov2": "FD_DINOv2"}
 METRIC_FORMATS = {"fid": "{:.2f}", "sfid": "{:.2f}", "inception_score": "{:.2f}", "precision": "{:.3f}",
-                  "recall": "{:.3f}"}
+                  "recall": "{:.3f}", "fd_dinov2": "{:.2f}"}
 _METRIC_ALIASES = {"fid": "fid", "sfid": "sfid", "is": "inception_score", "inceptionscore": "inception_score",
-                   "precision": "precision", "prec": "precision", "recall": "recall", "rec": "recall"}
+                   "precision": "precision", "prec": "precision", "recall": "recall", "rec": "recall",
+                   "fddinov": "fd_dinov2", "fddinov2": "fd_dinov2"}
+# Metrics a row may hold: upstream's five, and FD_DINOv2 (a column only when some row has it).
+ROW_METRICS = METRIC_KEYS + ("fd_dinov2",)
+PR_FLOAT32_MARK = "PR-FLOAT32"
 _LABEL_KEYS = ("label", "name", "method", "model")
 CONFIG_NAMES = ("config.yaml", "config.yml")
 TABLE_METRICS = ("fid", "sfid", "inception_score", "precision", "recall")  # the order of published tables
@@ -139,19 +143,43 @@ def _group_value(flat, key):
     return value
 
 
+def row_from_result(result, run, experiment, values, group_by=DEFAULT_GROUP_BY, json_path=None, config_path=None):
+    """One table row from an evaluator result and what the caller knows of the run: ``values`` maps setting names
+    (``pag_scale``, ``pag_layers``, ``perturbation``, ``sampler``, ...) to the run's values. The sweep calls this
+    with each cell's settings; :func:`load_run` with what it reads from a run directory."""
+    where = json_path or run
+    if not _is_result(result):
+        raise ValueError(f"{where} is not an evaluator result (needs {', '.join(METRIC_KEYS)})")
+    for key in ROW_METRICS:  # a result may hold a subset (evaluate(metrics=...)); absent ones show as "-"
+        if key in result and (not isinstance(result[key], (int, float)) or isinstance(result[key], bool)):
+            raise ValueError(f"{where}: {key} is not a number: {result[key]!r}")
+    row = {
+        "run": run,
+        "experiment": str(experiment),
+        "source": "ours",
+        "random_weights": bool(result.get("random_weights")),
+        "marker": result_marker(result),
+        "num_samples": (result.get("sample") or {}).get("num_images"),
+        "json": json_path,
+        "config": config_path,
+    }
+    for key in group_by:
+        row[key] = _group_value(values, key)
+    for key in ROW_METRICS:
+        row[key] = float(result[key]) if key in result else None
+    row["pr_precision"] = result.get("pr_precision")  # "float32": named in the table
+    return row
+
+
 def load_run(path, group_by=DEFAULT_GROUP_BY):
-    """One row: metrics and provenance from the JSON at (or in) ``path``, group values from its config."""
+    """One row from a run directory (or result file) on disk: metrics from its JSON, group values from the
+    ``config.yaml`` beside it (a sampling run record, or any mapping; nested mappings are searched)."""
     json_path = find_result_files(path)[0] if os.path.isdir(path) else os.fspath(path)
     with open(json_path) as f:
         try:
             result = json.load(f)
         except ValueError as e:
             raise ValueError(f"{json_path}: not valid JSON ({e})") from None
-    if not _is_result(result):
-        raise ValueError(f"{json_path} is not an evaluator result (needs {', '.join(METRIC_KEYS)})")
-    for key in METRIC_KEYS:
-        if not isinstance(result[key], (int, float)) or isinstance(result[key], bool):
-            raise ValueError(f"{json_path}: {key} is not a number: {result[key]!r}")
     cfg, cfg_path = _load_config(json_path)
     flat = _flatten(cfg)
     run_dir = os.path.dirname(os.path.abspath(json_path))
@@ -160,21 +188,7 @@ def load_run(path, group_by=DEFAULT_GROUP_BY):
         experiment = experiment.get("name")
     if experiment is None:
         experiment = os.path.basename(os.path.dirname(run_dir)) or "experiment"
-    row = {
-        "run": os.path.basename(run_dir),
-        "experiment": str(experiment),
-        "source": "ours",
-        "random_weights": bool(result.get("random_weights")),
-        "marker": result_marker(result),
-        "num_samples": (result.get("sample") or {}).get("num_images"),
-        "json": json_path,
-        "config": cfg_path,
-    }
-    for key in group_by:
-        row[key] = _group_value(flat, key)
-    for key in METRIC_KEYS:
-        row[key] = float(result[key])
-    return row
+    return row_from_result(result, os.path.basename(run_dir), experiment, flat, group_by, json_path, cfg_path)
 
 
 def normalise_anchor(anchor, group_by=DEFAULT_GROUP_BY):
@@ -195,9 +209,9 @@ def normalise_anchor(anchor, group_by=DEFAULT_GROUP_BY):
     flat = _flatten(anchor)
     for key in group_by:
         row[key] = _group_value(flat, key)
-    for key in METRIC_KEYS:
+    for key in ROW_METRICS:
         row.setdefault(key, None)
-    if all(row[k] is None for k in METRIC_KEYS):
+    if all(row[k] is None for k in ROW_METRICS):
         raise ValueError(f"anchor {anchor!r} has none of the metrics {', '.join(METRIC_HEADERS.values())}")
     row["run"] = row["run"] or "published"
     return row
@@ -238,7 +252,8 @@ def _fmt_value(value):
 
 def _columns(rows, group_by):
     groups = [g for g in group_by if any(r.get(g) is not None for r in rows)]
-    return ["run"] + groups + list(TABLE_METRICS) + ["num_samples", "source"]
+    extra = [m for m in ROW_METRICS if m not in TABLE_METRICS and any(r.get(m) is not None for r in rows)]
+    return ["run"] + groups + list(TABLE_METRICS) + extra + ["num_samples", "source"]
 
 
 def _header(col):
@@ -246,10 +261,12 @@ def _header(col):
 
 
 def _cell(row, col):
-    if col in METRIC_KEYS:
+    if col in ROW_METRICS:
         return _fmt_metric(col, row.get(col))
     if col == "source":
-        return row["source"] + (f" [{row['marker']}]" if row.get("marker") else "")
+        marks = [m for m in (row.get("marker"), PR_FLOAT32_MARK if row.get("pr_precision") == "float32" else None)
+                 if m]
+        return row["source"] + "".join(f" [{m}]" for m in marks)
     return _fmt_value(row.get(col))
 
 
@@ -262,6 +279,10 @@ def _notes(rows):
         notes.append(f"{DEMO_FEATURES_MARK}: rows so marked were computed with the demo's own small feature network "
                      "on its synthetic data set (FID, sFID, precision, recall and a classifier score in place of "
                      "IS); they are not Inception metrics and are not comparable with published numbers.")
+    if any(r.get("pr_precision") == "float32" for r in rows):
+        notes.append(f"{PR_FLOAT32_MARK}: precision and recall of rows so marked were computed with float32 "
+                     "distances throughout (--pr-precision float32), not with the float16 distance blocks of "
+                     "OpenAI's evaluator; they differ from its numbers (by 0.001 to 0.02 in our measurements).")
     if any(r["source"] != "ours" for r in rows):
         notes.append("Published rows: numbers as reported by their source, not computed here; "
                      "ours come from this repository's evaluator.")
@@ -274,7 +295,7 @@ def render_markdown(rows, group_by, title=None):
     if title:
         out += [f"## {title}", ""]
     out.append("| " + " | ".join(_header(c) for c in cols) + " |")
-    out.append("|" + "|".join("---:" if c in METRIC_KEYS or c == "num_samples" else "---" for c in cols) + "|")
+    out.append("|" + "|".join("---:" if c in ROW_METRICS or c == "num_samples" else "---" for c in cols) + "|")
     for row in rows:
         out.append("| " + " | ".join(_cell(row, c).replace("|", "\\|") for c in cols) + " |")
     notes = _notes(rows)
@@ -304,7 +325,7 @@ def latex_escape(text):
 
 def render_latex(rows, group_by, title=None):
     cols = _columns(rows, group_by)
-    align = "".join("r" if c in METRIC_KEYS or c == "num_samples" else "l" for c in cols)
+    align = "".join("r" if c in ROW_METRICS or c == "num_samples" else "l" for c in cols)
     out = [r"\begin{table}[t]", r"\centering", rf"\begin{{tabular}}{{{align}}}", r"\toprule",
            " & ".join(latex_escape(_header(c)) for c in cols) + r" \\", r"\midrule"]
     previous_source = None
@@ -340,8 +361,8 @@ def _scale_key(rows, group_by):
 
 
 def plot_runs(rows, group_by, out_prefix, title=None):
-    """``<prefix>_fid_is.png`` (FID and IS against the guidance scale) and ``<prefix>_pr.png`` (precision against
-    recall). Returns the paths written."""
+    """``<prefix>_fid_is.png`` (FID and IS against the guidance scale, and FD_DINOv2 when rows have it) and
+    ``<prefix>_pr.png`` (precision against recall). Returns the paths written."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -366,11 +387,15 @@ def plot_runs(rows, group_by, out_prefix, title=None):
     paths = []
 
     if x_key is not None:
-        fig = Figure(figsize=(10, 4))
+        panels = ("fid", "inception_score") + (("fd_dinov2",) if any(r.get("fd_dinov2") is not None
+                                                                    for r in rows) else ())
+        fig = Figure(figsize=(5 * len(panels), 4))
         FigureCanvasAgg(fig)
-        for index, (ax, metric) in enumerate(zip(fig.subplots(1, 2), ("fid", "inception_score"))):
+        for index, (ax, metric) in enumerate(zip(fig.subplots(1, len(panels)), panels)):
             for name, members in series.items():
-                pts = sorted((r[x_key], r[metric]) for r in members)
+                pts = sorted((r[x_key], r[metric]) for r in members if r.get(metric) is not None)
+                if not pts:
+                    continue
                 # Runs at one scale only (e.g. unguided seeds) are points, not a vertical line.
                 style = "none" if len({p[0] for p in pts}) == 1 else "-"
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle=style,
@@ -398,6 +423,9 @@ def plot_runs(rows, group_by, out_prefix, title=None):
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     for name, members in series.items():
+        members = [r for r in members if r.get("precision") is not None and r.get("recall") is not None]
+        if not members:
+            continue
         ax.plot([r["recall"] for r in members], [r["precision"] for r in members], marker="o", linestyle="none",
                 label=name)
         if x_key is not None:
@@ -428,12 +456,12 @@ def _safe_name(name):
 
 
 def make_table(runs, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None, experiment=None, plots=True):
-    """Gather runs into one table per experiment.
+    """Gather runs on disk into one table per experiment (``scripts/make_table.py``).
 
     :param runs: run directories, result JSON files, or directories of run directories.
     :param out_dir: where ``<experiment>.md``, ``.csv``, ``.tex`` and the ``.png`` plots go.
     :param group_by: config keys that identify a row (``sampler`` is derived from ``use_ddim`` and
-        ``timestep_respacing``); rows are sorted by them in order.
+        ``timestep_respacing`` when the run's config does not name it); rows are sorted by them in order.
     :param anchors: published numbers to print below ours: a list of dicts (e.g. an experiment YAML's
         ``anchors:``), metric keys ``FID``/``sFID``/``IS``/``Precision``/``Recall`` in any case, optional
         ``label`` and ``source``, and optionally group keys such as ``pag_scale``.
@@ -443,17 +471,34 @@ def make_table(runs, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None, experimen
     """
     if isinstance(runs, (str, os.PathLike)):
         runs = [runs]
-    group_by = tuple(group_by)
     json_paths = []
     for run in runs:
         json_paths += find_result_files(run)
     if not json_paths:
         raise ValueError("make_table: no runs given")
-    rows = [load_run(p, group_by) for p in json_paths]
-    anchor_rows = [normalise_anchor(a, group_by) for a in (anchors or [])]
+    rows = [load_run(p, tuple(group_by)) for p in json_paths]
     if experiment is not None:
         for row in rows:
             row["experiment"] = str(experiment)
+    return make_table_from_rows(rows, out_dir, group_by, anchors, plots)
+
+
+def make_table_from_results(runs, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None, experiment="experiment",
+                            plots=True):
+    """Tables of runs whose settings the caller knows (the sweep hands its cells over this way).
+
+    :param runs: ``[{"run": name, "values": {setting: value}, "result": evaluator result, "json": path}]``;
+        ``values`` holds the group keys (``pag_scale``, ``pag_layers``, ``perturbation``, ``sampler``, ...).
+    """
+    rows = [row_from_result(r["result"], r["run"], experiment, r["values"], tuple(group_by), r.get("json"))
+            for r in runs]
+    return make_table_from_rows(rows, out_dir, group_by, anchors, plots)
+
+
+def make_table_from_rows(rows, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None, plots=True):
+    """Write the tables (and plots) of ``rows`` (from :func:`row_from_result`), one per experiment."""
+    group_by = tuple(group_by)
+    anchor_rows = [normalise_anchor(a, group_by) for a in (anchors or [])]
     os.makedirs(out_dir, exist_ok=True)
     tables = {}
     for name in sorted({r["experiment"] for r in rows}):

@@ -4,9 +4,16 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 from evaluations import metrics
-from evaluations.metrics import EvaluationWarning, frechet_distance, inception_score, precision_recall
+from evaluations.metrics import (
+    EvaluationWarning,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+    squared_distances_float16,
+)
 from evaluations.reference import shard_bounds
 
 
@@ -227,7 +234,7 @@ def test_pr_matches_brute_force_with_small_blocks(k):
     sample = (rng.standard_normal((53, 6)) * 1.3 + 0.4).astype(np.float32)
     expected = brute_force_pr(ref.astype(np.float64), sample.astype(np.float64), k)
     for block in (7, 10 ** 6):
-        got = precision_recall(ref, sample, k=k, max_block_elems=block)
+        got = precision_recall(ref, sample, k=k, max_block_elems=block, pr_precision="float32")
         assert got == pytest.approx(expected, abs=1e-12)
     assert 0 < expected[0] < 1 and 0 < expected[1] < 1  # a non-trivial case
 
@@ -242,6 +249,192 @@ def test_pr_bad_inputs():
     bad[2, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         precision_recall(a, bad)
+    with pytest.raises(ValueError, match="pr_precision"):
+        precision_recall(a, a, pr_precision="bfloat16")
+
+
+# precision / recall as OpenAI's evaluator computes them: float16 distance blocks, float32 fallback per block.
+# The NumPy references below use NumPy's own float16 arithmetic (each op correctly rounded to float16).
+
+
+def np_distances_float16(a, b):
+    """Upstream's float16 block in NumPy: max((|a|^2 - 2 a.b) + |b|^2, 0) on float16 casts; squares rounded to
+    float16, norms and dot products accumulated in float32 and rounded to float16, then float16 ops."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        a16, b16 = np.asarray(a).astype(np.float16), np.asarray(b).astype(np.float16)
+        na = np.square(a16).astype(np.float32).sum(1).astype(np.float16)
+        nb = np.square(b16).astype(np.float32).sum(1).astype(np.float16)
+        dots = (a16.astype(np.float32) @ b16.astype(np.float32).T).astype(np.float16)
+        d = (na[:, None] - np.float16(2) * dots) + nb[None, :]
+        return np.maximum(d, np.float16(0)).astype(np.float32)  # max(-inf, 0) = 0; NaN stays NaN
+
+
+def np_distances_float32(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    d = (a * a).sum(1)[:, None] - np.float32(2) * (a @ b.T) + (b * b).sum(1)[None, :]
+    return np.maximum(d, np.float32(0))
+
+
+def np_exact_distances(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+
+
+def np_blockwise(rows, cols):
+    """Upstream's DistanceBlock over blocks of ``rows`` x ``cols`` points: float16, or float32 for a block with
+    any non-finite float16 entry. Returns the distance function and a dict (row start, col start) -> dtype."""
+    used = {}
+
+    def dist(a, b):
+        out = np.empty((len(a), len(b)), np.float32)
+        for r in range(0, len(a), rows):
+            for c in range(0, len(b), cols):
+                d = np_distances_float16(a[r:r + rows], b[c:c + cols])
+                used[(r, c)] = "float16"
+                if not np.all(np.isfinite(d)):
+                    d, used[(r, c)] = np_distances_float32(a[r:r + rows], b[c:c + cols]), "float32"
+                out[r:r + rows, c:c + cols] = d
+        return out
+
+    return dist, used
+
+
+def np_pr(ref, sample, dist, k=3):
+    """Precision/recall from a distance function: radius = (k+1)-th smallest of a row, itself included; reference
+    points are the rows of the cross distances, as upstream."""
+    ref_radii = np.sort(dist(ref, ref), axis=1)[:, k]
+    sample_radii = np.sort(dist(sample, sample), axis=1)[:, k]
+    d = dist(ref, sample)
+    return float((d <= ref_radii[:, None]).any(0).mean()), float((d <= sample_radii[None, :]).any(1).mean())
+
+
+def test_pr_float16_input_cast_flips_a_sample():
+    # Reference 0, 1, 2, 3 (1-D): radii 9, 4, 4, 9 in both modes (small integers are exact in float16).
+    # -3.0005 is 9.003 from 0 in float32: outside every radius. Cast to float16 (spacing 2^-9 near 3) it is -3.0,
+    # exactly 9 from 0: inside the radius of 0 (<=).
+    ref = np.array([[0.0], [1.0], [2.0], [3.0]], np.float32)
+    sample = np.array([[-3.0005], [10.0], [20.0], [30.0]], np.float32)
+    assert precision_recall(ref, sample) == (0.25, 1.0)
+    assert precision_recall(ref, sample, pr_precision="float32") == (0.0, 1.0)
+    assert np_pr(ref, sample, np_distances_float16) == (0.25, 1.0)
+    assert np_pr(ref, sample, np_exact_distances) == (0.0, 1.0)
+
+
+def test_pr_float16_formula_rounding_flips_precision_and_recall():
+    # 1-D points 64..67 and 70: every value is exact in float16, only the formula's roundings differ.
+    # float16 (spacing 4 in [4096, 8192), 8 in [8192, 16384)):
+    #   radius of 67 = its distance to 64: |67|^2 = 4489 -> 4488; 67 * 64 = 4288; 4488 - 8576 = -4088; + 4096 = 8
+    #   (exact: 9). Its other distances round to 0 (to 65, 66) and its own is 0, so the 4th smallest is 8.
+    #   67 to 70: 67 * 70 = 4690 -> 4688 (tie, to even); 4488 - 9376 = -4888; + |70|^2 4900 = 12 > 8: outside.
+    #   (70 is 16, 20, 36 from 66, 65, 64 there, beyond their radii 4, 4, 8.)
+    # float32: radius of 67 = 9, and 70 is exactly 9 from 67: inside.
+    near = np.array([[64.0], [65.0], [66.0], [67.0]], np.float32)
+    far = np.array([[70.0], [100.0], [110.0], [120.0]], np.float32)  # 70's radius: 50^2, covering all of near
+    assert squared_distances_float16(torch.tensor(near), torch.tensor(far[:1]))[:, 0].tolist() == [36, 20, 16, 12]
+    assert metrics.manifold_radii(near).tolist() == [8, 4, 4, 8]
+    assert metrics.manifold_radii(near, pr_precision="float32").tolist() == [9, 4, 4, 9]
+    # 70 as a sample: precision flips.
+    assert precision_recall(near, far) == (0.0, 1.0) == np_pr(near, far, np_distances_float16)
+    assert precision_recall(near, far, pr_precision="float32") == (0.25, 1.0) == np_pr(near, far, np_exact_distances)
+    # 70 as a reference point: recall flips. Reference rows come first in the formula (|70|^2 - 2 * 70 * 67 +
+    # |67|^2 = 4900 - 9376 + 4488 = 12 again, while the radius of 67 among the samples is 8).
+    assert precision_recall(far, near) == (1.0, 0.0) == np_pr(far, near, np_distances_float16)
+    assert precision_recall(far, near, pr_precision="float32") == (1.0, 0.25) == np_pr(far, near, np_exact_distances)
+
+
+def test_pr_float16_doubled_dot_overflow_clamps_to_zero_without_fallback():
+    # 181 and 182: squared norms 32761 -> 32768 and 33124 -> 33120 are finite in float16, but 2 * (181 * 182 =
+    # 32942 -> 32944) = 65888 overflows to inf; 32768 - inf + 33120 = -inf, clamped to 0: a finite block (no
+    # fallback) in which these two points are 0 apart (exactly: 1), as upstream's graph computes it.
+    a, b = np.array([[181.0]], np.float32), np.array([[182.0]], np.float32)
+    assert squared_distances_float16(torch.tensor(a), torch.tensor(b)).item() == 0.0
+    assert np_distances_float16(a, b).item() == 0.0
+    ref = np.array([[181.0], [190.0], [200.0], [210.0]], np.float32)
+    sample = np.array([[182.0], [230.0], [240.0], [250.0]], np.float32)  # squares below 65504
+    log = []
+    got = precision_recall(ref, sample, block_log=log)
+    assert [entry[3] for entry in log] == ["float16"] * 3
+    assert got == np_pr(ref, sample, np_distances_float16) == (1.0, 1.0)
+    assert precision_recall(ref, sample, pr_precision="float32") == np_pr(ref, sample, np_exact_distances) == (0.5, 1.0)
+
+
+def offset_clusters(seed, n_ref=60, n_sample=45, d=16, offset=6.0):
+    """Points with large norms and small distances, so float16 rounding changes many memberships."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((3, d)) * 0.6 + offset
+    ref = centres[rng.integers(0, 3, n_ref)] + 0.35 * rng.standard_normal((n_ref, d))
+    sample = centres[rng.integers(0, 3, n_sample)] + 0.4 * rng.standard_normal((n_sample, d)) + 0.05
+    return ref.astype(np.float32), sample.astype(np.float32)
+
+
+def test_pr_float16_matches_numpy_reference_on_random_sets():
+    changed = 0
+    for seed in range(4):
+        ref, sample = offset_clusters(seed)
+        got16 = precision_recall(ref, sample)
+        got32 = precision_recall(ref, sample, pr_precision="float32")
+        assert got16 == pytest.approx(np_pr(ref, sample, np_distances_float16), abs=1e-12)
+        assert got32 == pytest.approx(np_pr(ref, sample, np_exact_distances), abs=1e-12)
+        changed += got16 != got32
+    assert changed >= 2  # the modes are observably different on these sets
+
+
+def test_pr_float32_mode_equals_exact_float64():
+    rng = np.random.default_rng(7)
+    ref = rng.standard_normal((70, 12)).astype(np.float32)
+    sample = (rng.standard_normal((50, 12)) * 1.2 + 0.3).astype(np.float32)
+    expected = np_pr(ref, sample, np_exact_distances)
+    assert expected == pytest.approx(brute_force_pr(ref.astype(np.float64), sample.astype(np.float64), 3))
+    for rows, cols, elems in ((10000, 10000, 2 ** 25), (9, 4, 5), (1, 1, 1)):
+        got = precision_recall(ref, sample, pr_precision="float32", row_batch_size=rows, col_batch_size=cols,
+                               max_block_elems=elems)
+        assert got == pytest.approx(expected, abs=1e-12)
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+
+
+def test_pr_float16_overflow_falls_back_block_by_block():
+    # Blocks of 4 x 4 points. Points 0-3 of each set are the rounding case above (float16 is finite there);
+    # points 4-7 have squared norms near 90,000 > 65504, so every block touching them overflows in float16 and is
+    # computed in float32 instead, while the 0-3 x 0-3 blocks stay float16.
+    near = np.array([[64.0], [65.0], [66.0], [67.0]], np.float32)
+    huge = np.array([[300.0], [301.0], [302.0], [303.0]], np.float32)
+    ref = np.concatenate([near, huge])
+    sample = np.concatenate([np.array([[70.0], [64.5], [66.5], [67.25]], np.float32), huge + 3.0])
+    log = []
+    got = precision_recall(ref, sample, row_batch_size=4, col_batch_size=4, block_log=log)
+    expected_used = {(0, 0): "float16", (0, 4): "float32", (4, 0): "float32", (4, 4): "float32"}
+    for phase in ("ref_radii", "sample_radii", "pr"):
+        assert {(r, c): used for p, r, c, used in log if p == phase} == expected_used
+    assert len(log) == 12
+
+    dist, used = np_blockwise(4, 4)
+    expected = np_pr(ref, sample, dist)
+    assert used == expected_used
+    assert got == expected
+    # Neither all-float16 (the huge points' distances would be inf: never inside) nor all-float32.
+    assert got != np_pr(ref, sample, np_distances_float16)
+    assert got != precision_recall(ref, sample, pr_precision="float32")
+    # Blocks are upstream's unit of fallback: one 8 x 8 block overflows as a whole, i.e. everything is float32.
+    log = []
+    one_block = precision_recall(ref, sample, row_batch_size=8, col_batch_size=8, block_log=log)
+    assert one_block == precision_recall(ref, sample, pr_precision="float32")
+    assert [entry[3] for entry in log] == ["float32"] * 3
+    # Chunking a block for memory does not change the per-block decision.
+    for elems in (1, 3, 9, 2 ** 25):
+        assert precision_recall(ref, sample, row_batch_size=4, col_batch_size=4, max_block_elems=elems) == got
+
+
+def test_pr_independent_of_block_sizes_without_overflow():
+    ref, sample = offset_clusters(11, n_ref=50, n_sample=37)
+    expected16 = precision_recall(ref, sample)
+    expected32 = precision_recall(ref, sample, pr_precision="float32")
+    assert expected16 != expected32
+    for rows, cols, elems in ((7, 5, 1), (3, 11, 13), (16, 16, 40), (50, 1, 2 ** 25), (1, 37, 100)):
+        log = []
+        kwargs = dict(row_batch_size=rows, col_batch_size=cols, max_block_elems=elems)
+        assert precision_recall(ref, sample, block_log=log, **kwargs) == expected16
+        assert {entry[3] for entry in log} == {"float16"}
+        assert precision_recall(ref, sample, pr_precision="float32", **kwargs) == expected32
 
 
 # ---------------------------------------------------------------------------------------------------------------

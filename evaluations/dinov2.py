@@ -1,0 +1,301 @@
+"""DINOv2 ViT-L/14 features and FD_DINOv2, as EDM2's ``calculate_metrics.py`` computes them.
+
+Per image (uint8, N x H x W x 3): float32, bicubic resize to 224 x 224 with antialiasing (``torch.nn.functional.
+interpolate(..., mode="bicubic", antialias=True)``, no clamping or rounding), / 255, ImageNet mean/std
+normalisation, then the network's forward output: the final-LayerNorm'd class token of DINOv2 ViT-L/14 (no head),
+1024 floats. FD_DINOv2 is the Fréchet distance between the Gaussians (mean, ``np.cov``) of the reference's and the
+samples' features.
+
+The network is timm's ``vit_large_patch14_dinov2`` built for 224 x 224 input. Its weights are Meta's
+``dinov2_vitl14_pretrain.pth`` (what ``torch.hub.load("facebookresearch/dinov2", "dinov2_vitl14")`` loads; same
+parameter names as timm's), read from disk, never downloaded here: ``make download-dinov2`` (or
+``python -m evaluations.dinov2 --download``) puts it in torch hub's cache. That checkpoint's position embedding is
+for 518 x 518 (37 x 37 patches); DINOv2 interpolates it to the input's 16 x 16 patches at every forward (bicubic,
+``scale_factor = (16 + 0.1) / 37``, no antialiasing). The same interpolation is done here once, when loading, so
+the features are those of the hub model at 224 x 224.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from adm_common.files import file_sha256  # noqa: E402
+from adm_common.npz import NpzImages, check_image_batch  # noqa: E402
+from evaluations.features import RANDOM_WEIGHTS_MARK, default_device  # noqa: E402
+from evaluations.reference import FeatureCache, batch_statistics, detect_distributed, shard_bounds  # noqa: E402
+
+MODEL_NAME = "vit_large_patch14_dinov2"
+EXTRACTOR_NAME = "dinov2-vitl14"
+FEATURE_DIM = 1024
+IMAGE_SIZE = 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHTS_FILENAME = "dinov2_vitl14_pretrain.pth"
+WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/" + WEIGHTS_FILENAME
+# DINOv2's position-embedding interpolation (``interpolate_offset``): scale factor (grid + 0.1) / stored grid.
+POS_EMBED_OFFSET = 0.1
+
+
+class MissingDINOv2Weights(FileNotFoundError):
+    """The DINOv2 weights file is not on disk (nothing is downloaded implicitly)."""
+
+
+def default_weights_path():
+    """Where torch hub keeps the checkpoint: ``<torch hub dir>/checkpoints/dinov2_vitl14_pretrain.pth`` (by default
+    ``~/.cache/torch/hub/checkpoints/``; ``TORCH_HOME`` moves it)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILENAME)
+
+
+def missing_weights_message(looked_at):
+    return (
+        f"DINOv2 weights not found at {looked_at}.\n"
+        f"FD_DINOv2 needs Meta's DINOv2 ViT-L/14 checkpoint, file {WEIGHTS_FILENAME},\n"
+        f"from {WEIGHTS_URL}\n"
+        f"Get it with `make download-dinov2` (or download it yourself), then pass --dinov2-weights PATH or put it "
+        f"at {default_weights_path()}.\n"
+        f"For tests and dry runs only, --allow-random-weights uses a randomly initialised network "
+        f"(FD_DINOv2 is then marked {RANDOM_WEIGHTS_MARK} and means nothing)."
+    )
+
+
+def resolve_weights_path(weights_path=None):
+    path = os.path.expanduser(weights_path) if weights_path else default_weights_path()
+    if not os.path.isfile(path):
+        raise MissingDINOv2Weights(missing_weights_message(path))
+    return path
+
+
+def build_model(model_name=MODEL_NAME):
+    """timm's DINOv2 ViT for 224 x 224 input, no classifier head, no pretrained download."""
+    import timm
+
+    return timm.create_model(model_name, pretrained=False, img_size=IMAGE_SIZE, num_classes=0)
+
+
+def interpolate_pos_embed(pos_embed, grid):
+    """DINOv2's ``interpolate_pos_encoding`` for a ``grid`` x ``grid`` patch input: the class token's embedding is
+    kept, the square patch grid resized bicubically (float32, scale factor (grid + 0.1) / stored grid, no
+    antialiasing, align_corners False)."""
+    n = pos_embed.shape[1] - 1
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise ValueError(f"position embedding of {n} patches is not a square grid")
+    if side == grid:
+        return pos_embed
+    dtype, dim = pos_embed.dtype, pos_embed.shape[-1]
+    pos = pos_embed.float()
+    patches = pos[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    scale = float(grid + POS_EMBED_OFFSET) / side
+    patches = torch.nn.functional.interpolate(patches, scale_factor=(scale, scale), mode="bicubic",
+                                              antialias=False)
+    if patches.shape[-2:] != (grid, grid):
+        raise ValueError(f"position embedding resized to {tuple(patches.shape[-2:])}, expected {(grid, grid)}")
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, dim)
+    return torch.cat([pos[:, :1], patches], dim=1).to(dtype)
+
+
+def load_checkpoint(path):
+    """A state dict from ``.pth`` (Meta's checkpoint; also ``{"model": ...}``/``{"state_dict": ...}`` wrappers) or
+    ``.safetensors`` (timm's hub copy)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "teacher"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict) and "pos_embed" not in state:
+            state = state[key]
+    return state
+
+
+def load_dinov2_weights(model, state_dict):
+    """Load DINOv2 weights (Meta's names, which timm shares) into a timm model built for 224 x 224: drops
+    ``mask_token`` (training only), interpolates the position embedding as DINOv2 does at 224 x 224. Strict
+    otherwise: a missing or unexpected parameter is an error."""
+    state = {k: v for k, v in state_dict.items() if k != "mask_token"}
+    if "pos_embed" in state:
+        grid = model.patch_embed.grid_size[0]
+        state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], grid)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+class DINOv2Features:
+    """Callable: uint8 N x H x W x 3 images -> float32 N x 1024 DINOv2 features (EDM2's preprocessing).
+
+    :param weights_path: Meta's ``dinov2_vitl14_pretrain.pth`` (or timm's safetensors); None looks in torch hub's
+        cache (``default_weights_path()``).
+    :param allow_random_weights: without weights there, use a randomly initialised network (seeded by ``seed``;
+        layer scales set to 1 as DINOv2's hub constructor does, so images' features differ). Tests and dry runs only.
+    :param model_name: timm architecture; ``vit_large_patch14_dinov2`` is FD_DINOv2's. Smaller variants (e.g.
+        ``vit_small_patch14_dinov2``) are for tests only, and their id says so.
+    """
+
+    def __init__(self, weights_path=None, allow_random_weights=False, device=None, seed=0, model_name=MODEL_NAME):
+        self.device = torch.device(device or default_device())
+        self.model_name = model_name
+        try:
+            path = resolve_weights_path(weights_path)
+        except MissingDINOv2Weights:
+            if weights_path or not allow_random_weights:  # an explicit path that is missing is always an error
+                raise
+            path = None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_model(model_name)
+            if path is None:
+                for name, param in model.named_parameters():
+                    if name.endswith(".gamma"):
+                        torch.nn.init.ones_(param)
+        if path is not None:
+            self.weights_path = os.path.abspath(path)
+            self.random_weights = False
+            load_dinov2_weights(model, load_checkpoint(self.weights_path))
+            self._id = None
+        else:
+            self.weights_path = None
+            self.random_weights = True
+            self._id = f"{EXTRACTOR_NAME}:{model_name}:{RANDOM_WEIGHTS_MARK}:seed{seed}"
+            print(f"WARNING: {RANDOM_WEIGHTS_MARK}: randomly initialised DINOv2 network; FD_DINOv2 is meaningless.",
+                  file=sys.stderr)
+        self.marker = RANDOM_WEIGHTS_MARK if self.random_weights else None
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.num_calls = 0
+        self.num_images = 0
+
+    @property
+    def id(self):
+        """Identifies the network and its weights: part of cache keys."""
+        if self._id is None:
+            self._id = f"{EXTRACTOR_NAME}:{self.model_name}:sha256={file_sha256(self.weights_path)[:16]}"
+        return self._id
+
+    def preprocess(self, images):
+        """uint8 N x H x W x 3 -> the network's float32 N x 3 x 224 x 224 input (EDM2's ``resize_mode="torch"``)."""
+        images = check_image_batch(images)
+        x = torch.from_numpy(np.array(images, copy=True)).permute(0, 3, 1, 2).to(self.device, torch.float32)
+        x = torch.nn.functional.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bicubic", antialias=True)
+        x = x / 255
+        x = x - torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=self.device).reshape(1, -1, 1, 1)
+        return x / torch.tensor(IMAGENET_STD, dtype=torch.float32, device=self.device).reshape(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, images):
+        x = self.preprocess(images)
+        out = self.model(x).float().cpu().numpy()
+        self.num_calls += 1
+        self.num_images += x.shape[0]
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# statistics of an image batch, cached like the Inception features
+
+
+def extract_dinov2_features(images, extractor, batch_size=64, progress=False, dist=None, desc=None):
+    """Features of an ``NpzImages`` (or npz path), each rank extracting a contiguous slice; rank 0 gets them all in
+    file order, other ranks None."""
+    if not isinstance(images, NpzImages):
+        images = NpzImages(images)
+    dist = dist or detect_distributed()
+    start, stop = shard_bounds(images.num_images, dist.rank, dist.world_size)
+    batches = images.iter_batches(batch_size, start, stop)
+    if progress and dist.rank == 0:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=-(-(stop - start) // batch_size),
+                       desc=(desc or os.path.basename(images.path)) + " (DINOv2)", unit="batch")
+    parts = [extractor(batch) for batch in batches]
+    local = np.concatenate(parts, axis=0) if parts else None
+    gathered = dist.gather(local)
+    if gathered is None:
+        return None
+    return np.concatenate([g for g in gathered if g is not None], axis=0)
+
+
+def dinov2_statistics(path, extractor, batch_size=64, cache_dir=None, progress=False, dist=None, desc=None):
+    """``{"mu", "sigma", "num_images", "sha256", "from_cache"}`` of an image batch's DINOv2 features (mean and
+    ``np.cov``, float64) on rank 0, None elsewhere. Cached in ``cache_dir`` as the Inception features are: an npz
+    named by the file's sha256 and a hash of the extractor's id (network and weights)."""
+    images = NpzImages(path)
+    if images.num_images < 2:
+        raise ValueError(f"{images.path}: FD_DINOv2 needs at least 2 images, got {images.num_images}")
+    dist = dist or detect_distributed()
+    cache = FeatureCache(cache_dir)
+    digest = entry = None
+    if cache.cache_dir:
+        hit = None
+        if dist.rank == 0:
+            digest = cache.hashes.sha256(images.path)
+            entry = cache.entry_path(digest, extractor.id)
+            hit = _load_statistics(entry, images.num_images) if os.path.exists(entry) else None
+        if dist.bcast(hit is not None):
+            if dist.rank != 0:
+                return None
+            hit.update(num_images=images.num_images, sha256=digest, from_cache=True)
+            return hit
+    feats = extract_dinov2_features(images, extractor, batch_size=batch_size, progress=progress, dist=dist,
+                                    desc=desc)
+    if feats is None:
+        return None
+    mu, sigma = batch_statistics(feats)
+    if cache.cache_dir:
+        meta = {"source": os.path.realpath(images.path), "sha256": digest, "extractor": extractor.id,
+                "num_images": images.num_images, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        cache.save(entry, {"mu": mu, "sigma": sigma, "num_images": np.array(images.num_images)}, meta)
+    return {"mu": mu, "sigma": sigma, "num_images": images.num_images, "sha256": digest, "from_cache": False}
+
+
+def _load_statistics(entry, num_images):
+    import zipfile
+
+    try:
+        with np.load(entry, allow_pickle=False) as obj:
+            stats = {"mu": obj["mu"], "sigma": obj["sigma"], "num_images": int(obj["num_images"])}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None  # unreadable: extracted again and rewritten
+    if stats.pop("num_images") != num_images:
+        raise ValueError(f"cache entry {entry} does not match its image batch: remove it")
+    return stats
+
+
+# --------------------------------------------------------------------------------------------------------------
+# download (make download-dinov2)
+
+
+def download_weights(dest=None, url=WEIGHTS_URL):
+    """Download the checkpoint to ``dest`` (default: torch hub's cache), then check that it loads into ViT-L/14."""
+    dest = os.path.expanduser(dest) if dest else default_weights_path()
+    if os.path.isfile(dest):
+        print(f"{dest} already present")
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        print(f"downloading {url}\n  -> {dest}")
+        torch.hub.download_url_to_file(url, dest, progress=True)  # writes a temp file, then renames it
+    load_dinov2_weights(build_model(MODEL_NAME), load_checkpoint(dest))
+    print(f"ok: {dest} loads into {MODEL_NAME} (sha256 {file_sha256(dest)})")
+    return dest
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="DINOv2 ViT-L/14 weights for FD_DINOv2.")
+    p.add_argument("--download", action="store_true", help=f"download {WEIGHTS_FILENAME} and check it loads")
+    p.add_argument("--dest", default=None, help=f"where to put it (default: {default_weights_path()})")
+    args = p.parse_args(argv)
+    if not args.download:
+        path = args.dest or default_weights_path()
+        print(f"{path}: {'present' if os.path.isfile(path) else 'missing'}")
+        return 0 if os.path.isfile(path) else 1
+    download_weights(args.dest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
