@@ -7,7 +7,7 @@ the benchmarks all come here.
 
 from pathlib import Path
 
-import yaml
+from .config_files import read_yaml_mapping
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 CONFIG_DIR = CONFIG_ROOT / "models"
@@ -33,12 +33,7 @@ def load_model_config(name_or_path, config_dir=CONFIG_DIR):
         raise ModelConfigError(f"no model config {str(name_or_path)!r} (known: "
                                f"{', '.join(sorted(p.stem for p in Path(config_dir).glob('*.yaml')))}; "
                                "or give the path of a model config .yaml)")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ModelConfigError(f"cannot read model config {path}: {e}") from None
-    if not isinstance(config, dict):
-        raise ModelConfigError(f"{path}: a model config is a mapping with {', '.join(REQUIRED_KEYS)}")
+    config = read_yaml_mapping(path, "model config", ModelConfigError)
     missing = [key for key in REQUIRED_KEYS if key not in config]
     if missing:
         raise ModelConfigError(f"{path}: model config lacks {', '.join(repr(k) for k in missing)}")

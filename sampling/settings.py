@@ -21,10 +21,14 @@ from pathlib import Path
 import yaml
 
 import pag
+from pag.config import SCHEDULES
+from pag.perturbations import PARAMS as PERTURBATION_PARAMS
+from pag.perturbations import REGISTRY as PERTURBATIONS
 from guided_diffusion.respace import space_timesteps
 from guided_diffusion.script_util import NUM_CLASSES, classifier_defaults, diffusion_defaults
 from guided_diffusion.script_util import model_and_diffusion_defaults, str2bool
 
+from . import config_files
 from .model_configs import CONFIG_DIR, DEFAULT_MODEL_DIR, ModelConfigError, known_names, load_model_config
 
 
@@ -71,6 +75,7 @@ class RuntimeSettings:
     device: str = ""
     overwrite: bool = False
     keep_shards: bool = False
+    claim_lease: float = 600.0  # seconds without a heartbeat after which a rank's shard is sampled by another
 
 
 def _run_guidance_defaults():
@@ -94,8 +99,13 @@ class RunSettings:
         return values
 
     def identity(self, noise_device):
-        """The settings that decide the samples: a run in the same out_dir must have the same."""
-        ident = {k: v for k, v in self.flat().items() if FLAG_GROUP[k] != "runtime"}
+        """The settings that decide the samples: a run in the same out_dir must have the same.
+
+        Left out: runtime settings, ``num_samples`` and ``shard_size`` (sample i depends on neither, so a run
+        can be extended), the checkpoint paths (the run plan adds the checkpoints' content hashes instead) and
+        settings that the chosen method does not use (:func:`inapplicable_settings`)."""
+        skip = set(NOT_IN_IDENTITY) | set(inapplicable_settings(self))
+        ident = {k: v for k, v in self.flat().items() if FLAG_GROUP[k] != "runtime" and k not in skip}
         ident["noise_device"] = noise_device
         return plain(ident)
 
@@ -110,20 +120,30 @@ class RunSettings:
 
 
 GROUPS = ("model", "diffusion", "guidance", "sampling", "runtime")
+NOT_IN_IDENTITY = ("num_samples", "shard_size", "model_path", "classifier_path")
+CLASSIFIER_FLAGS = tuple(k for k in classifier_defaults() if k != "image_size")
 HELP = dict(
     pag.guidance_help(),
+    pag_scale="PAG scale s of eps + s * (eps - eps_perturbed): a finite number; 0 = no PAG, one forward pass per "
+              "step (the authors' --guide_scale is 1 + s)",
+    perturbation="how the attention of pag_layers is perturbed: one of " + ", ".join(PERTURBATIONS),
+    pag_schedule="how s changes over the timesteps: one of " + ", ".join(SCHEDULES),
+    sag_scale="self-attention guidance scale: a finite number; 0 = no SAG (Hong et al. 2023; their "
+              "--guide_scale is 1 + sag_scale)",
+    claim_lease="seconds without a heartbeat after which another process samples a shard claimed by a stalled "
+                "one: a positive number",
     model="official checkpoint name (configs/models/NAME.yaml) or a model config .yaml path: its flags, and "
           "model_path downloads/models/FILE unless given",
     model_path="diffusion checkpoint (local path or URL)",
     classifier_path="noisy-image classifier checkpoint: enables classifier guidance",
-    num_samples="number of samples N (indices 0..N-1)",
+    num_samples="number of samples N (indices 0..N-1); a finished run can be extended with a larger N",
     batch_size="samples per forward pass (does not change the samples)",
-    seed="sample i depends only on (seed, i)",
+    seed="sample i depends only on (seed, i): an integer >= 0",
     num_classes="class labels are drawn uniformly from [0, num_classes) (a model trained on fewer classes)",
     shard_size="samples per shard file (the unit of resumption)",
     out_dir="output directory (created; resumed if it holds the same configuration)",
     device="cpu, cuda or cuda:N (default: the GPU of this process's local rank, else the CPU)",
-    overwrite="replace the outputs of a different configuration in out_dir",
+    overwrite="replace the outputs of a different configuration in out_dir (only files runs write; checked first)",
     keep_shards="keep the shard files after merging them",
 )
 
@@ -220,19 +240,8 @@ def coerce_all(values, source):
 
 
 def read_yaml_mapping(path, what="--config"):
-    """A YAML file holding a mapping (empty file: {}), with errors naming ``what`` it is."""
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise SampleConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise SampleConfigError(f"{what} {path} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SampleConfigError(f"{what} {path} must hold a mapping of setting names to values")
-    return data
+    """A settings YAML file: a mapping of setting names to values ({} when empty)."""
+    return config_files.read_yaml_mapping(path, what, SampleConfigError)
 
 
 def preset_values(name):
@@ -282,6 +291,16 @@ def build_settings(values):
                         f"got {s['num_classes']}")
     if s["seed"] < 0:
         problems.append(f"seed must be >= 0, got {s['seed']}")
+    if not s["claim_lease"] > 0:
+        problems.append(f"claim_lease must be a positive number of seconds, got {s['claim_lease']}")
+    for param in PERTURBATION_PARAMS.values():  # every kind's parameters, also those the chosen kind ignores
+        try:
+            param.validate(s[param.name])
+        except ValueError as e:
+            problems.append(str(e))
+    if not s["classifier_path"] and s["classifier_scale"] != RunSettings().guidance.classifier_scale:
+        problems.append(f"classifier_scale {s['classifier_scale']} is set but there is no classifier: add "
+                        "--classifier_path FILE, or leave classifier_scale out")
     if not s["out_dir"]:
         problems.append("out_dir is required (--out_dir DIR)")
     if not s["model_path"]:
@@ -321,20 +340,56 @@ def plain(obj):
     return yaml.safe_load(yaml.safe_dump(obj))
 
 
-def _default_identity(device_type):
-    values = dict(sample_defaults(), out_dir="-", model_path="-")
-    return build_settings(values).identity(device_type)
+def inapplicable_settings(settings):
+    """{setting: why it does not apply} for the settings the chosen method does not use: they change no image,
+    so they are not part of the run's identity (and set to other than their defaults, they are warned about)."""
+    g, out = settings.guidance, {}
+    if not g.uses_pag:
+        for key in ("pag_layers", "perturbation", "pag_schedule", "pag_scale_end", "pag_adaptive_scale",
+                    *PERTURBATION_PARAMS):
+            out[key] = "pag_scale is 0"
+    else:
+        if g.pag_schedule != "linear":
+            out["pag_scale_end"] = f"pag_schedule is {g.pag_schedule}"
+        if g.pag_schedule != "adaptive":
+            out["pag_adaptive_scale"] = f"pag_schedule is {g.pag_schedule}"
+        used = PERTURBATIONS[g.perturbation].params
+        for key in PERTURBATION_PARAMS:
+            if key not in used:
+                out[key] = f"perturbation {g.perturbation} does not use it"
+    if not g.sag_scale:
+        out["sag_layer"] = out["sag_blur_sigma"] = "sag_scale is 0"
+    if not g.uses_pag and not g.sag_scale:
+        out["guidance_interval"] = "neither PAG nor SAG is on"
+    if not settings.model.classifier_path:
+        for key in ("classifier_scale",) + CLASSIFIER_FLAGS:
+            out[key] = "there is no classifier_path"
+    return out
 
 
-def config_differences(old, new, device_type):
-    """Lines naming each setting that differs between a recorded identity and a new one."""
-    defaults = _default_identity(device_type)
+def settings_warnings(settings):
+    """A line for each setting given another value than its default that the chosen method does not use."""
+    defaults = plain(build_settings(dict(sample_defaults(), out_dir="-", model_path="-")).flat())
+    values = plain(settings.flat())
+    return [f"{key} = {values[key]!r} is ignored: {why}"
+            for key, why in inapplicable_settings(settings).items() if values[key] != defaults[key]]
+
+
+def config_differences(old, new, device_type=None):
+    """Lines naming each setting that differs between a recorded identity and a new one.
+
+    Only the settings of the new identity count: a recorded setting that no longer identifies a run (such as
+    ``num_samples``, or a parameter the method does not use) is no difference, and a setting added after that
+    run is none while it has its default."""
+    defaults = plain(build_settings(dict(sample_defaults(), out_dir="-", model_path="-")).flat())
     lines = []
-    for key in sorted(set(old) | set(new)):
-        if key not in old and key in new and new[key] == defaults.get(key):
-            continue  # a setting added after that run, at its default
-        if old.get(key, "<unset>") != new.get(key, "<unset>"):
-            lines.append(f"{key}: {old.get(key, '<unset>')!r} there, {new.get(key, '<unset>')!r} now")
+    for key in sorted(new):
+        if key not in old:
+            if new[key] == defaults.get(key, "<none>"):
+                continue  # a setting added after that run, at its default
+            lines.append(f"{key}: <unset> there, {new[key]!r} now")
+        elif old[key] != new[key]:
+            lines.append(f"{key}: {old[key]!r} there, {new[key]!r} now")
     return lines
 
 

@@ -40,6 +40,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from adm_common.files import atomic_write_text, file_sha256  # noqa: E402
 from adm_common.npz import npz_members, read_npy_header  # noqa: E402
+from sampling.config_files import read_yaml_mapping  # noqa: E402
 from sampling.model_configs import CONFIG_ROOT, ModelConfigError, load_model_config  # noqa: E402
 
 DEFAULT_CONFIGS = CONFIG_ROOT
@@ -76,15 +77,7 @@ class Item:
 
 
 def _read_yaml(path: Path):
-    import yaml
-
-    try:
-        with open(path) as f:
-            return yaml.safe_load(f)
-    except OSError as e:
-        raise DownloadError(f"cannot read config {path}: {e}") from e
-    except yaml.YAMLError as e:
-        raise DownloadError(f"config {path} is not valid YAML: {e}") from e
+    return read_yaml_mapping(path, "config", DownloadError)
 
 
 def _check_entry(entry, where: str, required=("url", "file")) -> None:
