@@ -1,9 +1,10 @@
 """Self-attention of the ADM U-Net, with a hook to replace the attention computation.
 
 Every attention function here takes q, k, v shaped (N, heads, tokens, head_channels) and returns the
-attention output in the same shape. The block (``AttentionBlock`` in ``unet.py``) owns the memory layout
-(the two QKV orders of upstream) and the choice of batch rows; an :class:`AttentionOverride` only says
-*how* to attend. This is what PAG, its ablations and SAG build on (see ``pag/perturbations.py``).
+attention output in the same shape. The attention submodule of each block (``QKVAttentionLegacy`` /
+``QKVAttention`` in ``unet.py``, upstream's two QKV orders) owns the memory layout and applies the
+override to its batch rows (:func:`attend_rows`); an :class:`AttentionOverride` only says *how* to attend.
+This is what PAG, its ablations and SAG build on (see ``pag/perturbations.py``).
 """
 
 from dataclasses import dataclass
@@ -45,6 +46,14 @@ def identity_attention(q, k, v):
     return v
 
 
+def skip_block(q, k, v):
+    """Marker: the rows an override gives this function make their attention *block* return its input
+    unchanged (the whole residual branch, normalisation, attention and projection, is dropped; the block
+    honours it, see :meth:`AttentionOverride.block_skip_mask`). As an attention function it returns V, which
+    the block then discards."""
+    return v
+
+
 @dataclass(frozen=True)
 class AttentionOverride:
     """Replace one attention block's attention computation for some batch rows.
@@ -77,6 +86,11 @@ class AttentionOverride:
         if self.rows == "second_half":
             mask[: _half_of(batch_size)] = False
         return mask
+
+    def block_skip_mask(self, batch_size, device):
+        """The rows whose attention block returns its input unchanged (``attention_fn`` is
+        :func:`skip_block`), or None when no row skips."""
+        return self.row_mask(batch_size, device) if self.attention_fn is skip_block else None
 
 
 def _half_of(batch_size):

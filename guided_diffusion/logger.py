@@ -23,25 +23,19 @@ import tempfile
 from collections import defaultdict
 from typing import Any, Dict, List, Optional, Sequence
 
+from adm_common.launch import rank_from_env
+
 DEBUG, INFO, WARN, ERROR, DISABLED = 10, 20, 30, 40, 50
 _FORMATS = ("stdout", "log", "csv", "json")
 
 
 def _rank_from_env() -> int:
     """This process's rank, before or without a process group (for configure)."""
-    try:
-        from . import dist_util
+    from . import dist_util
 
-        if dist_util.get_world_size() > 1:
-            return dist_util.get_rank()
-    except ImportError:
-        pass
-    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    if os.environ.get("SLURM_STEP_ID") and os.environ.get("SLURM_PROCID", "").isdigit():
-        return int(os.environ["SLURM_PROCID"])
-    return 0
+    if dist_util.get_world_size() > 1:
+        return dist_util.get_rank()
+    return rank_from_env()
 
 
 def _fmt(value: Any) -> str:
@@ -51,12 +45,18 @@ def _fmt(value: Any) -> str:
 
 
 class _TextOutput:
-    """Writes log lines and key/value tables to a stream (stdout or log.txt)."""
+    """Writes log lines and key/value tables to a stream (stdout or log.txt). With ``timestamps`` (log.txt),
+    each log line starts with the local date and time (``2026-12-01 13:36:51``)."""
 
-    def __init__(self, stream, prefix: str = "", owns: bool = False):
-        self.stream, self.prefix, self.owns = stream, prefix, owns
+    def __init__(self, stream, prefix: str = "", owns: bool = False, timestamps: bool = False):
+        self.stream, self.prefix, self.owns, self.timestamps = stream, prefix, owns, timestamps
 
     def write_line(self, line: str) -> None:
+        if self.timestamps:
+            line = f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')} {line}"
+        self._emit(line)
+
+    def _emit(self, line: str) -> None:
         self.stream.write(self.prefix + line + "\n")
         self.stream.flush()
 
@@ -69,7 +69,7 @@ class _TextOutput:
         rule = "-" * (kw + vw + 7)
         lines = [rule] + [f"| {k:<{kw}} | {v:<{vw}} |" for k, v in rows] + [rule]
         for line in lines:
-            self.write_line(line)
+            self._emit(line)
 
     def close(self) -> None:
         if self.owns:
@@ -126,6 +126,8 @@ class _JSONOutput:
 
 
 class Logger:
+    comm: Any = None  # set by configure(comm=...): dumpkvs then averages over its ranks
+
     def __init__(self, dir: Optional[str], outputs: Sequence[Any], rank: int = 0):
         self.dir = dir
         self.outputs = list(outputs)
@@ -156,10 +158,11 @@ class Logger:
         """Write and clear the current key/values.
 
         ``sync=True`` averages each numeric value over all ranks first (weighted by how many
-        logkv_mean calls made it); it is a collective, so every rank must call it.
+        logkv_mean calls made it); it is a collective, so every rank must call it. A logger
+        configured with a ``comm`` always does.
         """
         kvs = dict(self.kvs)
-        if sync:
+        if sync or self.comm is not None:
             kvs = self._synced(kvs)
         for out in self.outputs:
             out.write_kvs(kvs)
@@ -172,7 +175,10 @@ class Logger:
         from . import dist_util
 
         mine = {k: (v, self._counts.get(k, 1)) for k, v in kvs.items()}
-        everyone = dist_util.all_gather_object(mine)
+        if hasattr(self.comm, "allgather"):  # an mpi4py communicator, as upstream passes
+            everyone = self.comm.allgather(mine)
+        else:
+            everyone = dist_util.all_gather_object(mine)
         merged: Dict[str, Any] = {}
         for key in sorted({k for d in everyone for k in d}):
             entries = [d[key] for d in everyone if key in d]
@@ -192,9 +198,14 @@ class Logger:
 _current: Optional[Logger] = None
 
 
-def configure(dir: Optional[str] = None, format_strs: Optional[Sequence[str]] = None,
-              all_ranks: bool = False, log_suffix: str = "") -> Logger:
-    """Start logging into ``dir`` (created if needed) with the given formats."""
+def configure(dir: Optional[str] = None, format_strs: Optional[Sequence[str]] = None, comm: Any = None,
+              log_suffix: str = "", *, all_ranks: bool = False) -> Logger:
+    """Start logging into ``dir`` (created if needed) with the given formats (upstream's signature).
+
+    comm: as upstream, a communicator over whose ranks ``dumpkvs`` averages the numeric values: an
+        mpi4py communicator (its ``allgather``), or any other non-None value for torch.distributed's
+        process group. ``all_ranks`` (keyword only, this fork's): every rank writes, not only rank 0.
+    """
     global _current
     if dir is None:
         dir = os.environ.get("OPENAI_LOGDIR") or os.path.join(
@@ -217,7 +228,8 @@ def configure(dir: Optional[str] = None, format_strs: Optional[Sequence[str]] = 
         if fmt == "stdout":
             outputs.append(_TextOutput(sys.stdout, prefix=f"[rank {rank}] " if rank else ""))
         elif fmt == "log":
-            outputs.append(_TextOutput(open(os.path.join(dir, f"log{log_suffix}.txt"), "a"), owns=True))
+            outputs.append(_TextOutput(open(os.path.join(dir, f"log{log_suffix}.txt"), "a"), owns=True,
+                                       timestamps=True))
         elif fmt == "csv":
             outputs.append(_CSVOutput(os.path.join(dir, f"progress{log_suffix}.csv")))
         elif fmt == "json":
@@ -225,6 +237,7 @@ def configure(dir: Optional[str] = None, format_strs: Optional[Sequence[str]] = 
     if _current is not None:
         _current.close()
     _current = Logger(dir, outputs, rank)
+    _current.comm = comm
     if outputs:
         _current.log(f"Logging to {dir}")
     return _current
@@ -274,12 +287,12 @@ def set_level(level: int) -> None:
     get_current().level = level
 
 
-def logkv(key: str, value: Any) -> None:
-    get_current().logkv(key, value)
+def logkv(key: str, val: Any) -> None:
+    get_current().logkv(key, val)
 
 
-def logkv_mean(key: str, value: Any) -> None:
-    get_current().logkv_mean(key, value)
+def logkv_mean(key: str, val: Any) -> None:
+    get_current().logkv_mean(key, val)
 
 
 def logkvs(d: Dict[str, Any]) -> None:

@@ -1,12 +1,15 @@
 """The ADM U-Net (Dhariwal & Nichol, 2021), parameter-compatible with the official checkpoints.
 
 Module names and parameter shapes follow upstream guided-diffusion exactly, so its state dicts load
-strictly. Attention blocks can have their attention computation overridden per batch row
-(``AttentionBlock.override``), which is how PAG perturbs them; see ``attention.py``. The U-Net can
+strictly. Every attention block computes its attention in one place, its ``attention`` submodule
+(``QKVAttentionLegacy`` or ``QKVAttention``, as upstream; no parameters), which is also where an
+attention override acts (``AttentionBlock.override``, per batch row): that is how PAG perturbs them (see
+``attention.py``), and a hook on the submodule sees what the block really computes. The U-Net can
 also run in pieces (``begin`` / ``run`` / ``finish`` over :class:`UNetState`), so that PAG computes the
 part before its first perturbed block once and shares it between the clean and the perturbed pass.
 """
 
+import math
 from abc import abstractmethod
 from dataclasses import dataclass, replace
 
@@ -80,6 +83,8 @@ class Downsample(nn.Module):
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.dims = dims
         stride = 2 if dims != 3 else (1, 2, 2)
         if use_conv:
             self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=stride, padding=1)
@@ -109,7 +114,11 @@ class ResBlock(TimestepBlock):
         down=False,
     ):
         super().__init__()
+        self.channels = channels
+        self.emb_channels = emb_channels
+        self.dropout = dropout
         self.out_channels = out_channels or channels
+        self.use_conv = use_conv
         self.use_checkpoint = use_checkpoint
         self.use_scale_shift_norm = use_scale_shift_norm
 
@@ -171,11 +180,13 @@ class ResBlock(TimestepBlock):
 class AttentionBlock(nn.Module):
     """Spatial self-attention with a residual connection.
 
-    ``use_new_attention_order`` picks upstream's QKV layout: False (legacy) splits heads before q/k/v,
-    True splits q/k/v first. Both store the same parameters; only the channel order of ``qkv`` differs.
+    ``use_new_attention_order`` picks upstream's QKV layout through the ``attention`` submodule:
+    :class:`QKVAttentionLegacy` (False: heads split before q/k/v) or :class:`QKVAttention` (True: q/k/v
+    split first). Both store the same parameters; only the channel order of ``qkv`` differs.
 
     ``override`` (an :class:`AttentionOverride` or None) replaces the attention computation for some
-    batch rows; it is set by ``pag.perturbed_attention`` / the PAG engine and is None otherwise.
+    batch rows; it lives on the ``attention`` submodule, is set by ``pag.perturbed_attention`` / the PAG
+    engine and is None otherwise.
     """
 
     def __init__(
@@ -202,8 +213,20 @@ class AttentionBlock(nn.Module):
         self.use_new_attention_order = use_new_attention_order
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
+        if use_new_attention_order:
+            self.attention = QKVAttention(self.num_heads)
+        else:
+            self.attention = QKVAttentionLegacy(self.num_heads)
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
-        self.override = None
+
+    @property
+    def override(self):
+        """The :class:`AttentionOverride` of this block's attention (None: standard attention)."""
+        return self.attention.override
+
+    @override.setter
+    def override(self, value):
+        self.attention.override = value
 
     @property
     def head_channels(self):
@@ -211,16 +234,7 @@ class AttentionBlock(nn.Module):
 
     def split_qkv(self, qkv):
         """(N, 3 * C, T) -> q, k, v each (N, heads, T, head_channels), in this block's QKV order."""
-        n, _, tokens = qkv.shape
-        if self.use_new_attention_order:
-            qkv = qkv.reshape(n, 3, self.num_heads, self.head_channels, tokens).transpose(0, 1)
-        else:
-            qkv = qkv.reshape(n, self.num_heads, 3, self.head_channels, tokens).transpose(1, 2)
-            qkv = qkv.permute(1, 0, 2, 3, 4)
-        # Channels last and contiguous: what torch's fused attention kernels (CPU flash included) take;
-        # strided views would send SDPA to its slower reference path.
-        q, k, v = (part.transpose(-1, -2).contiguous() for part in qkv)
-        return q, k, v
+        return self.attention.split_qkv(qkv)
 
     def forward(self, x):
         return _maybe_checkpoint(self._forward, (x,), self.use_checkpoint)
@@ -228,18 +242,87 @@ class AttentionBlock(nn.Module):
     def _forward(self, x):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
-        q, k, v = self.split_qkv(self.qkv(self.norm(x)))
-        h = attend_rows(q, k, v, self.override)
-        # (N, heads, T, head_channels) -> (N, C, T) with head-major channels, as upstream.
-        h = h.transpose(-1, -2).reshape(b, c, -1)
+        h = self.attention(self.qkv(self.norm(x)))
         h = self.proj_out(h)
-        return (x + h).reshape(b, c, *spatial)
+        out = x + h
+        skip = None if self.override is None else self.override.block_skip_mask(b, x.device)
+        if skip is not None:  # rows told to skip the block (perturbation "skip") keep their input
+            out = th.where(skip[:, None, None], x, out)
+        return out.reshape(b, c, *spatial)
+
+
+def count_flops_attn(model, _x, y):
+    """Operation count of one attention call, for ``thop``'s ``custom_ops``.
+
+        macs, params = thop.profile(model, inputs=(x, t), custom_ops={QKVAttention: QKVAttention.count_flops})
+
+    ``y`` is the module's output (N, C, T) (or a sequence whose first entry it is): two matmuls of
+    N * T^2 * C multiply-adds each, the attention map's and the weighted sum of the values'.
+    """
+    out = y if isinstance(y, th.Tensor) else y[0]
+    b, c, *spatial = out.shape
+    tokens = math.prod(spatial)
+    model.total_ops += th.DoubleTensor([2 * b * tokens**2 * c])
+
+
+class _QKVAttentionBase(nn.Module):
+    """Attention over a packed (N, 3 * heads * ch, T) qkv tensor; the subclasses fix the channel order.
+
+    This is the one place a block's attention is computed: q, k, v are unpacked to (N, heads, T, ch)
+    and attended with standard softmax attention (torch's SDPA), or, for the batch rows selected by
+    ``override`` (an :class:`AttentionOverride`), with the override's attention function.
+    """
+
+    def __init__(self, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+        self.override = None
+
+    def _unpack(self, qkv, ch):
+        raise NotImplementedError
+
+    def split_qkv(self, qkv):
+        """(N, 3 * H * ch, T) -> q, k, v, each (N, H, T, ch), contiguous."""
+        width = qkv.shape[1]
+        if width % (3 * self.n_heads):
+            raise ValueError(f"qkv has {width} channels, not a multiple of 3 x {self.n_heads} heads")
+        ch = width // (3 * self.n_heads)
+        # (3, N, H, ch, T) -> channels last and contiguous: what torch's fused attention kernels (CPU
+        # flash included) take; strided views would send SDPA to its slower reference path.
+        q, k, v = (part.transpose(-1, -2).contiguous() for part in self._unpack(qkv, ch))
+        return q, k, v
+
+    def forward(self, qkv):
+        """(N, 3 * H * ch, T) -> (N, H * ch, T), head-major channels as upstream."""
+        bs, _, length = qkv.shape
+        h = attend_rows(*self.split_qkv(qkv), self.override)
+        return h.transpose(-1, -2).reshape(bs, -1, length)
+
+    @staticmethod
+    def count_flops(model, _x, y):
+        return count_flops_attn(model, _x, y)
+
+
+class QKVAttentionLegacy(_QKVAttentionBase):
+    """QKV attention with heads split before q/k/v: qkv channels are (heads, 3, ch)."""
+
+    def _unpack(self, qkv, ch):
+        bs, _, length = qkv.shape
+        return qkv.reshape(bs, self.n_heads, 3, ch, length).permute(2, 0, 1, 3, 4)
+
+
+class QKVAttention(_QKVAttentionBase):
+    """QKV attention with q/k/v split before heads: qkv channels are (3, heads, ch)."""
+
+    def _unpack(self, qkv, ch):
+        bs, _, length = qkv.shape
+        return qkv.reshape(bs, 3, self.n_heads, ch, length).transpose(0, 1)
 
 
 class AttentionPool2d(nn.Module):
     """Attention pooling of the noisy-image classifier's output (CLIP-style)."""
 
-    def __init__(self, spacial_dim, embed_dim, num_heads_channels, output_dim=None):
+    def __init__(self, spacial_dim: int, embed_dim: int, num_heads_channels: int, output_dim: int = None):
         super().__init__()
         self.positional_embedding = nn.Parameter(
             th.randn(embed_dim, spacial_dim**2 + 1) / embed_dim**0.5
@@ -248,19 +331,15 @@ class AttentionPool2d(nn.Module):
         self.c_proj = conv_nd(1, embed_dim, output_dim or embed_dim, 1)
         self.num_heads = embed_dim // num_heads_channels
         self.head_channels = num_heads_channels
+        self.spacial_dim = spacial_dim
+        self.attention = QKVAttention(self.num_heads)
 
     def forward(self, x):
         b, c, *_ = x.shape
         x = x.reshape(b, c, -1)
         x = th.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)
         x = x + self.positional_embedding[None].to(x.dtype)
-        qkv = self.qkv_proj(x)
-        # q/k/v split first, then heads (upstream's "new" order).
-        q, k, v = (
-            part.reshape(b, self.num_heads, self.head_channels, -1).transpose(-1, -2)
-            for part in qkv.chunk(3, dim=1)
-        )
-        h = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, -1)
+        h = self.attention(self.qkv_proj(x))
         return self.c_proj(h)[:, :, 0]
 
 
@@ -393,6 +472,7 @@ class UNetModel(nn.Module):
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
         self.num_heads_upsample = num_heads_upsample
+        self.dims = dims
 
         skip_channels, ch, ds, resblock, attention = _build_encoder(
             self,
@@ -442,12 +522,13 @@ class UNetModel(nn.Module):
         self.middle_block.apply(convert_module_to_f16)
         self.output_blocks.apply(convert_module_to_f16)
 
-    def convert_to_f32(self):
+    def convert_to_fp32(self):
         """Convert the torso back to float32."""
         self.input_blocks.apply(convert_module_to_f32)
         self.middle_block.apply(convert_module_to_f32)
         self.output_blocks.apply(convert_module_to_f32)
 
+    convert_to_f32 = convert_to_fp32  # this fork's earlier name
 
     def forward(self, x, timesteps, y=None):
         """Predict eps (and the variance interpolation with learned sigma) for ``x`` at ``timesteps``."""
@@ -473,8 +554,15 @@ class UNetModel(nn.Module):
         raise ValueError(f"{module_name!r} is not inside any block of this U-Net")
 
     def begin(self, x, timesteps, y=None):
-        """Check the inputs and embed the timesteps (and labels): the state before the first stage."""
-        _check_images(x, timesteps, self.in_channels, self.image_size)
+        """Check the inputs and embed the timesteps (and labels): the state before the first stage.
+
+        Any image size whose height and width survive the downsamplings (multiples of
+        2 ** (len(channel_mult) - 1)) works, as upstream's convolutional network; ``timesteps`` has one
+        entry per image or one for the whole batch.
+        """
+        timesteps = _check_images(
+            x, timesteps, self.in_channels, self.image_size, dims=self.dims,
+            multiple=2 ** (len(self.channel_mult) - 1))
         _check_labels(self.num_classes, x.shape[0], y)
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         if self.num_classes is not None:
@@ -527,18 +615,24 @@ class UNetState:
         return replace(self, h=rep(self.h), emb=rep(self.emb), skips=tuple(rep(s) for s in self.skips))
 
 
-def _check_images(x, timesteps, channels, image_size, what="model"):
-    """Raise a ValueError naming the expected shapes when ``x`` or ``timesteps`` cannot fit."""
-    if x.dim() != 4 or tuple(x.shape[1:]) != (channels, image_size, image_size):
+def _check_images(x, timesteps, channels, image_size, what="model", dims=2, multiple=1):
+    """Raise a ValueError naming the expected shapes when ``x`` or ``timesteps`` cannot work.
+
+    ``multiple``: what every downsampled side must be a multiple of (a U-Net's skip connections must
+    meet again); 1 for the classifier. Returns the timesteps with one entry per image (a single
+    timestep is broadcast over the batch, as upstream's embedding broadcasting does).
+    """
+    expected = ", ".join(["N", str(channels)] + [str(image_size)] * dims)
+    sides = x.shape[2:] if dims != 3 else x.shape[3:]  # 3D: only the inner two dimensions are resampled
+    if x.dim() != dims + 2 or x.shape[1] != channels or any(n % multiple for n in sides):
+        other = f" (or any sides that are multiples of {multiple})" if multiple > 1 else ""
+        raise ValueError(f"the {what} expects images of shape ({expected}){other}, got {tuple(x.shape)}")
+    if timesteps.dim() != 1 or timesteps.shape[0] not in (1, x.shape[0]):
         raise ValueError(
-            f"the {what} expects images of shape (N, {channels}, {image_size}, {image_size}), "
-            f"got {tuple(x.shape)}"
-        )
-    if timesteps.dim() != 1 or timesteps.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"expected one timestep per image ({x.shape[0]}), got timesteps of shape "
+            f"expected one timestep per image ({x.shape[0]}) or one for the batch, got timesteps of shape "
             f"{tuple(timesteps.shape)}"
         )
+    return timesteps.expand(x.shape[0])
 
 
 def _check_labels(num_classes, batch_size, y):
@@ -576,7 +670,14 @@ class SuperResModel(UNetModel):
     def begin(self, x, timesteps, low_res=None, **kwargs):
         if low_res is None:
             raise ValueError("the super-resolution model needs low_res=<low-resolution images>")
-        _check_images(x, timesteps, self.in_channels // 2, self.image_size)
+        channels = self.in_channels // 2
+        _check_images(x, timesteps, channels, self.image_size, dims=self.dims,
+                      multiple=2 ** (len(self.channel_mult) - 1))
+        if low_res.dim() != x.dim() or low_res.shape[:2] != x.shape[:2]:
+            raise ValueError(
+                f"low_res must hold one {channels}-channel image per input image, shaped "
+                f"({x.shape[0]}, {channels}, h, w); got {tuple(low_res.shape)}"
+            )
         upsampled = F.interpolate(low_res, x.shape[2:], mode="bilinear")
         return super().begin(th.cat([x, upsampled], dim=1), timesteps, **kwargs)
 
@@ -607,12 +708,23 @@ class EncoderUNetModel(nn.Module):
         pool="adaptive",
     ):
         super().__init__()
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
         self.image_size = image_size
         self.in_channels = in_channels
         self.model_channels = model_channels
         self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = attention_resolutions
+        self.dropout = dropout
+        self.channel_mult = channel_mult
+        self.conv_resample = conv_resample
         self.use_checkpoint = use_checkpoint
         self.dtype = th.float16 if use_fp16 else th.float32
+        self.num_heads = num_heads
+        self.num_head_channels = num_head_channels
+        self.num_heads_upsample = num_heads_upsample
+        self.dims = dims
         self.pool = pool
         skip_channels, ch, ds, _, _ = _build_encoder(
             self,
@@ -631,6 +743,7 @@ class EncoderUNetModel(nn.Module):
             resblock_updown,
             use_new_attention_order,
         )
+        self._feature_size = sum(skip_channels) + ch  # what the spatial pools concatenate
         if pool == "adaptive":
             self.out = nn.Sequential(
                 normalization(ch),
@@ -649,11 +762,11 @@ class EncoderUNetModel(nn.Module):
             )
         elif pool == "spatial":
             self.out = nn.Sequential(
-                nn.Linear(sum(skip_channels) + ch, 2048), nn.ReLU(), nn.Linear(2048, out_channels)
+                nn.Linear(self._feature_size, 2048), nn.ReLU(), nn.Linear(2048, out_channels)
             )
         elif pool == "spatial_v2":
             self.out = nn.Sequential(
-                nn.Linear(sum(skip_channels) + ch, 2048),
+                nn.Linear(self._feature_size, 2048),
                 normalization(2048),
                 nn.SiLU(),
                 nn.Linear(2048, out_channels),
@@ -662,15 +775,22 @@ class EncoderUNetModel(nn.Module):
             raise ValueError(f"unknown classifier pool {pool!r}: use adaptive, attention, spatial or spatial_v2")
 
     def convert_to_fp16(self):
+        """Convert the torso (input and middle blocks) to float16, as upstream does."""
         self.input_blocks.apply(convert_module_to_f16)
         self.middle_block.apply(convert_module_to_f16)
 
-    def convert_to_f32(self):
+    def convert_to_fp32(self):
+        """Convert the torso back to float32."""
         self.input_blocks.apply(convert_module_to_f32)
         self.middle_block.apply(convert_module_to_f32)
 
+    convert_to_f32 = convert_to_fp32  # this fork's earlier name
+
     def forward(self, x, timesteps):
-        _check_images(x, timesteps, self.in_channels, self.image_size, what="classifier")
+        """Logits (N, out_channels). Any image size works, except with attention pooling, whose
+        positional embedding fixes the feature map's size (that of ``image_size`` images)."""
+        timesteps = _check_images(x, timesteps, self.in_channels, self.image_size, what="classifier",
+                                  dims=self.dims)
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         pooled = []
         h = x.type(self.dtype)
@@ -682,6 +802,14 @@ class EncoderUNetModel(nn.Module):
         if self.pool.startswith("spatial"):
             pooled.append(h.type(x.dtype).mean(dim=(2, 3)))
             return self.out(th.cat(pooled, dim=-1))
+        if self.pool == "attention":
+            side = self.out[-1].spacial_dim
+            if tuple(h.shape[2:]) != (side, side):
+                raise ValueError(
+                    f"the classifier expects images of shape (N, {self.in_channels}, {self.image_size}, "
+                    f"{self.image_size}): its attention pooling is built for {side}x{side} features, and "
+                    f"images of {tuple(x.shape)} give {tuple(h.shape[2:])}"
+                )
         return self.out(h.type(x.dtype))
 
 
@@ -701,9 +829,18 @@ def attention_block_info(model):
 __all__ = [
     "AttentionBlock",
     "AttentionOverride",
+    "AttentionPool2d",
+    "Downsample",
     "EncoderUNetModel",
+    "QKVAttention",
+    "QKVAttentionLegacy",
+    "ResBlock",
     "SuperResModel",
+    "TimestepBlock",
+    "TimestepEmbedSequential",
     "UNetModel",
+    "Upsample",
     "attention_block_info",
     "attention_blocks",
+    "count_flops_attn",
 ]

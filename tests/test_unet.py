@@ -289,7 +289,7 @@ def test_bad_inputs_name_what_was_expected():
     model, _ = small_model()
     t = torch.tensor([1, 2])
     with pytest.raises(ValueError, match=r"\(N, 3, 32, 32\)"):
-        model(torch.randn(2, 3, 64, 64), t)
+        model(torch.randn(2, 3, 30, 30), t)  # sides must halve cleanly at every level (64 works, as upstream)
     with pytest.raises(ValueError, match=r"\(N, 3, 32, 32\)"):
         model(torch.randn(2, 1, 32, 32), t)
     with pytest.raises(ValueError, match="unconditional"):
@@ -314,7 +314,7 @@ def test_superres_model_stacks_low_res_and_checks_inputs():
     with pytest.raises(ValueError, match="low_res"):
         model(torch.randn(1, 3, 64, 64), torch.tensor([3]))
     with pytest.raises(ValueError, match=r"\(N, 3, 64, 64\)"):
-        model(torch.randn(1, 3, 32, 32), torch.tensor([3]), low_res=torch.randn(1, 3, 32, 32))
+        model(torch.randn(1, 3, 36, 36), torch.tensor([3]), low_res=torch.randn(1, 3, 32, 32))
 
 
 def test_classifier_forward_shape():

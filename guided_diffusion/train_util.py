@@ -1,0 +1,293 @@
+"""Upstream's diffusion training loop (``TrainLoop``), its checkpoint names and its resumption.
+
+    TrainLoop(model=model, diffusion=diffusion, data=load_data(...), batch_size=8, microbatch=-1,
+              lr=1e-4, ema_rate="0.9999", log_interval=10, save_interval=10000,
+              resume_checkpoint="").run_loop()
+
+Every ``save_interval`` steps it writes, into ``logger.get_dir()``:
+    model{step:06d}.pt          the model's state dict (float32 master weights with ``use_fp16``)
+    ema_{rate}_{step:06d}.pt    one EMA state dict per rate of ``ema_rate`` ("0.9999" or "0.999,0.9999")
+    opt{step:06d}.pt            the AdamW state
+``resume_checkpoint=".../model{step:06d}.pt"`` continues from them: the step comes from the file name, and
+the EMA and optimiser files of that step next to it are loaded when they exist.
+
+Differences from upstream, on purpose: ``model{N}.pt`` holds the state after N optimiser steps (upstream
+saves after step N + 1 under the name N, so a resumed run repeated a step); checkpoints are written when
+the total step count is a multiple of ``save_interval`` (also after a resume); the table of averages is
+dumped every ``log_interval`` steps together with a progress line (loss, samples/s); several processes
+(mpiexec, torchrun, srun: see ``dist_util.setup_dist``) train with DistributedDataParallel on CPU (gloo)
+as well as on GPUs.
+"""
+
+import contextlib
+import copy
+import functools
+import os
+import time
+
+import blobfile as bf
+import torch as th
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim import AdamW
+
+from . import dist_util, logger
+from .fp16_util import MixedPrecisionTrainer
+from .nn import update_ema
+from .resample import LossAwareSampler, UniformSampler
+
+# For ImageNet experiments this was a good default: upstream saw lg_loss_scale climb to 20-21 within
+# the first ~1K steps.
+INITIAL_LOG_LOSS_SCALE = 20.0
+
+
+class TrainLoop:
+    def __init__(
+        self,
+        *,
+        model,
+        diffusion,
+        data,
+        batch_size,
+        microbatch,
+        lr,
+        ema_rate,
+        log_interval,
+        save_interval,
+        resume_checkpoint,
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        schedule_sampler=None,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+    ):
+        self.model = model
+        self.diffusion = diffusion
+        self.data = data
+        self.batch_size = batch_size
+        self.microbatch = microbatch if microbatch > 0 else batch_size
+        self.lr = lr
+        self.ema_rate = (
+            [float(ema_rate)] if isinstance(ema_rate, (int, float))
+            else [float(r) for r in str(ema_rate).split(",") if r.strip()]
+        )
+        self.log_interval = log_interval
+        self.save_interval = save_interval
+        self.resume_checkpoint = resume_checkpoint
+        self.use_fp16 = use_fp16
+        self.fp16_scale_growth = fp16_scale_growth
+        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
+        self.weight_decay = weight_decay
+        self.lr_anneal_steps = lr_anneal_steps
+
+        self.step = 0
+        self.resume_step = 0
+        self.global_batch = self.batch_size * dist_util.get_world_size()
+        self.sync_cuda = th.cuda.is_available()
+
+        self._load_and_sync_parameters()
+        self.mp_trainer = MixedPrecisionTrainer(
+            model=self.model, use_fp16=self.use_fp16, fp16_scale_growth=fp16_scale_growth
+        )
+        self.opt = AdamW(self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.resume_step:
+            self._load_optimizer_state()
+            self.ema_params = [self._load_ema_parameters(rate) for rate in self.ema_rate]
+        else:
+            self.ema_params = [copy.deepcopy(self.mp_trainer.master_params) for _ in self.ema_rate]
+
+        if dist_util.get_world_size() > 1:
+            self.use_ddp = True
+            device = dist_util.dev()
+            self.ddp_model = DDP(
+                self.model,
+                device_ids=[device] if device.type == "cuda" else None,
+                output_device=device if device.type == "cuda" else None,
+                bucket_cap_mb=128,
+                find_unused_parameters=False,
+            )
+        else:
+            self.use_ddp = False
+            self.ddp_model = self.model
+        self._last_log = (time.perf_counter(), self.resume_step)
+
+    # -- resuming ---------------------------------------------------------------------------------
+
+    def _main_checkpoint(self):
+        return find_resume_checkpoint() or self.resume_checkpoint
+
+    def _load_and_sync_parameters(self):
+        resume_checkpoint = self._main_checkpoint()
+        if resume_checkpoint:
+            self.resume_step = parse_resume_step_from_filename(resume_checkpoint)
+            logger.log(f"loading model from checkpoint: {resume_checkpoint}...")
+            # Collective under a process group: rank 0 reads, the others receive the bytes.
+            self.model.load_state_dict(dist_util.load_state_dict(resume_checkpoint, map_location=dist_util.dev()))
+        dist_util.sync_params(self.model.parameters())
+
+    def _load_ema_parameters(self, rate):
+        ema_params = copy.deepcopy(self.mp_trainer.master_params)
+        ema_checkpoint = find_ema_checkpoint(self._main_checkpoint(), self.resume_step, rate)
+        if dist_util.broadcast_object(bool(ema_checkpoint)):
+            logger.log(f"loading EMA from checkpoint: {ema_checkpoint}...")
+            state_dict = dist_util.load_state_dict(ema_checkpoint, map_location=dist_util.dev())
+            state_dict = {k: v.to(dist_util.dev()) for k, v in state_dict.items()}
+            ema_params = self.mp_trainer.state_dict_to_master_params(state_dict)
+        dist_util.sync_params(ema_params)
+        return ema_params
+
+    def _load_optimizer_state(self):
+        main_checkpoint = self._main_checkpoint()
+        opt_checkpoint = bf.join(bf.dirname(main_checkpoint), f"opt{self.resume_step:06}.pt")
+        state_dict = None
+        if dist_util.get_rank() == 0 and bf.exists(opt_checkpoint):
+            logger.log(f"loading optimizer state from checkpoint: {opt_checkpoint}")
+            with bf.BlobFile(opt_checkpoint, "rb") as f:
+                state_dict = th.load(f, map_location="cpu", weights_only=True)
+        state_dict = dist_util.broadcast_object(state_dict)
+        if state_dict is not None:
+            self.opt.load_state_dict(state_dict)  # moves the state onto the parameters' device
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def run_loop(self):
+        """Train until ``lr_anneal_steps`` total steps (forever when 0), saving every ``save_interval``."""
+        while not self.lr_anneal_steps or self.step + self.resume_step < self.lr_anneal_steps:
+            batch, cond = next(self.data)
+            self.run_step(batch, cond)
+            self.step += 1
+            total = self.step + self.resume_step
+            if total % self.log_interval == 0:
+                self._dump_logs()
+            if total % self.save_interval == 0:
+                self.save()
+                # Run for a finite amount of time in integration tests.
+                if os.environ.get("DIFFUSION_TRAINING_TEST", ""):
+                    return
+        if logger.getkvs():
+            self._dump_logs()
+        # Save the last checkpoint if it was not just saved.
+        if self.step and (self.step + self.resume_step) % self.save_interval:
+            self.save()
+
+    def run_step(self, batch, cond):
+        self.forward_backward(batch, cond)
+        took_step = self.mp_trainer.optimize(self.opt)
+        if took_step:
+            self._update_ema()
+        self._anneal_lr()
+        self.log_step()
+
+    def forward_backward(self, batch, cond):
+        self.mp_trainer.zero_grad()
+        for i in range(0, batch.shape[0], self.microbatch):
+            micro = batch[i : i + self.microbatch].to(dist_util.dev())
+            micro_cond = {k: v[i : i + self.microbatch].to(dist_util.dev()) for k, v in cond.items()}
+            last_batch = (i + self.microbatch) >= batch.shape[0]
+            t, weights = self.schedule_sampler.sample(micro.shape[0], dist_util.dev())
+
+            compute_losses = functools.partial(
+                self.diffusion.training_losses, self.ddp_model, micro, t, model_kwargs=micro_cond
+            )
+            # Gradients are all-reduced once per batch, on its last microbatch.
+            sync = last_batch or not self.use_ddp
+            with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
+                losses = compute_losses()
+                if isinstance(self.schedule_sampler, LossAwareSampler):
+                    self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+                loss = (losses["loss"] * weights).mean()
+                log_loss_dict(self.diffusion, t, {k: v * weights for k, v in losses.items()})
+                self.mp_trainer.backward(loss)
+
+    def _update_ema(self):
+        for rate, params in zip(self.ema_rate, self.ema_params):
+            update_ema(params, self.mp_trainer.master_params, rate=rate)
+
+    def _anneal_lr(self):
+        if not self.lr_anneal_steps:
+            return
+        frac_done = (self.step + self.resume_step) / self.lr_anneal_steps
+        lr = self.lr * (1 - frac_done)
+        for param_group in self.opt.param_groups:
+            param_group["lr"] = lr
+
+    def log_step(self):
+        logger.logkv("step", self.step + self.resume_step)
+        logger.logkv("samples", (self.step + self.resume_step + 1) * self.global_batch)
+
+    def _dump_logs(self):
+        """The progress line (step, loss, throughput), then the table of this interval's averages."""
+        now, total = time.perf_counter(), self.step + self.resume_step
+        since, steps_then = self._last_log
+        rate = (total - steps_then) * self.global_batch / max(now - since, 1e-9)
+        self._last_log = (now, total)
+        loss = logger.getkvs().get("loss")
+        loss_text = f"loss {loss:.4f}, " if isinstance(loss, float) else ""
+        logger.log(f"step {total}: {loss_text}{rate:.1f} samples/s")
+        logger.dumpkvs()
+
+    def save(self):
+        step = self.step + self.resume_step
+
+        def save_checkpoint(rate, params):
+            state_dict = self.mp_trainer.master_params_to_state_dict(params)
+            if dist_util.get_rank() == 0:
+                logger.log(f"saving model {rate}...")
+                filename = f"model{step:06d}.pt" if not rate else f"ema_{rate}_{step:06d}.pt"
+                _save(state_dict, bf.join(get_blob_logdir(), filename))
+
+        save_checkpoint(0, self.mp_trainer.master_params)
+        for rate, params in zip(self.ema_rate, self.ema_params):
+            save_checkpoint(rate, params)
+        if dist_util.get_rank() == 0:
+            _save(self.opt.state_dict(), bf.join(get_blob_logdir(), f"opt{step:06d}.pt"))
+        dist_util.barrier()
+
+
+def _save(obj, path):
+    """th.save to a local path (through a temporary file, so a crash leaves no half checkpoint) or URL."""
+    obj = {k: v.detach() if isinstance(v, th.Tensor) else v for k, v in obj.items()}
+    if "://" in path:
+        with bf.BlobFile(path, "wb") as f:
+            th.save(obj, f)
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    th.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def parse_resume_step_from_filename(filename):
+    """The step of ``path/to/modelNNNNNN.pt`` (0 when the name has no such number)."""
+    split = os.fspath(filename).split("model")
+    if len(split) < 2:
+        return 0
+    try:
+        return int(split[-1].split(".")[0])
+    except ValueError:
+        return 0
+
+
+def get_blob_logdir():
+    """Where checkpoints go: the logger's directory (override to write elsewhere, e.g. a blob store)."""
+    return logger.get_dir()
+
+
+def find_resume_checkpoint():
+    """Hook to discover the latest checkpoint automatically (e.g. on blob storage); None here."""
+    return None
+
+
+def find_ema_checkpoint(main_checkpoint, step, rate):
+    """``ema_{rate}_{step:06d}.pt`` next to ``main_checkpoint``, if it exists."""
+    if not main_checkpoint:
+        return None
+    path = bf.join(bf.dirname(main_checkpoint), f"ema_{rate}_{step:06d}.pt")
+    return path if bf.exists(path) else None
+
+
+def log_loss_dict(diffusion, ts, losses):
+    """Log each loss term's mean, and its mean per quarter of the diffusion steps (``{key}_q0`` ...)."""
+    for key, values in losses.items():
+        logger.logkv_mean(key, values.mean().item())
+        for sub_t, sub_loss in zip(ts.cpu().numpy(), values.detach().cpu().numpy()):
+            quartile = int(4 * sub_t / diffusion.num_timesteps)
+            logger.logkv_mean(f"{key}_q{quartile}", sub_loss)

@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Train a diffusion model on a folder of images, with upstream guided-diffusion's flags.
+
+    python scripts/image_train.py --data_dir data/train --image_size 64 --num_channels 128 \
+        --num_res_blocks 3 --learn_sigma True --diffusion_steps 4000 --noise_schedule cosine \
+        --lr 1e-4 --batch_size 128
+    mpiexec -n 8 python scripts/image_train.py ...        # or torchrun / srun: data-parallel (DDP)
+
+Checkpoints (model/ema/opt{step:06d}.pt) and logs go to $OPENAI_LOGDIR (default: a new temporary
+directory); --resume_checkpoint DIR/model{step:06d}.pt continues a run; --lr_anneal_steps N stops after
+N steps (annealing the learning rate to 0). With --class_cond True the label of a file is its name's
+part before the first underscore. See guided_diffusion/train_util.py.
+"""
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion import dist_util, logger  # noqa: E402
+from guided_diffusion.image_datasets import load_data  # noqa: E402
+from guided_diffusion.resample import create_named_schedule_sampler  # noqa: E402
+from guided_diffusion.script_util import (  # noqa: E402
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+from guided_diffusion.train_util import TrainLoop  # noqa: E402
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+
+    dist_util.setup_dist()
+    logger.configure()
+
+    logger.log("creating model and diffusion...")
+    model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
+    model.to(dist_util.dev())
+    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+
+    logger.log("creating data loader...")
+    data = load_data(
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        class_cond=args.class_cond,
+    )
+
+    logger.log("training...")
+    TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        fp16_scale_growth=args.fp16_scale_growth,
+        schedule_sampler=schedule_sampler,
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+    ).run_loop()
+
+
+def create_argparser():
+    defaults = dict(
+        data_dir="",
+        schedule_sampler="uniform",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        batch_size=1,
+        microbatch=-1,  # -1 disables microbatches
+        ema_rate="0.9999",  # comma-separated list of EMA rates
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+    )
+    defaults.update(model_and_diffusion_defaults())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+if __name__ == "__main__":
+    main()

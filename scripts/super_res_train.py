@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Train a super-resolution diffusion model (upstream guided-diffusion's flags).
+
+    python scripts/super_res_train.py --data_dir data/train --large_size 256 --small_size 64 \
+        --num_channels 192 --num_res_blocks 2 --learn_sigma True --lr 1e-4 --batch_size 16
+
+The low-resolution input of each image is its area-downsampled copy (``--small_size``). Checkpoints and
+logs as in scripts/image_train.py.
+"""
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch.nn.functional as F  # noqa: E402
+
+from guided_diffusion import dist_util, logger  # noqa: E402
+from guided_diffusion.image_datasets import load_data  # noqa: E402
+from guided_diffusion.resample import create_named_schedule_sampler  # noqa: E402
+from guided_diffusion.script_util import (  # noqa: E402
+    add_dict_to_argparser,
+    args_to_dict,
+    sr_create_model_and_diffusion,
+    sr_model_and_diffusion_defaults,
+)
+from guided_diffusion.train_util import TrainLoop  # noqa: E402
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+
+    dist_util.setup_dist()
+    logger.configure()
+
+    logger.log("creating model...")
+    model, diffusion = sr_create_model_and_diffusion(
+        **args_to_dict(args, sr_model_and_diffusion_defaults().keys())
+    )
+    model.to(dist_util.dev())
+    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+
+    logger.log("creating data loader...")
+    data = load_superres_data(
+        args.data_dir,
+        args.batch_size,
+        large_size=args.large_size,
+        small_size=args.small_size,
+        class_cond=args.class_cond,
+    )
+
+    logger.log("training...")
+    TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        fp16_scale_growth=args.fp16_scale_growth,
+        schedule_sampler=schedule_sampler,
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+    ).run_loop()
+
+
+def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False):
+    """load_data at ``large_size``, with each batch's area-downsampled copy as ``kwargs["low_res"]``."""
+    data = load_data(data_dir=data_dir, batch_size=batch_size, image_size=large_size, class_cond=class_cond)
+    for large_batch, model_kwargs in data:
+        model_kwargs["low_res"] = F.interpolate(large_batch, small_size, mode="area")
+        yield large_batch, model_kwargs
+
+
+def create_argparser():
+    defaults = dict(
+        data_dir="",
+        schedule_sampler="uniform",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        batch_size=1,
+        microbatch=-1,
+        ema_rate="0.9999",
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+    )
+    defaults.update(sr_model_and_diffusion_defaults())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+if __name__ == "__main__":
+    main()
