@@ -257,13 +257,51 @@ def test_pr_bad_inputs():
 # The NumPy references below use NumPy's own float16 arithmetic (each op correctly rounded to float16).
 
 
+def np_add16(a, b):
+    """float16 + float16 as Eigen's half packets and scalars add: in float32, rounded to float16."""
+    return (np.asarray(a, np.float16).astype(np.float32) + np.asarray(b, np.float16).astype(np.float32)).astype(
+        np.float16)
+
+
+def np_eigen_sum16(sq, first=0):
+    """TensorFlow-CPU's ``reduce_sum`` of one float16 row ``sq``, written out as Eigen's tree reduction with 8-lane
+    half packets (``InnerMostDimReducer``, ``LeafSize<half>`` = 200); ``first``: the row's flat offset."""
+    n = len(sq)
+    if n > 8 * 200:  # split at the first multiple of 8 at or past the middle; halves added in float16
+        left = min(8 * -(-(first + -(-n // 2)) // 8) - first, n)
+        acc = np_eigen_sum16(sq[:left], first)
+        return np_add16(acc, np_eigen_sum16(sq[left:], first + left)) if left < n else acc
+    acc = [np.zeros(8, np.float16) for _ in range(4)]
+    start = 0
+    if n >= 32:  # four packet accumulators over lanes 0-7, 8-15, 16-23, 24-31 of every 32 values
+        start = n // 32 * 32
+        for j in range(0, start, 32):
+            acc = [np_add16(acc[k], sq[j + 8 * k:j + 8 * k + 8]) for k in range(4)]
+        acc[0] = np_add16(np_add16(np_add16(acc[0], acc[1]), acc[2]), acc[3])
+    for j in range(start, n // 8 * 8, 8):
+        acc[0] = np_add16(acc[0], sq[j:j + 8])
+    tail = np.float16(0)
+    for v in sq[n // 8 * 8:]:
+        tail = np_add16(tail, v)
+    lanes = acc[0].astype(np.float32)  # predux: a float32 tree over the lanes, rounded once
+    t = lanes[:4] + lanes[4:]
+    return np_add16(tail, np.float16((t[0] + t[2]) + (t[1] + t[3])))
+
+
+def np_norms_float16(a):
+    """Squared norms of upstream's float16 graph on TensorFlow's CPU kernels: squares rounded to float16, summed
+    in float16 in Eigen's order."""
+    sq = np.square(np.asarray(a, np.float32).astype(np.float16))
+    return np.array([np_eigen_sum16(row, i * sq.shape[1]) for i, row in enumerate(sq)], np.float16)
+
+
 def np_distances_float16(a, b):
     """Upstream's float16 block in NumPy: max((|a|^2 - 2 a.b) + |b|^2, 0) on float16 casts; squares rounded to
-    float16, norms and dot products accumulated in float32 and rounded to float16, then float16 ops."""
+    float16 and summed in float16 (``np_norms_float16``), dot products accumulated in float32 and rounded to
+    float16, then float16 ops."""
     with np.errstate(over="ignore", invalid="ignore"):
         a16, b16 = np.asarray(a).astype(np.float16), np.asarray(b).astype(np.float16)
-        na = np.square(a16).astype(np.float32).sum(1).astype(np.float16)
-        nb = np.square(b16).astype(np.float32).sum(1).astype(np.float16)
+        na, nb = np_norms_float16(a), np_norms_float16(b)
         dots = (a16.astype(np.float32) @ b16.astype(np.float32).T).astype(np.float16)
         d = (na[:, None] - np.float16(2) * dots) + nb[None, :]
         return np.maximum(d, np.float16(0)).astype(np.float32)  # max(-inf, 0) = 0; NaN stays NaN
@@ -340,6 +378,45 @@ def test_pr_float16_formula_rounding_flips_precision_and_recall():
     # |67|^2 = 4900 - 9376 + 4488 = 12 again, while the radius of 67 among the samples is 8).
     assert precision_recall(far, near) == (1.0, 0.0) == np_pr(far, near, np_distances_float16)
     assert precision_recall(far, near, pr_precision="float32") == (1.0, 0.25) == np_pr(far, near, np_exact_distances)
+
+
+def test_float16_norms_accumulate_in_float16_in_eigens_order():
+    # tf.reduce_sum on float16 (CPU) adds in float16 with Eigen's 8-lane packets: four accumulators take lanes 0-7,
+    # 8-15, 16-23, 24-31 of every 32 values and are combined as ((acc0 + acc1) + acc2) + acc3; then a float32 sum
+    # of the 8 lanes, rounded once. float16 spacing is 1 in [1024, 2048), 4 in [4096, 8192).
+    # 64 dims, one 32 (square 1024) and 63 of 0.5 (square 0.25); exactly 1039.75.
+    row = np.full((2, 64), 0.5, np.float32)
+    row[0, 0] = row[1, 16] = 32.0
+    # Big value in acc0 lane 0: 1024 + 0.25 (value 32) -> 1024; acc1, acc2, acc3 lane 0 each hold 0.5, and
+    # 1024 + 0.5 is a tie -> 1024 three times: lane 0 stays 1024. Lanes 1-7: 8 x 0.25 = 2 each, 14 in all: 1038.
+    # Big value in acc2 lane 0: 1024 (its 0.25 lost); acc0 + acc1 = 1; + 1024 = 1025; + acc3's 0.5 = 1025.5 -> 1026
+    # (tie, to even); + 14 = 1040. (Pairwise combining, (acc0 + acc1) + (acc2 + acc3), would give 1025 + 14.)
+    # float32 accumulation would give 1039.75 -> 1040 for both rows.
+    assert metrics.float16_norms(torch.tensor(row)).tolist() == [1038.0, 1040.0]
+    assert np.square(row.astype(np.float16)).astype(np.float32).sum(1).astype(np.float16).tolist() == [1040.0] * 2
+
+    # 2048 dims (> 8 x 200): split into values 0-1023 and 1024-2047, each reduced alone, the two sums added in
+    # float16. 64 at 0 (square 4096), 1 at 32, 64, 96, 128 (acc0 lane 0, each 4096 + 1 -> 4096) and at 1024, 1025,
+    # 1026 (lanes 0-2 of the second half's acc0). Split: 4096 + 3 = 4099 -> 4100. Unsplit, value 1024 would also
+    # meet 4096 in acc0 lane 0 and be lost: 4096 + 2 = 4098 -> 4096 (tie, to even). float32: 4103 -> 4104.
+    row = np.zeros((1, 2048), np.float32)
+    row[0, [0, 32, 64, 96, 128, 1024, 1025, 1026]] = [64, 1, 1, 1, 1, 1, 1, 1]
+    assert metrics.float16_norms(torch.tensor(row)).tolist() == [4100.0]
+    assert np_norms_float16(row).tolist() == [4100.0]
+    assert np.square(row.astype(np.float16)).astype(np.float32).sum(1).astype(np.float16).tolist() == [4104.0]
+
+
+def test_float16_norms_match_the_numpy_reference_of_eigens_order():
+    # Tails of 1-7 values, single packets, the 4-accumulator loop and the split of rows longer than 1600, whose
+    # position depends on the row's flat offset modulo 8 (1601 dims: every offset occurs in 9 rows).
+    rng = np.random.default_rng(3)
+    differ = 0
+    for d in (1, 5, 13, 67, 1601, 2048):
+        x = (rng.standard_normal((9, d)) * np.exp(rng.uniform(-2, 1.5, (9, d)))).astype(np.float32)
+        got = metrics.float16_norms(torch.tensor(x)).numpy()
+        assert got.tolist() == np_norms_float16(x).astype(np.float32).tolist()
+        differ += int((got != np.square(x.astype(np.float16)).astype(np.float32).sum(1).astype(np.float16)).sum())
+    assert differ >= 10  # float16 accumulation is observable on these rows
 
 
 def test_pr_float16_doubled_dot_overflow_clamps_to_zero_without_fallback():
