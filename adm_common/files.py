@@ -1,7 +1,9 @@
 """Files that appear only complete: atomic writes (temporary name in the same directory, then rename),
-and content hashes."""
+and content hashes (remembered beside the file, so a large checkpoint is hashed once)."""
 
+import contextlib
 import hashlib
+import json
 import os
 import tempfile
 
@@ -57,13 +59,16 @@ def remove_quietly(path):
         pass
 
 
-def atomic_write_bytes(path, data):
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+@contextlib.contextmanager
+def atomic_open(path):
+    """A binary file to write (``with atomic_open(path) as f: torch.save(obj, f)``) that replaces ``path``
+    only when the block ends without an error, so readers see the old file or the whole new one; on an
+    error the temporary file is removed and ``path`` is left as it was."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = tmp_path_for(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -71,6 +76,12 @@ def atomic_write_bytes(path, data):
         remove_quietly(tmp)
         raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_write_bytes(path, data):
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path, text):
@@ -87,3 +98,45 @@ def file_sha256(path, chunk_size=1 << 24):
                 break
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _stamp(st):
+    """What changes when a file is rewritten or replaced: a remembered hash is valid while all of it is equal."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
+
+def default_hash_cache_dir():
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "pag_adm", "sha256")
+
+
+def cached_file_sha256(path, cache_dir=None):
+    """Hex sha256 of a file, remembered in a sidecar ``<path>.sha256`` (JSON: size, mtime_ns, ctime_ns, inode,
+    sha256) and computed again when any of those changed (a replaced file has another inode or ctime even when
+    its size and mtime were kept). Where the file's directory is read-only the record goes to ``cache_dir``
+    (default ``~/.cache/pag_adm/sha256/``), named by the file's real path."""
+    path = os.fspath(path)
+    stamp = _stamp(os.stat(path))
+    sidecar = path + ".sha256"
+    key = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:32]
+    fallback = os.path.join(cache_dir or default_hash_cache_dir(), f"{key}.json")
+    for record_path in (sidecar, fallback):
+        try:
+            with open(record_path) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("sha256"), str) and all(
+                record.get(k) == v for k, v in stamp.items()):
+            return record["sha256"]
+    digest = file_sha256(path)
+    if _stamp(os.stat(path)) != stamp:  # changed while being read: do not remember this one
+        return digest
+    text = json.dumps(dict(stamp, sha256=digest, file=os.path.basename(path)), sort_keys=True) + "\n"
+    for record_path in (sidecar, fallback):
+        try:
+            atomic_write_text(record_path, text)
+            break
+        except OSError:
+            continue
+    return digest

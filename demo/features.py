@@ -17,6 +17,8 @@ import torch as th
 import torch.nn as nn
 import torch.nn.functional as F
 
+from adm_common.files import atomic_open
+
 DEFAULT_WIDTHS = (32, 64, 128, 128)
 
 
@@ -81,7 +83,8 @@ def images_to_tensor(images):
 def save_demo_feature_net(net, path, **extra):
     """Save ``{"state_dict", "config", **extra}`` (plain tensors and numbers: loadable with weights_only)."""
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    th.save({"state_dict": state, "config": net.config(), **extra}, path)
+    with atomic_open(path) as f:
+        th.save({"state_dict": state, "config": net.config(), **extra}, f)
 
 
 def load_demo_feature_net(path, device="cpu"):

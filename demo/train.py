@@ -1,7 +1,10 @@
 """Train the embedded demo's models on the generated shapes data set (demo/data.py).
 
 (a) A tiny class-conditional ADM U-Net (32x32, attention at 16x16 and 8x8, learned sigma with
-    upstream's hybrid loss, linear schedule of 1000 steps, uniform timestep sampler, AdamW, EMA weights).
+    upstream's hybrid loss, linear schedule of 1000 steps, uniform timestep sampler, AdamW, EMA weights),
+    trained by upstream's loop, guided_diffusion.train_util.TrainLoop, given this script's learning-rate
+    schedule (lr_schedule), EMA warm-up (ema_schedule) and a per-step callback (thread choice, progress
+    lines, --max_minutes). TrainLoop's own checkpoints go to a temporary directory that is removed.
 (b) The demo feature network (demo/features.py) for demo-feature FID / precision / recall /
     classifier score.
 
@@ -28,6 +31,7 @@ import argparse
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,9 +39,11 @@ import numpy as np
 import torch as th
 import yaml
 
+from adm_common.files import atomic_write_text
+from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoint import load_checkpoint
-from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import create_model_from_flags
+from guided_diffusion.train_util import TrainLoop, save_checkpoint_file
 from sampling import images as sample_images
 
 from . import data as demo_data
@@ -165,70 +171,90 @@ class ThreadChooser:
             self.times.setdefault(self.current, []).append(seconds)
 
 
+def demo_batches(images, labels, batch_size, seed):
+    """TrainLoop's data: endless (images, {"y": labels}) batches drawn with replacement (numpy ``seed``)."""
+    rng = np.random.default_rng(seed)
+    data = demo_features.images_to_tensor(images)
+    targets = th.as_tensor(labels, dtype=th.long)
+    while True:
+        idx = th.from_numpy(rng.integers(0, data.shape[0], size=batch_size))
+        yield data[idx], {"y": targets[idx]}
+
+
+class LossHistory(logger.KVWriter):
+    """A logger output that keeps each table's loss terms: with log_interval 1, TrainLoop's per-step losses
+    (each the batch mean, weighted by the timestep sampler's weights)."""
+
+    KEYS = ("loss", "mse", "vb")
+
+    def __init__(self):
+        self.values = {key: [] for key in self.KEYS}
+
+    def writekvs(self, kvs):
+        for key, values in self.values.items():
+            values.append(float(kvs[key]))
+
+    def recent(self, n):
+        return {key: float(np.mean(values[-n:])) if values else float("nan") for key, values in self.values.items()}
+
+
 def train_diffusion(args, images, labels):
     # A continued run (--init_from) draws other batches, timesteps and noise than the run it continues.
     train_seed = args.seed if not args.init_from else [args.seed, 1]
     th.manual_seed(args.seed if not args.init_from else args.seed * 1000 + 1)
     np.random.seed(train_seed)  # the UniformSampler draws timesteps from numpy's global generator
-    rng = np.random.default_rng(train_seed)
     model, diffusion = create_model_from_flags("diffusion", DEMO_FLAGS)
     if args.init_from:
         load_checkpoint(model, args.init_from)
         log(f"diffusion: starting from {args.init_from}")
+    device = dist_util.dev()
+    model.to(device).train()
     threads = ThreadChooser(args.threads)
-    ema = [p.detach().clone() for p in model.parameters()]
-    sampler = create_named_schedule_sampler("uniform", diffusion)
-    opt = th.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    data = demo_features.images_to_tensor(images)
-    targets = th.as_tensor(labels, dtype=th.long)
-    history = {"loss": [], "mse": [], "vb": []}
-    start = time.time()
-    model.train()
-    steps_run = 0
-    for step in range(args.steps):
-        if args.max_minutes and time.time() - start > args.max_minutes * 60:
-            log(f"diffusion: --max_minutes {args.max_minutes} reached after {step} steps")
-            break
-        threads.before_step(step)
-        step_start = time.time()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
-        idx = th.from_numpy(rng.integers(0, data.shape[0], size=args.batch_size))
-        x, y = data[idx], targets[idx]
-        t, weights = sampler.sample(args.batch_size, "cpu")
-        losses = diffusion.training_losses(model, x, t, model_kwargs={"y": y})
-        loss = (losses["loss"] * weights).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        decay = ema_rate_at(step, args.ema_rate)
-        with th.no_grad():
-            for e, p in zip(ema, model.parameters()):
-                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
-        for key in history:
-            history[key].append((losses[key] * weights).mean().item())
-        threads.after_step(step, time.time() - step_start)
-        steps_run = step + 1
-        if args.log_every and steps_run % args.log_every == 0:
-            recent = {k: np.mean(v[-args.log_every:]) for k, v in history.items()}
-            rate = steps_run / (time.time() - start)
-            log(f"diffusion step {steps_run}/{args.steps} loss {recent['loss']:.4f} mse {recent['mse']:.4f} "
-                f"vb {recent['vb']:.4f} ({rate:.2f} steps/s, {threads.current} thread(s))")
-    elapsed = time.time() - start
-    with th.no_grad():
-        for e, p in zip(ema, model.parameters()):
-            p.copy_(e)
-    model.eval()
+    history = LossHistory()
+    clock = {}  # when training and the current step started
+
+    def after_step(loop):
+        """TrainLoop's step callback: time the step for the thread chooser, print progress, stop at
+        --max_minutes, and set the threads of the next step."""
+        done, now = loop.step, time.time()
+        start = clock["training"]
+        threads.after_step(done - 1, now - clock["step"])
+        if args.log_every and done % args.log_every == 0:
+            recent = history.recent(args.log_every)
+            log(f"diffusion step {done}/{args.steps} loss {recent['loss']:.4f} mse {recent['mse']:.4f} "
+                f"vb {recent['vb']:.4f} ({done / (now - start):.2f} steps/s, {threads.current} thread(s))")
+        if args.max_minutes and now - start > args.max_minutes * 60 and done < args.steps:
+            log(f"diffusion: --max_minutes {args.max_minutes} reached after {done} steps")
+            return True
+        threads.before_step(done)
+        clock["step"] = time.time()
+        return False
+
+    with tempfile.TemporaryDirectory(prefix="adm_demo_trainloop-") as run_dir, \
+            logger.scoped_configure(dir=run_dir, format_strs=[]) as run_logger:
+        run_logger.output_formats.append(history)
+        loop = TrainLoop(
+            model=model, diffusion=diffusion, data=demo_batches(images, labels, args.batch_size, train_seed),
+            batch_size=args.batch_size, microbatch=-1, lr=args.lr, ema_rate=str(args.ema_rate), log_interval=1,
+            save_interval=args.steps, resume_checkpoint="", weight_decay=0.0, lr_anneal_steps=args.steps,
+            lr_schedule=lambda step: lr_at(step, args), ema_schedule=ema_rate_at, step_callback=after_step,
+        )
+        threads.before_step(0)
+        clock["training"] = clock["step"] = time.time()
+        loop.run_loop()
+        elapsed = time.time() - clock["training"]
+        model.load_state_dict(loop.mp_trainer.master_params_to_state_dict(loop.ema_params[0]))
+    model.cpu().eval()
+    steps_run = loop.step
     tail = max(1, min(100, steps_run))
-    final = {k: float(np.mean(v[-tail:])) if v else float("nan") for k, v in history.items()}
-    return model, diffusion, {"steps": steps_run, "seconds": elapsed, "final": final, "tail": tail,
-                              "threads": sorted(threads.used)}
+    return model, diffusion, {"steps": steps_run, "seconds": elapsed, "final": history.recent(tail), "tail": tail,
+                              "threads": sorted(threads.used), "device": device}
 
 
 def save_diffusion(model, out_dir):
     path = out_dir / f"{MODEL_NAME}.pt"
     state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    th.save(state, path)
+    save_checkpoint_file(state, path)
     config = {
         "name": MODEL_NAME,
         "kind": "diffusion",
@@ -243,7 +269,7 @@ def save_diffusion(model, out_dir):
         "# (see TRAINING.md). flags: upstream flag names; every flag not listed keeps its upstream default.\n"
         "# Sample labels in [0, num_classes): label_emb has upstream's 1000 rows, only the first 10 are trained.\n"
     )
-    (out_dir / f"{MODEL_NAME}.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
+    atomic_write_text(out_dir / f"{MODEL_NAME}.yaml", header + yaml.safe_dump(config, sort_keys=False))
     # Check the files load back strictly into the model the YAML describes.
     rebuilt, _ = create_model_from_flags("diffusion", yaml.safe_load((out_dir / f"{MODEL_NAME}.yaml").read_text())["flags"])
     load_checkpoint(rebuilt, str(path))
@@ -291,12 +317,15 @@ def _section(text, heading):
     return text[start:] if end < 0 else text[start:end + 1]
 
 
-def _run_lines(args, argv, data_seconds, threads):
+def _run_lines(args, argv, data_seconds, threads, device=None):
+    where = f"{platform.machine()} CPU"
+    if device is not None and device.type == "cuda":
+        where = f"GPU ({th.cuda.get_device_name(device)})"
     return [
         f"- command: `python scripts/train_demo.py {' '.join(argv)}`",
         f"- torch {th.__version__}, numpy {np.__version__}, Python {platform.python_version()}, "
-        f"{platform.machine()} CPU, {'/'.join(str(t) for t in threads)} thread(s)",
-        f"- data: `guided_diffusion.demo_data.make_dataset({args.num_images}, seed={args.seed})`: "
+        f"{where}, {'/'.join(str(t) for t in threads)} thread(s)",
+        f"- data: `demo.data.make_dataset({args.num_images}, seed={args.seed})`: "
         f"{args.num_images} generated 32x32 images ({demo_data.NUM_CLASSES} shape classes), "
         f"generated in {data_seconds:.0f} s; seed {args.seed} for torch, numpy and the data",
     ]
@@ -318,14 +347,14 @@ def write_record(args, out_dir, data_seconds, diffusion_info, feature_info, argv
     ]
     if diffusion_info:
         d = diffusion_info
-        lines += [DIFFUSION_HEADING, ""] + _run_lines(args, argv, data_seconds, d["threads"]) + [
+        lines += [DIFFUSION_HEADING, ""] + _run_lines(args, argv, data_seconds, d["threads"], d.get("device")) + [
             f"- architecture (upstream flags): {', '.join(f'{k}={v}' for k, v in DEMO_FLAGS.items())}",
             f"- parameters: {d['params']:,} ({d['bytes'] / 1e6:.2f} MB as float32)",
             f"- objective: upstream hybrid loss ({'x_0' if DEMO_FLAGS.get('predict_xstart') else 'eps'} MSE + VB "
             "term for the learned variance), uniform timestep sampler",
             f"- optimiser: AdamW, lr {args.lr} (linear warm-up over {args.warmup_steps} steps, then "
             f"{'cosine decay to 0' if args.lr_schedule == 'cosine' else 'constant'}), weight decay 0, "
-            f"batch {args.batch_size}",
+            f"batch {args.batch_size}; training loop `guided_diffusion.train_util.TrainLoop`",
         ]
         if args.init_from:
             lines.append(f"- started from `{args.init_from}` (continued training, fresh optimiser; the run that "
@@ -352,7 +381,7 @@ def write_record(args, out_dir, data_seconds, diffusion_info, feature_info, argv
     if feature_info:
         f = feature_info
         lines += [FEATURES_HEADING, ""] + _run_lines(args, argv, data_seconds, [f["threads"]]) + [
-            "- `evaluations.demo_features.DemoFeatureNet`: 4 conv blocks -> 128-d pooled features -> "
+            "- `demo.features.DemoFeatureNet`: 4 conv blocks -> 128-d pooled features -> "
             f"{demo_data.NUM_CLASSES} logits ({f['params']:,} parameters)",
             f"- training: cross-entropy, Adam one-cycle lr {args.feature_lr}, batch {args.feature_batch_size}, "
             f"{f['steps']} steps, 90-degree rotations and flips; {f['seconds'] / 60:.1f} min; "
@@ -366,13 +395,15 @@ def write_record(args, out_dir, data_seconds, diffusion_info, feature_info, argv
     else:
         lines.append(_section(previous, FEATURES_HEADING))
     path = out_dir / "TRAINING.md"
-    path.write_text("\n".join(line for line in lines).rstrip() + "\n")
+    atomic_write_text(path, "\n".join(line for line in lines).rstrip() + "\n")
     return path
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.what in ("diffusion", "all") and args.steps < 1:
+        raise SystemExit("error: --steps must be at least 1")
     th.set_num_threads(args.threads or 1)
     out_dir = Path(args.out_dir)
     existing = [name for name in files_written(args) if (out_dir / name).exists()]

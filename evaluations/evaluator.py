@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -62,6 +63,11 @@ METRICS = ("fid", "sfid", "is", "pr", "fd_dinov2")
 DEFAULT_METRICS = ("fid", "sfid", "is", "pr")
 INCEPTION_METRICS = ("fid", "sfid", "is", "pr")
 RESULT_FORMAT = "pag_adm.evaluation/1"
+# Fewer images than this in either batch are refused (unless min_samples / --min-samples is lowered): FID, sFID and
+# FD_DINOv2 estimate a covariance, IS and precision/recall a distribution, and with a handful of images the number
+# is estimation error (published numbers use 50,000 samples). Random-weight networks (tests, dry runs) are exempt:
+# their numbers are marked meaningless anyway.
+MIN_SAMPLES = 100
 DEMO_EXTRACTOR = "demo.features:DemoFeatures"  # imported only when --feature-net is given
 _DEFAULT = object()
 
@@ -100,7 +106,7 @@ def evaluate(ref_path, sample_path, *, batch_size=64, device=None, inception_wei
              allow_random_weights=False, cache_dir=_DEFAULT, cache_samples=False, extractor=None,
              split_size=5000, k=3, progress=True, json_path=None, dist=None, feature_net=None,
              feature_extractor=DEMO_EXTRACTOR, metrics=None, pr_precision="float16", dinov2_weights=None,
-             dinov2_extractor=None):
+             dinov2_extractor=None, min_samples=MIN_SAMPLES):
     """Evaluate ``sample_path`` against ``ref_path`` (both npz image batches). Returns the result dict (the
     ``--json`` content): ``inception_score``, ``fid``, ``sfid``, ``precision``, ``recall`` and provenance. Under
     several processes, only rank 0 gets it (others None).
@@ -121,6 +127,9 @@ def evaluate(ref_path, sample_path, *, batch_size=64, device=None, inception_wei
     :param dinov2_weights: the DINOv2 ViT-L/14 checkpoint for ``fd_dinov2`` (default: torch hub's cache, see
         ``evaluations/dinov2.py``); ``allow_random_weights`` applies to it too.
     :param dinov2_extractor: a ``DINOv2Features`` to reuse (then ``dinov2_weights`` is ignored).
+    :param min_samples: batches with fewer images are refused (``MIN_SAMPLES``, 100; 0 scores any size), unless
+        the networks have random weights. A reference and samples of other image sizes are scored with a warning
+        (the result's ``input_warnings``).
     """
     metrics = parse_metrics(metrics)
     if pr_precision not in PR_PRECISIONS:
@@ -143,6 +152,14 @@ def evaluate(ref_path, sample_path, *, batch_size=64, device=None, inception_wei
                              f"got {images.num_images}")
         if use_dinov2 and images.num_images < 2:
             raise ValueError(f"{images.path}: FD_DINOv2 needs at least 2 images, got {images.num_images}")
+    input_warnings = []
+    if tuple(ref_images.shape[1:3]) != tuple(sample_images.shape[1:3]):
+        input_warnings.append(
+            f"the reference images are {ref_images.shape[1]}x{ref_images.shape[2]}, the samples "
+            f"{sample_images.shape[1]}x{sample_images.shape[2]}: both are resized for the network, but scores across "
+            "resolutions are not the published protocol (use a reference batch of the samples' resolution)")
+    for text in input_warnings:
+        warnings.warn(text, UserWarning, stacklevel=2)
 
     dist = dist or detect_distributed()
     if device is None and dist.world_size > 1 and torch.cuda.is_available():
@@ -161,6 +178,14 @@ def evaluate(ref_path, sample_path, *, batch_size=64, device=None, inception_wei
 
         dinov2_extractor = DINOv2Features(weights_path=dinov2_weights, allow_random_weights=allow_random_weights,
                                           device=device)
+    if min_samples and not all(getattr(ex, "random_weights", False)
+                               for ex in (extractor, dinov2_extractor) if ex is not None):
+        for images in (ref_images, sample_images):
+            if images.num_images < min_samples:
+                raise ValueError(
+                    f"{images.path} holds {images.num_images} images, fewer than the minimum of {min_samples}: with so "
+                    "few the scores are estimation error (published numbers use 50,000 samples); evaluate more, or "
+                    f"pass --min-samples {images.num_images} (min_samples={images.num_images}) to score them anyway")
     started = time.time()
     ref = sample = ref_dino = sample_dino = None
     if extractor is not None:
@@ -229,6 +254,8 @@ def evaluate(ref_path, sample_path, *, batch_size=64, device=None, inception_wei
         result["dinov2"] = {"extractor": dinov2_extractor.id, "model": dinov2_extractor.model_name,
                             "weights": dinov2_extractor.weights_path,
                             "random_weights": dinov2_extractor.random_weights, "marker": dinov2_extractor.marker}
+    if input_warnings:
+        result["input_warnings"] = input_warnings
     if random_nets:
         result["warning"] = (f"{RANDOM_WEIGHTS_MARK}: computed with a randomly initialised "
                              f"{' and '.join(random_nets)} network; the numbers marked so mean nothing and must not "
@@ -304,6 +331,9 @@ def build_parser():
     p.add_argument("--pr-precision", choices=PR_PRECISIONS, default="float16",
                    help="precision/recall distances: float16 blocks with float32 fallback as OpenAI's evaluator "
                         "(default), or float32 throughout")
+    p.add_argument("--min-samples", type=int, default=MIN_SAMPLES, metavar="N",
+                   help="refuse batches of fewer images (default: %(default)s; 0: score any size; random-weight "
+                        "networks are exempt)")
     p.add_argument("--dinov2-weights", metavar="PATH",
                    help="DINOv2 ViT-L/14 checkpoint dinov2_vitl14_pretrain.pth for fd_dinov2 (default: torch hub "
                         "cache; make download-dinov2)")
@@ -319,7 +349,7 @@ def main(argv=None):
             cache_dir=None if args.no_cache else args.cache_dir, cache_samples=args.cache_samples,
             progress=not args.no_progress, json_path=args.json, feature_net=args.feature_net,
             feature_extractor=args.feature_extractor, metrics=args.metrics, pr_precision=args.pr_precision,
-            dinov2_weights=args.dinov2_weights,
+            dinov2_weights=args.dinov2_weights, min_samples=args.min_samples,
         )
     except (MissingInceptionWeights, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -178,7 +178,9 @@ def extract_features(images, extractor, batch_size=64, progress=False, dist=None
 
 
 class HashMemo:
-    """sha256 of files, remembered by (real path, size, mtime) in ``<cache_dir>/hashes.json``."""
+    """sha256 of files, remembered by (real path, size, mtime, inode, ctime) in ``<cache_dir>/hashes.json``: a
+    file replaced or rewritten keeps neither its inode nor its ctime, even when its size and mtime were kept, so
+    its content is hashed again (cache entries are then named by the new content hash)."""
 
     def __init__(self, cache_dir):
         self.path = os.path.join(cache_dir, "hashes.json") if cache_dir else None
@@ -192,7 +194,7 @@ class HashMemo:
 
     def sha256(self, file_path):
         st = os.stat(file_path)
-        key = f"{os.path.realpath(file_path)}|{st.st_size}|{st.st_mtime_ns}"
+        key = f"{os.path.realpath(file_path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
         memo = self._load() if self.path else {}
         if key in memo:
             return memo[key]

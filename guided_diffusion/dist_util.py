@@ -10,7 +10,8 @@ One process group serves every launcher:
   broadcasts them).
 
 The launcher is detected in that order.  A process started by none of them runs as world
-size 1: no process group is created and mpi4py is never imported (importing mpi4py
+size 1 in a one-process group on an in-memory store (as upstream, whose scripts call
+``torch.distributed`` directly), and mpi4py is never imported (importing mpi4py
 initialises MPI, which is slow and can fail on machines without a working MPI).
 The detection itself lives in ``adm_common.launch`` (shared with the logger and the evaluator); set
 ``PAG_DIST_LAUNCHER`` to ``torchrun``, ``slurm``, ``mpi`` or ``none`` to skip it, and
@@ -151,7 +152,11 @@ def _cuda_index(local_rank: int) -> int:
 
 
 def setup_dist(backend: Optional[str] = None) -> None:
-    """Create the process group for this launch (idempotent; a no-op for one process)."""
+    """Create the process group for this launch (idempotent).
+
+    One process gets a one-process group too, as upstream's ``setup_dist`` makes (upstream's scripts call
+    ``torch.distributed`` directly), built on an in-memory store: no network, no MPI.
+    """
     if _state.initialized:
         return
     if dist.is_available() and dist.is_initialized():
@@ -180,6 +185,14 @@ def setup_dist(backend: Optional[str] = None) -> None:
             dist.init_process_group(
                 backend=chosen, init_method=f"tcp://{_url_host(info.master_addr)}:{info.master_port}",
                 rank=info.rank, world_size=info.world_size, timeout=process_group_timeout())
+            _state.owns_group = True
+            _state.backend = chosen
+        elif dist.is_available():
+            chosen = backend or _pick_backend()
+            if chosen == "nccl" and not torch.cuda.is_available():
+                raise RuntimeError("backend nccl needs CUDA, which is not available; use gloo")
+            dist.init_process_group(backend=chosen, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=process_group_timeout())
             _state.owns_group = True
             _state.backend = chosen
     if torch.cuda.is_available():

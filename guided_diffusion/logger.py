@@ -1,4 +1,4 @@
-"""A small logger with the parts of upstream guided-diffusion's logger API that scripts use.
+"""Upstream guided-diffusion's logger (from OpenAI baselines): its public names, on a smaller implementation.
 
     logger.configure(dir="results/run1")      # stdout + results/run1/log.txt (+ progress.csv)
     logger.log("sampling", n, "images")       # a line of text
@@ -11,22 +11,34 @@ to ``log.rank{r}.txt``, with a ``[rank r]`` prefix on stdout).  Formats: ``stdou
 (``log.txt``), ``csv`` (``progress.csv``) and ``json`` (``progress.json``, one object per
 line).  The default directory is ``$OPENAI_LOGDIR``, else a new directory under the system's
 temporary directory; the default formats are ``$OPENAI_LOG_FORMAT`` (comma-separated), else
-``stdout,log,csv``.
+``stdout,log,csv``; ``tensorboard`` (``tb/``) needs the ``tensorboard`` package.
+
+Upstream's other names work as there: the output formats (``KVWriter``, ``SeqWriter``, ``HumanOutputFormat``,
+``CSVOutputFormat``, ``JSONOutputFormat``, ``TensorBoardOutputFormat``, ``make_output_format``), ``Logger``
+(``Logger.CURRENT`` is the logger the functions use), ``set_comm``, ``scoped_configure``, ``profile_kv``,
+``profile``, ``record_tabular``/``dump_tabular``, ``get_rank_without_mpi_import`` and ``mpi_weighted_mean``.
+On purpose they differ in: log.txt and progress.json are appended to (a resumed run keeps its history), log.txt
+lines carry the time, other ranks write nothing unless ``all_ranks``, an empty table is not written, averaging
+over ranks gives every rank the means and keeps non-numeric values, and logging before ``configure()`` goes to
+stdout only (upstream configures a temporary directory).
 """
 
 import csv
 import datetime
+import functools
 import json
 import os
 import sys
 import tempfile
+import time
 from collections import defaultdict
+from contextlib import contextmanager
 from typing import Any, Dict, List, Optional, Sequence
 
 from adm_common.launch import rank_from_env
 
 DEBUG, INFO, WARN, ERROR, DISABLED = 10, 20, 30, 40, 50
-_FORMATS = ("stdout", "log", "csv", "json")
+_FORMATS = ("stdout", "log", "csv", "json", "tensorboard")
 
 
 def _rank_from_env() -> int:
@@ -38,18 +50,57 @@ def _rank_from_env() -> int:
     return rank_from_env()
 
 
+def get_rank_without_mpi_import() -> int:
+    """This process's rank from its launcher's environment, without importing mpi4py (importing it starts MPI):
+    upstream reads PMI_RANK and OMPI_COMM_WORLD_RANK; this reads those and torchrun's, srun's and the other
+    MPIs' variables (``adm_common.launch.rank_from_env``)."""
+    return rank_from_env()
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:<8.3g}"
     return str(value)
 
 
-class _TextOutput:
-    """Writes log lines and key/value tables to a stream (stdout or log.txt). With ``timestamps`` (log.txt),
-    each log line starts with the local date and time (``2026-12-01 13:36:51``)."""
+class KVWriter:
+    """An output of the key/value tables (``Logger.dumpkvs`` calls ``writekvs`` with each table)."""
 
-    def __init__(self, stream, prefix: str = "", owns: bool = False, timestamps: bool = False):
-        self.stream, self.prefix, self.owns, self.timestamps = stream, prefix, owns, timestamps
+    def writekvs(self, kvs):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class SeqWriter:
+    """An output of log lines (``Logger.log`` calls ``writeseq`` with the line's parts as strings)."""
+
+    def writeseq(self, seq):
+        raise NotImplementedError
+
+
+class HumanOutputFormat(KVWriter, SeqWriter):
+    """Log lines and key/value tables as text, to an open stream (stdout) or a file name (appended to).
+
+    ``timestamps`` (default: for a file name) starts each log line with the local date and time
+    (``2026-12-01 13:36:51``); ``prefix`` starts every line (``[rank 1] ``).
+    """
+
+    def __init__(self, filename_or_file, *, prefix: str = "", timestamps: Optional[bool] = None):
+        if isinstance(filename_or_file, (str, os.PathLike)):
+            self.file = open(filename_or_file, "a")
+            self.own_file = True
+        elif hasattr(filename_or_file, "write"):
+            self.file = filename_or_file
+            self.own_file = False
+        else:
+            raise TypeError(f"expected a file or a file name, got {filename_or_file!r}")
+        self.prefix = prefix
+        self.timestamps = self.own_file if timestamps is None else timestamps
+
+    def writeseq(self, seq) -> None:
+        self.write_line(" ".join(seq))
 
     def write_line(self, line: str) -> None:
         if self.timestamps:
@@ -57,10 +108,10 @@ class _TextOutput:
         self._emit(line)
 
     def _emit(self, line: str) -> None:
-        self.stream.write(self.prefix + line + "\n")
-        self.stream.flush()
+        self.file.write(self.prefix + line + "\n")
+        self.file.flush()
 
-    def write_kvs(self, kvs: Dict[str, Any]) -> None:
+    def writekvs(self, kvs: Dict[str, Any]) -> None:
         if not kvs:
             return
         rows = [(str(k)[:40], _fmt(v)[:40]) for k, v in sorted(kvs.items())]
@@ -72,22 +123,19 @@ class _TextOutput:
             self._emit(line)
 
     def close(self) -> None:
-        if self.owns:
-            self.stream.close()
+        if self.own_file:
+            self.file.close()
 
 
-class _CSVOutput:
+class CSVOutputFormat(KVWriter):
     """progress.csv; new keys widen the table (the file is rewritten with the new header)."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, filename):
+        self.path = os.fspath(filename)
         self.keys: List[str] = []
         self.rows: List[Dict[str, Any]] = []
 
-    def write_line(self, line: str) -> None:
-        pass
-
-    def write_kvs(self, kvs: Dict[str, Any]) -> None:
+    def writekvs(self, kvs: Dict[str, Any]) -> None:
         if not kvs:
             return
         self.rows.append(dict(kvs))
@@ -105,114 +153,176 @@ class _CSVOutput:
                 writer.writeheader()
             writer.writerows(rows)
 
-    def close(self) -> None:
-        pass
 
+class JSONOutputFormat(KVWriter):
+    """progress.json: one JSON object per table (appended); numbers of other types (numpy, tensors) as floats."""
 
-class _JSONOutput:
-    def __init__(self, path: str):
-        self.stream = open(path, "a")
+    def __init__(self, filename):
+        self.file = open(filename, "a")
 
-    def write_line(self, line: str) -> None:
-        pass
-
-    def write_kvs(self, kvs: Dict[str, Any]) -> None:
+    def writekvs(self, kvs: Dict[str, Any]) -> None:
         if kvs:
-            self.stream.write(json.dumps(kvs, default=float) + "\n")
-            self.stream.flush()
+            self.file.write(json.dumps(kvs, default=float) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        self.stream.close()
+        self.file.close()
+
+
+class TensorBoardOutputFormat(KVWriter):
+    """The numeric key/values of each table as TensorBoard scalars in ``dir``, at step 1, 2, ... (one per
+    table). Upstream writes TensorFlow's event files with TensorFlow; this uses torch's
+    ``torch.utils.tensorboard.SummaryWriter``, which needs the ``tensorboard`` package."""
+
+    def __init__(self, dir):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ImportError(f"the tensorboard log format needs the tensorboard package "
+                              f"(pip install tensorboard): {err}") from err
+        os.makedirs(dir, exist_ok=True)
+        self.dir = dir
+        self.step = 1
+        self.writer = SummaryWriter(log_dir=os.fspath(dir))
+
+    def writekvs(self, kvs: Dict[str, Any]) -> None:
+        walltime = time.time()
+        for key, value in kvs.items():
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue  # not a number: TensorBoard's scalars cannot show it
+            self.writer.add_scalar(key, value, global_step=self.step, walltime=walltime)
+        self.writer.flush()
+        self.step += 1
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def make_output_format(format: str, ev_dir: str, log_suffix: str = "") -> KVWriter:
+    """The output for one of the format names (``stdout``, ``log``, ``json``, ``csv``, ``tensorboard``),
+    writing into ``ev_dir`` (created): log{suffix}.txt, progress{suffix}.json/.csv, tb{suffix}/."""
+    os.makedirs(ev_dir, exist_ok=True)
+    if format == "stdout":
+        return HumanOutputFormat(sys.stdout)
+    if format == "log":
+        return HumanOutputFormat(os.path.join(ev_dir, f"log{log_suffix}.txt"))
+    if format == "json":
+        return JSONOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.json"))
+    if format == "csv":
+        return CSVOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.csv"))
+    if format == "tensorboard":
+        return TensorBoardOutputFormat(os.path.join(ev_dir, f"tb{log_suffix}"))
+    raise ValueError(f"unknown log format {format!r}: expected one of {list(_FORMATS)}")
 
 
 class Logger:
-    comm: Any = None  # set by configure(comm=...): dumpkvs then averages over its ranks
+    """Key/values of the current step and where tables and log lines go (``output_formats``).
 
-    def __init__(self, dir: Optional[str], outputs: Sequence[Any], rank: int = 0):
-        self.dir = dir
-        self.outputs = list(outputs)
-        self.rank = rank
+    ``comm`` (upstream's): when set, ``dumpkvs`` averages each value over the processes (``mpi_weighted_mean``).
+    ``rank`` (keyword only, this fork's): the process's rank, for its outputs' names and prefix.
+    """
+
+    DEFAULT: Optional["Logger"] = None  # stdout only: what logs before configure() and after reset()
+    CURRENT: Optional["Logger"] = None  # the logger the module's functions use
+
+    def __init__(self, dir: Optional[str], output_formats: Sequence[Any], comm: Any = None, *, rank: int = 0):
+        self.name2val: Dict[str, Any] = defaultdict(float)  # the values of this step (means for logkv_mean)
+        self.name2cnt: Dict[str, int] = defaultdict(int)  # how many logkv_mean calls made each mean
         self.level = INFO
-        self.kvs: Dict[str, Any] = {}
-        self._sums: Dict[str, float] = defaultdict(float)
-        self._counts: Dict[str, int] = defaultdict(int)
+        self.dir = dir
+        self.output_formats = list(output_formats)
+        self.comm = comm
+        self.rank = rank
 
-    def log(self, *args, level: int = INFO) -> None:
-        if level < self.level:
-            return
-        line = " ".join(str(a) for a in args)
-        for out in self.outputs:
-            out.write_line(line)
+    # Logging API, forwarded
+    def logkv(self, key: str, val: Any) -> None:
+        self.name2val[key] = val
+        self.name2cnt.pop(key, None)  # a later logkv_mean starts a new mean
 
-    def logkv(self, key: str, value: Any) -> None:
-        self.kvs[key] = value
-        self._sums.pop(key, None)
-        self._counts.pop(key, None)
-
-    def logkv_mean(self, key: str, value: Any) -> None:
-        self._sums[key] += float(value)
-        self._counts[key] += 1
-        self.kvs[key] = self._sums[key] / self._counts[key]
+    def logkv_mean(self, key: str, val: Any) -> None:
+        old, count = self.name2val.get(key, 0.0), self.name2cnt.get(key, 0)
+        self.name2val[key] = (old * count + float(val)) / (count + 1) if count else float(val)
+        self.name2cnt[key] = count + 1
 
     def dumpkvs(self, sync: bool = False) -> Dict[str, Any]:
-        """Write and clear the current key/values.
+        """Write and clear the current key/values; returns them.
 
         ``sync=True`` averages each numeric value over all ranks first (weighted by how many
         logkv_mean calls made it); it is a collective, so every rank must call it. A logger
         configured with a ``comm`` always does.
         """
-        kvs = dict(self.kvs)
+        kvs = dict(self.name2val)
         if sync or self.comm is not None:
-            kvs = self._synced(kvs)
-        for out in self.outputs:
-            out.write_kvs(kvs)
-        self.kvs.clear()
-        self._sums.clear()
-        self._counts.clear()
+            kvs = mpi_weighted_mean(self.comm, {k: (v, self.name2cnt.get(k, 1)) for k, v in kvs.items()})
+        for fmt in self.output_formats:
+            if isinstance(fmt, KVWriter):
+                fmt.writekvs(dict(kvs))
+        self.name2val.clear()
+        self.name2cnt.clear()
         return kvs
 
-    def _synced(self, kvs: Dict[str, Any]) -> Dict[str, Any]:
-        from . import dist_util
+    def log(self, *args, level: int = INFO) -> None:
+        if self.level <= level:
+            self._do_log(args)
 
-        mine = {k: (v, self._counts.get(k, 1)) for k, v in kvs.items()}
-        if hasattr(self.comm, "allgather"):  # an mpi4py communicator, as upstream passes
-            everyone = self.comm.allgather(mine)
-        else:
-            everyone = dist_util.all_gather_object(mine)
-        merged: Dict[str, Any] = {}
-        for key in sorted({k for d in everyone for k in d}):
-            entries = [d[key] for d in everyone if key in d]
-            try:
-                total = sum(n for _, n in entries)
-                merged[key] = sum(float(v) * n for v, n in entries) / total
-            except (TypeError, ValueError):
-                merged[key] = entries[0][0]  # not a number: keep rank 0's (or the first) value
-        return merged
+    # Configuration
+    def set_level(self, level: int) -> None:
+        self.level = level
+
+    def set_comm(self, comm: Any) -> None:
+        self.comm = comm
+
+    def get_dir(self) -> Optional[str]:
+        return self.dir
 
     def close(self) -> None:
-        for out in self.outputs:
-            out.close()
-        self.outputs = []
+        for fmt in self.output_formats:
+            fmt.close()
+        self.output_formats = []
+
+    def _do_log(self, args) -> None:
+        for fmt in self.output_formats:
+            if isinstance(fmt, SeqWriter):
+                fmt.writeseq([str(a) for a in args])
 
 
-_current: Optional[Logger] = None
+def mpi_weighted_mean(comm: Any, local_name2valcount: Dict[str, Any]) -> Dict[str, Any]:
+    """``{key: (value, count)}`` of every process -> ``{key: mean of the values weighted by the counts}``.
 
-
-def configure(dir: Optional[str] = None, format_strs: Optional[Sequence[str]] = None, comm: Any = None,
-              log_suffix: str = "", *, all_ranks: bool = False) -> Logger:
-    """Start logging into ``dir`` (created if needed) with the given formats (upstream's signature).
-
-    comm: as upstream, a communicator over whose ranks ``dumpkvs`` averages the numeric values: an
-        mpi4py communicator (its ``allgather``), or any other non-None value for torch.distributed's
-        process group. ``all_ranks`` (keyword only, this fork's): every rank writes, not only rank 0.
+    A collective: every process must call it. ``comm``: an mpi4py communicator (its ``allgather``, as upstream
+    passes), else torch.distributed's process group (``dist_util.all_gather_object``; one process without a
+    group: its own values). Unlike upstream, every rank gets the means (upstream: rank 0, the others ``{}``),
+    and a value that is not a number keeps the first process's value (upstream drops it with a warning).
     """
-    global _current
+    from . import dist_util
+
+    if hasattr(comm, "allgather"):
+        everyone = comm.allgather(local_name2valcount)
+    else:
+        everyone = dist_util.all_gather_object(local_name2valcount)
+    merged: Dict[str, Any] = {}
+    for key in sorted({k for d in everyone for k in d}):
+        entries = [d[key] for d in everyone if key in d]
+        try:
+            total = sum(count for _, count in entries)
+            merged[key] = sum(float(value) * count for value, count in entries) / total
+        except (TypeError, ValueError, ZeroDivisionError):
+            merged[key] = entries[0][0]
+    return merged
+
+
+def _make_logger(dir, format_strs, comm, log_suffix: str = "", all_ranks: bool = False) -> Logger:
     if dir is None:
         dir = os.environ.get("OPENAI_LOGDIR") or os.path.join(
             tempfile.gettempdir(), datetime.datetime.now().strftime("pag-%Y-%m-%d-%H-%M-%S-%f"))
     dir = os.path.abspath(os.path.expanduser(os.fspath(dir)))
     if format_strs is None:
         format_strs = [s for s in os.environ.get("OPENAI_LOG_FORMAT", "stdout,log,csv").split(",") if s]
+    format_strs = [s for s in format_strs if s]
     unknown = [s for s in format_strs if s not in _FORMATS]
     if unknown:
         raise ValueError(f"unknown log format(s) {unknown}: expected some of {list(_FORMATS)}")
@@ -221,49 +331,69 @@ def configure(dir: Optional[str] = None, format_strs: Optional[Sequence[str]] = 
         log_suffix = log_suffix or f".rank{rank}"
         if not all_ranks:
             format_strs = []
-    if format_strs:
-        os.makedirs(dir, exist_ok=True)
-    outputs = []
-    for fmt in format_strs:
-        if fmt == "stdout":
-            outputs.append(_TextOutput(sys.stdout, prefix=f"[rank {rank}] " if rank else ""))
-        elif fmt == "log":
-            outputs.append(_TextOutput(open(os.path.join(dir, f"log{log_suffix}.txt"), "a"), owns=True,
-                                       timestamps=True))
-        elif fmt == "csv":
-            outputs.append(_CSVOutput(os.path.join(dir, f"progress{log_suffix}.csv")))
-        elif fmt == "json":
-            outputs.append(_JSONOutput(os.path.join(dir, f"progress{log_suffix}.json")))
-    if _current is not None:
-        _current.close()
-    _current = Logger(dir, outputs, rank)
-    _current.comm = comm
+    outputs = [make_output_format(fmt, dir, log_suffix) for fmt in format_strs]
+    for out in outputs:
+        if rank and isinstance(out, HumanOutputFormat) and not out.own_file:
+            out.prefix = f"[rank {rank}] "
+    current = Logger(dir, outputs, comm, rank=rank)
     if outputs:
-        _current.log(f"Logging to {dir}")
-    return _current
+        current.log(f"Logging to {dir}")
+    return current
+
+
+def configure(dir: Optional[str] = None, format_strs: Optional[Sequence[str]] = None, comm: Any = None,
+              log_suffix: str = "", *, all_ranks: bool = False) -> Logger:
+    """Start logging into ``dir`` (created if needed) with the given formats (upstream's signature); the
+    logger current before is closed.
+
+    comm: as upstream, a communicator over whose ranks ``dumpkvs`` averages the numeric values: an
+        mpi4py communicator (its ``allgather``), or any other non-None value for torch.distributed's
+        process group. ``all_ranks`` (keyword only, this fork's): every rank writes, not only rank 0.
+    """
+    new = _make_logger(dir, format_strs, comm, log_suffix, all_ranks)
+    if Logger.CURRENT is not None and Logger.CURRENT is not Logger.DEFAULT:
+        Logger.CURRENT.close()
+    Logger.CURRENT = new
+    return new
+
+
+@contextmanager
+def scoped_configure(dir: Optional[str] = None, format_strs: Optional[Sequence[str]] = None, comm: Any = None):
+    """``configure`` for a ``with`` block (which gets the new logger); afterwards the new one is closed and
+    the logger current before it (not closed) is current again."""
+    previous = Logger.CURRENT
+    Logger.CURRENT = _make_logger(dir, format_strs, comm)
+    try:
+        yield Logger.CURRENT
+    finally:
+        Logger.CURRENT.close()
+        Logger.CURRENT = previous
 
 
 def get_current() -> Logger:
-    global _current
-    if _current is None:
-        # Like upstream: logging before configure() goes to stdout only.
-        _current = Logger(None, [_TextOutput(sys.stdout)] if _rank_from_env() == 0 else [])
-    return _current
+    if Logger.CURRENT is None:
+        # Unlike upstream (a temporary directory), logging before configure() goes to stdout only.
+        if Logger.DEFAULT is None:
+            Logger.DEFAULT = Logger(None, [HumanOutputFormat(sys.stdout)] if _rank_from_env() == 0 else [])
+        Logger.CURRENT = Logger.DEFAULT
+    return Logger.CURRENT
 
 
 def reset() -> None:
-    """Close the outputs; the next call logs to stdout until configure() is called again."""
-    global _current
-    if _current is not None:
-        _current.close()
-    _current = None
+    """Close the current logger's outputs; until configure() is called again, logging goes to stdout."""
+    if Logger.CURRENT is not None and Logger.CURRENT is not Logger.DEFAULT:
+        Logger.CURRENT.close()
+    # The default logger is made again at the next use, on the sys.stdout of that time.
+    Logger.CURRENT = Logger.DEFAULT = None
 
 
 def get_dir() -> Optional[str]:
-    return get_current().dir
+    """The directory logs go to; None before configure()."""
+    return get_current().get_dir()
 
 
 def log(*args, level: int = INFO) -> None:
+    """Write the arguments, separated by spaces, to the text outputs (if ``level`` is not below the logger's)."""
     get_current().log(*args, level=level)
 
 
@@ -284,14 +414,22 @@ def error(*args) -> None:
 
 
 def set_level(level: int) -> None:
-    get_current().level = level
+    """Log lines below ``level`` are dropped."""
+    get_current().set_level(level)
+
+
+def set_comm(comm: Any) -> None:
+    """Average the tables over ``comm``'s processes from now on (None: no averaging); see ``configure``."""
+    get_current().set_comm(comm)
 
 
 def logkv(key: str, val: Any) -> None:
+    """Set a value of the current step's table (the last value of the step is written)."""
     get_current().logkv(key, val)
 
 
 def logkv_mean(key: str, val: Any) -> None:
+    """Like logkv, but the mean of the values given until the next dump is written."""
     get_current().logkv_mean(key, val)
 
 
@@ -301,13 +439,43 @@ def logkvs(d: Dict[str, Any]) -> None:
 
 
 def dumpkvs(sync: bool = False) -> Dict[str, Any]:
+    """Write the current table to the outputs, clear it, and return it (see ``Logger.dumpkvs``)."""
     return get_current().dumpkvs(sync=sync)
 
 
 def getkvs() -> Dict[str, Any]:
-    return get_current().kvs
+    return get_current().name2val
 
 
 # upstream's older names
 record_tabular = logkv
 dump_tabular = dumpkvs
+
+
+@contextmanager
+def profile_kv(scopename: str):
+    """Add the seconds the ``with`` block takes to the current table's ``wait_<scopename>``."""
+    logkey = "wait_" + scopename
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        get_current().name2val[logkey] += time.perf_counter() - start
+
+
+def profile(n: str):
+    """A decorator that times each call of the function with ``profile_kv(n)``::
+
+        @profile("my_func")
+        def my_func(): ...
+    """
+
+    def decorator_with_name(func):
+        @functools.wraps(func)
+        def func_wrapper(*args, **kwargs):
+            with profile_kv(n):
+                return func(*args, **kwargs)
+
+        return func_wrapper
+
+    return decorator_with_name

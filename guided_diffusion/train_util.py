@@ -17,6 +17,16 @@ the total step count is a multiple of ``save_interval`` (also after a resume); t
 dumped every ``log_interval`` steps together with a progress line (loss, samples/s); several processes
 (mpiexec, torchrun, srun: see ``dist_util.setup_dist``) train with DistributedDataParallel on CPU (gloo)
 as well as on GPUs.
+
+Extension points (keyword arguments after upstream's; all optional):
+    lr_schedule(step) -> lr         the learning rate of optimiser step ``step`` (0-based, counted over the
+                                    whole run, so a resumed run continues the schedule); replaces the linear
+                                    anneal, and ``lr_anneal_steps`` then only says when to stop
+    ema_schedule(step, rate) -> d   the decay each EMA of nominal ``rate`` uses when it is updated after
+                                    step ``step`` (e.g. a warm-up); the files keep the nominal rate's name
+    step_callback(loop) -> stop     called after each step, once its logs and checkpoints are written
+                                    (``loop.step + loop.resume_step`` steps done); a true value ends the run
+                                    there, as reaching ``lr_anneal_steps`` does (the last checkpoint is saved)
 """
 
 import contextlib
@@ -30,14 +40,12 @@ import torch as th
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
+from adm_common.files import atomic_open
+
 from . import dist_util, logger
-from .fp16_util import MixedPrecisionTrainer
+from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer  # noqa: F401 (upstream's name here too)
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
-
-# For ImageNet experiments this was a good default: upstream saw lg_loss_scale climb to 20-21 within
-# the first ~1K steps.
-INITIAL_LOG_LOSS_SCALE = 20.0
 
 
 class TrainLoop:
@@ -59,6 +67,9 @@ class TrainLoop:
         schedule_sampler=None,
         weight_decay=0.0,
         lr_anneal_steps=0,
+        lr_schedule=None,
+        ema_schedule=None,
+        step_callback=None,
     ):
         self.model = model
         self.diffusion = diffusion
@@ -78,6 +89,9 @@ class TrainLoop:
         self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
         self.weight_decay = weight_decay
         self.lr_anneal_steps = lr_anneal_steps
+        self.lr_schedule = lr_schedule
+        self.ema_schedule = ema_schedule
+        self.step_callback = step_callback
 
         self.step = 0
         self.resume_step = 0
@@ -163,6 +177,8 @@ class TrainLoop:
                 # Run for a finite amount of time in integration tests.
                 if os.environ.get("DIFFUSION_TRAINING_TEST", ""):
                     return
+            if self.step_callback is not None and self.step_callback(self):
+                break
         if logger.getkvs():
             self._dump_logs()
         # Save the last checkpoint if it was not just saved.
@@ -170,6 +186,8 @@ class TrainLoop:
             self.save()
 
     def run_step(self, batch, cond):
+        if self.lr_schedule is not None:
+            self._set_lr(self.lr_schedule(self.step + self.resume_step))
         self.forward_backward(batch, cond)
         took_step = self.mp_trainer.optimize(self.opt)
         if took_step:
@@ -199,14 +217,18 @@ class TrainLoop:
                 self.mp_trainer.backward(loss)
 
     def _update_ema(self):
+        step = self.step + self.resume_step
         for rate, params in zip(self.ema_rate, self.ema_params):
-            update_ema(params, self.mp_trainer.master_params, rate=rate)
+            decay = rate if self.ema_schedule is None else self.ema_schedule(step, rate)
+            update_ema(params, self.mp_trainer.master_params, rate=decay)
 
     def _anneal_lr(self):
-        if not self.lr_anneal_steps:
+        if not self.lr_anneal_steps or self.lr_schedule is not None:
             return
         frac_done = (self.step + self.resume_step) / self.lr_anneal_steps
-        lr = self.lr * (1 - frac_done)
+        self._set_lr(self.lr * (1 - frac_done))
+
+    def _set_lr(self, lr):
         for param_group in self.opt.param_groups:
             param_group["lr"] = lr
 
@@ -233,26 +255,27 @@ class TrainLoop:
             if dist_util.get_rank() == 0:
                 logger.log(f"saving model {rate}...")
                 filename = f"model{step:06d}.pt" if not rate else f"ema_{rate}_{step:06d}.pt"
-                _save(state_dict, bf.join(get_blob_logdir(), filename))
+                save_checkpoint_file(state_dict, bf.join(get_blob_logdir(), filename))
 
         save_checkpoint(0, self.mp_trainer.master_params)
         for rate, params in zip(self.ema_rate, self.ema_params):
             save_checkpoint(rate, params)
         if dist_util.get_rank() == 0:
-            _save(self.opt.state_dict(), bf.join(get_blob_logdir(), f"opt{step:06d}.pt"))
+            save_checkpoint_file(self.opt.state_dict(), bf.join(get_blob_logdir(), f"opt{step:06d}.pt"))
         dist_util.barrier()
 
 
-def _save(obj, path):
-    """th.save to a local path (through a temporary file, so a crash leaves no half checkpoint) or URL."""
+def save_checkpoint_file(obj, path):
+    """``th.save`` a state dict (tensors detached) to a URL (blobfile) or a local path; a local file appears
+    only complete (``adm_common.files.atomic_open``), so a crash leaves no half checkpoint."""
     obj = {k: v.detach() if isinstance(v, th.Tensor) else v for k, v in obj.items()}
+    path = os.fspath(path)
     if "://" in path:
         with bf.BlobFile(path, "wb") as f:
             th.save(obj, f)
         return
-    tmp = f"{path}.tmp{os.getpid()}"
-    th.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        th.save(obj, f)
 
 
 def parse_resume_step_from_filename(filename):

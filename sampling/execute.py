@@ -1,49 +1,104 @@
-"""Carrying out a plan: every rank samples its share of the unfinished shards, rank 0 merges them.
+"""Carrying out a plan: the ranks claim and sample the unfinished shards, rank 0 verifies and merges them.
+
+Shards are claimed, not assigned: a claim is a file ``shards/.claims/shard_{k:06d}.claim`` created exclusively
+(``O_EXCL``) whose mtime a thread of the claiming process refreshes (its heartbeat). Each rank first takes its
+own share (``remaining[rank::world]``), then any unclaimed shard, and a shard whose claim had no heartbeat for
+``claim_lease`` seconds (a stalled or stopped rank) is claimed again by another rank. Claiming changes only who
+samples a shard, never what it holds: sample i depends only on (seed, i). A rank whose claim was taken over
+discards its copy.
 
 Ranks never wait for each other in a collective while sampling or merging (a rank with more work would make
 the others time out): they wait by polling the file system, and a failing rank leaves a note in ``.failed/``
-that makes the others stop with its message. Progress is counted in ``.progress/`` (one small file a rank) and
-shown by rank 0.
+that makes the others stop with its message. Rank 0 verifies every shard when it first counts it (CRC, sample
+range, run id; a bad one is moved to ``shards/rejected/`` and sampled again), logs which ranks it waits for
+(within a minute), checks that the disk has room for the merged file, then merges. Progress is counted in
+``.progress/`` (one small file a rank) and shown by rank 0: a tqdm bar on a terminal, a plain line a minute
+otherwise (a log file).
 """
 
+import errno
+import json
 import os
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
+import uuid
 
 import numpy as np
 
-from adm_common.files import atomic_write_text
+from adm_common.files import atomic_write_text, remove_quietly
 from adm_common.npz import NpzImages, NpzWriter
 from guided_diffusion import dist_util, logger
 
 from .images import save_grid
 from .plan import FAILED_DIR, PROGRESS_DIR, write_run_record
-from .shards import SHARD_DIR, merge_shards
+from .shards import SHARD_DIR, ShardError, merge_shards, reject_shard, shard_index
 
 POLL_SECONDS = 0.5
-WAIT_NOTE_SECONDS = 600
+FIRST_NOTE_SECONDS = 30  # the first "waiting for" line (sooner with a claim_lease under 2 minutes)
+WAIT_NOTE_SECONDS = 60  # then one a minute
+PLAIN_PROGRESS_SECONDS = 60  # progress lines when stderr is not a terminal
+MERGE_MARGIN_BYTES = 64 << 20
 
 
 class PeerFailedError(RuntimeError):
     """Another process of the run failed."""
 
 
+class DiskFullError(RuntimeError):
+    """Not enough free space for a shard or the merged file; finished shards are kept."""
+
+
+class RunStopped(BaseException):
+    """The process got a termination signal (raised by the handler the entry point installs)."""
+
+    def __init__(self, signum):
+        self.signum = int(signum)
+        try:
+            self.signal_name = signal.Signals(self.signum).name
+        except ValueError:
+            self.signal_name = f"signal {self.signum}"
+        super().__init__(f"stopped by {self.signal_name}")
+
+
+class _Superseded(Exception):
+    """This rank's claim on the shard it sampled was taken over meanwhile: its copy is not kept."""
+
+
+def _megabytes(n):
+    return f"{n / 2**20:,.0f} MB" if n < 10 * 2**30 else f"{n / 2**30:,.1f} GB"
+
+
+def _free_bytes(directory):
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
 class _Progress:
-    """Rank 0's tqdm bar over all ranks' images; each rank reports its count in a small file."""
+    """Rank 0's view of all ranks' images (each rank reports its count in a small file): a tqdm bar on a
+    terminal, else a plain line every ``PLAIN_PROGRESS_SECONDS`` (no carriage returns piling up in a log)."""
 
     def __init__(self, plan, rank):
         self.dir = os.path.join(plan.out_dir, PROGRESS_DIR)
         self.rank = rank
         self.mine = 0
         self.bar = None
-        if rank == 0:
+        self.total = plan.settings.sampling.num_samples
+        self.start = plan.done_images
+        self.name = os.path.basename(os.path.normpath(plan.out_dir))
+        self.plain = not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
+        self.t0 = self.last_line = time.time()
+        self.done = self.start
+        if rank == 0 and not self.plain:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=plan.settings.sampling.num_samples, initial=plan.done_images, unit="img",
-                            desc=os.path.basename(os.path.normpath(plan.out_dir)), dynamic_ncols=True,
+            self.bar = tqdm(total=self.total, initial=self.start, unit="img", desc=self.name, dynamic_ncols=True,
                             smoothing=0.05, file=sys.stderr)
-            self.start = plan.done_images
 
     def advance(self, n):
         self.mine += n
@@ -53,9 +108,7 @@ class _Progress:
             pass  # progress display only
         self.refresh()
 
-    def refresh(self):
-        if self.bar is None:
-            return
+    def _count(self):
         total = 0
         try:
             for name in os.listdir(self.dir):
@@ -66,15 +119,140 @@ class _Progress:
                     except (OSError, ValueError):
                         pass
         except OSError:
+            return None
+        return min(self.total, self.start + total)  # a shard sampled twice (taken over) counts once
+
+    def _line(self):
+        elapsed = max(time.time() - self.t0, 1e-9)
+        rate = (self.done - self.start) / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else None
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta is not None and eta < 86400 * 30 else "?"
+        print(f"{self.name}: {self.done}/{self.total} images ({100 * self.done / self.total:.1f}%), "
+              f"{rate:.2f} img/s, ETA {eta_text}", file=sys.stderr, flush=True)
+
+    def refresh(self):
+        if self.rank != 0:
             return
-        done = self.start + total
-        if done > self.bar.n:
-            self.bar.update(done - self.bar.n)
+        done = self._count()
+        if done is None:
+            return
+        self.done = max(self.done, done)
+        if self.bar is not None:
+            if self.done > self.bar.n:
+                self.bar.update(self.done - self.bar.n)
+        elif time.time() - self.last_line >= PLAIN_PROGRESS_SECONDS:
+            self._line()
+            self.last_line = time.time()
 
     def close(self):
+        if self.rank != 0:
+            return
+        done = self._count()
+        self.done = max(self.done, done or 0)
         if self.bar is not None:
             self.refresh()
             self.bar.close()
+        else:
+            self._line()
+
+
+class Claims:
+    """This process's claims on shards (``shards/.claims/``) and the heartbeat thread that keeps them fresh."""
+
+    def __init__(self, plan, rank):
+        self.dir = plan.claims_dir
+        self.rank = rank
+        self.lease = float(plan.settings.runtime.claim_lease)
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self.interval = max(0.1, min(30.0, self.lease / 4))
+        self._current = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        os.makedirs(self.dir, exist_ok=True)
+        self._thread = threading.Thread(target=self._beat, name="shard-claim-heartbeat", daemon=True)
+        self._thread.start()
+
+    def path(self, k):
+        return os.path.join(self.dir, f"shard_{k:06d}.claim")
+
+    @staticmethod
+    def _read(path):
+        try:
+            with open(path) as f:
+                info = json.loads(f.read() or "{}")
+            return info if isinstance(info, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _create(self, path):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, json.dumps({"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(),
+                                     "token": self.token, "claimed": time.time()}).encode())
+        finally:
+            os.close(fd)
+        return True
+
+    def try_claim(self, k):
+        """(True, note or None) when this process now holds shard k's claim, else (False, None)."""
+        path, note = self.path(k), None
+        if not self._create(path):
+            try:
+                age = time.time() - os.stat(path).st_mtime
+            except FileNotFoundError:
+                return False, None
+            if age <= self.lease:
+                return False, None
+            holder = self._read(path)
+            stale = f"{path}.stale-{self.token}"
+            try:
+                os.rename(path, stale)  # atomic: of several ranks seeing the stale claim, one moves it
+            except FileNotFoundError:
+                return False, None
+            remove_quietly(stale)
+            if not self._create(path):
+                return False, None
+            note = (f"shard {k + 1}: rank {holder.get('rank', '?')} (pid {holder.get('pid', '?')} on "
+                    f"{holder.get('host', '?')}) sent no heartbeat for {age:.0f} s (claim_lease "
+                    f"{self.lease:g} s): rank {self.rank} samples it instead")
+        with self._lock:
+            self._current = k
+        return True, note
+
+    def owned(self, k):
+        return self._read(self.path(k)).get("token") == self.token
+
+    def release(self, k):
+        with self._lock:
+            if self._current == k:
+                self._current = None
+        if self.owned(k):
+            remove_quietly(self.path(k))
+
+    def holder(self, k):
+        """(rank, seconds since its last heartbeat) of shard k's claim, or None when it is unclaimed."""
+        path = self.path(k)
+        try:
+            age = time.time() - os.stat(path).st_mtime
+        except FileNotFoundError:
+            return None
+        return self._read(path).get("rank", "?"), age
+
+    def _beat(self):
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                k = self._current
+            if k is not None and self.owned(k):
+                try:
+                    os.utime(self.path(k))
+                except OSError:
+                    pass
+
+    def close(self):
+        self._stop.set()
 
 
 def _mark_failed(plan, rank, error):
@@ -97,24 +275,45 @@ def _raise_if_peer_failed(plan):
             raise PeerFailedError(f"{name[:-4].replace('rank', 'rank ')} failed: {message}")
 
 
-def wait_until(predicate, plan, progress, what):
-    """Poll the file system (not a collective: no timeout however uneven the ranks are)."""
-    last_note = time.time()
-    while not predicate():
-        _raise_if_peer_failed(plan)
-        progress.refresh()
-        if time.time() - last_note > WAIT_NOTE_SECONDS:
-            logger.log(f"still waiting for {what()}")
-            last_note = time.time()
-        time.sleep(POLL_SECONDS)
+class _WaitNotes:
+    """A "waiting for ..." log line once waiting has lasted ``first`` seconds, then one a minute."""
+
+    def __init__(self, first):
+        self.first = first
+        self.reset()
+
+    def reset(self):
+        self.since, self.next = None, None
+
+    def maybe(self, what):
+        now = time.time()
+        if self.since is None:
+            self.since, self.next = now, now + self.first
+        if now >= self.next:
+            logger.log(f"waiting {now - self.since:.0f} s for {what()}")
+            self.next = now + WAIT_NOTE_SECONDS
 
 
 def _finish(plan, with_labels):
-    """Rank 0: merge the shards, draw the grid, remove the shards."""
+    """Rank 0: check the free space, merge the shards, draw the grid, remove the shards."""
     shards = [plan.shard_path(k) for k in range(plan.num_shards)]
     if not os.path.exists(plan.final_path):
+        need = sum(os.path.getsize(p) for p in shards)
+        free = _free_bytes(plan.out_dir)
+        if free is not None and free < need + MERGE_MARGIN_BYTES:
+            raise DiskFullError(
+                f"not enough space to merge the shards into {plan.final_path}: the merged file needs "
+                f"{_megabytes(need)} (as much as the shards), {_megabytes(free)} are free; free "
+                f"{_megabytes(need + MERGE_MARGIN_BYTES - free)} more and rerun the same command (the shards are kept)")
         t0 = time.time()
-        shape = merge_shards(shards, plan.final_path, with_labels)
+        try:
+            shape = merge_shards(shards, plan.final_path, with_labels)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise DiskFullError(f"no space left on the device of {plan.out_dir} while merging into "
+                                    f"{plan.final_path} (it needs {_megabytes(need)}); free some space and rerun the "
+                                    "same command (the shards are kept)") from None
+            raise
         logger.log(f"merged {plan.num_shards} shards into {plan.final_path} {shape} in {time.time() - t0:.1f}s")
     grid = os.path.join(plan.out_dir, "grid.png")
     if not os.path.exists(grid):
@@ -123,16 +322,20 @@ def _finish(plan, with_labels):
         for path in shards:
             if os.path.exists(path):
                 os.remove(path)
+        shutil.rmtree(plan.claims_dir, ignore_errors=True)
         try:
             os.rmdir(os.path.join(plan.out_dir, SHARD_DIR))
         except OSError:
             pass
 
 
-def _sample_shard(plan, sampler, k, progress):
+def _sample_shard(plan, sampler, k, progress, still_mine=None):
+    """Sample shard k into its file (atomically). ``still_mine()`` is asked before the file is put in place."""
     start, end = plan.shard_bounds(k)
     size, batch_size = plan.settings.model.image_size, plan.settings.runtime.batch_size
     labels = []
+    if still_mine is not None and not still_mine():
+        raise _Superseded()
     with NpzWriter(plan.shard_path(k)) as writer:
         with writer.stream("arr_0", (end - start, size, size, 3), np.uint8) as out:
             for b in range(start, end, batch_size):
@@ -143,13 +346,90 @@ def _sample_shard(plan, sampler, k, progress):
         if sampler.with_labels:
             writer.write("arr_1", np.concatenate(labels))
         writer.write("sample_range", np.array([start, end], dtype=np.int64))
+        writer.write("run_id", np.array([plan.run_id]))
+        if still_mine is not None and not still_mine():
+            raise _Superseded()
 
 
-def execute(plan, sampler, on_shard_written=None):
-    """Sample this rank's share of the unfinished shards, then merge. Returns the npz path.
+def _sample_claimed(plan, sampler, k, progress, claims, rank):
+    """Sample the claimed shard k; False when another rank took it over meanwhile (this copy is dropped)."""
+    start, end = plan.shard_bounds(k)
+    t0 = time.time()
+    try:
+        _sample_shard(plan, sampler, k, progress,
+                      still_mine=lambda: claims.owned(k) and not os.path.exists(plan.final_path))
+    except _Superseded:
+        logger.log(f"shard {k + 1}/{plan.num_shards} was taken over by another rank while rank {rank} sampled it; "
+                   "this copy is discarded")
+        return False
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            free = _free_bytes(plan.out_dir)
+            need = (end - start) * plan.settings.model.image_size ** 2 * 3
+            raise DiskFullError(
+                f"no space left on the device of {plan.out_dir} while writing {plan.shard_path(k)}: a shard needs "
+                f"about {_megabytes(need)}" + (f", {_megabytes(free)} are free" if free is not None else "")
+                + "; free some space and rerun the same command (finished shards are kept)") from None
+        raise
+    finally:
+        claims.release(k)
+    seconds = time.time() - t0
+    logger.log(f"shard {k + 1}/{plan.num_shards} (samples {start}-{end - 1}) done by rank {rank} in "
+               f"{seconds:.1f}s ({(end - start) / max(seconds, 1e-9):.2f} img/s)")
+    return True
 
-    ``sampler`` may be None for a complete plan. ``on_shard_written(count)`` is called after each shard this
-    rank writes (tests use it to kill a process at a chosen point).
+
+def _claim_next(plan, claims, order):
+    for k in order:
+        if os.path.exists(plan.shard_path(k)):
+            continue
+        ok, note = claims.try_claim(k)
+        if not ok:
+            continue
+        if os.path.exists(plan.shard_path(k)):  # finished just now by the previous holder
+            claims.release(k)
+            continue
+        return k, note
+    return None, None
+
+
+def _verify_new(plan, verified):
+    """Rank 0: verify shards that appeared since the last look; bad ones are moved aside (and sampled again)."""
+    for k in range(plan.num_shards):
+        if k in verified or not os.path.exists(plan.shard_path(k)):
+            continue
+        problem = plan.shard_problem(k)
+        if problem:
+            target = reject_shard(plan.shard_path(k), problem)
+            logger.log(f"shard {shard_name(k)} rejected ({problem}): moved to {target}, it is sampled again")
+        else:
+            verified.add(k)
+
+
+def shard_name(k):
+    return f"shard_{k:06d}.npz"
+
+
+def _waiting_for(plan, verified, claims):
+    missing = [k for k in range(plan.num_shards) if k not in verified]
+    ranks, parts = set(), []
+    for k in missing[:8]:
+        holder = claims.holder(k)
+        if holder is None:
+            parts.append(f"{k + 1} (unclaimed)")
+        else:
+            ranks.add(holder[0])
+            parts.append(f"{k + 1} (rank {holder[0]}, last heartbeat {holder[1]:.0f} s ago)")
+    more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+    who = f"rank(s) {', '.join(str(r) for r in sorted(ranks, key=str))}" if ranks else "unclaimed shards"
+    return f"{who}: shard(s) {', '.join(parts)}{more} of {plan.num_shards}"
+
+
+def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
+    """Claim and sample unfinished shards until none is left, then (rank 0) merge. Returns the npz path.
+
+    ``sampler`` may be None for a complete plan. ``on_shard_claimed(count)`` / ``on_shard_written(count)`` are
+    called when this rank claims / has written its count-th shard (tests stop or kill a process there).
     """
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     s = plan.settings
@@ -163,42 +443,71 @@ def execute(plan, sampler, on_shard_written=None):
         return plan.final_path
     if rank == 0:
         write_run_record(plan, sampler.device)
-
-    mine = plan.remaining[rank::world]
-    if rank == 0:
         logger.log(f"{s.sampling.num_samples} samples in {plan.num_shards} shards of {s.sampling.shard_size}: "
                    f"{plan.done_images} done, {len(plan.remaining)} shards to sample on {world} process(es); "
                    f"device {sampler.device}, batch size {s.runtime.batch_size}")
     for name in (SHARD_DIR, PROGRESS_DIR, FAILED_DIR):
         os.makedirs(os.path.join(plan.out_dir, name), exist_ok=True)
     progress = _Progress(plan, rank)
+    claims = Claims(plan, rank)
+    own = plan.remaining[rank::world]
+    order = own + sorted(set(plan.remaining) - set(own))  # own share first, then the others'
+    verified = {k for k in range(plan.num_shards) if k not in plan.remaining}  # checked by prepare
+    notes = _WaitNotes(min(FIRST_NOTE_SECONDS, s.runtime.claim_lease / 4))  # before a stalled claim expires
+    count = claimed = 0
     try:
-        for count, k in enumerate(mine, 1):
-            start, end = plan.shard_bounds(k)
-            t0 = time.time()
-            _sample_shard(plan, sampler, k, progress)
-            seconds = time.time() - t0
-            logger.log(f"shard {k + 1}/{plan.num_shards} (samples {start}-{end - 1}) done by rank {rank} in "
-                       f"{seconds:.1f}s ({(end - start) / max(seconds, 1e-9):.2f} img/s)")
-            if on_shard_written is not None:
-                on_shard_written(count)
-
-        shards = [plan.shard_path(k) for k in range(plan.num_shards)]
-        if rank == 0:
-            wait_until(lambda: all(os.path.exists(p) for p in shards), plan, progress,
-                       lambda: "shards " + ", ".join(os.path.basename(p) for p in shards if not os.path.exists(p)))
-            progress.close()
-            _finish(plan, sampler.with_labels)
-        else:
-            wait_until(lambda: os.path.exists(plan.final_path), plan, progress,
-                       lambda: f"rank 0 to write {plan.final_path}")
+        while True:
+            _raise_if_peer_failed(plan)
+            if rank != 0 and os.path.exists(plan.final_path):
+                break
+            if rank == 0 and len(verified) == plan.num_shards:
+                try:
+                    _finish(plan, sampler.with_labels)
+                    break
+                except ShardError as e:  # damaged after it was verified: set aside, sample again
+                    target = reject_shard(e.path, e.reason)
+                    logger.log(f"{e}: moved to {target}, it is sampled again")
+                    verified.discard(shard_index(os.path.basename(e.path)))
+                    continue
+            k, note = _claim_next(plan, claims, order)
+            if k is not None:
+                if note:
+                    logger.log(note)
+                claimed += 1
+                if on_shard_claimed is not None:
+                    on_shard_claimed(claimed)
+                if _sample_claimed(plan, sampler, k, progress, claims, rank):
+                    count += 1
+                    if rank == 0:
+                        verified.add(k)
+                    if on_shard_written is not None:
+                        on_shard_written(count)
+                notes.reset()
+                continue
+            if rank == 0:
+                _verify_new(plan, verified)
+                if len(verified) < plan.num_shards:
+                    notes.maybe(lambda: _waiting_for(plan, verified, claims))
+            else:
+                notes.maybe(lambda: f"rank 0 to merge the shards into {plan.final_path}")
+            progress.refresh()
+            time.sleep(POLL_SECONDS)
     except BaseException as e:
         if not isinstance(e, PeerFailedError):
             _mark_failed(plan, rank, e)
         raise
+    finally:
+        claims.close()
+    progress.close()
     dist_util.barrier()
     if rank == 0:
         for name in (PROGRESS_DIR, FAILED_DIR):
             shutil.rmtree(os.path.join(plan.out_dir, name), ignore_errors=True)
+        if not s.runtime.keep_shards:  # again: a rank taken over may have touched them after the merge
+            shutil.rmtree(plan.claims_dir, ignore_errors=True)
+            try:
+                os.rmdir(os.path.join(plan.out_dir, SHARD_DIR))
+            except OSError:
+                pass
         logger.log(f"done: {plan.final_path}")
     return plan.final_path

@@ -3,19 +3,27 @@
 Output layout (``--out_dir``): samples ``[k * shard_size, (k + 1) * shard_size)`` form shard k, written to
 ``shards/shard_{k:06d}.npz`` atomically once complete; when all exist they are merged into
 ``samples_{N}x{H}x{W}x3.npz`` (upstream's format). ``config.yaml`` records the run's identity (the settings that
-decide the samples, flat, by flag name), its first session's runtime and provenance.
+decide the samples, flat, by flag name, with the checkpoints' content hashes), its ``run_id`` (a hash of the
+identity, stored in every shard), the first session's ``runtime``, later ``sessions`` and provenance.
 
-Resume: the same settings in the same directory skip finished shards and end with the same npz. A different
-configuration is refused with the differing settings named; ``--overwrite`` deletes that run's outputs and
-starts afresh (the same configuration always resumes, so a requeued ``--overwrite`` job never loses work).
+Preparing (rank 0, under the run lock of ``out_dir``, :mod:`sampling.lock`): every setting is checked first
+(:func:`sampling.models.check_run`: the model on the meta device, the guidance layers, the checkpoints), then the
+record is compared. The same identity resumes: finished shards are verified (CRC, sample range, run id) and kept,
+bad ones are moved to ``shards/rejected/`` and sampled again, and the rows of a finished merged batch of this run
+(``samples_{M}x...``, e.g. after extending ``num_samples``) are reused as shards. A different configuration is
+refused with the differing settings named; ``--overwrite`` then deletes only the files runs write (the record,
+grid, eval.json, sample batches, shard files, progress notes) and starts afresh.
 """
 
 import dataclasses
 import datetime
+import hashlib
 import importlib.metadata
+import json
 import math
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -28,15 +36,28 @@ import torch as th
 import yaml
 
 from adm_common.files import atomic_write_text, is_tmp_file
-from adm_common.npz import npz_header, samples_filename
+from adm_common.npz import samples_filename
 from guided_diffusion import dist_util
 
-from .models import check_checkpoint_path
-from .settings import SampleConfigError, config_differences, plain, read_yaml_mapping
-from .shards import SHARD_DIR, shard_filename, shard_index
+from . import lock as run_lock
+from .models import check_run, checkpoint_identity
+from .settings import SampleConfigError, config_differences, plain, read_yaml_mapping, settings_warnings
+from .shards import (
+    SHARD_DIR,
+    ShardError,
+    reject_shard,
+    rows_from_batch,
+    shard_filename,
+    shard_index,
+    shard_problem,
+    stored_range,
+    write_shard,
+)
 
 PROGRESS_DIR, FAILED_DIR = ".progress", ".failed"
-OUTPUT_FILES = ("config.yaml", "grid.png", "eval.json")
+CLAIMS_DIR = ".claims"  # inside shards/
+RUN_FILES = ("config.yaml", "grid.png", "eval.json")  # what --overwrite removes, besides samples and shards
+SAMPLES_RE = re.compile(r"^samples_(\d+)x(\d+)x(\d+)x3\.npz$")
 RECORD_NAME = "config.yaml"
 CODE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +74,8 @@ class RunPlan:
     done_images: int
     complete: bool
     notes: list = dataclasses.field(default_factory=list)  # what preparing did (logged by execute)
+    run_id: str = ""  # sha256 of the identity (of the record, when resuming), stored in every shard
+    legacy_shards: bool = False  # a record from before run ids: its shards have none
 
     @property
     def out_dir(self):
@@ -67,12 +90,22 @@ class RunPlan:
     def record_path(self):
         return os.path.join(self.out_dir, RECORD_NAME)
 
+    @property
+    def claims_dir(self):
+        return os.path.join(self.out_dir, SHARD_DIR, CLAIMS_DIR)
+
     def shard_path(self, k):
         return os.path.join(self.out_dir, SHARD_DIR, shard_filename(k))
 
     def shard_bounds(self, k):
         size, total = self.settings.sampling.shard_size, self.settings.sampling.num_samples
         return k * size, min((k + 1) * size, total)
+
+    def shard_problem(self, k):
+        """Why shard k on disk is not this run's (None when it is); reads the whole file (CRC)."""
+        start, end = self.shard_bounds(k)
+        return shard_problem(self.shard_path(k), start, end, self.settings.model.image_size, self.run_id,
+                             allow_without_run_id=self.legacy_shards)
 
 
 def resolve_device(settings):
@@ -89,40 +122,72 @@ def resolve_device(settings):
     return device
 
 
-def _shard_problem(path, plan, k):
-    start, end = plan.shard_bounds(k)
-    size = plan.settings.model.image_size
-    try:
-        shape, dtype = npz_header(path, "arr_0")
-    except Exception as e:  # a damaged zip shows up as several exception types
-        return f"unreadable ({type(e).__name__}: {e})"
-    if dtype != np.uint8 or shape != (end - start, size, size, 3):
-        return f"arr_0 is {dtype} {shape}, expected uint8 {(end - start, size, size, 3)}"
-    return None
+def run_identity(settings, device_type):
+    """The identity of ``settings`` with the checkpoints' content (``sha256:...``; ``url:...`` for URLs)."""
+    ident = settings.identity(device_type)
+    m = settings.model
+    ident["model_checkpoint"] = checkpoint_identity(m.model_path)
+    if m.classifier_path:
+        ident["classifier_checkpoint"] = checkpoint_identity(m.classifier_path)
+    return ident
 
 
-def _remove_outputs(out_dir):
-    """Delete the samples and records of the run in ``out_dir`` (used by --overwrite only)."""
+def run_id_of(identity):
+    return hashlib.sha256(json.dumps(plain(identity), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def record_differences(recorded, ident, settings):
+    """Lines naming how a recorded identity differs from ``ident``. A record from before content identity names
+    its checkpoints by path: the same path counts as the same checkpoint (its hash is recorded from now on)."""
+    recorded, lines = dict(recorded), []
+    for prefix, path in (("model", settings.model.model_path), ("classifier", settings.model.classifier_path)):
+        key, old_path = f"{prefix}_checkpoint", recorded.pop(f"{prefix}_path", None)
+        if key not in recorded and old_path:
+            if old_path != path:
+                lines.append(f"{prefix}_path: {old_path!r} there, {path!r} now")
+            if key in ident:
+                recorded[key] = ident[key]
+    for line in config_differences(recorded, ident):
+        if line.startswith(("model_checkpoint:", "classifier_checkpoint:")):
+            line += " (the checkpoint's content differs)"
+        lines.append(line)
+    return lines
+
+
+def _remove_run_files(out_dir):
+    """Delete what runs write in ``out_dir`` (used by --overwrite only): the record, grid, eval.json, sample
+    batches named ``samples_NxHxWx3.npz``, shard files and progress notes. Nothing else (not the log, not
+    ``shards/rejected/``, not files of other names)."""
     removed = []
-    for name in OUTPUT_FILES:
+    for name in RUN_FILES:
         path = os.path.join(out_dir, name)
-        if os.path.exists(path):
+        if os.path.isfile(path):
             os.remove(path)
             removed.append(name)
-    for name in os.listdir(out_dir):
-        if name.startswith("samples_") and name.endswith(".npz"):
+    for name in sorted(os.listdir(out_dir)):
+        if SAMPLES_RE.match(name) and os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
             removed.append(name)
-    for name in (SHARD_DIR, PROGRESS_DIR, FAILED_DIR):
-        path = os.path.join(out_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-            removed.append(name + "/")
-    return removed
+    shard_dir = os.path.join(out_dir, SHARD_DIR)
+    if os.path.isdir(shard_dir):
+        shards = [n for n in sorted(os.listdir(shard_dir)) if shard_index(n) is not None]
+        for name in shards:
+            os.remove(os.path.join(shard_dir, name))
+        if shards:
+            removed.append(f"{len(shards)} shard(s)")
+        shutil.rmtree(os.path.join(shard_dir, CLAIMS_DIR), ignore_errors=True)
+        try:
+            os.rmdir(shard_dir)
+        except OSError:
+            pass
+    for name in (PROGRESS_DIR, FAILED_DIR):
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    return removed or ["nothing"]
 
 
-def _existing_samples(out_dir):
-    names = [n for n in os.listdir(out_dir) if n.startswith("samples_") and n.endswith(".npz")]
+def existing_run_files(out_dir):
+    """Sample batches and shard files in ``out_dir`` (what --overwrite would remove of them)."""
+    names = [n for n in os.listdir(out_dir) if SAMPLES_RE.match(n)]
     shard_dir = os.path.join(out_dir, SHARD_DIR)
     if os.path.isdir(shard_dir):
         names += [f"{SHARD_DIR}/{n}" for n in os.listdir(shard_dir) if shard_index(n) is not None]
@@ -135,84 +200,182 @@ def read_run_record(out_dir):
     return read_yaml_mapping(path, what="run record") if os.path.exists(path) else {}
 
 
-def _prepare_rank0(settings, device_type):
-    m = settings.model
-    for key, path in (("model_path", m.model_path), ("classifier_path", m.classifier_path)):
-        if path:
-            check_checkpoint_path(path, key)
-    out_dir = settings.out_dir
+def _lock_out_dir(out_dir, locks):
+    """Create ``out_dir``, take its run lock (held in ``locks``), then check that files can be written there."""
     try:
         os.makedirs(out_dir, exist_ok=True)
+        lock = locks.acquire(out_dir)
+    except OSError as e:
+        raise SampleConfigError(f"out_dir {out_dir} is not a writable directory: {e.strerror or e}") from None
+    try:
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out_dir)
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise SampleConfigError(f"out_dir {out_dir} is not a writable directory: "
-                                f"{e.strerror or e}") from None
-    ident = settings.identity(device_type)
-    notes = []
-    overwrite = settings.runtime.overwrite
+        locks.release(out_dir)
+        raise SampleConfigError(f"out_dir {out_dir} is not a writable directory: {e.strerror or e}") from None
+    return lock
+
+
+def _recorded_shard_size(record):
+    """The shard_size of the record's last session that sampled (None when it does not say)."""
+    sessions = record.get("sessions") or []
+    for source in (sessions[-1] if sessions else {}, record.get("runtime") or {}, record.get("settings") or {}):
+        if isinstance(source, dict) and isinstance(source.get("shard_size"), int):
+            return source["shard_size"]
+    return None
+
+
+def _compare_with_record(settings, ident, overwrite):
+    """(record or None, differences, run files without a record); raises unless the run may go on."""
+    out_dir = settings.out_dir
     if os.path.exists(os.path.join(out_dir, RECORD_NAME)):
-        recorded = read_run_record(out_dir).get("settings") or {}
-        diffs = config_differences(recorded, ident, device_type)
-        if diffs:
-            if not overwrite:
+        record = read_run_record(out_dir)
+        diffs = record_differences(record.get("settings") or {}, ident, settings)
+        if diffs and not overwrite:
+            raise SampleConfigError(
+                f"{out_dir} holds a run with a different configuration:\n  " + "\n  ".join(diffs)
+                + "\nUse another --out_dir, or --overwrite to delete that run's samples and start afresh.")
+        shard_dir = os.path.join(out_dir, SHARD_DIR)
+        previous, size = _recorded_shard_size(record), settings.sampling.shard_size
+        if not diffs and previous and previous != size and os.path.isdir(shard_dir) and any(
+                shard_index(n) is not None for n in os.listdir(shard_dir)):
+            raise SampleConfigError(
+                f"the shards in {shard_dir} were cut with shard_size {previous}, not {size}. Resume with "
+                f"--shard_size {previous} (shard_size changes no sample), or move shards/ away to sample them again")
+        return record, diffs, []
+    existing = existing_run_files(out_dir)
+    if existing and not overwrite:
+        raise SampleConfigError(
+            f"{out_dir} holds samples ({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}) "
+            "but no config.yaml, so it cannot be resumed safely; use another --out_dir, or "
+            "--overwrite to delete them")
+    return None, [], existing
+
+
+def _scan_shards(plan, notes):
+    """Count the verified shards; move bad ones aside. A shard of this run cut with another shard_size is an
+    error (its samples would be lost or mixed)."""
+    size = plan.settings.sampling.shard_size
+    for k in range(plan.num_shards):
+        path = plan.shard_path(k)
+        if not os.path.exists(path):
+            plan.remaining.append(k)
+            continue
+        problem = plan.shard_problem(k)
+        if problem and problem.startswith("it holds samples"):
+            stored = stored_range(path)
+            if stored and (stored[0] != k * size or stored[1] - stored[0] > size):
+                old = stored[0] // k if k else stored[1] - stored[0]
                 raise SampleConfigError(
-                    f"{out_dir} holds a run with a different configuration:\n  " + "\n  ".join(diffs)
-                    + "\nUse another --out_dir, or --overwrite to delete that run's samples and start afresh.")
-            notes.append(f"--overwrite: removed {', '.join(_remove_outputs(out_dir))} of a run with other "
-                         f"settings ({'; '.join(diffs)})")
-    else:
-        existing = _existing_samples(out_dir)
-        if existing:
-            if not overwrite:
-                raise SampleConfigError(
-                    f"{out_dir} holds samples ({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}) "
-                    "but no config.yaml, so it cannot be resumed safely; use another --out_dir, or "
-                    "--overwrite to delete them")
-            notes.append(f"--overwrite: removed {', '.join(_remove_outputs(out_dir))} (no config.yaml)")
+                    f"{path} holds samples {stored[0]}-{stored[1] - 1}: the shards in {os.path.dirname(path)} were "
+                    f"cut with shard_size {old}, not {size}. Resume with --shard_size {old} (shard_size changes no "
+                    "sample), or move shards/ away to sample them again")
+        if problem:
+            target = reject_shard(path, problem)
+            notes.append(f"shard {os.path.basename(path)} rejected ({problem}): moved to {target}, it is sampled "
+                         "again")
+            plan.remaining.append(k)
+            continue
+        start, end = plan.shard_bounds(k)
+        plan.done_images += end - start
+
+
+def _reuse_merged_batches(plan, notes):
+    """Rows of merged sample batches of this run (other ``num_samples``) become the missing shards they cover."""
+    size = plan.settings.model.image_size
+    batches = []
+    for name in os.listdir(plan.out_dir):
+        m = SAMPLES_RE.match(name)
+        if m and int(m.group(2)) == size and int(m.group(3)) == size:
+            batches.append((int(m.group(1)), os.path.join(plan.out_dir, name)))
+    for count, path in sorted(batches, reverse=True):
+        covered = [k for k in plan.remaining if plan.shard_bounds(k)[1] <= count]
+        if not covered:
+            continue
+        os.makedirs(os.path.join(plan.out_dir, SHARD_DIR), exist_ok=True)
+        try:
+            for start, end, images, labels in rows_from_batch(path, [plan.shard_bounds(k) for k in covered],
+                                                              plan.settings.with_labels):
+                k = start // plan.settings.sampling.shard_size
+                write_shard(plan.shard_path(k), images, labels, start, end, plan.run_id)
+                plan.remaining.remove(k)
+                plan.done_images += end - start
+        except (ShardError, ValueError, KeyError, OSError) as e:
+            notes.append(f"the rows of {path} could not be reused ({e}); the missing shards are sampled")
+            continue
+        notes.append(f"reused samples 0-{plan.shard_bounds(covered[-1])[1] - 1} of {os.path.basename(path)} "
+                     f"(this run with {count} samples) as {len(covered)} shard(s)")
+
+
+def _prepare_rank0(settings, device_type, check_only, locks):
+    notes = [f"warning: {w}" for w in settings_warnings(settings)]
+    check_run(settings)  # every setting, before anything in out_dir is read, written or deleted
+    out_dir = settings.out_dir
+    lock = _lock_out_dir(out_dir, locks)  # before anything in out_dir is read or written
+    try:
+        ident = run_identity(settings, device_type)
+        record, diffs, orphans = _compare_with_record(settings, ident, settings.runtime.overwrite)
+        if check_only:
+            return None, notes
+        return _plan_rank0(settings, device_type, ident, record, diffs, orphans, lock, notes)
+    except BaseException:
+        locks.release(out_dir)
+        raise
+
+
+def _plan_rank0(settings, device_type, ident, record, diffs, orphans, lock, notes):
+    out_dir = settings.out_dir
+    if lock.took_over:
+        notes.append(f"took over the lock of a run that ended without releasing it: {lock.took_over}")
+        lock.took_over = None
+    if diffs:
+        notes.append(f"--overwrite: removed {', '.join(_remove_run_files(out_dir))} of a run with other "
+                     f"settings ({'; '.join(diffs)})")
+        record = None
+    elif orphans:
+        notes.append(f"--overwrite: removed {', '.join(_remove_run_files(out_dir))} (no config.yaml)")
 
     shard_dir = os.path.join(out_dir, SHARD_DIR)
     for directory in (out_dir, shard_dir):
         for name in os.listdir(directory) if os.path.isdir(directory) else []:
-            if is_tmp_file(name):  # left by a killed process: an unfinished shard
+            if is_tmp_file(name):  # left by a killed process of this run (the lock is ours): an unfinished shard
                 os.remove(os.path.join(directory, name))
-    for name in (PROGRESS_DIR, FAILED_DIR):  # the previous session's
-        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    for path in (os.path.join(out_dir, PROGRESS_DIR), os.path.join(out_dir, FAILED_DIR),
+                 os.path.join(shard_dir, CLAIMS_DIR)):  # the previous session's
+        shutil.rmtree(path, ignore_errors=True)
 
     s = settings.sampling
     num_shards = math.ceil(s.num_samples / s.shard_size)
     plan = RunPlan(settings, ident, device_type, num_shards, [], 0, False)
+    plan.run_id = (record or {}).get("run_id") or run_id_of(ident)
+    plan.legacy_shards = bool(record) and (not record.get("run_id") or bool(record.get("legacy_shards")))
     if os.path.exists(plan.final_path):
         plan.complete, plan.done_images = True, s.num_samples
         return plan, notes
-    for k in range(num_shards):
-        path = plan.shard_path(k)
-        if os.path.exists(path):
-            problem = _shard_problem(path, plan, k)
-            if problem:
-                raise SampleConfigError(f"{path} is not a shard of this run: {problem}; delete it to have it "
-                                        "sampled again")
-            start, end = plan.shard_bounds(k)
-            plan.done_images += end - start
-        else:
-            plan.remaining.append(k)
+    _scan_shards(plan, notes)
+    if plan.remaining and record:
+        _reuse_merged_batches(plan, notes)
     return plan, notes
 
 
-def prepare(settings, device=None):
-    """Check the checkpoints' presence and ``out_dir``, and plan the work (collective).
+def prepare(settings, device=None, check_only=False, locks=None):
+    """Check every setting, the checkpoints and ``out_dir``, lock ``out_dir`` and plan the work (collective).
 
-    Rank 0 decides; every rank gets the plan, or raises the same :class:`SampleConfigError`.
+    Rank 0 decides and takes the run lock into ``locks`` (a :class:`sampling.lock.RunLocks` the caller releases;
+    without one the lock is held until the process ends); every rank gets the plan, or raises the same
+    :class:`SampleConfigError`. ``check_only``: stop after the checks and the comparison with the run record (the
+    lock stays held); returns None.
     """
     dist_util.setup_dist()
     device = device or resolve_device(settings)
+    locks = run_lock.RunLocks() if locks is None else locks
     result = None
     if dist_util.get_world_size() == 1:
-        result = ("ok",) + _prepare_rank0(settings, device.type)
+        result = ("ok",) + _prepare_rank0(settings, device.type, check_only, locks)
     elif dist_util.get_rank() == 0:
         try:
-            result = ("ok",) + _prepare_rank0(settings, device.type)
+            result = ("ok",) + _prepare_rank0(settings, device.type, check_only, locks)
         except SampleConfigError as e:
             result = ("error", str(e))
         except Exception as e:  # tell the other ranks instead of leaving them waiting
@@ -221,6 +384,8 @@ def prepare(settings, device=None):
     if result[0] == "error":
         raise SampleConfigError(result[1])
     plan = result[1]
+    if plan is None:
+        return None
     plan.notes = list(result[2])
     plan.settings = settings  # this rank's own copy (identical)
     return plan
@@ -259,16 +424,32 @@ def provenance():
     }
 
 
-def write_run_record(plan, device):
-    """``config.yaml``: identity (``settings``), the first session's ``runtime`` and ``provenance``."""
-    if os.path.exists(plan.record_path):
-        return
-    r = plan.settings.runtime
-    runtime = {"batch_size": r.batch_size, "keep_shards": r.keep_shards, "model": r.model, "device": str(device),
-               "world_size": dist_util.get_world_size(), "launcher": dist_util.launcher()}
+def _session(plan, device):
+    r, m, s = plan.settings.runtime, plan.settings.model, plan.settings.sampling
+    values = {"batch_size": r.batch_size, "keep_shards": r.keep_shards, "model": r.model, "device": str(device),
+              "world_size": dist_util.get_world_size(), "launcher": dist_util.launcher(),
+              "num_samples": s.num_samples, "shard_size": s.shard_size, "claim_lease": r.claim_lease,
+              "model_path": m.model_path, "classifier_path": m.classifier_path}
     if device.type == "cuda":
-        runtime["gpu"] = th.cuda.get_device_name(device)
-    doc = {"settings": plan.identity, "runtime": runtime, "provenance": provenance()}
-    text = ("# Sampling run record (sampling/plan.py). `settings` identify the run: the same\n"
-            "# out_dir is resumed only with the same settings. `runtime` is that of the first session.\n")
+        values["gpu"] = th.cuda.get_device_name(device)
+    return values
+
+
+def write_run_record(plan, device):
+    """``config.yaml``: identity (``settings``), ``run_id``, the first session's ``runtime`` (with the checkpoint
+    paths, which are information only) and ``provenance``; each later session appends to ``sessions``. A record
+    from before run ids is brought up to date (checkpoint hashes, run id; its shards stay accepted)."""
+    session = _session(plan, device)
+    if os.path.exists(plan.record_path):
+        doc = read_run_record(plan.out_dir)
+        if doc.get("run_id") != plan.run_id:
+            doc["settings"], doc["run_id"], doc["legacy_shards"] = plan.identity, plan.run_id, True
+        when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        doc.setdefault("sessions", []).append(dict(session, started=when, host=socket.gethostname(),
+                                                   command=" ".join(sys.argv)))
+    else:
+        doc = {"settings": plan.identity, "run_id": plan.run_id, "runtime": session, "provenance": provenance()}
+    text = ("# Sampling run record (sampling/plan.py). `settings` identify the run (with the checkpoints' content\n"
+            "# hashes): the same out_dir is resumed only with the same settings; `run_id` is their hash, stored in\n"
+            "# every shard. `runtime` is that of the first session, `sessions` lists the later ones.\n")
     atomic_write_text(plan.record_path, text + yaml.safe_dump(plain(doc), sort_keys=True))

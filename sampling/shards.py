@@ -1,13 +1,32 @@
-"""Shard files of a run (``shards/shard_{k:06d}.npz``) and their merge into upstream's sample batch."""
+"""Shard files of a run (``shards/shard_{k:06d}.npz``) and their merge into upstream's sample batch.
 
+A shard holds ``arr_0`` (uint8 images), ``arr_1`` (labels, when the run has them), ``sample_range`` ([start, end)
+of its sample indices) and ``run_id`` (the run's identity hash). A shard is counted as done only after
+:func:`shard_problem` found its zip CRCs, its range and its run id right; one that fails is moved to
+``shards/rejected/`` with the reason beside it (:func:`reject_shard`) and sampled again.
+"""
+
+import datetime
+import os
 import re
+import zipfile
 
 import numpy as np
 
-from adm_common.npz import NpzWriter, check_image_header, npz_header
+from adm_common.files import atomic_write_text
+from adm_common.npz import NpzImages, NpzWriter, check_image_header, npz_header, npz_members
 
 SHARD_DIR = "shards"
+REJECTED_DIR = "rejected"
 _SHARD_RE = re.compile(r"^shard_(\d{6,})\.npz$")
+
+
+class ShardError(ValueError):
+    """A shard that cannot be used (damaged, foreign, of another layout); ``path`` names it."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
 
 
 def shard_filename(index):
@@ -20,6 +39,91 @@ def shard_index(filename):
     return int(m.group(1)) if m else None
 
 
+def shard_problem(path, start, end, image_size, run_id, allow_without_run_id=False):
+    """Why the shard at ``path`` is not shard [start, end) of run ``run_id`` (None when it is): every zip member's
+    CRC (the whole file is read), ``arr_0``'s header, ``sample_range`` and ``run_id``."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+            if bad is not None:
+                return f"damaged: the CRC check of {bad} failed"
+            members = npz_members(zf)
+        shape, dtype = npz_header(path, "arr_0")
+        with np.load(path, allow_pickle=False) as npz:
+            stored_range = [int(v) for v in npz["sample_range"]] if "sample_range" in members else None
+            stored_id = str(npz["run_id"][0]) if "run_id" in members else None
+    except Exception as e:  # a damaged zip shows up as several exception types
+        return f"unreadable ({type(e).__name__}: {e})"
+    if stored_id is None and not allow_without_run_id:
+        return "it has no run_id (it was not written by this run)"
+    if stored_id is not None and stored_id != run_id:
+        return f"written by another run (run_id {stored_id[:12]}..., this run's is {run_id[:12]}...)"
+    if stored_range is None:
+        return "it has no sample_range"
+    if stored_range != [start, end]:
+        return (f"it holds samples {stored_range[0]}-{stored_range[1] - 1}, this run's shard holds {start}-{end - 1} "
+                "(another num_samples or shard_size)")
+    if dtype != np.uint8 or shape != (end - start, image_size, image_size, 3):
+        return f"arr_0 is {dtype} {shape}, expected uint8 {(end - start, image_size, image_size, 3)}"
+    return None
+
+
+def stored_range(path):
+    """A shard's ``sample_range`` as [start, end], or None when it cannot be read."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return [int(v) for v in npz["sample_range"]]
+    except Exception:
+        return None
+
+
+def reject_shard(path, reason):
+    """Move a shard that cannot be used to ``shards/rejected/`` (never deleted: it may be someone's) with a
+    ``.reason.txt`` beside it; returns the new path."""
+    directory = os.path.join(os.path.dirname(os.path.abspath(path)), REJECTED_DIR)
+    os.makedirs(directory, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = os.path.basename(path)
+    target = os.path.join(directory, f"{name[:-4]}.{stamp}.npz")
+    n = 1
+    while os.path.exists(target):
+        target = os.path.join(directory, f"{name[:-4]}.{stamp}-{n}.npz")
+        n += 1
+    os.replace(path, target)
+    try:
+        atomic_write_text(target[:-4] + ".reason.txt", f"{name}: {reason}\n")
+    except OSError:
+        pass
+    return target
+
+
+def write_shard(path, images, labels, start, end, run_id):
+    """Write a finished shard in one go (shards derived from a merged sample batch)."""
+    with NpzWriter(path) as writer:
+        writer.write("arr_0", images)
+        if labels is not None:
+            writer.write("arr_1", labels)
+        writer.write("sample_range", np.array([start, end], dtype=np.int64))
+        writer.write("run_id", np.array([run_id]))
+
+
+def rows_from_batch(npz_path, bounds, with_labels):
+    """Yield (start, end, images, labels) for each [start, end) of ``bounds`` from a merged sample batch, after
+    checking every CRC of the file (it is read once whole for that)."""
+    with zipfile.ZipFile(npz_path) as zf:
+        bad = zf.testzip()
+    if bad is not None:
+        raise ShardError(npz_path, f"damaged: the CRC check of {bad} failed")
+    labels = None
+    if with_labels:
+        with np.load(npz_path, allow_pickle=False) as npz:
+            labels = np.asarray(npz["arr_1"], dtype=np.int64)
+    images = NpzImages(npz_path)
+    for start, end in bounds:
+        rows = next(images.iter_batches(end - start, start, end))
+        yield start, end, rows, (labels[start:end].copy() if labels is not None else None)
+
+
 def merge_shards(shard_paths, out_path, with_labels):
     """Concatenate the shards' ``arr_0`` (and ``arr_1``) into one npz at ``out_path``, one shard at a time.
 
@@ -29,7 +133,10 @@ def merge_shards(shard_paths, out_path, with_labels):
         raise ValueError("no shards to merge")
     shapes = []
     for path in shard_paths:
-        shape, dtype = npz_header(path, "arr_0")
+        try:
+            shape, dtype = npz_header(path, "arr_0")
+        except (zipfile.BadZipFile, ValueError, EOFError) as e:
+            raise ShardError(path, f"cannot be read for the merge ({type(e).__name__}: {e})") from None
         check_image_header(shape, dtype, f"{path}: arr_0")
         if dtype != np.uint8:
             raise ValueError(f"{path}: arr_0 is {dtype}, expected uint8")
@@ -37,14 +144,21 @@ def merge_shards(shard_paths, out_path, with_labels):
             raise ValueError(f"{path}: images of shape {shape[1:]}, other shards have {shapes[0][1:]}")
         shapes.append(shape)
     total = (sum(s[0] for s in shapes),) + shapes[0][1:]
+    def read(path, key):  # reading a member whole checks its CRC; a failure names the shard
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return npz[key]
+        except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError) as e:
+            if isinstance(e, OSError) and getattr(e, "errno", None) is not None:
+                raise  # the disk, not the shard (e.g. no space left)
+            raise ShardError(path, f"cannot be read for the merge ({type(e).__name__}: {e})") from None
+
     with NpzWriter(out_path) as w:
         with w.stream("arr_0", total, np.uint8) as s:
             for path in shard_paths:
-                with np.load(path) as npz:
-                    s.write(npz["arr_0"])
+                s.write(read(path, "arr_0"))
         if with_labels:
             with w.stream("arr_1", (total[0],), np.int64) as s:
                 for path in shard_paths:
-                    with np.load(path) as npz:
-                        s.write(npz["arr_1"].astype(np.int64, copy=False))
+                    s.write(read(path, "arr_1").astype(np.int64, copy=False))
     return total

@@ -20,7 +20,9 @@ contributes its ``name``). Grid values override base ones. Every cell is checked
 out_dir, model flags, guidance layers) before the first sample is drawn; then the cells run one after the
 other in the same process world (one ``mpiexec``), each resuming where it stopped. Afterwards
 :func:`after_runs` evaluates the finished cells and hands their settings and results to the table code when
-``ref_batch`` is given. The command line is ``sampling.cli`` (``scripts/sweep.py``).
+``ref_batch`` is given; a cell is evaluated again when its ``eval.json`` was computed from another reference
+batch, other samples or other evaluation settings (compared by content hash, not by time). The command line is
+``sampling.cli`` (``scripts/sweep.py``); ``--dry-run`` runs every check a real run runs before sampling.
 """
 
 import dataclasses
@@ -37,17 +39,21 @@ from adm_common.npz import samples_filename
 from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoint import CheckpointError
 
+from . import lock as run_lock
 from .execute import POLL_SECONDS, execute
-from .models import load_models
-from .plan import prepare, resolve_device
+from .models import check_run, load_models
+from .plan import RECORD_NAME, existing_run_files, prepare, read_run_record, record_differences, resolve_device
+from .plan import run_identity
 from .sampler import Sampler
 from .settings import (
     SampleConfigError,
     check_keys,
+    plain,
     read_yaml_mapping,
     resolve_settings,
     sample_defaults,
     sampler_label,
+    settings_warnings,
     suggest,
     to_command,
 )
@@ -207,19 +213,72 @@ def cell_status(cell):
     return f"{done}/{total} shards" if done else "new"
 
 
-def describe(sweep, cells):
-    """The dry-run listing: each cell, its grid settings, status and an equivalent command."""
+def check_cell(cell):
+    """What a real run would refuse in this cell, found without writing anything: (problems, notes)."""
+    s = cell.settings
+    try:
+        check_run(s)
+    except (SampleConfigError, CheckpointError) as e:
+        return [str(e)], []
+    notes = [f"warning: {w}" for w in settings_warnings(s)]
+    if not os.path.isdir(cell.out_dir):
+        return [], notes
+    holder = run_lock.probe(cell.out_dir)
+    if holder is not None:
+        return [f"{cell.out_dir} is in use by another run: {run_lock.describe_holder(holder)}"], notes
+    if os.path.exists(os.path.join(cell.out_dir, RECORD_NAME)):
+        ident = run_identity(s, resolve_device(s).type)
+        diffs = record_differences(read_run_record(cell.out_dir).get("settings") or {}, ident, s)
+        if diffs and not s.runtime.overwrite:
+            return [f"{cell.out_dir} holds a run with a different configuration ({'; '.join(diffs)}); "
+                    "--overwrite would replace it"], notes
+        if diffs:
+            notes.append(f"--overwrite replaces the run there ({'; '.join(diffs)})")
+    elif existing_run_files(cell.out_dir):
+        if not s.runtime.overwrite:
+            return [f"{cell.out_dir} holds samples but no config.yaml"], notes
+        notes.append("--overwrite removes the samples there (no config.yaml)")
+    return [], notes
+
+
+def check_cells(sweep, cells, evaluate_fn=None):
+    """Every check before sampling, for ``--dry-run``: {cell name: (problems, notes)}, and the sweep's own
+    problems (the reference batch, evaluation settings) under the key None."""
+    found = {cell.name: check_cell(cell) for cell in cells}
+    try:
+        check_evaluation(sweep, evaluate_fn)
+        found[None] = ([], [])
+    except SampleConfigError as e:
+        found[None] = ([str(e)], [])
+    return found
+
+
+def describe(sweep, cells, checks=None):
+    """The dry-run listing: each cell, its grid settings, status and an equivalent command; with ``checks``
+    (:func:`check_cells`), what a real run would refuse. Returns the text, or (text, problems) with checks."""
     lines = [f"{len(cells)} cell(s) in {sweep.out_dir}:"]
+    problems = []
     for cell in cells:
         settings = ", ".join(f"{k}={v}" for k, v in cell.overrides.items()) or "(base only)"
-        lines.append(f"  {cell.name}  [{cell_status(cell)}]  {settings}")
+        cell_problems, notes = (checks or {}).get(cell.name, ([], []))
+        status = f"invalid: {cell_problems[0].splitlines()[0]}" if cell_problems else cell_status(cell)
+        if any(note.startswith("--overwrite") for note in notes):
+            status = "another configuration: --overwrite replaces it"
+        lines.append(f"  {cell.name}  [{status}]  {settings}")
+        lines.extend(f"    {note}" for note in notes)
         lines.append(f"    {to_command(cell.settings)}")
+        problems += [f"cell {cell.name}: {p}" for p in cell_problems]
+    if checks is not None:
+        problems += checks.get(None, ([], []))[0]
     if sweep.ref_batch:
         lines.append(f"then: evaluate each cell against {sweep.ref_batch} (eval.json) and write the table to "
                      f"{os.path.join(sweep.out_dir, 'table')}")
     else:
         lines.append("no ref_batch: cells are not evaluated")
-    return "\n".join(lines)
+    if checks is None:
+        return "\n".join(lines)
+    lines += [f"error: {p}" for p in problems]
+    return "\n".join(lines), problems
 
 
 def _evaluate_fn():
@@ -254,12 +313,32 @@ def table_values(cell):
     return dict(cell.settings.flat(), sampler=sampler_label(cell.settings))
 
 
+EVALUATION_FILES = ("feature_net", "inception_weights", "dinov2_weights")  # evaluate() arguments naming files
+INPUTS_KEY = "sweep_inputs"
+
+
+def _stale_reason(recorded, inputs):
+    if not isinstance(recorded, dict):
+        return "it does not record its inputs"
+    for key, what in (("ref_sha256", "the reference batch"), ("sample_sha256", "the samples"),
+                      ("evaluation", "the evaluation settings"), ("evaluation_files", "the feature network")):
+        if recorded.get(key) != inputs[key]:
+            return f"{what} changed"
+    return None
+
+
 def _evaluate_cells(cells, sweep, evaluate_fn):
-    """Evaluate each cell without an up-to-date eval.json (on this process alone); returns the results."""
+    """Evaluate each cell whose eval.json is not of its current inputs (on this process alone); returns the
+    results. The inputs (content hashes of the reference and the samples, the evaluation settings and the
+    files they name) are recorded in eval.json under ``sweep_inputs``."""
     import json
 
-    from evaluations.reference import SingleProcess
+    from evaluations.reference import HashMemo, SingleProcess, default_cache_dir
 
+    memo = HashMemo(sweep.evaluation.get("cache_dir", default_cache_dir()))
+    common = {"ref_sha256": memo.sha256(sweep.ref_batch), "evaluation": plain(dict(sweep.evaluation)),
+              "evaluation_files": {k: memo.sha256(v) for k, v in sorted(sweep.evaluation.items())
+                                   if k in EVALUATION_FILES and isinstance(v, str) and os.path.isfile(v)}}
     results = []
     for cell in cells:
         s = cell.settings
@@ -268,13 +347,24 @@ def _evaluate_cells(cells, sweep, evaluate_fn):
         if not os.path.exists(npz):
             raise RuntimeError(f"{cell.out_dir}: {os.path.basename(npz)} is missing")
         json_path = os.path.join(cell.out_dir, "eval.json")
-        if os.path.exists(json_path) and os.path.getmtime(json_path) >= os.path.getmtime(npz):
-            with open(json_path) as f:
-                results.append(json.load(f))
-            continue
+        inputs = dict(common, ref_batch=os.path.abspath(sweep.ref_batch), sample_sha256=memo.sha256(npz))
+        if os.path.exists(json_path):
+            try:
+                with open(json_path) as f:
+                    recorded = json.load(f)
+            except (OSError, ValueError):
+                recorded = {}
+            reason = _stale_reason(recorded.get(INPUTS_KEY), inputs)
+            if reason is None:
+                recorded.pop(INPUTS_KEY, None)
+                results.append(recorded)
+                continue
+            logger.log(f"evaluating {cell.name} again: {reason} since its eval.json")
         logger.log(f"evaluating {npz} against {sweep.ref_batch}")
-        results.append(evaluate_fn(sweep.ref_batch, npz, json_path=json_path, dist=SingleProcess(),
-                                   **sweep.evaluation))
+        result = evaluate_fn(sweep.ref_batch, npz, json_path=json_path, dist=SingleProcess(), **sweep.evaluation)
+        atomic_write_text(json_path, json.dumps(dict(result, **{INPUTS_KEY: inputs}), indent=2, sort_keys=True,
+                                                default=float) + "\n")
+        results.append(result)
     return results
 
 
@@ -308,7 +398,7 @@ def after_runs(cells, sweep, evaluate_fn=None, table_fn=None):
     Does nothing without ``ref_batch``. Rank 0 evaluates (on its GPU); the other ranks wait by polling for
     its done (or failed) marker file, not in a collective, so a long evaluation cannot time them out. An
     evaluation error is raised on every rank. Returns the table's result on rank 0, else None. A cell whose
-    eval.json is newer than its samples is not evaluated again.
+    eval.json records its current inputs (see :func:`_evaluate_cells`) is not evaluated again.
     """
     if not sweep.ref_batch:
         if dist_util.get_rank() == 0:
@@ -348,14 +438,25 @@ def run_sweep(sweep, cells, evaluate_fn=None, table_fn=None, model_wrapper=None)
         for path in _markers(sweep):
             if os.path.exists(path):
                 os.remove(path)
-    plans, devices = [], []
-    for cell in cells:  # every out_dir and checkpoint path first: nothing is loaded or sampled yet
-        device = resolve_device(cell.settings)
+    with run_lock.RunLocks() as locks:
+        return _run_cells(sweep, cells, evaluate_fn, table_fn, model_wrapper, locks)
+
+
+def _run_cells(sweep, cells, evaluate_fn, table_fn, model_wrapper, locks):
+    devices = [resolve_device(cell.settings) for cell in cells]
+    # Every setting of every cell (meta-device model, layers, checkpoints), every out_dir and run record, and
+    # the run locks, before anything of any cell is deleted (--overwrite), loaded or sampled.
+    for cell, device in zip(cells, devices):
         try:
-            plans.append(prepare(cell.settings, device))
-        except SampleConfigError as e:
-            raise SampleConfigError(f"cell {cell.name}: {e}") from None
-        devices.append(device)
+            prepare(cell.settings, device, check_only=True, locks=locks)
+        except (SampleConfigError, CheckpointError) as e:
+            raise type(e)(f"cell {cell.name}: {e}") from None
+    plans = []
+    for cell, device in zip(cells, devices):
+        try:
+            plans.append(prepare(cell.settings, device, locks=locks))
+        except (SampleConfigError, CheckpointError) as e:
+            raise type(e)(f"cell {cell.name}: {e}") from None
     cache, samplers = {}, []
     for cell, plan, device in zip(cells, plans, devices):  # then model flags and guidance layers
         if plan.complete:

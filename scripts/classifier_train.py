@@ -35,7 +35,11 @@ from guided_diffusion.script_util import (  # noqa: E402
     classifier_and_diffusion_defaults,
     create_classifier_and_diffusion,
 )
-from guided_diffusion.train_util import log_loss_dict, parse_resume_step_from_filename  # noqa: E402
+from guided_diffusion.train_util import (  # noqa: E402
+    log_loss_dict,
+    parse_resume_step_from_filename,
+    save_checkpoint_file,
+)
 
 
 def main(argv=None):
@@ -168,8 +172,8 @@ def set_annealed_lr(opt, base_lr, frac_done):
 def save_model(mp_trainer, opt, step):
     if dist_util.get_rank() == 0:
         state_dict = mp_trainer.master_params_to_state_dict(mp_trainer.master_params)
-        th.save({k: v.detach() for k, v in state_dict.items()}, os.path.join(logger.get_dir(), f"model{step:06d}.pt"))
-        th.save(opt.state_dict(), os.path.join(logger.get_dir(), f"opt{step:06d}.pt"))
+        save_checkpoint_file(state_dict, os.path.join(logger.get_dir(), f"model{step:06d}.pt"))
+        save_checkpoint_file(opt.state_dict(), os.path.join(logger.get_dir(), f"opt{step:06d}.pt"))
 
 
 def compute_top_k(logits, labels, k, reduction="mean"):

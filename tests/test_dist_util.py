@@ -156,13 +156,14 @@ d.cleanup_dist()
 """
 
 
-def test_single_process_needs_no_mpi_and_no_group(checkpoint):
+def test_single_process_needs_no_mpi_and_makes_a_local_group(checkpoint):
+    """As upstream: torch.distributed works in one process (upstream's scripts call it directly), without MPI."""
     path, _ = checkpoint
     out = subprocess.run([sys.executable, "-c", SINGLE, str(path)], env=clean_env(), capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res == {"rank": 0, "world": 1, "main": True, "launcher": "none", "dev": "cpu", "group": False,
+    assert res == {"rank": 0, "world": 1, "main": True, "launcher": "none", "dev": "cpu", "group": True,
                    "mpi4py": False, "reduced": 2.0, "gathered": [5], "keys": ["b", "w"]}
 
 

@@ -143,9 +143,14 @@ def test_npz_format_and_outputs(reference):
     settings = record["settings"]
     assert settings["pag_scale"] == 2.0 and settings["perturbation"] == "random_mask"
     assert settings["pag_layers"] == ["input_blocks.5.1", "middle_block.1"]
-    assert settings["seed"] == SEED and settings["num_samples"] == N and settings["num_channels"] == 32
+    assert settings["seed"] == SEED and settings["num_channels"] == 32
     assert settings["noise_device"] == "cpu" and "batch_size" not in settings
+    # num_samples changes no sample (a run can be extended) and the checkpoint is identified by its content
+    assert "num_samples" not in settings and "model_path" not in settings
+    assert settings["model_checkpoint"] == f"sha256:{sha256(record['runtime']['model_path'])}"
+    assert len(record["run_id"]) == 64
     assert record["runtime"]["batch_size"] == 3 and record["runtime"]["world_size"] == 1
+    assert record["runtime"]["num_samples"] == N
     prov = record["provenance"]
     assert prov["package"] == "pag-adm" and prov["version"] not in ("", None)
     assert prov["git_commit"] == "unknown" or len(prov["git_commit"].split("-")[0]) == 40
@@ -229,7 +234,7 @@ def test_kill_after_first_shard_and_resume_is_identical(reference, ckpt, tmp_pat
     out_dir = tmp_path / "killed"
     killed = run_script(argv(out_dir, ckpt), kill_after_shards=1)
     assert killed.returncode == -9, killed.stdout + killed.stderr  # SIGKILL: no clean-up ran
-    assert sorted(os.listdir(out_dir / "shards")) == ["shard_000000.npz"]
+    assert sorted(n for n in os.listdir(out_dir / "shards") if not n.startswith(".")) == ["shard_000000.npz"]
     assert not final(out_dir).exists()
     # Resume with another process count (same batch size): the same bytes as the uninterrupted run.
     resumed = run_script(argv(out_dir, ckpt), nproc=2)
@@ -290,7 +295,7 @@ def test_nonfinite_values_stop_the_run_and_keep_finished_shards(ckpt, one_thread
 
     with pytest.raises(sampling.NonFiniteError, match=r"sample\(s\) 2, 3 at step 1 of 4 \(timestep 999\)"):
         sampling.run(settings, model_wrapper=poison_after_one_shard)
-    assert sorted(os.listdir(out_dir / "shards")) == ["shard_000000.npz"]
+    assert sorted(n for n in os.listdir(out_dir / "shards") if not n.startswith(".")) == ["shard_000000.npz"]
     with np.load(out_dir / "shards" / "shard_000000.npz") as npz:
         first = npz["arr_0"].copy()
     assert first.shape == (2, 32, 32, 3)

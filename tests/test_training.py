@@ -17,7 +17,7 @@ from PIL import Image
 from guided_diffusion import fp16_util, logger, nn as gnn
 from guided_diffusion import script_util as su
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.train_util import TrainLoop, parse_resume_step_from_filename
+from guided_diffusion.train_util import TrainLoop, parse_resume_step_from_filename, save_checkpoint_file
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "PRTE_")
@@ -243,6 +243,56 @@ def test_resuming_reaches_the_same_parameters_as_an_uninterrupted_run(image_fold
                for i in opt_a["state"])
     assert parse_resume_step_from_filename("/runs/a/model012345.pt") == 12345
     assert parse_resume_step_from_filename("/runs/a/weights.pt") == 0
+
+
+def test_lr_schedule_ema_schedule_and_step_callback(image_folder, tmp_path):
+    """TrainLoop's extension points: the schedule sets each step's lr before it, the EMA decays come from
+    ema_schedule, and a callback that returns True ends the run with the last checkpoint saved."""
+    torch.manual_seed(0)
+    model, diffusion = build()
+    data = load_data(data_dir=str(image_folder), batch_size=2, image_size=16, class_cond=True, deterministic=True,
+                     random_flip=False)
+    lr_calls, ema_calls, seen = [], [], []
+
+    def lr_schedule(step):
+        lr_calls.append(step)
+        return 1e-3 * (step + 1)
+
+    def ema_schedule(step, rate):
+        ema_calls.append((step, rate))
+        return 0.0  # the EMA follows the model exactly
+
+    def callback(loop):
+        seen.append((loop.step, loop.opt.param_groups[0]["lr"]))
+        return loop.step == 2
+
+    logger.configure(dir=str(tmp_path), format_strs=["log"])
+    try:
+        loop = TrainLoop(model=model, diffusion=diffusion, data=data, batch_size=2, microbatch=-1, lr=1.0,
+                         ema_rate="0.9,0.99", log_interval=1, save_interval=3, resume_checkpoint="",
+                         lr_anneal_steps=5, lr_schedule=lr_schedule, ema_schedule=ema_schedule,
+                         step_callback=callback)
+        loop.run_loop()
+    finally:
+        logger.reset()
+    assert loop.step == 2 and lr_calls == [0, 1] and seen == [(1, 1e-3), (2, 2e-3)]
+    assert ema_calls == [(0, 0.9), (0, 0.99), (1, 0.9), (1, 0.99)]
+    names = set(os.listdir(tmp_path))
+    assert {"model000002.pt", "ema_0.9_000002.pt", "ema_0.99_000002.pt", "opt000002.pt"} <= names
+    assert not any(name.startswith(".") for name in names)  # no temporary files left by the atomic writes
+    saved, ema = load(tmp_path / "model000002.pt"), load(tmp_path / "ema_0.99_000002.pt")
+    assert all(torch.equal(saved[k], ema[k]) for k in saved)
+    assert load(tmp_path / "opt000002.pt")["param_groups"][0]["lr"] == 2e-3
+
+
+def test_checkpoint_files_are_replaced_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "model000001.pt"
+    save_checkpoint_file({"w": torch.ones(2, requires_grad=True)}, path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        save_checkpoint_file({"w": torch.zeros(2), "bad": lambda: None}, path)  # cannot be pickled
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["model000001.pt"]
+    assert torch.equal(load(path)["w"], torch.ones(2))
 
 
 def test_fp16_master_weight_training_on_cpu(image_folder, tmp_path):

@@ -114,6 +114,37 @@ UPSTREAM = {
         "reset": "()",
         "record_tabular": "(key, val)",
         "dump_tabular": "()",
+        "set_comm": "(comm)",
+        "profile_kv": "(scopename)",
+        "profile": "(n)",
+        "scoped_configure": "(dir=None, format_strs=None, comm=None)",
+        "make_output_format": "(format, ev_dir, log_suffix='')",
+        "get_rank_without_mpi_import": "()",
+        "mpi_weighted_mean": "(comm, local_name2valcount)",
+        "KVWriter.writekvs": "(self, kvs)",
+        "SeqWriter.writeseq": "(self, seq)",
+        "HumanOutputFormat.__init__": "(self, filename_or_file)",
+        "HumanOutputFormat.writekvs": "(self, kvs)",
+        "HumanOutputFormat.writeseq": "(self, seq)",
+        "HumanOutputFormat.close": "(self)",
+        "JSONOutputFormat.__init__": "(self, filename)",
+        "JSONOutputFormat.writekvs": "(self, kvs)",
+        "JSONOutputFormat.close": "(self)",
+        "CSVOutputFormat.__init__": "(self, filename)",
+        "CSVOutputFormat.writekvs": "(self, kvs)",
+        "CSVOutputFormat.close": "(self)",
+        "TensorBoardOutputFormat.__init__": "(self, dir)",
+        "TensorBoardOutputFormat.writekvs": "(self, kvs)",
+        "TensorBoardOutputFormat.close": "(self)",
+        "Logger.__init__": "(self, dir, output_formats, comm=None)",
+        "Logger.logkv": "(self, key, val)",
+        "Logger.logkv_mean": "(self, key, val)",
+        "Logger.dumpkvs": "(self)",
+        "Logger.log": "(self, *args, level=INFO)",
+        "Logger.set_level": "(self, level)",
+        "Logger.set_comm": "(self, comm)",
+        "Logger.get_dir": "(self)",
+        "Logger.close": "(self)",
     },
     "losses": {
         "normal_kl": "(mean1, logvar1, mean2, logvar2)",
@@ -255,6 +286,12 @@ UPSTREAM = {
     },
 }
 UPSTREAM_CONSTANTS = {"INFO": 20, "INITIAL_LOG_LOSS_SCALE": 20.0}
+# Upstream's module-level values (besides functions and classes).
+UPSTREAM_VALUES = {
+    "logger": {"DEBUG": 10, "INFO": 20, "WARN": 30, "ERROR": 40, "DISABLED": 50},
+    "fp16_util": {"INITIAL_LOG_LOSS_SCALE": 20.0},
+    "train_util": {"INITIAL_LOG_LOSS_SCALE": 20.0},
+}
 CASES = [(module, name) for module, names in UPSTREAM.items() for name in names]
 
 
@@ -290,6 +327,29 @@ def test_upstream_name_exists_with_compatible_signature(module, name):
         assert extra.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD) or (
             extra.default is not inspect.Parameter.empty
         ), f"{module}.{name}: added parameter {extra.name} is required"
+
+
+def test_upstream_module_values():
+    for module, values in UPSTREAM_VALUES.items():
+        mod = importlib.import_module(f"guided_diffusion.{module}")
+        assert {name: getattr(mod, name, None) for name in values} == values, module
+
+
+def test_logger_classes_are_upstreams():
+    from guided_diffusion import logger
+
+    assert issubclass(logger.HumanOutputFormat, logger.KVWriter)
+    assert issubclass(logger.HumanOutputFormat, logger.SeqWriter)
+    for name in ("JSONOutputFormat", "CSVOutputFormat", "TensorBoardOutputFormat"):
+        assert issubclass(getattr(logger, name), logger.KVWriter)
+        assert not issubclass(getattr(logger, name), logger.SeqWriter)
+    assert hasattr(logger.Logger, "CURRENT") and hasattr(logger.Logger, "DEFAULT")
+    logger.reset()
+    try:
+        assert logger.get_current() is logger.Logger.CURRENT
+        assert logger.getkvs() is logger.get_current().name2val
+    finally:
+        logger.reset()
 
 
 def test_logger_all_ranks_is_keyword_only_and_comm_is_not_all_ranks(tmp_path):

@@ -1,0 +1,227 @@
+"""The run lock: one run at a time in an ``out_dir``.
+
+Rank 0 takes an exclusive ``flock`` on ``out_dir/lock`` before it reads or writes anything else there, and
+holds it until the run ends (a process that dies releases it with its file descriptors). The file says who
+holds it: host, pid, start time and command. A second run on the same ``out_dir`` is refused with a
+:class:`RunLockedError` (exit status 2) naming the running one.
+
+File systems without ``flock`` (some network mounts) fall back to creating the file exclusively; such a lock
+left by a dead process on the same host is taken over, one left by another host must be removed by hand (the
+error says how). While the lock is held a thread refreshes the file's mtime, so that a lock file of another host
+that is still being refreshed is refused even where ``flock`` is local to each node.
+"""
+
+import datetime
+import errno
+import json
+import os
+import socket
+import sys
+import threading
+import time
+
+from .settings import SampleConfigError
+
+LOCK_NAME = "lock"
+HEARTBEAT_SECONDS = 30.0
+FOREIGN_FRESH_SECONDS = 120.0  # a lock file of another host touched this recently is taken to be alive
+
+class RunLockedError(SampleConfigError):
+    """Another run holds the lock of this out_dir."""
+
+
+def _now():
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True  # exists (another user's) or unreadable: assume alive
+    return True
+
+
+def read_lock_info(path):
+    """The lock file's record ({} when missing or unreadable)."""
+    try:
+        with open(path) as f:
+            info = json.loads(f.read() or "{}")
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def describe_holder(info):
+    if not info:
+        return "another process (no details in the lock file)"
+    return (f"pid {info.get('pid', '?')} on host {info.get('host', '?')}, started {info.get('started', '?')}"
+            + (f" ({info['command']})" if info.get("command") else ""))
+
+
+class RunLock:
+    """An exclusive lock on ``out_dir/lock``; ``acquire()`` raises :class:`RunLockedError` when it is held."""
+
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+        self.path = os.path.join(out_dir, LOCK_NAME)
+        self.fd = None
+        self.mode = None  # "flock" or "exclusive"
+        self.took_over = None  # the record of a dead holder whose lock was taken over
+        self._stop = threading.Event()
+        self._fd_lock = threading.Lock()  # the heartbeat never touches a closed (reused) descriptor
+        self._thread = None
+
+    def _record(self):
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": _now(),
+                           "command": " ".join(sys.argv)[:500]}) + "\n"
+
+    def _refused(self, info, hint=""):
+        return RunLockedError(
+            f"{self.out_dir} is in use by another run: {describe_holder(info)} holds {self.path}. Wait for it to "
+            f"finish, or use another --out_dir{hint}")
+
+    def acquire(self):
+        import fcntl
+
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise self._refused(read_lock_info(self.path)) from None
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    return self._acquire_exclusive()
+                raise
+            try:  # the file may have been removed (and re-created) by the holder's release meanwhile
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            previous = read_lock_info(self.path)
+            if previous and previous.get("host") != socket.gethostname():
+                age = time.time() - os.fstat(fd).st_mtime
+                if age < FOREIGN_FRESH_SECONDS:  # flock may be local to each node on this file system
+                    os.close(fd)
+                    raise self._refused(previous, f"; if that run is not running any more, delete {self.path}")
+            self.took_over = previous or None
+            os.ftruncate(fd, 0)
+            os.write(fd, self._record().encode())
+            os.fsync(fd)
+            self.fd, self.mode = fd, "flock"
+            self._start_heartbeat()
+            return self
+        raise RunLockedError(f"could not lock {self.path}: it keeps being replaced")
+
+    def _acquire_exclusive(self):
+        """No flock here: the lock is the file's existence."""
+        for _ in range(10):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                info = read_lock_info(self.path)
+                try:
+                    age = time.time() - os.stat(self.path).st_mtime
+                except FileNotFoundError:
+                    continue
+                if info.get("host") == socket.gethostname() and info.get("pid") and not _pid_alive(info["pid"]):
+                    stale = f"{self.path}.stale-{os.getpid()}"
+                    try:
+                        os.rename(self.path, stale)  # atomic: one process takes a stale lock over
+                        os.remove(stale)
+                    except FileNotFoundError:
+                        pass
+                    self.took_over = info
+                    continue
+                raise self._refused(info, f"; this file system has no flock, so a lock left by a run that died on "
+                                          f"another host stays: if no run uses {self.out_dir} (the file was last "
+                                          f"refreshed {age:.0f} s ago), delete {self.path}")
+            os.write(fd, self._record().encode())
+            os.fsync(fd)
+            self.fd, self.mode = fd, "exclusive"
+            self._start_heartbeat()
+            return self
+        raise RunLockedError(f"could not lock {self.path}: it keeps being replaced")
+
+    def _start_heartbeat(self):
+        def beat():
+            while not self._stop.wait(HEARTBEAT_SECONDS):
+                with self._fd_lock:
+                    if self.fd is None:
+                        return
+                    try:
+                        os.utime(self.fd)
+                    except OSError:
+                        pass
+
+        self._thread = threading.Thread(target=beat, name="run-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def release(self):
+        if self.fd is None:
+            return
+        self._stop.set()
+        with self._fd_lock:
+            try:  # remove the file while holding it: a waiting opener notices the inode change and retries
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    os.remove(self.path)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+class RunLocks:
+    """The run locks a caller holds, by ``out_dir``. Whoever runs (``sampling.run``, a sweep) owns one and
+    releases what it holds when it ends (``with RunLocks() as locks:``); acquiring a held one again returns it."""
+
+    def __init__(self):
+        self._held = {}  # real path of out_dir -> RunLock
+
+    def acquire(self, out_dir):
+        key = os.path.realpath(out_dir)
+        if key not in self._held:
+            self._held[key] = RunLock(out_dir).acquire()
+        return self._held[key]
+
+    def release(self, out_dir):
+        lock = self._held.pop(os.path.realpath(out_dir), None)
+        if lock is not None:
+            lock.release()
+
+    def release_all(self):
+        for key in list(self._held):
+            self._held.pop(key).release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release_all()
+        return False
+
+
+def probe(out_dir):
+    """Without taking it: the record of the run holding ``out_dir``'s lock, or None when it is free (dry runs)."""
+    import fcntl
+
+    path = os.path.join(out_dir, LOCK_NAME)
+    if not os.path.exists(path):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        return read_lock_info(path) if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
+    finally:
+        os.close(fd)
+    return None
