@@ -260,6 +260,23 @@ def _header(col):
     return {"run": "run", "num_samples": "N", "source": "source"}.get(col, METRIC_HEADERS.get(col, col))
 
 
+BEST_FID_NOTE = ("Bold FID: the lowest FID of our rows in this table (in a scale sweep, the best scale; past it, "
+                 "stronger guidance costs more than it gives).")
+
+
+def mark_best_fid(rows):
+    """Flag (``row["best_fid"] = True``) the row with the lowest FID among ``rows`` (the first of equals), when at
+    least two of them have an FID; returns it (or None)."""
+    scored = [r for r in rows if r.get("fid") is not None and not math.isnan(r["fid"])]
+    for row in rows:
+        row["best_fid"] = False
+    if len(scored) < 2:
+        return None
+    best = min(scored, key=lambda r: r["fid"])
+    best["best_fid"] = True
+    return best
+
+
 def _cell(row, col):
     if col in ROW_METRICS:
         return _fmt_metric(col, row.get(col))
@@ -272,6 +289,8 @@ def _cell(row, col):
 
 def _notes(rows):
     notes = []
+    if any(r.get("best_fid") for r in rows):
+        notes.append(BEST_FID_NOTE)
     if any(r.get("random_weights") for r in rows):
         notes.append(f"{RANDOM_WEIGHTS_MARK}: rows so marked were computed with a randomly initialised Inception "
                      "network; their numbers mean nothing.")
@@ -297,7 +316,9 @@ def render_markdown(rows, group_by, title=None):
     out.append("| " + " | ".join(_header(c) for c in cols) + " |")
     out.append("|" + "|".join("---:" if c in ROW_METRICS or c == "num_samples" else "---" for c in cols) + "|")
     for row in rows:
-        out.append("| " + " | ".join(_cell(row, c).replace("|", "\\|") for c in cols) + " |")
+        cells = [_cell(row, c).replace("|", "\\|") for c in cols]
+        cells = [f"**{v}**" if c == "fid" and row.get("best_fid") else v for c, v in zip(cols, cells)]
+        out.append("| " + " | ".join(cells) + " |")
     notes = _notes(rows)
     if notes:
         out.append("")
@@ -306,12 +327,13 @@ def render_markdown(rows, group_by, title=None):
 
 
 def render_csv(rows, group_by):
-    cols = _columns(rows, group_by) + ["random_weights", "json"]
+    cols = _columns(rows, group_by) + ["random_weights", "json", "best_fid"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(cols)
     for row in rows:
-        writer.writerow(["" if row.get(c) is None else row.get(c) for c in cols])
+        writer.writerow(["" if row.get(c) is None else row.get(c) for c in cols[:-1]]
+                        + [1 if row.get("best_fid") else ""])
     return buf.getvalue()
 
 
@@ -334,7 +356,9 @@ def render_latex(rows, group_by, title=None):
         if previous_source is not None and is_ours != previous_source:
             out.append(r"\midrule")
         previous_source = is_ours
-        out.append(" & ".join(latex_escape(_cell(row, c)) for c in cols) + r" \\")
+        cells = [latex_escape(_cell(row, c)) for c in cols]
+        cells = [rf"\textbf{{{v}}}" if c == "fid" and row.get("best_fid") else v for c, v in zip(cols, cells)]
+        out.append(" & ".join(cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
     caption = latex_escape(title or "Evaluation")
     notes = _notes(rows)
@@ -505,6 +529,7 @@ def make_table_from_rows(rows, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None,
         ours = [r for r in rows if r["experiment"] == name]
         scale_key = _scale_key(ours, group_by)
         ours.sort(key=lambda r: _sort_key(r, group_by, scale_key))
+        mark_best_fid(ours)
         table_rows = ours + anchor_rows
         prefix = os.path.join(out_dir, _safe_name(name))
         files = []

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch as th
+import torch.nn.functional as F
 
 from guided_diffusion.attention import (
     AttentionOverride,
@@ -24,6 +25,8 @@ from guided_diffusion.attention import (
     attention_logits,
     attention_map,
     identity_attention,
+    sdpa_attention,
+    skip_block,
 )
 from guided_diffusion.unet import attention_blocks
 
@@ -62,6 +65,12 @@ PARAMS: Dict[str, Param] = {p.name: p for p in (
           lambda v: _finite(v) and v > 0, "be > 0", short="sigma"),
     Param("perturbation_seed", 0, "seed of the random perturbations (random_mask, noise, drop)",
           lambda v: v >= 0, "be >= 0", short="seed"),
+    Param("seg_sigma", 10.0, "Gaussian sigma (in tokens) of SEG's query blur over the spatial grid (seg); above "
+          "9999 the blur is infinite (every query becomes the queries' spatial mean)",
+          lambda v: v > 0, "be > 0"),
+    Param("attention_temperature", 2.0, "temperature dividing the attention logits before the softmax "
+          "(temperature; 1 = unperturbed, larger = flatter)",
+          lambda v: _finite(v) and v > 0, "be a finite number > 0", short="temperature"),
 )}
 
 
@@ -223,6 +232,89 @@ def _drop(values, rng):
     return attend
 
 
+SEG_INFINITE_SIGMA = 9999.0  # the SEG authors' threshold (inf_blur_threshold): a larger sigma is an infinite blur
+
+
+def seg_kernel_size(sigma, side):
+    """SEG's Gaussian kernel size for ``sigma`` on a grid of ``side`` tokens: ceil(6 sigma) made odd (plus one
+    when even), capped at ``side`` (odd side) or ``side + 1`` (even side), as the authors' implementation."""
+    size = math.ceil(6 * sigma)
+    size = size + 1 - size % 2
+    return min(size, side + 1 - side % 2)
+
+
+def seg_blur_grid(grid, sigma):
+    """Gaussian blur of (N, C, H, W) over its spatial grid with SEG's kernel: taps at the integer offsets
+    -r..r (r = size // 2) weighted exp(-x^2 / (2 sigma^2)) and normalised, the 2-D kernel their outer
+    product, reflect padding of r on each side, every channel separately. Computed in float32."""
+    size = seg_kernel_size(sigma, grid.shape[-1])
+    if size == 1:
+        return grid
+    offsets = th.arange(size, dtype=th.float32, device=grid.device) - size // 2
+    taps = th.exp(-0.5 * (offsets / sigma) ** 2)
+    taps = taps / taps.sum()
+    channels = grid.shape[1]
+    kernel = th.outer(taps, taps).expand(channels, 1, size, size)
+    padded = F.pad(grid.float(), [size // 2] * 4, mode="reflect")
+    return F.conv2d(padded, kernel, groups=channels).to(grid.dtype)
+
+
+@register("seg", params=("seg_sigma",))
+def _seg(values, rng):
+    """Smoothed Energy Guidance (Hong 2024, arXiv:2408.00760): the queries, seen as a (heads x channels) image
+    on the square token grid, are Gaussian-blurred over space with ``seg_sigma`` (the authors' query blur:
+    kernel size ceil(6 sigma) made odd and capped at the grid side, taps at integer offsets, reflect padding),
+    then standard softmax attention; blurring Q blurs the logit map along its query axes. ``seg_sigma`` above
+    9999 (the authors' threshold) is the infinite blur: every query is replaced by the queries' spatial mean,
+    so all tokens share one attention map, softmax(mean(q) k^T / sqrt(d)). Needs a square token grid."""
+    sigma = values.value("seg_sigma")
+
+    def attend(q, k, v):
+        n, heads, tokens, ch = q.shape
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise ValueError(f"seg blurs the queries over a square token grid; {tokens} tokens are not one")
+        if sigma > SEG_INFINITE_SIGMA:
+            blurred = q.mean(dim=-2, keepdim=True).expand_as(q)
+        else:
+            grid = q.transpose(-1, -2).reshape(n, heads * ch, side, side)
+            blurred = seg_blur_grid(grid, sigma).reshape(n, heads, ch, tokens).transpose(-1, -2)
+        return sdpa_attention(blurred.contiguous(), k, v)
+
+    return attend
+
+
+@register("uniform")
+def _uniform(values, rng):
+    """Uniform attention: every token attends equally to all tokens, so each output token is the mean of V
+    over the tokens; Q K^T is never computed (SEG's infinite blur of the attention *map* itself)."""
+
+    def attend(q, k, v):
+        return v.mean(dim=-2, keepdim=True).expand_as(v)
+
+    return attend
+
+
+@register("skip")
+def _skip(values, rng):
+    """The attention block is skipped: it returns its input unchanged (no normalisation, attention or output
+    projection is added); the block honours this per batch row (``AttentionOverride.block_skip_mask``)."""
+    return skip_block
+
+
+@register("temperature", params=("attention_temperature",))
+def _temperature(values, rng):
+    """Softmax attention with the logits Q K^T / sqrt(d) divided by ``attention_temperature`` before the
+    softmax: 1 is the model's own attention, larger values flatten the map towards uniform, smaller ones
+    sharpen it towards each query's best key."""
+    temperature = values.value("attention_temperature")
+
+    def attend(q, k, v):
+        return attend_with_map((attention_logits(q, k) / temperature).softmax(dim=-1), v)
+
+    return attend
+
+
 # ------------------------------------------------------------------------------------------ using them
 
 
@@ -239,7 +331,7 @@ def make_attention_fn(kind="identity", params=None, row_seeds=None, **values):
     entry = REGISTRY[kind]
     rng = _RowRandom(params.value("perturbation_seed"), row_seeds) if entry.random else None
     attend = entry.build(params, rng)
-    if attend is not identity_attention:
+    if attend.__module__ == __name__:  # a builder's own function (not a shared one such as identity_attention)
         attend.__name__ = f"{kind}_attention"
     return attend
 

@@ -216,3 +216,24 @@ def test_regression_constants_match_anchors():
     assert deltas, "the expected deltas sentence in anchors.md changed"
     expected = dict(zip(("fid", "sfid", "inception_score", "precision", "recall"), map(float, deltas.groups())))
     assert expected == regression.EXPECTED_DELTA
+
+
+def test_best_fid_row_is_marked_with_a_note(runs, tmp_path):
+    root, _ = runs
+    out = tmp_path / "tables"
+    table = make_table([root], out, anchors=ANCHORS, plots=False)["pag_uncond"]
+    # s3 (FID 15.5) is the lowest of ours; the published CG anchor (2.97) is not one of ours
+    assert [r["run"] for r in table["rows"] if r.get("best_fid")] == ["s3"]
+    md = (out / "pag_uncond.md").read_text()
+    assert "| s3 | 3 | input_blocks.14.1, middle_block.1 | identity | DDPM-250 | **15.50** |" in md
+    assert md.count("**") == 2 and "Bold FID: the lowest FID of our rows" in md
+    rows = list(csv.DictReader(io.StringIO((out / "pag_uncond.csv").read_text())))
+    assert [r["run"] for r in rows if r["best_fid"] == "1"] == ["s3"]
+    tex = (out / "pag_uncond.tex").read_text()
+    assert r"\textbf{15.50}" in tex and tex.count(r"\textbf") == 1
+    # A table with one FID has nothing to compare: no mark, no note.
+    single = tmp_path / "single"
+    write_run(single, "only", metrics(9.0, 1.0), {"pag_scale": 1.0})
+    make_table([single], tmp_path / "out1", plots=False)
+    md = (tmp_path / "out1" / "single.md").read_text()
+    assert "**" not in md and "Bold FID" not in md

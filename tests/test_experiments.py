@@ -64,7 +64,7 @@ def test_sag_anchor_scale_matches_the_sag_readme_convention():
 
 def test_ablations_cover_scales_layers_and_perturbations():
     _, cells = cells_of("ablation_scale")
-    assert sorted(s["pag_scale"] for s in cells.values()) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert sorted(s["pag_scale"] for s in cells.values()) == [float(s) for s in range(11)]
     _, cells = cells_of("ablation_layers")
     layer_sets = [list(s["pag_layers"]) for s in cells.values()]
     with torch.device("meta"):
@@ -73,7 +73,9 @@ def test_ablations_cover_scales_layers_and_perturbations():
     assert sorted(singles) == sorted(resolve_layers(model, "*"))  # each of the 16 attention blocks
     assert PAPER in layer_sets and len(layer_sets) == 17
     _, cells = cells_of("ablation_perturbation")
-    assert sorted(s["perturbation"] for s in cells.values()) == ["blur", "drop", "identity", "noise", "random_mask"]
+    assert sorted(s["perturbation"] for s in cells.values()) == [
+        "blur", "drop", "identity", "noise", "random_mask", "seg", "seg", "skip", "temperature", "uniform"]
+    assert sorted(s["seg_sigma"] for s in cells.values() if s["perturbation"] == "seg") == [10.0, 10000.0]
 
 
 def test_cg_experiment_combines_pag_with_the_256_classifier():

@@ -1,0 +1,329 @@
+"""Figures, CSV files and the summary of an analysis (matplotlib, Agg; files written atomically)."""
+
+import csv
+import io
+import os
+
+import numpy as np
+
+from adm_common.files import atomic_write_bytes, atomic_write_text
+
+from .trace import STATS
+
+CURVE_COLUMNS = ("step", "timestep") + STATS + ("n",)
+ENTROPY_COLUMNS = ("step", "timestep", "block", "tokens", "entropy", "max_entropy", "normalized_entropy")
+COMPARE_COLUMNS = ("kind", "step", "timestep", "pag_rms", "guidance_share", "eps_rms")
+
+
+def _figure(width, height):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path, dpi=100):
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def write_csv(path, columns, rows):
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if row.get(c) is None else (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c])
+                         for c in columns])
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------------- mosaics
+
+
+def _tile_rgb(image, size):
+    """(C, H, W) in [-1, 1] -> (size, size, 3) floats in [0, 1] (nearest-neighbour enlarged)."""
+    array = image.numpy() if hasattr(image, "numpy") else np.asarray(image)
+    array = np.clip((array + 1) / 2, 0, 1)
+    array = np.repeat(array, 3, axis=0) if array.shape[0] == 1 else array
+    return _enlarge(array.transpose(1, 2, 0), size)
+
+
+def _tile_heat(values, size, vmax, cmap="magma"):
+    """(H, W) values -> (size, size, 3) colours of ``cmap`` on [0, vmax]."""
+    from matplotlib import colormaps
+
+    scaled = np.clip(np.asarray(values, dtype=np.float64) / max(vmax, 1e-12), 0, 1)
+    return _enlarge(colormaps[cmap](scaled)[..., :3], size)
+
+
+def _enlarge(array, size):
+    """Nearest-neighbour resize of (H, W, ...) to (size, size, ...)."""
+    rows = np.arange(size) * array.shape[0] // size
+    cols = np.arange(size) * array.shape[1] // size
+    return array[rows][:, cols]
+
+
+def _mosaic_figure(tiles, row_labels, col_labels, title, path, tile_inches=0.9, colorbar=None):
+    """One image of ``tiles`` (rows of (S, S, 3) arrays, white gaps), labelled rows and columns: far faster
+    than one matplotlib axes per tile. ``colorbar``: (cmap, vmax, label) for a colour scale."""
+    size = tiles[0][0].shape[0]
+    gap = max(1, size // 16)
+    rows, cols = len(tiles), len(tiles[0])
+    canvas = np.ones((rows * (size + gap) - gap, cols * (size + gap) - gap, 3))
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            canvas[r * (size + gap):r * (size + gap) + size, c * (size + gap):c * (size + gap) + size] = tile
+    fig = _figure(tile_inches * cols + 1.8, tile_inches * rows + 0.7)
+    ax = fig.subplots()
+    ax.imshow(canvas, interpolation="nearest")
+    centers = [i * (size + gap) + size / 2 - 0.5 for i in range(max(rows, cols))]
+    ax.set_yticks(centers[:rows], row_labels, fontsize=7)
+    ax.set_xticks(centers[:cols], col_labels, fontsize=7)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if colorbar is not None:
+        from matplotlib import cm, colors
+
+        cmap, vmax, label = colorbar
+        bar = fig.colorbar(cm.ScalarMappable(colors.Normalize(0, vmax), cmap), ax=ax, fraction=0.025, pad=0.01)
+        bar.set_label(label, fontsize=7)
+        bar.ax.tick_params(labelsize=6)
+    ax.set_title(title, fontsize=8)
+    return _save(fig, path, dpi=110)
+
+
+# ------------------------------------------------------------------------------------------- strips
+
+
+STRIP_ROWS = (("x_t", "x_t"), ("x0_clean", "x0 clean"), ("x0_perturbed", "x0 perturbed"),
+              ("x0_guided", "x0 guided"), ("pag_term", "|s (eps - eps_pert)|"))
+TILE = 64  # pixels per tile: small images are enlarged (nearest), larger ones shown as they are
+
+
+def write_strip(trace, row, path, title=""):
+    """One sample's strip: x_t, the clean / perturbed / guided x0 predictions and the PAG term's per-pixel norm
+    (one colour scale over the strip) at the shown steps."""
+    size = max(TILE, trace.images["x_t"].shape[-1])
+    heat = trace.images["pag_term"][:, row, 0].numpy()
+    vmax = max(float(heat.max()), 1e-8)
+    tiles = [[_tile_heat(heat[c], size, vmax) if key == "pag_term" else _tile_rgb(trace.images[key][c, row], size)
+              for c in range(len(trace.shown))] for key, _ in STRIP_ROWS]
+    return _mosaic_figure(tiles, [label for _, label in STRIP_ROWS],
+                          [f"t={trace.timesteps[s]}" for s in trace.shown], title, path,
+                          colorbar=("magma", vmax, "PAG term, L2 over channels"))
+
+
+# ------------------------------------------------------------------------------------------- curves
+
+
+def write_curves(trace, out_dir, title=""):
+    """curves.csv (one row per step, means over the samples) and curves.png; returns their paths."""
+    rows = trace.curve_rows()
+    csv_path = write_csv(os.path.join(out_dir, "curves.csv"), CURVE_COLUMNS, rows)
+    t = [r["timestep"] for r in rows]
+    panels = 3 if trace.cg_on else 2
+    fig = _figure(4.4 * panels, 3.4)
+    axes = fig.subplots(1, panels)
+    fig.subplots_adjust(wspace=0.3)
+    ax = axes[0]
+    ax.plot(t, [r["eps_rms"] for r in rows], color="gray", linestyle="--", label="eps (model)")
+    for key, label in (("pag_rms", "PAG term"), ("sag_rms", "SAG term"), ("cg_rms", "CG term")):
+        values = [r[key] for r in rows]
+        if key == "pag_rms" or any(values):
+            ax.plot(t, values, marker=".", label=label)
+    ax.set_ylabel("RMS per sample (eps units)")
+    ax.set_title("size of each guidance term", fontsize=9)
+    ax.legend(fontsize=7)
+    axes[1].plot(t, [r["guidance_share"] for r in rows], marker=".", color="C3")
+    axes[1].set_ylabel("guidance share of the step")
+    axes[1].set_title("|guidance part| / (|guidance part| + |unguided step|)", fontsize=9)
+    if trace.cg_on:
+        axes[2].plot(t, [r["cos_pag_cg"] if r["cos_pag_cg"] is not None else np.nan for r in rows],
+                     marker=".", color="C4")
+        axes[2].axhline(0, color="gray", linewidth=0.8)
+        axes[2].set_ylabel("cosine similarity")
+        axes[2].set_title("PAG term vs CG term", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("timestep (sampling runs right to left)")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title + f" (mean over {len(trace.indices)} samples)", fontsize=9, y=1.02)
+    return [csv_path, _save(fig, os.path.join(out_dir, "curves.png"))]
+
+
+# ------------------------------------------------------------------------------------------- attention
+
+
+def write_entropy(trace, out_dir, title=""):
+    """entropy.csv (one row per step and block) and entropy.png (entropy / log T against the timestep)."""
+    rows = trace.entropy_rows()
+    csv_path = write_csv(os.path.join(out_dir, "entropy.csv"), ENTROPY_COLUMNS, rows)
+    fig = _figure(6, 3.6)
+    ax = fig.subplots()
+    for block in trace.entropy:
+        mine = [r for r in rows if r["block"] == block]
+        side = "x".join(str(v) for v in trace.grids[block])
+        ax.plot([r["timestep"] for r in mine], [r["normalized_entropy"] for r in mine], marker=".",
+                label=f"{block} ({side})")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("timestep (sampling runs right to left)")
+    ax.invert_xaxis()
+    ax.set_ylabel("entropy / log T (0 = identity, 1 = uniform)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title + " attention entropy of the clean pass", fontsize=9)
+    return [csv_path, _save(fig, os.path.join(out_dir, "entropy.png"))]
+
+
+def _map_steps(shown, count=4):
+    if len(shown) <= count:
+        return list(range(len(shown)))
+    return sorted({round(i * (len(shown) - 1) / (count - 1)) for i in range(count)})
+
+
+def write_attention_maps(trace, row, path, title=""):
+    """One sample's head-averaged attention maps of the clean pass: a row per block, a column per (shown step,
+    query token), each map scaled to its own maximum; the top row is the clean x0 prediction with the query
+    token marked."""
+    blocks = list(trace.maps)
+    queries = len(next(iter(trace.query_tokens.values())))
+    cols = [(j, q) for j in _map_steps(trace.shown) for q in range(queries)]
+    size = max(TILE, trace.images["x_t"].shape[-1])
+    tiles = [[], *[[] for _ in blocks]]
+    for j, q in cols:
+        image = _tile_rgb(trace.images["x0_clean"][j, row], size).copy()
+        h, w = trace.grids[blocks[0]]
+        token = trace.query_tokens[blocks[0]][q]
+        _mark(image, (token // w + 0.5) / h, (token % w + 0.5) / w, (0.0, 1.0, 1.0))
+        tiles[0].append(image)
+        for r, block in enumerate(blocks, start=1):
+            h, w = trace.grids[block]
+            attention = trace.maps[block][j, row, q].reshape(h, w).numpy()
+            tile = _tile_heat(attention, size, float(attention.max()), cmap="viridis").copy()
+            token = trace.query_tokens[block][q]
+            _mark(tile, (token // w + 0.5) / h, (token % w + 0.5) / w, (1.0, 0.0, 0.0))
+            tiles[r].append(tile)
+    labels = ["x0 clean"] + [f"{b} ({'x'.join(str(v) for v in trace.grids[b])})" for b in blocks]
+    return _mosaic_figure(tiles, labels, [f"t={trace.timesteps[trace.shown[j]]} q{q}" for j, q in cols],
+                          title + " attention of query q (+) over the image, clean pass", path, tile_inches=0.8)
+
+
+def _mark(tile, y, x, colour):
+    """A small cross at relative position (y, x) of a tile."""
+    size = tile.shape[0]
+    cy, cx, arm = int(y * size), int(x * size), max(2, size // 16)
+    tile[max(0, cy - arm):cy + arm + 1, min(cx, size - 1)] = colour
+    tile[min(cy, size - 1), max(0, cx - arm):cx + arm + 1] = colour
+
+
+# ------------------------------------------------------------------------------------------- comparisons
+
+
+def write_kind_comparison(reference, x0_by_kind, row, path, title=""):
+    """Rows: x_t, the clean x0 and each perturbation kind's perturbed x0, on the same x_t (the reference trace's
+    trajectory); columns: the shown steps."""
+    size = max(TILE, reference.images["x_t"].shape[-1])
+    names = list(x0_by_kind)
+    steps = range(len(reference.shown))
+    tiles = [[_tile_rgb(reference.images["x_t"][c, row], size) for c in steps]]
+    tiles += [[_tile_rgb(x0_by_kind[name][c, row], size) for c in steps] for name in names]
+    labels = ["x_t"] + [name if name == "clean" else f"{name} (perturbed)" for name in names]
+    return _mosaic_figure(tiles, labels, [f"t={reference.timesteps[s]}" for s in reference.shown], title, path)
+
+
+def write_kind_change(reference, x0_by_kind, out_dir):
+    """compare_x0.csv: for each kind and shown step, the RMS of (perturbed x0 - clean x0) over the strip samples
+    (pixels in [-1, 1]): how much each perturbation degrades the prediction on the same x_t."""
+    rows = []
+    clean = x0_by_kind["clean"]
+    for kind, x0 in x0_by_kind.items():
+        if kind == "clean":
+            continue
+        for j, step in enumerate(reference.shown):
+            change = float((x0[j] - clean[j]).flatten(1).pow(2).mean(dim=1).sqrt().mean())
+            rows.append({"kind": kind, "step": step, "timestep": reference.timesteps[step], "x0_rms_change": change})
+    return write_csv(os.path.join(out_dir, "compare_x0.csv"), ("kind", "step", "timestep", "x0_rms_change"), rows)
+
+
+def write_compare_curves(traces, out_dir):
+    """compare_curves.csv and .png: the PAG term's size and the guidance share of each analysed kind."""
+    rows = []
+    for kind, trace in traces.items():
+        for r in trace.curve_rows():
+            rows.append({"kind": kind, "step": r["step"], "timestep": r["timestep"], "pag_rms": r["pag_rms"],
+                         "guidance_share": r["guidance_share"], "eps_rms": r["eps_rms"]})
+    csv_path = write_csv(os.path.join(out_dir, "compare_curves.csv"), COMPARE_COLUMNS, rows)
+    fig = _figure(9.4, 3.4)
+    axes = fig.subplots(1, 2)
+    fig.subplots_adjust(wspace=0.3)
+    for kind in traces:
+        mine = [r for r in rows if r["kind"] == kind]
+        t = [r["timestep"] for r in mine]
+        axes[0].plot(t, [r["pag_rms"] for r in mine], marker=".", label=kind)
+        axes[1].plot(t, [r["guidance_share"] for r in mine], marker=".", label=kind)
+    axes[0].set_ylabel("RMS of s (eps - eps_perturbed)")
+    axes[0].set_title("size of the PAG term (mean over samples)", fontsize=9)
+    axes[1].set_ylabel("guidance share of the step")
+    axes[1].set_title("|guidance part| / (|guidance part| + |unguided step|)", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("timestep (sampling runs right to left)")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return [csv_path, _save(fig, os.path.join(out_dir, "compare_curves.png"))]
+
+
+# ------------------------------------------------------------------------------------------- summary
+
+
+def _md_table(columns, rows, formats=None):
+    formats = formats or {}
+    out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        cells = []
+        for c in columns:
+            v = row.get(c)
+            cells.append("-" if v is None else (formats.get(c, "{:.4g}").format(v) if isinstance(v, float) else str(v)))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def summary_markdown(name, command, traces, files, comparison_files, seconds, notes=()):
+    """summary.md: what was run, the key numbers, and a link to every file (paths relative to the summary)."""
+    lines = [f"# Analysis: {name}", "", f"Command: `{command}`", "", f"Run time: {seconds:.1f} s.", ""]
+    lines += list(notes) + ([""] if notes else [])
+    for kind, trace in traces.items():
+        c = trace.config
+        cg = f"classifier guidance {c.classifier_scale:g}" if trace.cg_on else "no classifier guidance"
+        lines += [f"## {kind}", "",
+                  f"pag_scale {c.pag_scale:g}, pag_layers {', '.join(c.pag_layers) or '-'}, sag_scale "
+                  f"{c.sag_scale:g}, {cg}; samples {trace.indices} (strips: {trace.strip_indices}).", ""]
+        lines += [f"- [{os.path.basename(p)}]({p})" for p in files[kind]]
+        shown = set(trace.shown)
+        rows = [r for r in trace.curve_rows() if r["step"] in shown]
+        lines += ["", "Per step (means over the samples; `curves.csv` has every step):", "",
+                  _md_table(["step", "timestep", "pag_scale", "eps_rms", "pag_rms", "sag_rms", "cg_rms",
+                             "cos_pag_cg", "guidance_share"], rows), ""]
+        entropy = [r for r in trace.entropy_rows() if r["step"] in (trace.shown[0], trace.shown[-1])]
+        lines += ["Attention entropy / log T of the clean pass at the first and last step (0 = identity map, "
+                  "1 = uniform):", "", _md_table(["step", "timestep", "block", "tokens", "normalized_entropy"],
+                                                 entropy), ""]
+    if comparison_files:
+        lines += ["## Perturbation kinds side by side", "",
+                  "The perturbed pass's x0 of each kind on the same x_t (the first kind's trajectory), and the "
+                  "PAG term of each fully analysed kind:", ""]
+        lines += [f"- [{os.path.basename(p)}]({p})" for p in comparison_files]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,435 @@
+"""Per-step quantities of guided sampling: what every guidance term contributes, and what attention looks like.
+
+:func:`trace` samples the given sample indices exactly as ``sampling.Sampler`` does (the same x_T, labels, step
+noise and perturbation row seeds from ``sampling.sampler.sample_seeds``, so the final images are the sampler's)
+and records, at every step:
+
+* the guidance terms, read through ``GuidedModel.observer`` (the formula stays in ``pag.guidance``): PAG's
+  ``s * (eps - eps_perturbed)``, SAG's ``s_sag * (eps - eps_sag)`` and classifier guidance's term in eps units,
+  ``-sqrt(1 - abar_t) * cond_fn(x_t, t)`` (what DDIM adds to eps; DDPM adds the same gradient to the mean);
+* their root-mean-square size per sample (``*_rms``: L2 norm / sqrt(C * H * W)), the cosine similarity of
+  the PAG and CG terms, and ``guidance_share``, the share of the step's deterministic update that guidance
+  (PAG + SAG + CG) contributes: the update x_t -> mean_guided splits into the unguided update
+  (mean_unguided - x_t) and guidance's part (mean_guided - mean_unguided), and the share is
+  |guidance part| / (|guidance part| + |unguided update|), in [0, 1] (0: no guidance, 0.5: as large as the
+  model's own update). The means are the sampler's own step function (DDIM, or DDPM's posterior mean) on the
+  recorded model outputs with zero noise;
+* the attention entropy of chosen blocks (mean over samples, heads and query tokens of
+  -sum_j p_ij log p_ij, in nats; the identity map has entropy 0, uniform attention log T), read by forward hooks
+  on the blocks' ``attention`` submodules from the clean pass's qkv (no module is replaced);
+
+and, at a few shown steps, for the strip samples: x_t, the predicted x0 of the clean, the perturbed and the guided
+prediction, the PAG term, and the head-averaged attention map of a few query tokens.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch as th
+
+import pag
+from guided_diffusion.attention import attention_map
+from guided_diffusion.unet import attention_blocks
+from pag.guidance import guidance_step
+from sampling.images import to_uint8_nhwc
+from sampling.models import build_diffusion
+from sampling.sampler import sample_labels, sample_seeds
+
+STATS = ("pag_scale", "eps_rms", "pag_rms", "sag_rms", "cg_rms", "cos_pag_cg", "guidance_share")
+IMAGES = ("x_t", "x0_clean", "x0_perturbed", "x0_guided", "pag_term")
+# Query tokens whose attention maps are shown: relative (row, column) positions on each block's grid.
+QUERY_POSITIONS = ((0.5, 0.5), (0.25, 0.25), (0.75, 0.75), (0.25, 0.75))
+
+
+@dataclass
+class TraceOptions:
+    """What :func:`trace` records beyond the per-step statistics (those are recorded at every step)."""
+
+    shown_steps: int = 8  # steps (evenly spaced, first and last included) with images and attention maps
+    blocks: Optional[List[str]] = None  # attention blocks for entropy and maps (names or globs); None: all, []: none
+    queries: int = 3  # query tokens per map (QUERY_POSITIONS, in order)
+    strip_rows: Optional[List[int]] = None  # positions in ``indices`` with images; None: all
+
+
+@dataclass
+class Trace:
+    """What :func:`trace` recorded. Steps are numbered 0 .. S-1 in sampling order (step 0 starts from x_T).
+
+    stats: name -> (S, N) float64 (per step, per sample; ``cos_pag_cg`` NaN where a term is zero or CG is off).
+    images: name -> (len(shown), len(strip_rows), C, H, W) float32 on the CPU; ``pag_term`` is (.., 1, H, W):
+        the per-pixel L2 norm over channels of s * (eps - eps_perturbed).
+    entropy: block -> (S, N) attention entropy in nats; tokens: block -> number of tokens T.
+    maps: block -> (len(shown), len(strip_rows), queries, T): head-averaged attention of the query tokens
+        ``query_tokens[block]`` of the clean pass.
+    """
+
+    kind: str
+    config: pag.GuidanceConfig
+    indices: List[int]
+    labels: Optional[np.ndarray]
+    timesteps: List[int]
+    shown: List[int]
+    strip_rows: List[int]
+    stats: Dict[str, np.ndarray] = field(default_factory=dict)
+    images: Dict[str, th.Tensor] = field(default_factory=dict)
+    entropy: Dict[str, np.ndarray] = field(default_factory=dict)
+    tokens: Dict[str, int] = field(default_factory=dict)
+    grids: Dict[str, tuple] = field(default_factory=dict)
+    query_tokens: Dict[str, List[int]] = field(default_factory=dict)
+    maps: Dict[str, th.Tensor] = field(default_factory=dict)
+    samples: Optional[np.ndarray] = None  # uint8 NHWC, the sampler's final images
+
+    @property
+    def strip_indices(self):
+        return [self.indices[r] for r in self.strip_rows]
+
+    @property
+    def cg_on(self):
+        return bool(np.any(self.stats["cg_rms"] > 0))
+
+    def curve_rows(self):
+        """One dict per step: step, timestep, each statistic averaged over the samples (cos_pag_cg over those
+        where it is defined; None when CG is off) and n, the number of samples."""
+        rows = []
+        for s, t in enumerate(self.timesteps):
+            row = {"step": s, "timestep": int(t)}
+            for name in STATS:
+                values = self.stats[name][s]
+                if name == "cos_pag_cg":
+                    finite = values[np.isfinite(values)]
+                    row[name] = float(finite.mean()) if self.cg_on and finite.size else None
+                else:
+                    row[name] = float(values.mean())
+            row["n"] = len(self.indices)
+            rows.append(row)
+        return rows
+
+    def entropy_rows(self):
+        """One dict per (step, block): the mean entropy, its maximum log T and their ratio."""
+        rows = []
+        for s, t in enumerate(self.timesteps):
+            for block, values in self.entropy.items():
+                mean = float(values[s].mean())
+                top = math.log(self.tokens[block])
+                rows.append({"step": s, "timestep": int(t), "block": block, "tokens": self.tokens[block],
+                             "entropy": mean, "max_entropy": top, "normalized_entropy": mean / top if top else 0.0})
+        return rows
+
+
+def shown_step_numbers(num_steps, count):
+    """``count`` step numbers of 0 .. num_steps-1, evenly spaced, first and last included (all if fewer)."""
+    if count >= num_steps:
+        return list(range(num_steps))
+    if count <= 1:
+        return [0]
+    return sorted({round(i * (num_steps - 1) / (count - 1)) for i in range(count)})
+
+
+def query_tokens(grid, count):
+    """Token indices (row-major on ``grid`` = (h, w)) of the first ``count`` QUERY_POSITIONS."""
+    h, w = grid
+    return [min(int(r * h), h - 1) * w + min(int(c * w), w - 1) for r, c in QUERY_POSITIONS[:count]]
+
+
+def _rms(x):
+    return (x.float().flatten(1).pow(2).mean(dim=1)).sqrt()
+
+
+def _cosine(a, b):
+    a, b = a.float().flatten(1), b.float().flatten(1)
+    denom = a.norm(dim=1) * b.norm(dim=1)
+    cos = (a * b).sum(dim=1) / denom
+    return th.where(denom > 0, cos, th.full_like(cos, float("nan")))
+
+
+def _replay(output):
+    """A model function that returns a recorded output (the diffusion's step functions then run on it)."""
+
+    def model(*_args, **_kwargs):
+        return output
+
+    return model
+
+
+class _AttentionProbe:
+    """Forward hooks on the ``attention`` submodules of chosen blocks, recording the clean pass.
+
+    While ``active``, the first call of each block (per guided call) is the clean pass on its first ``rows``
+    batch rows: the shared prefix runs on x, the batched continuation on [x; x] with the perturbed rows second,
+    the sequential continuation and SAG run the clean pass first.
+    """
+
+    def __init__(self, model, blocks, image_shape, queries):
+        self.blocks = blocks
+        self.active = False
+        self.rows = 0
+        self.want_maps = False
+        self.seen = set()
+        self.entropy = {}
+        self.maps = {}
+        self.tokens, self.grids, self.query_tokens = {}, {}, {}
+        self.image_shape = image_shape
+        self.queries = queries
+        modules = attention_blocks(model)
+        self.handles = [modules[name].attention.register_forward_hook(self._hook(name)) for name in blocks]
+
+    def start(self, rows, want_maps):
+        self.active, self.rows, self.want_maps, self.seen = True, rows, want_maps, set()
+        self.entropy, self.maps = {}, {}
+
+    def stop(self):
+        self.active = False
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+    def _grid(self, tokens):
+        height, width = self.image_shape
+        factor = math.sqrt(height * width / tokens)
+        return round(height / factor), round(width / factor)
+
+    def _hook(self, name):
+        def hook(module, inputs, _output):
+            if not self.active or name in self.seen:
+                return
+            self.seen.add(name)
+            qkv = inputs[0][: self.rows]
+            q, k, _ = module.split_qkv(qkv)
+            weights = attention_map(q, k)  # (N, heads, T, T), float32
+            tokens = weights.shape[-1]
+            if name not in self.tokens:
+                self.tokens[name] = tokens
+                self.grids[name] = self._grid(tokens)
+                self.query_tokens[name] = query_tokens(self.grids[name], self.queries)
+            self.entropy[name] = th.special.entr(weights).sum(dim=-1).mean(dim=(1, 2)).cpu().double().numpy()
+            if self.want_maps:
+                self.maps[name] = weights.mean(dim=1)[:, self.query_tokens[name]].cpu()
+
+        return hook
+
+
+def trace(settings, models, device, indices, config=None, options=None):
+    """Sample ``indices`` with ``config`` (default ``settings.guidance``) as the sampler does, recording the
+    per-step quantities described in this module's docstring. Returns a :class:`Trace`.
+
+    settings: a ``sampling.RunSettings`` (model, diffusion, seed, sampler, batch size); models: its
+    ``sampling.load_models`` result; device: a torch device.
+    """
+    config = settings.guidance if config is None else config
+    options = options or TraceOptions()
+    indices = [int(i) for i in indices]
+    if not indices:
+        raise ValueError("trace needs at least one sample index")
+    strip_rows = list(range(len(indices))) if options.strip_rows is None else list(options.strip_rows)
+    diffusion = build_diffusion(settings)
+    steps = diffusion.num_timesteps
+    timestep_map = list(getattr(diffusion, "timestep_map", range(steps)))
+    shown = shown_step_numbers(steps, options.shown_steps)
+    model = models.model
+    if options.blocks is None:
+        blocks = list(attention_blocks(model))
+    else:
+        blocks = pag.resolve_layers(model, options.blocks) if options.blocks else []
+    size = settings.model.image_size
+    probe = _AttentionProbe(model, blocks, (size, size), options.queries)
+    result = Trace(kind=config.perturbation, config=config, indices=indices, labels=None,
+                   timesteps=[timestep_map[steps - 1 - s] for s in range(steps)], shown=shown, strip_rows=strip_rows)
+    batch = max(1, settings.runtime.batch_size)
+    chunks = []
+    try:
+        with th.no_grad():  # classifier guidance enables gradients for its own
+            for start in range(0, len(indices), batch):
+                rows = list(range(start, min(start + batch, len(indices))))
+                chunks.append(_trace_chunk(settings, models, device, diffusion, config, [indices[r] for r in rows],
+                                           [r - start for r in rows if r in strip_rows], shown, probe))
+    finally:
+        probe.close()
+    _merge(result, chunks, probe)
+    return result
+
+
+def _trace_chunk(settings, models, device, diffusion, config, indices, strip, shown, probe):
+    """One batch of samples through the whole loop; returns per-step arrays for these samples."""
+    s = settings
+    model = models.model
+    seeds = [sample_seeds(s.sampling.seed, i) for i in indices]
+    generators = [th.Generator(device=device).manual_seed(noise_seed) for noise_seed, _, _ in seeds]
+    batch = len(indices)
+
+    def randn_like(x):  # as sampling.Sampler: row j's noise from sample indices[j]'s generator, in draw order
+        noise = [th.randn(tuple(x.shape[1:]), generator=g, device=device) for g in generators]
+        return th.stack(noise).to(x.dtype)
+
+    row_seeds = tuple(r for _, _, r in seeds)
+    model_kwargs = {"row_seeds": row_seeds}
+    classifier = models.classifier
+    with_labels = bool(s.model.class_cond or classifier is not None)
+    labels = None
+    if with_labels:
+        labels = sample_labels(s.sampling.seed, indices, s.sampling.num_classes)
+        model_kwargs["y"] = th.from_numpy(labels).to(device)
+    class_cond = s.model.class_cond
+    net_kwargs = {"y": model_kwargs["y"]} if class_cond else {}
+
+    guided = pag.guide(model, config, diffusion=diffusion)
+    seen = {}
+    guided.observer = lambda **values: seen.update(values)
+    cond_fn = pag.classifier_cond_fn(classifier, config.classifier_scale) if classifier is not None else None
+    shown_set = set(shown)
+    step_box = {"step": 0}
+
+    def model_fn(x, t, y=None, **kwargs):
+        seen.clear()
+        probe.start(x.shape[0], step_box["step"] in shown_set)
+        try:
+            out = guided(x, t, y=y, **kwargs) if class_cond else guided(x, t, **kwargs)
+        finally:
+            probe.stop()
+        seen["output"] = out
+        return out
+
+    def recording_cond_fn(x, t, **kwargs):
+        gradient = cond_fn(x, t, **kwargs)
+        seen["gradient"] = gradient
+        return gradient
+
+    use_ddim = s.sampling.use_ddim
+    clip = s.sampling.clip_denoised
+
+    def step_mean(output, x, index, gradient):
+        """The step's deterministic part: the diffusion's own step on ``output`` with zero noise."""
+        t = th.full((x.shape[0],), index, device=x.device, dtype=th.long)
+        cond = _replay(gradient) if gradient is not None else None
+        step = diffusion.ddim_sample if use_ddim else diffusion.p_sample
+        return step(_replay(output), x, t, clip_denoised=clip, cond_fn=cond, randn_like=th.zeros_like)["sample"]
+
+    def pred_x0(output, x, index):
+        t = th.full((x.shape[0],), index, device=x.device, dtype=th.long)
+        return diffusion.p_mean_variance(_replay(output), x, t, clip_denoised=clip)["pred_xstart"]
+
+    loop = diffusion.ddim_sample_loop_progressive if use_ddim else diffusion.p_sample_loop_progressive
+    steps = diffusion.num_timesteps
+    channels = 3
+    stats = {name: [] for name in STATS}
+    images = {name: [] for name in IMAGES}
+    entropy = {name: [] for name in probe.blocks}
+    maps = {name: [] for name in probe.blocks}
+    final = None
+    for step, out in enumerate(loop(model_fn, (batch, channels, s.model.image_size, s.model.image_size),
+                                    clip_denoised=clip, cond_fn=recording_cond_fn if cond_fn else None,
+                                    model_kwargs=model_kwargs, device=device, randn_like=randn_like)):
+        index = steps - 1 - step
+        x, t, eps = seen["x"], seen["t"], seen["eps"].float()
+        output = seen["output"]
+        rest = output[:, channels:]
+        zero = th.zeros_like(eps)
+        pag_term = guidance_step(eps, seen["pag"]) - eps if seen["pag"] is not None else zero
+        sag_term = guidance_step(eps, seen["sag"]) - eps if seen["sag"] is not None else zero
+        gradient = seen.get("gradient")
+        if gradient is not None:
+            abar = th.as_tensor(diffusion.alphas_cumprod[index], dtype=th.float32, device=eps.device)
+            cg_term = -(1 - abar).sqrt() * gradient.float()
+        else:
+            cg_term = zero
+        clean_output = th.cat([seen["eps"], rest], dim=1)
+        mean_guided = step_mean(output, x, index, gradient)
+        mean_unguided = step_mean(clean_output, x, index, None)
+        scale = seen["pag"][1].float() if seen["pag"] is not None else th.zeros(batch)
+        stats["pag_scale"].append(scale.reshape(-1).expand(batch).cpu())
+        stats["eps_rms"].append(_rms(eps).cpu())
+        stats["pag_rms"].append(_rms(pag_term).cpu())
+        stats["sag_rms"].append(_rms(sag_term).cpu())
+        stats["cg_rms"].append(_rms(cg_term).cpu())
+        stats["cos_pag_cg"].append(_cosine(pag_term, cg_term).cpu())
+        guidance, unguided = _rms(mean_guided - mean_unguided), _rms(mean_unguided - x)
+        total = guidance + unguided
+        stats["guidance_share"].append(th.where(total > 0, guidance / total.clamp(min=1e-30), total).cpu())
+        for name in probe.blocks:
+            entropy[name].append(probe.entropy[name])
+        if step in shown_set and strip:
+            if seen["pag"] is not None:
+                eps_perturbed = seen["pag"][0]
+            elif config.pag_layers:  # PAG off at this step (s = 0, outside the interval): perturb for display
+                with pag.perturbed_attention(model, config.pag_layers, config.perturbation, row_seeds=row_seeds,
+                                             **dict(config.perturbation_params)):
+                    eps_perturbed = model(x, t, **net_kwargs)[:, :channels]
+            else:
+                eps_perturbed = seen["eps"]
+            perturbed_output = th.cat([eps_perturbed.to(rest.dtype), rest], dim=1)
+            picked = {
+                "x_t": x, "x0_clean": pred_x0(clean_output, x, index),
+                "x0_perturbed": pred_x0(perturbed_output, x, index), "x0_guided": out["pred_xstart"],
+                "pag_term": pag_term.norm(dim=1, keepdim=True),
+            }
+            for name, value in picked.items():
+                images[name].append(value[strip].float().cpu())
+            for name in probe.blocks:
+                maps[name].append(probe.maps[name][strip])
+        final = out["sample"]
+    return {"stats": {k: th.stack(v).double().numpy() for k, v in stats.items()},
+            "images": {k: th.stack(v) for k, v in images.items() if v},
+            "entropy": {k: np.stack(v) for k, v in entropy.items()},
+            "maps": {k: th.stack(v) for k, v in maps.items() if v},
+            "labels": labels, "samples": to_uint8_nhwc(final)}
+
+
+def _merge(result, chunks, probe):
+    result.stats = {k: np.concatenate([c["stats"][k] for c in chunks], axis=1) for k in STATS}
+    result.entropy = {k: np.concatenate([c["entropy"][k] for c in chunks], axis=1) for k in probe.blocks}
+    with_images = [c for c in chunks if c["images"]]
+    if with_images:
+        result.images = {k: th.cat([c["images"][k] for c in with_images], dim=1) for k in IMAGES}
+        result.maps = {k: th.cat([c["maps"][k] for c in with_images], dim=1) for k in probe.blocks}
+    result.tokens, result.grids, result.query_tokens = probe.tokens, probe.grids, probe.query_tokens
+    labels = [c["labels"] for c in chunks]
+    result.labels = None if labels[0] is None else np.concatenate(labels)
+    result.samples = np.concatenate([c["samples"] for c in chunks])
+
+
+@th.no_grad()
+def perturbed_x0(settings, models, device, reference, kinds, params=None):
+    """The perturbed pass's predicted x0 of each of ``kinds`` on the reference trace's x_t (its shown steps, its
+    strip samples): the degradation each perturbation causes, side by side on the same inputs.
+
+    params: perturbation parameter values (default: the reference config's). Returns {kind: (len(shown),
+    len(strip), C, H, W)}, with "clean" for the unperturbed prediction.
+    """
+    if "x_t" not in reference.images:
+        raise ValueError("the reference trace has no images (no strip samples)")
+    config = reference.config
+    values = dict(config.perturbation_params if params is None else params)
+    model = models.model
+    diffusion = build_diffusion(settings)
+    steps = diffusion.num_timesteps
+    strip = reference.strip_indices
+    seeds = [sample_seeds(settings.sampling.seed, i) for i in strip]
+    row_seeds = tuple(r for _, _, r in seeds)
+    net_kwargs = {}
+    if settings.model.class_cond:
+        labels = sample_labels(settings.sampling.seed, strip, settings.sampling.num_classes)
+        net_kwargs["y"] = th.from_numpy(labels).to(device)
+    out = {name: [] for name in ("clean", *kinds)}
+    for j, step in enumerate(reference.shown):
+        x = reference.images["x_t"][j].to(device)
+        index = steps - 1 - step
+        t = th.full((x.shape[0],), reference.timesteps[step], device=device, dtype=th.long)
+        index_t = th.full((x.shape[0],), index, device=device, dtype=th.long)
+        clip = settings.sampling.clip_denoised
+        clean = model(x, t, **net_kwargs)
+        out["clean"].append(diffusion.p_mean_variance(_replay(clean), x, index_t, clip_denoised=clip)
+                            ["pred_xstart"].float().cpu())
+        for kind in kinds:
+            with pag.perturbed_attention(model, config.pag_layers, kind, row_seeds=row_seeds, **values):
+                perturbed = model(x, t, **net_kwargs)
+            out[kind].append(diffusion.p_mean_variance(_replay(perturbed), x, index_t, clip_denoised=clip)
+                             ["pred_xstart"].float().cpu())
+    return {k: th.stack(v) for k, v in out.items()}
+
+
+def with_perturbation(config, kind):
+    """``config`` with another perturbation kind (its parameters as they are)."""
+    return dataclasses.replace(config, perturbation=kind)
