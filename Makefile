@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install test
+.PHONY: install venv test
 
 install: $(VENV)/.installed
 
@@ -14,7 +14,12 @@ $(VENV)/.installed: setup.py
 	$(PIP) install -e '.[test]'
 	touch $@
 
-test: install
+# The targets below need the environment to exist, not to be newer than setup.py: they install it when it is
+# missing and never re-install it because setup.py was touched (`make install` does that).
+venv:
+	@test -f $(VENV)/.installed || $(MAKE) --no-print-directory install
+
+test: venv
 	$(PY) -m pytest -q tests
 
 # Downloads (scripts/download.py): resumable, verified by loading, size/sha256 recorded in
@@ -26,13 +31,13 @@ DOWNLOAD_FLAGS ?=
 
 .PHONY: download-models download-refs download-inception
 
-download-models: install
+download-models: venv
 	$(PY) scripts/download.py models $(MODELS) $(DOWNLOAD_FLAGS)
 
-download-refs: install
+download-refs: venv
 	$(PY) scripts/download.py refs $(REFS) $(DOWNLOAD_FLAGS)
 
-download-inception: install
+download-inception: venv
 	$(PY) scripts/download.py inception $(DOWNLOAD_FLAGS)
 
 # DINOv2 ViT-L/14 weights for --metrics ...,fd_dinov2: Meta's dinov2_vitl14_pretrain.pth into torch hub's cache
@@ -41,8 +46,20 @@ DINOV2_FLAGS ?=
 
 .PHONY: download-dinov2
 
-download-dinov2: install
+download-dinov2: venv
 	$(PY) -m evaluations.dinov2 --download $(DINOV2_FLAGS)
+
+# GPU acceptance check (scripts/gpu_check.py): float16 health, speed per guided step (batch 1/8/32/64, the goals),
+# the sampler end to end and feature-extraction throughput on this process's GPU, random weights at the real widths
+# (nothing downloaded); about 5 minutes. Writes results/gpu_check/report.{json,md} and prints the Markdown.
+# GPU_CHECK_FLAGS passes through: "--device cpu --tiny" (the CPU run of the test suite), "--compile off",
+# "--model_dir downloads/models" (health on the official checkpoints), "--sections health,speed".
+GPU_CHECK_FLAGS ?=
+
+.PHONY: gpu-check
+
+gpu-check: install
+	$(PY) scripts/gpu_check.py $(GPU_CHECK_FLAGS)
 
 # Evaluator regression (evaluations/regression.py): evaluates guided-diffusion's pair
 # admnet_guided_upsampled_imagenet256.npz vs VIRTUAL_imagenet256_labeled.npz and prints the differences from the
@@ -52,7 +69,7 @@ EVAL_FLAGS ?=
 
 .PHONY: check-evaluator
 
-check-evaluator: install
+check-evaluator: venv
 	$(PY) -m evaluations.regression $(EVAL_FLAGS)
 
 # Reproduction targets: one sweep per table (configs/experiments/*.yaml), sampled under mpiexec on GPUS
@@ -69,16 +86,16 @@ TABLE1 = table1_uncond_ddpm250 table1_uncond_ddim25 table1_cond_ddpm250 table1_c
 
 .PHONY: reproduce-table1 ablation-scale ablation-layers ablation-perturbation
 
-reproduce-table1: install
+reproduce-table1: venv
 	$(foreach e,$(TABLE1),$(SWEEP) configs/experiments/$(e).yaml $(SWEEP_FLAGS) &&) true
 
-ablation-scale: install
+ablation-scale: venv
 	$(SWEEP) configs/experiments/ablation_scale.yaml $(SWEEP_FLAGS)
 
-ablation-layers: install
+ablation-layers: venv
 	$(SWEEP) configs/experiments/ablation_layers.yaml $(SWEEP_FLAGS)
 
-ablation-perturbation: install
+ablation-perturbation: venv
 	$(SWEEP) configs/experiments/ablation_perturbation.yaml $(SWEEP_FLAGS)
 
 # The embedded demo's models (scripts/train_demo.py): the tiny class-conditional ADM model (EMA weights) and the
@@ -90,7 +107,7 @@ TRAIN_DEMO_FLAGS ?=
 
 .PHONY: train-demo
 
-train-demo: install
+train-demo: venv
 	$(PY) scripts/train_demo.py --what all --steps 1500 --threads 0 --check_samples 64 $(TRAIN_DEMO_FLAGS)
 
 # The embedded CPU demo: the whole main job (sweep under mpiexec -n 2, evaluation, table, plots) on the tiny
@@ -101,8 +118,23 @@ DEMO_PROCS ?= 2
 
 .PHONY: demo
 
-demo: install
+demo: venv
 	$(PY) scripts/demo.py prepare --config $(DEMO_CONFIG)
 	OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 \
 		$(MPIEXEC) --oversubscribe -n $(DEMO_PROCS) $(PY) scripts/sweep.py $(DEMO_CONFIG)
 	$(PY) scripts/demo.py finish --config $(DEMO_CONFIG)
+
+# Looking inside PAG on the demo model (analysis/, scripts/analyze.py): samples 0-3 (curves over samples 0-15),
+# DDIM-25, s = 2 at the demo's layers, identity PAG and SEG analysed in full, every perturbation kind's perturbed
+# x0 side by side. Writes results/analysis/demo/summary.md and the files it links; under a minute on 2 CPU cores
+# (one thread: faster than two on a shared machine). ANALYZE_FLAGS adds or overrides flags.
+ANALYZE_FLAGS ?=
+ANALYZE_DEMO = --model checkpoints/demo/adm_demo.yaml --num_classes 10 --device cpu --batch_size 16 \
+	--timestep_respacing ddim25 --use_ddim True --pag_scale 2 \
+	--pag_layers input_blocks.3.1,input_blocks.5.1,middle_block.1 \
+	--name demo --indices 0-3 --curve_samples 16 --kinds identity,seg --compare_kinds all
+
+.PHONY: analyze-demo
+
+analyze-demo: venv
+	OMP_NUM_THREADS=1 $(PY) scripts/analyze.py $(ANALYZE_DEMO) $(ANALYZE_FLAGS)

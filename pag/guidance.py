@@ -61,14 +61,31 @@ class GuidedModel:
     (default) continues once on ``[x; x]`` with the second half perturbed; False continues twice on
     ``x``, which halves the activation memory after the prefix at some speed cost. Both give the same
     numbers up to float rounding.
+
+    Execution options (the same numbers up to float rounding; off by default, which runs the code above):
+
+    * ``channels_last=True`` puts the model's 4D weights in channels-last memory format (in place: the
+      parameters change layout, not value), so convolutions run NHWC (what GPU tensor cores prefer).
+    * ``compile=True`` (or a dict of ``torch.compile`` keywords, e.g. ``{"backend": "aot_eager"}``) compiles
+      the two pieces every step runs: the shared prefix (``run(state, until=first perturbed stage)``) and
+      the rest to the output (``finish(run(state))``: the batched or sequential continuation, unguided
+      steps and SAG's second pass). ``begin`` (input checks, timestep embedding) stays eager. Each piece
+      compiles once per kind of call (prefix; rest on ``[x; x]`` from the prefix; rest on ``x`` from stage
+      0), not per step: dynamo guards the attention overrides by value, not by object identity.
     """
 
-    def __init__(self, model, config, diffusion=None, batch_passes=True):
+    def __init__(self, model, config, diffusion=None, batch_passes=True, compile=False, channels_last=False):
         if not isinstance(config, GuidanceConfig):
             config = GuidanceConfig.from_dict(config)
         self.model = model
         self.config = config
         self.batch_passes = batch_passes
+        # Optional, off by default: called once per call as observer(x=, t=, eps=, guided=, pag=, sag=) with the
+        # clean eps, the guided eps (before classifier guidance), pag = (eps_perturbed, per-row scale) and
+        # sag = (eps on SAG's degraded input, per-row scale), each None when off at this call (analysis/trace.py).
+        self.observer = None
+        self.compiled = compile is not None and compile is not False  # True, or a dict ({} too)
+        self.channels_last = bool(channels_last)
         self.num_timesteps = getattr(diffusion, "original_num_steps", None) or getattr(
             diffusion, "num_timesteps", 1000
         )
@@ -89,6 +106,26 @@ class GuidedModel:
             self._alphas_cumprod = _alphas_cumprod_by_original_timestep(diffusion)
         # With PAG on, SAG's map is recorded in the shared prefix or, after it, in the clean continuation.
         self.sag_in_prefix = bool(self.sag_layer) and model.stage_of(self.sag_layer) < self.shared_stages
+        self._plain = not (self.compiled or self.channels_last)
+        if self.channels_last:
+            model.to(memory_format=th.channels_last)
+        self._run_prefix, self._run_rest = self._prefix_plain, self._rest_plain
+        if self.compiled:
+            options = {} if compile is True else dict(compile)
+            self._run_prefix = th.compile(self._prefix_plain, **options)
+            self._run_rest = th.compile(self._rest_plain, **options)
+
+    def _prefix_plain(self, state):
+        return self.model.run(state, until=self.shared_stages)
+
+    def _rest_plain(self, state):
+        return self.model.finish(self.model.run(state))
+
+    def _forward(self, x, t, **model_kwargs):
+        """The model's output (no guidance), through the compiled pieces when compiling."""
+        if self._plain:
+            return self.model(x, t, **model_kwargs)
+        return self._run_rest(self.model.begin(x, t, **model_kwargs))
 
     def __call__(self, x, t, row_seeds=None, **model_kwargs):
         pag_scale = self.config.pag_scale_at(t, self.num_timesteps) if self.layers else None
@@ -96,14 +133,17 @@ class GuidedModel:
         use_pag = pag_scale is not None and bool((pag_scale != 0).any())
         use_sag = sag_scale is not None and bool((sag_scale != 0).any())
         if not (use_pag or use_sag):
-            return self.model(x, t, **model_kwargs)
+            out = self._forward(x, t, **model_kwargs)
+            if self.observer is not None:
+                self.observer(x=x, t=t, eps=out[:, : x.shape[1]], guided=out[:, : x.shape[1]], pag=None, sag=None)
+            return out
 
         recorder = _MapRecorder() if use_sag else None
         if use_pag:
             out, eps_perturbed = self._clean_and_perturbed(x, t, model_kwargs, row_seeds, recorder)
         else:
             with attention_overrides(self.model, {self.sag_layer: AttentionOverride(recorder)}):
-                out = self.model(x, t, **model_kwargs)
+                out = self._forward(x, t, **model_kwargs)
         channels = x.shape[1]
         eps, rest = out[:, :channels], out[:, channels:]
         terms = []
@@ -111,8 +151,11 @@ class GuidedModel:
             terms.append((eps_perturbed[:, :channels], pag_scale))
         if use_sag:
             x_degraded = self._sag_input(x, t, eps, recorder.map)
-            terms.append((self.model(x_degraded, t, **model_kwargs)[:, :channels], sag_scale))
+            terms.append((self._forward(x_degraded, t, **model_kwargs)[:, :channels], sag_scale))
         guided = guidance_step(eps, *terms)
+        if self.observer is not None:
+            self.observer(x=x, t=t, eps=eps, guided=guided, pag=terms[0] if use_pag else None,
+                          sag=terms[-1] if use_sag else None)
         return th.cat([guided, rest], dim=1)
 
     def _clean_and_perturbed(self, x, t, model_kwargs, row_seeds, recorder):
@@ -123,7 +166,7 @@ class GuidedModel:
         recording = {self.sag_layer: AttentionOverride(recorder)} if recorder is not None else {}
         record_in_prefix, record_later = (recording, {}) if self.sag_in_prefix else ({}, recording)
         with attention_overrides(model, record_in_prefix):
-            prefix = model.run(model.begin(x, t, **model_kwargs), until=self.shared_stages)
+            prefix = self._run_prefix(model.begin(x, t, **model_kwargs))
 
         if self.batch_passes:
             overrides = {name: AttentionOverride(perturb, rows="second_half") for name in self.layers}
@@ -133,13 +176,13 @@ class GuidedModel:
                     other.attention_fn, "second_half", base_fn=recorder
                 )
             with attention_overrides(model, overrides):
-                both = model.finish(model.run(prefix.repeat(2)))
+                both = self._run_rest(prefix.repeat(2))
             return both[: x.shape[0]], both[x.shape[0]:]
 
         with attention_overrides(model, record_later):
-            clean = model.finish(model.run(prefix))
+            clean = self._run_rest(prefix)
         with attention_overrides(model, {name: AttentionOverride(perturb) for name in self.layers}):
-            perturbed = model.finish(model.run(prefix))
+            perturbed = self._run_rest(prefix)
         return clean, perturbed
 
     def _sag_input(self, x, t, eps, head_mean_map):
@@ -168,10 +211,11 @@ def _alphas_cumprod_by_original_timestep(diffusion):
     return table.float()
 
 
-def guide(model, config, diffusion=None, batch_passes=True):
+def guide(model, config, diffusion=None, batch_passes=True, compile=False, channels_last=False):
     """Return ``model`` guided by ``config`` (a :class:`GuidanceConfig` or a mapping of its fields).
 
     ``diffusion`` is needed only by SAG (the noise schedule). With every scale 0 the result calls the
-    model once per step and returns its output unchanged. ``batch_passes``: see :class:`GuidedModel`.
+    model once per step and returns its output unchanged. ``batch_passes``, ``compile``, ``channels_last``:
+    see :class:`GuidedModel`.
     """
-    return GuidedModel(model, config, diffusion, batch_passes)
+    return GuidedModel(model, config, diffusion, batch_passes, compile=compile, channels_last=channels_last)

@@ -1,11 +1,15 @@
 """The command lines of ``scripts/image_sample.py`` and ``scripts/sweep.py``: flags, one exit-code mapping,
 and the process-wide settings a sampling process wants (set here, in the entry point, not on import).
 
-Exit status: 0 done, 2 bad input (reported before anything is sampled or deleted), 1 a failed run (non-finite
-samples, a failed peer process or evaluation; finished shards are kept).
+Exit status: 0 done, 2 bad input (reported before anything is sampled or deleted; also an out_dir in use by
+another run), 1 a failed run (non-finite samples, a failed peer process or evaluation, a full disk; finished
+shards are kept), 128 + the signal's number when stopped by SIGTERM (143) or SIGINT (130) (the shard being
+written is discarded, finished ones are kept: rerun the same command to resume).
 """
 
 import argparse
+import errno
+import signal
 import sys
 
 import torch as th
@@ -16,11 +20,11 @@ from guided_diffusion.checkpoint import CheckpointError
 from guided_diffusion.script_util import str2bool
 
 from .allocator import tune_cpu_allocator
-from .execute import PeerFailedError
+from .execute import DiskFullError, PeerFailedError, RunStopped
 from .run import run
 from .sampler import NonFiniteError
 from .settings import HELP, SampleConfigError, read_yaml_mapping, resolve_settings, sample_defaults
-from .sweep import EvaluationFailedError, describe, expand, load_sweep, run_sweep
+from .sweep import EvaluationFailedError, check_cells, describe, expand, load_sweep, run_sweep
 
 SAMPLE_DESCRIPTION = "Sample N images with PAG / SAG / classifier guidance into an upstream-format npz, resumably."
 SWEEP_DESCRIPTION = "Sweeps: a base configuration and a grid of values, one resumable sampling run per grid cell."
@@ -37,8 +41,10 @@ def build_sample_parser():
     parser.add_argument("--config", metavar="FILE.yaml",
                         help="settings file (keys are flag names); command-line flags win")
     for key, default in sample_defaults().items():
-        kwargs = dict(type=_flag_type(default), default=argparse.SUPPRESS,
-                      help=f"{HELP.get(key, '')} (default: {default!r})".strip())
+        text = HELP.get(key, "")
+        if "(default:" not in text:  # a help text that explains its default says it once
+            text = f"{text} (default: {default!r})".strip()
+        kwargs = dict(type=_flag_type(default), default=argparse.SUPPRESS, help=text)
         if isinstance(default, bool):
             kwargs.update(nargs="?", const=True, metavar="BOOL")
         parser.add_argument(f"--{key}", **kwargs)
@@ -94,32 +100,75 @@ def _prepare_process(settings_list):
         tune_cpu_allocator()  # large activations would page-fault in at every step
 
 
+class _StopOnSignal:
+    """While active, SIGTERM (SLURM preemption, scancel, mpiexec forwarding it) and SIGINT raise
+    :class:`RunStopped` in the main thread: the batch being sampled is dropped with the shard being written,
+    finished shards stay. A second signal during the clean-up is ignored."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self):
+        self.previous, self.fired = {}, False
+
+        def handler(signum, frame):
+            if not self.fired:
+                self.fired = True
+                raise RunStopped(signum)
+
+        try:
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: leave the signals alone
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
+        return False
+
+
 def exit_code(body):
     """Run ``body()`` and map its outcome to the exit status (the one mapping of both commands)."""
     try:
-        body()
+        with _StopOnSignal():
+            body()
     except (SampleConfigError, CheckpointError) as e:
         report_error(e, everywhere=True)
         return 2
-    except (NonFiniteError, PeerFailedError) as e:
+    except (NonFiniteError, PeerFailedError, DiskFullError) as e:
         report_error(e, everywhere=False)
         return 1
     except EvaluationFailedError as e:
         report_error(e, everywhere=True)
+        return 1
+    except RunStopped as e:
+        message = f"{e}; rerun the same command to resume"
+        try:
+            logger.log(message)  # into the run's log.txt
+        except OSError:
+            pass
+        report_error(message, everywhere=False)
+        return 128 + e.signum
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        report_error(f"no space left on the device of {e.filename or 'an output file'}; free some space and rerun "
+                     "the same command to resume (finished shards are kept)", everywhere=False)
         return 1
     logger.reset()
     dist_util.cleanup_dist()
     return 0
 
 
-def main(argv=None, on_shard_written=None):
-    """``scripts/image_sample.py``."""
+def main(argv=None, on_shard_written=None, on_shard_claimed=None):
+    """``scripts/image_sample.py``. ``on_shard_written`` / ``on_shard_claimed``: test seams (see ``execute``)."""
     dist_util.setup_dist()
 
     def body():
         settings = resolve_cli(argv)
         _prepare_process([settings])
-        run(settings, on_shard_written=on_shard_written)
+        run(settings, on_shard_written=on_shard_written, on_shard_claimed=on_shard_claimed)
 
     return exit_code(body)
 
@@ -134,7 +183,11 @@ def sweep_main(argv=None):
         sweep = load_sweep(args.config, args.out_dir, parse_overrides(args.overrides))
         cells = expand(sweep, overwrite=args.overwrite)
         if args.dry_run:
-            print(describe(sweep, cells))
+            text, problems = describe(sweep, cells, check_cells(sweep, cells))
+            print(text)
+            if problems:
+                raise SampleConfigError(f"the sweep would fail: {len(problems)} problem(s):\n  "
+                                        + "\n  ".join(problems))
             return
         _prepare_process([cell.settings for cell in cells])
         run_sweep(sweep, cells)

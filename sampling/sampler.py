@@ -4,12 +4,18 @@ Sample i's class label, its x_T and every step's noise come from generators seed
 (the noise generator lives on the sampling device, so CPU and GPU runs differ), and random perturbations get a
 per-sample ``row_seeds`` from the same pair: a sample does not depend on the batch size, the number of processes
 or which process drew it.
+
+Placement: every tensor the sampler makes (x_T, each step's noise, labels) is made on the sampling device; the
+row seeds stay host integers (they seed host generators), so nothing is read back from the device per sample.
+Each step's noise is one draw per sample from that sample's generator on the device (on CUDA: asynchronous
+launches, no host synchronisation), written into one batch tensor.
 """
 
 import numpy as np
 import torch as th
 
 import pag
+from guided_diffusion import logger
 from guided_diffusion.script_util import NUM_CLASSES
 
 from .images import to_uint8_nhwc
@@ -38,6 +44,10 @@ def format_indices(indices, limit=20):
     return shown + (f", ... ({len(indices)} in all)" if len(indices) > limit else "")
 
 
+# torch.compile keywords of ``--compile`` (tests choose a cheap backend here).
+COMPILE_OPTIONS = {}
+
+
 class Sampler:
     """Draws samples by index: ``sample([i, j, ...]) -> (uint8 NHWC images, int64 labels or None)``.
 
@@ -49,7 +59,9 @@ class Sampler:
         self.device = device
         self.diffusion = build_diffusion(settings)
         try:
-            guided = pag.guide(models.model, settings.guidance, diffusion=self.diffusion)
+            guided = pag.guide(models.model, settings.guidance, diffusion=self.diffusion,
+                               compile=dict(COMPILE_OPTIONS) if settings.runtime.compile else False,
+                               channels_last=settings.runtime.channels_last)
         except ValueError as e:
             raise SampleConfigError(f"guidance settings: {e}") from None
         class_cond = settings.model.class_cond
@@ -63,21 +75,35 @@ class Sampler:
         if models.classifier is not None:
             self.cond_fn = pag.classifier_cond_fn(models.classifier, settings.guidance.classifier_scale)
         self.with_labels = bool(class_cond or models.classifier is not None)
+        if th.device(device).type == "cpu" and settings.compute_dtype == "float16":
+            logger.log("note: the U-Net computes in float16 (use_fp16), which has no fast CPU kernels: about 70 "
+                       "times slower than --dtype float32 or bfloat16 on the CPU (those change the samples)")
+
+    def noise_fn(self, indices):
+        """``randn_like(x)`` of the batch ``indices``: row j's noise comes from sample indices[j]'s generator on
+        the sampling device, seeded with (seed, indices[j]), in draw order (x_T first, then each step's)."""
+        device = self.device
+        generators = [th.Generator(device=device).manual_seed(sample_seeds(self.settings.sampling.seed, i)[0])
+                      for i in indices]
+
+        def randn_like(x):
+            if x.shape[0] != len(generators):
+                raise RuntimeError(f"noise requested for {x.shape[0]} rows, the batch has {len(generators)}")
+            noise = th.empty(tuple(x.shape), device=device)  # float32, as th.randn draws
+            for row, g in zip(noise, generators):  # the same numbers as separate draws stacked
+                th.randn(tuple(x.shape[1:]), generator=g, device=device, out=row)
+            return noise.to(x.dtype)
+
+        return randn_like
 
     def sample(self, indices):
         s, device = self.settings, self.device
         seed = s.sampling.seed
         seeds = [sample_seeds(seed, i) for i in indices]
-        generators = [th.Generator(device=device).manual_seed(noise_seed) for noise_seed, _, _ in seeds]
         batch = len(indices)
-
-        def randn_like(x):  # row j's noise comes from sample indices[j]'s generator, in draw order
-            if x.shape[0] != batch:
-                raise RuntimeError(f"noise requested for {x.shape[0]} rows, the batch has {batch}")
-            noise = [th.randn(tuple(x.shape[1:]), generator=g, device=device) for g in generators]
-            return th.stack(noise).to(x.dtype)
-
-        model_kwargs = {"row_seeds": th.tensor([r for _, _, r in seeds], dtype=th.int64, device=device)}
+        randn_like = self.noise_fn(indices)
+        # Host integers: they seed host generators (pag.perturbations), so the device is never read per sample.
+        model_kwargs = {"row_seeds": tuple(r for _, _, r in seeds)}
         labels = None
         if self.with_labels:
             labels = sample_labels(seed, indices, s.sampling.num_classes)

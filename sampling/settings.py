@@ -48,8 +48,10 @@ ModelSettings = _group("ModelSettings", dict(
     {k: v for k, v in model_and_diffusion_defaults().items() if k not in _DIFFUSION},
     model_path="",
     classifier_path="",
+    dtype="",  # how the U-Net computes: "" = upstream's (float16 torso with use_fp16, else float32)
     **{k: v for k, v in classifier_defaults().items() if k != "image_size"},
 ), "Upstream's model and classifier flags (their defaults are upstream's) and the checkpoints to load.")
+COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
 DiffusionSettings = _group("DiffusionSettings", _DIFFUSION, "Upstream's diffusion flags.")
 
 
@@ -76,6 +78,8 @@ class RuntimeSettings:
     overwrite: bool = False
     keep_shards: bool = False
     claim_lease: float = 600.0  # seconds without a heartbeat after which a rank's shard is sampled by another
+    channels_last: bool = False  # U-Net weights channels-last (the same samples up to float rounding)
+    compile: bool = False  # torch.compile the U-Net's pieces (the same samples up to float rounding)
 
 
 def _run_guidance_defaults():
@@ -107,7 +111,16 @@ class RunSettings:
         skip = set(NOT_IN_IDENTITY) | set(inapplicable_settings(self))
         ident = {k: v for k, v in self.flat().items() if FLAG_GROUP[k] != "runtime" and k not in skip}
         ident["noise_device"] = noise_device
+        # dtype only where it changes the numbers: runs at upstream's precision keep their identity (and resume).
+        ident.pop("dtype", None)
+        if self.compute_dtype != ("float16" if self.model.use_fp16 else "float32"):
+            ident["dtype"] = self.compute_dtype
         return plain(ident)
+
+    @property
+    def compute_dtype(self):
+        """How the U-Net computes: ``dtype``, or upstream's choice (a float16 torso with use_fp16)."""
+        return self.model.dtype or ("float16" if self.model.use_fp16 else "float32")
 
     @property
     def out_dir(self):
@@ -138,6 +151,12 @@ HELP = dict(
     classifier_path="noisy-image classifier checkpoint: enables classifier guidance",
     num_samples="number of samples N (indices 0..N-1); a finished run can be extended with a larger N",
     batch_size="samples per forward pass (does not change the samples)",
+    dtype="how the U-Net computes: float16 (upstream's use_fp16 torso conversion), bfloat16 (the same conversion "
+          "to bfloat16) or float32; empty: float16 with use_fp16, else float32. Changes the samples (run identity)",
+    channels_last="channels-last memory format for the U-Net's weights (GPU convolutions run NHWC); the same "
+                  "samples up to float rounding",
+    compile="torch.compile the U-Net (the shared prefix and the continuation, once per process, not per step); "
+            "the same samples up to float rounding",
     seed="sample i depends only on (seed, i): an integer >= 0",
     num_classes="class labels are drawn uniformly from [0, num_classes) (a model trained on fewer classes)",
     shard_size="samples per shard file (the unit of resumption)",
@@ -291,6 +310,8 @@ def build_settings(values):
                         f"got {s['num_classes']}")
     if s["seed"] < 0:
         problems.append(f"seed must be >= 0, got {s['seed']}")
+    if s["dtype"] and s["dtype"] not in COMPUTE_DTYPES:
+        problems.append(f"dtype must be one of {', '.join(COMPUTE_DTYPES)} (or empty), got {s['dtype']!r}")
     if not s["claim_lease"] > 0:
         problems.append(f"claim_lease must be a positive number of seconds, got {s['claim_lease']}")
     for param in PERTURBATION_PARAMS.values():  # every kind's parameters, also those the chosen kind ignores
@@ -390,6 +411,8 @@ def config_differences(old, new, device_type=None):
             lines.append(f"{key}: <unset> there, {new[key]!r} now")
         elif old[key] != new[key]:
             lines.append(f"{key}: {old[key]!r} there, {new[key]!r} now")
+    if "dtype" in old and "dtype" not in new:  # recorded only off upstream's precision (RunSettings.identity)
+        lines.append(f"dtype: {old['dtype']!r} there, upstream's (use_fp16) now")
     return lines
 
 

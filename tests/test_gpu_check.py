@@ -1,0 +1,123 @@
+"""scripts/gpu_check.py: the GPU acceptance check's report, produced on the CPU at tiny widths (``--device cpu
+--tiny``), with its JSON fields asserted; the peak table and the goal verdicts."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import pag
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    return load_gpu_check()
+
+
+@pytest.fixture(scope="module")
+def report(gpu_check, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check")
+    code = gpu_check.main(["--device", "cpu", "--tiny", "--threads", "1", "--out", str(out)])
+    data = json.loads((out / "report.json").read_text())
+    data["_exit_code"] = code
+    data["_markdown"] = (out / "report.md").read_text()
+    return data
+
+
+def test_tiny_cpu_report(report):
+    assert report["_exit_code"] == 0, report["errors"]
+    assert report["schema"] == 1 and report["ok"] is True and report["errors"] == {}
+    assert report["tiny"] is True and report["gpu_run"] is False and report["low_precision"] == "bfloat16"
+    device = report["device"]
+    assert device["type"] == "cpu" and device["gpu"] is False and device["peak_fp16_tflops"] is None
+    assert report["profile"]["batch_sizes"] == [1, 2]
+
+    health = report["health"]
+    methods = {"unguided", "sag", "pag identity + classifier"} | {f"pag {k}" for k in pag.REGISTRY}
+    assert {c["method"] for c in health["cases"]} == methods
+    assert {c["arch"] for c in health["cases"]} == {"256x256_diffusion_uncond", "256x256_diffusion"}
+    assert len(health["cases"]) == 2 * len(methods) * 3 and health["timesteps"] == [999, 500, 10]
+    for case in health["cases"]:
+        assert case["ok"] and case["finite_eps"] and case["nonfinite_attention_blocks"] == []
+        assert 0 < case["rel_rms"] <= case["tolerance"] and case["max_abs_attention_output"] > 0
+    assert health["tolerance"] == {"unguided": 8e-2, "guided": 0.24} and "2^-11" in health["tolerance_why"]
+    assert set(health["weights"].values()) == {"random"}
+
+    speed = report["speed"]
+    rows = {(r["batch"], r["variant"]): r for r in speed["rows"]}
+    assert set(rows) == {(b, v) for b in (1, 2) for v in ("unguided", "two_pass", "engine", "engine_sequential")}
+    for row in rows.values():
+        assert row["ms_per_step"] > 0 and row["images_per_s_ddim25"] > 0 and row["error"] is None
+        assert row["gflop"] > 0 and row["tflops_per_s"] > 0 and row["peak_share"] is None and row["peak_mib"] is None
+    for batch in (1, 2):  # the shared prefix saves work: the engine counts fewer FLOPs than two full passes
+        unguided, engine, two_pass = (rows[(batch, v)]["gflop"] for v in ("unguided", "engine", "two_pass"))
+        assert unguided < engine < two_pass < 2 * unguided  # the identity map computes no Q K^T
+        assert rows[(batch, "engine_sequential")]["gflop"] == pytest.approx(engine, rel=1e-3)
+    assert rows[(2, "unguided")]["gflop"] == pytest.approx(2 * rows[(1, "unguided")]["gflop"], rel=1e-3)
+    options = {o["option"]: o for o in speed["options"]}
+    assert options["bfloat16"]["unguided_ms"] > 0 and options["bfloat16"]["engine_ms"] > 0
+    assert options["bfloat16 + channels_last"]["engine_vs_unguided"] > 0 and options["float32"]["unguided_ms"] > 0
+    assert "skipped" in options["float16 + compile"]["error"] and "skipped" in options["float16"]["error"]
+
+    goals = {g["goal"]: g for g in report["goals"]}
+    assert set(goals) == {"engine_vs_unguided", "naive_vs_engine", "unguided_peak_share"}
+    assert all(g["status"] == "not measured (no GPU)" and g["value"] is None for g in goals.values())
+    assert goals["engine_vs_unguided"]["cpu_value"] > 0 and goals["engine_vs_unguided"]["target"] == "<= 1.8"
+
+    sampler = report["sampler"]
+    assert sampler["ok"] and all(sampler["checks"].values()) and sampler["resume_noop"] is True
+    assert sampler["first_exit_code"] == sampler["second_exit_code"] == 0
+    assert sampler["npz"]["shape"] == [4, 64, 64, 3] and sampler["npz"]["dtype"] == "uint8"
+    assert sampler["npz"]["arrays"] == ["arr_0", "arr_1"] and sampler["npz"]["labels_dtype"] == "int64"
+    assert "--use_ddim True" in sampler["command"] and "--timestep_respacing ddim25" in sampler["command"]
+    syncs = sampler["host_syncs_per_step"]
+    assert set(syncs) == {"1", "3"} and syncs["1"] == syncs["3"] > 0
+
+    features = report["features"]
+    assert features["random_weights"] is True and features["marker"] == "RANDOM-WEIGHTS"
+    assert features["images_per_s"] > 0 and features["pool_shape"] == [2, 2048]
+
+    markdown = report["_markdown"]
+    assert "this report was not run on a GPU" in markdown and "not measured (no GPU)" in markdown
+    for title in ("## 1. bfloat16 health", "## 2. Speed per guided step", "## Goals", "## 3. Sampler end to end",
+                  "## 4. Evaluator feature extraction", "RANDOM-WEIGHTS"):
+        assert title in markdown
+
+
+def test_peaks_by_device_name(gpu_check):
+    peaks = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H200": 989.0,
+             "NVIDIA A100-SXM4-80GB": 312.0, "Tesla V100-SXM2-16GB": 125.0, "NVIDIA L40S": 362.0,
+             "NVIDIA GeForce RTX 4090": 165.0, "NVIDIA GeForce GTX 1080": None}
+    for name, peak in peaks.items():
+        assert gpu_check.peak_fp16_tflops(name) == peak, name
+
+
+def test_goal_verdicts_on_a_gpu(gpu_check):
+    import torch
+
+    def speed(unguided, engine, two_pass, shares):
+        rows = [{"batch": 32, "variant": v, "ms_per_step": ms}
+                for v, ms in (("unguided", unguided), ("engine", engine), ("two_pass", two_pass))]
+        options = [{"option": name, "peak_share": share} for name, share in shares.items()]
+        return {"rows": rows, "options": options}
+
+    cuda = torch.device("cuda", 0)
+    met = gpu_check.evaluate_goals(speed(100.0, 170.0, 200.0, {"float16": 0.3, "bfloat16 + compile": 0.45,
+                                                               "float32 (TF32 convolutions)": 0.9}),
+                                   cuda, gpu_check.FULL)
+    assert [g["status"] for g in met] == ["met", "met", "met"]
+    assert met[2]["best_option"] == "bfloat16 + compile" and met[2]["value"] == 0.45  # float32 does not count
+    missed = gpu_check.evaluate_goals(speed(100.0, 185.0, 200.0, {"float16": 0.39}), cuda, gpu_check.FULL)
+    assert [g["status"] for g in missed] == ["NOT met", "NOT met", "NOT met"]  # 1.85 > 1.8; 1.08 < 1.1; 39 %
+    unknown = gpu_check.evaluate_goals(speed(100.0, 150.0, 200.0, {"float16": None}), cuda, gpu_check.FULL)
+    assert unknown[2]["status"] == "not measured (device peak unknown)"
