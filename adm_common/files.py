@@ -140,3 +140,16 @@ def cached_file_sha256(path, cache_dir=None):
         except OSError:
             continue
     return digest
+
+
+def read_json_mapping(path):
+    """The JSON object in ``path``, or {} when the file is missing, unreadable, empty or not an object (small
+    records other processes may be rewriting: lock holders, shard claims)."""
+    import json
+
+    try:
+        with open(path) as f:
+            data = json.loads(f.read() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

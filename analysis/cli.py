@@ -7,7 +7,6 @@
 Writes results/analysis/<name>/summary.md and the files it links. Exit status: 0 done, 2 bad input.
 """
 
-import argparse
 import os
 import shlex
 import sys

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from adm_common.files import file_sha256  # noqa: E402
 from adm_common.npz import NpzImages, check_image_batch  # noqa: E402
 from evaluations.features import RANDOM_WEIGHTS_MARK, default_device  # noqa: E402
-from evaluations.reference import FeatureCache, batch_statistics, detect_distributed, shard_bounds  # noqa: E402
+from evaluations.reference import FeatureCache, batch_statistics, detect_distributed, extract_features  # noqa: E402
 
 MODEL_NAME = "vit_large_patch14_dinov2"
 EXTRACTOR_NAME = "dinov2-vitl14"
@@ -202,22 +202,8 @@ class DINOv2Features:
 def extract_dinov2_features(images, extractor, batch_size=64, progress=False, dist=None, desc=None):
     """Features of an ``NpzImages`` (or npz path), each rank extracting a contiguous slice; rank 0 gets them all in
     file order, other ranks None."""
-    if not isinstance(images, NpzImages):
-        images = NpzImages(images)
-    dist = dist or detect_distributed()
-    start, stop = shard_bounds(images.num_images, dist.rank, dist.world_size)
-    batches = images.iter_batches(batch_size, start, stop)
-    if progress and dist.rank == 0:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, total=-(-(stop - start) // batch_size),
-                       desc=(desc or os.path.basename(images.path)) + " (DINOv2)", unit="batch")
-    parts = [extractor(batch) for batch in batches]
-    local = np.concatenate(parts, axis=0) if parts else None
-    gathered = dist.gather(local)
-    if gathered is None:
-        return None
-    return np.concatenate([g for g in gathered if g is not None], axis=0)
+    desc = None if desc is None else desc + " (DINOv2)"
+    return extract_features(images, extractor, batch_size, progress, dist, desc, keys=None)
 
 
 def dinov2_statistics(path, extractor, batch_size=64, cache_dir=None, progress=False, dist=None, desc=None):

@@ -23,6 +23,7 @@ from adm_common.npz import NpzImages
 from evaluations.features import POOL_DIM, SPATIAL_DIM
 
 CACHE_FORMAT = 1
+FEATURE_KEYS = ("pool", "logits", "spatial")
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 
@@ -151,15 +152,17 @@ def batch_statistics(features):
     return np.mean(features, axis=0, dtype=np.float64), np.cov(features, rowvar=False)
 
 
-def extract_features(images, extractor, batch_size=64, progress=False, dist=None, desc=None):
+def extract_features(images, extractor, batch_size=64, progress=False, dist=None, desc=None, keys=FEATURE_KEYS):
     """Run ``extractor`` over an ``NpzImages`` (or an npz path). With ``dist`` (or a detected torch.distributed /
     MPI world of several processes), each rank extracts a contiguous slice and rank 0 receives the whole result;
-    other ranks get None. Returns ``{"pool", "logits", "spatial"}`` float32 arrays in file order."""
+    other ranks get None. Returns ``{key: float32 array}`` in file order for each of ``keys`` the extractor returns
+    (Inception: ``pool``, ``logits``, ``spatial``); ``keys=None`` for an extractor returning one array."""
     if not isinstance(images, NpzImages):
         images = NpzImages(images)
     dist = dist or detect_distributed()
     start, stop = shard_bounds(images.num_images, dist.rank, dist.world_size)
-    parts = {"pool": [], "logits": [], "spatial": []}
+    names = keys if keys is not None else ("features",)
+    parts = {k: [] for k in names}
     batches = images.iter_batches(batch_size, start, stop)
     if progress and dist.rank == 0:
         from tqdm.auto import tqdm
@@ -168,13 +171,14 @@ def extract_features(images, extractor, batch_size=64, progress=False, dist=None
         batches = tqdm(batches, total=n_batches, desc=desc or os.path.basename(images.path), unit="batch")
     for batch in batches:
         out = extractor(batch)
-        for k in parts:
-            parts[k].append(out[k])
+        for k in names:
+            parts[k].append(out if keys is None else out[k])
     local = {k: (np.concatenate(v, axis=0) if v else None) for k, v in parts.items()}
     gathered = dist.gather(local)
     if gathered is None:
         return None
-    return {k: np.concatenate([g[k] for g in gathered if g[k] is not None], axis=0) for k in parts}
+    result = {k: np.concatenate([g[k] for g in gathered if g[k] is not None], axis=0) for k in names}
+    return result if keys is not None else result["features"]
 
 
 class HashMemo:

@@ -265,15 +265,17 @@ BEST_FID_NOTE = ("Bold FID: the lowest FID of our rows in this table (in a scale
 
 
 def mark_best_fid(rows):
-    """Flag (``row["best_fid"] = True``) the row with the lowest FID among ``rows`` (the first of equals), when at
-    least two of them have an FID; returns it (or None)."""
+    """Flag (``row["best_fid"] = True``) the rows with the lowest FID among ``rows`` (every one of equals), when
+    at least two of them have an FID and not all of those are equal; returns the flagged rows."""
     scored = [r for r in rows if r.get("fid") is not None and not math.isnan(r["fid"])]
     for row in rows:
         row["best_fid"] = False
-    if len(scored) < 2:
-        return None
-    best = min(scored, key=lambda r: r["fid"])
-    best["best_fid"] = True
+    lowest = min((r["fid"] for r in scored), default=None)
+    best = [r for r in scored if r["fid"] == lowest]
+    if len(scored) < 2 or len(best) == len(scored):
+        return []
+    for row in best:
+        row["best_fid"] = True
     return best
 
 

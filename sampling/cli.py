@@ -24,7 +24,8 @@ from .execute import DiskFullError, PeerFailedError, RunStopped
 from .run import run
 from .sampler import NonFiniteError
 from .settings import HELP, SampleConfigError, read_yaml_mapping, resolve_settings, sample_defaults
-from .sweep import EvaluationFailedError, check_cells, describe, expand, load_sweep, run_sweep
+from .sweep import check_cells, describe, expand, load_sweep, run_sweep
+from .sweep_evaluation import EvaluationFailedError
 
 SAMPLE_DESCRIPTION = "Sample N images with PAG / SAG / classifier guidance into an upstream-format npz, resumably."
 SWEEP_DESCRIPTION = "Sweeps: a base configuration and a grid of values, one resumable sampling run per grid cell."

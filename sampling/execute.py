@@ -17,30 +17,27 @@ otherwise (a log file).
 """
 
 import errno
-import json
 import os
 import shutil
 import signal
-import socket
-import sys
-import threading
 import time
-import uuid
 
 import numpy as np
 
-from adm_common.files import atomic_write_text, remove_quietly
+from adm_common.files import atomic_write_text
 from adm_common.npz import NpzImages, NpzWriter
 from guided_diffusion import dist_util, logger
 
+from .claims import Claims
 from .images import save_grid
-from .plan import FAILED_DIR, PROGRESS_DIR, write_run_record
+from .plan import FAILED_DIR, PROGRESS_DIR
+from .record import write_run_record
+from .progress import Progress
 from .shards import SHARD_DIR, ShardError, merge_shards, reject_shard, shard_index
 
 POLL_SECONDS = 0.5
 FIRST_NOTE_SECONDS = 30  # the first "waiting for" line (sooner with a claim_lease under 2 minutes)
 WAIT_NOTE_SECONDS = 60  # then one a minute
-PLAIN_PROGRESS_SECONDS = 60  # progress lines when stderr is not a terminal
 MERGE_MARGIN_BYTES = 64 << 20
 
 
@@ -77,182 +74,6 @@ def _free_bytes(directory):
         return shutil.disk_usage(directory).free
     except OSError:
         return None
-
-
-class _Progress:
-    """Rank 0's view of all ranks' images (each rank reports its count in a small file): a tqdm bar on a
-    terminal, else a plain line every ``PLAIN_PROGRESS_SECONDS`` (no carriage returns piling up in a log)."""
-
-    def __init__(self, plan, rank):
-        self.dir = os.path.join(plan.out_dir, PROGRESS_DIR)
-        self.rank = rank
-        self.mine = 0
-        self.bar = None
-        self.total = plan.settings.sampling.num_samples
-        self.start = plan.done_images
-        self.name = os.path.basename(os.path.normpath(plan.out_dir))
-        self.plain = not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
-        self.t0 = self.last_line = time.time()
-        self.done = self.start
-        if rank == 0 and not self.plain:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=self.total, initial=self.start, unit="img", desc=self.name, dynamic_ncols=True,
-                            smoothing=0.05, file=sys.stderr)
-
-    def advance(self, n):
-        self.mine += n
-        try:
-            atomic_write_text(os.path.join(self.dir, f"rank{self.rank}.txt"), str(self.mine))
-        except OSError:
-            pass  # progress display only
-        self.refresh()
-
-    def _count(self):
-        total = 0
-        try:
-            for name in os.listdir(self.dir):
-                if name.startswith("rank") and name.endswith(".txt"):
-                    try:
-                        with open(os.path.join(self.dir, name)) as f:
-                            total += int(f.read().strip() or 0)
-                    except (OSError, ValueError):
-                        pass
-        except OSError:
-            return None
-        return min(self.total, self.start + total)  # a shard sampled twice (taken over) counts once
-
-    def _line(self):
-        elapsed = max(time.time() - self.t0, 1e-9)
-        rate = (self.done - self.start) / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else None
-        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta is not None and eta < 86400 * 30 else "?"
-        print(f"{self.name}: {self.done}/{self.total} images ({100 * self.done / self.total:.1f}%), "
-              f"{rate:.2f} img/s, ETA {eta_text}", file=sys.stderr, flush=True)
-
-    def refresh(self):
-        if self.rank != 0:
-            return
-        done = self._count()
-        if done is None:
-            return
-        self.done = max(self.done, done)
-        if self.bar is not None:
-            if self.done > self.bar.n:
-                self.bar.update(self.done - self.bar.n)
-        elif time.time() - self.last_line >= PLAIN_PROGRESS_SECONDS:
-            self._line()
-            self.last_line = time.time()
-
-    def close(self):
-        if self.rank != 0:
-            return
-        done = self._count()
-        self.done = max(self.done, done or 0)
-        if self.bar is not None:
-            self.refresh()
-            self.bar.close()
-        else:
-            self._line()
-
-
-class Claims:
-    """This process's claims on shards (``shards/.claims/``) and the heartbeat thread that keeps them fresh."""
-
-    def __init__(self, plan, rank):
-        self.dir = plan.claims_dir
-        self.rank = rank
-        self.lease = float(plan.settings.runtime.claim_lease)
-        self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-        self.interval = max(0.1, min(30.0, self.lease / 4))
-        self._current = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        os.makedirs(self.dir, exist_ok=True)
-        self._thread = threading.Thread(target=self._beat, name="shard-claim-heartbeat", daemon=True)
-        self._thread.start()
-
-    def path(self, k):
-        return os.path.join(self.dir, f"shard_{k:06d}.claim")
-
-    @staticmethod
-    def _read(path):
-        try:
-            with open(path) as f:
-                info = json.loads(f.read() or "{}")
-            return info if isinstance(info, dict) else {}
-        except (OSError, ValueError):
-            return {}
-
-    def _create(self, path):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        try:
-            os.write(fd, json.dumps({"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(),
-                                     "token": self.token, "claimed": time.time()}).encode())
-        finally:
-            os.close(fd)
-        return True
-
-    def try_claim(self, k):
-        """(True, note or None) when this process now holds shard k's claim, else (False, None)."""
-        path, note = self.path(k), None
-        if not self._create(path):
-            try:
-                age = time.time() - os.stat(path).st_mtime
-            except FileNotFoundError:
-                return False, None
-            if age <= self.lease:
-                return False, None
-            holder = self._read(path)
-            stale = f"{path}.stale-{self.token}"
-            try:
-                os.rename(path, stale)  # atomic: of several ranks seeing the stale claim, one moves it
-            except FileNotFoundError:
-                return False, None
-            remove_quietly(stale)
-            if not self._create(path):
-                return False, None
-            note = (f"shard {k + 1}: rank {holder.get('rank', '?')} (pid {holder.get('pid', '?')} on "
-                    f"{holder.get('host', '?')}) sent no heartbeat for {age:.0f} s (claim_lease "
-                    f"{self.lease:g} s): rank {self.rank} samples it instead")
-        with self._lock:
-            self._current = k
-        return True, note
-
-    def owned(self, k):
-        return self._read(self.path(k)).get("token") == self.token
-
-    def release(self, k):
-        with self._lock:
-            if self._current == k:
-                self._current = None
-        if self.owned(k):
-            remove_quietly(self.path(k))
-
-    def holder(self, k):
-        """(rank, seconds since its last heartbeat) of shard k's claim, or None when it is unclaimed."""
-        path = self.path(k)
-        try:
-            age = time.time() - os.stat(path).st_mtime
-        except FileNotFoundError:
-            return None
-        return self._read(path).get("rank", "?"), age
-
-    def _beat(self):
-        while not self._stop.wait(self.interval):
-            with self._lock:
-                k = self._current
-            if k is not None and self.owned(k):
-                try:
-                    os.utime(self.path(k))
-                except OSError:
-                    pass
-
-    def close(self):
-        self._stop.set()
 
 
 def _mark_failed(plan, rank, error):
@@ -448,7 +269,7 @@ def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
                    f"device {sampler.device}, batch size {s.runtime.batch_size}")
     for name in (SHARD_DIR, PROGRESS_DIR, FAILED_DIR):
         os.makedirs(os.path.join(plan.out_dir, name), exist_ok=True)
-    progress = _Progress(plan, rank)
+    progress = Progress(plan, rank)
     claims = Claims(plan, rank)
     own = plan.remaining[rank::world]
     order = own + sorted(set(plan.remaining) - set(own))  # own share first, then the others'

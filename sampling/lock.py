@@ -20,6 +20,8 @@ import sys
 import threading
 import time
 
+from adm_common.files import read_json_mapping
+
 from .settings import SampleConfigError
 
 LOCK_NAME = "lock"
@@ -46,12 +48,7 @@ def _pid_alive(pid):
 
 def read_lock_info(path):
     """The lock file's record ({} when missing or unreadable)."""
-    try:
-        with open(path) as f:
-            info = json.loads(f.read() or "{}")
-        return info if isinstance(info, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    return read_json_mapping(path)
 
 
 def describe_holder(info):

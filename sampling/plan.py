@@ -16,32 +16,24 @@ grid, eval.json, sample batches, shard files, progress notes) and starts afresh.
 """
 
 import dataclasses
-import datetime
 import hashlib
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
-import numpy as np
 import torch as th
-import yaml
 
-from adm_common.files import atomic_write_text, is_tmp_file
+from adm_common.files import is_tmp_file
 from adm_common.npz import samples_filename
 from guided_diffusion import dist_util
 
 from . import lock as run_lock
 from .models import check_run, checkpoint_identity
-from .settings import SampleConfigError, config_differences, plain, read_yaml_mapping, settings_warnings
+from .record import RECORD_NAME, read_run_record
+from .settings import SampleConfigError, config_differences, plain, settings_warnings
 from .shards import (
     SHARD_DIR,
     ShardError,
@@ -58,8 +50,6 @@ PROGRESS_DIR, FAILED_DIR = ".progress", ".failed"
 CLAIMS_DIR = ".claims"  # inside shards/
 RUN_FILES = ("config.yaml", "grid.png", "eval.json")  # what --overwrite removes, besides samples and shards
 SAMPLES_RE = re.compile(r"^samples_(\d+)x(\d+)x(\d+)x3\.npz$")
-RECORD_NAME = "config.yaml"
-CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass
@@ -192,12 +182,6 @@ def existing_run_files(out_dir):
     if os.path.isdir(shard_dir):
         names += [f"{SHARD_DIR}/{n}" for n in os.listdir(shard_dir) if shard_index(n) is not None]
     return sorted(names)
-
-
-def read_run_record(out_dir):
-    """The ``config.yaml`` of the run in ``out_dir`` as a mapping ({} when there is none)."""
-    path = os.path.join(out_dir, RECORD_NAME)
-    return read_yaml_mapping(path, what="run record") if os.path.exists(path) else {}
 
 
 def _lock_out_dir(out_dir, locks):
@@ -389,67 +373,3 @@ def prepare(settings, device=None, check_only=False, locks=None):
     plan.notes = list(result[2])
     plan.settings = settings  # this rank's own copy (identical)
     return plan
-
-
-# ------------------------------------------------------------------------------------------ the record
-
-
-def git_commit():
-    """HEAD of the code's repository (+"-dirty" with uncommitted changes), or "unknown"."""
-    try:
-        run = lambda *args: subprocess.run(["git", "-C", str(CODE_ROOT), *args], capture_output=True,  # noqa: E731
-                                           text=True, timeout=30, check=True).stdout.strip()
-        commit = run("rev-parse", "HEAD")
-        dirty = run("status", "--porcelain", "--untracked-files=no")
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def provenance():
-    try:
-        version = importlib.metadata.version("pag-adm")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    return {
-        "package": "pag-adm",
-        "version": version,
-        "git_commit": git_commit(),
-        "python": platform.python_version(),
-        "torch": str(th.__version__),
-        "numpy": str(np.__version__),
-        "host": socket.gethostname(),
-        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-    }
-
-
-def _session(plan, device):
-    r, m, s = plan.settings.runtime, plan.settings.model, plan.settings.sampling
-    values = {"batch_size": r.batch_size, "keep_shards": r.keep_shards, "model": r.model, "device": str(device),
-              "world_size": dist_util.get_world_size(), "launcher": dist_util.launcher(),
-              "num_samples": s.num_samples, "shard_size": s.shard_size, "claim_lease": r.claim_lease,
-              "model_path": m.model_path, "classifier_path": m.classifier_path}
-    if device.type == "cuda":
-        values["gpu"] = th.cuda.get_device_name(device)
-    return values
-
-
-def write_run_record(plan, device):
-    """``config.yaml``: identity (``settings``), ``run_id``, the first session's ``runtime`` (with the checkpoint
-    paths, which are information only) and ``provenance``; each later session appends to ``sessions``. A record
-    from before run ids is brought up to date (checkpoint hashes, run id; its shards stay accepted)."""
-    session = _session(plan, device)
-    if os.path.exists(plan.record_path):
-        doc = read_run_record(plan.out_dir)
-        if doc.get("run_id") != plan.run_id:
-            doc["settings"], doc["run_id"], doc["legacy_shards"] = plan.identity, plan.run_id, True
-        when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        doc.setdefault("sessions", []).append(dict(session, started=when, host=socket.gethostname(),
-                                                   command=" ".join(sys.argv)))
-    else:
-        doc = {"settings": plan.identity, "run_id": plan.run_id, "runtime": session, "provenance": provenance()}
-    text = ("# Sampling run record (sampling/plan.py). `settings` identify the run (with the checkpoints' content\n"
-            "# hashes): the same out_dir is resumed only with the same settings; `run_id` is their hash, stored in\n"
-            "# every shard. `runtime` is that of the first session, `sessions` lists the later ones.\n")
-    atomic_write_text(plan.record_path, text + yaml.safe_dump(plain(doc), sort_keys=True))

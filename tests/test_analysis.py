@@ -4,7 +4,6 @@ files and CSV columns, guidance-term sizes recomputed by hand from one guided st
 import csv
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest

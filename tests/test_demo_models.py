@@ -1,6 +1,5 @@
 """The embedded demo's data set, feature network, committed checkpoints and training script."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np

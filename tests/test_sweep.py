@@ -14,7 +14,7 @@ import yaml
 
 import sampling
 from guided_diffusion import logger
-from sampling import cli, sweep
+from sampling import cli, sweep, sweep_evaluation
 from sampling.settings import SampleConfigError
 from guided_diffusion.script_util import create_model
 
@@ -198,7 +198,7 @@ def test_sweep_rerun_resumes_without_sampling_or_reevaluating(finished_sweep, mo
 def test_no_ref_batch_means_no_evaluation(tmp_path):
     cfg = sweep.Sweep(path="s.yaml", out_dir=str(tmp_path), base={}, axes=[])
     fail = lambda *a, **k: pytest.fail("evaluation called without ref_batch")  # noqa: E731
-    assert sweep.after_runs([], cfg, evaluate_fn=fail, table_fn=fail) is None
+    assert sweep_evaluation.after_runs([], cfg, evaluate_fn=fail, table_fn=fail) is None
 
 
 def test_evaluation_settings_checked_before_sampling(ckpt, tmp_path):
@@ -266,5 +266,5 @@ def test_evaluation_error_is_raised_not_left_hanging(finished_sweep):
         raise ValueError("features of another size")
 
     with pytest.raises(RuntimeError, match="evaluation failed: ValueError: features of another size"):
-        sweep.after_runs(cells, cfg, evaluate_fn=broken, table_fn=make_table)
+        sweep_evaluation.after_runs(cells, cfg, evaluate_fn=broken, table_fn=make_table)
     assert not any((Path(run_dir) / "eval.json").exists() for run_dir in run_dirs)

@@ -222,7 +222,7 @@ def load(path):
 
 
 def test_resuming_reaches_the_same_parameters_as_an_uninterrupted_run(image_folder, tmp_path):
-    straight = train(image_folder, tmp_path / "straight", steps=4)
+    train(image_folder, tmp_path / "straight", steps=4)  # uninterrupted
     first = train(image_folder, tmp_path / "first", steps=4, interrupt=True)
     assert first.step == 2 and not (tmp_path / "first" / "model000004.pt").exists()
     resumed = train(image_folder, tmp_path / "resumed", steps=4, start=2,

@@ -1,0 +1,110 @@
+"""Claims on shards: which process samples which shard of a run.
+
+A claim is a file ``shards/.claims/shard_{k:06d}.claim`` created exclusively (``O_EXCL``) naming its holder (rank,
+host, pid, a token); a thread of the holding process refreshes its mtime (the heartbeat). A claim without a
+heartbeat for ``claim_lease`` seconds (a stalled or stopped rank) is taken over by renaming it away atomically,
+so of several ranks that see it stale exactly one claims the shard.
+"""
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+from adm_common.files import read_json_mapping, remove_quietly
+
+
+class Claims:
+    """This process's claims on shards (``shards/.claims/``) and the heartbeat thread that keeps them fresh."""
+
+    def __init__(self, plan, rank):
+        self.dir = plan.claims_dir
+        self.rank = rank
+        self.lease = float(plan.settings.runtime.claim_lease)
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self.interval = max(0.1, min(30.0, self.lease / 4))
+        self._current = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        os.makedirs(self.dir, exist_ok=True)
+        self._thread = threading.Thread(target=self._beat, name="shard-claim-heartbeat", daemon=True)
+        self._thread.start()
+
+    def path(self, k):
+        return os.path.join(self.dir, f"shard_{k:06d}.claim")
+
+    @staticmethod
+    def _read(path):
+        return read_json_mapping(path)
+
+    def _create(self, path):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, json.dumps({"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(),
+                                     "token": self.token, "claimed": time.time()}).encode())
+        finally:
+            os.close(fd)
+        return True
+
+    def try_claim(self, k):
+        """(True, note or None) when this process now holds shard k's claim, else (False, None)."""
+        path, note = self.path(k), None
+        if not self._create(path):
+            try:
+                age = time.time() - os.stat(path).st_mtime
+            except FileNotFoundError:
+                return False, None
+            if age <= self.lease:
+                return False, None
+            holder = self._read(path)
+            stale = f"{path}.stale-{self.token}"
+            try:
+                os.rename(path, stale)  # atomic: of several ranks seeing the stale claim, one moves it
+            except FileNotFoundError:
+                return False, None
+            remove_quietly(stale)
+            if not self._create(path):
+                return False, None
+            note = (f"shard {k + 1}: rank {holder.get('rank', '?')} (pid {holder.get('pid', '?')} on "
+                    f"{holder.get('host', '?')}) sent no heartbeat for {age:.0f} s (claim_lease "
+                    f"{self.lease:g} s): rank {self.rank} samples it instead")
+        with self._lock:
+            self._current = k
+        return True, note
+
+    def owned(self, k):
+        return self._read(self.path(k)).get("token") == self.token
+
+    def release(self, k):
+        with self._lock:
+            if self._current == k:
+                self._current = None
+        if self.owned(k):
+            remove_quietly(self.path(k))
+
+    def holder(self, k):
+        """(rank, seconds since its last heartbeat) of shard k's claim, or None when it is unclaimed."""
+        path = self.path(k)
+        try:
+            age = time.time() - os.stat(path).st_mtime
+        except FileNotFoundError:
+            return None
+        return self._read(path).get("rank", "?"), age
+
+    def _beat(self):
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                k = self._current
+            if k is not None and self.owned(k):
+                try:
+                    os.utime(self.path(k))
+                except OSError:
+                    pass
+
+    def close(self):
+        self._stop.set()

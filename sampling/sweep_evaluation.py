@@ -1,0 +1,164 @@
+"""A sweep's evaluation: each finished cell against the reference batch (``eval.json`` in its directory), then
+the table, made from the cells' settings and results as the sweep hands them over (nothing is re-read from
+disk). A cell is evaluated again when its ``eval.json`` was computed from another reference batch, other samples
+or other evaluation settings (compared by content hash, not by time). Rank 0 evaluates; the other ranks poll for
+its done or failed marker instead of waiting in a collective."""
+
+import inspect
+import json
+import os
+import time
+
+from adm_common.files import atomic_write_text
+from adm_common.npz import samples_filename
+from guided_diffusion import dist_util, logger
+
+from .execute import POLL_SECONDS
+from .settings import SampleConfigError, plain, sampler_label
+
+
+def _evaluate_fn():
+    from evaluations.evaluator import evaluate
+
+    return evaluate
+
+
+def _table_fn():
+    from evaluations.table import make_table_from_results
+
+    return make_table_from_results
+
+
+def check_evaluation(sweep, evaluate_fn=None):
+    """Before sampling: the reference batch exists and ``evaluation:`` names evaluate()'s arguments."""
+    if not sweep.ref_batch:
+        return
+    if not os.path.exists(sweep.ref_batch):
+        raise SampleConfigError(f"ref_batch {sweep.ref_batch} not found (download the reference batches with "
+                                "`make download-refs`)")
+    fn = evaluate_fn or _evaluate_fn()
+    params = inspect.signature(fn).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        bad = [k for k in sweep.evaluation if k not in params or k in ("ref_path", "sample_path", "json_path")]
+        if bad:
+            raise SampleConfigError(f"sweep config {sweep.path}: evaluation: unknown argument(s) {', '.join(bad)}")
+
+
+def table_values(cell):
+    """What the table shows of a cell: its settings by flag name, and the sampler as tables name it."""
+    return dict(cell.settings.flat(), sampler=sampler_label(cell.settings))
+
+
+EVALUATION_FILES = ("feature_net", "inception_weights", "dinov2_weights")  # evaluate() arguments naming files
+INPUTS_KEY = "sweep_inputs"
+
+
+def _stale_reason(recorded, inputs):
+    if not isinstance(recorded, dict):
+        return "it does not record its inputs"
+    for key, what in (("ref_sha256", "the reference batch"), ("sample_sha256", "the samples"),
+                      ("evaluation", "the evaluation settings"), ("evaluation_files", "the feature network")):
+        if recorded.get(key) != inputs[key]:
+            return f"{what} changed"
+    return None
+
+
+def _evaluate_cells(cells, sweep, evaluate_fn):
+    """Evaluate each cell whose eval.json is not of its current inputs (on this process alone); returns the
+    results. The inputs (content hashes of the reference and the samples, the evaluation settings and the
+    files they name) are recorded in eval.json under ``sweep_inputs``."""
+    from evaluations.reference import HashMemo, SingleProcess, default_cache_dir
+
+    memo = HashMemo(sweep.evaluation.get("cache_dir", default_cache_dir()))
+    common = {"ref_sha256": memo.sha256(sweep.ref_batch), "evaluation": plain(dict(sweep.evaluation)),
+              "evaluation_files": {k: memo.sha256(v) for k, v in sorted(sweep.evaluation.items())
+                                   if k in EVALUATION_FILES and isinstance(v, str) and os.path.isfile(v)}}
+    results = []
+    for cell in cells:
+        s = cell.settings
+        npz = os.path.join(cell.out_dir, samples_filename(s.sampling.num_samples, s.model.image_size,
+                                                          s.model.image_size))
+        if not os.path.exists(npz):
+            raise RuntimeError(f"{cell.out_dir}: {os.path.basename(npz)} is missing")
+        json_path = os.path.join(cell.out_dir, "eval.json")
+        inputs = dict(common, ref_batch=os.path.abspath(sweep.ref_batch), sample_sha256=memo.sha256(npz))
+        if os.path.exists(json_path):
+            try:
+                with open(json_path) as f:
+                    recorded = json.load(f)
+            except (OSError, ValueError):
+                recorded = {}
+            reason = _stale_reason(recorded.get(INPUTS_KEY), inputs)
+            if reason is None:
+                recorded.pop(INPUTS_KEY, None)
+                results.append(recorded)
+                continue
+            logger.log(f"evaluating {cell.name} again: {reason} since its eval.json")
+        logger.log(f"evaluating {npz} against {sweep.ref_batch}")
+        result = evaluate_fn(sweep.ref_batch, npz, json_path=json_path, dist=SingleProcess(), **sweep.evaluation)
+        atomic_write_text(json_path, json.dumps(dict(result, **{INPUTS_KEY: inputs}), indent=2, sort_keys=True,
+                                                default=float) + "\n")
+        results.append(result)
+    return results
+
+
+def _evaluate_and_tabulate(cells, sweep, evaluate_fn, table_fn):
+    """Hand each cell's name, settings and result to the table code (nothing is re-read from disk)."""
+    results = _evaluate_cells(cells, sweep, evaluate_fn)
+    runs = [{"run": cell.name, "values": table_values(cell), "result": result,
+             "json": os.path.join(cell.out_dir, "eval.json")} for cell, result in zip(cells, results)]
+    experiment = sweep.name or os.path.basename(os.path.normpath(sweep.out_dir))
+    out = (table_fn or _table_fn())(runs, os.path.join(sweep.out_dir, "table"), anchors=sweep.anchors,
+                                    experiment=experiment)
+    logger.log(f"table written to {os.path.join(sweep.out_dir, 'table')}")
+    return out
+
+
+_DONE, _FAILED = ".evaluation-done", ".evaluation-failed"
+
+
+class EvaluationFailedError(RuntimeError):
+    """Evaluating a sweep's cells failed (raised on every rank)."""
+
+
+def evaluation_markers(sweep):
+    return os.path.join(sweep.out_dir, _DONE), os.path.join(sweep.out_dir, _FAILED)
+
+
+def after_runs(cells, sweep, evaluate_fn=None, table_fn=None):
+    """The evaluation seam: evaluate each finished cell (``eval.json`` in its directory) and make the table
+    from the cells' settings and results.
+
+    Does nothing without ``ref_batch``. Rank 0 evaluates (on its GPU); the other ranks wait by polling for
+    its done (or failed) marker file, not in a collective, so a long evaluation cannot time them out. An
+    evaluation error is raised on every rank. Returns the table's result on rank 0, else None. A cell whose
+    eval.json records its current inputs (see :func:`_evaluate_cells`) is not evaluated again.
+    """
+    if not sweep.ref_batch:
+        if dist_util.get_rank() == 0:
+            logger.log("no ref_batch in the sweep config: skipping evaluation")
+        return None
+    evaluate_fn = evaluate_fn or _evaluate_fn()
+    done, failed = evaluation_markers(sweep)
+    result = None
+    if dist_util.get_rank() == 0:
+        try:
+            result = _evaluate_and_tabulate(cells, sweep, evaluate_fn, table_fn)
+        except Exception as exc:
+            if dist_util.get_world_size() > 1:
+                atomic_write_text(failed, f"{type(exc).__name__}: {exc}")
+            raise EvaluationFailedError(f"evaluation failed: {type(exc).__name__}: {exc}") from exc
+        if dist_util.get_world_size() > 1:
+            atomic_write_text(done, "")
+    else:
+        while not (os.path.exists(done) or os.path.exists(failed)):
+            time.sleep(POLL_SECONDS)
+        if os.path.exists(failed):
+            with open(failed) as f:
+                raise EvaluationFailedError(f"evaluation failed: {f.read()}")
+    dist_util.barrier()
+    if dist_util.get_rank() == 0:
+        for path in (done, failed):
+            if os.path.exists(path):
+                os.remove(path)
+    return result
