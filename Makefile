@@ -49,9 +49,10 @@ DINOV2_FLAGS ?=
 download-dinov2: venv
 	$(PY) -m evaluations.dinov2 --download $(DINOV2_FLAGS)
 
-# GPU acceptance check (scripts/gpu_check.py): float16 health, speed per guided step (batch 1/8/32/64, the goals),
-# the sampler end to end and feature-extraction throughput on this process's GPU, random weights at the real widths
-# (nothing downloaded); about 5 minutes. Writes results/gpu_check/report.{json,md} and prints the Markdown.
+# GPU acceptance check (scripts/gpu_check.py over benchmarks/): float16 health, speed per guided step (batch
+# 1/8/32/64, the goals), the sampler end to end and feature-extraction throughput on this process's GPU, random
+# weights at the real widths (nothing downloaded); about 5 minutes. Writes results/gpu_check/report.{json,md} and
+# prints the Markdown.
 # GPU_CHECK_FLAGS passes through: "--device cpu --tiny" (the CPU run of the test suite), "--compile off",
 # "--model_dir downloads/models" (health on the official checkpoints), "--sections health,speed".
 GPU_CHECK_FLAGS ?=

@@ -1,132 +1,18 @@
-"""Cost per sampling step: unguided model vs naive two-pass PAG (the authors' strategy) vs our engine.
-
-Builds the ADM 256x256 topology (the paper's model) with random weights, perturbs the paper's layers
-(input_blocks.14.1, 16.1, 17.1, middle_block.1) with the identity map, and times one guided model call
-per variant, interleaving the variants so machine load affects them alike. Prints ratios measured in
-this one run. ``--num_channels`` shrinks the width for CPU runs (the topology stays the same).
-"engine" is what sampling uses (``pag.guide``: shared prefix, then one pass on ``[x; x]``);
-"engine_sequential" is its lower-memory variant (``batch_passes=False``: the rest runs twice on ``x``).
-On CUDA each variant's peak GPU memory (``torch.cuda.max_memory_allocated``) is printed too; there is
-no per-variant peak on CPU. On CPU the host allocator is tuned as the sampling entry points do (``sampling.allocator.tune_cpu_allocator``).
+#!/usr/bin/env python
+"""Cost per sampling step: unguided model vs naive two-pass PAG (the authors' strategy) vs our engine
+(benchmarks/bench_guidance.py).
 
     python scripts/bench_guidance.py                      # CPU-sized: 64 channels, batch 1
     python scripts/bench_guidance.py --num_channels 256 --batch_size 8 --device cuda --fp16
-
-Goals on the 2-core CPU: engine / unguided <= 1.80, naive / engine >= 1.10.
 """
 
-import argparse
-import json
-import statistics
+import os
 import sys
-import time
-from pathlib import Path
 
-import torch
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import pag  # noqa: E402
-from sampling.allocator import tune_cpu_allocator  # noqa: E402
-from sampling.model_configs import load_model_config  # noqa: E402
-from guided_diffusion.script_util import create_model_from_flags  # noqa: E402
-
-
-def naive_two_pass(model, layers):
-    """The authors' strategy: a full clean pass and a full perturbed pass, then the formula."""
-
-    def step(x, t):
-        eps_and_var = model(x, t)
-        with pag.perturbed_attention(model, layers):
-            eps_perturbed = model(x, t)[:, :3]
-        guided = pag.guidance_step(eps_and_var[:, :3], (eps_perturbed, torch.full((x.shape[0],), 3.0)))
-        return torch.cat([guided, eps_and_var[:, 3:]], dim=1)
-
-    return step
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="256x256_diffusion_uncond")
-    parser.add_argument("--num_channels", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--fp16", action="store_true", help="convert the torso to fp16 (GPU)")
-    parser.add_argument("--layers", default=",".join(pag.PAPER_LAYERS_256))
-    parser.add_argument("--json", help="also write the numbers to this file")
-    args = parser.parse_args(argv)
-
-    device = torch.device(args.device)
-    allocator = "glibc heap kept (as in sampling)" if device.type == "cpu" and tune_cpu_allocator() else "default"
-    flags = dict(load_model_config(args.model)["flags"], num_channels=args.num_channels, use_fp16=args.fp16)
-    torch.manual_seed(0)
-    model = create_model_from_flags("diffusion", flags)[0]
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    if args.fp16:
-        model.convert_to_fp16()
-    model = model.to(device).eval()
-    layers = pag.resolve_layers(model, args.layers)
-    size = flags["image_size"]
-    x = torch.randn(args.batch_size, 3, size, size, device=device)
-    t = torch.full((args.batch_size,), 500, device=device)
-    kwargs = {}
-    if flags.get("class_cond"):
-        kwargs["y"] = torch.zeros(args.batch_size, dtype=torch.long, device=device)
-
-    config = pag.GuidanceConfig(pag_scale=3.0, pag_layers=layers)
-    variants = {
-        "unguided": lambda: model(x, t, **kwargs),
-        "naive_two_pass": lambda: naive_two_pass(model, layers)(x, t),
-        "engine": lambda: pag.guide(model, config)(x, t, **kwargs),
-        "engine_sequential": lambda: pag.guide(model, config, batch_passes=False)(x, t, **kwargs),
-    }
-    times = {name: [] for name in variants}
-    peak = {}
-    with torch.no_grad():
-        for fn in variants.values():  # warm-up
-            fn()
-        for _ in range(args.repeats):
-            for name, fn in variants.items():
-                sync(device)
-                start = time.perf_counter()
-                fn()
-                sync(device)
-                times[name].append(time.perf_counter() - start)
-        if device.type == "cuda":
-            for name, fn in variants.items():
-                torch.cuda.reset_peak_memory_stats(device)
-                fn()
-                peak[name] = torch.cuda.max_memory_allocated(device) / 2**20
-
-    median = {name: statistics.median(values) for name, values in times.items()}
-    print(f"device={device} model={args.model} num_channels={args.num_channels} batch={args.batch_size} "
-          f"fp16={args.fp16} layers={','.join(layers)} repeats={args.repeats} threads={torch.get_num_threads()} "
-          f"host allocator: {allocator}")
-    for name in variants:
-        memory = f"  peak {peak[name]:8.1f} MiB" if name in peak else ""
-        print(f"{name:>15}: {median[name] * 1000:9.1f} ms/step (median){memory}")
-    ratios = {
-        "engine/unguided": median["engine"] / median["unguided"],
-        "naive/unguided": median["naive_two_pass"] / median["unguided"],
-        "naive/engine": median["naive_two_pass"] / median["engine"],
-    }
-    for name, value in ratios.items():
-        print(f"{name:>15}: {value:.3f}")
-    print(f"goals: engine/unguided <= 1.80 -> {'met' if ratios['engine/unguided'] <= 1.80 else 'NOT met'}; "
-          f"naive/engine >= 1.10 -> {'met' if ratios['naive/engine'] >= 1.10 else 'NOT met'}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"median_s": median, "ratios": ratios, "peak_mib": peak,
-                                               "args": vars(args)}, indent=2))
-    return 0
-
+from benchmarks.bench_guidance import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import pag
 import sampling
+from benchmarks.end_to_end import HostReads  # host reads of tensor values (each waits for a GPU)
 from guided_diffusion import script_util as su
 from sampling import plan as run_plan
 from sampling import sampler as sampler_module
@@ -161,18 +161,6 @@ def test_noise_stream_is_the_per_sample_generators(ckpt, tmp_path):
     assert torch.equal(sampler.noise_fn([5])(like[:1]), old_first[1:2])  # sample 5 alone: the same noise
     with pytest.raises(RuntimeError, match="noise requested for 2 rows, the batch has 3"):
         randn_like(like[:2])
-
-
-class HostReads(TorchDispatchMode):
-    """Counts reads of tensor values by the host (.item(), bool(), int()): each one waits for a GPU."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
 
 
 def test_no_device_reads_per_sample_and_tensors_on_the_device(ckpt, tmp_path):

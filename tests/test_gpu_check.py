@@ -1,31 +1,18 @@
-"""scripts/gpu_check.py: the GPU acceptance check's report, produced on the CPU at tiny widths (``--device cpu
---tiny``), with its JSON fields asserted; the peak table and the goal verdicts."""
+"""scripts/gpu_check.py (benchmarks/gpu_check.py): the GPU acceptance check's report, produced on the CPU at tiny
+widths (``--device cpu --tiny``), with its JSON fields asserted; the peak table and the goal verdicts."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 import pag
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks import gpu_check
+from benchmarks.speed import evaluate_goals
+from benchmarks.timing import peak_fp16_tflops
 
 
 @pytest.fixture(scope="module")
-def gpu_check():
-    return load_gpu_check()
-
-
-@pytest.fixture(scope="module")
-def report(gpu_check, tmp_path_factory):
+def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     code = gpu_check.main(["--device", "cpu", "--tiny", "--threads", "1", "--out", str(out)])
     data = json.loads((out / "report.json").read_text())
@@ -94,15 +81,15 @@ def test_tiny_cpu_report(report):
         assert title in markdown
 
 
-def test_peaks_by_device_name(gpu_check):
+def test_peaks_by_device_name():
     peaks = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H200": 989.0,
              "NVIDIA A100-SXM4-80GB": 312.0, "Tesla V100-SXM2-16GB": 125.0, "NVIDIA L40S": 362.0,
              "NVIDIA GeForce RTX 4090": 165.0, "NVIDIA GeForce GTX 1080": None}
     for name, peak in peaks.items():
-        assert gpu_check.peak_fp16_tflops(name) == peak, name
+        assert peak_fp16_tflops(name) == peak, name
 
 
-def test_goal_verdicts_on_a_gpu(gpu_check):
+def test_goal_verdicts_on_a_gpu():
     import torch
 
     def speed(unguided, engine, two_pass, shares):
@@ -112,12 +99,12 @@ def test_goal_verdicts_on_a_gpu(gpu_check):
         return {"rows": rows, "options": options}
 
     cuda = torch.device("cuda", 0)
-    met = gpu_check.evaluate_goals(speed(100.0, 170.0, 200.0, {"float16": 0.3, "bfloat16 + compile": 0.45,
-                                                               "float32 (TF32 convolutions)": 0.9}),
-                                   cuda, gpu_check.FULL)
+    met = evaluate_goals(speed(100.0, 170.0, 200.0, {"float16": 0.3, "bfloat16 + compile": 0.45,
+                                                     "float32 (TF32 convolutions)": 0.9}),
+                         cuda, gpu_check.FULL)
     assert [g["status"] for g in met] == ["met", "met", "met"]
     assert met[2]["best_option"] == "bfloat16 + compile" and met[2]["value"] == 0.45  # float32 does not count
-    missed = gpu_check.evaluate_goals(speed(100.0, 185.0, 200.0, {"float16": 0.39}), cuda, gpu_check.FULL)
+    missed = evaluate_goals(speed(100.0, 185.0, 200.0, {"float16": 0.39}), cuda, gpu_check.FULL)
     assert [g["status"] for g in missed] == ["NOT met", "NOT met", "NOT met"]  # 1.85 > 1.8; 1.08 < 1.1; 39 %
-    unknown = gpu_check.evaluate_goals(speed(100.0, 150.0, 200.0, {"float16": None}), cuda, gpu_check.FULL)
+    unknown = evaluate_goals(speed(100.0, 150.0, 200.0, {"float16": None}), cuda, gpu_check.FULL)
     assert unknown[2]["status"] == "not measured (device peak unknown)"

@@ -196,3 +196,13 @@ def test_new_parameters_are_fields_flags_and_only_in_the_identity_of_runs_using_
     assert identity(pag_scale=3.0, perturbation="temperature")["attention_temperature"] == 2.0
     # An unused kind's parameter changes nothing in a run's identity.
     assert identity(pag_scale=3.0, perturbation="identity", seg_sigma=3.0) == identity(pag_scale=3.0)
+
+
+def test_readme_table_is_the_registry():
+    """The README's perturbation table is generated from the registry (docs cannot drift from the code)."""
+    from pathlib import Path
+
+    from pag.perturbations import registry_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert registry_markdown() in readme

@@ -1,0 +1,156 @@
+"""GPU acceptance check: one command that says whether this machine samples correctly and how fast.
+
+    make gpu-check                                    # = python scripts/gpu_check.py (the local rank's GPU)
+    python scripts/gpu_check.py --device cpu --tiny   # the same report on the CPU at tiny widths (the test suite)
+
+Random weights at the real widths of the paper's models (nothing is downloaded; ``--model_dir DIR`` uses the
+official checkpoints there instead when they exist). Writes ``OUT/report.json`` and ``OUT/report.md``
+(default ``results/gpu_check/``) and prints the Markdown. Sections:
+
+1. float16 health: the 256x256 unconditional and class-conditional U-Nets after ``convert_to_fp16()``, unguided,
+   PAG with every perturbation of ``pag.REGISTRY``, SAG, and PAG + classifier guidance (256x256_classifier, also
+   float16), at t = 999, 500, 10: no inf/NaN in any attention block's output (forward hooks) or in eps, and eps
+   within a stated tolerance of a float32 run of the same weights (TF32 off).
+2. speed per guided step at batch sizes 1, 8, 32, 64: unguided, the authors' two-pass strategy, the engine
+   (``pag.guide``, batched and sequential), with ms/step, images/s of a DDIM-25 image, peak memory and achieved
+   TFLOP/s (``torch.utils.flop_counter``) against the device's dense fp16 peak; then the execution options
+   (float16 / bfloat16 / channels_last / torch.compile) at batch 32; the goals of issue 14.
+3. the sampler end to end: ``scripts/image_sample.py`` (its ``main``, in this process) on 64 samples, DDIM-25,
+   PAG, then the same command again (a no-op), the npz checked; host synchronisations per step.
+4. the evaluator's Inception feature extraction throughput (random weights, marked so).
+
+Exit status 0 when every correctness check passed (speed goals are reported, not enforced), 1 otherwise.
+"""
+
+import argparse
+import datetime
+import json
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from adm_common.files import atomic_write_text
+
+from .end_to_end import check_features, check_sampler
+from .health import check_health
+from .models import log
+from .report import to_markdown
+from .speed import check_speed, evaluate_goals
+from .timing import device_info
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = 1
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Profile:
+    batch_sizes: tuple
+    repeats: int
+    warmup: int
+    health_batch: int
+    sampler_samples: int
+    sampler_batch: int
+    sync_batches: tuple
+    feature_batch: int
+    feature_repeats: int
+
+
+FULL = Profile(batch_sizes=(1, 8, 32, 64), repeats=10, warmup=2, health_batch=2, sampler_samples=64,
+               sampler_batch=32, sync_batches=(1, 4), feature_batch=64, feature_repeats=5)
+TINY = Profile(batch_sizes=(1, 2), repeats=2, warmup=1, health_batch=1, sampler_samples=4, sampler_batch=2,
+               sync_batches=(1, 3), feature_batch=2, feature_repeats=2)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="", help="cuda, cuda:N or cpu (default: this process's local-rank GPU)")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny widths (64x64, 32 channels), batch sizes 1 and 2, fewer repeats: the test suite's run")
+    p.add_argument("--out", default=str(ROOT / "results" / "gpu_check"), help="report directory")
+    p.add_argument("--sections", default="health,speed,sampler,features", help="comma-separated subset")
+    p.add_argument("--batch_sizes", default="", help="override, e.g. 1,8,32,64")
+    p.add_argument("--repeats", type=int, default=0, help="override the timed repeats")
+    p.add_argument("--num_channels", type=int, default=0, help="override the U-Net width (default: the real one)")
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="measure torch.compile options (auto: on a GPU only; compiling takes minutes)")
+    p.add_argument("--model_dir", default="",
+                   help="use the official checkpoints in this directory for the health check where present")
+    p.add_argument("--dtype", default="", choices=("", "float16", "bfloat16"),
+                   help="the low precision checked and timed (default: float16 on a GPU, bfloat16 on the CPU, "
+                        "where float16 convolutions have no fast kernels)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    from guided_diffusion import dist_util
+
+    device = torch.device(args.device) if args.device else dist_util.dev()
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    profile = TINY if args.tiny else FULL
+    if args.batch_sizes:
+        profile = Profile(**dict(asdict(profile), batch_sizes=tuple(int(b) for b in args.batch_sizes.split(","))))
+    if args.repeats:
+        profile = Profile(**dict(asdict(profile), repeats=args.repeats))
+    compile_on = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "bfloat16")]
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cpu":  # as the sampling entry points do (large activations would page-fault in each step)
+        from sampling.allocator import tune_cpu_allocator
+
+        tune_cpu_allocator()
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = device_info(device)
+    report = {"schema": SCHEMA, "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "command": " ".join(["python", "scripts/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
+              "device": info, "gpu_run": info["gpu"], "tiny": args.tiny, "profile": asdict(profile),
+              "low_precision": str(dtype).replace("torch.", ""), "compile_measured": compile_on, "errors": {}}
+    num_channels = args.num_channels or None
+    log(f"device {device} ({info['name']}), tiny={args.tiny}, sections {', '.join(sections)}")
+    steps = {
+        "health": lambda: check_health(device, profile, args.tiny, num_channels, args.model_dir, args.seed, dtype),
+        "speed": lambda: check_speed(device, profile, args.tiny, num_channels, args.seed, compile_on,
+                                     info.get("peak_fp16_tflops"), dtype),
+        "sampler": lambda: check_sampler(device, profile, args.tiny, num_channels, args.seed, out),
+        "features": lambda: check_features(device, profile, args.tiny),
+    }
+    unknown = [name for name in sections if name not in steps]
+    if unknown:
+        raise SystemExit(f"unknown section(s) {', '.join(unknown)}; sections: {', '.join(steps)}")
+    for name in sections:
+        log(f"section {name}")
+        section_start = time.perf_counter()
+        try:
+            report[name] = steps[name]()
+        except Exception as e:  # report and carry on with the other sections
+            report["errors"][name] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        log(f"section {name}: {time.perf_counter() - section_start:.1f} s")
+        if name == "speed" and name in report:
+            report["goals"] = evaluate_goals(report["speed"], device, profile)
+    report["ok"] = (not report["errors"] and report.get("health", {}).get("ok", True)
+                    and report.get("sampler", {}).get("ok", True))
+    report["elapsed_s"] = time.perf_counter() - started
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    markdown = to_markdown(report)
+    atomic_write_text(out / "report.md", markdown)
+    print(markdown)
+    torch.set_num_threads(threads)
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The networks the GPU check measures and the settings its sections share: the paper's architectures at their real
+widths (or tiny ones for the CPU test run) from the official model configs, with random weights unless the official
+checkpoint is at hand; the guidance scale and sampler steps; the progress log."""
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from guided_diffusion.script_util import create_model_from_flags
+from sampling.model_configs import load_model_config
+
+ARCHS = ("256x256_diffusion_uncond", "256x256_diffusion")
+CLASSIFIER = "256x256_classifier"
+PAG_SCALE = 3.0  # the authors' ADM --guide_scale 4.0
+DDIM_STEPS = 25
+# The tiny widths: the same block names (the paper's PAG layers exist), 64x64 inputs, 32 base channels.
+TINY_FLAGS = dict(image_size=64, num_channels=32, channel_mult="1,1,2,2,4,4", attention_resolutions="8,4,2")
+TINY_CLASSIFIER_FLAGS = dict(image_size=64, classifier_width=64)
+
+
+def log(message):
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def diffusion_flags(name, tiny, num_channels=None):
+    flags = dict(load_model_config(name)["flags"])
+    if tiny:
+        flags.update(TINY_FLAGS)
+    if num_channels:
+        flags["num_channels"] = num_channels
+    return flags
+
+
+def classifier_flags(tiny):
+    flags = dict(load_model_config(CLASSIFIER)["flags"])
+    if tiny:
+        flags.update(TINY_CLASSIFIER_FLAGS)
+    return flags
+
+
+def randomize(model, seed):
+    """Random weights in which every layer counts: PyTorch's default initialisation for every convolution and
+    linear layer (ADM zero-initialises the output convolutions and attention projections)."""
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            module.reset_parameters()
+    return model
+
+
+def load_official(model, model_dir, name):
+    """Load the official checkpoint ``name`` from ``model_dir`` when it is there; returns whether it was."""
+    if not model_dir:
+        return False
+    path = Path(model_dir) / load_model_config(name)["file"]
+    if not path.is_file():
+        return False
+    from guided_diffusion.checkpoint import read_state_dict
+
+    model.load_state_dict(read_state_dict(str(path)), strict=True)
+    return True
+
+
+def build(kind, flags, device, seed, model_dir=None, name=None):
+    """``(network, diffusion, weights)``: random weights unless ``model_dir`` holds the official checkpoint."""
+    with torch.device(device):
+        net, diffusion = create_model_from_flags(kind, flags)
+    randomize(net, seed)
+    weights = "official checkpoint" if load_official(net, model_dir, name) else "random"
+    return net.eval().requires_grad_(False), diffusion, weights

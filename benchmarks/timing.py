@@ -1,0 +1,116 @@
+"""Timing and cost of model calls: device synchronisation, interleaved median timing, peak memory, FLOP counting,
+the devices' dense fp16 peaks, and the authors' two-pass PAG step that the benchmarks compare against."""
+
+import platform
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+import pag
+
+# Dense (no sparsity) fp16/bf16 tensor-core peaks with fp32 accumulation, TFLOP/s, by device-name substring
+# (first match wins). Unknown devices get no share of peak.
+PEAK_DENSE_FP16_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM
+    ("A100", 312.0),
+    ("V100", 125.0),
+    ("L40S", 362.0),
+    ("RTX 4090", 165.0),
+)
+
+
+def peak_fp16_tflops(device_name):
+    """The dense fp16 tensor peak of a device by name (:data:`PEAK_DENSE_FP16_TFLOPS`), None when unknown."""
+    return next((value for key, value in PEAK_DENSE_FP16_TFLOPS if key in device_name), None)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_info(device):
+    info = {"type": device.type, "gpu": device.type == "cuda", "torch": torch.__version__,
+            "python": platform.python_version(), "host": platform.node()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name = torch.cuda.get_device_name(device)
+        peak = peak_fp16_tflops(name)
+        info.update(name=name, cuda=torch.version.cuda, memory_gib=round(props.total_memory / 2**30, 1),
+                    sm_count=props.multi_processor_count, peak_fp16_tflops=peak,
+                    peak_note=("dense fp16/bf16 tensor-core peak from this script's table" if peak else
+                               f"unknown device {name!r}: not in this script's table of peaks, no share of peak"))
+    else:
+        info.update(name=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                    peak_fp16_tflops=None, peak_note="CPU: no tensor-core peak, no share of peak")
+    return info
+
+
+def naive_two_pass(model, layers):
+    """The authors' strategy: a full clean pass and a full perturbed pass, then the formula."""
+
+    def step(x, t):
+        eps_and_var = model(x, t)
+        with pag.perturbed_attention(model, layers):
+            eps_perturbed = model(x, t)[:, :3]
+        guided = pag.guidance_step(eps_and_var[:, :3], (eps_perturbed, torch.full((x.shape[0],), 3.0)))
+        return torch.cat([guided, eps_and_var[:, 3:]], dim=1)
+
+    return step
+
+
+def time_interleaved(variants, device, repeats, warmup):
+    """Median seconds per call of each variant; the variants alternate so machine load affects them alike.
+    Variants that run out of memory get None."""
+    times = {name: [] for name in variants}
+    failed = {}
+    with torch.no_grad():
+        for name, fn in variants.items():
+            try:
+                for _ in range(warmup):
+                    fn()
+                sync(device)
+            except torch.cuda.OutOfMemoryError as e:
+                failed[name] = f"out of memory: {str(e).splitlines()[0]}"
+                torch.cuda.empty_cache()
+        for _ in range(repeats):
+            for name, fn in variants.items():
+                if name in failed:
+                    continue
+                sync(device)
+                start = time.perf_counter()
+                fn()
+                sync(device)
+                times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(v) if v else None) for name, v in times.items()}, failed
+
+
+def peak_memory(fn, device):
+    """Peak allocated GPU memory of one call, MiB; None off CUDA (no per-call peak there)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad():
+        fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _cpu_flash_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs):
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(fn):
+    """Floating-point operations of one call (matmuls, convolutions, attention; 2 per multiply-add)."""
+    mapping = {}
+    if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):  # not in torch's table
+        mapping[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_sdpa_flops
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    with counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops()
