@@ -48,7 +48,33 @@ from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
 
 
+def training_defaults():
+    """The training flags of ``scripts/image_train.py`` and ``super_res_train.py`` with upstream's defaults."""
+    return dict(
+        data_dir="",
+        schedule_sampler="uniform",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        batch_size=1,
+        microbatch=-1,  # -1 disables microbatches
+        ema_rate="0.9999",  # comma-separated list of EMA rates
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+    )
+
+
 class TrainLoop:
+    @classmethod
+    def from_args(cls, args, *, model, diffusion, data, schedule_sampler=None, **extra):
+        """A loop configured by the flags of :func:`training_defaults` (parsed ``args``)."""
+        flags = {k: getattr(args, k) for k in training_defaults() if k not in ("data_dir", "schedule_sampler")}
+        return cls(model=model, diffusion=diffusion, data=data, schedule_sampler=schedule_sampler,
+                   **flags, **extra)
+
     def __init__(
         self,
         *,
