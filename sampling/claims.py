@@ -1,9 +1,11 @@
 """Claims on shards: which process samples which shard of a run.
 
 A claim is a file ``shards/.claims/shard_{k:06d}.claim`` created exclusively (``O_EXCL``) naming its holder (rank,
-host, pid, a token); a thread of the holding process refreshes its mtime (the heartbeat). A claim without a
-heartbeat for ``claim_lease`` seconds (a stalled or stopped rank) is taken over by renaming it away atomically,
-so of several ranks that see it stale exactly one claims the shard.
+host, pid, a token); a thread of the holding process refreshes its mtime (the heartbeat) as long as the sampling
+makes progress: no batch finished for ``claim_lease`` seconds (a main thread hung in a GPU call or a file system
+read) stops the heartbeat. A claim without a heartbeat for ``claim_lease`` seconds (a stalled, hung or stopped
+rank) is taken over by renaming it away atomically, so of several ranks that see it stale exactly one claims the
+shard.
 """
 
 import json
@@ -26,6 +28,7 @@ class Claims:
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self.interval = max(0.1, min(30.0, self.lease / 4))
         self._current = None
+        self.last_progress = time.time()  # the last claim or finished batch (see progressed)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         os.makedirs(self.dir, exist_ok=True)
@@ -42,7 +45,7 @@ class Claims:
     def _create(self, path):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
+        except (FileExistsError, FileNotFoundError):  # claimed, or the run is over (rank 0 removed the claims)
             return False
         try:
             os.write(fd, json.dumps({"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(),
@@ -75,7 +78,12 @@ class Claims:
                     f"{self.lease:g} s): rank {self.rank} samples it instead")
         with self._lock:
             self._current = k
+            self.last_progress = time.time()
         return True, note
+
+    def progressed(self):
+        """The sampling of the current shard made progress (a batch is done): the heartbeat goes on."""
+        self.last_progress = time.time()
 
     def owned(self, k):
         return self._read(self.path(k)).get("token") == self.token
@@ -99,8 +107,8 @@ class Claims:
     def _beat(self):
         while not self._stop.wait(self.interval):
             with self._lock:
-                k = self._current
-            if k is not None and self.owned(k):
+                k, stalled = self._current, time.time() - self.last_progress > self.lease
+            if k is not None and not stalled and self.owned(k):  # a hung main thread lets its claim expire
                 try:
                     os.utime(self.path(k))
                 except OSError:

@@ -82,7 +82,11 @@ def parse_overrides(items):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SampleConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        try:
+            overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise SampleConfigError(f"--set {item}: the value is not valid YAML ({problem})") from None
     return overrides
 
 

@@ -1,15 +1,17 @@
 """Carrying out a plan: the ranks claim and sample the unfinished shards, rank 0 verifies and merges them.
 
 Shards are claimed, not assigned: a claim is a file ``shards/.claims/shard_{k:06d}.claim`` created exclusively
-(``O_EXCL``) whose mtime a thread of the claiming process refreshes (its heartbeat). Each rank first takes its
-own share (``remaining[rank::world]``), then any unclaimed shard, and a shard whose claim had no heartbeat for
-``claim_lease`` seconds (a stalled or stopped rank) is claimed again by another rank. Claiming changes only who
-samples a shard, never what it holds: sample i depends only on (seed, i). A rank whose claim was taken over
-discards its copy.
+(``O_EXCL``) whose mtime a thread of the claiming process refreshes (its heartbeat) while batches keep coming
+(one batch must take less than ``claim_lease``). Each rank first takes its own share (``remaining[rank::world]``),
+then any other shard not on disk and unclaimed (also one verified earlier that failed the merge), and a shard
+whose claim had no heartbeat for ``claim_lease`` seconds (a stalled, hung or stopped rank) is claimed again by
+another rank. Claiming changes only who samples a shard, never what it holds: sample i depends only on (seed, i).
+A rank whose claim was taken over discards its copy.
 
 Ranks never wait for each other in a collective while sampling or merging (a rank with more work would make
 the others time out): they wait by polling the file system, and a failing rank leaves a note in ``.failed/``
-that makes the others stop with its message. Rank 0 verifies every shard when it first counts it (CRC, sample
+that makes the others stop with its message. A rank 0 that died without a note is noticed by its run lock file
+going stale or missing (:class:`Rank0Watch`). Rank 0 verifies every shard when it first counts it (CRC, sample
 range, run id; a bad one is moved to ``shards/rejected/`` and sampled again), logs which ranks it waits for
 (within a minute), checks that the disk has room for the merged file, then merges. Progress is counted in
 ``.progress/`` (one small file a rank) and shown by rank 0: a tqdm bar on a terminal, a plain line a minute
@@ -28,6 +30,7 @@ from adm_common.files import atomic_write_text
 from adm_common.npz import NpzImages, NpzWriter
 from guided_diffusion import dist_util, logger
 
+from . import lock as run_lock
 from .claims import Claims
 from .images import save_grid
 from .plan import FAILED_DIR, PROGRESS_DIR
@@ -39,6 +42,7 @@ POLL_SECONDS = 0.5
 FIRST_NOTE_SECONDS = 30  # the first "waiting for" line (sooner with a claim_lease under 2 minutes)
 WAIT_NOTE_SECONDS = 60  # then one a minute
 MERGE_MARGIN_BYTES = 64 << 20
+RANK0_STALE_HEARTBEATS = 4  # rank 0 is taken to be gone when its run lock was not refreshed for this many beats
 
 
 class PeerFailedError(RuntimeError):
@@ -96,6 +100,42 @@ def _raise_if_peer_failed(plan):
             raise PeerFailedError(f"{name[:-4].replace('rank', 'rank ')} failed: {message}")
 
 
+class Rank0Watch:
+    """On the other ranks: whether rank 0 still runs, seen from its run lock file (``out_dir/lock``), whose mtime
+    its heartbeat refreshes every ``lock.HEARTBEAT_SECONDS``. Rank 0 is gone when the file was not refreshed for
+    ``RANK0_STALE_HEARTBEATS`` beats (it died), or has been missing that long (it ended and released the lock),
+    and still is one beat after this rank first saw it so (a job suspended and resumed as a whole is not a death).
+    Checked only when rank 0 is known to hold the lock (``expected``) or the file exists when watching starts, so a
+    run without a lock file is never taken for a failed one."""
+
+    def __init__(self, out_dir, expected=False):
+        self.out_dir = out_dir
+        self.path = os.path.join(out_dir, run_lock.LOCK_NAME)
+        self.active = bool(expected) or run_lock.lock_age(out_dir) is not None
+        self.seen = time.time()  # when the file was last seen fresh
+        self.bad_since = None  # when this rank first saw it stale or missing (since it was last fresh)
+
+    def check(self):
+        """Raise :class:`PeerFailedError` when rank 0 is gone."""
+        if not self.active:
+            return
+        limit = RANK0_STALE_HEARTBEATS * run_lock.HEARTBEAT_SECONDS
+        age, now = run_lock.lock_age(self.out_dir), time.time()
+        if age is not None and age <= limit:
+            self.seen, self.bad_since = now, None
+            return
+        if self.bad_since is None:
+            self.bad_since = now
+        if now - self.bad_since < run_lock.HEARTBEAT_SECONDS:  # give rank 0's heartbeat one beat to show life
+            return
+        if age is None and now - self.seen <= limit:  # missing for a moment (a network file system's cache)
+            return
+        what = (f"its run lock {self.path} was not refreshed for {age:.0f} s" if age is not None
+                else f"its run lock {self.path} has been gone for {now - self.seen:.0f} s")
+        raise PeerFailedError(f"rank 0 stopped without finishing the run ({what}: it died, was killed, or failed "
+                              "before it could say why; see its log); rerun the same command to resume")
+
+
 class _WaitNotes:
     """A "waiting for ..." log line once waiting has lasted ``first`` seconds, then one a minute."""
 
@@ -139,19 +179,19 @@ def _finish(plan, with_labels):
     grid = os.path.join(plan.out_dir, "grid.png")
     if not os.path.exists(grid):
         save_grid(NpzImages(plan.final_path).first(64), grid)
-    if not plan.settings.runtime.keep_shards:
+    if not plan.settings.runtime.keep_shards:  # the claims go after the final barrier (a rank may still claim)
         for path in shards:
             if os.path.exists(path):
                 os.remove(path)
-        shutil.rmtree(plan.claims_dir, ignore_errors=True)
         try:
             os.rmdir(os.path.join(plan.out_dir, SHARD_DIR))
         except OSError:
             pass
 
 
-def _sample_shard(plan, sampler, k, progress, still_mine=None):
-    """Sample shard k into its file (atomically). ``still_mine()`` is asked before the file is put in place."""
+def _sample_shard(plan, sampler, k, progress, still_mine=None, on_batch=None):
+    """Sample shard k into its file (atomically). ``still_mine()`` is asked before the file is put in place;
+    ``on_batch()`` is called after every batch (the claim's heartbeat goes on only while batches come)."""
     start, end = plan.shard_bounds(k)
     size, batch_size = plan.settings.model.image_size, plan.settings.runtime.batch_size
     labels = []
@@ -164,6 +204,8 @@ def _sample_shard(plan, sampler, k, progress, still_mine=None):
                 out.write(images)
                 labels.append(batch_labels)
                 progress.advance(len(images))
+                if on_batch is not None:
+                    on_batch()
         if sampler.with_labels:
             writer.write("arr_1", np.concatenate(labels))
         writer.write("sample_range", np.array([start, end], dtype=np.int64))
@@ -178,7 +220,8 @@ def _sample_claimed(plan, sampler, k, progress, claims, rank):
     t0 = time.time()
     try:
         _sample_shard(plan, sampler, k, progress,
-                      still_mine=lambda: claims.owned(k) and not os.path.exists(plan.final_path))
+                      still_mine=lambda: claims.owned(k) and not os.path.exists(plan.final_path),
+                      on_batch=claims.progressed)
     except _Superseded:
         logger.log(f"shard {k + 1}/{plan.num_shards} was taken over by another rank while rank {rank} sampled it; "
                    "this copy is discarded")
@@ -201,13 +244,16 @@ def _sample_claimed(plan, sampler, k, progress, claims, rank):
 
 
 def _claim_next(plan, claims, order):
+    """Claim the first shard of ``order`` that is neither on disk nor claimed: (k, note), or (None, None)."""
+    if os.path.exists(plan.final_path):  # merged (its shards may be gone already): nothing is left to sample
+        return None, None
     for k in order:
         if os.path.exists(plan.shard_path(k)):
             continue
         ok, note = claims.try_claim(k)
         if not ok:
             continue
-        if os.path.exists(plan.shard_path(k)):  # finished just now by the previous holder
+        if os.path.exists(plan.shard_path(k)) or os.path.exists(plan.final_path):  # finished just now
             claims.release(k)
             continue
         return k, note
@@ -262,25 +308,34 @@ def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
             _finish(plan, with_labels=None)
         dist_util.barrier()
         return plan.final_path
-    if rank == 0:
-        write_run_record(plan, sampler.device)
-        logger.log(f"{s.sampling.num_samples} samples in {plan.num_shards} shards of {s.sampling.shard_size}: "
-                   f"{plan.done_images} done, {len(plan.remaining)} shards to sample on {world} process(es); "
-                   f"device {sampler.device}, batch size {s.runtime.batch_size}")
-    for name in (SHARD_DIR, PROGRESS_DIR, FAILED_DIR):
-        os.makedirs(os.path.join(plan.out_dir, name), exist_ok=True)
-    progress = Progress(plan, rank)
-    claims = Claims(plan, rank)
     own = plan.remaining[rank::world]
-    order = own + sorted(set(plan.remaining) - set(own))  # own share first, then the others'
+    # Own share first, then every other shard: one verified by prepare may fail the merge and be sampled again.
+    order = own + sorted(set(range(plan.num_shards)) - set(own))
     verified = {k for k in range(plan.num_shards) if k not in plan.remaining}  # checked by prepare
     notes = _WaitNotes(min(FIRST_NOTE_SECONDS, s.runtime.claim_lease / 4))  # before a stalled claim expires
+    watch = Rank0Watch(plan.out_dir, expected=plan.lock_held) if rank != 0 else None
     count = claimed = 0
-    try:
+    claims = None
+    try:  # from here on a failure leaves a note in .failed/ that stops the other ranks
+        if rank == 0:
+            write_run_record(plan, sampler.device)
+            logger.log(f"{s.sampling.num_samples} samples in {plan.num_shards} shards of {s.sampling.shard_size}: "
+                       f"{plan.done_images} done, {len(plan.remaining)} shards to sample on {world} process(es); "
+                       f"device {sampler.device}, batch size {s.runtime.batch_size}")
+        for name in (SHARD_DIR, PROGRESS_DIR, FAILED_DIR):
+            os.makedirs(os.path.join(plan.out_dir, name), exist_ok=True)
+        progress = Progress(plan, rank)
+        claims = Claims(plan, rank)
         while True:
             _raise_if_peer_failed(plan)
             if rank != 0 and os.path.exists(plan.final_path):
                 break
+            if watch is not None:
+                try:
+                    watch.check()
+                except PeerFailedError:
+                    _raise_if_peer_failed(plan)  # its own note, when it wrote one before releasing the lock
+                    raise
             if rank == 0 and len(verified) == plan.num_shards:
                 try:
                     _finish(plan, sampler.with_labels)
@@ -318,7 +373,8 @@ def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
             _mark_failed(plan, rank, e)
         raise
     finally:
-        claims.close()
+        if claims is not None:
+            claims.close()
     progress.close()
     dist_util.barrier()
     if rank == 0:

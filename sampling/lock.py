@@ -51,6 +51,22 @@ def read_lock_info(path):
     return read_json_mapping(path)
 
 
+def _parse_record(text):
+    try:
+        data = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def lock_age(out_dir):
+    """Seconds since ``out_dir``'s lock file was last refreshed (its holder's heartbeat), None when it is missing."""
+    try:
+        return time.time() - os.stat(os.path.join(out_dir, LOCK_NAME)).st_mtime
+    except FileNotFoundError:
+        return None
+
+
 def describe_holder(info):
     if not info:
         return "another process (no details in the lock file)"
@@ -122,18 +138,33 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                info = read_lock_info(self.path)
-                try:
-                    age = time.time() - os.stat(self.path).st_mtime
+                try:  # the record and the inode judged, from one open file
+                    with open(self.path) as f:
+                        inode, age = os.fstat(f.fileno()).st_ino, time.time() - os.fstat(f.fileno()).st_mtime
+                        info = _parse_record(f.read())
                 except FileNotFoundError:
                     continue
+                except OSError:
+                    inode, age, info = None, 0.0, {}
                 if info.get("host") == socket.gethostname() and info.get("pid") and not _pid_alive(info["pid"]):
                     stale = f"{self.path}.stale-{os.getpid()}"
                     try:
                         os.rename(self.path, stale)  # atomic: one process takes a stale lock over
-                        os.remove(stale)
                     except FileNotFoundError:
-                        pass
+                        continue
+                    # Another process may have taken the dead lock over meanwhile and put its live one in place:
+                    # then the file moved is not the one judged dead; it goes back and this process refuses.
+                    try:
+                        moved = os.stat(stale).st_ino
+                    except FileNotFoundError:
+                        moved = None
+                    if moved != inode or read_lock_info(stale) != info:
+                        try:
+                            os.rename(stale, self.path)
+                        except FileNotFoundError:
+                            pass
+                        raise self._refused(read_lock_info(self.path))
+                    os.remove(stale)
                     self.took_over = info
                     continue
                 raise self._refused(info, f"; this file system has no flock, so a lock left by a run that died on "

@@ -29,6 +29,7 @@ import torch as th
 from adm_common.files import is_tmp_file
 from adm_common.npz import samples_filename
 from guided_diffusion import dist_util
+from guided_diffusion.checkpoint import CheckpointError
 
 from . import lock as run_lock
 from .models import check_run, checkpoint_identity
@@ -66,6 +67,7 @@ class RunPlan:
     notes: list = dataclasses.field(default_factory=list)  # what preparing did (logged by execute)
     run_id: str = ""  # sha256 of the identity (of the record, when resuming), stored in every shard
     legacy_shards: bool = False  # a record from before run ids: its shards have none
+    lock_held: bool = False  # rank 0 holds out_dir's run lock (the other ranks watch its heartbeat)
 
     @property
     def out_dir(self):
@@ -331,7 +333,7 @@ def _plan_rank0(settings, device_type, ident, record, diffs, orphans, lock, note
 
     s = settings.sampling
     num_shards = math.ceil(s.num_samples / s.shard_size)
-    plan = RunPlan(settings, ident, device_type, num_shards, [], 0, False)
+    plan = RunPlan(settings, ident, device_type, num_shards, [], 0, False, lock_held=lock is not None)
     plan.run_id = (record or {}).get("run_id") or run_id_of(ident)
     plan.legacy_shards = bool(record) and (not record.get("run_id") or bool(record.get("legacy_shards")))
     if os.path.exists(plan.final_path):
@@ -355,8 +357,13 @@ def prepare(settings, device=None, check_only=False, locks=None):
     device = device or resolve_device(settings)
     locks = run_lock.RunLocks() if locks is None else locks
     result = None
-    if dist_util.get_world_size() == 1:
-        result = ("ok",) + _prepare_rank0(settings, device.type, check_only, locks)
+    if dist_util.get_world_size() == 1:  # errors as with several processes: one line, exit status 2
+        try:
+            result = ("ok",) + _prepare_rank0(settings, device.type, check_only, locks)
+        except (SampleConfigError, CheckpointError):
+            raise
+        except Exception as e:
+            raise SampleConfigError(f"{type(e).__name__}: {e}") from e
     elif dist_util.get_rank() == 0:
         try:
             result = ("ok",) + _prepare_rank0(settings, device.type, check_only, locks)

@@ -108,19 +108,36 @@ def write_shard(path, images, labels, start, end, run_id):
 
 
 def rows_from_batch(npz_path, bounds, with_labels):
-    """Yield (start, end, images, labels) for each [start, end) of ``bounds`` from a merged sample batch, after
-    checking every CRC of the file (it is read once whole for that)."""
+    """Yield (start, end, images, labels) for each [start, end) of ``bounds`` (in increasing order) from a merged
+    sample batch, after checking every CRC of the file (it is read once whole for that). The images are read in
+    one sequential pass over the member (a zip member cannot seek without reading what it skips)."""
     with zipfile.ZipFile(npz_path) as zf:
         bad = zf.testzip()
     if bad is not None:
         raise ShardError(npz_path, f"damaged: the CRC check of {bad} failed")
+    bounds = sorted((int(start), int(end)) for start, end in bounds)
+    if not bounds:
+        return
+    if any(end <= start for start, end in bounds) or any(b[0] < a[1] for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"row ranges must be non-empty and must not overlap, got {bounds}")
     labels = None
     if with_labels:
         with np.load(npz_path, allow_pickle=False) as npz:
             labels = np.asarray(npz["arr_1"], dtype=np.int64)
     images = NpzImages(npz_path)
+    batches = images.iter_batches(max(end - start for start, end in bounds), bounds[0][0], bounds[-1][1])
+    pending, pos = None, bounds[0][0]  # rows [pos, pos + len(pending)) read and not yet handed out
     for start, end in bounds:
-        rows = next(images.iter_batches(end - start, start, end))
+        while pending is None or pos + len(pending) < end:
+            batch = next(batches, None)
+            if batch is None:
+                raise ValueError(f"{npz_path}: arr_0 holds {images.num_images} images, fewer than {end}")
+            if pending is None or pos + len(pending) <= start:  # nothing pending is wanted (a gap)
+                pos, pending = pos + (0 if pending is None else len(pending)), batch
+            else:
+                pending = np.concatenate([pending, batch])
+        rows = pending[start - pos:end - pos].copy()
+        pending, pos = pending[end - pos:], end
         yield start, end, rows, (labels[start:end].copy() if labels is not None else None)
 
 

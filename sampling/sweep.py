@@ -282,10 +282,6 @@ def run_sweep(sweep, cells, evaluate_fn=None, table_fn=None, model_wrapper=None)
     """Check every cell, then sample them in turn (collective), then :func:`after_runs`. Returns run dirs."""
     dist_util.setup_dist()
     check_evaluation(sweep, evaluate_fn)
-    if dist_util.get_rank() == 0:  # before the first collective below, so no rank sees a stale marker
-        for path in evaluation_markers(sweep):
-            if os.path.exists(path):
-                os.remove(path)
     with run_lock.RunLocks() as locks:
         return _run_cells(sweep, cells, evaluate_fn, table_fn, model_wrapper, locks)
 
@@ -299,6 +295,12 @@ def _run_cells(sweep, cells, evaluate_fn, table_fn, model_wrapper, locks):
             prepare(cell.settings, device, check_only=True, locks=locks)
         except (SampleConfigError, CheckpointError) as e:
             raise type(e)(f"cell {cell.name}: {e}") from None
+    # Every cell's lock is ours now, so no other sweep of these cells runs: the evaluation markers of an earlier
+    # one go, before the next collective (no rank then sees a stale marker). A sweep refused above leaves them.
+    if dist_util.get_rank() == 0:
+        for path in evaluation_markers(sweep):
+            if os.path.exists(path):
+                os.remove(path)
     plans = []
     for cell, device in zip(cells, devices):
         try:

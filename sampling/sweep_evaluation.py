@@ -13,7 +13,7 @@ from adm_common.files import atomic_write_text
 from adm_common.npz import samples_filename
 from guided_diffusion import dist_util, logger
 
-from .execute import POLL_SECONDS
+from .execute import POLL_SECONDS, PeerFailedError, Rank0Watch
 from .settings import SampleConfigError, plain, sampler_label
 
 
@@ -151,7 +151,15 @@ def after_runs(cells, sweep, evaluate_fn=None, table_fn=None):
         if dist_util.get_world_size() > 1:
             atomic_write_text(done, "")
     else:
+        watch = Rank0Watch(cells[0].out_dir) if cells else None  # rank 0 holds every cell's run lock
         while not (os.path.exists(done) or os.path.exists(failed)):
+            if watch is not None:
+                try:
+                    watch.check()
+                except PeerFailedError:  # rank 0 died: no marker comes
+                    if os.path.exists(done) or os.path.exists(failed):
+                        break
+                    raise
             time.sleep(POLL_SECONDS)
         if os.path.exists(failed):
             with open(failed) as f:

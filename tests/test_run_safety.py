@@ -732,3 +732,238 @@ def test_evaluator_warns_about_other_resolutions_and_refuses_tiny_batches(tmp_pa
     with pytest.raises(ValueError, match=f"five.npz holds 5 images, fewer than the minimum of {MIN_SAMPLES}"):
         evaluate(str(ref), str(five), **common)
     assert np.isfinite(evaluate(str(ref), str(five), min_samples=5, **common)["fid"])  # forced
+
+
+# ------------------------------------------------------------------------ 13. the review's run-safety items
+
+
+def test_a_shard_that_fails_the_merge_is_sampled_again(reference, ckpt, tmp_path, monkeypatch, one_thread):
+    import importlib
+
+    execute_module = importlib.import_module("sampling.execute")  # the package exports a function of that name
+
+    out_dir = tmp_path / "run"
+    with pytest.raises(Kill):
+        cli.main(argv(out_dir, ckpt), on_shard_written=kill_after(2))
+    logger.reset()
+    assert shard_names(out_dir) == ["shard_000000.npz", "shard_000001.npz"]
+
+    def damage(count):  # shard 0 was verified when the run started; now it fails the merge
+        if count == 1:
+            path = out_dir / "shards" / "shard_000000.npz"
+            data = bytearray(path.read_bytes())
+            data[200] ^= 0xFF
+            path.write_bytes(bytes(data))
+
+    real_verify, polls = execute_module._verify_new, []
+
+    def verify(plan, verified):  # called once per poll while rank 0 waits for a shard
+        polls.append(1)
+        if len(polls) > 20:
+            pytest.fail("rank 0 waits for a shard no rank samples")
+        return real_verify(plan, verified)
+
+    monkeypatch.setattr(execute_module, "_verify_new", verify)
+    assert cli.main(argv(out_dir, ckpt), on_shard_claimed=damage) == 0
+    log = (out_dir / "log.txt").read_text()
+    assert "shard_000000.npz: cannot be read for the merge" in log and "it is sampled again" in log, log
+    assert sha256(final(out_dir)) == sha256(final(reference))
+
+
+def claims_plan(tmp_path, lease=600.0):
+    """What ``Claims`` and ``_claim_next`` read of a plan."""
+    import types
+
+    out_dir = tmp_path / "run"
+    return types.SimpleNamespace(
+        claims_dir=str(out_dir / "shards" / ".claims"), final_path=str(out_dir / "samples_8x32x32x3.npz"),
+        shard_path=lambda k: str(out_dir / "shards" / shard_files.shard_filename(k)),
+        settings=types.SimpleNamespace(runtime=types.SimpleNamespace(claim_lease=lease)))
+
+
+def test_a_slower_rank_claiming_after_the_merge_is_no_error(tmp_path):
+    from sampling.claims import Claims
+    from sampling.execute import _claim_next
+
+    plan = claims_plan(tmp_path)
+    claims = Claims(plan, 1)
+    try:
+        shutil.rmtree(plan.claims_dir)  # rank 0 merged and removed the claims meanwhile
+        assert claims.try_claim(0) == (False, None)
+        os.makedirs(plan.claims_dir)
+        Path(plan.final_path).write_bytes(b"merged")  # the shards are gone, the merged file is there
+        assert _claim_next(plan, claims, [0, 1]) == (None, None)
+        assert os.listdir(plan.claims_dir) == []
+    finally:
+        claims.close()
+
+
+def test_a_hung_rank_stops_refreshing_its_claim(tmp_path):
+    from sampling.claims import Claims
+
+    plan = claims_plan(tmp_path, lease=1.0)
+    hung, other = Claims(plan, 1), Claims(plan, 0)
+    try:
+        assert hung.try_claim(0) == (True, None)
+        deadline = time.time() + 2.0  # two leases of batches coming: the claim stays
+        while time.time() < deadline:
+            hung.progressed()
+            assert other.try_claim(0) == (False, None)
+            time.sleep(0.05)
+        # Now the main thread hangs (no batch) while the heartbeat thread runs on: the claim expires.
+        deadline = time.time() + 8.0
+        while True:
+            ok, note = other.try_claim(0)
+            if ok:
+                break
+            assert time.time() < deadline, "the claim of a rank without progress is refreshed forever"
+            time.sleep(0.05)
+        assert "rank 1 (pid" in note and "rank 0 samples it instead" in note
+        assert not hung.owned(0) and other.owned(0)
+    finally:
+        hung.close()
+        other.close()
+
+
+def test_rank0_watch_notices_a_dead_rank0(tmp_path, monkeypatch):
+    from sampling.execute import PeerFailedError, Rank0Watch
+
+    assert not Rank0Watch(str(tmp_path)).active  # no lock file: never a false alarm
+    Rank0Watch(str(tmp_path)).check()
+    held = lock.RunLock(str(tmp_path)).acquire()
+    try:
+        watch = Rank0Watch(str(tmp_path))
+        watch.check()  # refreshed a moment ago
+        old = time.time() - 5 * lock.HEARTBEAT_SECONDS
+        os.utime(tmp_path / "lock", (old, old))  # rank 0 was killed: no heartbeat any more
+        watch.check()  # seen stale once: one more beat for it to show life (a whole job suspended and resumed)
+        watch.bad_since -= lock.HEARTBEAT_SECONDS
+        with pytest.raises(PeerFailedError, match="rank 0 stopped without finishing.*not refreshed for"):
+            watch.check()
+    finally:
+        held.release()
+    watch = Rank0Watch(str(tmp_path), expected=True)  # the plan says rank 0 holds it: missing for long = gone
+    watch.check()
+    watch.bad_since -= lock.HEARTBEAT_SECONDS
+    watch.check()  # missing for a moment only
+    watch.seen -= 5 * lock.HEARTBEAT_SECONDS
+    with pytest.raises(PeerFailedError, match="has been gone for"):
+        watch.check()
+
+
+def test_a_refused_sweep_leaves_the_running_sweeps_evaluation_markers(ckpt, tmp_path):
+    path = write_sweep(tmp_path / "s.yaml", ckpt, tmp_path / "out", {"pag_scale": [0, 2]})
+    cfg = sweep.load_sweep(path)
+    cells = sweep.expand(cfg)
+    os.makedirs(cells[1].out_dir)
+    running = lock.RunLock(cells[1].out_dir).acquire()  # the running sweep holds its cells' locks
+    markers = sweep.evaluation_markers(cfg)
+    try:
+        for marker in markers:  # the running sweep's other ranks wait for these
+            Path(marker).write_text("")
+        with pytest.raises(lock.RunLockedError, match="is in use by another run"):
+            sweep.run_sweep(cfg, cells, evaluate_fn=FakeEvaluator(), table_fn=no_table)
+        assert all(os.path.exists(marker) for marker in markers)
+    finally:
+        running.release()
+
+
+def test_stale_evaluation_markers_go_once_the_sweep_holds_its_cells(ckpt, tmp_path, one_thread):
+    path = write_sweep(tmp_path / "s.yaml", ckpt, tmp_path / "out", {"pag_scale": [0]})
+    cfg = sweep.load_sweep(path)
+    os.makedirs(cfg.out_dir)
+    markers = sweep.evaluation_markers(cfg)
+    for marker in markers:
+        Path(marker).write_text("")
+    sweep.run_sweep(cfg, sweep.expand(cfg), evaluate_fn=FakeEvaluator(), table_fn=no_table)
+    assert not any(os.path.exists(marker) for marker in markers)
+
+
+def test_lock_takeover_without_flock_has_one_winner(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path = tmp_path / "lock"
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": "x"}))
+    first, second = lock.RunLock(str(tmp_path)), lock.RunLock(str(tmp_path))
+    real_rename, raced = os.rename, []
+
+    def rename(src, dst):
+        # The first process judged the lock dead; just before it moves the file away, the second one (which
+        # judged it dead too) takes it over and puts its live lock in place.
+        if not raced and str(src) == str(path) and ".stale-" in str(dst):
+            raced.append(1)
+            second.acquire()
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    try:
+        with pytest.raises(lock.RunLockedError, match=f"is in use by another run: pid {os.getpid()}"):
+            first.acquire()
+        assert raced and second.fd is not None and first.fd is None
+        assert os.fstat(second.fd).st_ino == os.stat(path).st_ino  # the live lock is still in place
+        assert [n for n in os.listdir(tmp_path) if n != "lock"] == []
+    finally:
+        second.release()
+        first.release()
+
+
+def test_a_bad_set_value_and_an_unreadable_record_are_one_line(ckpt, tmp_path, capsys, monkeypatch):
+    from sampling import plan as plan_module
+
+    path = write_sweep(tmp_path / "s.yaml", ckpt, tmp_path / "out", {"pag_scale": [0]})
+    assert cli.sweep_main([str(path), "--dry-run", "--set", "num_samples=[1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --set num_samples=[1: the value is not valid YAML") and err.count("\n") == 1, err
+
+    # One process: an error reading out_dir (here config.yaml) is one line with exit status 2, as with several.
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    (out_dir / "config.yaml").write_text("settings: {}\n")
+
+    def unreadable(directory):
+        raise PermissionError(errno.EACCES, "Permission denied", os.path.join(directory, "config.yaml"))
+
+    monkeypatch.setattr(plan_module, "read_run_record", unreadable)
+    assert cli.main(argv(out_dir, ckpt)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: PermissionError: [Errno 13] Permission denied") and err.count("\n") == 1, err
+
+    def interrupted(directory):
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(plan_module, "read_run_record", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # not an error of the input: never turned into one
+        cli.main(argv(out_dir, ckpt))
+
+
+def test_rows_of_a_merged_batch_are_read_in_one_pass(tmp_path, monkeypatch):
+    import zipfile
+
+    images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    labels = np.arange(40, dtype=np.int64) * 3
+    path = tmp_path / "samples_40x8x8x3.npz"
+    with NpzWriter(path) as w:
+        w.write("arr_0", images)
+        w.write("arr_1", labels)
+    bounds = [(k * 4, (k + 1) * 4) for k in range(10) if k != 3]  # shard 3 exists already: a gap
+
+    real_read, read = zipfile.ZipExtFile.read, collections.Counter()
+
+    def counting_read(self, n=-1):
+        data = real_read(self, n)
+        read[self.name] += len(data)
+        return data
+
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", counting_read)
+    rows = list(shard_files.rows_from_batch(str(path), bounds, with_labels=True))
+    assert [(start, end) for start, end, _, _ in rows] == bounds
+    for start, end, got, got_labels in rows:
+        np.testing.assert_array_equal(got, images[start:end])
+        np.testing.assert_array_equal(got_labels, labels[start:end])
+    # The CRC check reads the member once, the rows once more: not again up to each shard.
+    assert read["arr_0.npy"] <= 2 * images.nbytes + 1024, read
