@@ -342,6 +342,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    dist = detect_distributed()
     try:
         result = evaluate(
             args.ref_batch, args.sample_batch, batch_size=args.batch_size, device=args.device,
@@ -349,11 +350,13 @@ def main(argv=None):
             cache_dir=None if args.no_cache else args.cache_dir, cache_samples=args.cache_samples,
             progress=not args.no_progress, json_path=args.json, feature_net=args.feature_net,
             feature_extractor=args.feature_extractor, metrics=args.metrics, pr_precision=args.pr_precision,
-            dinov2_weights=args.dinov2_weights, min_samples=args.min_samples,
+            dinov2_weights=args.dinov2_weights, min_samples=args.min_samples, dist=dist,
         )
     except (MissingInceptionWeights, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        dist.close()  # a process group made for this evaluation ends with it
     if result is None:  # not rank 0
         return 0
     if result["random_weights"]:

@@ -85,14 +85,24 @@ class SingleProcess:
     def bcast(self, obj):
         return obj
 
+    def close(self):
+        pass
+
 
 class TorchDistributed:
-    def __init__(self):
+    """An initialised torch.distributed group; ``close()`` destroys it when this object created it."""
+
+    def __init__(self, owns_group=False):
         import torch.distributed as dist
 
         self._dist = dist
+        self.owns_group = owns_group
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+
+    def close(self):
+        if self.owns_group and self._dist.is_initialized():
+            self._dist.destroy_process_group()
 
     def gather(self, obj):
         out = [None] * self.world_size
@@ -117,6 +127,9 @@ class MPIDistributed:
     def bcast(self, obj):
         return self.comm.bcast(obj, root=0)
 
+    def close(self):
+        pass
+
 
 def detect_distributed():
     """How this evaluation is split over processes: an initialised torch.distributed group; else the launcher
@@ -136,7 +149,7 @@ def detect_distributed():
         host = f"[{info.master_addr}]" if ":" in info.master_addr else info.master_addr
         dist.init_process_group("gloo", init_method=f"tcp://{host}:{info.master_port}", rank=info.rank,
                                 world_size=info.world_size)
-        return TorchDistributed()
+        return TorchDistributed(owns_group=True)  # the caller closes it (evaluator.main does)
     return SingleProcess()
 
 

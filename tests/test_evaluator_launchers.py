@@ -26,6 +26,7 @@ class MeanColour:  # a stand-in extractor: the mean colour of each image, and ho
 
 dist = detect_distributed()
 feats = extract_features(sys.argv[1], MeanColour(), batch_size=4, dist=dist)
+dist.close()  # destroys the group detect_distributed made
 print(json.dumps({"kind": type(dist).__name__, "rank": dist.rank, "world": dist.world_size,
                   "seen": MeanColour.seen, "rows": None if feats is None else feats["pool"].tolist()}))
 """
