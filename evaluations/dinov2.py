@@ -28,7 +28,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from adm_common.files import file_sha256  # noqa: E402
 from adm_common.npz import NpzImages, check_image_batch  # noqa: E402
-from evaluations.features import RANDOM_WEIGHTS_MARK, default_device  # noqa: E402
+from evaluations.features import RANDOM_WEIGHTS_MARK, default_device, find_weights  # noqa: E402
+from evaluations.features import hub_checkpoint_path, missing_weights_text  # noqa: E402
 from evaluations.reference import FeatureCache, batch_statistics, detect_distributed, extract_features  # noqa: E402
 
 MODEL_NAME = "vit_large_patch14_dinov2"
@@ -48,28 +49,14 @@ class MissingDINOv2Weights(FileNotFoundError):
 
 
 def default_weights_path():
-    """Where torch hub keeps the checkpoint: ``<torch hub dir>/checkpoints/dinov2_vitl14_pretrain.pth`` (by default
-    ``~/.cache/torch/hub/checkpoints/``; ``TORCH_HOME`` moves it)."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILENAME)
-
-
-def missing_weights_message(looked_at):
-    return (
-        f"DINOv2 weights not found at {looked_at}.\n"
-        f"FD_DINOv2 needs Meta's DINOv2 ViT-L/14 checkpoint, file {WEIGHTS_FILENAME},\n"
-        f"from {WEIGHTS_URL}\n"
-        f"Get it with `make download-dinov2` (or download it yourself), then pass --dinov2-weights PATH or put it "
-        f"at {default_weights_path()}.\n"
-        f"For tests and dry runs only, --allow-random-weights uses a randomly initialised network "
-        f"(FD_DINOv2 is then marked {RANDOM_WEIGHTS_MARK} and means nothing)."
-    )
+    return hub_checkpoint_path(WEIGHTS_FILENAME)
 
 
 def resolve_weights_path(weights_path=None):
-    path = os.path.expanduser(weights_path) if weights_path else default_weights_path()
-    if not os.path.isfile(path):
-        raise MissingDINOv2Weights(missing_weights_message(path))
-    return path
+    """The DINOv2 checkpoint to load: ``weights_path`` if given, else torch hub's cache. Raises when absent."""
+    return find_weights(weights_path, WEIGHTS_FILENAME, lambda path: MissingDINOv2Weights(missing_weights_text(
+        path, "Meta's DINOv2 ViT-L/14", WEIGHTS_FILENAME, WEIGHTS_URL, "download-dinov2", "--dinov2-weights",
+        "FD_DINOv2 is")))
 
 
 def build_model(model_name=MODEL_NAME):

@@ -45,29 +45,43 @@ class MissingInceptionWeights(FileNotFoundError):
     """The Inception weights file is not on disk (nothing is ever downloaded here)."""
 
 
-def default_weights_path():
-    """Where torch hub (and so torch-fidelity) keeps the weights: ``<torch hub dir>/checkpoints/<file>``."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILENAME)
+def hub_checkpoint_path(filename):
+    """Where torch hub (and so torch-fidelity) keeps a weights file: ``<torch hub dir>/checkpoints/<filename>``
+    (by default ``~/.cache/torch/hub/checkpoints/``; ``TORCH_HOME`` moves it)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
 
 
-def missing_weights_message(looked_at):
+def missing_weights_text(looked_at, what, filename, url, make_target, flag, marks):
+    """The error text for a network's weights file that is not on disk (nothing is ever downloaded here)."""
     return (
-        f"Inception weights not found at {looked_at}.\n"
-        f"The evaluator needs torch-fidelity's {EXTRACTOR_NAME} weights, file {WEIGHTS_FILENAME},\n"
-        f"from {WEIGHTS_URL}\n"
-        f"Get it with `make download-inception` (or download it yourself), then pass "
-        f"--inception-weights PATH or put it at {default_weights_path()}.\n"
+        f"{what} weights not found at {looked_at}.\n"
+        f"The evaluator needs the file {filename},\n"
+        f"from {url}\n"
+        f"Get it with `make {make_target}` (or download it yourself), then pass {flag} PATH or put it at "
+        f"{hub_checkpoint_path(filename)}.\n"
         f"For tests and dry runs only, --allow-random-weights uses a randomly initialised network "
-        f"(every number is then marked {RANDOM_WEIGHTS_MARK} and means nothing)."
+        f"({marks} then marked {RANDOM_WEIGHTS_MARK} and means nothing)."
     )
 
 
-def resolve_weights_path(weights_path=None):
-    """The weights file to load: ``weights_path`` if given, else torch hub's cache. Raises when absent."""
-    path = os.path.expanduser(weights_path) if weights_path else default_weights_path()
+def find_weights(weights_path, filename, missing):
+    """``weights_path`` if given, else torch hub's copy of ``filename``; ``missing(path)`` builds the error
+    raised when the file is absent."""
+    path = os.path.expanduser(weights_path) if weights_path else hub_checkpoint_path(filename)
     if not os.path.isfile(path):
-        raise MissingInceptionWeights(missing_weights_message(path))
+        raise missing(path)
     return path
+
+
+def default_weights_path():
+    return hub_checkpoint_path(WEIGHTS_FILENAME)
+
+
+def resolve_weights_path(weights_path=None):
+    """The Inception weights file to load: ``weights_path`` if given, else torch hub's cache. Raises when absent."""
+    return find_weights(weights_path, WEIGHTS_FILENAME, lambda path: MissingInceptionWeights(missing_weights_text(
+        path, f"torch-fidelity's {EXTRACTOR_NAME}", WEIGHTS_FILENAME, WEIGHTS_URL, "download-inception",
+        "--inception-weights", "every number is")))
 
 
 def _torch_fidelity_class():
