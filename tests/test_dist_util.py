@@ -16,29 +16,10 @@ from adm_common import launch
 from guided_diffusion import blobs, dist_util
 from guided_diffusion.checkpoint import read_state_dict
 from http_fixture import FileServer
+from processes import clean_env, free_port, run_together
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PAG_DIST_LAUNCHER",
-               "PAG_DIST_BACKEND")
-
-
-def clean_env(**extra):
-    """The current environment without any launcher's variables, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in LAUNCH_VARS and not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "MV2_", "PRTE_"))}
-    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU/gloo, also on GPU machines
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def checkpoint(tmp_path):
     state = {"w": torch.arange(3000, dtype=torch.float32).reshape(30, 100), "b": torch.ones(7)}
@@ -224,16 +205,9 @@ def test_mpiexec_two_processes(checkpoint, tmp_path):
 
 
 def _run_pair(envs, path, out_dir):
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(path), str(out_dir)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for env in envs]
-    try:
-        outputs = [p.communicate(timeout=180)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, text in zip(procs, outputs):
-        assert p.returncode == 0, text
+    results = run_together([[sys.executable, str(WORKER), str(path), str(out_dir)]] * len(envs), envs, 180)
+    for code, text in results:
+        assert code == 0, text
 
 
 def test_torchrun_style_two_processes(checkpoint, tmp_path):

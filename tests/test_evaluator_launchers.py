@@ -2,15 +2,11 @@
 detection, adm_common.launch), instead of every process computing the whole thing."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from processes import clean_env, free_port, run_together
 
 WORKER = r"""
 import json, sys
@@ -32,26 +28,14 @@ print(json.dumps({"kind": type(dist).__name__, "rank": dist.rank, "world": dist.
 """
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(npz, env_for_rank):
-    procs = []
-    for rank in range(2):
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "PRTE_")) and k not in ("RANK", "WORLD_SIZE")}
-        env.update(PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", **env_for_rank(rank))
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(npz)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=180)
-        assert p.returncode == 0, err
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
+    results = run_together([[sys.executable, "-c", WORKER, str(npz)]] * 2, [clean_env(**env_for_rank(r))
+                                                                          for r in range(2)], 180)
+    out = []
+    for code, text in results:
+        assert code == 0, text
+        out.append(json.loads([line for line in text.splitlines() if line.startswith("{")][-1]))
+    return out
 
 
 def _check(results, images):
@@ -66,9 +50,9 @@ def test_torchrun_and_srun_split_the_extraction(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (9, 8, 8, 3), dtype=np.uint8)
     npz = tmp_path / "batch.npz"
     np.savez(npz, arr_0=images)
-    port = _free_port()
+    port = free_port()
     _check(_launch(npz, lambda r: dict(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                                        MASTER_PORT=str(port))), images)
-    port = _free_port()
+    port = free_port()
     _check(_launch(npz, lambda r: dict(SLURM_PROCID=str(r), SLURM_STEP_NUM_TASKS="2", SLURM_STEP_ID="0",
                                        SLURM_LOCALID=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))), images)

@@ -32,6 +32,7 @@ from guided_diffusion.script_util import create_model
 from sampling import cli, lock, sweep
 from sampling import shards as shard_files
 from sampling.settings import SampleConfigError
+from processes import clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "image_sample.py"
@@ -47,17 +48,6 @@ def argv(out_dir, ckpt, **overrides):
                  shard_size=SHARD, seed=SEED, batch_size=3, out_dir=str(out_dir))
     flags.update(overrides)
     return [item for key, value in flags.items() if value is not None for item in (f"--{key}", str(value))]
-
-
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PAG_DIST_LAUNCHER")
-           and not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "MV2_", "PRTE_"))}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 def mpiexec():

@@ -25,6 +25,7 @@ from guided_diffusion import logger
 from sampling import cli, images
 from sampling import shards as shard_files
 from guided_diffusion.script_util import create_model
+from processes import clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "image_sample.py"
@@ -45,17 +46,6 @@ def argv(out_dir, ckpt, batch_size=3, **overrides):
     for key, value in flags.items():
         out += [f"--{key}", str(value)]
     return out
-
-
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PAG_DIST_LAUNCHER")
-           and not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "MV2_", "PRTE_"))}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 def run_script(args, nproc=1, kill_after_shards=None, **env):

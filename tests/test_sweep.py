@@ -1,7 +1,6 @@
 """scripts/sweep.py / sampling.sweep: grid expansion, cell names, dry run, resumable runs, the
 evaluation seam, and a sweep under mpiexec."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,8 @@ import sampling
 from guided_diffusion import logger
 from sampling import cli, sweep, sweep_evaluation
 from sampling.settings import SampleConfigError
+
+from processes import clean_env
 from guided_diffusion.script_util import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,11 +224,7 @@ def test_sweep_under_mpiexec_matches_one_process(finished_sweep, ckpt, tmp_path)
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
     mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
     assert mpiexec, "mpiexec not found: `make install` installs the openmpi package into .venv"
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "PRTE_")) and k not in ("RANK", "WORLD_SIZE")}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = clean_env()
     out = subprocess.run([mpiexec, "--oversubscribe", "-n", "2", sys.executable, str(ROOT / "scripts" / "sweep.py"),
                           str(tmp_path / "s.yaml")], env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -4,7 +4,6 @@ image_nll) run as commands on a tiny generated PNG folder."""
 
 import csv
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +17,9 @@ from guided_diffusion import fp16_util, logger, nn as gnn
 from guided_diffusion import script_util as su
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.train_util import TrainLoop, parse_resume_step_from_filename, save_checkpoint_file
+from processes import clean_env, free_port, run_together
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCH_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "PRTE_")
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PAG_DIST_LAUNCHER",
-               "PAG_DIST_BACKEND", "DIFFUSION_TRAINING_TEST")
 # A tiny class-conditional 16x16 U-Net (upstream's flag names).
 MODEL_FLAGS = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
                    num_head_channels=16, class_cond=True, diffusion_steps=100)
@@ -32,10 +29,15 @@ def flag_args(flags):
     return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
 
 
+def script_env(logdir, **extra):
+    """A launcher-free environment for upstream-style scripts logging into ``logdir``."""
+    env = clean_env(OPENAI_LOGDIR=logdir, OPENAI_LOG_FORMAT="stdout,log,csv", **extra)
+    env.pop("DIFFUSION_TRAINING_TEST", None)  # upstream's early-stop switch
+    return env
+
+
 def run_script(script, flags, logdir, extra_env=None, timeout=240):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith(LAUNCH_PREFIXES)}
-    env.update(OPENAI_LOGDIR=str(logdir), OPENAI_LOG_FORMAT="stdout,log,csv", CUDA_VISIBLE_DEVICES="")
-    env.update(extra_env or {})
+    env = script_env(logdir, **(extra_env or {}))
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *flag_args(flags)], env=env,
                          capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -156,34 +158,18 @@ def test_super_res_and_classifier_training_commands(image_folder, tmp_path):
     assert "train_acc@1" in stdout and "val_loss" in stdout
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_training_torchrun_style(image_folder, tmp_path):
     flags = dict(MODEL_FLAGS, data_dir=image_folder, batch_size=2, microbatch=1, lr_anneal_steps=2,
                  save_interval=2, log_interval=1)
-    port = str(free_port())
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith(LAUNCH_PREFIXES)}
-    env.update(OPENAI_LOGDIR=str(tmp_path), OPENAI_LOG_FORMAT="stdout,log,csv", CUDA_VISIBLE_DEVICES="",
-               OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2")
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "scripts" / "image_train.py"), *flag_args(flags)],
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    try:
-        outputs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, text in zip(procs, outputs):
-        assert p.returncode == 0, text
+    env = script_env(tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(), WORLD_SIZE=2)
+    command = [sys.executable, str(ROOT / "scripts" / "image_train.py"), *flag_args(flags)]
+    results = run_together([command] * 2, [dict(env, RANK=str(r), LOCAL_RANK=str(r)) for r in range(2)], 240)
+    for code, text in results:
+        assert code == 0, text
     rows = list(csv.DictReader(open(tmp_path / "progress.csv")))
     assert [int(r["samples"]) for r in rows] == [4, 8]  # global batch 2 x 2 processes
     assert {"model000002.pt", "ema_0.9999_000002.pt", "opt000002.pt"} <= set(os.listdir(tmp_path))
-    assert "samples/s" in outputs[0] and "samples/s" not in outputs[1]  # only rank 0 logs
+    assert "samples/s" in results[0][1] and "samples/s" not in results[1][1]  # only rank 0 logs
 
 
 # --- TrainLoop in process: resumption and fp16 ---------------------------------------------------------
