@@ -131,22 +131,24 @@ def check_sampler(device, profile, tiny, num_channels, seed, out_dir):
 
 
 def check_features(device, profile, tiny):
-    from evaluations.features import InceptionFeatures
+    from evaluations.features import InceptionFeatures, full_float32
 
     features = InceptionFeatures(allow_random_weights=True, device=str(device))
     size = 64 if tiny else 256
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (profile.feature_batch, size, size, 3), dtype=np.uint8)
-    features(images)  # warm-up
     times = []
-    for _ in range(profile.feature_repeats):
-        sync(device)
-        start = time.perf_counter()
-        out = features(images)
-        sync(device)
-        times.append(time.perf_counter() - start)
+    with full_float32():  # the evaluator's numerics (evaluations.reference.extract_features): TF32 off
+        features(images)  # warm-up
+        for _ in range(profile.feature_repeats):
+            sync(device)
+            start = time.perf_counter()
+            out = features(images)
+            sync(device)
+            times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     return {"batch": profile.feature_batch, "image_size": size, "images_per_s": profile.feature_batch / seconds,
             "ms_per_batch": seconds * 1e3, "random_weights": bool(features.random_weights),
             "marker": features.marker, "pool_shape": list(out["pool"].shape),
-            "note": "uint8 images to pool/logits/spatial features, host copies included (as the evaluator runs)"}
+            "note": "uint8 images to pool/logits/spatial features, host copies included, float32 without TF32 "
+                    "(as the evaluator runs)"}

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from adm_common.files import file_sha256  # noqa: E402
 from adm_common.npz import NpzImages, check_image_batch  # noqa: E402
-from evaluations.features import RANDOM_WEIGHTS_MARK, default_device, find_weights  # noqa: E402
+from evaluations.features import RANDOM_WEIGHTS_MARK, default_device, feature_numerics, find_weights  # noqa: E402
 from evaluations.features import hub_checkpoint_path, missing_weights_text  # noqa: E402
 from evaluations.reference import FeatureCache, batch_statistics, detect_distributed, extract_features  # noqa: E402
 
@@ -196,7 +196,8 @@ def extract_dinov2_features(images, extractor, batch_size=64, progress=False, di
 def dinov2_statistics(path, extractor, batch_size=64, cache_dir=None, progress=False, dist=None, desc=None):
     """``{"mu", "sigma", "num_images", "sha256", "from_cache"}`` of an image batch's DINOv2 features (mean and
     ``np.cov``, float64) on rank 0, None elsewhere. Cached in ``cache_dir`` as the Inception features are: an npz
-    named by the file's sha256 and a hash of the extractor's id (network and weights)."""
+    named by the file's sha256 and a hash of the extractor's id (network and weights) and numerics (device type and
+    precision)."""
     images = NpzImages(path)
     if images.num_images < 2:
         raise ValueError(f"{images.path}: FD_DINOv2 needs at least 2 images, got {images.num_images}")
@@ -207,7 +208,7 @@ def dinov2_statistics(path, extractor, batch_size=64, cache_dir=None, progress=F
         hit = None
         if dist.rank == 0:
             digest = cache.hashes.sha256(images.path)
-            entry = cache.entry_path(digest, extractor.id)
+            entry = cache.entry_path(digest, extractor.id, feature_numerics(extractor))
             hit = _load_statistics(entry, images.num_images) if os.path.exists(entry) else None
         if dist.bcast(hit is not None):
             if dist.rank != 0:
@@ -221,7 +222,8 @@ def dinov2_statistics(path, extractor, batch_size=64, cache_dir=None, progress=F
     mu, sigma = batch_statistics(feats)
     if cache.cache_dir:
         meta = {"source": os.path.realpath(images.path), "sha256": digest, "extractor": extractor.id,
-                "num_images": images.num_images, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "numerics": feature_numerics(extractor), "num_images": images.num_images,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         cache.save(entry, {"mu": mu, "sigma": sigma, "num_images": np.array(images.num_images)}, meta)
     return {"mu": mu, "sigma": sigma, "num_images": images.num_images, "sha256": digest, "from_cache": False}
 

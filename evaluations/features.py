@@ -13,6 +13,7 @@ Input: uint8 images, N x H x W x 3, values 0..255; the network resizes them to 2
 TensorFlow-1.x-compatible bilinear resize).
 """
 
+import contextlib
 import io
 import os
 import sys
@@ -43,6 +44,65 @@ _TF_LOGITS = "logits_unbiased"
 
 class MissingInceptionWeights(FileNotFoundError):
     """The Inception weights file is not on disk (nothing is ever downloaded here)."""
+
+
+# The precision every feature network computes in (:func:`full_float32`); with the device type it keys the cache.
+FEATURE_PRECISION = "float32"
+# torch's per-backend float32 precision settings (torch >= 2.9): parents whose value the operators inherit, and
+# the operators themselves.
+_FP32_PARENTS = (("generic", "all"), ("cuda", "all"), ("mkldnn", "all"))
+_FP32_OPERATORS = (("cuda", "matmul"), ("cuda", "conv"), ("cuda", "rnn"),
+                   ("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn"))
+
+
+def _legacy_flag(read, default):
+    """A legacy TF32 flag's value; torch >= 2.9 raises when it was set through the new API only (it then cannot
+    tell), and the legacy flag is then at torch's default, untouched."""
+    try:
+        return read()
+    except RuntimeError:
+        return default
+
+
+@contextlib.contextmanager
+def full_float32():
+    """Inside: float32 convolutions and matmuls in full float32, TF32 off on every backend; on exit, also on
+    exceptions, the settings are what they were.
+
+    cuDNN's TF32 is on by default, so on Ampere/Hopper the feature networks' convolutions (and matmuls where
+    ``torch.set_float32_matmul_precision("high")`` was called) would differ from float32 by ~1e-3 relative: more
+    than the evaluator's regression tolerances, and unlike the CPU's features. Sets both of torch's interfaces, kept
+    consistent so that neither raises inside: the legacy flags (``torch.backends.cudnn.allow_tf32``,
+    ``torch.set_float32_matmul_precision``, which also sets ``torch.backends.cuda.matmul.allow_tf32``) and, where
+    torch has it, the per-backend ``fp32_precision`` of every operator (cuda and mkldnn matmul/conv/rnn: "ieee")."""
+    new_api = hasattr(torch._C, "_get_fp32_precision_getter")
+    matmul = _legacy_flag(torch.get_float32_matmul_precision, "highest")
+    cudnn = _legacy_flag(lambda: torch.backends.cudnn.allow_tf32, True)
+    saved = {node: torch._C._get_fp32_precision_getter(*node) for node in _FP32_PARENTS + _FP32_OPERATORS} \
+        if new_api else {}
+    try:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
+        for node in _FP32_OPERATORS if new_api else ():
+            torch._C._set_fp32_precision_setter(*node, "ieee")
+        yield
+    finally:
+        # The legacy flags first (setting them rewrites operators' values), then every value as it was, parents
+        # before operators (a parent's value is copied down to its operators).
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
+        for node, value in saved.items():
+            torch._C._set_fp32_precision_setter(*node, value)
+
+
+def feature_numerics(extractor):
+    """How an extractor's numbers were computed: ``"<device type>/<precision>"``, e.g. ``"cuda/float32"`` or
+    ``"cpu/float32"``. Part of the feature cache's key: features computed on one device type are not reused on
+    another (float32 kernels of CPU and GPU differ by rounding). ``precision`` is the extractor's attribute when it
+    has one (a custom network computing in another precision says so), else :data:`FEATURE_PRECISION`."""
+    device = getattr(extractor, "device", None)
+    device_type = torch.device(device).type if device is not None else "unknown-device"
+    return f"{device_type}/{getattr(extractor, 'precision', None) or FEATURE_PRECISION}"
 
 
 def hub_checkpoint_path(filename):

@@ -5,8 +5,10 @@ ADM reference batches hold). ``arr_0`` is streamed from the zip member in batche
 file (10 GB) is never in memory at once. Reference batches may also carry ``mu``, ``sigma`` (pool_3) and
 ``mu_s``, ``sigma_s`` (spatial) statistics; like the ADM evaluator, those are used for FID/sFID when present.
 
-Features and statistics computed from ``arr_0`` are cached under ``cache_dir`` keyed by the npz file's sha256 and
-the extractor's id (which hashes the Inception weights), so a sweep extracts its reference batch once.
+Features and statistics computed from ``arr_0`` are cached under ``cache_dir`` keyed by the npz file's sha256, the
+extractor's id (which hashes the Inception weights) and its numerics (device type and precision, e.g.
+``cuda/float32``), so a sweep extracts its reference batch once, and features computed on a GPU are never read
+back on a CPU or the other way round. Every extractor runs in full float32 (``features.full_float32``: TF32 off).
 """
 
 import io
@@ -20,9 +22,11 @@ import numpy as np
 from adm_common.files import atomic_write_bytes, atomic_write_text, file_sha256
 from adm_common.launch import detect_launch
 from adm_common.npz import NpzImages
-from evaluations.features import POOL_DIM, SPATIAL_DIM
+from evaluations.features import POOL_DIM, SPATIAL_DIM, feature_numerics, full_float32
 
-CACHE_FORMAT = 1
+# 2: the key holds the extractor's numerics (device type and precision). Entries of format 1 (keyed by the
+# extractor's id only, CPU and GPU features alike) are never read: their features are extracted again.
+CACHE_FORMAT = 2
 FEATURE_KEYS = ("pool", "logits", "spatial")
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
@@ -169,7 +173,8 @@ def extract_features(images, extractor, batch_size=64, progress=False, dist=None
     """Run ``extractor`` over an ``NpzImages`` (or an npz path). With ``dist`` (or a detected torch.distributed /
     MPI world of several processes), each rank extracts a contiguous slice and rank 0 receives the whole result;
     other ranks get None. Returns ``{key: float32 array}`` in file order for each of ``keys`` the extractor returns
-    (Inception: ``pool``, ``logits``, ``spatial``); ``keys=None`` for an extractor returning one array."""
+    (Inception: ``pool``, ``logits``, ``spatial``); ``keys=None`` for an extractor returning one array. Every
+    extractor (Inception, DINOv2, a custom network) runs inside ``full_float32()``: float32 without TF32."""
     if not isinstance(images, NpzImages):
         images = NpzImages(images)
     dist = dist or detect_distributed()
@@ -183,7 +188,8 @@ def extract_features(images, extractor, batch_size=64, progress=False, dist=None
         n_batches = -(-(stop - start) // batch_size)
         batches = tqdm(batches, total=n_batches, desc=desc or os.path.basename(images.path), unit="batch")
     for batch in batches:
-        out = extractor(batch)
+        with full_float32():
+            out = extractor(batch)
         for k in names:
             parts[k].append(out if keys is None else out[k])
     local = {k: (np.concatenate(v, axis=0) if v else None) for k, v in parts.items()}
@@ -224,17 +230,19 @@ class HashMemo:
 
 
 class FeatureCache:
-    """npz files ``<cache_dir>/<file sha256>-<extractor id hash>.npz`` holding pool, logits, mu, sigma, mu_s,
-    sigma_s of one image batch. ``cache_dir=None`` disables caching."""
+    """npz files ``<cache_dir>/<file sha256>-<hash of extractor id and numerics>.npz`` holding pool, logits, mu,
+    sigma, mu_s, sigma_s of one image batch. ``cache_dir=None`` disables caching."""
 
     def __init__(self, cache_dir):
         self.cache_dir = os.path.expanduser(cache_dir) if cache_dir else None
         self.hashes = HashMemo(self.cache_dir)
 
-    def entry_path(self, file_sha, extractor_id):
+    def entry_path(self, file_sha, extractor_id, numerics):
+        """The entry of an image batch (``file_sha``) through an extractor (``extractor_id``, weights included)
+        computed with ``numerics`` (``features.feature_numerics``: ``"cuda/float32"``, ``"cpu/float32"``, ...)."""
         import hashlib
 
-        ext = hashlib.sha256(f"{extractor_id}|format{CACHE_FORMAT}".encode()).hexdigest()[:16]
+        ext = hashlib.sha256(f"{extractor_id}|{numerics}|format{CACHE_FORMAT}".encode()).hexdigest()[:16]
         return os.path.join(self.cache_dir, f"{file_sha}-{ext}.npz")
 
     def load(self, entry):
@@ -264,7 +272,7 @@ def batch_features(path, extractor, batch_size=64, cache_dir=None, progress=Fals
     if cache.cache_dir:
         if dist.rank == 0:
             digest = cache.hashes.sha256(images.path)
-            entry = cache.entry_path(digest, extractor.id)
+            entry = cache.entry_path(digest, extractor.id, feature_numerics(extractor))
             hit = cache.load(entry) if os.path.exists(entry) else None
         else:
             digest, hit = None, None
@@ -288,7 +296,8 @@ def batch_features(path, extractor, batch_size=64, cache_dir=None, progress=Fals
            "sigma_s": sigma_s}
     if cache.cache_dir and mu is not None:
         meta = {"source": os.path.realpath(images.path), "sha256": digest, "extractor": extractor.id,
-                "num_images": images.num_images, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "numerics": feature_numerics(extractor), "num_images": images.num_images,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         cache.save(entry, out, meta)
     out.update(num_images=images.num_images, image_shape=list(images.shape[1:]), sha256=digest, from_cache=False)
     return out

@@ -391,7 +391,7 @@ def test_hash_memo_sees_a_replaced_file_with_the_same_size_and_mtime(tmp_path):
     second = memo.sha256(ref)
     assert first == hashlib.sha256(b"A" * 100).hexdigest() and second == hashlib.sha256(b"B" * 100).hexdigest()
     cache = FeatureCache(str(tmp_path / "cache"))
-    assert cache.entry_path(first, "x") != cache.entry_path(second, "x")  # entries are named by content
+    assert cache.entry_path(first, "x", "cpu/float32") != cache.entry_path(second, "x", "cpu/float32")  # by content
 
 
 # ------------------------------------------------------------------------------- 5. verified shards
