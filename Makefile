@@ -139,3 +139,13 @@ ANALYZE_DEMO = --model checkpoints/demo/adm_demo.yaml --num_classes 10 --device 
 
 analyze-demo: venv
 	OMP_NUM_THREADS=1 $(PY) scripts/analyze.py $(ANALYZE_DEMO) $(ANALYZE_FLAGS)
+
+# FLOPs and GPU-hours of the paper's ADM runs (benchmarks/cost.py): counted with torch's FLOP counter on the meta
+# device (full-width models, no memory, seconds on a CPU); hours at an assumed share of the dense fp16 peak
+# (COST_FLAGS="--peak-fraction 0.3"). The README's cost table is its output.
+COST_FLAGS ?=
+
+.PHONY: bench-cost
+
+bench-cost: venv
+	$(PY) scripts/bench_cost.py $(COST_FLAGS)

@@ -1,0 +1,161 @@
+"""FLOPs and GPU-hours of the paper's ADM 256x256 runs, counted on the ``meta`` device.
+
+The official U-Nets at full width (``256x256_diffusion_uncond`` and ``256x256_diffusion`` flags) are built on
+``meta``: their parameters and activations have shapes but no storage, so the full-width models cost no memory
+and a forward takes milliseconds. ``torch.utils.flop_counter.FlopCounterMode`` counts each call's convolutions,
+matmuls and attention (2 FLOPs per multiply-add; torch's meta SDPA runs as two batched matmuls, which it counts,
+and :func:`attention_check` compares them with a hand count). Per image and sampling step, at batch 1 (the counts
+are linear in the batch):
+
+* unguided: one forward;
+* PAG engine: ``pag.guide(model, {"pag_scale": 3.0, "pag_layers": <the paper's layers>})``, batched (shared prefix,
+  then the rest on ``[x; x]``; identity attention in the perturbed half skips those blocks' two matmuls);
+* PAG two-pass: the authors' strategy, a clean forward and a perturbed forward.
+
+Then per image (x steps), per 50,000-sample run, and GPU-hours per 50,000 images at an assumed fraction of each
+device's dense fp16 tensor peak (``--peak-fraction``, default 40 %, the GPU check's goal for the unguided forward):
+an assumption, not a measurement. The classifier of PAG + CG and SAG (whose degraded input needs values) are not
+counted here.
+
+    python scripts/bench_cost.py                      # = make bench-cost; seconds on a CPU
+    python scripts/bench_cost.py --peak-fraction 0.3
+"""
+
+import argparse
+import functools
+import sys
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import pag
+from guided_diffusion.script_util import create_model_from_flags
+from guided_diffusion.unet import attention_block_info
+
+from .models import ARCHS, PAG_SCALE, diffusion_flags
+from .timing import count_flops, peak_fp16_tflops
+
+SAMPLERS = (("DDPM-250", 250), ("DDIM-25", 25))
+NUM_SAMPLES = 50_000
+DEVICES = ("H100 SXM", "A100")  # peaks from benchmarks.timing.PEAK_DENSE_FP16_TFLOPS
+DEFAULT_PEAK_FRACTION = 0.40
+GUIDANCE = ("unguided", "PAG engine (batched)", "PAG two-pass (authors')")
+TIMESTEP = 500
+# The paper's layers: those of configs/experiments/table1_*.yaml (tests check that they agree).
+PAPER_LAYERS = tuple(pag.PAPER_LAYERS_256)
+
+
+def meta_model(name):
+    """The official ``name`` U-Net at full width on the meta device (no storage). float32: ``use_fp16`` changes
+    the bytes, not the operations counted."""
+    flags = dict(diffusion_flags(name, tiny=False), use_fp16=False)
+    with torch.device("meta"):
+        model, _ = create_model_from_flags("diffusion", flags)
+    return model.eval().requires_grad_(False), flags
+
+
+def meta_inputs(flags, batch=1):
+    """x and t on meta; labels of a class-conditional model on the CPU (the U-Net checks their range, which needs
+    values; the label embedding of meta weights gives a meta tensor)."""
+    size = flags["image_size"]
+    x = torch.empty(batch, 3, size, size, device="meta")
+    t = torch.full((batch,), TIMESTEP, dtype=torch.long, device="meta")
+    kwargs = {"y": torch.zeros(batch, dtype=torch.long)} if flags.get("class_cond") else {}
+    return x, t, kwargs
+
+
+def step_flops(model, flags, layers=PAPER_LAYERS, batch=1):
+    """FLOPs per image of one sampling step's model calls: ``{guidance: flops}`` for :data:`GUIDANCE`."""
+    x, t, kwargs = meta_inputs(flags, batch)
+    engine = pag.guide(model, {"pag_scale": PAG_SCALE, "pag_layers": list(layers)})
+
+    def two_pass():
+        model(x, t, **kwargs)
+        with pag.perturbed_attention(model, list(layers)):
+            model(x, t, **kwargs)
+
+    counts = (count_flops(lambda: model(x, t, **kwargs)), count_flops(lambda: engine(x, t, **kwargs)),
+              count_flops(two_pass))
+    return {name: flops / batch for name, flops in zip(GUIDANCE, counts)}
+
+
+@functools.lru_cache(maxsize=None)
+def model_step_flops(name):
+    """:func:`step_flops` of the official ``name`` U-Net on meta, counted once per process."""
+    return step_flops(*meta_model(name))
+
+
+def attention_check(model, flags, batch=1):
+    """``(counted, by_hand)`` FLOPs of the attention itself (softmax(q k^T) v, without the qkv and output
+    projections) in one unguided forward: what FlopCounterMode counted inside the attention modules, and
+    4 B T^2 C per block (two matmuls of B T^2 C multiply-adds; T tokens, C channels)."""
+    x, t, kwargs = meta_inputs(flags, batch)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x, t, **kwargs)
+    counted = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                  if name.endswith(".attention"))
+    by_hand = sum(4 * batch * (resolution ** 2) ** 2 * channels
+                  for _, resolution, channels, _ in attention_block_info(model))
+    return counted, by_hand
+
+
+def cost_rows(peak_fraction=DEFAULT_PEAK_FRACTION, archs=ARCHS):
+    """One row per model, sampler and guidance: FLOPs per image and step, per image, per 50k run, and GPU-hours per
+    50k images at ``peak_fraction`` of each of :data:`DEVICES`' dense fp16 peak."""
+    if not 0 < peak_fraction <= 1:
+        raise ValueError(f"the peak fraction must lie in (0, 1], got {peak_fraction}")
+    rows = []
+    for name in archs:
+        per_step = model_step_flops(name)
+        for sampler, steps in SAMPLERS:
+            for guidance in GUIDANCE:
+                run = per_step[guidance] * steps * NUM_SAMPLES
+                hours = {device: run / (peak_fraction * peak_fp16_tflops(device) * 1e12) / 3600
+                         for device in DEVICES}
+                rows.append({"model": name, "sampler": sampler, "steps": steps, "guidance": guidance,
+                             "forwards": per_step[guidance] / per_step[GUIDANCE[0]],
+                             "tflop_per_step": per_step[guidance] / 1e12,
+                             "tflop_per_image": per_step[guidance] * steps / 1e12,
+                             "pflop_per_run": run / 1e15, "hours": hours})
+    return rows
+
+
+def cost_markdown(peak_fraction=DEFAULT_PEAK_FRACTION, archs=ARCHS):
+    """What ``make bench-cost`` prints (and the README holds): the assumptions, the attention check, the table."""
+    rows = cost_rows(peak_fraction, archs)
+    model, flags = meta_model(archs[0])
+    counted, by_hand = attention_check(model, flags)
+    peaks = ", ".join(f"{device} {peak_fp16_tflops(device):g}" for device in DEVICES)
+    lines = [
+        "FLOPs: torch.utils.flop_counter (2 per multiply-add) on the meta device, full-width 256x256 U-Nets, batch 1, "
+        f"t = {TIMESTEP}; PAG s = {PAG_SCALE:g} at {', '.join(PAPER_LAYERS)} (identity attention).",
+        f"Attention of one unguided forward ({archs[0]}): {counted / 1e9:.3f} GFLOP counted, "
+        f"{by_hand / 1e9:.3f} by hand (4 B T^2 C per block).",
+        f"GPU-hours per {NUM_SAMPLES:,} images at {peak_fraction:.0%} of the dense fp16 peak ({peaks} TFLOP/s): "
+        "an assumption, not measured.",
+        "",
+        "| model | sampler | guidance | forwards / step | TFLOP / image / step | TFLOP / image | "
+        f"PFLOP / {NUM_SAMPLES // 1000}k | " + " | ".join(f"{d} h / {NUM_SAMPLES // 1000}k" for d in DEVICES) + " |",
+        "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(DEVICES),
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['sampler']} | {r['guidance']} | {r['forwards']:.3f} | "
+                     f"{r['tflop_per_step']:.3f} | {r['tflop_per_image']:,.1f} | {r['pflop_per_run']:,.0f} | "
+                     + " | ".join(f"{r['hours'][d]:,.1f}" for d in DEVICES) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peak-fraction", type=float, default=DEFAULT_PEAK_FRACTION,
+                        help="assumed fraction of the dense fp16 peak the sampler sustains (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if not 0 < args.peak_fraction <= 1:
+        parser.error(f"--peak-fraction must lie in (0, 1], got {args.peak_fraction}")
+    print(cost_markdown(args.peak_fraction))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
