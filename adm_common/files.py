@@ -1,10 +1,17 @@
 """Files that appear only complete: atomic writes (temporary name in the same directory, then rename),
-and content hashes (remembered beside the file, so a large checkpoint is hashed once)."""
+and content hashes (remembered beside the file, so a large checkpoint is hashed once).
+
+Nothing here writes through a symbolic link at the path it writes: an atomic write creates its temporary file
+exclusively under a random name (``O_CREAT | O_EXCL | O_NOFOLLOW``) and renames it over the path, which replaces a
+link there, never its target; :func:`open_append` (log files) opens with ``O_NOFOLLOW`` and replaces a link by a
+new regular file; :func:`real_directory` refuses a directory that is a link (:class:`UnsafePathError`)."""
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
 
 _TMP_MARK = ".tmp-"
@@ -24,14 +31,20 @@ def current_umask():
     return mask
 
 
-def tmp_path_for(path):
-    """A unique temporary file next to ``path`` (same directory, so the rename is atomic), with the
-    permissions ``open()`` would give a new file."""
+def create_tmp_for(path):
+    """A new temporary file next to ``path`` (same directory, so the rename is atomic), open for writing and
+    reading in binary mode: ``(file, tmp path)``. Created exclusively under a random name (mkstemp:
+    ``O_CREAT | O_EXCL | O_NOFOLLOW``) and used through this descriptor only, so a link planted at a temporary
+    name is never followed; it gets the permissions ``open()`` would give a new file."""
     directory, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{name}{_TMP_MARK}", dir=directory)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600
-    return tmp
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600
+        return os.fdopen(fd, "w+b"), tmp
+    except BaseException:
+        os.close(fd)
+        remove_quietly(tmp)
+        raise
 
 
 def is_tmp_file(name):
@@ -63,19 +76,88 @@ def remove_quietly(path):
 def atomic_open(path):
     """A binary file to write (``with atomic_open(path) as f: torch.save(obj, f)``) that replaces ``path``
     only when the block ends without an error, so readers see the old file or the whole new one; on an
-    error the temporary file is removed and ``path`` is left as it was."""
+    error the temporary file is removed and ``path`` is left as it was. A symbolic link at ``path`` is
+    replaced by the new file (never written through)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = tmp_path_for(path)
+    f, tmp = create_tmp_for(path)
     try:
-        with open(tmp, "wb") as f:
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # a symbolic link at path is replaced itself; its target is left alone
     except BaseException:
         remove_quietly(tmp)
         raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+class UnsafePathError(ValueError):
+    """A path that files are written into is a symbolic link (or not a directory); the message is one line
+    naming it."""
+
+
+def link_text(path):
+    """``PATH is a symbolic link (to TARGET)``."""
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return f"{path} is a symbolic link (to {target})"
+
+
+def real_directory(root, *names, error=UnsafePathError):
+    """``root/names[0]/names[1]/...`` with every component below ``root`` a real directory, made when missing
+    (``os.mkdir`` never follows a link); ``root`` itself may be a link (the user's choice of directory). A
+    component that is a symbolic link or not a directory raises ``error`` with one line naming it."""
+    path = root
+    for name in names:
+        path = os.path.join(path, name)
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            pass
+        mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            raise error(f"{link_text(path)}: files are written only into real directories, never through a link; "
+                        "remove the link and rerun")
+        if not stat.S_ISDIR(mode):
+            raise error(f"{path} is not a directory; remove it and rerun")
+    return path
+
+
+def symlinks_in(directory, accept=None):
+    """The symbolic links directly in ``directory`` whose names ``accept(name)`` (default: all), sorted; [] when
+    ``directory`` is missing or not a directory."""
+    try:
+        with os.scandir(directory) as entries:
+            return sorted(e.path for e in entries if (accept is None or accept(e.name)) and e.is_symlink())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def open_append(path, tries=5):
+    """``path`` opened to append text (log files), never through a symbolic link: opened with ``O_NOFOLLOW``, and
+    a link at ``path`` is removed (not its target) and a new regular file created in its place. Anything else
+    that is not a regular file there (a FIFO, a device) raises :class:`UnsafePathError`."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(tries):
+        try:
+            fd = os.open(path, flags, 0o666)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # a FIFO without a reader
+                raise UnsafePathError(f"{path} is not a regular file; remove it and rerun") from None
+            if not os.path.islink(path):  # O_NOFOLLOW met no link (ELOOP): another error
+                raise
+            remove_quietly(path)  # the link itself, never its target
+            continue
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UnsafePathError(f"{path} is not a regular file; remove it and rerun")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "a")
+    raise UnsafePathError(f"{link_text(path)}: a symbolic link keeps being put there; it is never written "
+                          "through; remove it and rerun")
 
 
 def atomic_write_bytes(path, data):

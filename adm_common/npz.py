@@ -15,7 +15,7 @@ import zipfile
 import numpy as np
 from numpy.lib import format as npy_format
 
-from .files import fsync_dir, remove_quietly, tmp_path_for
+from .files import create_tmp_for, fsync_dir, remove_quietly
 
 # Zip entries' timestamp (the earliest zip can hold): same arrays -> same file bytes.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -224,12 +224,18 @@ class NpzWriter:
     def __init__(self, path):
         self.path = os.fspath(path)
         self._tmp = None
+        self._file = None
         self._zip = None
         self._names = set()
 
     def __enter__(self):
-        self._tmp = tmp_path_for(self.path)
-        self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._file, self._tmp = create_tmp_for(self.path)  # written through its descriptor only
+        try:
+            self._zip = zipfile.ZipFile(self._file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        except BaseException:
+            self._file.close()
+            remove_quietly(self._tmp)
+            raise
         return self
 
     def _open_member(self, name):
@@ -253,11 +259,15 @@ class NpzWriter:
 
     def __exit__(self, exc_type, exc, tb):
         try:
-            self._zip.close()
+            try:
+                self._zip.close()
+                if exc_type is None:
+                    self._file.flush()
+                    os.fsync(self._file.fileno())
+            finally:
+                self._file.close()
             if exc_type is None:
-                with open(self._tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-                os.replace(self._tmp, self.path)
+                os.replace(self._tmp, self.path)  # a symbolic link at path is replaced, never written through
                 fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         finally:
             if exc_type is not None or os.path.exists(self._tmp):

@@ -18,7 +18,7 @@ import re
 
 from evaluations.evaluator import METRIC_KEYS, RESULT_FORMAT, result_marker
 from evaluations.features import DEMO_FEATURES_MARK, RANDOM_WEIGHTS_MARK
-from adm_common.files import atomic_write_text
+from adm_common.files import atomic_write_bytes, atomic_write_text
 
 DEFAULT_GROUP_BY = ("pag_scale", "pag_layers", "perturbation", "sampler")
 METRIC_HEADERS = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "Precision",
@@ -442,7 +442,7 @@ def plot_runs(rows, group_by, out_prefix, title=None):
         fig.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0))
         fig.suptitle((title or "") + marked + subtitle, fontsize=9)
         path = out_prefix + "_fid_is.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        _save_figure(fig, path)
         paths.append(path)
 
     fig = Figure(figsize=(5, 5))
@@ -468,9 +468,18 @@ def plot_runs(rows, group_by, out_prefix, title=None):
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     ax.set_title((title or "") + marked + subtitle, fontsize=8)
     path = out_prefix + "_pr.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _save_figure(fig, path)
     paths.append(path)
     return paths
+
+
+def _save_figure(fig, path):
+    """PNG drawn in memory, then written atomically (a symbolic link at ``path`` is replaced, not followed)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------------------------------------------

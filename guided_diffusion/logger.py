@@ -17,7 +17,8 @@ Upstream's other names work as there: the output formats (``KVWriter``, ``SeqWri
 ``CSVOutputFormat``, ``JSONOutputFormat``, ``TensorBoardOutputFormat``, ``make_output_format``), ``Logger``
 (``Logger.CURRENT`` is the logger the functions use), ``set_comm``, ``scoped_configure``, ``profile_kv``,
 ``profile``, ``record_tabular``/``dump_tabular``, ``get_rank_without_mpi_import`` and ``mpi_weighted_mean``.
-On purpose they differ in: log.txt and progress.json are appended to (a resumed run keeps its history), log.txt
+On purpose they differ in: log.txt and progress.json are appended to (a resumed run keeps its history) and no
+output file is written through a symbolic link at its name (the link is replaced by a new file), log.txt
 lines carry the time, other ranks write nothing unless ``all_ranks``, an empty table is not written, averaging
 over ranks gives every rank the means and keeps non-numeric values, and logging before ``configure()`` goes to
 stdout only (upstream configures a temporary directory).
@@ -26,6 +27,7 @@ stdout only (upstream configures a temporary directory).
 import csv
 import datetime
 import functools
+import io
 import json
 import os
 import sys
@@ -35,6 +37,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any, Dict, List, Optional, Sequence
 
+from adm_common.files import atomic_write_text, open_append
 from adm_common.launch import rank_from_env
 
 DEBUG, INFO, WARN, ERROR, DISABLED = 10, 20, 30, 40, 50
@@ -81,7 +84,8 @@ class SeqWriter:
 
 
 class HumanOutputFormat(KVWriter, SeqWriter):
-    """Log lines and key/value tables as text, to an open stream (stdout) or a file name (appended to).
+    """Log lines and key/value tables as text, to an open stream (stdout) or a file name (appended to, never
+    through a symbolic link: a link at that name is replaced by a new file, see ``adm_common.files.open_append``).
 
     ``timestamps`` (default: for a file name) starts each log line with the local date and time
     (``2026-12-01 13:36:51``); ``prefix`` starts every line (``[rank 1] ``).
@@ -89,7 +93,7 @@ class HumanOutputFormat(KVWriter, SeqWriter):
 
     def __init__(self, filename_or_file, *, prefix: str = "", timestamps: Optional[bool] = None):
         if isinstance(filename_or_file, (str, os.PathLike)):
-            self.file = open(filename_or_file, "a")
+            self.file = open_append(filename_or_file)
             self.own_file = True
         elif hasattr(filename_or_file, "write"):
             self.file = filename_or_file
@@ -147,18 +151,23 @@ class CSVOutputFormat(KVWriter):
             self._write([kvs], mode="a", header=False)
 
     def _write(self, rows, mode: str, header: bool) -> None:
-        with open(self.path, mode, newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.keys, restval="")
-            if header:
-                writer.writeheader()
-            writer.writerows(rows)
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=self.keys, restval="")
+        if header:
+            writer.writeheader()
+        writer.writerows(rows)
+        if mode == "w":  # never through a symbolic link: the new file replaces a link at the path
+            atomic_write_text(self.path, buf.getvalue())
+        else:
+            with open_append(self.path) as f:
+                f.write(buf.getvalue())
 
 
 class JSONOutputFormat(KVWriter):
     """progress.json: one JSON object per table (appended); numbers of other types (numpy, tensors) as floats."""
 
     def __init__(self, filename):
-        self.file = open(filename, "a")
+        self.file = open_append(filename)
 
     def writekvs(self, kvs: Dict[str, Any]) -> None:
         if kvs:

@@ -15,7 +15,9 @@ import threading
 import time
 import uuid
 
-from adm_common.files import read_json_mapping, remove_quietly
+from adm_common.files import read_json_mapping, real_directory, remove_quietly
+
+from .settings import SampleConfigError
 
 
 class Claims:
@@ -31,7 +33,10 @@ class Claims:
         self.last_progress = time.time()  # the last claim or finished batch (see progressed)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        os.makedirs(self.dir, exist_ok=True)
+        shard_dir, name = os.path.split(self.dir)
+        out_dir, shards = os.path.split(shard_dir)
+        os.makedirs(out_dir, exist_ok=True)  # out_dir itself may be a link (the user's choice), shards/ may not
+        real_directory(out_dir, shards, name, error=SampleConfigError)
         self._thread = threading.Thread(target=self._beat, name="shard-claim-heartbeat", daemon=True)
         self._thread.start()
 
@@ -44,7 +49,7 @@ class Claims:
 
     def _create(self, path):
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         except (FileExistsError, FileNotFoundError):  # claimed, or the run is over (rank 0 removed the claims)
             return False
         try:
@@ -110,7 +115,7 @@ class Claims:
                 k, stalled = self._current, time.time() - self.last_progress > self.lease
             if k is not None and not stalled and self.owned(k):  # a hung main thread lets its claim expire
                 try:
-                    os.utime(self.path(k))
+                    os.utime(self.path(k), follow_symlinks=False)  # a link put there is not followed
                 except OSError:
                     pass
 

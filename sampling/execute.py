@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from adm_common.files import atomic_write_text
+from adm_common.files import atomic_write_text, real_directory
 from adm_common.npz import NpzImages, NpzWriter
 from guided_diffusion import dist_util, logger
 
@@ -36,6 +36,7 @@ from .images import save_grid
 from .plan import FAILED_DIR, PROGRESS_DIR
 from .record import write_run_record
 from .progress import Progress
+from .settings import SampleConfigError
 from .shards import SHARD_DIR, ShardError, merge_shards, reject_shard, shard_index
 
 POLL_SECONDS = 0.5
@@ -82,8 +83,9 @@ def _free_bytes(directory):
 
 def _mark_failed(plan, rank, error):
     try:
-        atomic_write_text(os.path.join(plan.out_dir, FAILED_DIR, f"rank{rank}.txt"), f"{type(error).__name__}: {error}")
-    except OSError:
+        directory = real_directory(plan.out_dir, FAILED_DIR, error=SampleConfigError)
+        atomic_write_text(os.path.join(directory, f"rank{rank}.txt"), f"{type(error).__name__}: {error}")
+    except (OSError, SampleConfigError):
         pass
 
 
@@ -177,7 +179,7 @@ def _finish(plan, with_labels):
             raise
         logger.log(f"merged {plan.num_shards} shards into {plan.final_path} {shape} in {time.time() - t0:.1f}s")
     grid = os.path.join(plan.out_dir, "grid.png")
-    if not os.path.exists(grid):
+    if os.path.islink(grid) or not os.path.exists(grid):  # a link put there meanwhile is replaced, not followed
         save_grid(NpzImages(plan.final_path).first(64), grid)
     if not plan.settings.runtime.keep_shards:  # the claims go after the final barrier (a rank may still claim)
         for path in shards:
@@ -322,8 +324,8 @@ def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
             logger.log(f"{s.sampling.num_samples} samples in {plan.num_shards} shards of {s.sampling.shard_size}: "
                        f"{plan.done_images} done, {len(plan.remaining)} shards to sample on {world} process(es); "
                        f"device {sampler.device}, batch size {s.runtime.batch_size}")
-        for name in (SHARD_DIR, PROGRESS_DIR, FAILED_DIR):
-            os.makedirs(os.path.join(plan.out_dir, name), exist_ok=True)
+        for name in (SHARD_DIR, PROGRESS_DIR, FAILED_DIR):  # a link there is refused (never written through)
+            real_directory(plan.out_dir, name, error=SampleConfigError)
         progress = Progress(plan, rank)
         claims = Claims(plan, rank)
         while True:

@@ -9,6 +9,9 @@ File systems without ``flock`` (some network mounts) fall back to creating the f
 left by a dead process on the same host is taken over, one left by another host must be removed by hand (the
 error says how). While the lock is held a thread refreshes the file's mtime, so that a lock file of another host
 that is still being refreshed is refused even where ``flock`` is local to each node.
+
+The lock file is opened with ``O_NOFOLLOW``: a symbolic link at its path is refused (exit status 2, the message
+names it and says to remove it), never written through.
 """
 
 import datetime
@@ -20,7 +23,7 @@ import sys
 import threading
 import time
 
-from adm_common.files import read_json_mapping
+from adm_common.files import link_text, read_json_mapping
 
 from .settings import SampleConfigError
 
@@ -91,6 +94,10 @@ class RunLock:
         return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": _now(),
                            "command": " ".join(sys.argv)[:500]}) + "\n"
 
+    def _link_refused(self):
+        return SampleConfigError(f"{link_text(self.path)}, not a run lock: a run never writes through a link in its "
+                                 f"out_dir; remove it (rm {self.path}) and rerun")
+
     def _refused(self, info, hint=""):
         return RunLockedError(
             f"{self.out_dir} is in use by another run: {describe_holder(info)} holds {self.path}. Wait for it to "
@@ -100,7 +107,12 @@ class RunLock:
         import fcntl
 
         for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError:
+                if os.path.islink(self.path):
+                    raise self._link_refused() from None
+                raise
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -111,7 +123,7 @@ class RunLock:
                     return self._acquire_exclusive()
                 raise
             try:  # the file may have been removed (and re-created) by the holder's release meanwhile
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                same = os.fstat(fd).st_ino == os.lstat(self.path).st_ino
             except FileNotFoundError:
                 same = False
             if not same:
@@ -136,10 +148,12 @@ class RunLock:
         """No flock here: the lock is the file's existence."""
         for _ in range(10):
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
             except FileExistsError:
+                if os.path.islink(self.path):
+                    raise self._link_refused() from None
                 try:  # the record and the inode judged, from one open file
-                    with open(self.path) as f:
+                    with open(os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)) as f:
                         inode, age = os.fstat(f.fileno()).st_ino, time.time() - os.fstat(f.fileno()).st_mtime
                         info = _parse_record(f.read())
                 except FileNotFoundError:
@@ -197,7 +211,7 @@ class RunLock:
         self._stop.set()
         with self._fd_lock:
             try:  # remove the file while holding it: a waiting opener notices the inode change and retries
-                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                if os.lstat(self.path).st_ino == os.fstat(self.fd).st_ino:
                     os.remove(self.path)
             except OSError:
                 pass
@@ -243,7 +257,7 @@ def probe(out_dir):
     if not os.path.exists(path):
         return None
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return None
     try:

@@ -7,7 +7,8 @@ decide the samples, flat, by flag name, with the checkpoints' content hashes), i
 identity, stored in every shard), the first session's ``runtime``, later ``sessions`` and provenance.
 
 Preparing (rank 0, under the run lock of ``out_dir``, :mod:`sampling.lock`): every setting is checked first
-(:func:`sampling.models.check_run`: the model on the meta device, the guidance layers, the checkpoints), then the
+(:func:`sampling.models.check_run`: the model on the meta device, the guidance layers, the checkpoints), then a
+symbolic link at a path the run reads or writes in ``out_dir`` is refused (:func:`run_links`), then the
 record is compared. The same identity resumes: finished shards are verified (CRC, sample range, run id) and kept,
 bad ones are moved to ``shards/rejected/`` and sampled again, and the rows of a finished merged batch of this run
 (``samples_{M}x...``, e.g. after extending ``num_samples``) are reused as shards. A different configuration is
@@ -26,7 +27,7 @@ import tempfile
 
 import torch as th
 
-from adm_common.files import is_tmp_file
+from adm_common.files import is_tmp_file, link_text, real_directory, symlinks_in
 from adm_common.npz import samples_filename
 from guided_diffusion import dist_util
 from guided_diffusion.checkpoint import CheckpointError
@@ -36,6 +37,7 @@ from .models import check_run, checkpoint_identity
 from .record import RECORD_NAME, read_run_record
 from .settings import SampleConfigError, config_differences, plain, settings_warnings
 from .shards import (
+    REJECTED_DIR,
     SHARD_DIR,
     ShardError,
     reject_shard,
@@ -51,6 +53,7 @@ PROGRESS_DIR, FAILED_DIR = ".progress", ".failed"
 CLAIMS_DIR = ".claims"  # inside shards/
 RUN_FILES = ("config.yaml", "grid.png", "eval.json")  # what --overwrite removes, besides samples and shards
 SAMPLES_RE = re.compile(r"^samples_(\d+)x(\d+)x(\d+)x3\.npz$")
+LOG_RE = re.compile(r"^log(\.rank\d+)?\.txt$")  # log.txt, log.rank1.txt, ...
 
 
 @dataclasses.dataclass
@@ -161,7 +164,7 @@ def _remove_run_files(out_dir):
             os.remove(os.path.join(out_dir, name))
             removed.append(name)
     shard_dir = os.path.join(out_dir, SHARD_DIR)
-    if os.path.isdir(shard_dir):
+    if os.path.isdir(shard_dir) and not os.path.islink(shard_dir):  # nothing is removed through a link
         shards = [n for n in sorted(os.listdir(shard_dir)) if shard_index(n) is not None]
         for name in shards:
             os.remove(os.path.join(shard_dir, name))
@@ -175,6 +178,29 @@ def _remove_run_files(out_dir):
     for name in (PROGRESS_DIR, FAILED_DIR):
         shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
     return removed or ["nothing"]
+
+
+def run_links(out_dir):
+    """The symbolic links at paths a run reads or writes in ``out_dir`` (sorted): the lock, record, logs, grid,
+    eval.json, sample batches, ``shards/`` and its shard files, ``.claims/`` and ``rejected/``, ``.progress/``,
+    ``.failed/``. ``out_dir`` itself may be a link (the user's choice)."""
+    names = (run_lock.LOCK_NAME, SHARD_DIR, PROGRESS_DIR, FAILED_DIR) + RUN_FILES
+    links = symlinks_in(out_dir, lambda n: n in names or bool(SAMPLES_RE.match(n) or LOG_RE.match(n)))
+    shard_dir = os.path.join(out_dir, SHARD_DIR)
+    if not os.path.islink(shard_dir):
+        links += symlinks_in(shard_dir, lambda n: n in (CLAIMS_DIR, REJECTED_DIR) or shard_index(n) is not None)
+    return links
+
+
+def refuse_links(out_dir):
+    """Raise :class:`SampleConfigError` (one line naming the first) when ``out_dir`` holds :func:`run_links`."""
+    links = run_links(out_dir)
+    if links:
+        more = f" (and {len(links) - 1} more: {', '.join(links[1:3])}{', ...' if len(links) > 3 else ''})" \
+            if len(links) > 1 else ""
+        raise SampleConfigError(f"{link_text(links[0])}{more}: a run reads and writes only its own regular files and "
+                                "real directories in its out_dir, never through a link; remove the link (or put the "
+                                "run's own file there) and rerun")
 
 
 def existing_run_files(out_dir):
@@ -279,7 +305,7 @@ def _reuse_merged_batches(plan, notes):
         covered = [k for k in plan.remaining if plan.shard_bounds(k)[1] <= count]
         if not covered:
             continue
-        os.makedirs(os.path.join(plan.out_dir, SHARD_DIR), exist_ok=True)
+        real_directory(plan.out_dir, SHARD_DIR, error=SampleConfigError)
         try:
             for start, end, images, labels in rows_from_batch(path, [plan.shard_bounds(k) for k in covered],
                                                               plan.settings.with_labels):
@@ -300,6 +326,7 @@ def _prepare_rank0(settings, device_type, check_only, locks):
     out_dir = settings.out_dir
     lock = _lock_out_dir(out_dir, locks)  # before anything in out_dir is read or written
     try:
+        refuse_links(out_dir)  # before anything there is read, written or deleted
         ident = run_identity(settings, device_type)
         record, diffs, orphans = _compare_with_record(settings, ident, settings.runtime.overwrite)
         if check_only:
@@ -323,7 +350,7 @@ def _plan_rank0(settings, device_type, ident, record, diffs, orphans, lock, note
         notes.append(f"--overwrite: removed {', '.join(_remove_run_files(out_dir))} (no config.yaml)")
 
     shard_dir = os.path.join(out_dir, SHARD_DIR)
-    for directory in (out_dir, shard_dir):
+    for directory in (out_dir, shard_dir):  # (out_dir may be a link, the user's choice; shards/ is not one)
         for name in os.listdir(directory) if os.path.isdir(directory) else []:
             if is_tmp_file(name):  # left by a killed process of this run (the lock is ours): an unfinished shard
                 os.remove(os.path.join(directory, name))

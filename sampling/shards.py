@@ -13,8 +13,10 @@ import zipfile
 
 import numpy as np
 
-from adm_common.files import atomic_write_text
+from adm_common.files import atomic_write_text, real_directory
 from adm_common.npz import NpzImages, NpzWriter, check_image_header, npz_header, npz_members
+
+from .settings import SampleConfigError
 
 SHARD_DIR = "shards"
 REJECTED_DIR = "rejected"
@@ -80,8 +82,7 @@ def stored_range(path):
 def reject_shard(path, reason):
     """Move a shard that cannot be used to ``shards/rejected/`` (never deleted: it may be someone's) with a
     ``.reason.txt`` beside it; returns the new path."""
-    directory = os.path.join(os.path.dirname(os.path.abspath(path)), REJECTED_DIR)
-    os.makedirs(directory, exist_ok=True)
+    directory = real_directory(os.path.dirname(os.path.abspath(path)), REJECTED_DIR, error=SampleConfigError)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = os.path.basename(path)
     target = os.path.join(directory, f"{name[:-4]}.{stamp}.npz")

@@ -39,7 +39,7 @@ from guided_diffusion.checkpoint import CheckpointError
 from . import lock as run_lock
 from .execute import execute
 from .models import check_run, load_models
-from .plan import existing_run_files, prepare, record_differences, resolve_device
+from .plan import existing_run_files, prepare, record_differences, refuse_links, resolve_device
 from .plan import run_identity
 from .record import RECORD_NAME, read_run_record
 from .sampler import Sampler
@@ -220,6 +220,10 @@ def check_cell(cell):
     notes = [f"warning: {w}" for w in settings_warnings(s)]
     if not os.path.isdir(cell.out_dir):
         return [], notes
+    try:
+        refuse_links(cell.out_dir)
+    except SampleConfigError as e:
+        return [str(e)], notes
     holder = run_lock.probe(cell.out_dir)
     if holder is not None:
         return [f"{cell.out_dir} is in use by another run: {run_lock.describe_holder(holder)}"], notes
@@ -299,7 +303,7 @@ def _run_cells(sweep, cells, evaluate_fn, table_fn, model_wrapper, locks):
     # one go, before the next collective (no rank then sees a stale marker). A sweep refused above leaves them.
     if dist_util.get_rank() == 0:
         for path in evaluation_markers(sweep):
-            if os.path.exists(path):
+            if os.path.lexists(path):  # a link: the link itself
                 os.remove(path)
     plans = []
     for cell, device in zip(cells, devices):

@@ -9,7 +9,7 @@ import json
 import os
 import time
 
-from adm_common.files import atomic_write_text
+from adm_common.files import atomic_write_text, link_text, real_directory
 from adm_common.npz import samples_filename
 from guided_diffusion import dist_util, logger
 
@@ -30,9 +30,14 @@ def _table_fn():
 
 
 def check_evaluation(sweep, evaluate_fn=None):
-    """Before sampling: the reference batch exists and ``evaluation:`` names evaluate()'s arguments."""
+    """Before sampling: the reference batch exists, ``evaluation:`` names evaluate()'s arguments and the table's
+    directory (``out_dir/table``) is not a symbolic link."""
     if not sweep.ref_batch:
         return
+    table = table_dir(sweep)
+    if os.path.islink(table):
+        raise SampleConfigError(f"{link_text(table)}: the sweep writes its table only into a real directory, never "
+                                "through a link; remove the link and rerun")
     if not os.path.exists(sweep.ref_batch):
         raise SampleConfigError(f"ref_batch {sweep.ref_batch} not found (download the reference batches with "
                                 "`make download-refs`)")
@@ -42,6 +47,10 @@ def check_evaluation(sweep, evaluate_fn=None):
         bad = [k for k in sweep.evaluation if k not in params or k in ("ref_path", "sample_path", "json_path")]
         if bad:
             raise SampleConfigError(f"sweep config {sweep.path}: evaluation: unknown argument(s) {', '.join(bad)}")
+
+
+def table_dir(sweep):
+    return os.path.join(sweep.out_dir, "table")
 
 
 def table_values(cell):
@@ -108,9 +117,9 @@ def _evaluate_and_tabulate(cells, sweep, evaluate_fn, table_fn):
     runs = [{"run": cell.name, "values": table_values(cell), "result": result,
              "json": os.path.join(cell.out_dir, "eval.json")} for cell, result in zip(cells, results)]
     experiment = sweep.name or os.path.basename(os.path.normpath(sweep.out_dir))
-    out = (table_fn or _table_fn())(runs, os.path.join(sweep.out_dir, "table"), anchors=sweep.anchors,
-                                    experiment=experiment)
-    logger.log(f"table written to {os.path.join(sweep.out_dir, 'table')}")
+    table = real_directory(sweep.out_dir, os.path.basename(table_dir(sweep)), error=SampleConfigError)  # no link
+    out = (table_fn or _table_fn())(runs, table, anchors=sweep.anchors, experiment=experiment)
+    logger.log(f"table written to {table}")
     return out
 
 
@@ -167,6 +176,6 @@ def after_runs(cells, sweep, evaluate_fn=None, table_fn=None):
     dist_util.barrier()
     if dist_util.get_rank() == 0:
         for path in (done, failed):
-            if os.path.exists(path):
+            if os.path.lexists(path):  # a link: the link itself
                 os.remove(path)
     return result
