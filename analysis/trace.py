@@ -264,7 +264,7 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
         noise = [th.randn(tuple(x.shape[1:]), generator=g, device=device) for g in generators]
         return th.stack(noise).to(x.dtype)
 
-    row_seeds = tuple(r for _, _, r in seeds)
+    row_seeds = th.tensor([r for _, _, r in seeds], dtype=th.long, device=device)  # as sampling.Sampler
     model_kwargs = {"row_seeds": row_seeds}
     classifier = models.classifier
     with_labels = bool(s.model.class_cond or classifier is not None)
@@ -355,7 +355,7 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
                 eps_perturbed = seen["pag"][0]
             elif config.pag_layers:  # PAG off at this step (s = 0, outside the interval): perturb for display
                 with pag.perturbed_attention(model, config.pag_layers, config.perturbation, row_seeds=row_seeds,
-                                             **dict(config.perturbation_params)):
+                                             steps=t, **dict(config.perturbation_params)):
                     eps_perturbed = model(x, t, **net_kwargs)[:, :channels]
             else:
                 eps_perturbed = seen["eps"]
@@ -423,7 +423,7 @@ def perturbed_x0(settings, models, device, reference, kinds, params=None):
         out["clean"].append(diffusion.p_mean_variance(_replay(clean), x, index_t, clip_denoised=clip)
                             ["pred_xstart"].float().cpu())
         for kind in kinds:
-            with pag.perturbed_attention(model, config.pag_layers, kind, row_seeds=row_seeds, **values):
+            with pag.perturbed_attention(model, config.pag_layers, kind, row_seeds=row_seeds, steps=t, **values):
                 perturbed = model(x, t, **net_kwargs)
             out[kind].append(diffusion.p_mean_variance(_replay(perturbed), x, index_t, clip_denoised=clip)
                              ["pred_xstart"].float().cpu())

@@ -53,10 +53,10 @@ def device_info(device):
 def naive_two_pass(model, layers):
     """The authors' strategy: a full clean pass and a full perturbed pass, then the formula."""
 
-    def step(x, t):
-        eps_and_var = model(x, t)
+    def step(x, t, **kwargs):
+        eps_and_var = model(x, t, **kwargs)
         with pag.perturbed_attention(model, layers):
-            eps_perturbed = model(x, t)[:, :3]
+            eps_perturbed = model(x, t, **kwargs)[:, :3]
         guided = pag.guidance_step(eps_and_var[:, :3], (eps_perturbed, torch.full((x.shape[0],), 3.0)))
         return torch.cat([guided, eps_and_var[:, 3:]], dim=1)
 

@@ -138,14 +138,37 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (
             (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         )
+        self._device_tables = {}  # (name, device) -> float64 tensor: each table is copied to a device once
+
+    # Tables used by the formulas below beyond the attributes above (upstream computes them at each call).
+    _DERIVED_TABLES = {
+        "one_minus_alphas_cumprod": lambda d: 1.0 - d.alphas_cumprod,
+        "log_betas": lambda d: np.log(d.betas),
+        # beta_t, except at t=0 where the posterior variance gives a better decoder likelihood.
+        "fixed_large_variance": lambda d: np.append(d.posterior_variance[1], d.betas[1:]),
+        "fixed_large_log_variance": lambda d: np.log(np.append(d.posterior_variance[1], d.betas[1:])),
+        "recip_posterior_mean_coef1": lambda d: 1.0 / d.posterior_mean_coef1,
+        "posterior_mean_coef2_over_coef1": lambda d: d.posterior_mean_coef2 / d.posterior_mean_coef1,
+    }
+
+    def _coef(self, name, t, broadcast_shape):
+        """``_extract_into_tensor`` of table ``name`` (an attribute or a derived table) at timesteps ``t``, from
+        a float64 copy kept on ``t``'s device: no host-to-device copy per sampling step, the same float32 values."""
+        key = (name, t.device)
+        table = self._device_tables.get(key)
+        if table is None:
+            derive = self._DERIVED_TABLES.get(name)
+            array = derive(self) if derive else getattr(self, name)
+            table = self._device_tables[key] = th.from_numpy(np.asarray(array, dtype=np.float64)).to(t.device)
+        return _gather(table, t, broadcast_shape)
 
     # -- forward process ------------------------------------------------------------------------
 
     def q_mean_variance(self, x_start, t):
         """(mean, variance, log_variance) of q(x_t | x_0), each shaped like x_start."""
-        mean = _extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = _extract_into_tensor(1.0 - self.alphas_cumprod, t, x_start.shape)
-        log_variance = _extract_into_tensor(self.log_one_minus_alphas_cumprod, t, x_start.shape)
+        mean = self._coef("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+        variance = self._coef("one_minus_alphas_cumprod", t, x_start.shape)
+        log_variance = self._coef("log_one_minus_alphas_cumprod", t, x_start.shape)
         return mean, variance, log_variance
 
     def q_sample(self, x_start, t, noise=None):
@@ -155,8 +178,8 @@ class GaussianDiffusion:
         if noise.shape != x_start.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x_start shape {tuple(x_start.shape)}")
         return (
-            _extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-            + _extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+            self._coef("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+            + self._coef("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * noise
         )
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
@@ -164,11 +187,11 @@ class GaussianDiffusion:
         if x_start.shape != x_t.shape:
             raise ValueError(f"x_start {tuple(x_start.shape)} and x_t {tuple(x_t.shape)} differ")
         mean = (
-            _extract_into_tensor(self.posterior_mean_coef1, t, x_t.shape) * x_start
-            + _extract_into_tensor(self.posterior_mean_coef2, t, x_t.shape) * x_t
+            self._coef("posterior_mean_coef1", t, x_t.shape) * x_start
+            + self._coef("posterior_mean_coef2", t, x_t.shape) * x_t
         )
-        variance = _extract_into_tensor(self.posterior_variance, t, x_t.shape)
-        log_variance = _extract_into_tensor(self.posterior_log_variance_clipped, t, x_t.shape)
+        variance = self._coef("posterior_variance", t, x_t.shape)
+        log_variance = self._coef("posterior_log_variance_clipped", t, x_t.shape)
         return mean, variance, log_variance
 
     # -- reverse process ------------------------------------------------------------------------
@@ -201,19 +224,18 @@ class GaussianDiffusion:
                 model_log_variance = var_values
             else:
                 # var_values = -1 gives the posterior variance (the lower bound), +1 gives beta_t (upper).
-                min_log = _extract_into_tensor(self.posterior_log_variance_clipped, t, x.shape)
-                max_log = _extract_into_tensor(np.log(self.betas), t, x.shape)
+                min_log = self._coef("posterior_log_variance_clipped", t, x.shape)
+                max_log = self._coef("log_betas", t, x.shape)
                 frac = (var_values + 1) / 2
                 model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = th.exp(model_log_variance)
         elif self.model_var_type == ModelVarType.FIXED_LARGE:
             # beta_t, except at t=0 where the posterior variance gives a better decoder likelihood.
-            large = np.append(self.posterior_variance[1], self.betas[1:])
-            model_variance = _extract_into_tensor(large, t, x.shape)
-            model_log_variance = _extract_into_tensor(np.log(large), t, x.shape)
+            model_variance = self._coef("fixed_large_variance", t, x.shape)
+            model_log_variance = self._coef("fixed_large_log_variance", t, x.shape)
         elif self.model_var_type == ModelVarType.FIXED_SMALL:
-            model_variance = _extract_into_tensor(self.posterior_variance, t, x.shape)
-            model_log_variance = _extract_into_tensor(self.posterior_log_variance_clipped, t, x.shape)
+            model_variance = self._coef("posterior_variance", t, x.shape)
+            model_log_variance = self._coef("posterior_log_variance_clipped", t, x.shape)
         else:
             raise NotImplementedError(self.model_var_type)
 
@@ -247,8 +269,8 @@ class GaussianDiffusion:
         if x_t.shape != eps.shape:
             raise ValueError(f"x_t {tuple(x_t.shape)} and eps {tuple(eps.shape)} differ")
         return (
-            _extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-            - _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
+            self._coef("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t
+            - self._coef("sqrt_recipm1_alphas_cumprod", t, x_t.shape) * eps
         )
 
     def _predict_xstart_from_xprev(self, x_t, t, xprev):
@@ -256,15 +278,15 @@ class GaussianDiffusion:
         if x_t.shape != xprev.shape:
             raise ValueError(f"x_t {tuple(x_t.shape)} and xprev {tuple(xprev.shape)} differ")
         return (
-            _extract_into_tensor(1.0 / self.posterior_mean_coef1, t, x_t.shape) * xprev
-            - _extract_into_tensor(self.posterior_mean_coef2 / self.posterior_mean_coef1, t, x_t.shape) * x_t
+            self._coef("recip_posterior_mean_coef1", t, x_t.shape) * xprev
+            - self._coef("posterior_mean_coef2_over_coef1", t, x_t.shape) * x_t
         )
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
         # The inverse of _predict_xstart_from_eps.
         return (
-            _extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart
-        ) / _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
+            self._coef("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - pred_xstart
+        ) / self._coef("sqrt_recipm1_alphas_cumprod", t, x_t.shape)
 
     def _scale_timesteps(self, t):
         """The timesteps the model (and cond_fn) sees."""
@@ -291,7 +313,7 @@ class GaussianDiffusion:
         """
         if model_kwargs is None:
             model_kwargs = {}
-        alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
+        alpha_bar = self._coef("alphas_cumprod", t, x.shape)
         eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
         eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, self._scale_timesteps(t), **model_kwargs)
 
@@ -412,8 +434,8 @@ class GaussianDiffusion:
         # which also covers x_0- and x_{t-1}-predicting models; reference trajectories depend on this.
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
 
-        alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
-        alpha_bar_prev = _extract_into_tensor(self.alphas_cumprod_prev, t, x.shape)
+        alpha_bar = self._coef("alphas_cumprod", t, x.shape)
+        alpha_bar_prev = self._coef("alphas_cumprod_prev", t, x.shape)
         sigma = (
             eta
             * th.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
@@ -441,7 +463,7 @@ class GaussianDiffusion:
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar_next = _extract_into_tensor(self.alphas_cumprod_next, t, x.shape)
+        alpha_bar_next = self._coef("alphas_cumprod_next", t, x.shape)
         mean_pred = out["pred_xstart"] * th.sqrt(alpha_bar_next) + th.sqrt(1 - alpha_bar_next) * eps
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
 
@@ -667,7 +689,12 @@ def _extract_into_tensor(arr, timesteps, broadcast_shape):
     Indexing happens in float64 and the cast to float32 comes last, as upstream, so coefficients
     are bit-identical to upstream's.
     """
-    res = th.from_numpy(arr).to(device=timesteps.device)[timesteps].float()
+    return _gather(th.from_numpy(arr).to(device=timesteps.device), timesteps, broadcast_shape)
+
+
+def _gather(table, timesteps, broadcast_shape):
+    """``table[timesteps]`` (a float64 tensor on the timesteps' device) as float32, broadcast."""
+    res = table[timesteps].float()
     while res.dim() < len(broadcast_shape):
         res = res[..., None]
     return res.expand(broadcast_shape)

@@ -74,6 +74,7 @@ class SpacedDiffusion(GaussianDiffusion):
                 self.timestep_map.append(step)
         kwargs["betas"] = np.array(new_betas)
         super().__init__(**kwargs)
+        self._timestep_maps = _TimestepMaps(self.timestep_map)
 
     # Everything that calls the model or a classifier goes through these, so wrapping here covers
     # sampling, guidance and training.
@@ -92,11 +93,26 @@ class SpacedDiffusion(GaussianDiffusion):
     def _wrap_model(self, model):
         if isinstance(model, _WrappedModel):  # already maps indices; mapping twice would be wrong
             return model
-        return _WrappedModel(model, self.timestep_map, self.rescale_timesteps, self.original_num_steps)
+        return _WrappedModel(model, self._timestep_maps, self.rescale_timesteps, self.original_num_steps)
 
     def _scale_timesteps(self, t):
         # The wrapper maps (and, if asked, rescales) timesteps, so nothing is done here.
         return t
+
+
+class _TimestepMaps:
+    """The map from step index to original timestep as a tensor, made once per device and dtype (a wrapper is
+    made at every step; the map is not copied to the device at every step)."""
+
+    def __init__(self, timestep_map):
+        self.timestep_map = list(timestep_map)
+        self._tensors = {}
+
+    def on(self, device, dtype):
+        key = (device, dtype)
+        if key not in self._tensors:
+            self._tensors[key] = th.tensor(self.timestep_map, device=device, dtype=dtype)
+        return self._tensors[key]
 
 
 class _WrappedModel:
@@ -104,13 +120,13 @@ class _WrappedModel:
 
     def __init__(self, model, timestep_map, rescale_timesteps, original_num_steps):
         self.model = model
-        self.timestep_map = timestep_map
+        self.maps = timestep_map if isinstance(timestep_map, _TimestepMaps) else _TimestepMaps(timestep_map)
+        self.timestep_map = self.maps.timestep_map
         self.rescale_timesteps = rescale_timesteps
         self.original_num_steps = original_num_steps
 
     def __call__(self, x, ts, **kwargs):
-        map_tensor = th.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
-        new_ts = map_tensor[ts]
+        new_ts = self.maps.on(ts.device, ts.dtype)[ts]
         if self.rescale_timesteps:
             new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
         return self.model(x, new_ts, **kwargs)

@@ -569,15 +569,17 @@ class UNetModel(nn.Module):
             emb = emb + self.label_emb(y)
         return UNetState(h=x.type(self.dtype), emb=emb, skips=(), next_stage=0, out_dtype=x.dtype)
 
-    def run(self, state, until=None):
+    def run(self, state, until=None, consume=False):
         """Run the stages from ``state.next_stage`` up to (not including) ``until`` (default: all).
 
-        ``state`` is not modified, so the same state can be continued more than once.
+        ``state`` is not modified, so the same state can be continued more than once; with ``consume=True``
+        its tensors are taken out of it (see :meth:`UNetState.take`) so that each skip is freed as soon as its
+        decoder block has used it, as in an uninterrupted forward pass.
         """
         stop = len(self.stage_names) if until is None else until
         if not state.next_stage <= stop <= len(self.stage_names):
             raise ValueError(f"cannot run from stage {state.next_stage} to stage {stop}")
-        h, skips = state.h, list(state.skips)
+        h, skips = state.take() if consume else (state.h, list(state.skips))
         num_inputs = len(self.input_blocks)
         for index in range(state.next_stage, stop):
             if index < num_inputs:
@@ -596,7 +598,7 @@ class UNetModel(nn.Module):
         return self.out(state.h.type(state.out_dtype))
 
 
-@dataclass(frozen=True)
+@dataclass
 class UNetState:
     """The U-Net's activations between two stages: what ``UNetModel.run`` continues from."""
 
@@ -606,13 +608,30 @@ class UNetState:
     next_stage: int
     out_dtype: th.dtype
 
-    def repeat(self, times):
-        """The same state for ``[x; x; ...]`` (``times`` copies along the batch)."""
+    def take(self):
+        """``(h, list of skips)``, leaving this state empty (``h`` None, no skips): whoever takes them holds
+        the only references, so each tensor is freed as soon as it is used."""
+        h, skips = self.h, list(self.skips)
+        self.h, self.skips = None, ()
+        return h, skips
+
+    def repeat(self, times, consume=False):
+        """The same state for ``[x; x; ...]`` (``times`` copies along the batch). With ``consume=True`` this
+        state is emptied tensor by tensor while the copies are made, so the original and the repeated skips
+        never all live at once."""
 
         def rep(tensor):
             return tensor.repeat(times, *([1] * (tensor.dim() - 1)))
 
-        return replace(self, h=rep(self.h), emb=rep(self.emb), skips=tuple(rep(s) for s in self.skips))
+        if not consume:
+            return replace(self, h=rep(self.h), emb=rep(self.emb), skips=tuple(rep(s) for s in self.skips))
+        h, skips = self.take()
+        h = rep(h)
+        repeated = []
+        skips.reverse()
+        while skips:  # each original is dropped as soon as its copy exists
+            repeated.append(rep(skips.pop()))
+        return replace(self, h=h, emb=rep(self.emb), skips=tuple(repeated))
 
 
 def _check_images(x, timesteps, channels, image_size, what="model", dims=2, multiple=1):
@@ -652,7 +671,11 @@ def _check_labels(num_classes, batch_size, y):
         raise ValueError(f"expected {batch_size} labels of shape ({batch_size},), got {tuple(y.shape)}")
     if y.dtype.is_floating_point:
         raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+    if not y.numel():
+        return
+    if y.device.type != "cpu":  # checked on the device: reading the labels back would wait for the GPU each step
+        th._assert_async(((y >= 0) & (y < num_classes)).all(), f"labels must lie in [0, {num_classes - 1}]")
+    elif int(y.min()) < 0 or int(y.max()) >= num_classes:
         raise ValueError(
             f"labels must lie in [0, {num_classes - 1}], got values from {int(y.min())} to {int(y.max())}"
         )

@@ -114,6 +114,19 @@ class _GuidanceSettings:
             scale = (self.pag_scale - self.pag_adaptive_scale * (1000 - t)).clamp(min=0)
         return scale * self.in_interval(t)
 
+    def constant_pag_scale(self, num_timesteps=1000):
+        """PAG's scale when it is the same at every timestep (constant schedule, an interval covering
+        0..num_timesteps - 1), else None: the guided model then decides on the host whether to guide."""
+        return float(self.pag_scale) if self.pag_schedule == "constant" and self._interval_covers(
+            num_timesteps) else None
+
+    def constant_sag_scale(self, num_timesteps=1000):
+        return float(self.sag_scale) if self._interval_covers(num_timesteps) else None
+
+    def _interval_covers(self, num_timesteps):
+        lo, hi = self.guidance_interval
+        return lo <= 0 and hi >= num_timesteps - 1
+
     def sag_scale_at(self, t):
         return th.full_like(t.float(), float(self.sag_scale)) * self.in_interval(t)
 

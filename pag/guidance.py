@@ -11,7 +11,9 @@ perturbed prediction (see :class:`GuidedModel`). With learned sigma, the varianc
 the unperturbed pass, as in the authors' implementation.
 """
 
+import dataclasses
 import math
+import types
 
 import torch as th
 import torch.nn.functional as F
@@ -29,11 +31,11 @@ def guidance_step(eps, *terms):
     """The guidance formula: ``eps + sum_i s_i * (eps - eps_i)`` over ``terms`` of ``(eps_i, s_i)``.
 
     PAG's term is (eps of the perturbed pass, s); SAG's is (eps on the degraded input, its scale).
-    Scales are per batch row.
+    Scales are per batch row, on any device (a host tensor is copied to ``eps``'s device).
     """
     guided = eps
     for eps_away, scale in terms:
-        scale = scale.to(eps.dtype).reshape(-1, *([1] * (eps.dim() - 1)))
+        scale = scale.to(device=eps.device, dtype=eps.dtype).reshape(-1, *([1] * (eps.dim() - 1)))
         guided = guided + scale * (eps - eps_away)
     return guided
 
@@ -71,7 +73,13 @@ class GuidedModel:
       the rest to the output (``finish(run(state))``: the batched or sequential continuation, unguided
       steps and SAG's second pass). ``begin`` (input checks, timestep embedding) stays eager. Each piece
       compiles once per kind of call (prefix; rest on ``[x; x]`` from the prefix; rest on ``x`` from stage
-      0), not per step: dynamo guards the attention overrides by value, not by object identity.
+      0), not per step: dynamo guards the attention overrides by value, not by object identity. Each
+      ``GuidedModel`` compiles its own copies of the two functions, so the graphs of one sweep cell never count
+      against another cell's recompile limit (dynamo keeps at most 8 graphs per function).
+
+    Host reads: with a scale that is the same at every timestep (constant schedule, an interval covering every
+    step) whether to guide is decided on the host, so a PAG step reads nothing back from the device; schedules
+    and intervals read the per-row scale once per step.
     """
 
     def __init__(self, model, config, diffusion=None, batch_passes=True, compile=False, channels_last=False):
@@ -92,6 +100,8 @@ class GuidedModel:
         if self.num_timesteps != 1000:  # the config checked itself against 1000 steps when built
             config.validate(self.num_timesteps)
         self.layers = resolve_layers(model, config.pag_layers) if config.uses_pag else []
+        self._pag_constant = config.constant_pag_scale(self.num_timesteps)
+        self._sag_constant = config.constant_sag_scale(self.num_timesteps)
         self.shared_stages = min((model.stage_of(name) for name in self.layers), default=0)
         self.sag_layer = None
         self._alphas_cumprod = None
@@ -112,14 +122,15 @@ class GuidedModel:
         self._run_prefix, self._run_rest = self._prefix_plain, self._rest_plain
         if self.compiled:
             options = {} if compile is True else dict(compile)
-            self._run_prefix = th.compile(self._prefix_plain, **options)
-            self._run_rest = th.compile(self._rest_plain, **options)
+            self._run_prefix = th.compile(_own_copy(self._prefix_plain), **options)
+            self._run_rest = th.compile(_own_copy(self._rest_plain), **options)
 
     def _prefix_plain(self, state):
-        return self.model.run(state, until=self.shared_stages)
+        return self.model.run(state, until=self.shared_stages, consume=True)
 
     def _rest_plain(self, state):
-        return self.model.finish(self.model.run(state))
+        """The rest of the U-Net from ``state``, which it consumes (each skip is freed once used)."""
+        return self.model.finish(self.model.run(state, consume=True))
 
     def _forward(self, x, t, **model_kwargs):
         """The model's output (no guidance), through the compiled pieces when compiling."""
@@ -128,10 +139,10 @@ class GuidedModel:
         return self._run_rest(self.model.begin(x, t, **model_kwargs))
 
     def __call__(self, x, t, row_seeds=None, **model_kwargs):
-        pag_scale = self.config.pag_scale_at(t, self.num_timesteps) if self.layers else None
-        sag_scale = self.config.sag_scale_at(t) if self.sag_layer else None
-        use_pag = pag_scale is not None and bool((pag_scale != 0).any())
-        use_sag = sag_scale is not None and bool((sag_scale != 0).any())
+        pag_scale, use_pag = _scale_and_use(self._pag_constant, t, self.layers,
+                                            lambda: self.config.pag_scale_at(t, self.num_timesteps))
+        sag_scale, use_sag = _scale_and_use(self._sag_constant, t, self.sag_layer,
+                                            lambda: self.config.sag_scale_at(t))
         if not (use_pag or use_sag):
             out = self._forward(x, t, **model_kwargs)
             if self.observer is not None:
@@ -162,7 +173,7 @@ class GuidedModel:
         """The model's output and its output with the PAG layers perturbed, sharing the prefix."""
         model = self.model
         config = self.config
-        perturb = make_attention_fn(config.perturbation, config.perturbation_params, row_seeds=row_seeds)
+        perturb = make_attention_fn(config.perturbation, config.perturbation_params, row_seeds=row_seeds, steps=t)
         recording = {self.sag_layer: AttentionOverride(recorder)} if recorder is not None else {}
         record_in_prefix, record_later = (recording, {}) if self.sag_in_prefix else ({}, recording)
         with attention_overrides(model, record_in_prefix):
@@ -175,12 +186,15 @@ class GuidedModel:
                 overrides[self.sag_layer] = AttentionOverride(
                     other.attention_fn, "second_half", base_fn=recorder
                 )
+            # The B-row prefix is emptied while its copy is made and the copy is consumed as it runs, so the
+            # peak is that of an unguided call on 2B rows (each skip freed once its decoder block used it).
+            prefix = prefix.repeat(2, consume=True)
             with attention_overrides(model, overrides):
-                both = self._run_rest(prefix.repeat(2))
+                both = self._run_rest(prefix)
             return both[: x.shape[0]], both[x.shape[0]:]
 
         with attention_overrides(model, record_later):
-            clean = self._run_rest(prefix)
+            clean = self._run_rest(dataclasses.replace(prefix))  # a shallow copy: the prefix is needed again
         with attention_overrides(model, {name: AttentionOverride(perturb) for name in self.layers}):
             perturbed = self._run_rest(prefix)
         return clean, perturbed
@@ -201,6 +215,28 @@ class GuidedModel:
         blurred = gaussian_blur(x0, kernel_size=[SAG_BLUR_KERNEL] * 2, sigma=[self.config.sag_blur_sigma] * 2)
         degraded = blurred * mask + x0 * (1 - mask)
         return abar.sqrt() * degraded + (1 - abar).sqrt() * eps
+
+
+def _scale_and_use(constant, t, enabled, scale_at):
+    """``(per-row scale, whether any row is guided)`` at timesteps ``t``. A scale that is the same at every
+    timestep (``constant``, a float) is decided on the host; otherwise ``scale_at()`` is read back once."""
+    if not enabled:
+        return None, False
+    if constant is not None:
+        return th.full(t.shape, float(constant), device=t.device), constant != 0
+    scale = scale_at()
+    return scale, bool((scale != 0).any())
+
+
+def _own_copy(method):
+    """``method`` bound to a function with a code object of its own. ``torch.compile`` keeps its graphs per code
+    object (at most ``recompile_limit``, 8): without a copy every ``GuidedModel`` of a process, e.g. the cells of
+    a sweep, would share one budget, and after the eighth the rest would silently run eager."""
+    func = method.__func__
+    copy = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+                              func.__closure__)
+    copy.__qualname__, copy.__doc__ = func.__qualname__, func.__doc__
+    return types.MethodType(copy, method.__self__)
 
 
 def _alphas_cumprod_by_original_timestep(diffusion):

@@ -7,8 +7,9 @@ default, flag help and check; ``GuidanceConfig``'s fields, the sampling flags an
 generated from this registry, so a new kind is one :func:`register`-ed builder (plus its parameters) and its
 test.
 
-Random kinds draw from one generator per batch row, seeded from ``(perturbation_seed, row seed)``, so results
-repeat exactly and, when the sampler passes each sample's index as its row seed, do not depend on batching.
+Random kinds draw on the device from a counter-based hash of ``(perturbation_seed, row seed, timestep)``: every
+denoising step draws afresh (as the authors' code, which draws at every forward pass), results repeat exactly,
+and, as the sampler passes each sample's index as its row seed, they do not depend on batching.
 """
 
 import contextlib
@@ -136,32 +137,73 @@ def validate_perturbation(kind, params):
         PARAMS[name].validate(params.value(name))
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x, constant):
+    """``x * constant mod 2**32`` for int64 tensors holding 32-bit values, in 16-bit halves so that no
+    intermediate leaves int64's range (signed overflow is undefined in the C++ and Triton kernels)."""
+    low = (x & 0xFFFF) * constant
+    high = (((x >> 16) * constant) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def _hash32(x):
+    """A 32-bit integer hash with full avalanche (Wellons' "lowbias32" constants), elementwise on int64
+    tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
 class _RowRandom:
-    """One generator per batch row; row i's draws depend only on (seed, row_seeds[i])."""
+    """Counter-based random numbers on the device: element j of row i's draw number n is a hash of (seed,
+    row_seeds[i], steps[i], n, j). Nothing is drawn on the host, no generator state is kept, and the same
+    integers give the same draws on every device (integer arithmetic is exact), with or without compile.
 
-    def __init__(self, seed, row_seeds=None):
+    ``row_seeds`` (ints or an int tensor, one per perturbed row; rows 0, 1, ... when None) and ``steps`` (the
+    rows' timesteps, a tensor or an int; 0 when None) make every denoising step draw afresh while a sample's
+    draws depend only on the seed, its row seed and the step. The draw number advances with each call, so the
+    blocks of one forward pass get different draws.
+    """
+
+    def __init__(self, seed, row_seeds=None, steps=None):
         self.seed = int(seed)
-        self.row_seeds = None if row_seeds is None else [int(s) for s in row_seeds]
-        self._generators = None
+        self.row_seeds = row_seeds
+        self.steps = steps
+        self.draws = 0
 
-    def _generators_for(self, rows):
-        if self._generators is None:
-            seeds = self.row_seeds if self.row_seeds is not None else list(range(rows))
-            if len(seeds) != rows:
-                raise ValueError(f"{len(seeds)} row seeds for {rows} perturbed rows")
-            self._generators = [
-                th.Generator().manual_seed((self.seed * 1_000_003 + s) % (2**63)) for s in seeds
-            ]
-        return self._generators
+    def _row_keys(self, rows, device):
+        seeds = th.arange(rows, device=device) if self.row_seeds is None else \
+            th.as_tensor(self.row_seeds, device=device).long().reshape(-1)
+        if seeds.shape[0] != rows:
+            raise ValueError(f"{seeds.shape[0]} row seeds for {rows} perturbed rows")
+        steps = th.as_tensor(0 if self.steps is None else self.steps, device=device).long().reshape(-1)
+        key = _hash32(th.full((rows,), (self.seed * 0x9E3779B9 + self.draws) & _MASK32, device=device,
+                              dtype=th.long))
+        self.draws += 1
+        key = _hash32(key ^ (seeds & _MASK32))
+        key = _hash32(key ^ (steps.expand(rows) & _MASK32))
+        return _hash32(key ^ (seeds >> 32 & _MASK32))
+
+    def _bits(self, shape, device):
+        """Independent 24-bit integers of ``shape`` (rows first), one hash per element."""
+        keys = self._row_keys(shape[0], device).reshape(-1, *([1] * (len(shape) - 1)))
+        offset, mixer = keys, _hash32(keys ^ 0x632BE5AB)  # two keys per row: rows are not shifted copies
+        index = th.arange(math.prod(shape[1:]), device=device, dtype=th.long).reshape(1, *shape[1:])
+        return _hash32(_hash32((index + offset) & _MASK32) ^ mixer) >> 8
 
     def rand(self, shape, device):
-        """Uniform [0, 1) draws of shape (rows, *rest), row by row from each row's generator."""
-        gens = self._generators_for(shape[0])
-        return th.stack([th.rand(shape[1:], generator=g) for g in gens]).to(device)
+        """Uniform draws in [0, 1) (multiples of 2**-24) of ``shape`` (rows, ...)."""
+        return self._bits(shape, device).float() * 2.0**-24
 
     def randn(self, shape, device):
-        gens = self._generators_for(shape[0])
-        return th.stack([th.randn(shape[1:], generator=g) for g in gens]).to(device)
+        """Standard normal draws (Box-Muller over two uniform draws)."""
+        u1 = (self._bits(shape, device).float() + 1.0) * 2.0**-24  # (0, 1]: the log is finite
+        u2 = self.rand(shape, device)
+        return th.sqrt(-2.0 * th.log(u1)) * th.cos(2.0 * math.pi * u2)
 
 
 # ------------------------------------------------------------------------------------------ the kinds
@@ -318,18 +360,20 @@ def _temperature(values, rng):
 # ------------------------------------------------------------------------------------------ using them
 
 
-def make_attention_fn(kind="identity", params=None, row_seeds=None, **values):
+def make_attention_fn(kind="identity", params=None, row_seeds=None, steps=None, **values):
     """The attention function of perturbation ``kind`` (see :data:`REGISTRY` for each definition).
 
     params: a :class:`PerturbationParams` (or give the values as keywords, flag or short names).
-    row_seeds: one integer per perturbed row (e.g. sample indices) for the random kinds; rows are numbered
-        0, 1, ... when omitted. A returned function is for one forward pass: its generators advance with
-        every block it perturbs.
+    row_seeds: one integer per perturbed row (e.g. sample indices; ints or an int tensor, best on the
+        device) for the random kinds; rows are numbered 0, 1, ... when omitted.
+    steps: the perturbed rows' timesteps (a tensor, e.g. the ``t`` the model is called with, or an int) for
+        the random kinds, so each denoising step draws afresh; 0 when omitted. A returned function is for one
+        forward pass: its draws advance with every block it perturbs.
     """
     params = PerturbationParams(**dict(params or {}), **values)
     validate_perturbation(kind, params)
     entry = REGISTRY[kind]
-    rng = _RowRandom(params.value("perturbation_seed"), row_seeds) if entry.random else None
+    rng = _RowRandom(params.value("perturbation_seed"), row_seeds, steps) if entry.random else None
     attend = entry.build(params, rng)
     if attend.__module__ == __name__:  # a builder's own function (not a shared one such as identity_attention)
         attend.__name__ = f"{kind}_attention"
@@ -357,7 +401,7 @@ def attention_overrides(model, overrides):
 
 
 @contextlib.contextmanager
-def perturbed_attention(model, layers, kind="identity", row_seeds=None, **params):
+def perturbed_attention(model, layers, kind="identity", row_seeds=None, steps=None, **params):
     """Perturb the named attention blocks (names or glob patterns) for every batch row.
 
     >>> with perturbed_attention(model, ["input_blocks.14.1", "middle_block.*"], kind="blur", sigma=2.0):
@@ -368,7 +412,7 @@ def perturbed_attention(model, layers, kind="identity", row_seeds=None, **params
     from .layers import resolve_layers
 
     names = resolve_layers(model, layers)
-    attention_fn = make_attention_fn(kind, PerturbationParams(**params), row_seeds=row_seeds)
+    attention_fn = make_attention_fn(kind, PerturbationParams(**params), row_seeds=row_seeds, steps=steps)
     with attention_overrides(model, {name: AttentionOverride(attention_fn) for name in names}):
         yield model
 

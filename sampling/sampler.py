@@ -5,10 +5,11 @@ Sample i's class label, its x_T and every step's noise come from generators seed
 per-sample ``row_seeds`` from the same pair: a sample does not depend on the batch size, the number of processes
 or which process drew it.
 
-Placement: every tensor the sampler makes (x_T, each step's noise, labels) is made on the sampling device; the
-row seeds stay host integers (they seed host generators), so nothing is read back from the device per sample.
-Each step's noise is one draw per sample from that sample's generator on the device (on CUDA: asynchronous
-launches, no host synchronisation), written into one batch tensor.
+Placement: every tensor the sampler makes (x_T, each step's noise, labels, the row seeds) is made on the sampling
+device once per batch, and nothing is read back from the device during the loop: the non-finite check is
+accumulated on the device and read once per batch. Each step's noise is one draw per sample from that sample's
+generator on the device (on CUDA: asynchronous launches, no host synchronisation), written into one batch
+tensor.
 """
 
 import numpy as np
@@ -102,8 +103,9 @@ class Sampler:
         seeds = [sample_seeds(seed, i) for i in indices]
         batch = len(indices)
         randn_like = self.noise_fn(indices)
-        # Host integers: they seed host generators (pag.perturbations), so the device is never read per sample.
-        model_kwargs = {"row_seeds": tuple(r for _, _, r in seeds)}
+        # On the device once per batch: random perturbations hash them there (and a tensor, unlike host ints,
+        # does not make torch.compile specialise on each batch's values).
+        model_kwargs = {"row_seeds": th.tensor([r for _, _, r in seeds], dtype=th.long, device=device)}
         labels = None
         if self.with_labels:
             labels = sample_labels(seed, indices, s.sampling.num_classes)
@@ -114,15 +116,19 @@ class Sampler:
         timestep_map = getattr(self.diffusion, "timestep_map", list(range(steps)))
         size = s.model.image_size
         sample = None
+        first_bad_step = th.full((batch,), steps, dtype=th.long, device=device)  # per row; steps = never
         for step, out in enumerate(loop(self.model_fn, (batch, 3, size, size), clip_denoised=s.sampling.clip_denoised,
                                         cond_fn=self.cond_fn, model_kwargs=model_kwargs, device=device,
                                         randn_like=randn_like)):
             sample = out["sample"]
             finite = th.isfinite(sample).flatten(1).all(dim=1)
-            if not bool(finite.all()):
-                bad = [indices[j] for j in (~finite).nonzero().flatten().tolist()]
-                raise NonFiniteError(
-                    f"non-finite values in sample(s) {format_indices(bad)} at step {step + 1} of {steps} "
-                    f"(timestep {timestep_map[steps - 1 - step]}); the run stopped, finished shards in "
-                    f"{s.out_dir}/shards are intact")
+            first_bad_step = th.where(finite, first_bad_step, first_bad_step.clamp(max=step))
+        first_bad_step = first_bad_step.tolist()  # the batch's one read of the device
+        if min(first_bad_step) < steps:
+            step = min(first_bad_step)
+            bad = [i for i, first in zip(indices, first_bad_step) if first < steps]
+            raise NonFiniteError(
+                f"non-finite values in sample(s) {format_indices(bad)} at step {step + 1} of {steps} "
+                f"(timestep {timestep_map[steps - 1 - step]}); the run stopped, finished shards in "
+                f"{s.out_dir}/shards are intact")
         return to_uint8_nhwc(sample), labels

@@ -186,7 +186,10 @@ def test_no_device_reads_per_sample_and_tensors_on_the_device(ckpt, tmp_path):
         reads[batch] = mode.count
     assert reads[1] == reads[3] > 0, reads
     assert all(d == device for x, t, y, _ in seen for d in (x, t, y))
-    assert all(isinstance(r, tuple) and all(isinstance(v, int) for v in r) for *_, r in seen)
+    # Row seeds: one int64 tensor on the device per batch (made once, not per step), the samples' row seeds.
+    assert all(r.device == device and r.dtype == torch.int64 for *_, r in seen)
+    assert len({id(r) for *_, r in seen}) == 2 and seen[-1][3].tolist() == [
+        sampling.sample_seeds(settings.sampling.seed, i)[2] for i in range(3)]
 
 
 def test_each_rank_samples_on_its_local_rank_gpu(monkeypatch):

@@ -14,6 +14,7 @@ from guided_diffusion.attention import AttentionOverride, attention_map
 from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.unet import attention_blocks
 from pag.guidance import guidance_step
+from pag.perturbations import _RowRandom
 
 SMALL_LAYERS = ["input_blocks.3.1", "input_blocks.5.1", "middle_block.1"]
 
@@ -151,9 +152,9 @@ def test_random_mask_definition():
     assert torch.allclose(pag.make_attention_fn("random_mask", pag.PerturbationParams(drop_rate=1.0))(q, k, v), v, atol=1e-6)
     params = pag.PerturbationParams(drop_rate=0.5, seed=11)
     got = pag.make_attention_fn("random_mask", params)(q, k, v)
-    # Recompute the mask the way it is defined: row 0's generator, uniform draws < drop_rate, diagonal kept.
-    gen = torch.Generator().manual_seed(11 * 1_000_003)
-    drop = (torch.rand((1, 3, 3), generator=gen) < 0.5)[None] & ~torch.eye(3, dtype=torch.bool)
+    # Recompute the mask the way it is defined: row 0's first draw (step 0), uniform draws < drop_rate,
+    # diagonal kept.
+    drop = (_RowRandom(11).rand((1, 1, 3, 3), "cpu") < 0.5) & ~torch.eye(3, dtype=torch.bool)
     logits = q @ k.transpose(-1, -2) / math.sqrt(2)
     expected = torch.softmax(logits.masked_fill(drop, float("-inf")), dim=-1) @ v
     assert drop.any() and torch.allclose(got, expected, atol=1e-6)
@@ -163,8 +164,7 @@ def test_noise_definition():
     q, k, v = tiny_qkv()
     params = pag.PerturbationParams(noise_std=0.3, seed=2)
     got = pag.make_attention_fn("noise", params)(q, k, v)
-    gen = torch.Generator().manual_seed(2 * 1_000_003)
-    expected = (softmax_map(q, k) + 0.3 * torch.randn((1, 3, 3), generator=gen)[None]) @ v
+    expected = (softmax_map(q, k) + 0.3 * _RowRandom(2).randn((1, 1, 3, 3), "cpu")) @ v
     assert torch.allclose(got, expected, atol=1e-6)
     zero = pag.make_attention_fn("noise", pag.PerturbationParams(noise_std=0.0))(q, k, v)
     assert torch.allclose(zero, softmax_map(q, k) @ v, atol=1e-6)
@@ -190,8 +190,7 @@ def test_drop_definition():
     assert torch.allclose(pag.make_attention_fn("drop", pag.PerturbationParams(drop_rate=0.0))(q, k, v), softmax_map(q, k) @ v, atol=1e-6)
     assert torch.count_nonzero(pag.make_attention_fn("drop", pag.PerturbationParams(drop_rate=1.0))(q, k, v)) == 0
     got = pag.make_attention_fn("drop", pag.PerturbationParams(drop_rate=0.4, seed=5))(q, k, v)
-    gen = torch.Generator().manual_seed(5 * 1_000_003)
-    keep = torch.rand((1, 3, 3), generator=gen)[None] >= 0.4
+    keep = _RowRandom(5).rand((1, 1, 3, 3), "cpu") >= 0.4
     assert torch.allclose(got, (softmax_map(q, k) * keep) @ v, atol=1e-6)
 
 

@@ -1,0 +1,111 @@
+"""Activation memory of one guided model call, measured without a GPU.
+
+:class:`LiveBytes` is a ``TorchDispatchMode`` that counts the bytes of every storage created inside it while the
+storage lives, and their peak: on real CPU tensors it measures what a call keeps alive, and on the ``meta`` device
+it measures the real ADM-256 at full width in no memory (tensors there have shapes and sizes but no data). What it
+cannot see: a kernel's internal workspace (flash attention's, cuDNN's) and the CUDA caching allocator's rounding
+and fragmentation, so a GPU's ``max_memory_allocated`` is somewhat higher. On ``meta`` the attention kernel is
+torch's math path, which materialises the (T x T) map that flash attention on a GPU does not.
+
+``python scripts/bench_memory.py`` prints :func:`memory_table` (the README quotes it).
+"""
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import pag
+from sampling.models import set_compute_dtype
+
+from .models import ARCHS, PAG_SCALE, build, diffusion_flags
+from .timing import naive_two_pass
+
+GIB = 2**30
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages created inside the mode that are still alive (``live``) and their maximum
+    (``peak``), sampled after every operation. Storages that existed before (weights, inputs) are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._known = set()  # ids of counted storages (a storage's Python object lives as long as the storage)
+
+    def _forget(self, key, nbytes):
+        self._known.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = id(storage)
+            if key in self._known or storage.nbytes() == 0:
+                continue
+            self._known.add(key)
+            self.live += storage.nbytes()
+            weakref.finalize(storage, self._forget, key, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def peak_bytes(fn):
+    """Peak live bytes of what ``fn()`` allocates (under ``torch.no_grad``, as sampling runs)."""
+    with torch.no_grad(), LiveBytes() as mode:
+        result = fn()
+        del result
+    return mode.peak
+
+
+def guided_variants(model, layers, x, t, kwargs):
+    """The calls a PAG step can make on ``x`` (batch B): the unguided call at B and at 2B (the bound for the
+    batched engine), the engine batched and sequential, and the authors' two passes."""
+    config = pag.GuidanceConfig(pag_scale=PAG_SCALE, pag_layers=layers)
+    engine, sequential = pag.guide(model, config), pag.guide(model, config, batch_passes=False)
+    naive = naive_two_pass(model, layers)
+    x2, t2 = torch.cat([x, x]), torch.cat([t, t])
+    kwargs2 = {k: torch.cat([v, v]) for k, v in kwargs.items()}
+    return {
+        "unguided": lambda: model(x, t, **kwargs),
+        "unguided_2b": lambda: model(x2, t2, **kwargs2),
+        "engine": lambda: engine(x, t, **kwargs),
+        "engine_sequential": lambda: sequential(x, t, **kwargs),
+        "two_pass": lambda: naive(x, t, **kwargs),
+    }
+
+
+def memory_table(batch_sizes=(8, 32, 64), device="meta", dtype=torch.float16, arch=ARCHS[0], num_channels=None):
+    """Rows of peak activation GiB per variant and batch size for ``arch`` (the real widths unless
+    ``num_channels``), the torso in ``dtype`` (float16: upstream's use_fp16 conversion), t = 500."""
+    flags = diffusion_flags(arch, tiny=False, num_channels=num_channels)
+    model, _, _ = build("diffusion", dict(flags, use_fp16=False), device, seed=0)
+    model = set_compute_dtype(model, dtype)
+    layers = pag.resolve_layers(model, pag.PAPER_LAYERS_256)
+    rows = []
+    for batch in batch_sizes:
+        size = flags["image_size"]
+        x = torch.zeros(batch, 3, size, size, device=device)
+        t = torch.full((batch,), 500, dtype=torch.long, device=device)
+        kwargs = {"y": torch.zeros(batch, dtype=torch.long, device=device)} if flags.get("class_cond") else {}
+        peaks = {name: peak_bytes(fn) / GIB for name, fn in guided_variants(model, layers, x, t, kwargs).items()}
+        rows.append(dict(batch=batch, **peaks, engine_vs_unguided_2b=peaks["engine"] / peaks["unguided_2b"]))
+    return {"arch": arch, "dtype": str(dtype).replace("torch.", ""), "device": str(device), "layers": layers,
+            "rows": rows}
+
+
+def to_markdown(table):
+    lines = [f"Peak activation memory of one model call, GiB ({table['arch']}, {table['dtype']} torso, "
+             f"PAG at {', '.join(table['layers'])}; counted on `{table['device']}` by benchmarks/memory.py):", "",
+             "| batch B | unguided (B) | unguided (2B) | engine, batched | engine, sequential | two passes | "
+             "engine / unguided (2B) |", "|---|---|---|---|---|---|---|"]
+    for r in table["rows"]:
+        lines.append(f"| {r['batch']} | {r['unguided']:.1f} | {r['unguided_2b']:.1f} | {r['engine']:.1f} | "
+                     f"{r['engine_sequential']:.1f} | {r['two_pass']:.1f} | {r['engine_vs_unguided_2b']:.3f} |")
+    return "\n".join(lines)
+
