@@ -59,7 +59,7 @@ GPU_CHECK_FLAGS ?=
 
 .PHONY: gpu-check
 
-gpu-check: install
+gpu-check: venv
 	$(PY) scripts/gpu_check.py $(GPU_CHECK_FLAGS)
 
 # Evaluator regression (evaluations/regression.py): evaluates guided-diffusion's pair
@@ -77,11 +77,15 @@ check-evaluator: venv
 # processes, evaluated against the ADM reference batch, tabulated (results/<experiment>/table/).
 # `make -n reproduce-table1` lists the commands; DRY_RUN=1 makes each sweep list its cells and the
 # equivalent per-cell commands instead of sampling. Needs `make download-models download-refs download-inception`.
+# LAUNCHER replaces the mpiexec line (with the *_AS_ROOT variables Open MPI needs as root, in containers): the
+# pip-installed mpiexec starts processes on this node only, so across SLURM nodes use LAUNCHER=srun (in an
+# allocation), or LAUNCHER="torchrun --standalone --nproc_per_node 8 --no-python" (it runs the python command).
 GPUS ?= 8
 NUM_SAMPLES ?= 50000
 BATCH_SIZE ?= 32
 MPIEXEC ?= $(VENV)/bin/mpiexec
-SWEEP = $(if $(DRY_RUN),,$(MPIEXEC) -n $(GPUS) )$(PY) scripts/sweep.py
+LAUNCHER ?= OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 $(MPIEXEC) -n $(GPUS)
+SWEEP = $(if $(DRY_RUN),,$(LAUNCHER) )$(PY) scripts/sweep.py
 SWEEP_FLAGS = --set num_samples=$(NUM_SAMPLES) --set batch_size=$(BATCH_SIZE) $(if $(DRY_RUN),--dry-run)
 TABLE1 = table1_uncond_ddpm250 table1_uncond_ddim25 table1_cond_ddpm250 table1_cond_ddim25 pag_cg_cond
 

@@ -202,6 +202,39 @@ def rank_from_env(env: Optional[Mapping[str, str]] = None) -> int:
     return 0
 
 
+def world_size_from_env(env: Optional[Mapping[str, str]] = None) -> int:
+    """The job's size as far as the environment tells it (before or without a process group): the launcher's,
+    else an MPI launcher's size variable, else 1."""
+    env = os.environ if env is None else env
+    try:
+        info = detect_launch(env)
+        if info.launcher in ("torchrun", "slurm"):
+            return info.world_size
+        size, _ = _mpi_env_size_rank(env)
+    except ValueError:
+        return 1
+    return size if size is not None and size > 0 else 1
+
+
+def local_rank_from_env(env: Optional[Mapping[str, str]] = None) -> Optional[int]:
+    """This process's rank on its node, as the launcher tells it (torchrun's ``LOCAL_RANK``, ``SLURM_LOCALID``, an
+    MPI launcher's local-rank variable; a lone ``LOCAL_RANK`` too, e.g. beside a group made elsewhere), or None
+    when the environment does not say."""
+    env = os.environ if env is None else env
+    try:
+        info = detect_launch(env)
+        if info.launcher in ("torchrun", "slurm"):
+            return info.local_rank
+        if info.launcher == "mpi":
+            local = mpi_local_rank(env)
+            if local is not None:
+                return local
+    except ValueError:
+        pass
+    raw = env.get("LOCAL_RANK", "")
+    return int(raw) if raw.isdigit() else None
+
+
 def mpi_local_rank(env: Optional[Mapping[str, str]] = None) -> Optional[int]:
     """The node-local rank an MPI launcher put into the environment, or None."""
     env = os.environ if env is None else env

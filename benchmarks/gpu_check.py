@@ -19,12 +19,18 @@ official checkpoints there instead when they exist). Writes ``OUT/report.json`` 
    PAG, then the same command again (a no-op), the npz checked; host synchronisations per step.
 4. the evaluator's Inception feature extraction throughput (random weights, marked so).
 
-Exit status 0 when every correctness check passed (speed goals are reported, not enforced), 1 otherwise.
+Exit status 0 when every correctness check passed (speed goals are reported, not enforced), 1 otherwise; 2 at once,
+before anything runs, when no GPU is usable (a driver too old for the installed CUDA wheel, a CPU-only wheel, hidden
+GPUs) and ``--device cpu`` was not given: the message names the wheel's CUDA version and the driver's.
 """
 
 import argparse
 import datetime
 import json
+import os
+import re
+import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -88,8 +94,57 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+DRIVER_VERSION_FILE = "/proc/driver/nvidia/version"
+
+
+def nvidia_driver_version():
+    """(version, where it was read) of the NVIDIA kernel driver, or None: /proc/driver/nvidia/version, else
+    ``nvidia-smi --query-gpu=driver_version``."""
+    try:
+        text = Path(DRIVER_VERSION_FILE).read_text(errors="replace")
+        found = (re.search(r"Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
+                 or re.search(r"\s(\d+\.\d+(?:\.\d+)?)\s", text))
+        if found:
+            return found.group(1), DRIVER_VERSION_FILE
+    except OSError:
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=30)
+            lines = out.stdout.strip().splitlines() if out.returncode == 0 else []
+            if lines and lines[0].strip():
+                return lines[0].strip(), "nvidia-smi"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return None
+
+
+def no_gpu_message():
+    """One line: why this check will not run on a GPU here, and what to do."""
+    build = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}" if torch.version.cuda
+             else f"torch {torch.__version__} is a CPU-only build")
+    found = nvidia_driver_version()
+    driver = f"NVIDIA driver {found[0]} ({found[1]})" if found else "no NVIDIA driver found"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    hidden = (f", CUDA_VISIBLE_DEVICES={visible!r} hides the GPUs" if visible is not None
+              and visible.strip() in ("", "-1", "none", "NoDevFiles") else "")
+    fix = ("install a torch wheel built for a CUDA version this driver supports (nvidia-smi's \"CUDA Version\" is "
+           "the newest)" if found else "install the NVIDIA driver, or give this container the GPUs (--gpus all)")
+    return (f"no usable CUDA GPU (torch.cuda.is_available() is False): {build}, {driver}{hidden}; {fix}, or run the "
+            "check on the CPU: --device cpu --tiny (make gpu-check GPU_CHECK_FLAGS=\"--device cpu --tiny\")")
+
+
+def _wants_gpu(device):
+    return not device or torch.device(device).type == "cuda"
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if _wants_gpu(args.device) and not torch.cuda.is_available():  # never the real widths on the CPU by accident
+        print(f"error: {no_gpu_message()}", file=sys.stderr, flush=True)
+        return 2
     started = time.perf_counter()
     from guided_diffusion import dist_util
 

@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from adm_common.files import atomic_write_text  # noqa: E402
+from adm_common.launch import local_rank_from_env  # noqa: E402
 from adm_common.npz import NpzImages  # noqa: E402
 from evaluations.features import (  # noqa: E402
     RANDOM_WEIGHTS_MARK,
@@ -163,7 +164,8 @@ def evaluate(ref_path, sample_path, *, batch_size=64, device=None, inception_wei
 
     dist = dist or detect_distributed()
     if device is None and dist.world_size > 1 and torch.cuda.is_available():
-        device = f"cuda:{dist.rank % torch.cuda.device_count()}"  # one GPU per process on a node
+        local = local_rank_from_env()  # one GPU per process on a node: the launcher's local rank, as the sampler's
+        device = f"cuda:{(dist.rank if local is None else local) % torch.cuda.device_count()}"
     if not use_inception:
         extractor = None
     elif extractor is None and feature_net is not None:

@@ -18,16 +18,21 @@ The detection itself lives in ``adm_common.launch`` (shared with the logger and 
 ``PAG_DIST_BACKEND`` to force ``nccl`` or ``gloo``.
 
 Collectives time out after ``PAG_DIST_TIMEOUT_MINUTES`` (default 720: longer than any single wait of a
-50k-sample cell; the sampler's ranks wait for each other by polling files, never in a collective).
+50k-sample cell; the sampler's ranks wait for each other by polling files, never in a collective).  Reaching
+the rendezvous (rank 0's TCP store) and waiting there for every rank to join time out much sooner:
+``PAG_DIST_CONNECT_TIMEOUT_SECONDS`` (default 300), with one line naming the address, the port and the launcher.
 
-Backend: NCCL when CUDA is available, gloo otherwise.  Each process uses the GPU of its
-local rank (``dev()``).
+Backend: NCCL when the run computes on a GPU (``setup_dist(device=...)``: ``None`` means the GPU when CUDA is
+available), gloo otherwise, so a CPU run never touches a GPU.  Each process uses the GPU of its local rank
+(``dev()``); two ranks that would use one GPU stop at start-up with one line naming them.
 """
 
 import datetime
 import io
+import json
 import os
 import socket
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -119,46 +124,218 @@ def _free_port() -> int:
 # ----------------------------------------------------------------------------- set-up
 
 
+class DistSetupError(RuntimeError):
+    """The processes cannot form their group: a rendezvous that does not answer, ranks that do not join, two
+    ranks on one GPU, a backend that does not fit the device. ``everywhere``: every rank raises it alike (an
+    entry point prints it once, on rank 0)."""
+
+    def __init__(self, message: str, everywhere: bool = False):
+        super().__init__(message)
+        self.everywhere = everywhere
+
+
+def _positive_number(name: str, default: float, unit: str) -> float:
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number of {unit}") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name}={raw!r} must be a positive number of {unit}")
+    return value
+
+
 def process_group_timeout() -> datetime.timedelta:
     """How long a collective may wait (``PAG_DIST_TIMEOUT_MINUTES``, default 720)."""
-    raw = os.environ.get("PAG_DIST_TIMEOUT_MINUTES", "").strip()
-    try:
-        minutes = float(raw) if raw else 720.0
-    except ValueError:
-        raise ValueError(f"PAG_DIST_TIMEOUT_MINUTES={raw!r} is not a number of minutes") from None
-    if minutes <= 0:
-        raise ValueError(f"PAG_DIST_TIMEOUT_MINUTES={raw!r} must be positive")
-    return datetime.timedelta(minutes=minutes)
+    return datetime.timedelta(minutes=_positive_number("PAG_DIST_TIMEOUT_MINUTES", 720.0, "minutes"))
 
 
-def _pick_backend() -> str:
+def connect_timeout() -> datetime.timedelta:
+    """How long a rank may take to reach the rendezvous and wait there for the others to join
+    (``PAG_DIST_CONNECT_TIMEOUT_SECONDS``, default 300)."""
+    return datetime.timedelta(seconds=_positive_number("PAG_DIST_CONNECT_TIMEOUT_SECONDS", 300.0, "seconds"))
+
+
+def _uses_cuda(device=None) -> bool:
+    """Whether a run on ``device`` (None or "": the default, the GPU when there is one) computes on a GPU. A
+    requested "cuda" without CUDA counts as no: the run's own device check reports it (plan.resolve_device)."""
+    if device is None or device == "":
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+def _pick_backend(uses_cuda: Optional[bool] = None) -> str:
     forced = os.environ.get("PAG_DIST_BACKEND", "").strip().lower()
     if forced:
         if forced not in ("nccl", "gloo"):
             raise ValueError(f"PAG_DIST_BACKEND={forced!r}: expected nccl or gloo")
         return forced
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    if uses_cuda is None:
+        uses_cuda = torch.cuda.is_available()
+    return "nccl" if uses_cuda else "gloo"
 
 
-def _cuda_index(local_rank: int) -> int:
+def _check_backend(chosen: str, uses_cuda: bool) -> None:
+    if chosen == "nccl" and not torch.cuda.is_available():
+        raise DistSetupError("backend nccl needs CUDA, which is not available; use gloo", everywhere=True)
+    if chosen == "nccl" and not uses_cuda:
+        raise DistSetupError("backend nccl (PAG_DIST_BACKEND) but this run's device is the CPU: NCCL moves GPU "
+                             "tensors only; unset PAG_DIST_BACKEND or set it to gloo", everywhere=True)
+
+
+def _cuda_index(local_rank: int, wrap: bool = False) -> int:
+    """The GPU of local rank ``local_rank``. One visible GPU is everyone's GPU 0: the launcher may have given each
+    task its own (``srun --gpus-per-task=1``) or all of them the same one; only ``_shared_gpu_error`` can tell.
+    ``wrap``: more local ranks than GPUs wrap around, for ``_shared_gpu_error`` to name the ranks that collide."""
     count = torch.cuda.device_count()
-    if count == 1:
-        return 0  # the launcher gave each task its own GPU (e.g. srun --gpus-per-task=1)
+    if count <= 1:
+        return 0
     if local_rank >= count:
+        if wrap:
+            return local_rank % count
         raise RuntimeError(
             f"local rank {local_rank} but only {count} GPUs are visible on this node: launch at most "
             f"{count} processes per node (or set CUDA_VISIBLE_DEVICES per process)")
     return local_rank
 
 
-def setup_dist(backend: Optional[str] = None) -> None:
+# Which GPU a rank would use, told apart across the processes of a machine. Why not the launcher's local size:
+# `srun --gpus-per-task=1` (or --gres with ConstrainDevices) gives each of 8 tasks of a node its own GPU, and each
+# sees exactly one, numbered 0; `srun --ntasks-per-node=8 --gres=gpu:1` and `mpiexec -n 2` on a one-GPU
+# workstation give every task the same GPU 0. Counts and indices look alike in both; the GPU's UUID does not.
+# So every rank posts (host, UUID, index) to rank 0's TCP store and all compare them before the process group
+# exists: NCCL itself only notices at its first collective ("Duplicate GPU detected"), and gathering over an
+# NCCL group would trip it. The store is the one every launcher's ranks reach (torchrun, srun, mpiexec alike).
+def _gpu_record(index: int) -> Dict[str, Any]:
+    host = socket.gethostname()
+    count = torch.cuda.device_count()
+    try:
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+    except Exception:  # no UUID from this build or driver: the host and the visible-devices entry
+        uuid = ""
+    if uuid:
+        gpu = f"uuid:{uuid}"
+    else:
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        gpu = f"{host}:{visible[index] if index < len(visible) else index}"
+    return {"host": host, "index": index, "visible": count, "gpu": gpu}
+
+
+def _ranks_text(ranks: List[int]) -> str:
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if len(ranks) <= 8:
+        return f"ranks {', '.join(map(str, ranks[:-1]))} and {ranks[-1]}"
+    return f"ranks {', '.join(map(str, ranks[:8]))}, ... ({len(ranks)} ranks)"
+
+
+def _shared_gpu_error(records: List[Optional[Dict[str, Any]]]) -> Optional[str]:
+    """One line naming ranks that would share a GPU (``records``: ``_gpu_record`` per rank, None for a rank
+    without a GPU), or None."""
+    by_gpu: Dict[str, List[int]] = {}
+    for rank, record in enumerate(records):
+        if record:
+            by_gpu.setdefault(record["gpu"], []).append(rank)
+    shared = [ranks for ranks in by_gpu.values() if len(ranks) > 1]
+    if not shared:
+        return None
+    ranks = shared[0]
+    first = records[ranks[0]]
+    more = f" (and {len(shared) - 1} more shared GPU{'s' if len(shared) > 2 else ''})" if len(shared) > 1 else ""
+    visible = first["visible"]
+    return (f"{_ranks_text(ranks)} on host {first['host']} would share GPU {first['index']} ({visible} visible)"
+            f"{more}: start one process per GPU (at most {visible} per node: mpiexec -n, torchrun "
+            f"--nproc_per_node, srun --ntasks-per-node; or srun --gpus-per-task=1), or set device: cpu")
+
+
+_LAUNCH_CHECKS = {
+    "torchrun": "MASTER_ADDR/MASTER_PORT (torchrun's --master_addr/--master_port or --rdzv_endpoint) name rank 0's "
+                "host and a port open between the nodes",
+    "slurm": "rank 0 runs on the first node of the step (SLURM_STEP_NODELIST, or MASTER_ADDR when set) and the port "
+             "(MASTER_PORT, else derived from the job id) is open between the nodes",
+    "mpi": "the address rank 0 chose (MASTER_ADDR overrides it) is reachable from every node and the port "
+           "(MASTER_PORT overrides it) is open between them",
+}
+
+
+def _connect_store(info: LaunchInfo, connect: datetime.timedelta):
+    """Rank 0's TCP store (created by rank 0), reached within ``connect``. Its waits take up to ``connect`` too
+    until ``setup_dist`` sets the collective timeout: the TCP store's timeout is both."""
+    where = f"{info.master_addr}:{info.master_port}"
+    started = time.monotonic()
+    try:
+        store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, info.rank == 0,
+                              timeout=connect, wait_for_workers=False)
+    except Exception as e:  # DistNetworkError (refused, unreachable, unknown host, port in use) and relatives
+        detail = " ".join(str(e).split("\n")[0].split())
+        if info.rank == 0 and ("EADDRINUSE" in detail or "already in use" in detail):
+            raise DistSetupError(
+                f"rank 0 could not listen on port {info.master_port} (host {socket.gethostname()}, {info.launcher} "
+                f"launch): the port is in use; set MASTER_PORT to a free port ({detail})") from None
+        who = (f"rank 0 (host {socket.gethostname()}) could not reach its own rendezvous" if info.rank == 0
+               else f"rank {info.rank} (host {socket.gethostname()}) could not connect to the rendezvous")
+        raise DistSetupError(
+            f"{who} at {where} within {time.monotonic() - started:.0f} s ({info.launcher} launch): check that "
+            f"{_LAUNCH_CHECKS.get(info.launcher, 'MASTER_ADDR/MASTER_PORT name rank 0 and an open port')}; "
+            f"PAG_DIST_CONNECT_TIMEOUT_SECONDS={connect.total_seconds():g} sets the wait ({detail})") from None
+    return store
+
+
+def _exchange(store, info: LaunchInfo, record: Any, connect: datetime.timedelta) -> List[Any]:
+    """Every rank's ``record`` (JSON-able), in rank order, through the store; the ranks wait at most ``connect``
+    for each other."""
+    prefix = "pag_setup/"
+    keys = [f"{prefix}{r}" for r in range(info.world_size)]
+    where = f"{info.master_addr}:{info.master_port}"
+    try:
+        store.set(keys[info.rank], json.dumps(record))
+        store.wait(keys, connect)
+        values = store.multi_get(keys) if hasattr(store, "multi_get") else [store.get(k) for k in keys]
+    except Exception:
+        try:
+            missing = [r for r, key in enumerate(keys) if not store.check([key])]
+        except Exception:
+            missing = None
+        if not missing:
+            raise DistSetupError(f"rank {info.rank} lost the rendezvous at {where} while the ranks joined "
+                                 f"({info.launcher} launch): rank 0 ended or the network failed") from None
+        raise DistSetupError(
+            f"{_ranks_text(missing)} of {info.world_size} did not join the rendezvous at {where} within "
+            f"{connect.total_seconds():g} s ({info.launcher} launch): look for their errors, check that "
+            f"{_LAUNCH_CHECKS.get(info.launcher, 'MASTER_ADDR/MASTER_PORT name rank 0 and an open port')}; "
+            "PAG_DIST_CONNECT_TIMEOUT_SECONDS sets the wait", everywhere=True) from None
+    return [json.loads(v) for v in values]
+
+
+def _all_have_read(store, info: LaunchInfo, connect: datetime.timedelta) -> None:
+    """Rank 0 keeps the store (its server) up until every rank has read the records (before they all stop)."""
+    key = "pag_setup/read"
+    store.add(key, 1)
+    if info.rank != 0:
+        return
+    deadline = time.monotonic() + connect.total_seconds()
+    while store.add(key, 0) < info.world_size and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def setup_dist(backend: Optional[str] = None, device=None) -> None:
     """Create the process group for this launch (idempotent).
 
+    ``device``: what the run computes on (``"cpu"``, ``"cuda"``, ``"cuda:N"``; None: the GPU of the local rank
+    when CUDA is available, else the CPU). A CPU run uses gloo and never calls ``torch.cuda.set_device``, so
+    several CPU processes may share a machine with one GPU. ``backend`` (or ``PAG_DIST_BACKEND``) forces one.
+
     One process gets a one-process group too, as upstream's ``setup_dist`` makes (upstream's scripts call
-    ``torch.distributed`` directly), built on an in-memory store: no network, no MPI.
+    ``torch.distributed`` directly), built on an in-memory store: no network, no MPI. Several processes meet at
+    rank 0's TCP store (``_connect_store``: ``PAG_DIST_CONNECT_TIMEOUT_SECONDS``), compare their GPUs
+    (``_shared_gpu_error``) and then create the group with the collective timeout (``PAG_DIST_TIMEOUT_MINUTES``).
     """
+    global _state
     if _state.initialized:
         return
+    uses_cuda = _uses_cuda(device)
+    requested = torch.device(device) if device not in (None, "") else None
+    fixed_index = requested.index if uses_cuda and requested is not None and requested.type == "cuda" else None
     if dist.is_available() and dist.is_initialized():
         # Someone else (e.g. a test harness or a training framework) made the group: adopt it.
         _state.owns_group = False
@@ -166,46 +343,60 @@ def setup_dist(backend: Optional[str] = None) -> None:
         _state.rank, _state.world_size = dist.get_rank(), dist.get_world_size()
         _state.local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
         _state.backend = dist.get_backend()
+        index = None
+        if uses_cuda:
+            index = fixed_index if fixed_index is not None else _cuda_index(_state.local_rank)
+            torch.cuda.set_device(index)
     else:
         info = detect_launch()
         if info.launcher == "mpi":
             info = _mpi_launch_info()
         if not 0 <= info.rank < info.world_size:
             raise ValueError(f"rank {info.rank} is outside world size {info.world_size} ({info.launcher} launch)")
-        _state.launcher = info.launcher
-        _state.rank, _state.world_size, _state.local_rank = info.rank, info.world_size, info.local_rank
-        if info.world_size > 1:
-            if not dist.is_available():
-                raise RuntimeError("this PyTorch build has no torch.distributed support")
-            chosen = backend or _pick_backend()
-            if chosen == "nccl":
-                if not torch.cuda.is_available():
-                    raise RuntimeError("backend nccl needs CUDA, which is not available; use gloo")
-                torch.cuda.set_device(_cuda_index(info.local_rank))
-            dist.init_process_group(
-                backend=chosen, init_method=f"tcp://{_url_host(info.master_addr)}:{info.master_port}",
-                rank=info.rank, world_size=info.world_size, timeout=process_group_timeout())
-            _state.owns_group = True
-            _state.backend = chosen
-        elif dist.is_available():
-            chosen = backend or _pick_backend()
-            if chosen == "nccl" and not torch.cuda.is_available():
-                raise RuntimeError("backend nccl needs CUDA, which is not available; use gloo")
-            dist.init_process_group(backend=chosen, store=dist.HashStore(), rank=0, world_size=1,
-                                    timeout=process_group_timeout())
-            _state.owns_group = True
-            _state.backend = chosen
-    if torch.cuda.is_available():
-        index = _cuda_index(_state.local_rank)
-        torch.cuda.set_device(index)
+        chosen = backend or _pick_backend(uses_cuda)
+        index = None
+        if uses_cuda:
+            index = fixed_index if fixed_index is not None else _cuda_index(info.local_rank, wrap=info.world_size > 1)
+        if info.world_size > 1 and not dist.is_available():
+            raise RuntimeError("this PyTorch build has no torch.distributed support")
+        _check_backend(chosen, uses_cuda)
+        try:
+            _state.launcher = info.launcher
+            _state.rank, _state.world_size, _state.local_rank = info.rank, info.world_size, info.local_rank
+            if info.world_size > 1:
+                collective = process_group_timeout()
+                connect = connect_timeout()
+                store = _connect_store(info, connect)
+                records = _exchange(store, info, _gpu_record(index) if index is not None else None, connect)
+                shared = _shared_gpu_error(records)
+                _all_have_read(store, info, connect)
+                if shared:
+                    raise DistSetupError(shared, everywhere=True)
+                store.set_timeout(collective)  # connected: from now on the store waits as long as collectives
+                if index is not None:
+                    torch.cuda.set_device(index)
+                dist.init_process_group(backend=chosen, store=store, rank=info.rank, world_size=info.world_size,
+                                        timeout=collective)
+                _state.owns_group = True
+                _state.backend = chosen
+            else:
+                if index is not None:
+                    torch.cuda.set_device(index)
+                if dist.is_available():
+                    dist.init_process_group(backend=chosen, store=dist.HashStore(), rank=0, world_size=1,
+                                            timeout=process_group_timeout())
+                    _state.owns_group = True
+                    _state.backend = chosen
+        except BaseException:
+            _state = _State()
+            raise
+    if index is not None:
         _state.device = torch.device("cuda", index)
+    elif requested is not None and requested.type not in ("cpu", "cuda"):
+        _state.device = requested
     else:
         _state.device = torch.device("cpu")
     _state.initialized = True
-
-
-def _url_host(addr: str) -> str:
-    return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
 
 
 def cleanup_dist() -> None:
@@ -242,7 +433,7 @@ def launcher() -> str:
 
 
 def dev() -> torch.device:
-    """The device for this process: the GPU of its local rank, else the CPU."""
+    """The device for this process: the GPU of its local rank, else the CPU (and after a CPU run's set-up)."""
     if _state.device is not None:
         return _state.device
     if torch.cuda.is_available():

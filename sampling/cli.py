@@ -2,9 +2,10 @@
 and the process-wide settings a sampling process wants (set here, in the entry point, not on import).
 
 Exit status: 0 done, 2 bad input (reported before anything is sampled or deleted; also an out_dir in use by
-another run), 1 a failed run (non-finite samples, a failed peer process or evaluation, a full disk; finished
-shards are kept), 128 + the signal's number when stopped by SIGTERM (143) or SIGINT (130) (the shard being
-written is discarded, finished ones are kept: rerun the same command to resume).
+another run, or processes that cannot form their group: a rendezvous not reached, two ranks on one GPU), 1 a
+failed run (non-finite samples, a failed peer process or evaluation, a full disk; finished shards are kept), 128
++ the signal's number when stopped by SIGTERM (143) or SIGINT (130) (the shard being written is discarded,
+finished ones are kept: rerun the same command to resume).
 """
 
 import argparse
@@ -15,6 +16,7 @@ import sys
 import torch as th
 import yaml
 
+from adm_common.launch import rank_from_env, world_size_from_env
 from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoint import CheckpointError
 from guided_diffusion.script_util import str2bool
@@ -90,12 +92,40 @@ def parse_overrides(items):
     return overrides
 
 
+def _rank_and_size():
+    """This process's rank and the job's size: the process group's, or before it exists (settings are resolved
+    first) the launcher's, so that an error every rank raises alike is still printed once per job."""
+    if th.distributed.is_available() and th.distributed.is_initialized():
+        return dist_util.get_rank(), dist_util.get_world_size()
+    return rank_from_env(), world_size_from_env()
+
+
 def report_error(error, everywhere):
     """Print ``error`` once (rank 0) for errors every rank raised alike, else on this rank."""
-    if everywhere and dist_util.get_rank() != 0:
+    rank, size = _rank_and_size()
+    if everywhere and rank != 0:
         return
-    prefix = f"[rank {dist_util.get_rank()}] " if dist_util.get_world_size() > 1 and not everywhere else ""
+    prefix = f"[rank {rank}] " if size > 1 and not everywhere else ""
     print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
+
+
+def group_device(settings_list):
+    """The device the process group is made for (``dist_util.setup_dist(device=...)``): the runs' device when
+    they all name one, "cpu" when each names a CPU, else None (the local rank's GPU when CUDA is available)."""
+    names = {s.runtime.device or "" for s in settings_list}
+    if len(names) == 1:
+        return names.pop() or None
+    if "" not in names and all(th.device(name).type == "cpu" for name in names):
+        return "cpu"
+    return None
+
+
+def _start_group(settings_list):
+    """The process group for these runs, started once their settings are resolved (which needs no group)."""
+    try:
+        dist_util.setup_dist(device=group_device(settings_list))
+    except ValueError as e:  # a bad launcher or PAG_DIST_* variable: the same on every rank
+        raise dist_util.DistSetupError(str(e), everywhere=True) from None
 
 
 def _prepare_process(settings_list):
@@ -141,6 +171,9 @@ def exit_code(body):
     except (SampleConfigError, CheckpointError) as e:
         report_error(e, everywhere=True)
         return 2
+    except dist_util.DistSetupError as e:
+        report_error(e, everywhere=e.everywhere)
+        return 2
     except (NonFiniteError, PeerFailedError, DiskFullError) as e:
         report_error(e, everywhere=False)
         return 1
@@ -168,10 +201,10 @@ def exit_code(body):
 
 def main(argv=None, on_shard_written=None, on_shard_claimed=None):
     """``scripts/image_sample.py``. ``on_shard_written`` / ``on_shard_claimed``: test seams (see ``execute``)."""
-    dist_util.setup_dist()
 
     def body():
         settings = resolve_cli(argv)
+        _start_group([settings])
         _prepare_process([settings])
         run(settings, on_shard_written=on_shard_written, on_shard_claimed=on_shard_claimed)
 
@@ -181,8 +214,6 @@ def main(argv=None, on_shard_written=None, on_shard_claimed=None):
 def sweep_main(argv=None):
     """``scripts/sweep.py``."""
     args = build_sweep_parser().parse_args(argv)
-    if not args.dry_run:
-        dist_util.setup_dist()
 
     def body():
         sweep = load_sweep(args.config, args.out_dir, parse_overrides(args.overrides))
@@ -194,6 +225,7 @@ def sweep_main(argv=None):
                 raise SampleConfigError(f"the sweep would fail: {len(problems)} problem(s):\n  "
                                         + "\n  ".join(problems))
             return
+        _start_group([cell.settings for cell in cells])
         _prepare_process([cell.settings for cell in cells])
         run_sweep(sweep, cells)
 

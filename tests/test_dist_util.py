@@ -1,12 +1,14 @@
 """guided_diffusion.dist_util: launcher detection, one process without MPI, and real 2-process groups
 (mpiexec, torchrun-style variables, SLURM-style variables) running tests/dist_worker.py."""
 
+import datetime
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,8 @@ from adm_common import launch
 from guided_diffusion import blobs, dist_util
 from guided_diffusion.checkpoint import read_state_dict
 from http_fixture import FileServer
-from processes import clean_env, free_port, run_together
+from processes import LAUNCH_PREFIXES, LAUNCH_VARS, clean_env, free_port, run_together
+from sampling import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
@@ -254,3 +257,250 @@ def test_tune_cpu_allocator_keeps_freed_blocks_in_the_heap():
     # After a warm-up, ten fresh 64 MiB tensors: mmap'd and faulted in every time by default (16384
     # pages each), reused from the heap when tuned.
     assert faults["0"][1] > 10 * faults["1"][1]
+
+
+# --------------------------------------------- the run's device, shared GPUs, rendezvous timeouts (issue 19)
+
+
+@pytest.fixture
+def no_launcher(monkeypatch):
+    """This process's environment without any launcher's variables; the module state reset afterwards."""
+    for name in list(os.environ):
+        if name in LAUNCH_VARS or name.startswith(LAUNCH_PREFIXES) or name.startswith("PAG_DIST_"):
+            monkeypatch.delenv(name)
+    yield monkeypatch
+    dist_util.cleanup_dist()
+
+
+def fake_gpus(monkeypatch, count, calls=None):
+    """torch.cuda mocked: ``count`` GPUs, set_device recorded into ``calls`` (or refused when None)."""
+    def set_device(index):
+        if calls is None:
+            raise AssertionError(f"torch.cuda.set_device({index}) on a CPU run")
+        calls.append(index)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+
+
+def test_backend_follows_the_run_device(no_launcher):
+    fake_gpus(no_launcher, 1)
+    assert dist_util._uses_cuda(None) and dist_util._uses_cuda("cuda:0")
+    assert not dist_util._uses_cuda("cpu")
+    assert dist_util._pick_backend(dist_util._uses_cuda(None)) == "nccl"
+    assert dist_util._pick_backend(dist_util._uses_cuda("cpu")) == "gloo"
+    no_launcher.setenv("PAG_DIST_BACKEND", "gloo")
+    assert dist_util._pick_backend(True) == "gloo"  # still forces a backend
+    no_launcher.setenv("PAG_DIST_BACKEND", "nccl")
+    assert dist_util._pick_backend(False) == "nccl"
+    with pytest.raises(dist_util.DistSetupError, match="NCCL moves GPU tensors only; unset PAG_DIST_BACKEND"):
+        dist_util._check_backend("nccl", uses_cuda=False)
+    no_launcher.setattr(torch.cuda, "is_available", lambda: False)
+    assert not dist_util._uses_cuda("cuda")  # the run's own device check reports that (plan.resolve_device)
+    with pytest.raises(dist_util.DistSetupError, match="backend nccl needs CUDA"):
+        dist_util._check_backend("nccl", uses_cuda=False)
+
+
+def test_cpu_run_on_a_gpu_machine_uses_gloo_and_never_a_gpu(no_launcher):
+    fake_gpus(no_launcher, 1)  # set_device raises
+    dist_util.setup_dist(device="cpu")
+    assert dist_util.dev() == torch.device("cpu") and torch.distributed.get_backend() == "gloo"
+    dist_util.cleanup_dist()
+    calls = []
+    fake_gpus(no_launcher, 4, calls)
+    no_launcher.setenv("PAG_DIST_BACKEND", "gloo")  # NCCL cannot start on this CPU machine
+    dist_util.setup_dist(device="cuda:2")
+    assert dist_util.dev() == torch.device("cuda", 2) and calls == [2]
+    dist_util.cleanup_dist()
+    calls.clear()
+    dist_util.setup_dist()  # upstream's call: the local rank's GPU
+    assert dist_util.dev() == torch.device("cuda", 0) and calls == [0]
+
+
+def test_shared_gpu_message_names_ranks_gpu_and_fix(no_launcher):
+    fake_gpus(no_launcher, 8)
+    assert [dist_util._cuda_index(r, wrap=True) for r in (0, 7, 8, 9)] == [0, 7, 0, 1]
+    with pytest.raises(RuntimeError, match="local rank 9 but only 8 GPUs are visible"):
+        dist_util._cuda_index(9)  # without a group to name the ranks (an adopted one, dev() before set-up)
+
+    def record(host, index, uuid, visible=8):
+        return {"host": host, "index": index, "visible": visible, "gpu": f"uuid:{uuid}"}
+
+    # 16 ranks on one 8-GPU node: ranks 0 and 8 share GPU 0 (and 7 more pairs).
+    records = [record("node1", r % 8, f"GPU-{r % 8}") for r in range(16)]
+    assert dist_util._shared_gpu_error(records) == (
+        "ranks 0 and 8 on host node1 would share GPU 0 (8 visible) (and 7 more shared GPUs): start one process per "
+        "GPU (at most 8 per node: mpiexec -n, torchrun --nproc_per_node, srun --ntasks-per-node; or srun "
+        "--gpus-per-task=1), or set device: cpu")
+    # srun --gpus-per-task=1: every task sees one GPU, numbered 0, each a different one.
+    assert dist_util._shared_gpu_error([record("node1", 0, f"GPU-{r}", 1) for r in range(8)]) is None
+    # srun --ntasks-per-node=3 --gres=gpu:1: the same one.
+    one = [record("node1", 0, "GPU-a", 1)] * 3 + [record("node2", 0, "GPU-b", 1)]
+    assert dist_util._shared_gpu_error(one).startswith("ranks 0, 1 and 2 on host node1 would share GPU 0 (1 visible)")
+    assert dist_util._shared_gpu_error([None, None]) is None  # CPU ranks share nothing
+    # Without a UUID: the host and the visible-devices entry identify the GPU.
+    no_launcher.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    no_launcher.setattr(torch.cuda, "get_device_properties", lambda i: object())
+    assert dist_util._gpu_record(1) == {"host": socket.gethostname(), "index": 1, "visible": 8,
+                                        "gpu": f"{socket.gethostname()}:5"}
+
+
+MOCKED_GPUS = r"""
+import json, os, sys, torch
+# A machine with MOCK_GPUS GPUs (mocked); MOCK_UUID names them; set_device is recorded.
+count = int(os.environ["MOCK_GPUS"])
+calls = []
+class Props:
+    def __init__(self, i):
+        self.uuid = f"{os.environ['MOCK_UUID']}-{i}"
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: count
+torch.cuda.set_device = lambda i: calls.append(int(i))
+torch.cuda.get_device_properties = lambda i: Props(i)
+from guided_diffusion import dist_util as d
+try:
+    d.setup_dist(device=sys.argv[1] or None)
+except d.DistSetupError as e:
+    print(json.dumps({"error": str(e), "everywhere": e.everywhere, "set_device": calls}))
+    sys.exit(3)
+t = torch.tensor([float(d.get_rank() + 1)])
+d.all_reduce(t)
+store = torch.distributed.distributed_c10d._get_default_store()
+print(json.dumps({"backend": torch.distributed.get_backend(), "dev": str(d.dev()), "set_device": calls,
+                  "sum": t.item(), "store_timeout_s": store.timeout.total_seconds()}))
+d.cleanup_dist()
+"""
+
+
+def _mocked_pair(device, gpus=1, uuids=("GPU-same", "GPU-same"), **extra):
+    port = free_port()
+    envs = [clean_env(RANK=r, WORLD_SIZE=2, LOCAL_RANK=r, MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                      MOCK_GPUS=gpus, MOCK_UUID=uuids[r], **extra) for r in range(2)]
+    results = run_together([[sys.executable, "-c", MOCKED_GPUS, device]] * 2, envs, 180)
+    return [(code, json.loads(text.strip().splitlines()[-1])) for code, text in results]
+
+
+def test_two_cpu_ranks_on_a_one_gpu_machine(tmp_path):
+    """`make demo` (mpiexec -n 2, device: cpu) on a one-GPU workstation: gloo, no GPU touched; the store waits
+    as long as collectives once connected."""
+    results = _mocked_pair("cpu", PAG_DIST_TIMEOUT_MINUTES=30, PAG_DIST_CONNECT_TIMEOUT_SECONDS=60)
+    for code, res in results:
+        assert code == 0, res
+        assert res == {"backend": "gloo", "dev": "cpu", "set_device": [], "sum": 3.0, "store_timeout_s": 1800.0}
+
+
+def test_two_gpu_ranks_on_one_gpu_stop_with_one_line():
+    results = _mocked_pair("")  # the default device: the GPU (NCCL would fail with "Duplicate GPU detected")
+    for code, res in results:
+        assert code == 3 and res["everywhere"] is True and res["set_device"] == []
+        assert res["error"] == (
+            f"ranks 0 and 1 on host {socket.gethostname()} would share GPU 0 (1 visible): start one process per "
+            "GPU (at most 1 per node: mpiexec -n, torchrun --nproc_per_node, srun --ntasks-per-node; or srun "
+            "--gpus-per-task=1), or set device: cpu")
+
+
+def test_one_gpu_per_task_each_its_own_starts():
+    # srun --gpus-per-task=1: each task sees one GPU (index 0), a different one (gloo: no NCCL on this machine).
+    results = _mocked_pair("", uuids=("GPU-a", "GPU-b"), PAG_DIST_BACKEND="gloo")
+    for code, res in results:
+        assert code == 0, res
+        assert res["dev"] == "cuda:0" and res["set_device"] == [0] and res["sum"] == 3.0
+
+
+def test_unreachable_rendezvous_fails_within_the_connect_timeout(no_launcher):
+    port = free_port()  # nothing listens there
+    for name, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                            PAG_DIST_CONNECT_TIMEOUT_SECONDS="2").items():
+        no_launcher.setenv(name, value)
+    started = time.monotonic()
+    with pytest.raises(dist_util.DistSetupError) as caught:
+        dist_util.setup_dist(device="cpu")
+    elapsed = time.monotonic() - started
+    assert 1.5 < elapsed < 30  # torch retries once: about twice the timeout, never the collective's 12 hours
+    message = str(caught.value)
+    assert message.startswith(f"rank 1 (host {socket.gethostname()}) could not connect to the rendezvous at "
+                              f"127.0.0.1:{port} within ")
+    assert "(torchrun launch): check that MASTER_ADDR/MASTER_PORT" in message
+    assert "PAG_DIST_CONNECT_TIMEOUT_SECONDS=2 sets the wait" in message and "\n" not in message
+    assert not caught.value.everywhere and not torch.distributed.is_initialized()
+    assert dist_util.launcher() == "none"  # nothing half set up
+
+
+def test_rank_that_never_joins_is_named_within_the_connect_timeout(no_launcher):
+    for name, value in dict(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_STEP_NUM_TASKS="2", SLURM_STEP_ID="0",
+                            SLURM_JOB_ID="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                            PAG_DIST_CONNECT_TIMEOUT_SECONDS="2").items():
+        no_launcher.setenv(name, value)
+    started = time.monotonic()
+    with pytest.raises(dist_util.DistSetupError, match=r"^rank 1 of 2 did not join the rendezvous at 127\.0\.0\.1:"
+                       r"\d+ within 2 s \(slurm launch\): look for their errors, check that rank 0 runs on the first "
+                       r"node of the step") as caught:
+        dist_util.setup_dist(device="cpu")
+    assert time.monotonic() - started < 30 and caught.value.everywhere
+
+
+def test_timeout_variables_are_checked(no_launcher):
+    assert dist_util.connect_timeout() == datetime.timedelta(seconds=300)
+    assert dist_util.process_group_timeout() == datetime.timedelta(minutes=720)
+    no_launcher.setenv("PAG_DIST_CONNECT_TIMEOUT_SECONDS", "90")
+    assert dist_util.connect_timeout() == datetime.timedelta(seconds=90)
+    for bad, problem in (("soon", "is not a number of seconds"), ("0", "must be a positive number of seconds"),
+                         ("-5", "must be a positive"), ("inf", "must be a positive")):
+        no_launcher.setenv("PAG_DIST_CONNECT_TIMEOUT_SECONDS", bad)
+        with pytest.raises(ValueError, match=f"PAG_DIST_CONNECT_TIMEOUT_SECONDS='{bad}' {problem}"):
+            dist_util.connect_timeout()
+    no_launcher.setenv("PAG_DIST_TIMEOUT_MINUTES", "x")
+    with pytest.raises(ValueError, match="PAG_DIST_TIMEOUT_MINUTES='x' is not a number of minutes"):
+        dist_util.process_group_timeout()
+
+
+# ------------------------------------------------------------- the sampling entry points start the group late
+
+
+def test_group_device_of_runs():
+    def settings(device):
+        return cli.resolve_cli(["--model_path", "m.pt", "--out_dir", "o", "--device", device])
+
+    assert cli.group_device([settings("cpu")]) == "cpu"
+    assert cli.group_device([settings("cuda:1")]) == "cuda:1"
+    assert cli.group_device([settings("")]) is None
+    assert cli.group_device([settings("cpu"), settings("cpu")]) == "cpu"
+    assert cli.group_device([settings("cpu"), settings("")]) is None  # a sweep: cpu only if every cell is
+    assert cli.group_device([settings("cpu"), settings("cuda")]) is None
+
+
+def test_entry_points_resolve_settings_before_the_group(no_launcher, tmp_path, capsys):
+    started = []
+
+    def fake_setup(backend=None, device=None):
+        started.append(device)
+        raise dist_util.DistSetupError("stopped here", everywhere=True)
+
+    no_launcher.setattr(dist_util, "setup_dist", fake_setup)
+    assert cli.main(["--model_path", "m.pt", "--out_dir", str(tmp_path), "--device", "cpu"]) == 2
+    assert started == ["cpu"] and capsys.readouterr().err == "error: stopped here\n"
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"out_dir: {tmp_path / 'out'}\nbase: {{model_path: m.pt, device: cpu}}\n"
+                     "grid: {pag_scale: [0, 2]}\n")
+    assert cli.sweep_main([str(sweep)]) == 2 and started == ["cpu", "cpu"]
+    sweep.write_text(f"out_dir: {tmp_path / 'out'}\nbase: {{model_path: m.pt}}\ngrid: {{device: [cpu, cuda]}}\n")
+    assert cli.sweep_main([str(sweep)]) == 2 and started == ["cpu", "cpu", None]
+    capsys.readouterr()
+
+    # A settings error comes before any group: printed once per job, by the launcher's rank 0.
+    def refuse(backend=None, device=None):
+        raise AssertionError("no group for a bad setting")
+
+    no_launcher.setattr(dist_util, "setup_dist", refuse)
+    for rank, expected in ((1, ""), (0, "error: num_samples must be positive, got 0\n")):
+        for name, value in dict(RANK=rank, WORLD_SIZE=2, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1",
+                                MASTER_PORT=1).items():
+            no_launcher.setenv(name, str(value))
+        assert cli.main(["--model_path", "m.pt", "--out_dir", str(tmp_path), "--num_samples", "0"]) == 2
+        assert capsys.readouterr().err == expected
+    # A rank that cannot connect says so itself, with its rank.
+    no_launcher.setattr(dist_util, "setup_dist", lambda backend=None, device=None: (_ for _ in ()).throw(
+        dist_util.DistSetupError("could not connect", everywhere=False)))
+    no_launcher.setenv("RANK", "1")
+    assert cli.main(["--model_path", "m.pt", "--out_dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "[rank 1] error: could not connect\n"

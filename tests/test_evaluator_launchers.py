@@ -2,11 +2,16 @@
 detection, adm_common.launch), instead of every process computing the whole thing."""
 
 import json
+import os
+import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
+import torch
 
-from processes import clean_env, free_port, run_together
+from processes import LAUNCH_PREFIXES, LAUNCH_VARS, clean_env, free_port, run_together
 
 WORKER = r"""
 import json, sys
@@ -56,3 +61,55 @@ def test_torchrun_and_srun_split_the_extraction(tmp_path):
     port = free_port()
     _check(_launch(npz, lambda r: dict(SLURM_PROCID=str(r), SLURM_STEP_NUM_TASKS="2", SLURM_STEP_ID="0",
                                        SLURM_LOCALID=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))), images)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("env", [
+    dict(RANK="9", WORLD_SIZE="12", LOCAL_RANK="3", MASTER_ADDR="node1", MASTER_PORT="29500"),
+    dict(SLURM_PROCID="9", SLURM_LOCALID="3", SLURM_STEP_NUM_TASKS="12", SLURM_STEP_ID="0", SLURM_JOB_ID="5",
+         MASTER_ADDR="node1"),
+    dict(OMPI_COMM_WORLD_SIZE="12", OMPI_COMM_WORLD_RANK="9", OMPI_COMM_WORLD_LOCAL_RANK="3"),
+], ids=["torchrun", "srun", "mpiexec"])
+def test_each_process_takes_the_gpu_of_its_local_rank(env, monkeypatch, tmp_path):
+    """2 nodes x 6 processes on 8-GPU nodes: rank 9 is local rank 3 of the second node, so cuda:3 (its global rank
+    gave cuda:1, which local rank 1 of that node uses)."""
+    from evaluations import evaluator
+
+    for name in list(os.environ):
+        if name in LAUNCH_VARS or name.startswith(LAUNCH_PREFIXES):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    chosen = []
+
+    def extractor(*args, device=None, **kwargs):
+        chosen.append(device)
+        raise _Stop
+
+    monkeypatch.setattr(evaluator, "InceptionFeatures", extractor)
+    images = np.zeros((8, 8, 8, 3), dtype=np.uint8)
+    for name in ("ref.npz", "sample.npz"):
+        np.savez(tmp_path / name, arr_0=images)
+    one_of_many = SimpleNamespace(rank=9, world_size=12)  # an evaluation split over 12 processes
+    with pytest.raises(_Stop):
+        evaluator.evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), dist=one_of_many,
+                           cache_dir=None, progress=False)
+    assert chosen == ["cuda:3"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # srun --gpus-per-task=1: each its own GPU 0
+    with pytest.raises(_Stop):
+        evaluator.evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), dist=one_of_many,
+                           cache_dir=None, progress=False)
+    assert chosen == ["cuda:3", "cuda:0"]
+
+
+def test_evaluator_needs_no_guided_diffusion():
+    code = ("import sys, evaluations.evaluator, evaluations.reference; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('guided_diffusion', 'sampling')))")
+    out = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -87,16 +87,43 @@ def test_cg_experiment_combines_pag_with_the_256_classifier():
     assert {s["pag_scale"] for s in cells.values()} == {0.0, 3.0}
 
 
+def make_dry(*args):
+    return subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+TABLE1 = ["table1_uncond_ddpm250", "table1_uncond_ddim25", "table1_cond_ddpm250", "table1_cond_ddim25", "pag_cg_cond"]
+ROOT_OK = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "  # Open MPI refuses root without them
+
+
 def test_make_dry_listing_of_reproduce_table1():
-    out = subprocess.run(["make", "-n", "reproduce-table1", "GPUS=4", "NUM_SAMPLES=1000"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
-    for name in ["table1_uncond_ddpm250", "table1_uncond_ddim25", "table1_cond_ddpm250", "table1_cond_ddim25",
-                 "pag_cg_cond"]:
-        assert f"mpiexec -n 4 .venv/bin/python scripts/sweep.py configs/experiments/{name}.yaml" in out
-    assert out.count("--set num_samples=1000") == 5
+    out = make_dry("reproduce-table1", "GPUS=4", "NUM_SAMPLES=1000")
+    for name in TABLE1:
+        command = f"{ROOT_OK}.venv/bin/mpiexec -n 4 .venv/bin/python scripts/sweep.py configs/experiments/{name}.yaml"
+        assert command in out
+    assert out.count("--set num_samples=1000") == 5 and out.count(ROOT_OK) == 5
+
+
+def test_make_reproduce_table1_with_another_launcher():
+    out = make_dry("reproduce-table1", "LAUNCHER=srun")  # across SLURM nodes (the pip mpiexec stays on one node)
+    for name in TABLE1:
+        assert f"srun .venv/bin/python scripts/sweep.py configs/experiments/{name}.yaml --set num_samples=50000" in out
+    assert "mpiexec" not in out and "OMPI_" not in out
+    out = make_dry("ablation-scale", "LAUNCHER=torchrun --standalone --nproc_per_node 8 --no-python")
+    assert ("torchrun --standalone --nproc_per_node 8 --no-python .venv/bin/python scripts/sweep.py "
+            "configs/experiments/ablation_scale.yaml") in out
+    out = make_dry("ablation-scale", "LAUNCHER=srun", "DRY_RUN=1")  # a dry run lists the cells, no launcher
+    assert "srun" not in out and out.splitlines()[-1].startswith(".venv/bin/python scripts/sweep.py configs/")
 
 
 @pytest.mark.parametrize("target", ["ablation-scale", "ablation-layers", "ablation-perturbation"])
 def test_make_ablation_targets(target):
-    out = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert f"configs/experiments/{target.replace('-', '_')}.yaml --set num_samples=50000" in out
+    out = make_dry(target)
+    assert (f"{ROOT_OK}.venv/bin/mpiexec -n 8 .venv/bin/python scripts/sweep.py "
+            f"configs/experiments/{target.replace('-', '_')}.yaml --set num_samples=50000") in out
+    assert f"srun .venv/bin/python scripts/sweep.py configs/experiments/{target.replace('-', '_')}.yaml" in make_dry(
+        target, "LAUNCHER=srun")
+
+
+def test_make_gpu_check_does_not_reinstall():
+    out = make_dry("-W", "setup.py", "gpu-check")  # setup.py newer than the environment: `install` would rerun
+    assert "pip install" not in out and out.strip().endswith(".venv/bin/python scripts/gpu_check.py")

@@ -108,3 +108,53 @@ def test_goal_verdicts_on_a_gpu():
     assert [g["status"] for g in missed] == ["NOT met", "NOT met", "NOT met"]  # 1.85 > 1.8; 1.08 < 1.1; 39 %
     unknown = evaluate_goals(speed(100.0, 150.0, 200.0, {"float16": None}), cuda, gpu_check.FULL)
     assert unknown[2]["status"] == "not measured (device peak unknown)"
+
+
+@pytest.fixture
+def no_gpu(monkeypatch, tmp_path):
+    """torch.cuda says no GPU (a driver too old for the wheel's CUDA looks so); the check's sections refuse to run."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    for name in ("check_health", "check_speed", "check_sampler", "check_features"):
+        monkeypatch.setattr(gpu_check, name, lambda *a, **k: pytest.fail("ran a section without a GPU"))
+    driver = tmp_path / "version"
+    driver.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  470.82.01  Tue Oct 26 21:21:13 UTC 2021\n"
+                      "GCC version:  gcc version 9.3.0\n")
+    monkeypatch.setattr(gpu_check, "DRIVER_VERSION_FILE", str(driver))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return monkeypatch
+
+
+def test_no_gpu_stops_at_once_naming_wheel_and_driver(no_gpu, tmp_path, capsys):
+    out = tmp_path / "out"
+    for argv in ([], ["--device", "cuda"], ["--device", "cuda:1", "--tiny"]):
+        assert gpu_check.main([*argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            "error: no usable CUDA GPU (torch.cuda.is_available() is False): torch "
+            f"{__import__('torch').__version__} is built for CUDA 12.4, NVIDIA driver 470.82.01 "
+            f"({gpu_check.DRIVER_VERSION_FILE}); install a torch wheel built for a CUDA version this driver supports "
+            "(nvidia-smi's \"CUDA Version\" is the newest), or run the check on the CPU: --device cpu --tiny "
+            "(make gpu-check GPU_CHECK_FLAGS=\"--device cpu --tiny\")\n")
+        assert not out.exists()  # stopped before anything was written
+
+
+def test_no_gpu_message_without_a_driver_or_from_nvidia_smi(no_gpu, tmp_path, capsys):
+    no_gpu.setattr(gpu_check, "DRIVER_VERSION_FILE", str(tmp_path / "absent"))
+    no_gpu.setenv("PATH", str(tmp_path / "bin"))  # no nvidia-smi
+    no_gpu.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpu_check.main(["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "built for CUDA 12.4, no NVIDIA driver found, CUDA_VISIBLE_DEVICES='' hides the GPUs; install the " \
+           "NVIDIA driver" in err and "--device cpu --tiny" in err and err.count("\n") == 1
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\necho 535.54.03\n")
+    smi.chmod(0o755)
+    no_gpu.delenv("CUDA_VISIBLE_DEVICES")
+    assert gpu_check.nvidia_driver_version() == ("535.54.03", "nvidia-smi")
+    no_gpu.setattr(__import__("torch").version, "cuda", None)
+    message = gpu_check.no_gpu_message()
+    assert "is a CPU-only build, NVIDIA driver 535.54.03 (nvidia-smi); install a torch wheel" in message
