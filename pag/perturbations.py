@@ -417,10 +417,16 @@ def perturbed_attention(model, layers, kind="identity", row_seeds=None, steps=No
         yield model
 
 
+RANDOM_DRAWS = ("Random: drawn on the device afresh at every denoising step, from (``perturbation_seed``, sample "
+                "index, timestep) only (a counter-based hash; until 2026-12 one host generator per sample repeated "
+                "the same draw at every step).")
+
+
 def registry_markdown():
     """The README's table of perturbations and their parameters, generated from the registry."""
     lines = ["| perturbation | definition | parameters |", "|---|---|---|"]
     for entry in REGISTRY.values():
         params = ", ".join(f"`{p}` ({PARAMS[p].default!r})" for p in entry.params) or "-"
-        lines.append(f"| `{entry.name}` | {' '.join(entry.definition.split())} | {params} |")
+        definition = " ".join(entry.definition.split()) + (f" {RANDOM_DRAWS}" if entry.random else "")
+        lines.append(f"| `{entry.name}` | {definition} | {params} |")
     return "\n".join(lines)
