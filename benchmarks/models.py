@@ -58,9 +58,9 @@ def load_official(model, model_dir, name):
     path = Path(model_dir) / load_model_config(name)["file"]
     if not path.is_file():
         return False
-    from guided_diffusion.checkpoint import read_state_dict
+    from guided_diffusion.checkpoint import load_checkpoint
 
-    model.load_state_dict(read_state_dict(str(path)), strict=True)
+    load_checkpoint(model, path)
     return True
 
 

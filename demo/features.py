@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adm_common.files import atomic_open
+from guided_diffusion.checkpoint import read_checkpoint
 
 DEFAULT_WIDTHS = (32, 64, 128, 128)
 
@@ -89,7 +90,8 @@ def save_demo_feature_net(net, path, **extra):
 
 def load_demo_feature_net(path, device="cpu"):
     """The trained feature net from ``path`` (written by ``save_demo_feature_net``), in eval mode."""
-    obj = th.load(path, map_location="cpu", weights_only=True)
+    # Mapped by this process alone: a sweep's rank 0 evaluates on its own while the process group is up.
+    obj = read_checkpoint(path, mmap=True)
     if not isinstance(obj, dict) or "state_dict" not in obj or "config" not in obj:
         raise ValueError(f"{path} is not a demo feature-net checkpoint (expected keys state_dict, config)")
     config = dict(obj["config"])

@@ -22,35 +22,42 @@ class UnreadableCheckpoint(CheckpointError):
     """The bytes are not a PyTorch checkpoint at all (truncated, corrupt, or another kind of file)."""
 
 
-def read_state_dict(path):
-    """Read a state dict from a local path or URL (gs://, az://, https://, file://) onto the CPU.
+def read_checkpoint(path, mmap=False):
+    """The object saved at ``path`` (a local path or URL: gs://, az://, https://, file://), loaded onto the CPU
+    with torch's ``weights_only`` (tensors, numbers, strings and containers of them).
 
-    Under a process group, rank 0 reads the file and broadcasts its bytes (``dist_util``). This is the one
-    way the project reads checkpoints (sampling, downloads' verification, the demo).
+    Under a process group, rank 0 reads the file and broadcasts its bytes (``dist_util``). ``mmap=True`` maps a
+    local file instead, read by this process alone (no collective: also for one rank working on its own), a
+    tensor's bytes only when it is used (names and shapes are checked without reading the weights). This is the one way the project reads checkpoints (sampling, downloads'
+    verification, the demo, the benchmarks).
     """
+    source = os.fspath(path)
     try:
-        return state_dict_from_bytes(dist_util.read_everywhere(path), os.fspath(path))
+        data = None if mmap else dist_util.read_everywhere(path)
+        size = os.path.getsize(source) if mmap else len(data)
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"{err} (download the official checkpoints with `make download-models`)"
         ) from None
-
-
-def state_dict_from_bytes(data, source="<bytes>"):
-    """Deserialize checkpoint bytes into a state dict of tensors, with a clear error if they are not one."""
     try:
-        obj = th.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return th.load(source if mmap else io.BytesIO(data), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises many types here (zip, pickle, EOF, weights-only errors)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UnreadableCheckpoint(
-            f"{source} ({len(data)} bytes) is not a readable PyTorch checkpoint: it may be truncated "
+            f"{source} ({size} bytes) is not a readable PyTorch checkpoint: it may be truncated "
             f"(an interrupted download: fetch it again), not a checkpoint at all, or hold objects other "
             f"than tensors [{reason}]"
         ) from None
+
+
+def read_state_dict(path, mmap=False):
+    """The state dict (names to tensors) at ``path`` (see :func:`read_checkpoint`; a ``{"state_dict": ...}``
+    wrapper is unwrapped), with a clear error if the file holds something else."""
+    obj = read_checkpoint(path, mmap=mmap)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, th.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{source} is not a state dict (a mapping of names to tensors)")
+        raise CheckpointError(f"{os.fspath(path)} is not a state dict (a mapping of names to tensors)")
     return obj
 
 

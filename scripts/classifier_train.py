@@ -33,7 +33,7 @@ from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     args_to_dict,
     classifier_and_diffusion_defaults,
-    create_classifier_and_diffusion,
+    create_model_from_flags,
 )
 from guided_diffusion.train_util import (  # noqa: E402
     log_loss_dict,
@@ -49,9 +49,7 @@ def main(argv=None):
     logger.configure()
 
     logger.log("creating model and diffusion...")
-    model, diffusion = create_classifier_and_diffusion(
-        **args_to_dict(args, classifier_and_diffusion_defaults().keys())
-    )
+    model, diffusion = create_model_from_flags("classifier", args_to_dict(args, classifier_and_diffusion_defaults()))
     model.to(dist_util.dev())
     if args.noised:
         schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)

@@ -19,11 +19,12 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np  # noqa: E402
 
 from guided_diffusion import dist_util, logger  # noqa: E402
+from guided_diffusion.checkpoint import load_checkpoint  # noqa: E402
 from guided_diffusion.image_datasets import load_data  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     args_to_dict,
-    create_model_and_diffusion,
+    create_model_from_flags,
     model_and_diffusion_defaults,
 )
 
@@ -35,8 +36,8 @@ def main(argv=None):
     logger.configure()
 
     logger.log("creating model and diffusion...")
-    model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
-    model.load_state_dict(dist_util.load_state_dict(args.model_path, map_location="cpu"))
+    model, diffusion = create_model_from_flags("diffusion", args_to_dict(args, model_and_diffusion_defaults()))
+    load_checkpoint(model, args.model_path)
     model.to(dist_util.dev())
     if args.use_fp16:
         model.convert_to_fp16()

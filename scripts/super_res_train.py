@@ -23,7 +23,7 @@ from guided_diffusion.resample import create_named_schedule_sampler  # noqa: E40
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     args_to_dict,
-    sr_create_model_and_diffusion,
+    create_model_from_flags,
     sr_model_and_diffusion_defaults,
 )
 from guided_diffusion.train_util import TrainLoop, training_defaults  # noqa: E402
@@ -36,9 +36,7 @@ def main(argv=None):
     logger.configure()
 
     logger.log("creating model...")
-    model, diffusion = sr_create_model_and_diffusion(
-        **args_to_dict(args, sr_model_and_diffusion_defaults().keys())
-    )
+    model, diffusion = create_model_from_flags("upsampler", args_to_dict(args, sr_model_and_diffusion_defaults()))
     model.to(dist_util.dev())
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 

@@ -371,3 +371,17 @@ def test_truncated_and_foreign_files_get_clear_errors(tmp_path, pag_reference):
         read_state_dict(not_tensors)
     with pytest.raises(FileNotFoundError, match="make download-models"):
         read_state_dict(tmp_path / "missing.pt")
+
+
+def test_mapped_read_gives_the_same_tensors_and_errors(tmp_path, pag_reference):
+    good = tmp_path / "model.pt"
+    torch.save({"state_dict": pag_reference["state_dict"]}, good)
+    mapped = read_state_dict(good, mmap=True)
+    assert set(mapped) == set(pag_reference["state_dict"])
+    assert all(torch.equal(mapped[k], v) for k, v in pag_reference["state_dict"].items())
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=r"\(5000 bytes\) is not a readable PyTorch checkpoint"):
+        read_state_dict(truncated, mmap=True)
+    with pytest.raises(FileNotFoundError, match="make download-models"):
+        read_state_dict(tmp_path / "missing.pt", mmap=True)
