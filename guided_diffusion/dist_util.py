@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from adm_common.launch import LaunchInfo, detect_launch, mpi_local_rank
+from adm_common.launch import LaunchInfo, detect_launch, local_rank_from_env, mpi_local_rank
 
 from .blobs import read_bytes
 
@@ -229,9 +229,9 @@ def _ranks_text(ranks: List[int]) -> str:
     return f"ranks {', '.join(map(str, ranks[:8]))}, ... ({len(ranks)} ranks)"
 
 
-def _shared_gpu_error(records: List[Optional[Dict[str, Any]]]) -> Optional[str]:
+def _shared_gpu_error(records: List[Optional[Dict[str, Any]]], pinned: Optional[int] = None) -> Optional[str]:
     """One line naming ranks that would share a GPU (``records``: ``_gpu_record`` per rank, None for a rank
-    without a GPU), or None."""
+    without a GPU), or None. ``pinned``: the GPU index every rank was told to use (``device: cuda:N``)."""
     by_gpu: Dict[str, List[int]] = {}
     for rank, record in enumerate(records):
         if record:
@@ -243,6 +243,9 @@ def _shared_gpu_error(records: List[Optional[Dict[str, Any]]]) -> Optional[str]:
     first = records[ranks[0]]
     more = f" (and {len(shared) - 1} more shared GPU{'s' if len(shared) > 2 else ''})" if len(shared) > 1 else ""
     visible = first["visible"]
+    if pinned is not None:
+        return (f"{_ranks_text(ranks)} on host {first['host']} would share GPU {pinned}: every rank was given device "
+                f"cuda:{pinned}; with several processes per node use device: cuda (each takes its local rank's GPU)")
     return (f"{_ranks_text(ranks)} on host {first['host']} would share GPU {first['index']} ({visible} visible)"
             f"{more}: start one process per GPU (at most {visible} per node: mpiexec -n, torchrun "
             f"--nproc_per_node, srun --ntasks-per-node; or srun --gpus-per-task=1), or set device: cpu")
@@ -263,8 +266,10 @@ def _connect_store(info: LaunchInfo, connect: datetime.timedelta):
     until ``setup_dist`` sets the collective timeout: the TCP store's timeout is both."""
     where = f"{info.master_addr}:{info.master_port}"
     started = time.monotonic()
+    # Under torchrun the agent already serves a store at MASTER_ADDR:MASTER_PORT: every rank is its client.
+    hosts_store = info.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "") != "True"
     try:
-        store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, info.rank == 0,
+        store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, hosts_store,
                               timeout=connect, wait_for_workers=False)
     except Exception as e:  # DistNetworkError (refused, unreachable, unknown host, port in use) and relatives
         detail = " ".join(str(e).split("\n")[0].split())
@@ -284,8 +289,7 @@ def _connect_store(info: LaunchInfo, connect: datetime.timedelta):
 def _exchange(store, info: LaunchInfo, record: Any, connect: datetime.timedelta) -> List[Any]:
     """Every rank's ``record`` (JSON-able), in rank order, through the store; the ranks wait at most ``connect``
     for each other."""
-    prefix = "pag_setup/"
-    keys = [f"{prefix}{r}" for r in range(info.world_size)]
+    keys = [f"{_setup_prefix()}{r}" for r in range(info.world_size)]
     where = f"{info.master_addr}:{info.master_port}"
     try:
         store.set(keys[info.rank], json.dumps(record))
@@ -307,9 +311,15 @@ def _exchange(store, info: LaunchInfo, record: Any, connect: datetime.timedelta)
     return [json.loads(v) for v in values]
 
 
+def _setup_prefix() -> str:
+    """Keys of this start-up in the store; torchrun's agent keeps its store across restarts, so each attempt
+    (``TORCHELASTIC_RESTART_COUNT``) has its own keys."""
+    return f"pag_setup/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+
+
 def _all_have_read(store, info: LaunchInfo, connect: datetime.timedelta) -> None:
     """Rank 0 keeps the store (its server) up until every rank has read the records (before they all stop)."""
-    key = "pag_setup/read"
+    key = f"{_setup_prefix()}read"
     store.add(key, 1)
     if info.rank != 0:
         return
@@ -341,7 +351,7 @@ def setup_dist(backend: Optional[str] = None, device=None) -> None:
         _state.owns_group = False
         _state.launcher = "external"
         _state.rank, _state.world_size = dist.get_rank(), dist.get_world_size()
-        _state.local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        _state.local_rank = local_rank_from_env() or 0
         _state.backend = dist.get_backend()
         index = None
         if uses_cuda:
@@ -368,8 +378,8 @@ def setup_dist(backend: Optional[str] = None, device=None) -> None:
                 connect = connect_timeout()
                 store = _connect_store(info, connect)
                 records = _exchange(store, info, _gpu_record(index) if index is not None else None, connect)
-                shared = _shared_gpu_error(records)
                 _all_have_read(store, info, connect)
+                shared = _shared_gpu_error(records, pinned=fixed_index)
                 if shared:
                     raise DistSetupError(shared, everywhere=True)
                 store.set_timeout(collective)  # connected: from now on the store waits as long as collectives

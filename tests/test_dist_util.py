@@ -19,7 +19,7 @@ from guided_diffusion import blobs, dist_util
 from guided_diffusion.checkpoint import read_state_dict
 from http_fixture import FileServer
 from processes import LAUNCH_PREFIXES, LAUNCH_VARS, clean_env, free_port, run_together
-from sampling import cli
+from sampling import cli, process
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
@@ -338,6 +338,10 @@ def test_shared_gpu_message_names_ranks_gpu_and_fix(no_launcher):
     one = [record("node1", 0, "GPU-a", 1)] * 3 + [record("node2", 0, "GPU-b", 1)]
     assert dist_util._shared_gpu_error(one).startswith("ranks 0, 1 and 2 on host node1 would share GPU 0 (1 visible)")
     assert dist_util._shared_gpu_error([None, None]) is None  # CPU ranks share nothing
+    # device: cuda:2 given to every rank of a node: the message names the setting, not the process count.
+    assert dist_util._shared_gpu_error([record("node1", 2, "GPU-2")] * 2, pinned=2) == (
+        "ranks 0 and 1 on host node1 would share GPU 2: every rank was given device cuda:2; with several processes "
+        "per node use device: cuda (each takes its local rank's GPU)")
     # Without a UUID: the host and the visible-devices entry identify the GPU.
     no_launcher.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     no_launcher.setattr(torch.cuda, "get_device_properties", lambda i: object())
@@ -461,12 +465,12 @@ def test_group_device_of_runs():
     def settings(device):
         return cli.resolve_cli(["--model_path", "m.pt", "--out_dir", "o", "--device", device])
 
-    assert cli.group_device([settings("cpu")]) == "cpu"
-    assert cli.group_device([settings("cuda:1")]) == "cuda:1"
-    assert cli.group_device([settings("")]) is None
-    assert cli.group_device([settings("cpu"), settings("cpu")]) == "cpu"
-    assert cli.group_device([settings("cpu"), settings("")]) is None  # a sweep: cpu only if every cell is
-    assert cli.group_device([settings("cpu"), settings("cuda")]) is None
+    assert process.group_device([settings("cpu")]) == "cpu"
+    assert process.group_device([settings("cuda:1")]) == "cuda:1"
+    assert process.group_device([settings("")]) is None
+    assert process.group_device([settings("cpu"), settings("cpu")]) == "cpu"
+    assert process.group_device([settings("cpu"), settings("")]) is None  # a sweep: cpu only if every cell is
+    assert process.group_device([settings("cpu"), settings("cuda")]) is None
 
 
 def test_entry_points_resolve_settings_before_the_group(no_launcher, tmp_path, capsys):
@@ -504,3 +508,44 @@ def test_entry_points_resolve_settings_before_the_group(no_launcher, tmp_path, c
     no_launcher.setenv("RANK", "1")
     assert cli.main(["--model_path", "m.pt", "--out_dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err == "[rank 1] error: could not connect\n"
+
+
+def test_store_keys_and_host_under_torchrun_agent(monkeypatch):
+    """torchrun's agent serves the store at MASTER_ADDR:MASTER_PORT and keeps it across restarts: no rank hosts a
+    second one, and each restart's start-up uses its own keys (not the previous attempt's records)."""
+    made = []
+
+    class FakeStore:
+        def __init__(self, addr, port, world, is_master, **kwargs):
+            made.append(is_master)
+
+    monkeypatch.setattr(dist_util.dist, "TCPStore", FakeStore)
+    info = dist_util.LaunchInfo("torchrun", 0, 2, 0, "127.0.0.1", 29500)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    dist_util._connect_store(info, datetime.timedelta(seconds=1))
+    assert dist_util._setup_prefix() == "pag_setup/0/"
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    dist_util._connect_store(info, datetime.timedelta(seconds=1))
+    assert made == [True, False] and dist_util._setup_prefix() == "pag_setup/2/"
+
+
+def test_an_adopted_group_takes_the_launchers_local_rank(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node1")
+    monkeypatch.setattr(dist_util.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist_util.dist, "get_rank", lambda: 5)
+    monkeypatch.setattr(dist_util.dist, "get_world_size", lambda: 8)
+    monkeypatch.setattr(dist_util.dist, "get_backend", lambda: "gloo")
+    try:
+        dist_util.setup_dist(device="cpu")
+        assert dist_util._state.launcher == "external" and dist_util._state.local_rank == 1
+    finally:
+        dist_util._state = dist_util._State()
