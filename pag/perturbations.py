@@ -9,7 +9,8 @@ test.
 
 Random kinds draw on the device from a counter-based hash of ``(perturbation_seed, row seed, timestep)``: every
 denoising step draws afresh (as the authors' code, which draws at every forward pass), results repeat exactly,
-and, as the sampler passes each sample's index as its row seed, they do not depend on batching.
+and, as the sampler passes each sample's row seed (a function of the seed and the sample index), they do not
+depend on batching.
 """
 
 import contextlib
