@@ -1,9 +1,9 @@
-"""scripts/download.py against a local HTTP server (no network): resume, skip, manifest, verification."""
+"""sampling/downloads.py (scripts/download.py) against a local HTTP server (no network): resume, skip, manifest,
+verification."""
 
 import hashlib
 import io
 import json
-import sys
 import zipfile
 from pathlib import Path
 
@@ -13,9 +13,7 @@ import torch
 import yaml
 
 from http_fixture import FileServer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import download  # noqa: E402
+from sampling import downloads as download
 
 SHAPES = {"a.weight": (64, 32), "a.bias": (64,), "b.weight": (8, 64, 3, 3)}
 

@@ -1,0 +1,547 @@
+"""Download the official ADM checkpoints, the evaluator's reference batches and the Inception weights.
+
+    python scripts/download.py models 256x256_diffusion_uncond 256x256_classifier   # or: models all
+    python scripts/download.py refs imagenet256                                     # or: refs all
+    python scripts/download.py inception
+    python scripts/download.py list
+
+What is available comes from configs/models/*.yaml and configs/refs.yaml.  Files go to
+./downloads/models, ./downloads/refs, and (Inception) torch hub's checkpoints directory, where
+torch-fidelity looks for them; ``--dest DIR`` puts them elsewhere.
+
+Each download is resumable: bytes go to ``FILE.part`` (continued with an HTTP Range request after
+an interruption, here or in a later run) and the file gets its final name only once it is complete
+and verified by loading it with the readers that will use it: a checkpoint (the fork's reader) must hold
+exactly the parameter names and shapes of the model its flags build, an npz must pass its CRC checks and
+hold images the evaluator reads in ``arr_0``, and well-formed ``mu``/``sigma`` statistics if it has them.
+Its size and sha256 go into a manifest (./downloads/manifest.json); later runs skip files that are present
+and match it, and stop with an error when a file no longer does. A file that is present is never replaced
+unless ``--force`` is given.
+"""
+
+import argparse
+import datetime
+import http.client
+import json
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+from adm_common.files import atomic_write_text, file_sha256
+from adm_common.npz import NpzImages
+from guided_diffusion.script_util import MODEL_KINDS
+
+from .config_files import read_yaml_mapping
+from .model_configs import CONFIG_ROOT, ModelConfigError, load_model_config
+
+DEFAULT_MANIFEST = Path("downloads") / "manifest.json"
+DEFAULT_DESTS = {"models": Path("downloads") / "models", "refs": Path("downloads") / "refs"}
+STATISTICS = (("mu", "sigma"), ("mu_s", "sigma_s"))  # the evaluator's FID and sFID statistics, in pairs
+CHUNK_BYTES = 1 << 20
+
+
+class DownloadError(Exception):
+    """A problem the user has to act on; the message says what to do."""
+
+
+class VerifyError(DownloadError):
+    """A file is not what it should be (truncated, corrupt, or built for other flags)."""
+
+
+@dataclass
+class Item:
+    group: str  # "models", "refs" or "inception"
+    name: str
+    kind: str  # diffusion | upsampler | classifier | reference | samples | inception
+    url: str
+    file: str
+    flags: Dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """The manifest key: the same file has the same size and hash wherever it lies."""
+        return f"{self.group}/{self.file}"
+
+
+# --------------------------------------------------------------------------------------- configs
+
+
+def _check_entry(entry, where: str, required=("url", "file")) -> None:
+    if not isinstance(entry, dict):
+        raise DownloadError(f"{where}: expected a mapping, got {type(entry).__name__}")
+    for key in required:
+        if not isinstance(entry.get(key), str) or not entry[key]:
+            raise DownloadError(f"{where}: missing or empty '{key}'")
+    if os.path.basename(entry["file"]) != entry["file"]:
+        raise DownloadError(f"{where}: 'file' must be a bare file name, got {entry['file']!r}")
+
+
+def load_model_items(configs_dir: Path = CONFIG_ROOT) -> Dict[str, Item]:
+    """Every configs/models/*.yaml, by name."""
+    model_dir = Path(configs_dir) / "models"
+    paths = sorted(model_dir.glob("*.yaml"))
+    if not paths:
+        raise DownloadError(f"no model configs (*.yaml) in {model_dir}")
+    items = {}
+    for path in paths:
+        try:
+            cfg = load_model_config(path)
+        except ModelConfigError as e:
+            raise DownloadError(str(e)) from None
+        _check_entry(cfg, str(path), required=("name", "kind", "url", "file"))
+        if cfg["name"] != path.stem:
+            raise DownloadError(f"{path}: name {cfg['name']!r} differs from the file name {path.stem!r}")
+        if cfg["kind"] not in MODEL_KINDS:
+            raise DownloadError(f"{path}: kind {cfg['kind']!r} is not one of {', '.join(MODEL_KINDS)}")
+        if not isinstance(cfg.get("flags"), dict):
+            raise DownloadError(f"{path}: 'flags' must be a mapping of upstream flag names to values")
+        items[cfg["name"]] = Item("models", cfg["name"], cfg["kind"], cfg["url"], cfg["file"], cfg["flags"])
+    return items
+
+
+def _read_refs(configs_dir) -> Tuple[Path, Dict]:
+    path = Path(configs_dir) / "refs.yaml"
+    return path, read_yaml_mapping(path, "config", DownloadError)
+
+
+def load_ref_items(configs_dir: Path = CONFIG_ROOT) -> Dict[str, Item]:
+    path, cfg = _read_refs(configs_dir)
+    if not isinstance(cfg.get("refs"), dict):
+        raise DownloadError(f"{path}: expected a top-level 'refs' mapping")
+    items = {}
+    for name, entry in cfg["refs"].items():
+        _check_entry(entry, f"{path}: refs.{name}")
+        items[name] = Item("refs", name, entry.get("kind", "reference"), entry["url"], entry["file"])
+    return items
+
+
+def load_inception_item(configs_dir: Path = CONFIG_ROOT) -> Item:
+    path, cfg = _read_refs(configs_dir)
+    entry = cfg.get("inception")
+    _check_entry(entry, f"{path}: inception")
+    return Item("inception", "inception", "inception", entry["url"], entry["file"])
+
+
+def select(available: Dict[str, Item], names: List[str], group: str) -> List[Item]:
+    if not names:
+        raise DownloadError(f"name the {group} to download (or 'all'): {', '.join(available)}")
+    if names == ["all"]:
+        return list(available.values())
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise DownloadError(f"unknown {group}: {', '.join(unknown)}; available: {', '.join(available)}, all")
+    return [available[n] for n in dict.fromkeys(names)]
+
+
+# -------------------------------------------------------------------------------------- manifest
+
+
+class Manifest:
+    """``{key: {url, size, sha256, recorded, verified}}`` in a JSON file, saved atomically."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.entries: Dict[str, Dict] = {}
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text())
+            except (OSError, ValueError) as e:
+                raise DownloadError(f"manifest {self.path} is unreadable ({e}); fix or remove it") from e
+            if not isinstance(data, dict) or not isinstance(data.get("files", {}), dict):
+                raise DownloadError(f"manifest {self.path} does not have the expected layout; fix or remove it")
+            self.entries = data.get("files", {})
+
+    def get(self, key: str) -> Optional[Dict]:
+        return self.entries.get(key)
+
+    def record(self, key: str, entry: Dict) -> None:
+        self.entries[key] = entry
+        atomic_write_text(self.path, json.dumps({"files": self.entries}, indent=1, sort_keys=True) + "\n")
+
+
+# -------------------------------------------------------------------------------------- fetching
+
+
+def _content_range(header: Optional[str]) -> Tuple[Optional[int], Optional[int]]:
+    """(first byte, total size) of a Content-Range header such as 'bytes 100-199/1000' or 'bytes */1000'."""
+    m = re.match(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)", header or "")
+    if not m:
+        return None, None
+    return (int(m.group(1)) if m.group(1) is not None else None), (int(m.group(2)) if m.group(2) != "*" else None)
+
+
+def fetch(url: str, part: Path, *, expected_size: Optional[int] = None, retries: int = 3,
+          backoff: float = 2.0, timeout: float = 60.0, progress: bool = True, log=print) -> None:
+    """Download ``url`` into ``part``, continuing what ``part`` already holds (HTTP Range).
+
+    Returns when ``part`` holds the whole file; raises DownloadError after ``retries`` failed
+    attempts (the partial file is kept, so the next run resumes).
+    """
+    part = Path(part)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    last_error = None
+    for attempt in range(retries + 1):
+        if attempt:
+            delay = min(backoff * 2 ** (attempt - 1), 30.0)
+            log(f"  retrying in {delay:.0f}s (attempt {attempt + 1}/{retries + 1}): {last_error}")
+            time.sleep(delay)
+        have = part.stat().st_size if part.exists() else 0
+        if expected_size is not None and have == expected_size:
+            return  # a previous run got every byte (the manifest says how many there are)
+        if expected_size is not None and have > expected_size:
+            part.unlink()
+            have = 0
+        request = urllib.request.Request(url, headers={"User-Agent": "pag-adm-download/1"})
+        if have:
+            request.add_header("Range", f"bytes={have}-")
+        try:
+            response = urllib.request.urlopen(request, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:
+                if _content_range(e.headers.get("Content-Range"))[1] == have:
+                    return  # the partial file was already complete
+                log(f"  {part.name}: partial file ({have} bytes) does not fit the server's file; starting over")
+                part.unlink()
+                last_error = "HTTP 416"
+                continue
+            if e.code in (401, 403, 404, 410):
+                raise DownloadError(f"{url}: HTTP {e.code} {e.reason} (check the URL in the config)") from e
+            last_error = f"HTTP {e.code} {e.reason}"
+            continue
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            last_error = getattr(e, "reason", e)
+            continue
+        with response:
+            start, total = _content_range(response.headers.get("Content-Range"))
+            if have and response.status == 206:
+                if start != have:
+                    log(f"  {part.name}: server resumed at byte {start}, not {have}; starting over")
+                    part.unlink()
+                    last_error = "misplaced range"
+                    continue
+                mode = "ab"
+            else:
+                if have:
+                    log(f"  {part.name}: server does not support resuming; starting over")
+                have, mode = 0, "wb"
+                length = response.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+            if total is None:
+                total = expected_size
+            try:
+                _stream(response, part, mode, have, total, progress)
+            except (OSError, http.client.HTTPException) as e:  # reset, timeout
+                last_error = e
+                continue
+        got = part.stat().st_size
+        if total is not None and got != total:  # a short read: the next attempt resumes
+            last_error = f"connection closed after {got} of {total} bytes"
+            continue
+        return
+    got = part.stat().st_size if part.exists() else 0
+    if got:
+        hint = f"{part} keeps the {got} bytes received: run the same command again to resume"
+    else:
+        hint = "check the network connection (or the URL in the config) and run the command again"
+    raise DownloadError(f"could not download {url} after {retries + 1} attempts ({last_error}); {hint}")
+
+
+def _stream(response, part: Path, mode: str, have: int, total: Optional[int], progress: bool) -> None:
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                   desc=part.name[:-len(".part")] if part.name.endswith(".part") else part.name,
+                   disable=None, leave=False)
+    try:
+        with open(part, mode) as f:
+            for block in iter(lambda: response.read(CHUNK_BYTES), b""):
+                f.write(block)
+                if bar is not None:
+                    bar.update(len(block))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+# ---------------------------------------------------------------------------------- verification
+
+
+def expected_shapes(item: Item) -> Dict[str, Tuple[int, ...]]:
+    """Names and shapes of the model that ``item``'s flags build (on the meta device: no memory)."""
+    import torch
+    from guided_diffusion.script_util import create_model_from_flags
+
+    try:
+        with torch.device("meta"):
+            model = create_model_from_flags(item.kind, item.flags)[0]
+    except ValueError as e:
+        raise DownloadError(f"{item.name}: {e}") from None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def load_tensor_dict(path: Path) -> Dict:
+    """The state dict in ``path``, read by the fork's checkpoint reader, its errors as VerifyError."""
+    from guided_diffusion.checkpoint import CheckpointError, UnreadableCheckpoint, read_state_dict
+
+    try:
+        state = read_state_dict(path)
+    except UnreadableCheckpoint as e:
+        raise VerifyError(f"not a loadable PyTorch checkpoint: {e}") from None
+    except CheckpointError as e:
+        raise VerifyError(str(e)) from None
+    if not state:
+        raise VerifyError(f"{path} loads, but is an empty state dict")
+    return state
+
+
+def verify_checkpoint(path: Path, expected: Optional[Dict[str, Tuple[int, ...]]], what: str) -> str:
+    from guided_diffusion.checkpoint import mismatch_report
+
+    state = load_tensor_dict(path)
+    report = expected is not None and mismatch_report(expected, {k: v.shape for k, v in state.items()},
+                                                      f"{what} ({path})")
+    if report:
+        raise VerifyError(report)
+    n = sum(int(v.numel()) for v in state.values())
+    return f"{len(state)} tensors, {n:,} values" + (", names and shapes match the flags" if expected else "")
+
+
+def _check_members(path: Path) -> None:
+    """Every member of the zip passes its CRC check (the evaluator reads only what it needs, unchecked)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+        raise VerifyError(f"{path} is not a readable npz (zip) archive (truncated or corrupt download?): {e}") from e
+    if bad is not None:
+        raise VerifyError(f"{path}: member {bad} fails its CRC check; corrupt download?")
+
+
+def _statistics_summary(path: Path, members) -> List[str]:
+    """``mu``/``sigma`` (and ``mu_s``/``sigma_s``) where present: in pairs, a float vector (d,) and a finite
+    float (d, d) matrix."""
+    import numpy as np
+
+    summary = []
+    with np.load(path, allow_pickle=False) as data:
+        for mu_key, sigma_key in STATISTICS:
+            present = [k for k in (mu_key, sigma_key) if k in members]
+            if len(present) == 1:
+                raise VerifyError(f"{path} has {present[0]} but not its partner "
+                                  f"({sigma_key if present[0] == mu_key else mu_key})")
+            if not present:
+                continue
+            mu, sigma = data[mu_key], data[sigma_key]
+            d = mu.shape[0] if mu.ndim == 1 else None
+            if d is None or sigma.shape != (d, d) or mu.dtype.kind != "f" or sigma.dtype.kind != "f":
+                raise VerifyError(f"{path}: {mu_key} must be a float vector (d,) and {sigma_key} a float (d, d) "
+                                  f"matrix, got {mu.dtype} {list(mu.shape)} and {sigma.dtype} {list(sigma.shape)}")
+            if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+                raise VerifyError(f"{path}: {mu_key}/{sigma_key} contain non-finite values")
+            summary.append(f"{mu_key}/{sigma_key} d={d}")
+    return summary
+
+
+def verify_npz(path: Path) -> str:
+    """An evaluator batch: intact zip members, images in ``arr_0`` as the evaluator reads them (its
+    ``NpzImages``), consistent ``mu``/``sigma`` if present."""
+    _check_members(path)
+    try:
+        images = NpzImages(path)
+    except ValueError as e:
+        raise VerifyError(f"no arr_0 the evaluator can read as uint8 N x H x W x 3 images: {e}") from None
+    shape = "x".join(map(str, images.shape))
+    return ", ".join([f"arr_0 {images.dtype} {shape}"] + _statistics_summary(path, images.keys))
+
+
+def verify_inception(path: Path) -> str:
+    state = load_tensor_dict(path)
+    fc = state.get("fc.weight")
+    if fc is None or tuple(fc.shape) != (1008, 2048):
+        raise VerifyError(f"{path} loads but is not torch-fidelity's Inception weights "
+                          f"(fc.weight should be 1008 x 2048, got {None if fc is None else list(fc.shape)})")
+    return f"{len(state)} tensors, fc 1008x2048"
+
+
+ShapesFn = Callable[[Item], Optional[Dict[str, Tuple[int, ...]]]]
+
+
+def verify_file(item: Item, path: Path, shapes_fn: ShapesFn = expected_shapes) -> str:
+    """Load ``path`` as what ``item`` says it is; return a one-line summary or raise VerifyError."""
+    if item.group == "models":
+        return verify_checkpoint(path, shapes_fn(item), f"checkpoint {item.name}")
+    if item.group == "refs":
+        return verify_npz(path)
+    if item.group == "inception":
+        return verify_inception(path)
+    raise DownloadError(f"unknown group {item.group!r}")
+
+
+# ---------------------------------------------------------------------------------------- driver
+
+
+def _force_hint(item: Item) -> str:
+    names = "" if item.group == "inception" else f" {item.name}"
+    return f"python scripts/download.py {item.group}{names} --force"
+
+
+def _check_record(item: Item, path: Path, record: Dict) -> None:
+    size = path.stat().st_size
+    if size != record.get("size"):
+        raise DownloadError(
+            f"{path} has {size} bytes but the manifest recorded {record.get('size')} when it was downloaded: "
+            f"the file is truncated or was replaced. Re-download it with `{_force_hint(item)}`")
+    digest = file_sha256(path)
+    if digest != record.get("sha256"):
+        raise DownloadError(
+            f"{path}: sha256 {digest} differs from the manifest's {record.get('sha256')}: the file is corrupt "
+            f"or was replaced. Re-download it with `{_force_hint(item)}`")
+
+
+def _entry(item: Item, path: Path, summary: str) -> Dict:
+    return {"url": item.url, "size": path.stat().st_size, "sha256": file_sha256(path),
+            "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "verified": summary}
+
+
+def ensure(item: Item, dest: Path, manifest: Manifest, *, force: bool = False, verify: bool = True,
+           shapes_fn: ShapesFn = expected_shapes, retries: int = 3, backoff: float = 2.0,
+           progress: bool = True, log=print) -> str:
+    """Make ``dest/item.file`` present, complete and verified. Returns 'present' or 'downloaded'."""
+    dest = Path(dest)
+    target = dest / item.file
+    part = dest / (item.file + ".part")
+    record = manifest.get(item.key)
+    unverified = "not verified (--no-verify)"
+
+    if target.exists() and not force:
+        if target.is_dir():
+            raise DownloadError(f"{target} is a directory; move it away")
+        if record:
+            _check_record(item, target, record)
+            log(f"{item.name}: {target} present, size and sha256 match the manifest")
+            return "present"
+        # Present but never recorded (copied in by hand, or an older manifest): check by loading.
+        try:
+            summary = verify_file(item, target, shapes_fn) if verify else unverified
+        except VerifyError as e:
+            raise VerifyError(f"{item.name}: the existing {target} fails verification: {e}\n"
+                              f"  Re-download it with `{_force_hint(item)}`") from e
+        manifest.record(item.key, _entry(item, target, summary))
+        log(f"{item.name}: {target} present and verified ({summary}); recorded in {manifest.path}")
+        return "present"
+
+    if force and part.exists():
+        part.unlink()  # --force: start from scratch
+    dest.mkdir(parents=True, exist_ok=True)
+    if not os.access(dest, os.W_OK):
+        raise DownloadError(f"cannot write to {dest}; choose another --dest")
+    resumed = part.exists() and part.stat().st_size > 0
+    log(f"{item.name}: {'resuming' if resumed else 'downloading'} {item.url} -> {target}")
+    fetch(item.url, part, expected_size=None if force or not record else record.get("size"),
+          retries=retries, backoff=backoff, progress=progress, log=log)
+    try:
+        summary = verify_file(item, part, shapes_fn) if verify else unverified
+    except VerifyError as e:
+        bad = part.with_name(item.file + ".bad")
+        os.replace(part, bad)
+        raise VerifyError(f"{item.name}: the downloaded file fails verification: {e}\n"
+                          f"  It was moved to {bad}; run the command again to download it afresh.") from e
+    entry = _entry(item, part, summary)
+    if record and not force and (entry["size"], entry["sha256"]) != (record.get("size"), record.get("sha256")):
+        raise DownloadError(
+            f"{item.name}: the new download (size {entry['size']}, sha256 {entry['sha256']}) differs from the "
+            f"manifest's record (size {record.get('size')}, sha256 {record.get('sha256')}); it was left at {part}. "
+            f"If the upstream file really changed, accept it with `{_force_hint(item)}`")
+    os.replace(part, target)
+    manifest.record(item.key, entry)
+    log(f"{item.name}: done ({entry['size']:,} bytes, sha256 {entry['sha256'][:16]}..., {summary})")
+    return "downloaded"
+
+
+def default_dest(group: str) -> Path:
+    if group == "inception":
+        from evaluations.features import default_weights_path
+
+        return Path(default_weights_path()).parent  # torch hub's checkpoints, where the evaluator looks
+    return DEFAULT_DESTS[group]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dest", type=Path, help="target directory (default: ./downloads/models, "
+                        "./downloads/refs, or torch hub's checkpoints directory for inception)")
+    common.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST,
+                        help="size/sha256 record (default: %(default)s)")
+    common.add_argument("--configs", type=Path, default=CONFIG_ROOT,
+                        help="configs directory with models/*.yaml and refs.yaml (default: the repository's)")
+    common.add_argument("--force", action="store_true",
+                        help="download again even if present, replacing the file and its manifest record")
+    common.add_argument("--no-verify", action="store_true", help="skip loading the file to check it")
+    common.add_argument("--retries", type=int, default=3, help="attempts after the first (default: %(default)s)")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser = argparse.ArgumentParser(prog="scripts/download.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="group", required=True)
+    p = sub.add_parser("models", parents=[common], help="official ADM checkpoints (configs/models)")
+    p.add_argument("names", nargs="*", metavar="NAME", help="checkpoint names, or 'all'")
+    p = sub.add_parser("refs", parents=[common], help="evaluator reference batches (configs/refs.yaml)")
+    p.add_argument("names", nargs="*", metavar="NAME", help="batch names, or 'all'")
+    sub.add_parser("inception", parents=[common], help="torch-fidelity's Inception weights")
+    sub.add_parser("list", parents=[common], help="list what can be downloaded")
+    return parser
+
+
+def _list(configs) -> None:
+    for group, items in (("models", load_model_items(configs)), ("refs", load_ref_items(configs))):
+        for name, item in items.items():
+            print(f"{group:7s} {name:28s} {item.kind:10s} {item.url}")
+    item = load_inception_item(configs)
+    print(f"inception {item.file:26s} {item.url}")
+
+
+def main(argv=None, shapes_fn: ShapesFn = expected_shapes) -> int:
+    args = build_parser().parse_args(argv)
+    if args.retries < 0:
+        print("error: --retries must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        if args.group == "list":
+            _list(args.configs)
+            return 0
+        if args.group == "models":
+            items = select(load_model_items(args.configs), args.names, "models")
+        elif args.group == "refs":
+            items = select(load_ref_items(args.configs), args.names, "refs")
+        else:
+            items = [load_inception_item(args.configs)]
+        manifest = Manifest(args.manifest)
+    except DownloadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    dest = args.dest if args.dest is not None else default_dest(args.group)
+    failures = []
+    for item in items:
+        try:
+            ensure(item, dest, manifest, force=args.force, verify=not args.no_verify, shapes_fn=shapes_fn,
+                   retries=args.retries, progress=not args.quiet)
+        except DownloadError as e:
+            failures.append(item.name)
+            print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: run the same command again to resume {item.name}", file=sys.stderr)
+            return 130
+    if failures:
+        print(f"{len(failures)} of {len(items)} failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
