@@ -1,5 +1,5 @@
 """Files that appear only complete: atomic writes (temporary name in the same directory, then rename),
-and content hashes (remembered beside the file, so a large checkpoint is hashed once).
+and content hashes (remembered, :class:`HashMemo`, so a large file is hashed once).
 
 Nothing here writes through a symbolic link at the path it writes: an atomic write creates its temporary file
 exclusively under a random name (``O_CREAT | O_EXCL | O_NOFOLLOW``) and renames it over the path, which replaces a
@@ -192,43 +192,60 @@ def default_hash_cache_dir():
     return os.path.join(root, "pag_adm", "sha256")
 
 
-def cached_file_sha256(path, cache_dir=None):
-    """Hex sha256 of a file, remembered in a sidecar ``<path>.sha256`` (JSON: size, mtime_ns, ctime_ns, inode,
-    sha256) and computed again when any of those changed (a replaced file has another inode or ctime even when
-    its size and mtime were kept). Where the file's directory is read-only the record goes to ``cache_dir``
-    (default ``~/.cache/pag_adm/sha256/``), named by the file's real path."""
-    path = os.fspath(path)
-    stamp = _stamp(os.stat(path))
-    sidecar = path + ".sha256"
-    key = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:32]
-    fallback = os.path.join(cache_dir or default_hash_cache_dir(), f"{key}.json")
-    for record_path in (sidecar, fallback):
-        try:
-            with open(record_path) as f:
-                record = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if isinstance(record, dict) and isinstance(record.get("sha256"), str) and all(
-                record.get(k) == v for k, v in stamp.items()):
-            return record["sha256"]
-    digest = file_sha256(path)
-    if _stamp(os.stat(path)) != stamp:  # changed while being read: do not remember this one
+HASHES_NAME = "hashes.json"
+
+
+class HashMemo:
+    """sha256 of files, remembered so that a large file (a checkpoint, a 10 GB image batch) is read once: a record
+    (size, mtime_ns, ctime_ns, inode, sha256) per file, valid while all of that stamp is unchanged (a replaced or
+    rewritten file has another inode or ctime even when its size and mtime were kept), so changed content is
+    hashed again.
+
+    :param directory: keep every file's record in ``<directory>/hashes.json``, keyed by the file's real path (a
+        cache's memo: the evaluator's); None: each file's record beside it in ``<path>.sha256`` (checkpoints), or
+        where that directory is read-only in ``~/.cache/pag_adm/sha256/hashes.json``."""
+
+    def __init__(self, directory=None):
+        self.directory = os.path.expanduser(os.fspath(directory)) if directory else None
+
+    def _places(self, path):
+        """``(memo file, key)`` pairs to read a record from and write it to, in order; key None: the file is the
+        record itself (a sidecar)."""
+        shared = os.path.join(self.directory or default_hash_cache_dir(), HASHES_NAME)
+        return ([] if self.directory else [(path + ".sha256", None)]) + [(shared, os.path.realpath(path))]
+
+    def sha256(self, path):
+        path = os.fspath(path)
+        stamp = _stamp(os.stat(path))
+        places = self._places(path)
+        for memo_path, key in places:
+            record = read_json_mapping(memo_path)
+            record = record.get(key) if key else record
+            if isinstance(record, dict) and isinstance(record.get("sha256"), str) and all(
+                    record.get(k) == v for k, v in stamp.items()):
+                return record["sha256"]
+        digest = file_sha256(path)
+        if _stamp(os.stat(path)) != stamp:  # changed while being read: do not remember this one
+            return digest
+        record = dict(stamp, sha256=digest, file=os.path.basename(path))
+        for memo_path, key in places:
+            memo = dict(read_json_mapping(memo_path), **{key: record}) if key else record
+            try:
+                atomic_write_text(memo_path, json.dumps(memo, indent=0, sort_keys=True) + "\n")
+                break
+            except OSError:
+                continue
         return digest
-    text = json.dumps(dict(stamp, sha256=digest, file=os.path.basename(path)), sort_keys=True) + "\n"
-    for record_path in (sidecar, fallback):
-        try:
-            atomic_write_text(record_path, text)
-            break
-        except OSError:
-            continue
-    return digest
+
+
+def cached_file_sha256(path):
+    """Hex sha256 of a file, remembered beside it (:class:`HashMemo`'s sidecar ``<path>.sha256``)."""
+    return HashMemo().sha256(path)
 
 
 def read_json_mapping(path):
     """The JSON object in ``path``, or {} when the file is missing, unreadable, empty or not an object (small
-    records other processes may be rewriting: lock holders, shard claims)."""
-    import json
-
+    records other processes may be rewriting: lock holders, shard claims, hash memos)."""
     try:
         with open(path) as f:
             data = json.loads(f.read() or "{}")

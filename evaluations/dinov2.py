@@ -18,7 +18,6 @@ the features are those of the hub model at 224 x 224.
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -28,13 +27,12 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from adm_common.files import file_sha256  # noqa: E402
 from adm_common.npz import NpzImages, check_image_batch  # noqa: E402
-from evaluations.features import RANDOM_WEIGHTS_MARK, default_device, feature_numerics, find_weights  # noqa: E402
+from evaluations.features import RANDOM_WEIGHTS_MARK, default_device, find_weights  # noqa: E402
 from evaluations.features import hub_checkpoint_path, missing_weights_text  # noqa: E402
-from evaluations.reference import FeatureCache, batch_statistics, detect_distributed, extract_features  # noqa: E402
+from evaluations.reference import FeatureUse, image_features  # noqa: E402
 
 MODEL_NAME = "vit_large_patch14_dinov2"
 EXTRACTOR_NAME = "dinov2-vitl14"
-FEATURE_DIM = 1024
 IMAGE_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -182,63 +180,12 @@ class DINOv2Features:
         return out
 
 
-# --------------------------------------------------------------------------------------------------------------
-# statistics of an image batch, cached like the Inception features
-
-
-def extract_dinov2_features(images, extractor, batch_size=64, progress=False, dist=None, desc=None):
-    """Features of an ``NpzImages`` (or npz path), each rank extracting a contiguous slice; rank 0 gets them all in
-    file order, other ranks None."""
-    desc = None if desc is None else desc + " (DINOv2)"
-    return extract_features(images, extractor, batch_size, progress, dist, desc, keys=None)
-
-
 def dinov2_statistics(path, extractor, batch_size=64, cache_dir=None, progress=False, dist=None, desc=None):
-    """``{"mu", "sigma", "num_images", "sha256", "from_cache"}`` of an image batch's DINOv2 features (mean and
-    ``np.cov``, float64) on rank 0, None elsewhere. Cached in ``cache_dir`` as the Inception features are: an npz
-    named by the file's sha256 and a hash of the extractor's id (network and weights) and numerics (device type and
-    precision)."""
-    images = NpzImages(path)
-    if images.num_images < 2:
-        raise ValueError(f"{images.path}: FD_DINOv2 needs at least 2 images, got {images.num_images}")
-    dist = dist or detect_distributed()
-    cache = FeatureCache(cache_dir)
-    digest = entry = None
-    if cache.cache_dir:
-        hit = None
-        if dist.rank == 0:
-            digest = cache.hashes.sha256(images.path)
-            entry = cache.entry_path(digest, extractor.id, feature_numerics(extractor))
-            hit = _load_statistics(entry, images.num_images) if os.path.exists(entry) else None
-        if dist.bcast(hit is not None):
-            if dist.rank != 0:
-                return None
-            hit.update(num_images=images.num_images, sha256=digest, from_cache=True)
-            return hit
-    feats = extract_dinov2_features(images, extractor, batch_size=batch_size, progress=progress, dist=dist,
-                                    desc=desc)
-    if feats is None:
-        return None
-    mu, sigma = batch_statistics(feats)
-    if cache.cache_dir:
-        meta = {"source": os.path.realpath(images.path), "sha256": digest, "extractor": extractor.id,
-                "numerics": feature_numerics(extractor), "num_images": images.num_images,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        cache.save(entry, {"mu": mu, "sigma": sigma, "num_images": np.array(images.num_images)}, meta)
-    return {"mu": mu, "sigma": sigma, "num_images": images.num_images, "sha256": digest, "from_cache": False}
-
-
-def _load_statistics(entry, num_images):
-    import zipfile
-
-    try:
-        with np.load(entry, allow_pickle=False) as obj:
-            stats = {"mu": obj["mu"], "sigma": obj["sigma"], "num_images": int(obj["num_images"])}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        return None  # unreadable: extracted again and rewritten
-    if stats.pop("num_images") != num_images:
-        raise ValueError(f"cache entry {entry} does not match its image batch: remove it")
-    return stats
+    """``{"mu", "sigma", "num_images", "sha256", "from_cache", ...}`` of an image batch's DINOv2 features (mean and
+    ``np.cov``, float64) on rank 0, None elsewhere: ``reference.image_features`` of this one network, cached as the
+    Inception features are."""
+    out = image_features(NpzImages(path), [FeatureUse(extractor)], batch_size, cache_dir, progress, dist, desc)
+    return out and out[0]
 
 
 # --------------------------------------------------------------------------------------------------------------

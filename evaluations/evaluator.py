@@ -24,6 +24,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,30 +40,27 @@ from evaluations.features import (  # noqa: E402
     MissingInceptionWeights,
     load_extractor,
 )
-from evaluations.metrics import PR_PRECISIONS, frechet_distance, inception_score, precision_recall  # noqa: E402
+from evaluations.metrics import (  # noqa: E402
+    DEFAULT_METRICS,
+    METRIC_KEYS,
+    METRIC_TABLE,
+    METRICS,
+    METRICS_BY_KEY,
+    PR_PRECISIONS,
+    frechet_distance,
+    inception_score,
+    parse_metrics,
+    precision_recall,
+)
 from evaluations.reference import (  # noqa: E402
-    batch_features,
+    FeatureUse,
     default_cache_dir,
     detect_distributed,
-    image_batch_statistics,
+    fid_statistics,
+    image_features,
     read_npz_statistics,
 )
 
-METRIC_KEYS = ("inception_score", "fid", "sfid", "precision", "recall")
-METRIC_LABELS = {
-    "inception_score": "Inception Score",
-    "fid": "FID",
-    "sfid": "sFID",
-    "precision": "Precision",
-    "recall": "Recall",
-    "fd_dinov2": "FD_DINOv2",
-}
-# --metrics names -> result keys. The first four need Inception; fd_dinov2 needs DINOv2.
-METRIC_RESULT_KEYS = {"is": ("inception_score",), "fid": ("fid",), "sfid": ("sfid",), "pr": ("precision", "recall"),
-                      "fd_dinov2": ("fd_dinov2",)}
-METRICS = ("fid", "sfid", "is", "pr", "fd_dinov2")
-DEFAULT_METRICS = ("fid", "sfid", "is", "pr")
-INCEPTION_METRICS = ("fid", "sfid", "is", "pr")
 RESULT_FORMAT = "pag_adm.evaluation/1"
 # Fewer images than this in either batch are refused (unless min_samples / --min-samples is lowered): FID, sFID and
 # FD_DINOv2 estimate a covariance, IS and precision/recall a distribution, and with a handful of images the number
@@ -70,201 +68,218 @@ RESULT_FORMAT = "pag_adm.evaluation/1"
 # their numbers are marked meaningless anyway.
 MIN_SAMPLES = 100
 DEMO_EXTRACTOR = "demo.features:DemoFeatures"  # imported only when --feature-net is given
-_DEFAULT = object()
 
 
-def parse_metrics(metrics=None):
-    """``metrics`` (None, a comma-separated string or a list of names among ``METRICS``) -> a tuple in
-    ``METRICS`` order; None -> ``DEFAULT_METRICS``."""
-    if metrics is None:
-        return DEFAULT_METRICS
-    names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
-    names = [str(n).strip().lower() for n in names if str(n).strip()]
-    unknown = [n for n in names if n not in METRICS]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {', '.join(unknown)}: choose among {','.join(METRICS)}")
-    if not names:
-        raise ValueError(f"no metric selected: choose among {','.join(METRICS)}")
-    return tuple(m for m in METRICS if m in names)
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What :func:`evaluate` computes and how (its keyword options; a sweep's ``evaluation:`` mapping).
 
-
-def _describe(path, images, feats, stats_source, dinov2=None):
-    out = {
-        "path": os.path.abspath(path),
-        "bytes": os.path.getsize(path),
-        "num_images": images.num_images,
-        "image_shape": list(images.shape[1:]),
-        "sha256": (feats or {}).get("sha256") or (dinov2 or {}).get("sha256"),
-        "statistics_from": stats_source,
-        "features_from_cache": bool((feats or {}).get("from_cache")),
-    }
-    if dinov2 is not None:
-        out["dinov2_statistics_from_cache"] = bool(dinov2.get("from_cache"))
-    return out
-
-
-def evaluate(ref_path, sample_path, *, batch_size=64, device=None, inception_weights=None,
-             allow_random_weights=False, cache_dir=_DEFAULT, cache_samples=False, extractor=None,
-             split_size=5000, k=3, progress=True, json_path=None, dist=None, feature_net=None,
-             feature_extractor=DEMO_EXTRACTOR, metrics=None, pr_precision="float16", dinov2_weights=None,
-             dinov2_extractor=None, min_samples=MIN_SAMPLES):
-    """Evaluate ``sample_path`` against ``ref_path`` (both npz image batches). Returns the result dict (the
-    ``--json`` content): ``inception_score``, ``fid``, ``sfid``, ``precision``, ``recall`` and provenance. Under
-    several processes, only rank 0 gets it (others None).
-
-    :param cache_dir: features/statistics cache; default ``~/.cache/pag_adm/eval``; None disables it. The
-        reference batch is always cached there, the samples only with ``cache_samples``.
-    :param extractor: an ``InceptionFeatures`` to reuse (then ``device``/``inception_weights`` are ignored).
+    :param metrics: names among ``fid, sfid, is, pr, fd_dinov2`` (list or comma-separated string); default ``fid,
+        sfid, is, pr``. The result holds only these (``is``: ``inception_score``, ``pr``: ``precision`` and
+        ``recall``); each network runs only when a metric needs it.
+    :param cache_dir: features/statistics cache (default ``~/.cache/pag_adm/eval``; None: none). The reference
+        batch is always cached there, the samples only with ``cache_samples``.
     :param feature_net: a custom feature network's checkpoint to use instead of Inception, loaded by
-        ``feature_extractor`` (``"module:Class"``; default: the CPU demo's, ``demo/features.py``, whose numbers
-        are marked ``DEMO-FEATURES``).
-    :param json_path: also write the result there, atomically (temp file, then rename).
-    :param metrics: names among ``fid, sfid, is, pr, fd_dinov2`` (list or comma-separated string); default
-        ``fid, sfid, is, pr``. The result holds only the requested metrics (``is``: ``inception_score``, ``pr``:
-        ``precision`` and ``recall``); Inception runs only for the first four.
-    :param pr_precision: ``"float16"`` (default: upstream's float16 distance blocks with per-block float32
-        fallback) or ``"float32"`` (float32 throughout); see ``evaluations.metrics.precision_recall``. Recorded
-        in the result as ``pr_precision``.
-    :param dinov2_weights: the DINOv2 ViT-L/14 checkpoint for ``fd_dinov2`` (default: torch hub's cache, see
-        ``evaluations/dinov2.py``); ``allow_random_weights`` applies to it too.
-    :param dinov2_extractor: a ``DINOv2Features`` to reuse (then ``dinov2_weights`` is ignored).
-    :param min_samples: batches with fewer images are refused (``MIN_SAMPLES``, 100; 0 scores any size), unless
-        the networks have random weights. A reference and samples of other image sizes are scored with a warning
-        (the result's ``input_warnings``).
+        ``feature_extractor`` (``"module:Class"``; default: the CPU demo's, ``demo/features.py``, whose numbers are
+        marked ``DEMO-FEATURES``).
+    :param pr_precision: ``"float16"`` (upstream's float16 distance blocks with per-block float32 fallback) or
+        ``"float32"`` (float32 throughout); see ``evaluations.metrics.precision_recall``.
+    :param inception_weights, dinov2_weights: the networks' checkpoints (default: torch hub's cache);
+        ``allow_random_weights`` uses random networks where they are missing (numbers marked RANDOM-WEIGHTS).
+    :param min_samples: batches with fewer images are refused (0 scores any size), unless every network has random
+        weights.
     """
-    metrics = parse_metrics(metrics)
-    if pr_precision not in PR_PRECISIONS:
-        raise ValueError(f"pr_precision must be one of {', '.join(PR_PRECISIONS)}, got {pr_precision!r}")
-    use_inception = any(m in INCEPTION_METRICS for m in metrics)
-    use_dinov2 = "fd_dinov2" in metrics
-    if cache_dir is _DEFAULT:
-        cache_dir = default_cache_dir()
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    # Validate both inputs before any expensive work.
-    ref_images = NpzImages(ref_path)
-    sample_images = NpzImages(sample_path)
-    if use_inception:
-        read_npz_statistics(ref_path)
-        read_npz_statistics(sample_path)
-    for images in (ref_images, sample_images):
-        if "pr" in metrics and images.num_images <= k:
-            raise ValueError(f"{images.path}: precision/recall with k = {k} need more than {k} images, "
-                             f"got {images.num_images}")
-        if use_dinov2 and images.num_images < 2:
-            raise ValueError(f"{images.path}: FD_DINOv2 needs at least 2 images, got {images.num_images}")
-    input_warnings = []
-    if tuple(ref_images.shape[1:3]) != tuple(sample_images.shape[1:3]):
-        input_warnings.append(
-            f"the reference images are {ref_images.shape[1]}x{ref_images.shape[2]}, the samples "
-            f"{sample_images.shape[1]}x{sample_images.shape[2]}: both are resized for the network, but scores across "
-            "resolutions are not the published protocol (use a reference batch of the samples' resolution)")
-    for text in input_warnings:
-        warnings.warn(text, UserWarning, stacklevel=2)
 
+    metrics: tuple = None
+    batch_size: int = 64
+    device: str = None
+    cache_dir: str = field(default_factory=default_cache_dir)
+    cache_samples: bool = False
+    progress: bool = True
+    inception_weights: str = None
+    dinov2_weights: str = None
+    allow_random_weights: bool = False
+    feature_net: str = None
+    feature_extractor: str = DEMO_EXTRACTOR
+    pr_precision: str = "float16"
+    split_size: int = 5000
+    k: int = 3
+    min_samples: int = MIN_SAMPLES
+
+    def __post_init__(self):
+        object.__setattr__(self, "metrics", parse_metrics(self.metrics))
+        if self.pr_precision not in PR_PRECISIONS:
+            raise ValueError(f"pr_precision must be one of {', '.join(PR_PRECISIONS)}, got {self.pr_precision!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+    def wants(self, network):
+        """Whether a requested metric needs ``network`` ("inception", "dinov2")."""
+        return any(m.network == network for m in METRIC_TABLE if m.option in self.metrics)
+
+
+EVALUATION_OPTIONS = tuple(EvaluationSettings.__dataclass_fields__)  # evaluate()'s keyword options
+
+
+def evaluate(ref_path, sample_path, *, json_path=None, dist=None, extractor=None, dinov2_extractor=None,
+             **options):
+    """Evaluate ``sample_path`` against ``ref_path`` (both npz image batches); ``options`` are
+    :class:`EvaluationSettings`. Returns the result dict (the ``--json`` content: the requested metrics among
+    ``inception_score``, ``fid``, ``sfid``, ``precision``, ``recall``, ``fd_dinov2``, and provenance); under
+    several processes only rank 0 gets it (others None). Both files are read and checked before any work; then
+    each is streamed once, through every network it needs.
+
+    :param json_path: also write the result there (:func:`write_result`).
+    :param extractor, dinov2_extractor: networks to reuse (an ``InceptionFeatures`` or custom extractor, a
+        ``DINOv2Features``) instead of building them from the settings.
+    """
+    s = EvaluationSettings(**options)
+    batches = {"ref": _open_batch(ref_path, s), "sample": _open_batch(sample_path, s)}
+    input_warnings = _input_warnings(batches["ref"][0], batches["sample"][0])
     dist = dist or detect_distributed()
-    if device is None and dist.world_size > 1 and torch.cuda.is_available():
-        local = local_rank_from_env()  # one GPU per process on a node: the launcher's local rank, as the sampler's
-        device = f"cuda:{(dist.rank if local is None else local) % torch.cuda.device_count()}"
-    if not use_inception:
-        extractor = None
-    elif extractor is None and feature_net is not None:
-        extractor = load_extractor(feature_extractor, feature_net, device=device)
-    elif extractor is None:
-        extractor = InceptionFeatures(weights_path=inception_weights, allow_random_weights=allow_random_weights,
-                                      device=device)
-    if not use_dinov2:
-        dinov2_extractor = None
-    elif dinov2_extractor is None:
-        from evaluations.dinov2 import DINOv2Features
-
-        dinov2_extractor = DINOv2Features(weights_path=dinov2_weights, allow_random_weights=allow_random_weights,
-                                          device=device)
-    if min_samples and not all(getattr(ex, "random_weights", False)
-                               for ex in (extractor, dinov2_extractor) if ex is not None):
-        for images in (ref_images, sample_images):
-            if images.num_images < min_samples:
-                raise ValueError(
-                    f"{images.path} holds {images.num_images} images, fewer than the minimum of {min_samples}: with so "
-                    "few the scores are estimation error (published numbers use 50,000 samples); evaluate more, or "
-                    f"pass --min-samples {images.num_images} (min_samples={images.num_images}) to score them anyway")
+    nets = _networks(s, _device(s.device, dist), extractor, dinov2_extractor)
+    _check_sizes(s, nets, [images for images, _ in batches.values()])
     started = time.time()
-    ref = sample = ref_dino = sample_dino = None
-    if extractor is not None:
-        ref = batch_features(ref_path, extractor, batch_size, cache_dir, progress, dist, desc="reference")
-        sample = batch_features(sample_path, extractor, batch_size, cache_dir if cache_samples else None, progress,
-                                dist, desc="samples")
-    if dinov2_extractor is not None:
-        from evaluations.dinov2 import dinov2_statistics
-
-        ref_dino = dinov2_statistics(ref_path, dinov2_extractor, batch_size, cache_dir, progress, dist,
-                                     desc="reference")
-        sample_dino = dinov2_statistics(sample_path, dinov2_extractor, batch_size,
-                                        cache_dir if cache_samples else None, progress, dist, desc="samples")
+    uses = [FeatureUse.inception(net) if name == "inception" else FeatureUse(net) for name, net in nets.items()]
+    feats = {}
+    for name, (images, _) in batches.items():
+        out = image_features(images, uses, s.batch_size, s.cache_dir if name == "ref" or s.cache_samples else None,
+                             s.progress, dist, desc="reference" if name == "ref" else "samples")
+        feats[name] = out and dict(zip(nets, out))
     if dist.rank != 0:
         return None
-
-    result, marks, settings = {}, {}, {}
-    ref_source = sample_source = None
-    inception_mark = extractor.marker if extractor is not None else None
-    if "fid" in metrics or "sfid" in metrics:
-        ref_stats, ref_source = image_batch_statistics(ref_path, ref)
-        sample_stats, sample_source = image_batch_statistics(sample_path, sample)
-    if "is" in metrics:
-        result["inception_score"] = inception_score(sample["logits"], split_size=split_size)
-    if "fid" in metrics:
-        result["fid"] = frechet_distance(sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"],
-                                         ref_stats["sigma"])
-    if "sfid" in metrics:
-        result["sfid"] = frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"], ref_stats["mu_s"],
-                                          ref_stats["sigma_s"])
-    if "pr" in metrics:
-        blocks = []
-        result["precision"], result["recall"] = precision_recall(ref["pool"], sample["pool"], k=k,
-                                                                 device=extractor.device, pr_precision=pr_precision,
-                                                                 block_log=blocks)
-        settings["pr_blocks"] = {p: sum(b[3] == p for b in blocks) for p in PR_PRECISIONS}
-    for key in result:
-        marks[key] = inception_mark
-    if dinov2_extractor is not None:
-        result["fd_dinov2"] = frechet_distance(sample_dino["mu"], sample_dino["sigma"], ref_dino["mu"],
-                                               ref_dino["sigma"])
-        marks["fd_dinov2"] = dinov2_extractor.marker
-    random_nets = [name for name, ex in (("Inception", extractor), ("DINOv2", dinov2_extractor))
-                   if ex is not None and ex.random_weights]
-    if "pr" in metrics:
-        result["pr_precision"] = pr_precision
-    result.update({
-        "format": RESULT_FORMAT,
-        "metrics": list(metrics),
-        "random_weights": bool(random_nets),
-        # The row's mark (tables): the Inception extractor's, else RANDOM-WEIGHTS when DINOv2's weights are.
-        "marker": inception_mark or (RANDOM_WEIGHTS_MARK if random_nets else None),
-        "marks": marks,  # per metric: the mark printed beside it
-        "ref": _describe(ref_path, ref_images, ref, ref_source, ref_dino),
-        "sample": _describe(sample_path, sample_images, sample, sample_source, sample_dino),
-        "extractor": extractor.id if extractor is not None else None,
-        "inception_weights": extractor.weights_path if extractor is not None else None,
-        "settings": dict({"batch_size": batch_size, "split_size": split_size, "k": k,
-                          "device": str((extractor if extractor is not None else dinov2_extractor).device),
-                          "processes": dist.world_size}, **settings),
-        "versions": _versions(use_dinov2),
-        "seconds": round(time.time() - started, 3),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
-    if dinov2_extractor is not None:
-        result["dinov2"] = {"extractor": dinov2_extractor.id, "model": dinov2_extractor.model_name,
-                            "weights": dinov2_extractor.weights_path,
-                            "random_weights": dinov2_extractor.random_weights, "marker": dinov2_extractor.marker}
+    result, details = _scores(s, nets, batches, feats)
+    result.update(_provenance(s, nets, batches, feats, details, dist, started))
     if input_warnings:
         result["input_warnings"] = input_warnings
-    if random_nets:
-        result["warning"] = (f"{RANDOM_WEIGHTS_MARK}: computed with a randomly initialised "
-                             f"{' and '.join(random_nets)} network; the numbers marked so mean nothing and must not "
-                             "be compared with anything")
     if json_path:
-        write_json(json_path, result)
+        write_result(json_path, result)
     return result
+
+
+def _open_batch(path, s):
+    """An npz's images (header read and checked) and its stored FID statistics (None without), each read once."""
+    images = NpzImages(path)
+    if "pr" in s.metrics and images.num_images <= s.k:
+        raise ValueError(f"{images.path}: precision/recall with k = {s.k} need more than {s.k} images, "
+                         f"got {images.num_images}")
+    if "fd_dinov2" in s.metrics and images.num_images < 2:
+        raise ValueError(f"{images.path}: FD_DINOv2 needs at least 2 images, got {images.num_images}")
+    return images, (read_npz_statistics(path) if s.wants("inception") else None)
+
+
+def _input_warnings(ref, sample):
+    if tuple(ref.shape[1:3]) == tuple(sample.shape[1:3]):
+        return []
+    text = (f"the reference images are {ref.shape[1]}x{ref.shape[2]}, the samples {sample.shape[1]}x"
+            f"{sample.shape[2]}: both are resized for the network, but scores across resolutions are not the "
+            "published protocol (use a reference batch of the samples' resolution)")
+    warnings.warn(text, UserWarning, stacklevel=3)
+    return [text]
+
+
+def _device(device, dist):
+    """Under several processes on GPUs, one GPU per process on a node: the launcher's local rank (as the sampler)."""
+    if device is None and dist.world_size > 1 and torch.cuda.is_available():
+        local = local_rank_from_env()
+        return f"cuda:{(dist.rank if local is None else local) % torch.cuda.device_count()}"
+    return device
+
+
+def _networks(s, device, extractor, dinov2_extractor):
+    """``{"inception": ..., "dinov2": ...}``: the networks the metrics need, given or built from the settings."""
+    nets = {}
+    if s.wants("inception"):
+        nets["inception"] = extractor or (
+            load_extractor(s.feature_extractor, s.feature_net, device=device) if s.feature_net is not None else
+            InceptionFeatures(weights_path=s.inception_weights, allow_random_weights=s.allow_random_weights,
+                              device=device))
+    if s.wants("dinov2"):
+        from evaluations.dinov2 import DINOv2Features
+
+        nets["dinov2"] = dinov2_extractor or DINOv2Features(
+            weights_path=s.dinov2_weights, allow_random_weights=s.allow_random_weights, device=device)
+    return nets
+
+
+def _check_sizes(s, nets, batches):
+    if not s.min_samples or all(getattr(net, "random_weights", False) for net in nets.values()):
+        return
+    for images in batches:
+        if images.num_images < s.min_samples:
+            raise ValueError(
+                f"{images.path} holds {images.num_images} images, fewer than the minimum of {s.min_samples}: with so "
+                "few the scores are estimation error (published numbers use 50,000 samples); evaluate more, or "
+                f"pass --min-samples {images.num_images} (min_samples={images.num_images}) to score them anyway")
+
+
+def _scores(s, nets, batches, feats):
+    """The requested metrics, each with the mark of the network that computed it; and how they were computed:
+    ``(result, details)``, details holding each batch's ``statistics_from`` and the precision/recall blocks."""
+    result, details = {}, {}
+    if "inception" in nets:
+        ref, sample = feats["ref"]["inception"], feats["sample"]["inception"]
+        if "fid" in s.metrics or "sfid" in s.metrics:
+            (ref_stats, details["ref"]), (sample_stats, details["sample"]) = (
+                fid_statistics(batches[name][1], feats[name]["inception"], batches[name][0].path)
+                for name in ("ref", "sample"))
+        for key, suffix in (("fid", ""), ("sfid", "_s")):
+            if key in s.metrics:
+                result[key] = frechet_distance(sample_stats["mu" + suffix], sample_stats["sigma" + suffix],
+                                               ref_stats["mu" + suffix], ref_stats["sigma" + suffix])
+        if "is" in s.metrics:
+            result["inception_score"] = inception_score(sample["logits"], split_size=s.split_size)
+        if "pr" in s.metrics:
+            blocks = []
+            result["precision"], result["recall"] = precision_recall(
+                ref["pool"], sample["pool"], k=s.k, device=nets["inception"].device, pr_precision=s.pr_precision,
+                block_log=blocks)
+            details["pr_blocks"] = {p: sum(b[3] == p for b in blocks) for p in PR_PRECISIONS}
+    if "dinov2" in nets:
+        ref, sample = feats["ref"]["dinov2"], feats["sample"]["dinov2"]
+        result["fd_dinov2"] = frechet_distance(sample["mu"], sample["sigma"], ref["mu"], ref["sigma"])
+    result["marks"] = {key: nets[METRICS_BY_KEY[key].network].marker for key in result}  # the mark beside each
+    if "pr" in s.metrics:
+        result["pr_precision"] = s.pr_precision
+    return result, details
+
+
+def _provenance(s, nets, batches, feats, details, dist, started):
+    """Everything of a result beside the metrics: inputs, networks, settings, versions, marks."""
+    inception, dinov2 = nets.get("inception"), nets.get("dinov2")
+    random_nets = [name for name, net in (("Inception", inception), ("DINOv2", dinov2))
+                   if net is not None and net.random_weights]
+    out = {
+        "format": RESULT_FORMAT,
+        "metrics": list(s.metrics),
+        "random_weights": bool(random_nets),
+        # The row's mark (tables): the Inception extractor's, else RANDOM-WEIGHTS when DINOv2's weights are.
+        "marker": (inception.marker if inception is not None else None) or (
+            RANDOM_WEIGHTS_MARK if random_nets else None),
+        "extractor": inception.id if inception is not None else None,
+        "inception_weights": inception.weights_path if inception is not None else None,
+        "settings": dict({"batch_size": s.batch_size, "split_size": s.split_size, "k": s.k,
+                          "device": str(next(iter(nets.values())).device), "processes": dist.world_size},
+                         **({"pr_blocks": details["pr_blocks"]} if "pr_blocks" in details else {})),
+        "versions": _versions(dinov2 is not None),
+        "seconds": round(time.time() - started, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    for name, (images, _) in batches.items():
+        got = feats[name]
+        out[name] = {"path": os.path.abspath(images.path), "bytes": os.path.getsize(images.path),
+                     "num_images": images.num_images, "image_shape": list(images.shape[1:]),
+                     "sha256": next(iter(got.values()))["sha256"], "statistics_from": details.get(name),
+                     "features_from_cache": bool(got.get("inception", {}).get("from_cache"))}
+        if dinov2 is not None:
+            out[name]["dinov2_statistics_from_cache"] = bool(got["dinov2"]["from_cache"])
+    if dinov2 is not None:
+        out["dinov2"] = {"extractor": dinov2.id, "model": dinov2.model_name, "weights": dinov2.weights_path,
+                         "random_weights": dinov2.random_weights, "marker": dinov2.marker}
+    if random_nets:
+        out["warning"] = (f"{RANDOM_WEIGHTS_MARK}: computed with a randomly initialised {' and '.join(random_nets)} "
+                          "network; the numbers marked so mean nothing and must not be compared with anything")
+    return out
 
 
 def _versions(dinov2=False):
@@ -282,9 +297,11 @@ def _versions(dinov2=False):
     return out
 
 
-def write_json(path, result):
-    """Atomic: a temp file in the same directory, renamed over ``path``."""
-    atomic_write_text(path, json.dumps(result, indent=2, sort_keys=False) + "\n")
+def write_result(path, result):
+    """The one writer of evaluation results (``--json``, ``evaluate(json_path=)``, a sweep cell's ``eval.json``):
+    indented JSON, keys sorted, numpy numbers as floats; atomic (a temp file in the same directory, renamed over
+    ``path``: a symbolic link there is replaced, never written through)."""
+    atomic_write_text(path, json.dumps(result, indent=2, sort_keys=True, default=float) + "\n")
 
 
 def result_marker(result):
@@ -303,7 +320,7 @@ def format_lines(result):
         if key not in result:
             continue
         marker = marks.get(key) if isinstance(marks, dict) else result_marker(result)
-        lines.append(f"{METRIC_LABELS[key]}: {float(result[key])!r}" + (f"  [{marker}]" if marker else ""))
+        lines.append(f"{METRICS_BY_KEY[key].label}: {float(result[key])!r}" + (f"  [{marker}]" if marker else ""))
     return lines
 
 
@@ -347,13 +364,12 @@ def main(argv=None):
     dist = detect_distributed()
     try:
         result = evaluate(
-            args.ref_batch, args.sample_batch, batch_size=args.batch_size, device=args.device,
-            inception_weights=args.inception_weights, allow_random_weights=args.allow_random_weights,
-            cache_dir=None if args.no_cache else args.cache_dir, cache_samples=args.cache_samples,
-            progress=not args.no_progress, json_path=args.json, feature_net=args.feature_net,
+            args.ref_batch, args.sample_batch, json_path=args.json, dist=dist, batch_size=args.batch_size,
+            device=args.device, inception_weights=args.inception_weights,
+            allow_random_weights=args.allow_random_weights, cache_dir=None if args.no_cache else args.cache_dir,
+            cache_samples=args.cache_samples, progress=not args.no_progress, feature_net=args.feature_net,
             feature_extractor=args.feature_extractor, metrics=args.metrics, pr_precision=args.pr_precision,
-            dinov2_weights=args.dinov2_weights, min_samples=args.min_samples, dist=dist,
-        )
+            dinov2_weights=args.dinov2_weights, min_samples=args.min_samples)
     except (MissingInceptionWeights, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

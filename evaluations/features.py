@@ -25,7 +25,6 @@ from adm_common.files import file_sha256
 from adm_common.npz import check_image_batch
 
 POOL_DIM = 2048
-LOGITS_DIM = 1008
 SPATIAL_CHANNELS = 7
 SPATIAL_SIZE = 17
 SPATIAL_DIM = SPATIAL_SIZE * SPATIAL_SIZE * SPATIAL_CHANNELS  # 2023

@@ -20,10 +20,58 @@
 
 import contextlib
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy import linalg
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric's names: ``key`` in results, ``option`` that selects it (``--metrics``, ``evaluate(metrics=)``),
+    ``label`` of its printed line, ``header`` of its table column, ``fmt`` of its table cells, the ``network`` it
+    needs, and ``aliases``: spellings of published anchors besides its key, label and header (letters only, lower
+    case)."""
+
+    key: str
+    option: str
+    label: str
+    header: str
+    fmt: str
+    network: str
+    aliases: tuple = ()
+
+
+# The one table of metric names, in the column order of published tables.
+METRIC_TABLE = (
+    Metric("fid", "fid", "FID", "FID", "{:.2f}", "inception"),
+    Metric("sfid", "sfid", "sFID", "sFID", "{:.2f}", "inception"),
+    Metric("inception_score", "is", "Inception Score", "IS", "{:.2f}", "inception"),
+    Metric("precision", "pr", "Precision", "Precision", "{:.3f}", "inception", ("prec",)),
+    Metric("recall", "pr", "Recall", "Recall", "{:.3f}", "inception", ("rec",)),
+    Metric("fd_dinov2", "fd_dinov2", "FD_DINOv2", "FD_DINOv2", "{:.2f}", "dinov2"),
+)
+METRICS_BY_KEY = {m.key: m for m in METRIC_TABLE}
+# Upstream's five printed lines, in its order (FD_DINOv2's line follows them).
+METRIC_KEYS = ("inception_score", "fid", "sfid", "precision", "recall")
+METRICS = tuple(dict.fromkeys(m.option for m in METRIC_TABLE))  # --metrics names: fid, sfid, is, pr, fd_dinov2
+DEFAULT_METRICS = tuple(o for o in METRICS if o != "fd_dinov2")  # upstream's five lines
+
+
+def parse_metrics(metrics=None):
+    """``metrics`` (None, a comma-separated string or a list of names among ``METRICS``) -> a tuple in
+    ``METRICS`` order; None -> ``DEFAULT_METRICS``."""
+    if metrics is None:
+        return DEFAULT_METRICS
+    names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
+    names = [str(n).strip().lower() for n in names if str(n).strip()]
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown)}: choose among {','.join(METRICS)}")
+    if not names:
+        raise ValueError(f"no metric selected: choose among {','.join(METRICS)}")
+    return tuple(m for m in METRICS if m in names)
 
 
 class EvaluationWarning(UserWarning):

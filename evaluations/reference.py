@@ -1,4 +1,5 @@
-"""Reading image batches (npz), computing their features and statistics, and caching them.
+"""Reading image batches (npz), computing their features and statistics in one pass for all networks, and
+caching them.
 
 An image batch is an ``.npz`` whose ``arr_0`` is uint8 N x H x W x 3 (what ``scripts/image_sample.py`` and the
 ADM reference batches hold). ``arr_0`` is streamed from the zip member in batches, so a 50k x 256 x 256 x 3
@@ -11,15 +12,17 @@ extractor's id (which hashes the Inception weights) and its numerics (device typ
 back on a CPU or the other way round. Every extractor runs in full float32 (``features.full_float32``: TF32 off).
 """
 
+import hashlib
 import io
 import json
 import os
 import time
 import zipfile
+from dataclasses import dataclass
 
 import numpy as np
 
-from adm_common.files import atomic_write_bytes, atomic_write_text, file_sha256
+from adm_common.files import HashMemo, atomic_write_bytes
 from adm_common.launch import detect_launch
 from adm_common.npz import NpzImages
 from evaluations.features import POOL_DIM, SPATIAL_DIM, feature_numerics, full_float32
@@ -158,7 +161,7 @@ def detect_distributed():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# features and statistics
+# features and statistics: one pass over an image batch for every network
 
 
 def batch_statistics(features):
@@ -169,69 +172,73 @@ def batch_statistics(features):
     return np.mean(features, axis=0, dtype=np.float64), np.cov(features, rowvar=False)
 
 
-def extract_features(images, extractor, batch_size=64, progress=False, dist=None, desc=None, keys=FEATURE_KEYS):
-    """Run ``extractor`` over an ``NpzImages`` (or an npz path). With ``dist`` (or a detected torch.distributed /
-    MPI world of several processes), each rank extracts a contiguous slice and rank 0 receives the whole result;
-    other ranks get None. Returns ``{key: float32 array}`` in file order for each of ``keys`` the extractor returns
-    (Inception: ``pool``, ``logits``, ``spatial``); ``keys=None`` for an extractor returning one array. Every
-    extractor (Inception, DINOv2, a custom network) runs inside ``full_float32()``: float32 without TF32."""
-    if not isinstance(images, NpzImages):
-        images = NpzImages(images)
+@dataclass(frozen=True)
+class FeatureUse:
+    """One feature network of a pass and what is kept of its outputs: ``keep``, whole (Inception's pool for
+    precision/recall, its logits for IS), and the mean and covariance of each output of ``statistics``
+    (``(output, suffix)`` -> ``mu<suffix>``, ``sigma<suffix>``). An extractor returning one array (DINOv2) has one
+    output, ``features``; one returning a dict (Inception, a ``--feature-net``) names its outputs."""
+
+    extractor: object
+    keep: tuple = ()
+    statistics: tuple = (("features", ""),)
+
+    @classmethod
+    def inception(cls, extractor):
+        """Inception's outputs (also a custom network's, which has the same): pool and logits kept, statistics of
+        pool (``mu``, ``sigma``: FID) and spatial (``mu_s``, ``sigma_s``: sFID)."""
+        return cls(extractor, ("pool", "logits"), (("pool", ""), ("spatial", "_s")))
+
+    @property
+    def stored(self):
+        """The names a cache entry holds."""
+        return self.keep + tuple(f"{m}{suffix}" for _, suffix in self.statistics for m in ("mu", "sigma"))
+
+
+def _outputs(out):
+    return out if isinstance(out, dict) else {"features": out}
+
+
+def extract_all(images, extractors, batch_size=64, progress=False, dist=None, desc=None):
+    """Run every extractor over the images of an ``NpzImages`` in one pass over the file, each process (``dist``, or
+    the detected torch.distributed / MPI world) a contiguous slice. Rank 0 gets, per extractor, ``{output: float32
+    array}`` in file order; other ranks None. Every extractor runs inside ``full_float32()``: float32, no TF32."""
     dist = dist or detect_distributed()
     start, stop = shard_bounds(images.num_images, dist.rank, dist.world_size)
-    names = keys if keys is not None else ("features",)
-    parts = {k: [] for k in names}
+    parts = [{} for _ in extractors]
     batches = images.iter_batches(batch_size, start, stop)
     if progress and dist.rank == 0:
         from tqdm.auto import tqdm
 
-        n_batches = -(-(stop - start) // batch_size)
-        batches = tqdm(batches, total=n_batches, desc=desc or os.path.basename(images.path), unit="batch")
+        batches = tqdm(batches, total=-(-(stop - start) // batch_size), unit="batch",
+                       desc=desc or os.path.basename(images.path))
     for batch in batches:
-        with full_float32():
-            out = extractor(batch)
-        for k in names:
-            parts[k].append(out if keys is None else out[k])
-    local = {k: (np.concatenate(v, axis=0) if v else None) for k, v in parts.items()}
-    gathered = dist.gather(local)
-    if gathered is None:
+        for extractor, part in zip(extractors, parts):
+            with full_float32():
+                out = _outputs(extractor(batch))
+            for key, value in out.items():
+                part.setdefault(key, []).append(value)
+    out = []
+    for part in parts:  # one gather per network: rank 0 receives every rank's slice of its outputs
+        gathered = dist.gather({k: np.concatenate(v, axis=0) for k, v in part.items()})
+        if gathered is not None:
+            out.append({k: np.concatenate([g[k] for g in gathered if k in g], axis=0) for k in gathered[0]})
+    return out if dist.rank == 0 else None
+
+
+def extract_features(images, extractor, batch_size=64, progress=False, dist=None, desc=None, keys=FEATURE_KEYS):
+    """One extractor's :func:`extract_all` over an ``NpzImages`` (or an npz path): ``{key: array}`` for each of
+    ``keys``, or with ``keys=None`` the one array of an extractor returning one (rank 0; other ranks None)."""
+    images = images if isinstance(images, NpzImages) else NpzImages(images)
+    out = extract_all(images, [extractor], batch_size, progress, dist, desc)
+    if out is None:
         return None
-    result = {k: np.concatenate([g[k] for g in gathered if g[k] is not None], axis=0) for k in names}
-    return result if keys is not None else result["features"]
-
-
-class HashMemo:
-    """sha256 of files, remembered by (real path, size, mtime, inode, ctime) in ``<cache_dir>/hashes.json``: a
-    file replaced or rewritten keeps neither its inode nor its ctime, even when its size and mtime were kept, so
-    its content is hashed again (cache entries are then named by the new content hash)."""
-
-    def __init__(self, cache_dir):
-        self.path = os.path.join(cache_dir, "hashes.json") if cache_dir else None
-
-    def _load(self):
-        try:
-            with open(self.path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {}
-
-    def sha256(self, file_path):
-        st = os.stat(file_path)
-        key = f"{os.path.realpath(file_path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
-        memo = self._load() if self.path else {}
-        if key in memo:
-            return memo[key]
-        digest = file_sha256(file_path)
-        if self.path:
-            memo = self._load()
-            memo[key] = digest
-            atomic_write_text(self.path, json.dumps(memo, indent=0, sort_keys=True))
-        return digest
+    return out[0]["features"] if keys is None else {k: out[0][k] for k in keys}
 
 
 class FeatureCache:
-    """npz files ``<cache_dir>/<file sha256>-<hash of extractor id and numerics>.npz`` holding pool, logits, mu,
-    sigma, mu_s, sigma_s of one image batch. ``cache_dir=None`` disables caching."""
+    """npz files ``<cache_dir>/<file sha256>-<hash of extractor id and numerics>.npz`` holding what a
+    :class:`FeatureUse` keeps of one image batch. ``cache_dir=None`` disables caching."""
 
     def __init__(self, cache_dir):
         self.cache_dir = os.path.expanduser(cache_dir) if cache_dir else None
@@ -240,17 +247,20 @@ class FeatureCache:
     def entry_path(self, file_sha, extractor_id, numerics):
         """The entry of an image batch (``file_sha``) through an extractor (``extractor_id``, weights included)
         computed with ``numerics`` (``features.feature_numerics``: ``"cuda/float32"``, ``"cpu/float32"``, ...)."""
-        import hashlib
-
         ext = hashlib.sha256(f"{extractor_id}|{numerics}|format{CACHE_FORMAT}".encode()).hexdigest()[:16]
         return os.path.join(self.cache_dir, f"{file_sha}-{ext}.npz")
 
-    def load(self, entry):
+    def load(self, entry, names, images):
+        """The arrays ``names`` of ``entry``, or None when it is missing or unreadable (then extracted again)."""
         try:
             with np.load(entry, allow_pickle=False) as obj:
-                return {k: obj[k] for k in ("pool", "logits") + STAT_KEYS}
+                data = {k: obj[k] for k in names}
+                count = int(obj["num_images"]) if "num_images" in obj.files else len(obj["pool"])
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             return None
+        if count != images.num_images:
+            raise ValueError(f"cache entry {entry} does not match {images.path}: remove it")
+        return data
 
     def save(self, entry, data, meta):
         buf = io.BytesIO()
@@ -258,59 +268,62 @@ class FeatureCache:
         atomic_write_bytes(entry, buf.getvalue())
 
 
-def batch_features(path, extractor, batch_size=64, cache_dir=None, progress=False, dist=None, desc=None):
-    """Features of an image batch, from the cache when there, else extracted (and cached).
+def image_features(images, uses, batch_size=64, cache_dir=None, progress=False, dist=None, desc=None):
+    """What each :class:`FeatureUse` keeps of an image batch (an ``NpzImages``), from the cache where it has an
+    entry, else extracted: every network without one in a single pass over the file (and cached).
 
-    Returns ``{"pool", "logits", "mu", "sigma", "mu_s", "sigma_s", "num_images", "image_shape", "sha256",
-    "from_cache"}`` on rank 0 (None on other ranks). The statistics here are always those of the images;
-    ``image_batch_statistics`` prefers the ones stored in the npz.
-    """
-    images = NpzImages(path)
+    Returns on rank 0, per use, its kept outputs, ``mu``, ``sigma`` (and ``mu_s``, ``sigma_s``...; None below 2
+    images), ``num_images``, ``image_shape``, ``sha256`` (with a cache) and ``from_cache``; None on other ranks.
+    The statistics are those of the images; :func:`fid_statistics` prefers the ones stored in the npz."""
     dist = dist or detect_distributed()
     cache = FeatureCache(cache_dir)
-    entry = None
-    if cache.cache_dir:
-        if dist.rank == 0:
-            digest = cache.hashes.sha256(images.path)
-            entry = cache.entry_path(digest, extractor.id, feature_numerics(extractor))
-            hit = cache.load(entry) if os.path.exists(entry) else None
-        else:
-            digest, hit = None, None
-        hit_flag = dist.bcast(hit is not None)
-        if hit_flag:
-            if dist.rank != 0:
-                return None
-            hit.update(num_images=images.num_images, image_shape=list(images.shape[1:]), sha256=digest,
-                       from_cache=True)
-            if hit["pool"].shape[0] != images.num_images:
-                raise ValueError(f"cache entry {entry} does not match {images.path}: remove it")
-            return hit
-    else:
-        digest = None
-    feats = extract_features(images, extractor, batch_size=batch_size, progress=progress, dist=dist, desc=desc)
-    if feats is None:
+    digest, entries, found = None, [None] * len(uses), [None] * len(uses)
+    if cache.cache_dir and dist.rank == 0:
+        digest = cache.hashes.sha256(images.path)
+        entries = [cache.entry_path(digest, u.extractor.id, feature_numerics(u.extractor)) for u in uses]
+        found = [cache.load(e, u.stored, images) if os.path.exists(e) else None for e, u in zip(entries, uses)]
+    missing = dist.bcast([f is None for f in found]) if cache.cache_dir else [True] * len(uses)
+    todo = [i for i, m in enumerate(missing) if m]
+    extracted = extract_all(images, [uses[i].extractor for i in todo], batch_size, progress, dist, desc) if todo \
+        else []
+    if dist.rank != 0:
         return None
-    mu, sigma = batch_statistics(feats["pool"]) if images.num_images > 1 else (None, None)
-    mu_s, sigma_s = batch_statistics(feats["spatial"]) if images.num_images > 1 else (None, None)
-    out = {"pool": feats["pool"], "logits": feats["logits"], "mu": mu, "sigma": sigma, "mu_s": mu_s,
-           "sigma_s": sigma_s}
-    if cache.cache_dir and mu is not None:
-        meta = {"source": os.path.realpath(images.path), "sha256": digest, "extractor": extractor.id,
-                "numerics": feature_numerics(extractor), "num_images": images.num_images,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        cache.save(entry, out, meta)
-    out.update(num_images=images.num_images, image_shape=list(images.shape[1:]), sha256=digest, from_cache=False)
-    return out
+    n = images.num_images
+    for i, outputs in zip(todo, extracted):
+        found[i] = {k: outputs[k] for k in uses[i].keep}
+        for output, suffix in uses[i].statistics:
+            found[i]["mu" + suffix], found[i]["sigma" + suffix] = \
+                batch_statistics(outputs[output]) if n > 1 else (None, None)
+        if cache.cache_dir and n > 1:
+            meta = {"source": os.path.realpath(images.path), "sha256": digest, "extractor": uses[i].extractor.id,
+                    "numerics": feature_numerics(uses[i].extractor), "num_images": n,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            cache.save(entries[i], dict(found[i], num_images=np.array(n)), meta)
+    return [dict(f, num_images=n, image_shape=list(images.shape[1:]), sha256=digest, from_cache=i not in todo)
+            for i, f in enumerate(found)]
+
+
+def batch_features(path, extractor, batch_size=64, cache_dir=None, progress=False, dist=None, desc=None):
+    """:func:`image_features` of one network with Inception's outputs (``FeatureUse.inception``): ``{"pool",
+    "logits", "mu", "sigma", "mu_s", "sigma_s", "num_images", "image_shape", "sha256", "from_cache"}``."""
+    out = image_features(NpzImages(path), [FeatureUse.inception(extractor)], batch_size, cache_dir, progress, dist,
+                         desc)
+    return out and out[0]
+
+
+def fid_statistics(stored, features, where):
+    """FID/sFID statistics of a batch: ``stored`` (its npz's ``mu``/``sigma``/``mu_s``/``sigma_s``, from
+    :func:`read_npz_statistics`) when it has them (as the ADM evaluator), else those of its extracted features.
+    Returns ``(stats, source)``, source "npz" or "images"."""
+    if stored is not None:
+        return stored, "npz"
+    if features.get("mu") is None:
+        raise ValueError(f"{where}: FID needs at least 2 images (or mu/sigma/mu_s/sigma_s in the npz)")
+    stats = {k: np.asarray(features[k], dtype=np.float64) for k in STAT_KEYS}
+    check_statistics(stats, where=f"statistics of {where}", dims=None)  # any extractor's feature sizes
+    return stats, "images"
 
 
 def image_batch_statistics(path, features):
-    """FID/sFID statistics for a batch: the npz's ``mu``/``sigma``/``mu_s``/``sigma_s`` when it has them (as the
-    ADM evaluator), else those of the extracted features. Returns ``(stats, source)``, source "npz" or "images"."""
-    stats = read_npz_statistics(path)
-    if stats is not None:
-        return stats, "npz"
-    if features.get("mu") is None:
-        raise ValueError(f"{path}: FID needs at least 2 images (or mu/sigma/mu_s/sigma_s in the npz)")
-    stats = {k: np.asarray(features[k], dtype=np.float64) for k in STAT_KEYS}
-    check_statistics(stats, where=f"statistics of {path}", dims=None)  # any extractor's feature sizes
-    return stats, "images"
+    """:func:`fid_statistics` of the npz at ``path``."""
+    return fid_statistics(read_npz_statistics(path), features, path)

@@ -16,7 +16,8 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from evaluations.evaluator import METRIC_KEYS, METRIC_LABELS, evaluate  # noqa: E402
+from evaluations.evaluator import evaluate  # noqa: E402
+from evaluations.metrics import METRIC_KEYS, METRICS_BY_KEY  # noqa: E402
 from evaluations.features import WEIGHTS_FILENAME, WEIGHTS_URL, default_weights_path  # noqa: E402
 from evaluations.reference import default_cache_dir  # noqa: E402
 
@@ -73,7 +74,7 @@ def compare(result):
 def format_comparison(rows):
     out = [f"{'metric':<16} {'ours':>20} {'upstream (TF)':>20} {'difference':>12} {'expected |diff|':>16}"]
     for key, ours, upstream, delta, expected, within in rows:
-        out.append(f"{METRIC_LABELS[key]:<16} {ours:>20.10g} {upstream:>20.10g} {delta:>+12.5f} "
+        out.append(f"{METRICS_BY_KEY[key].label:<16} {ours:>20.10g} {upstream:>20.10g} {delta:>+12.5f} "
                    f"{'<= ' + format(expected, 'g'):>16}  {'ok' if within else 'OUTSIDE'}")
     return "\n".join(out)
 

@@ -2,8 +2,7 @@
 
 A run is a directory holding the evaluator's JSON (``evaluate(..., json_path=...)`` / ``--json``; any ``*.json``
 with the evaluator's ``format`` key, ``eval.json`` by convention) and the run's ``config.yaml`` (keys such as
-``pag_scale``, ``pag_layers``, ``perturbation``, ``use_ddim``, ``timestep_respacing``; nested mappings are
-searched too). ``make_table`` writes one table per experiment in Markdown, CSV and LaTeX, rows grouped by
+``pag_scale``, ``pag_layers``, ``perturbation``, ``sampler_label``; nested mappings are searched too). ``make_table`` writes one table per experiment in Markdown, CSV and LaTeX, rows grouped by
 guidance scale / layer set / perturbation / sampler, with published anchors (an experiment YAML's ``anchors:``
 list) printed below our rows, plus matplotlib plots of FID and IS against the guidance scale and of precision
 against recall.
@@ -16,24 +15,21 @@ import math
 import os
 import re
 
-from evaluations.evaluator import METRIC_KEYS, RESULT_FORMAT, result_marker
-from evaluations.features import DEMO_FEATURES_MARK, RANDOM_WEIGHTS_MARK
 from adm_common.files import atomic_write_bytes, atomic_write_text
+from evaluations.evaluator import RESULT_FORMAT, result_marker
+from evaluations.features import DEMO_FEATURES_MARK, RANDOM_WEIGHTS_MARK
+from evaluations.metrics import METRIC_KEYS, METRIC_TABLE, METRICS_BY_KEY
 
 DEFAULT_GROUP_BY = ("pag_scale", "pag_layers", "perturbation", "sampler")
-METRIC_HEADERS = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "Precision",
-                  "recall": "Recall", "fd_dinov2": "FD_DINOv2"}
-METRIC_FORMATS = {"fid": "{:.2f}", "sfid": "{:.2f}", "inception_score": "{:.2f}", "precision": "{:.3f}",
-                  "recall": "{:.3f}", "fd_dinov2": "{:.2f}"}
-_METRIC_ALIASES = {"fid": "fid", "sfid": "sfid", "is": "inception_score", "inceptionscore": "inception_score",
-                   "precision": "precision", "prec": "precision", "recall": "recall", "rec": "recall",
-                   "fddinov": "fd_dinov2", "fddinov2": "fd_dinov2"}
 # Metrics a row may hold: upstream's five, and FD_DINOv2 (a column only when some row has it).
-ROW_METRICS = METRIC_KEYS + ("fd_dinov2",)
+ROW_METRICS = tuple(m.key for m in METRIC_TABLE)
+TABLE_METRICS = tuple(m.key for m in METRIC_TABLE if m.key in METRIC_KEYS)  # the order of published tables
+# An anchor's metric names in any usual spelling (letters only, lower case): key, label, column header, aliases.
+_METRIC_ALIASES = {re.sub(r"[^a-z]", "", name.lower()): m.key for m in METRIC_TABLE
+                   for name in (m.key, m.label, m.header) + m.aliases}
 PR_FLOAT32_MARK = "PR-FLOAT32"
 _LABEL_KEYS = ("label", "name", "method", "model")
 CONFIG_NAMES = ("config.yaml", "config.yml")
-TABLE_METRICS = ("fid", "sfid", "inception_score", "precision", "recall")  # the order of published tables
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -116,15 +112,18 @@ def _lookup(flat, key):
     return matches[0] if matches else None
 
 
+# The sampler column: the run record's ``sampler_label`` (written by the sampler, which alone derives it), or a
+# ``sampler`` named by hand (anchors, other mappings). A record from before labels, naming sampling settings but no
+# label, shows "?": the label is never derived here.
+_SAMPLER_KEYS = ("sampler_label", "sampler")
+_SAMPLER_SETTINGS = ("use_ddim", "timestep_respacing")
+
+
 def _sampler(flat):
-    use_ddim = _lookup(flat, "use_ddim")
-    respacing = _lookup(flat, "timestep_respacing")
-    if use_ddim is None and respacing in (None, ""):
-        return None
-    ddim = bool(use_ddim) or (isinstance(respacing, str) and respacing.startswith("ddim"))
-    steps = re.findall(r"\d+", str(respacing)) if respacing not in (None, "") else []
-    steps = "+".join(steps) if steps else ("1000" if not ddim else "?")
-    return f"{'DDIM' if ddim else 'DDPM'}-{steps}"
+    for key in _SAMPLER_KEYS:
+        if _lookup(flat, key) is not None:
+            return _lookup(flat, key)
+    return "?" if any(_lookup(flat, key) is not None for key in _SAMPLER_SETTINGS) else None
 
 
 # Settings that mean nothing when PAG is off (pag_scale 0): shown as "-" rather than their defaults.
@@ -135,8 +134,7 @@ def _group_value(flat, key):
     if key in _PAG_ONLY_KEYS and _lookup(flat, "pag_scale") in (0, 0.0):
         return "-"
     if key == "sampler":
-        value = _lookup(flat, "sampler")
-        return value if value is not None else _sampler(flat)
+        return _sampler(flat)
     value = _lookup(flat, key)
     if isinstance(value, (list, tuple)):
         return ", ".join(str(v) for v in value)
@@ -212,7 +210,7 @@ def normalise_anchor(anchor, group_by=DEFAULT_GROUP_BY):
     for key in ROW_METRICS:
         row.setdefault(key, None)
     if all(row[k] is None for k in ROW_METRICS):
-        raise ValueError(f"anchor {anchor!r} has none of the metrics {', '.join(METRIC_HEADERS.values())}")
+        raise ValueError(f"anchor {anchor!r} has none of the metrics {', '.join(m.header for m in METRIC_TABLE)}")
     row["run"] = row["run"] or "published"
     return row
 
@@ -239,7 +237,7 @@ def _sort_key(row, group_by, scale_key=None):
 def _fmt_metric(key, value):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return METRIC_FORMATS[key].format(value)
+    return METRICS_BY_KEY[key].fmt.format(value)
 
 
 def _fmt_value(value):
@@ -257,7 +255,7 @@ def _columns(rows, group_by):
 
 
 def _header(col):
-    return {"run": "run", "num_samples": "N", "source": "source"}.get(col, METRIC_HEADERS.get(col, col))
+    return {"run": "run", "num_samples": "N", "source": "source"}.get(col, METRICS_BY_KEY[col].header if col in METRICS_BY_KEY else col)
 
 
 BEST_FID_NOTE = ("Bold FID: the lowest FID of our rows in this table (in a scale sweep, the best scale; past it, "
@@ -437,7 +435,7 @@ def plot_runs(rows, group_by, out_prefix, title=None):
                     ax.annotate(f"{a['run']} (published)", (0.01, a[metric]), xycoords=("axes fraction", "data"),
                                 fontsize=7, color="gray", va="bottom")
             ax.set_xlabel(x_key)
-            ax.set_ylabel(METRIC_HEADERS[metric])
+            ax.set_ylabel(METRICS_BY_KEY[metric].header)
             ax.grid(alpha=0.3)
         fig.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0))
         fig.suptitle((title or "") + marked + subtitle, fontsize=9)
@@ -495,8 +493,8 @@ def make_table(runs, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None, experimen
 
     :param runs: run directories, result JSON files, or directories of run directories.
     :param out_dir: where ``<experiment>.md``, ``.csv``, ``.tex`` and the ``.png`` plots go.
-    :param group_by: config keys that identify a row (``sampler`` is derived from ``use_ddim`` and
-        ``timestep_respacing`` when the run's config does not name it); rows are sorted by them in order.
+    :param group_by: config keys that identify a row (``sampler``: the run record's ``sampler_label``, "?" for a
+        record written before runs recorded it); rows are sorted by them in order.
     :param anchors: published numbers to print below ours: a list of dicts (e.g. an experiment YAML's
         ``anchors:``), metric keys ``FID``/``sFID``/``IS``/``Precision``/``Recall`` in any case, optional
         ``label`` and ``source``, and optionally group keys such as ``pag_scale``.

@@ -9,7 +9,7 @@ import json
 import os
 import time
 
-from adm_common.files import atomic_write_text, link_text, real_directory
+from adm_common.files import HashMemo, atomic_write_text, link_text, real_directory
 from adm_common.npz import samples_filename
 from guided_diffusion import dist_util, logger
 
@@ -30,8 +30,9 @@ def _table_fn():
 
 
 def check_evaluation(sweep, evaluate_fn=None):
-    """Before sampling: the reference batch exists, ``evaluation:`` names evaluate()'s arguments and the table's
-    directory (``out_dir/table``) is not a symbolic link."""
+    """Before sampling: the reference batch exists, ``evaluation:`` holds valid options of evaluate() (of
+    ``evaluate_fn`` when given: its arguments) and the table's directory (``out_dir/table``) is not a symbolic
+    link."""
     if not sweep.ref_batch:
         return
     table = table_dir(sweep)
@@ -41,12 +42,21 @@ def check_evaluation(sweep, evaluate_fn=None):
     if not os.path.exists(sweep.ref_batch):
         raise SampleConfigError(f"ref_batch {sweep.ref_batch} not found (download the reference batches with "
                                 "`make download-refs`)")
-    fn = evaluate_fn or _evaluate_fn()
-    params = inspect.signature(fn).parameters
-    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        bad = [k for k in sweep.evaluation if k not in params or k in ("ref_path", "sample_path", "json_path")]
-        if bad:
-            raise SampleConfigError(f"sweep config {sweep.path}: evaluation: unknown argument(s) {', '.join(bad)}")
+    if evaluate_fn is None:
+        from evaluations.evaluator import EVALUATION_OPTIONS as known
+    else:  # a stand-in (tests): its keyword arguments
+        known = [k for k in inspect.signature(evaluate_fn).parameters if k not in ("ref_path", "sample_path",
+                                                                                  "json_path")]
+    bad = [k for k in sweep.evaluation if k not in known]
+    if bad:
+        raise SampleConfigError(f"sweep config {sweep.path}: evaluation: unknown argument(s) {', '.join(bad)}")
+    if evaluate_fn is None:  # values too: metrics, pr_precision, batch_size
+        from evaluations.evaluator import EvaluationSettings
+
+        try:
+            EvaluationSettings(**sweep.evaluation)
+        except ValueError as e:
+            raise SampleConfigError(f"sweep config {sweep.path}: evaluation: {e}") from None
 
 
 def table_dir(sweep):
@@ -75,8 +85,10 @@ def _stale_reason(recorded, inputs):
 def _evaluate_cells(cells, sweep, evaluate_fn):
     """Evaluate each cell whose eval.json is not of its current inputs (on this process alone); returns the
     results. The inputs (content hashes of the reference and the samples, the evaluation settings and the
-    files they name) are recorded in eval.json under ``sweep_inputs``."""
-    from evaluations.reference import HashMemo, SingleProcess, default_cache_dir
+    files they name) are recorded in eval.json under ``sweep_inputs``; eval.json is written once per evaluation,
+    by the evaluator's one writer."""
+    from evaluations.evaluator import write_result
+    from evaluations.reference import SingleProcess, default_cache_dir
 
     memo = HashMemo(sweep.evaluation.get("cache_dir", default_cache_dir()))
     common = {"ref_sha256": memo.sha256(sweep.ref_batch), "evaluation": plain(dict(sweep.evaluation)),
@@ -104,9 +116,8 @@ def _evaluate_cells(cells, sweep, evaluate_fn):
                 continue
             logger.log(f"evaluating {cell.name} again: {reason} since its eval.json")
         logger.log(f"evaluating {npz} against {sweep.ref_batch}")
-        result = evaluate_fn(sweep.ref_batch, npz, json_path=json_path, dist=SingleProcess(), **sweep.evaluation)
-        atomic_write_text(json_path, json.dumps(dict(result, **{INPUTS_KEY: inputs}), indent=2, sort_keys=True,
-                                                default=float) + "\n")
+        result = evaluate_fn(sweep.ref_batch, npz, dist=SingleProcess(), **sweep.evaluation)
+        write_result(json_path, dict(result, **{INPUTS_KEY: inputs}))
         results.append(result)
     return results
 

@@ -39,14 +39,17 @@ def runs(tmp_path):
     root = tmp_path / "results" / "pag_uncond"
     made = [
         write_run(root, "s3", metrics(15.5, 60.25, 0.75, 0.5), {"pag_scale": 3.0, "pag_layers": LAYERS,
-                  "perturbation": "identity", "use_ddim": False, "timestep_respacing": "250"}),
+                  "perturbation": "identity", "use_ddim": False, "timestep_respacing": "250",
+                  "sampler_label": "DDPM-250"}),
         write_run(root, "s0", metrics(26.125, 39.5), {"pag_scale": 0.0, "pag_layers": LAYERS,
-                  "perturbation": "identity", "use_ddim": False, "timestep_respacing": "250"}),
+                  "perturbation": "identity", "use_ddim": False, "timestep_respacing": "250",
+                  "sampler_label": "DDPM-250"}),
         write_run(root, "s1", metrics(20.0, 45.0), {"sampling": {"pag_scale": 1.0, "pag_layers": LAYERS,
-                  "perturbation": "identity", "use_ddim": False, "timestep_respacing": "250"}}),
+                  "perturbation": "identity", "use_ddim": False, "timestep_respacing": "250"},
+                  "sampler_label": "DDPM-250"}),
         write_run(root, "ddim_s3", metrics(18.0, 50.0), {"pag_scale": 3.0, "pag_layers": LAYERS,
-                  "perturbation": "identity", "use_ddim": True, "timestep_respacing": "ddim25"},
-                  json_name="metrics.json"),
+                  "perturbation": "identity", "use_ddim": True, "timestep_respacing": "ddim25",
+                  "sampler_label": "DDIM-25"}, json_name="metrics.json"),
     ]
     return root, made
 
@@ -66,8 +69,8 @@ def test_markdown_csv_latex_and_plots(runs, tmp_path):
     assert list(tables) == ["pag_uncond"]  # experiment = directory above the run directories
     table = tables["pag_uncond"]
     ours = [r for r in table["rows"] if r["source"] == "ours"]
-    # Blocks of equal layers / perturbation / sampler, pag_scale ascending inside each; the sampler is derived
-    # from use_ddim / timestep_respacing.
+    # Blocks of equal layers / perturbation / sampler, pag_scale ascending inside each; the sampler is the run
+    # record's sampler_label.
     # Unguided rows (pag_scale 0: no layers, shown as "-") come first, then each layer set by scale.
     assert [(r["sampler"], r["pag_scale"]) for r in ours] == [
         ("DDPM-250", 0.0), ("DDIM-25", 3.0), ("DDPM-250", 1.0), ("DDPM-250", 3.0)]
@@ -99,6 +102,38 @@ def test_markdown_csv_latex_and_plots(runs, tmp_path):
     for name in ("pag_uncond_fid_is.png", "pag_uncond_pr.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_sampler_column_is_the_records_label_never_derived(tmp_path):
+    """Issue 20, defect 1: the table shows the label the run record stores (the sampler's, which alone derives
+    it); a table that derived it again from use_ddim / timestep_respacing named these two wrongly (DDIM-? for DDIM
+    without respacing, DDPM-1000 for a 4000-step model). A record written before labels shows "?"."""
+    root = tmp_path / "exp"
+    write_run(root, "ddim", metrics(10.0, 50.0), {"settings": {"pag_scale": 1.0, "use_ddim": True,
+              "timestep_respacing": "", "diffusion_steps": 1000}, "sampler_label": "DDIM-1000"})
+    write_run(root, "steps4000", metrics(11.0, 50.0), {"settings": {"pag_scale": 2.0, "use_ddim": False,
+              "timestep_respacing": "", "diffusion_steps": 4000}, "sampler_label": "DDPM-4000"})
+    write_run(root, "old", metrics(12.0, 50.0), {"settings": {"pag_scale": 3.0, "use_ddim": False,
+              "timestep_respacing": "250"}})
+    rows = make_table([root], tmp_path / "out", plots=False)["exp"]["rows"]
+    assert {r["run"]: r["sampler"] for r in rows} == {"ddim": "DDIM-1000", "steps4000": "DDPM-4000", "old": "?"}
+    md = (tmp_path / "out" / "exp.md").read_text().splitlines()
+    assert md[2] == "| run | pag_scale | sampler | FID | sFID | IS | Precision | Recall | N | source |"
+    assert {ln.split(" | ")[0][2:]: ln.split(" | ")[2] for ln in md[4:7]} == {"ddim": "DDIM-1000",
+                                                                           "steps4000": "DDPM-4000", "old": "?"}
+
+
+def test_metric_names_are_one_table():
+    """The evaluator's printed labels, the table's headers and formats and the anchors' spellings come from
+    evaluations.metrics.METRIC_TABLE."""
+    from evaluations.metrics import METRIC_TABLE
+
+    assert [m.header for m in METRIC_TABLE] == ["FID", "sFID", "IS", "Precision", "Recall", "FD_DINOv2"]
+    result = dict(metrics(3.5, 200.0, 0.8265, 0.5309, 6.25), fd_dinov2=1.5)
+    assert [ln.split(":")[0] for ln in format_lines(result)] == [
+        "Inception Score", "FID", "sFID", "Precision", "Recall", "FD_DINOv2"]
+    row = normalise_anchor({"label": "x", "FD_DINOv2": 1, "Inception Score": 2, "sFID": 3, "Rec": 4})
+    assert (row["fd_dinov2"], row["inception_score"], row["sfid"], row["recall"]) == (1.0, 2.0, 3.0, 4.0)
 
 
 def test_random_weight_runs_are_marked(tmp_path):
