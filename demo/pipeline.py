@@ -14,9 +14,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from adm_common.files import atomic_write_bytes
+from sampling.config_files import read_yaml_mapping
 from sampling.images import save_side_by_side
 
 from .data import make_dataset
@@ -30,7 +30,7 @@ BASELINE_CELL, GUIDED_CELL, GRID_COUNT = "method-baseline", "method-pag_s2", 32
 
 
 def load_demo_config(path=CONFIG):
-    return yaml.safe_load(Path(path).read_text())
+    return read_yaml_mapping(path, "demo config")
 
 
 def prepare(config, num_reference):

@@ -45,6 +45,7 @@ from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.script_util import create_model_from_flags
 from guided_diffusion.train_util import TrainLoop, save_checkpoint_file
 from sampling import images as sample_images
+from sampling.model_configs import load_model_config
 
 from . import data as demo_data
 from . import features as demo_features
@@ -271,7 +272,7 @@ def save_diffusion(model, out_dir):
     )
     atomic_write_text(out_dir / f"{MODEL_NAME}.yaml", header + yaml.safe_dump(config, sort_keys=False))
     # Check the files load back strictly into the model the YAML describes.
-    rebuilt, _ = create_model_from_flags("diffusion", yaml.safe_load((out_dir / f"{MODEL_NAME}.yaml").read_text())["flags"])
+    rebuilt, _ = create_model_from_flags("diffusion", load_model_config(out_dir / f"{MODEL_NAME}.yaml")["flags"])
     load_checkpoint(rebuilt, str(path))
     return path
 

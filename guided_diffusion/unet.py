@@ -528,8 +528,6 @@ class UNetModel(nn.Module):
         self.middle_block.apply(convert_module_to_f32)
         self.output_blocks.apply(convert_module_to_f32)
 
-    convert_to_f32 = convert_to_fp32  # this fork's earlier name
-
     def forward(self, x, timesteps, y=None):
         """Predict eps (and the variance interpolation with learned sigma) for ``x`` at ``timesteps``."""
         return self.finish(self.run(self.begin(x, timesteps, y=y)))
@@ -806,8 +804,6 @@ class EncoderUNetModel(nn.Module):
         """Convert the torso back to float32."""
         self.input_blocks.apply(convert_module_to_f32)
         self.middle_block.apply(convert_module_to_f32)
-
-    convert_to_f32 = convert_to_fp32  # this fork's earlier name
 
     def forward(self, x, timesteps):
         """Logits (N, out_channels). Any image size works, except with attention pooling, whose

@@ -16,7 +16,7 @@ depend on batching.
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import torch as th
 import torch.nn.functional as F
@@ -42,7 +42,6 @@ class Param:
     help: str
     check: Callable[[Any], bool] = lambda value: True
     requirement: str = ""  # what ``check`` demands, completing "<name> must ...", for the error message
-    short: Optional[str] = None  # keyword accepted by perturbed_attention(...), e.g. sigma for blur_sigma
 
     def validate(self, value):
         if isinstance(value, bool) or not isinstance(value, type(self.default)) and not (
@@ -60,19 +59,19 @@ PARAMS: Dict[str, Param] = {p.name: p for p in (
     Param("drop_rate", 0.5, "probability that an attention entry is dropped (random_mask, drop)",
           lambda v: 0.0 <= v <= 1.0, "lie in [0, 1]"),
     Param("noise_std", 1.0, "std of the Gaussian noise added to the attention map (noise)",
-          lambda v: _finite(v) and v >= 0, "be >= 0", short="std"),
+          lambda v: _finite(v) and v >= 0, "be >= 0"),
     Param("blur_kernel_size", 9, "Gaussian kernel size over the T x T attention map (blur)",
-          lambda v: v >= 1 and v % 2 == 1, "be a positive odd integer", short="kernel_size"),
+          lambda v: v >= 1 and v % 2 == 1, "be a positive odd integer"),
     Param("blur_sigma", 1.0, "Gaussian sigma over the T x T attention map (blur)",
-          lambda v: _finite(v) and v > 0, "be > 0", short="sigma"),
+          lambda v: _finite(v) and v > 0, "be > 0"),
     Param("perturbation_seed", 0, "seed of the random perturbations (random_mask, noise, drop)",
-          lambda v: v >= 0, "be >= 0", short="seed"),
+          lambda v: v >= 0, "be >= 0"),
     Param("seg_sigma", 10.0, "Gaussian sigma (in tokens) of SEG's query blur over the spatial grid (seg); above "
           "9999 the blur is infinite (every query becomes the queries' spatial mean)",
           lambda v: v > 0, "be > 0"),
     Param("attention_temperature", 2.0, "temperature dividing the attention logits before the softmax "
           "(temperature; 1 = unperturbed, larger = flatter)",
-          lambda v: _finite(v) and v > 0, "be a finite number > 0", short="temperature"),
+          lambda v: _finite(v) and v > 0, "be a finite number > 0"),
 )}
 
 
@@ -107,20 +106,14 @@ def register(name, params=(), random=False):
 
 
 class PerturbationParams(dict):
-    """Parameter values by flag name (``drop_rate``, ``blur_sigma``, ...); short names (``sigma``,
-    ``kernel_size``, ``seed``, ``std``) are accepted too. Missing parameters take their defaults."""
+    """Parameter values by flag name (``drop_rate``, ``blur_sigma``, ...). Missing parameters take their
+    defaults."""
 
     def __init__(self, **values):
-        super().__init__()
-        by_short = {p.short: p.name for p in PARAMS.values() if p.short}
-        for key, value in values.items():
-            name = key if key in PARAMS else by_short.get(key)
-            if name is None:
-                raise ValueError(f"unknown perturbation parameter {key!r}; known: "
-                                 + ", ".join(sorted(set(PARAMS) | set(by_short))))
-            if name in self:
-                raise ValueError(f"perturbation parameter {name} given twice (as {name} and its short name)")
-            self[name] = value
+        unknown = [key for key in values if key not in PARAMS]
+        if unknown:
+            raise ValueError(f"unknown perturbation parameter {unknown[0]!r}; known: {', '.join(sorted(PARAMS))}")
+        super().__init__(values)
 
     def value(self, name):
         return self.get(name, PARAMS[name].default)
@@ -364,7 +357,7 @@ def _temperature(values, rng):
 def make_attention_fn(kind="identity", params=None, row_seeds=None, steps=None, **values):
     """The attention function of perturbation ``kind`` (see :data:`REGISTRY` for each definition).
 
-    params: a :class:`PerturbationParams` (or give the values as keywords, flag or short names).
+    params: a :class:`PerturbationParams` (or give the values as keywords, by flag name).
     row_seeds: one integer per perturbed row (e.g. sample indices; ints or an int tensor, best on the
         device) for the random kinds; rows are numbered 0, 1, ... when omitted.
     steps: the perturbed rows' timesteps (a tensor, e.g. the ``t`` the model is called with, or an int) for
@@ -405,10 +398,10 @@ def attention_overrides(model, overrides):
 def perturbed_attention(model, layers, kind="identity", row_seeds=None, steps=None, **params):
     """Perturb the named attention blocks (names or glob patterns) for every batch row.
 
-    >>> with perturbed_attention(model, ["input_blocks.14.1", "middle_block.*"], kind="blur", sigma=2.0):
+    >>> with perturbed_attention(model, ["input_blocks.14.1", "middle_block.*"], kind="blur", blur_sigma=2.0):
     ...     eps_perturbed = model(x, t)[:, :3]
 
-    Parameters may be given by flag name (``blur_sigma``) or short name (``sigma``).
+    Parameters are given by flag name (``blur_sigma``, ``perturbation_seed``, ...).
     """
     from .layers import resolve_layers
 

@@ -2,7 +2,7 @@
 
     python scripts/list_attention_blocks.py 256x256_diffusion_uncond
     python scripts/list_attention_blocks.py configs/models/64x64_diffusion.yaml
-    python scripts/list_attention_blocks.py --flag image_size=32 --flag num_channels=64 --flag channel_mult=1,2,2
+    python scripts/list_attention_blocks.py --set image_size=32 --set num_channels=64 --set channel_mult=1,2,2
 
 The model is built on the meta device: no weights, no memory, no checkpoint needed.
 """
@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sampling.cli import parse_overrides  # noqa: E402
 from sampling.model_configs import ModelConfigError, load_model_config  # noqa: E402
+from sampling.settings import SampleConfigError  # noqa: E402
 from guided_diffusion.script_util import create_model_from_flags  # noqa: E402
 from pag.layers import format_attention_blocks  # noqa: E402
 
@@ -24,9 +25,10 @@ from pag.layers import format_attention_blocks  # noqa: E402
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", help="official checkpoint name or model config YAML")
-    parser.add_argument("--kind", default="diffusion", help="with --flag: diffusion, upsampler or classifier")
-    parser.add_argument("--flag", action="append", default=[], metavar="KEY=VALUE",
-                        help="model flag (repeatable), applied over the config or the upstream defaults")
+    parser.add_argument("--kind", default="diffusion", help="with --set: diffusion, upsampler or classifier")
+    parser.add_argument("--set", "--flag", dest="flags", action="append", default=[], metavar="KEY=VALUE",
+                        help="model flag (repeatable, a YAML scalar as sweep.py's --set), applied over the config "
+                        "or the upstream defaults")
     args = parser.parse_args(argv)
     kind, flags = args.kind, {}
     if args.model:
@@ -36,13 +38,12 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
             return 2
         kind, flags = config["kind"], dict(config["flags"])
-    elif not args.flag:
-        parser.error("give a model name / config, or --flag KEY=VALUE flags")
-    for item in args.flag:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--flag expects KEY=VALUE, got {item!r}")
-        flags[key] = yaml.safe_load(value)
+    elif not args.flags:
+        parser.error("give a model name / config, or --set KEY=VALUE flags")
+    try:
+        flags.update(parse_overrides(args.flags))
+    except SampleConfigError as e:
+        parser.error(str(e))
     with torch.device("meta"):
         model = create_model_from_flags(kind, flags)[0]
     print(format_attention_blocks(model))

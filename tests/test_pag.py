@@ -150,7 +150,7 @@ def test_random_mask_definition():
     normal = softmax_map(q, k) @ v
     assert torch.allclose(pag.make_attention_fn("random_mask", pag.PerturbationParams(drop_rate=0.0))(q, k, v), normal, atol=1e-6)
     assert torch.allclose(pag.make_attention_fn("random_mask", pag.PerturbationParams(drop_rate=1.0))(q, k, v), v, atol=1e-6)
-    params = pag.PerturbationParams(drop_rate=0.5, seed=11)
+    params = pag.PerturbationParams(drop_rate=0.5, perturbation_seed=11)
     got = pag.make_attention_fn("random_mask", params)(q, k, v)
     # Recompute the mask the way it is defined: row 0's first draw (step 0), uniform draws < drop_rate,
     # diagonal kept.
@@ -162,7 +162,7 @@ def test_random_mask_definition():
 
 def test_noise_definition():
     q, k, v = tiny_qkv()
-    params = pag.PerturbationParams(noise_std=0.3, seed=2)
+    params = pag.PerturbationParams(noise_std=0.3, perturbation_seed=2)
     got = pag.make_attention_fn("noise", params)(q, k, v)
     expected = (softmax_map(q, k) + 0.3 * _RowRandom(2).randn((1, 1, 3, 3), "cpu")) @ v
     assert torch.allclose(got, expected, atol=1e-6)
@@ -189,7 +189,7 @@ def test_drop_definition():
     q, k, v = tiny_qkv()
     assert torch.allclose(pag.make_attention_fn("drop", pag.PerturbationParams(drop_rate=0.0))(q, k, v), softmax_map(q, k) @ v, atol=1e-6)
     assert torch.count_nonzero(pag.make_attention_fn("drop", pag.PerturbationParams(drop_rate=1.0))(q, k, v)) == 0
-    got = pag.make_attention_fn("drop", pag.PerturbationParams(drop_rate=0.4, seed=5))(q, k, v)
+    got = pag.make_attention_fn("drop", pag.PerturbationParams(drop_rate=0.4, perturbation_seed=5))(q, k, v)
     keep = _RowRandom(5).rand((1, 1, 3, 3), "cpu") >= 0.4
     assert torch.allclose(got, (softmax_map(q, k) * keep) @ v, atol=1e-6)
 

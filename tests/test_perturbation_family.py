@@ -105,9 +105,9 @@ def test_temperature_divides_the_logits():
     weights = torch.exp(logits / 2.5)
     weights = weights / weights.sum(dim=-1, keepdim=True)
     assert torch.allclose(got[0, 0], weights @ v[0, 0], atol=1e-6)
-    one = pag.make_attention_fn("temperature", pag.PerturbationParams(temperature=1.0))(q, k, v)
+    one = pag.make_attention_fn("temperature", pag.PerturbationParams(attention_temperature=1.0))(q, k, v)
     assert torch.allclose(one, softmax_attention(q, k, v), atol=1e-6)
-    hot = pag.make_attention_fn("temperature", pag.PerturbationParams(temperature=1e6))(q, k, v)
+    hot = pag.make_attention_fn("temperature", pag.PerturbationParams(attention_temperature=1e6))(q, k, v)
     assert torch.allclose(hot, pag.make_attention_fn("uniform")(q, k, v), atol=1e-5)
     with pytest.raises(ValueError, match="attention_temperature"):
         pag.GuidanceConfig(perturbation="temperature", attention_temperature=0.0)
@@ -206,3 +206,9 @@ def test_readme_table_is_the_registry():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert registry_markdown() in readme
+
+
+def test_parameters_are_given_by_flag_name_only():
+    assert pag.PerturbationParams(blur_sigma=2.0).value("blur_sigma") == 2.0
+    with pytest.raises(ValueError, match="unknown perturbation parameter 'sigma'; known: .*blur_sigma"):
+        pag.PerturbationParams(sigma=2.0)
