@@ -126,6 +126,21 @@ def test_committed_checkpoints_exist_and_are_small():
     assert "held-out accuracy" in record and "final losses" in record
 
 
+def test_training_record_names_paths_and_modules_that_exist():
+    import importlib
+    import re
+
+    record = (DEMO_DIR / "TRAINING.md").read_text()
+    files = re.findall(r"`([\w/]+\.py)`", record)
+    objects = re.findall(r"`((?:\w+\.)+\w+)[(`]", record)
+    assert "demo/data.py" in files and "demo.features.DemoFeatureNet" in objects
+    for path in files:
+        assert (ROOT / path).is_file(), path
+    for dotted in objects:
+        module, _, name = dotted.rpartition(".")
+        assert hasattr(importlib.import_module(module), name), dotted
+
+
 def test_committed_diffusion_checkpoint_loads_strictly_and_denoises():
     config = _demo_config()
     flags = config["flags"]
