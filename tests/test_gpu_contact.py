@@ -23,7 +23,7 @@ from guided_diffusion import logger
 from guided_diffusion import script_util as su
 from pag.guidance import guidance_step
 from pag.perturbations import _RowRandom
-from sampling import sampler as sampler_module
+from sampling import models as models_module
 from sampling import sweep
 
 LAYERS = ["input_blocks.3.1", "input_blocks.5.1", "middle_block.1"]
@@ -124,10 +124,10 @@ def test_coefficient_tables_are_copied_to_a_device_once():
 
 def test_the_batched_engine_keeps_no_more_alive_than_an_unguided_call_at_twice_the_batch():
     """Real CPU tensors, the ADM-256 topology (every block, the paper's layers) at reduced width."""
-    flags = dict(diffusion_flags(ARCHS[0], tiny=False), num_channels=64)  # 64x64 inputs below: the same blocks
+    flags = dict(diffusion_flags(ARCHS[0], tiny=False), num_channels=64)  # 32x32 inputs below: the same blocks
     model, _, _ = build("diffusion", dict(flags, use_fp16=False), "cpu", seed=0)
     layers = pag.resolve_layers(model, pag.PAPER_LAYERS_256)
-    x, t = torch.randn(2, 3, 64, 64), torch.full((2,), 500)
+    x, t = torch.randn(2, 3, 32, 32), torch.full((2,), 500)
     peaks = {name: peak_bytes(fn) for name, fn in guided_variants(model, layers, x, t, {}).items()}
     assert peaks["engine"] <= 1.05 * peaks["unguided_2b"], peaks
     assert peaks["unguided"] < peaks["engine_sequential"] < peaks["engine"], peaks
@@ -158,7 +158,7 @@ def test_every_cell_of_a_twelve_cell_sweep_runs_compiled(tmp_path, monkeypatch):
         graphs[current["cell"]] = graphs.get(current["cell"], 0) + 1
         return gm.forward
 
-    monkeypatch.setattr(sampler_module, "COMPILE_OPTIONS", {"backend": backend})
+    monkeypatch.setattr(models_module, "COMPILE_OPTIONS", {"backend": backend})
     made = []
 
     def mark_cell(fn):  # the sweep builds one model function per cell, in cell order
