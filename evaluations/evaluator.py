@@ -47,6 +47,7 @@ from evaluations.metrics import (  # noqa: E402
     METRICS,
     METRICS_BY_KEY,
     PR_PRECISIONS,
+    check_pr_precision,
     frechet_distance,
     inception_score,
     parse_metrics,
@@ -108,8 +109,7 @@ class EvaluationSettings:
 
     def __post_init__(self):
         object.__setattr__(self, "metrics", parse_metrics(self.metrics))
-        if self.pr_precision not in PR_PRECISIONS:
-            raise ValueError(f"pr_precision must be one of {', '.join(PR_PRECISIONS)}, got {self.pr_precision!r}")
+        check_pr_precision(self.pr_precision)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
 

@@ -178,7 +178,7 @@ def _check_features(x, name):
     return x
 
 
-def _check_pr_precision(pr_precision):
+def check_pr_precision(pr_precision):
     if pr_precision not in PR_PRECISIONS:
         raise ValueError(f"pr_precision must be one of {', '.join(PR_PRECISIONS)}, got {pr_precision!r}")
     return pr_precision
@@ -392,7 +392,7 @@ def manifold_radii(features, k=3, max_block_elems=2 ** 25, device="cpu", pr_prec
     upstream's ``ManifoldEstimator.manifold_radii`` (``nhood_sizes=(3,)``, no ``clamp_to_percentile``).
 
     Distances as in ``precision_recall``; returns a float32 tensor."""
-    _check_pr_precision(pr_precision)
+    check_pr_precision(pr_precision)
     x = _check_features(features, "features")
     with _strict_cuda_matmul(device):
         return _manifold_radii(_Features(x, device, pr_precision), k, max_block_elems, pr_precision,
@@ -419,7 +419,7 @@ def precision_recall(ref_features, sample_features, k=3, max_block_elems=2 ** 25
     set (itself counted as the 0-th); a sample is in the reference manifold when its distance to some reference
     point is <= that point's radius (precision), and vice versa (recall).
     """
-    _check_pr_precision(pr_precision)
+    check_pr_precision(pr_precision)
     ref = _check_features(ref_features, "ref_features")
     sample = _check_features(sample_features, "sample_features")
     if ref.shape[1] != sample.shape[1]:

@@ -473,8 +473,6 @@ def plot_runs(rows, group_by, out_prefix, title=None):
 
 def _save_figure(fig, path):
     """PNG drawn in memory, then written atomically (a symbolic link at ``path`` is replaced, not followed)."""
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     atomic_write_bytes(path, buf.getvalue())
