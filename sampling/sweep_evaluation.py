@@ -76,7 +76,8 @@ def _stale_reason(recorded, inputs):
     if not isinstance(recorded, dict):
         return "it does not record its inputs"
     for key, what in (("ref_sha256", "the reference batch"), ("sample_sha256", "the samples"),
-                      ("evaluation", "the evaluation settings"), ("evaluation_files", "the feature network")):
+                      ("evaluation", "the evaluation settings"), ("evaluation_files", "the feature network"),
+                      ("numerics", "the evaluator's numerics (device type, precision, result and cache format)")):
         if recorded.get(key) != inputs[key]:
             return f"{what} changed"
     return None
@@ -87,13 +88,20 @@ def _evaluate_cells(cells, sweep, evaluate_fn):
     results. The inputs (content hashes of the reference and the samples, the evaluation settings and the
     files they name) are recorded in eval.json under ``sweep_inputs``; eval.json is written once per evaluation,
     by the evaluator's one writer."""
-    from evaluations.evaluator import write_result
-    from evaluations.reference import SingleProcess, default_cache_dir
+    import torch
+
+    from evaluations.evaluator import RESULT_FORMAT, write_result
+    from evaluations.features import FEATURE_PRECISION, default_device
+    from evaluations.reference import CACHE_FORMAT, SingleProcess, default_cache_dir
 
     memo = HashMemo(sweep.evaluation.get("cache_dir", default_cache_dir()))
     common = {"ref_sha256": memo.sha256(sweep.ref_batch), "evaluation": plain(dict(sweep.evaluation)),
               "evaluation_files": {k: memo.sha256(v) for k, v in sorted(sweep.evaluation.items())
-                                   if k in EVALUATION_FILES and isinstance(v, str) and os.path.isfile(v)}}
+                                   if k in EVALUATION_FILES and isinstance(v, str) and os.path.isfile(v)},
+              # Results of another device type, precision or evaluator format are not reused (features on a GPU
+              # and on the CPU differ by rounding; TF32 features before cache format 2 are wrong at 1e-3).
+              "numerics": f"{torch.device(sweep.evaluation.get('device') or default_device()).type}/"
+                          f"{FEATURE_PRECISION} {RESULT_FORMAT} cache{CACHE_FORMAT}"}
     results = []
     for cell in cells:
         s = cell.settings

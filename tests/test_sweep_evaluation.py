@@ -54,3 +54,8 @@ def test_eval_json_is_written_once_by_the_one_writer(tmp_path, monkeypatch):
     # Nothing changed: not evaluated (nor written) again.
     assert sweep_evaluation._evaluate_cells([cell], sweep, evaluate)[0]["fid"] == result["fid"]
     assert len(writes) == 1
+    # Evaluated on another device type (or by another evaluator format): evaluated again, not reused.
+    recorded["sweep_inputs"]["numerics"] = recorded["sweep_inputs"]["numerics"].replace("cpu/", "cuda/")
+    eval_json.write_text(json.dumps(recorded))
+    assert sweep_evaluation._evaluate_cells([cell], sweep, evaluate)[0]["fid"] == result["fid"]
+    assert len(writes) == 2 and json.loads(eval_json.read_text())["sweep_inputs"]["numerics"].startswith("cpu/")
