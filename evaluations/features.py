@@ -65,8 +65,10 @@ def _legacy_flag(read, default):
 
 @contextlib.contextmanager
 def full_float32():
-    """Inside: float32 convolutions and matmuls in full float32, TF32 off on every backend; on exit, also on
-    exceptions, the settings are what they were.
+    """Inside: float32 convolutions and matmuls in full float32, TF32 off on every backend, and float16 matmuls
+    accumulated in float32 (cuBLAS may otherwise reduce split-K partial sums in float16; TensorFlow does not); on
+    exit, also on exceptions, the settings are what they were. The one such context of the project (the evaluator's
+    features and precision/recall, gpu-check's float32 references).
 
     cuDNN's TF32 is on by default, so on Ampere/Hopper the feature networks' convolutions (and matmuls where
     ``torch.set_float32_matmul_precision("high")`` was called) would differ from float32 by ~1e-3 relative: more
@@ -79,9 +81,12 @@ def full_float32():
     cudnn = _legacy_flag(lambda: torch.backends.cudnn.allow_tf32, True)
     saved = {node: torch._C._get_fp32_precision_getter(*node) for node in _FP32_PARENTS + _FP32_OPERATORS} \
         if new_api else {}
+    cuda_matmul = torch.backends.cuda.matmul
+    fp16_reduction = cuda_matmul.allow_fp16_reduced_precision_reduction
     try:
         torch.set_float32_matmul_precision("highest")
         torch.backends.cudnn.allow_tf32 = False
+        cuda_matmul.allow_fp16_reduced_precision_reduction = False
         for node in _FP32_OPERATORS if new_api else ():
             torch._C._set_fp32_precision_setter(*node, "ieee")
         yield
@@ -90,6 +95,7 @@ def full_float32():
         # before operators (a parent's value is copied down to its operators).
         torch.set_float32_matmul_precision(matmul)
         torch.backends.cudnn.allow_tf32 = cudnn
+        cuda_matmul.allow_fp16_reduced_precision_reduction = fp16_reduction
         for node, value in saved.items():
             torch._C._set_fp32_precision_setter(*node, value)
 

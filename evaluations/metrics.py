@@ -18,13 +18,14 @@
   the published ADM numbers were computed) sums the float16 norms in CUB's order, which we could not measure.
 """
 
-import contextlib
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy import linalg
+
+from .features import full_float32
 
 
 @dataclass(frozen=True)
@@ -190,24 +191,6 @@ def _rows_per_block(n_cols, max_block_elems):
 
 def _spans(n, size):
     return [(start, min(start + size, n)) for start in range(0, n, size)]
-
-
-@contextlib.contextmanager
-def _strict_cuda_matmul(device):
-    """On CUDA: float32 matmuls without TF32 and float16 matmuls accumulated in float32 (cuBLAS may otherwise
-    reduce split-K partial sums in float16), as TensorFlow's float16/float32 matmuls. Restores the settings."""
-    if torch.device(device).type != "cuda":
-        yield
-        return
-    cuda_matmul = torch.backends.cuda.matmul
-    saved = (torch.get_float32_matmul_precision(), cuda_matmul.allow_fp16_reduced_precision_reduction)
-    torch.set_float32_matmul_precision("highest")
-    cuda_matmul.allow_fp16_reduced_precision_reduction = False
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(saved[0])
-        cuda_matmul.allow_fp16_reduced_precision_reduction = saved[1]
 
 
 def squared_distances(a, b):
@@ -394,7 +377,7 @@ def manifold_radii(features, k=3, max_block_elems=2 ** 25, device="cpu", pr_prec
     Distances as in ``precision_recall``; returns a float32 tensor."""
     check_pr_precision(pr_precision)
     x = _check_features(features, "features")
-    with _strict_cuda_matmul(device):
+    with full_float32():  # as TensorFlow's float32/float16 matmuls: no TF32, float16 products summed in float32
         return _manifold_radii(_Features(x, device, pr_precision), k, max_block_elems, pr_precision,
                                row_batch_size, col_batch_size, block_log)
 
@@ -426,7 +409,7 @@ def precision_recall(ref_features, sample_features, k=3, max_block_elems=2 ** 25
         raise ValueError(f"feature dimensions differ: reference {ref.shape[1]}, samples {sample.shape[1]}")
     if row_batch_size < 1 or col_batch_size < 1:
         raise ValueError("row_batch_size and col_batch_size must be positive")
-    with _strict_cuda_matmul(device):
+    with full_float32():  # as TensorFlow's float32/float16 matmuls: no TF32, float16 products summed in float32
         r = _Features(ref, device, pr_precision)
         s = _Features(sample, device, pr_precision)
         args = (k, max_block_elems, pr_precision, row_batch_size, col_batch_size, block_log)

@@ -17,7 +17,8 @@ NODES = (("generic", "all"), ("cuda", "all"), ("mkldnn", "all"), ("cuda", "matmu
          ("cuda", "rnn"), ("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn"))
 OPERATORS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")
 # What the flags read inside full_float32(), whatever they were outside.
-FULL_FLOAT32 = dict({"cudnn.allow_tf32": False, "cuda.matmul.allow_tf32": False, "float32_matmul_precision": "highest"},
+FULL_FLOAT32 = dict({"cudnn.allow_tf32": False, "cuda.matmul.allow_tf32": False, "float32_matmul_precision": "highest",
+                     "cuda.matmul.allow_fp16_reduced_precision_reduction": False},
                     **({name: "ieee" for name in OPERATORS} if NEW_API else {}))
 
 
@@ -40,7 +41,9 @@ def tf32_state():
     ``fp32_precision``)."""
     state = {"cudnn.allow_tf32": _read(lambda: torch.backends.cudnn.allow_tf32),
              "cuda.matmul.allow_tf32": _read(lambda: torch.backends.cuda.matmul.allow_tf32),
-             "float32_matmul_precision": _read(torch.get_float32_matmul_precision)}
+             "float32_matmul_precision": _read(torch.get_float32_matmul_precision),
+             "cuda.matmul.allow_fp16_reduced_precision_reduction":
+                 torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction}
     if NEW_API:
         state.update({name: _operator_precision(name) for name in OPERATORS})
     return state
@@ -51,9 +54,11 @@ def restore_tf32_settings():
     """The tests change the process's TF32 settings: put torch's values back afterwards, whatever happens."""
     nodes = {node: torch._C._get_fp32_precision_getter(*node) for node in NODES} if NEW_API else {}
     matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    fp16_reduction = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
     yield
     torch.set_float32_matmul_precision(matmul)
     torch.backends.cudnn.allow_tf32 = cudnn
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = fp16_reduction
     for node, value in nodes.items():
         torch._C._set_fp32_precision_setter(*node, value)
 
