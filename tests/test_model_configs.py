@@ -2,20 +2,18 @@
 
 import json
 import os
-import sys
 import urllib.parse
 from pathlib import Path
 
 import pytest
 import yaml
 
+from sampling import downloads as download
+
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("PAG_REFERENCE_DIR", ROOT.parent / "shared" / "reference")) / "adm_checkpoints.json"
 BASE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
 REF_BASE_URL = BASE_URL + "ref_batches/"
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import download  # noqa: E402
 
 CHECKPOINTS = json.loads(REFERENCE.read_text())
 # anchors.md, "Classifier scales used upstream"
