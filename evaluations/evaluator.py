@@ -32,7 +32,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from adm_common.files import atomic_write_text  # noqa: E402
-from adm_common.launch import local_rank_from_env  # noqa: E402
+from adm_common.launch import detect_launch, local_rank_from_env  # noqa: E402
+from adm_common.rendezvous import DistSetupError  # noqa: E402
 from adm_common.npz import NpzImages  # noqa: E402
 from evaluations.features import (  # noqa: E402
     RANDOM_WEIGHTS_MARK,
@@ -361,7 +362,11 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    dist = detect_distributed()
+    try:
+        dist = detect_distributed()
+    except (DistSetupError, ValueError) as e:  # the rendezvous does not answer, a bad PAG_DIST_* value
+        print(f"[rank {detect_launch().rank}] error: {e}", file=sys.stderr)
+        return 2
     try:
         result = evaluate(
             args.ref_batch, args.sample_batch, json_path=args.json, dist=dist, batch_size=args.batch_size,

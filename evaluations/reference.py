@@ -24,6 +24,7 @@ import numpy as np
 
 from adm_common.files import HashMemo, atomic_write_bytes
 from adm_common.launch import detect_launch
+from adm_common.rendezvous import connect_store, connect_timeout, process_group_timeout
 from adm_common.npz import NpzImages
 from evaluations.features import POOL_DIM, SPATIAL_DIM, feature_numerics, full_float32
 
@@ -153,9 +154,11 @@ def detect_distributed():
         if MPI.COMM_WORLD.Get_size() > 1:
             return MPIDistributed(MPI.COMM_WORLD)
     elif info.launcher in ("torchrun", "slurm") and info.world_size > 1:
-        host = f"[{info.master_addr}]" if ":" in info.master_addr else info.master_addr
-        dist.init_process_group("gloo", init_method=f"tcp://{host}:{info.master_port}", rank=info.rank,
-                                world_size=info.world_size)
+        # Connecting times out in minutes with a message naming the address; the collectives keep the long timeout.
+        store = connect_store(info, connect_timeout())
+        store.set_timeout(process_group_timeout())
+        dist.init_process_group("gloo", store=store, rank=info.rank, world_size=info.world_size,
+                                timeout=process_group_timeout())
         return TorchDistributed(owns_group=True)  # the caller closes it (evaluator.main does)
     return SingleProcess()
 

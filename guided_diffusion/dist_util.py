@@ -41,6 +41,13 @@ import torch
 import torch.distributed as dist
 
 from adm_common.launch import LaunchInfo, detect_launch, local_rank_from_env, mpi_local_rank
+from adm_common.rendezvous import (  # noqa: F401 (re-exported: upstream-style callers use dist_util)
+    LAUNCH_CHECKS,
+    DistSetupError,
+    connect_store,
+    connect_timeout,
+    process_group_timeout,
+)
 
 from .blobs import read_bytes
 
@@ -122,38 +129,6 @@ def _free_port() -> int:
 
 
 # ----------------------------------------------------------------------------- set-up
-
-
-class DistSetupError(RuntimeError):
-    """The processes cannot form their group: a rendezvous that does not answer, ranks that do not join, two
-    ranks on one GPU, a backend that does not fit the device. ``everywhere``: every rank raises it alike (an
-    entry point prints it once, on rank 0)."""
-
-    def __init__(self, message: str, everywhere: bool = False):
-        super().__init__(message)
-        self.everywhere = everywhere
-
-
-def _positive_number(name: str, default: float, unit: str) -> float:
-    raw = os.environ.get(name, "").strip()
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number of {unit}") from None
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"{name}={raw!r} must be a positive number of {unit}")
-    return value
-
-
-def process_group_timeout() -> datetime.timedelta:
-    """How long a collective may wait (``PAG_DIST_TIMEOUT_MINUTES``, default 720)."""
-    return datetime.timedelta(minutes=_positive_number("PAG_DIST_TIMEOUT_MINUTES", 720.0, "minutes"))
-
-
-def connect_timeout() -> datetime.timedelta:
-    """How long a rank may take to reach the rendezvous and wait there for the others to join
-    (``PAG_DIST_CONNECT_TIMEOUT_SECONDS``, default 300)."""
-    return datetime.timedelta(seconds=_positive_number("PAG_DIST_CONNECT_TIMEOUT_SECONDS", 300.0, "seconds"))
 
 
 def _uses_cuda(device=None) -> bool:
@@ -251,41 +226,6 @@ def _shared_gpu_error(records: List[Optional[Dict[str, Any]]], pinned: Optional[
             f"--nproc_per_node, srun --ntasks-per-node; or srun --gpus-per-task=1), or set device: cpu")
 
 
-_LAUNCH_CHECKS = {
-    "torchrun": "MASTER_ADDR/MASTER_PORT (torchrun's --master_addr/--master_port or --rdzv_endpoint) name rank 0's "
-                "host and a port open between the nodes",
-    "slurm": "rank 0 runs on the first node of the step (SLURM_STEP_NODELIST, or MASTER_ADDR when set) and the port "
-             "(MASTER_PORT, else derived from the job id) is open between the nodes",
-    "mpi": "the address rank 0 chose (MASTER_ADDR overrides it) is reachable from every node and the port "
-           "(MASTER_PORT overrides it) is open between them",
-}
-
-
-def _connect_store(info: LaunchInfo, connect: datetime.timedelta):
-    """Rank 0's TCP store (created by rank 0), reached within ``connect``. Its waits take up to ``connect`` too
-    until ``setup_dist`` sets the collective timeout: the TCP store's timeout is both."""
-    where = f"{info.master_addr}:{info.master_port}"
-    started = time.monotonic()
-    # Under torchrun the agent already serves a store at MASTER_ADDR:MASTER_PORT: every rank is its client.
-    hosts_store = info.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "") != "True"
-    try:
-        store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, hosts_store,
-                              timeout=connect, wait_for_workers=False)
-    except Exception as e:  # DistNetworkError (refused, unreachable, unknown host, port in use) and relatives
-        detail = " ".join(str(e).split("\n")[0].split())
-        if info.rank == 0 and ("EADDRINUSE" in detail or "already in use" in detail):
-            raise DistSetupError(
-                f"rank 0 could not listen on port {info.master_port} (host {socket.gethostname()}, {info.launcher} "
-                f"launch): the port is in use; set MASTER_PORT to a free port ({detail})") from None
-        who = (f"rank 0 (host {socket.gethostname()}) could not reach its own rendezvous" if info.rank == 0
-               else f"rank {info.rank} (host {socket.gethostname()}) could not connect to the rendezvous")
-        raise DistSetupError(
-            f"{who} at {where} within {time.monotonic() - started:.0f} s ({info.launcher} launch): check that "
-            f"{_LAUNCH_CHECKS.get(info.launcher, 'MASTER_ADDR/MASTER_PORT name rank 0 and an open port')}; "
-            f"PAG_DIST_CONNECT_TIMEOUT_SECONDS={connect.total_seconds():g} sets the wait ({detail})") from None
-    return store
-
-
 def _exchange(store, info: LaunchInfo, record: Any, connect: datetime.timedelta) -> List[Any]:
     """Every rank's ``record`` (JSON-able), in rank order, through the store; the ranks wait at most ``connect``
     for each other."""
@@ -306,7 +246,7 @@ def _exchange(store, info: LaunchInfo, record: Any, connect: datetime.timedelta)
         raise DistSetupError(
             f"{_ranks_text(missing)} of {info.world_size} did not join the rendezvous at {where} within "
             f"{connect.total_seconds():g} s ({info.launcher} launch): look for their errors, check that "
-            f"{_LAUNCH_CHECKS.get(info.launcher, 'MASTER_ADDR/MASTER_PORT name rank 0 and an open port')}; "
+            f"{LAUNCH_CHECKS.get(info.launcher, 'MASTER_ADDR/MASTER_PORT name rank 0 and an open port')}; "
             "PAG_DIST_CONNECT_TIMEOUT_SECONDS sets the wait", everywhere=True) from None
     return [json.loads(v) for v in values]
 
@@ -337,7 +277,7 @@ def setup_dist(backend: Optional[str] = None, device=None) -> None:
 
     One process gets a one-process group too, as upstream's ``setup_dist`` makes (upstream's scripts call
     ``torch.distributed`` directly), built on an in-memory store: no network, no MPI. Several processes meet at
-    rank 0's TCP store (``_connect_store``: ``PAG_DIST_CONNECT_TIMEOUT_SECONDS``), compare their GPUs
+    rank 0's TCP store (``adm_common.rendezvous.connect_store``: ``PAG_DIST_CONNECT_TIMEOUT_SECONDS``), compare their GPUs
     (``_shared_gpu_error``) and then create the group with the collective timeout (``PAG_DIST_TIMEOUT_MINUTES``).
     """
     global _state
@@ -376,7 +316,7 @@ def setup_dist(backend: Optional[str] = None, device=None) -> None:
             if info.world_size > 1:
                 collective = process_group_timeout()
                 connect = connect_timeout()
-                store = _connect_store(info, connect)
+                store = connect_store(info, connect)
                 records = _exchange(store, info, _gpu_record(index) if index is not None else None, connect)
                 _all_have_read(store, info, connect)
                 shared = _shared_gpu_error(records, pinned=fixed_index)

@@ -523,11 +523,11 @@ def test_store_keys_and_host_under_torchrun_agent(monkeypatch):
     info = dist_util.LaunchInfo("torchrun", 0, 2, 0, "127.0.0.1", 29500)
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
-    dist_util._connect_store(info, datetime.timedelta(seconds=1))
+    dist_util.connect_store(info, datetime.timedelta(seconds=1))
     assert dist_util._setup_prefix() == "pag_setup/0/"
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
-    dist_util._connect_store(info, datetime.timedelta(seconds=1))
+    dist_util.connect_store(info, datetime.timedelta(seconds=1))
     assert made == [True, False] and dist_util._setup_prefix() == "pag_setup/2/"
 
 

@@ -113,3 +113,23 @@ def test_evaluator_needs_no_guided_diffusion():
     out = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_an_unreachable_rendezvous_stops_the_evaluator_within_the_connect_timeout(tmp_path):
+    """A wrong MASTER_ADDR/MASTER_PORT under torchrun: rank 1 stops in seconds with the address it tried (not
+    after torch's 30-minute default), exit status 2."""
+    import time
+
+    images = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", arr_0=images)
+    port = free_port()  # nobody listens there
+    env = clean_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                    PAG_DIST_CONNECT_TIMEOUT_SECONDS="2")
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "evaluations/evaluator.py", str(tmp_path / "a.npz"), str(tmp_path / "a.npz"),
+                          "--allow-random-weights"], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 2, out.stderr
+    assert time.monotonic() - started < 60
+    assert f"127.0.0.1:{port}" in out.stderr and "PAG_DIST_CONNECT_TIMEOUT_SECONDS" in out.stderr
+    assert "[rank 1] error: rank 1" in out.stderr
