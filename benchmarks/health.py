@@ -2,12 +2,12 @@
 three timesteps, against float32 with the same weights and TF32 off; no inf/NaN in any attention block's output or
 in eps, and eps within a stated tolerance."""
 
-import contextlib
 import copy
 
 import torch
 
 import pag
+from evaluations.features import full_float32  # the one float32-without-TF32 context
 from guided_diffusion.unet import attention_blocks
 from sampling.model_configs import load_model_config
 from sampling.models import set_compute_dtype
@@ -32,17 +32,6 @@ TOLERANCE_WHY = (
     "guided; bfloat16 (2^-8) <= 1.5e-2 and <= 4.7e-2; the bounds are 5 times that. Overflow or a wrong cast "
     "shows as inf/NaN or an error of order 1. Random weights keep activations small (see max abs attention "
     "output): overflow that only trained weights provoke needs --model_dir with the official checkpoints.")
-
-
-@contextlib.contextmanager
-def exact_float32():
-    """float32 without TF32 (cuDNN convolutions use TF32 by default on Ampere and later)."""
-    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
 
 
 def _hooks(networks):
@@ -117,7 +106,7 @@ def check_health(device, profile, tiny, num_channels, model_dir, seed, dtype):
                 finally:
                     for handle in handles:
                         handle.remove()
-                with exact_float32():
+                with full_float32():
                     eps32 = _guided_eps(model32, classifier32, diffusion, method, x, t, y, row_seeds)
                 finite = bool(torch.isfinite(eps_low).all())
                 diff = (eps_low - eps32) if finite else None
