@@ -104,7 +104,7 @@ def main(argv=None):
 
     from sampling.allocator import tune_cpu_allocator
     from sampling.models import load_models
-    from sampling.plan import resolve_device
+    from sampling.process import resolve_device
 
     from . import TraceOptions, analyze
 

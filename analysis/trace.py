@@ -1,7 +1,8 @@
 """Per-step quantities of guided sampling: what every guidance term contributes, and what attention looks like.
 
-:func:`trace` samples the given sample indices exactly as ``sampling.Sampler`` does (the same x_T, labels, step
-noise and perturbation row seeds from ``sampling.sampler.sample_seeds``, so the final images are the sampler's)
+:func:`trace` samples the given sample indices exactly as ``sampling.Sampler`` does (x_T, labels, step noise and
+perturbation row seeds drawn by the sampler's own ``sampling.sampler.sample_draws``, so the final images are the
+sampler's)
 and records, at every step:
 
 * the guidance terms, read through ``GuidedModel.observer`` (the formula stays in ``pag.guidance``): PAG's
@@ -35,8 +36,7 @@ from guided_diffusion.attention import attention_map
 from guided_diffusion.unet import attention_blocks
 from pag.guidance import guidance_step
 from sampling.images import to_uint8_nhwc
-from sampling.models import build_diffusion
-from sampling.sampler import sample_labels, sample_seeds
+from sampling.sampler import sample_draws
 
 STATS = ("pag_scale", "eps_rms", "pag_rms", "sag_rms", "cg_rms", "cos_pag_cg", "guidance_share")
 IMAGES = ("x_t", "x0_clean", "x0_perturbed", "x0_guided", "pag_term")
@@ -217,7 +217,7 @@ def trace(settings, models, device, indices, config=None, options=None):
     per-step quantities described in this module's docstring. Returns a :class:`Trace`.
 
     settings: a ``sampling.RunSettings`` (model, diffusion, seed, sampler, batch size); models: its
-    ``sampling.load_models`` result; device: a torch device.
+    ``sampling.load_models`` result (its diffusion is used); device: a torch device.
     """
     config = settings.guidance if config is None else config
     options = options or TraceOptions()
@@ -225,7 +225,7 @@ def trace(settings, models, device, indices, config=None, options=None):
     if not indices:
         raise ValueError("trace needs at least one sample index")
     strip_rows = list(range(len(indices))) if options.strip_rows is None else list(options.strip_rows)
-    diffusion = build_diffusion(settings)
+    diffusion = models.diffusion
     steps = diffusion.num_timesteps
     timestep_map = list(getattr(diffusion, "timestep_map", range(steps)))
     shown = shown_step_numbers(steps, options.shown_steps)
@@ -256,22 +256,11 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
     """One batch of samples through the whole loop; returns per-step arrays for these samples."""
     s = settings
     model = models.model
-    seeds = [sample_seeds(s.sampling.seed, i) for i in indices]
-    generators = [th.Generator(device=device).manual_seed(noise_seed) for noise_seed, _, _ in seeds]
     batch = len(indices)
-
-    def randn_like(x):  # as sampling.Sampler: row j's noise from sample indices[j]'s generator, in draw order
-        noise = [th.randn(tuple(x.shape[1:]), generator=g, device=device) for g in generators]
-        return th.stack(noise).to(x.dtype)
-
-    row_seeds = th.tensor([r for _, _, r in seeds], dtype=th.long, device=device)  # as sampling.Sampler
-    model_kwargs = {"row_seeds": row_seeds}
     classifier = models.classifier
-    with_labels = bool(s.model.class_cond or classifier is not None)
-    labels = None
-    if with_labels:
-        labels = sample_labels(s.sampling.seed, indices, s.sampling.num_classes)
-        model_kwargs["y"] = th.from_numpy(labels).to(device)
+    draws = sample_draws(s, indices, device, with_labels=bool(s.model.class_cond or classifier is not None))
+    randn_like, model_kwargs, labels = draws.randn_like, draws.model_kwargs, draws.labels
+    row_seeds = model_kwargs["row_seeds"]
     class_cond = s.model.class_cond
     net_kwargs = {"y": model_kwargs["y"]} if class_cond else {}
 
@@ -403,15 +392,12 @@ def perturbed_x0(settings, models, device, reference, kinds, params=None):
     config = reference.config
     values = dict(config.perturbation_params if params is None else params)
     model = models.model
-    diffusion = build_diffusion(settings)
+    diffusion = models.diffusion
     steps = diffusion.num_timesteps
     strip = reference.strip_indices
-    seeds = [sample_seeds(settings.sampling.seed, i) for i in strip]
-    row_seeds = tuple(r for _, _, r in seeds)
-    net_kwargs = {}
-    if settings.model.class_cond:
-        labels = sample_labels(settings.sampling.seed, strip, settings.sampling.num_classes)
-        net_kwargs["y"] = th.from_numpy(labels).to(device)
+    draws = sample_draws(settings, strip, device, with_labels=settings.model.class_cond)
+    row_seeds = draws.model_kwargs["row_seeds"]
+    net_kwargs = {"y": draws.model_kwargs["y"]} if settings.model.class_cond else {}
     out = {name: [] for name in ("clean", *kinds)}
     for j, step in enumerate(reference.shown):
         x = reference.images["x_t"][j].to(device)

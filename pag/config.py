@@ -55,8 +55,9 @@ class _GuidanceSettings:
     sag_scale: float = 0.0
     sag_layer: str = "output_blocks.2.1"
     sag_blur_sigma: float = 9.0
-    # Classifier guidance (upstream's --classifier_scale), applied after PAG/SAG through cond_fn.
-    classifier_scale: float = 0.0
+    # Classifier guidance (upstream's --classifier_scale and its default), applied after PAG/SAG through cond_fn
+    # and only with a classifier.
+    classifier_scale: float = 1.0
 
     def __post_init__(self):
         self.pag_layers = split_layer_list(self.pag_layers)

@@ -64,10 +64,10 @@ class GuidedModel:
     ``x``, which halves the activation memory after the prefix at some speed cost. Both give the same
     numbers up to float rounding.
 
-    Execution options (the same numbers up to float rounding; off by default, which runs the code above):
+    The wrapper never changes ``model`` (its dtype and memory layout are the builder's: ``sampling.models``, or
+    :func:`guide`'s ``channels_last`` for a caller with a plain model). Execution option (the same numbers up to
+    float rounding; off by default, which runs the code above):
 
-    * ``channels_last=True`` puts the model's 4D weights in channels-last memory format (in place: the
-      parameters change layout, not value), so convolutions run NHWC (what GPU tensor cores prefer).
     * ``compile=True`` (or a dict of ``torch.compile`` keywords, e.g. ``{"backend": "aot_eager"}``) compiles
       the two pieces every step runs: the shared prefix (``run(state, until=first perturbed stage)``) and
       the rest to the output (``finish(run(state))``: the batched or sequential continuation, unguided
@@ -82,7 +82,7 @@ class GuidedModel:
     and intervals read the per-row scale once per step.
     """
 
-    def __init__(self, model, config, diffusion=None, batch_passes=True, compile=False, channels_last=False):
+    def __init__(self, model, config, diffusion=None, batch_passes=True, compile=False):
         if not isinstance(config, GuidanceConfig):
             config = GuidanceConfig.from_dict(config)
         self.model = model
@@ -93,7 +93,6 @@ class GuidedModel:
         # sag = (eps on SAG's degraded input, per-row scale), each None when off at this call (analysis/trace.py).
         self.observer = None
         self.compiled = compile is not None and compile is not False  # True, or a dict ({} too)
-        self.channels_last = bool(channels_last)
         self.num_timesteps = getattr(diffusion, "original_num_steps", None) or getattr(
             diffusion, "num_timesteps", 1000
         )
@@ -116,9 +115,6 @@ class GuidedModel:
             self._alphas_cumprod = _alphas_cumprod_by_original_timestep(diffusion)
         # With PAG on, SAG's map is recorded in the shared prefix or, after it, in the clean continuation.
         self.sag_in_prefix = bool(self.sag_layer) and model.stage_of(self.sag_layer) < self.shared_stages
-        self._plain = not (self.compiled or self.channels_last)
-        if self.channels_last:
-            model.to(memory_format=th.channels_last)
         self._run_prefix, self._run_rest = self._prefix_plain, self._rest_plain
         if self.compiled:
             options = {} if compile is True else dict(compile)
@@ -134,7 +130,7 @@ class GuidedModel:
 
     def _forward(self, x, t, **model_kwargs):
         """The model's output (no guidance), through the compiled pieces when compiling."""
-        if self._plain:
+        if not self.compiled:
             return self.model(x, t, **model_kwargs)
         return self._run_rest(self.model.begin(x, t, **model_kwargs))
 
@@ -251,7 +247,11 @@ def guide(model, config, diffusion=None, batch_passes=True, compile=False, chann
     """Return ``model`` guided by ``config`` (a :class:`GuidanceConfig` or a mapping of its fields).
 
     ``diffusion`` is needed only by SAG (the noise schedule). With every scale 0 the result calls the
-    model once per step and returns its output unchanged. ``batch_passes``, ``compile``, ``channels_last``:
-    see :class:`GuidedModel`.
+    model once per step and returns its output unchanged. ``batch_passes``, ``compile``: see
+    :class:`GuidedModel`. ``channels_last=True`` first puts ``model``'s 4D weights in channels-last memory format
+    (in place: the parameters change layout, not value), so convolutions run NHWC (what GPU tensor cores
+    prefer); a caller that builds its model applies it there instead (``sampling.models``).
     """
-    return GuidedModel(model, config, diffusion, batch_passes, compile=compile, channels_last=channels_last)
+    if channels_last:
+        model.to(memory_format=th.channels_last)
+    return GuidedModel(model, config, diffusion, batch_passes, compile=compile)

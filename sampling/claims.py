@@ -24,7 +24,7 @@ class Claims:
     """This process's claims on shards (``shards/.claims/``) and the heartbeat thread that keeps them fresh."""
 
     def __init__(self, plan, rank):
-        self.dir = plan.claims_dir
+        self.dir = plan.layout.claims_dir
         self.rank = rank
         self.lease = float(plan.settings.runtime.claim_lease)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"

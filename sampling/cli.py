@@ -21,8 +21,8 @@ from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoint import CheckpointError
 from guided_diffusion.script_util import str2bool
 
-from .allocator import tune_cpu_allocator
 from .execute import DiskFullError, PeerFailedError, RunStopped
+from .process import start_process
 from .run import run
 from .sampler import NonFiniteError
 from .settings import HELP, SampleConfigError, read_yaml_mapping, resolve_settings, sample_defaults
@@ -109,32 +109,6 @@ def report_error(error, everywhere):
     print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
 
 
-def group_device(settings_list):
-    """The device the process group is made for (``dist_util.setup_dist(device=...)``): the runs' device when
-    they all name one, "cpu" when each names a CPU, else None (the local rank's GPU when CUDA is available)."""
-    names = {s.runtime.device or "" for s in settings_list}
-    if len(names) == 1:
-        return names.pop() or None
-    if "" not in names and all(th.device(name).type == "cpu" for name in names):
-        return "cpu"
-    return None
-
-
-def _start_group(settings_list):
-    """The process group for these runs, started once their settings are resolved (which needs no group)."""
-    try:
-        dist_util.setup_dist(device=group_device(settings_list))
-    except ValueError as e:  # a bad launcher or PAG_DIST_* variable: the same on every rank
-        raise dist_util.DistSetupError(str(e), everywhere=True) from None
-
-
-def _prepare_process(settings_list):
-    """Process-wide settings of a sampling process (entry points only)."""
-    if any((s.runtime.device or ("cuda" if th.cuda.is_available() else "cpu")).startswith("cpu")
-           for s in settings_list):
-        tune_cpu_allocator()  # large activations would page-fault in at every step
-
-
 class _StopOnSignal:
     """While active, SIGTERM (SLURM preemption, scancel, mpiexec forwarding it) and SIGINT raise
     :class:`RunStopped` in the main thread: the batch being sampled is dropped with the shard being written,
@@ -204,8 +178,7 @@ def main(argv=None, on_shard_written=None, on_shard_claimed=None):
 
     def body():
         settings = resolve_cli(argv)
-        _start_group([settings])
-        _prepare_process([settings])
+        start_process([settings])
         run(settings, on_shard_written=on_shard_written, on_shard_claimed=on_shard_claimed)
 
     return exit_code(body)
@@ -225,8 +198,7 @@ def sweep_main(argv=None):
                 raise SampleConfigError(f"the sweep would fail: {len(problems)} problem(s):\n  "
                                         + "\n  ".join(problems))
             return
-        _start_group([cell.settings for cell in cells])
-        _prepare_process([cell.settings for cell in cells])
+        start_process([cell.settings for cell in cells])
         run_sweep(sweep, cells)
 
     return exit_code(body)

@@ -33,11 +33,11 @@ from guided_diffusion import dist_util, logger
 from . import lock as run_lock
 from .claims import Claims
 from .images import save_grid
-from .plan import FAILED_DIR, PROGRESS_DIR
+from .layout import FAILED_DIR, PROGRESS_DIR, SHARD_DIR, shard_filename, shard_index
 from .record import write_run_record
 from .progress import Progress
 from .settings import SampleConfigError
-from .shards import SHARD_DIR, ShardError, merge_shards, reject_shard, shard_index
+from .shards import ShardError, merge_shards, reject_shard
 
 POLL_SECONDS = 0.5
 FIRST_NOTE_SECONDS = 30  # the first "waiting for" line (sooner with a claim_lease under 2 minutes)
@@ -159,47 +159,44 @@ class _WaitNotes:
 
 def _finish(plan, with_labels):
     """Rank 0: check the free space, merge the shards, draw the grid, remove the shards."""
-    shards = [plan.shard_path(k) for k in range(plan.num_shards)]
-    if not os.path.exists(plan.final_path):
+    shards = [plan.layout.shard_path(k) for k in range(plan.num_shards)]
+    if not os.path.exists(plan.layout.final_path):
         need = sum(os.path.getsize(p) for p in shards)
         free = _free_bytes(plan.out_dir)
         if free is not None and free < need + MERGE_MARGIN_BYTES:
             raise DiskFullError(
-                f"not enough space to merge the shards into {plan.final_path}: the merged file needs "
+                f"not enough space to merge the shards into {plan.layout.final_path}: the merged file needs "
                 f"{_megabytes(need)} (as much as the shards), {_megabytes(free)} are free; free "
                 f"{_megabytes(need + MERGE_MARGIN_BYTES - free)} more and rerun the same command (the shards are kept)")
         t0 = time.time()
         try:
-            shape = merge_shards(shards, plan.final_path, with_labels)
+            shape = merge_shards(shards, plan.layout.final_path, with_labels)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise DiskFullError(f"no space left on the device of {plan.out_dir} while merging into "
-                                    f"{plan.final_path} (it needs {_megabytes(need)}); free some space and rerun the "
+                                    f"{plan.layout.final_path} (it needs {_megabytes(need)}); free some space and rerun the "
                                     "same command (the shards are kept)") from None
             raise
-        logger.log(f"merged {plan.num_shards} shards into {plan.final_path} {shape} in {time.time() - t0:.1f}s")
-    grid = os.path.join(plan.out_dir, "grid.png")
+        logger.log(f"merged {plan.num_shards} shards into {plan.layout.final_path} {shape} in {time.time() - t0:.1f}s")
+    grid = plan.layout.grid_path
     if os.path.islink(grid) or not os.path.exists(grid):  # a link put there meanwhile is replaced, not followed
-        save_grid(NpzImages(plan.final_path).first(64), grid)
+        save_grid(NpzImages(plan.layout.final_path).first(64), grid)
     if not plan.settings.runtime.keep_shards:  # the claims go after the final barrier (a rank may still claim)
         for path in shards:
             if os.path.exists(path):
                 os.remove(path)
-        try:
-            os.rmdir(os.path.join(plan.out_dir, SHARD_DIR))
-        except OSError:
-            pass
+        plan.layout.remove_empty_shard_dir()
 
 
 def _sample_shard(plan, sampler, k, progress, still_mine=None, on_batch=None):
     """Sample shard k into its file (atomically). ``still_mine()`` is asked before the file is put in place;
     ``on_batch()`` is called after every batch (the claim's heartbeat goes on only while batches come)."""
-    start, end = plan.shard_bounds(k)
+    start, end = plan.layout.shard_bounds(k)
     size, batch_size = plan.settings.model.image_size, plan.settings.runtime.batch_size
     labels = []
     if still_mine is not None and not still_mine():
         raise _Superseded()
-    with NpzWriter(plan.shard_path(k)) as writer:
+    with NpzWriter(plan.layout.shard_path(k)) as writer:
         with writer.stream("arr_0", (end - start, size, size, 3), np.uint8) as out:
             for b in range(start, end, batch_size):
                 images, batch_labels = sampler.sample(list(range(b, min(b + batch_size, end))))
@@ -218,11 +215,11 @@ def _sample_shard(plan, sampler, k, progress, still_mine=None, on_batch=None):
 
 def _sample_claimed(plan, sampler, k, progress, claims, rank):
     """Sample the claimed shard k; False when another rank took it over meanwhile (this copy is dropped)."""
-    start, end = plan.shard_bounds(k)
+    start, end = plan.layout.shard_bounds(k)
     t0 = time.time()
     try:
         _sample_shard(plan, sampler, k, progress,
-                      still_mine=lambda: claims.owned(k) and not os.path.exists(plan.final_path),
+                      still_mine=lambda: claims.owned(k) and not os.path.exists(plan.layout.final_path),
                       on_batch=claims.progressed)
     except _Superseded:
         logger.log(f"shard {k + 1}/{plan.num_shards} was taken over by another rank while rank {rank} sampled it; "
@@ -233,7 +230,7 @@ def _sample_claimed(plan, sampler, k, progress, claims, rank):
             free = _free_bytes(plan.out_dir)
             need = (end - start) * plan.settings.model.image_size ** 2 * 3
             raise DiskFullError(
-                f"no space left on the device of {plan.out_dir} while writing {plan.shard_path(k)}: a shard needs "
+                f"no space left on the device of {plan.out_dir} while writing {plan.layout.shard_path(k)}: a shard needs "
                 f"about {_megabytes(need)}" + (f", {_megabytes(free)} are free" if free is not None else "")
                 + "; free some space and rerun the same command (finished shards are kept)") from None
         raise
@@ -247,15 +244,15 @@ def _sample_claimed(plan, sampler, k, progress, claims, rank):
 
 def _claim_next(plan, claims, order):
     """Claim the first shard of ``order`` that is neither on disk nor claimed: (k, note), or (None, None)."""
-    if os.path.exists(plan.final_path):  # merged (its shards may be gone already): nothing is left to sample
+    if os.path.exists(plan.layout.final_path):  # merged (its shards may be gone already): nothing is left to sample
         return None, None
     for k in order:
-        if os.path.exists(plan.shard_path(k)):
+        if os.path.exists(plan.layout.shard_path(k)):
             continue
         ok, note = claims.try_claim(k)
         if not ok:
             continue
-        if os.path.exists(plan.shard_path(k)) or os.path.exists(plan.final_path):  # finished just now
+        if os.path.exists(plan.layout.shard_path(k)) or os.path.exists(plan.layout.final_path):  # finished just now
             claims.release(k)
             continue
         return k, note
@@ -265,18 +262,14 @@ def _claim_next(plan, claims, order):
 def _verify_new(plan, verified):
     """Rank 0: verify shards that appeared since the last look; bad ones are moved aside (and sampled again)."""
     for k in range(plan.num_shards):
-        if k in verified or not os.path.exists(plan.shard_path(k)):
+        if k in verified or not os.path.exists(plan.layout.shard_path(k)):
             continue
         problem = plan.shard_problem(k)
         if problem:
-            target = reject_shard(plan.shard_path(k), problem)
-            logger.log(f"shard {shard_name(k)} rejected ({problem}): moved to {target}, it is sampled again")
+            target = reject_shard(plan.layout.shard_path(k), problem)
+            logger.log(f"shard {shard_filename(k)} rejected ({problem}): moved to {target}, it is sampled again")
         else:
             verified.add(k)
-
-
-def shard_name(k):
-    return f"shard_{k:06d}.npz"
 
 
 def _waiting_for(plan, verified, claims):
@@ -306,16 +299,16 @@ def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
         logger.log(note)
     if plan.complete:
         if rank == 0:
-            logger.log(f"{plan.final_path} exists: the run is complete")
+            logger.log(f"{plan.layout.final_path} exists: the run is complete")
             _finish(plan, with_labels=None)
         dist_util.barrier()
-        return plan.final_path
+        return plan.layout.final_path
     own = plan.remaining[rank::world]
     # Own share first, then every other shard: one verified by prepare may fail the merge and be sampled again.
     order = own + sorted(set(range(plan.num_shards)) - set(own))
     verified = {k for k in range(plan.num_shards) if k not in plan.remaining}  # checked by prepare
     notes = _WaitNotes(min(FIRST_NOTE_SECONDS, s.runtime.claim_lease / 4))  # before a stalled claim expires
-    watch = Rank0Watch(plan.out_dir, expected=plan.lock_held) if rank != 0 else None
+    watch = Rank0Watch(plan.out_dir, expected=True) if rank != 0 else None  # a plan exists: rank 0 holds the lock
     count = claimed = 0
     claims = None
     try:  # from here on a failure leaves a note in .failed/ that stops the other ranks
@@ -330,7 +323,7 @@ def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
         claims = Claims(plan, rank)
         while True:
             _raise_if_peer_failed(plan)
-            if rank != 0 and os.path.exists(plan.final_path):
+            if rank != 0 and os.path.exists(plan.layout.final_path):
                 break
             if watch is not None:
                 try:
@@ -367,7 +360,7 @@ def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
                 if len(verified) < plan.num_shards:
                     notes.maybe(lambda: _waiting_for(plan, verified, claims))
             else:
-                notes.maybe(lambda: f"rank 0 to merge the shards into {plan.final_path}")
+                notes.maybe(lambda: f"rank 0 to merge the shards into {plan.layout.final_path}")
             progress.refresh()
             time.sleep(POLL_SECONDS)
     except BaseException as e:
@@ -383,10 +376,7 @@ def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
         for name in (PROGRESS_DIR, FAILED_DIR):
             shutil.rmtree(os.path.join(plan.out_dir, name), ignore_errors=True)
         if not s.runtime.keep_shards:  # again: a rank taken over may have touched them after the merge
-            shutil.rmtree(plan.claims_dir, ignore_errors=True)
-            try:
-                os.rmdir(os.path.join(plan.out_dir, SHARD_DIR))
-            except OSError:
-                pass
-        logger.log(f"done: {plan.final_path}")
-    return plan.final_path
+            shutil.rmtree(plan.layout.claims_dir, ignore_errors=True)
+            plan.layout.remove_empty_shard_dir()
+        logger.log(f"done: {plan.layout.final_path}")
+    return plan.layout.final_path

@@ -25,9 +25,9 @@ import time
 
 from adm_common.files import link_text, read_json_mapping
 
+from .layout import LOCK_NAME
 from .settings import SampleConfigError
 
-LOCK_NAME = "lock"
 HEARTBEAT_SECONDS = 30.0
 FOREIGN_FRESH_SECONDS = 120.0  # a lock file of another host touched this recently is taken to be alive
 
@@ -77,6 +77,12 @@ def describe_holder(info):
             + (f" ({info['command']})" if info.get("command") else ""))
 
 
+def locked_error(out_dir, info, hint=""):
+    """The error of a run refused because the run of ``info`` holds ``out_dir``'s lock (also in dry runs)."""
+    return RunLockedError(f"{out_dir} is in use by another run: {describe_holder(info)} holds "
+                          f"{os.path.join(out_dir, LOCK_NAME)}. Wait for it to finish, or use another --out_dir{hint}")
+
+
 class RunLock:
     """An exclusive lock on ``out_dir/lock``; ``acquire()`` raises :class:`RunLockedError` when it is held."""
 
@@ -99,9 +105,7 @@ class RunLock:
                                  f"out_dir; remove it (rm {self.path}) and rerun")
 
     def _refused(self, info, hint=""):
-        return RunLockedError(
-            f"{self.out_dir} is in use by another run: {describe_holder(info)} holds {self.path}. Wait for it to "
-            f"finish, or use another --out_dir{hint}")
+        return locked_error(self.out_dir, info, hint)
 
     def acquire(self):
         import fcntl

@@ -7,7 +7,7 @@ import time
 
 from adm_common.files import atomic_write_text
 
-from .plan import PROGRESS_DIR
+from .layout import PROGRESS_DIR
 
 PLAIN_PROGRESS_SECONDS = 60  # progress lines when stderr is not a terminal
 

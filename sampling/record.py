@@ -19,9 +19,8 @@ import yaml
 from adm_common.files import atomic_write_text
 from guided_diffusion import dist_util
 
-from .settings import plain, read_yaml_mapping
-
-RECORD_NAME = "config.yaml"
+from .layout import RECORD_NAME
+from .settings import plain, read_yaml_mapping, sampler_label
 CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -75,9 +74,14 @@ def _session(plan, device):
 def write_run_record(plan, device):
     """``config.yaml``: identity (``settings``), ``run_id``, the first session's ``runtime`` (with the checkpoint
     paths, which are information only) and ``provenance``; each later session appends to ``sessions``. A record
-    from before run ids is brought up to date (checkpoint hashes, run id; its shards stay accepted)."""
+    from before run ids is brought up to date (checkpoint hashes, run id; its shards stay accepted).
+
+    ``sampler_label`` is the sampler as tables name it (``settings.sampler_label``): a table reads it, with the
+    other values it groups by (``pag_scale``, ``pag_layers``, ``perturbation``: in ``settings``, where they
+    apply), and derives none of them."""
     session = _session(plan, device)
-    if os.path.exists(plan.record_path):
+    record_path = plan.layout.record_path
+    if os.path.exists(record_path):
         doc = read_run_record(plan.out_dir)
         if doc.get("run_id") != plan.run_id:
             doc["settings"], doc["run_id"], doc["legacy_shards"] = plan.identity, plan.run_id, True
@@ -86,7 +90,8 @@ def write_run_record(plan, device):
                                                    command=" ".join(sys.argv)))
     else:
         doc = {"settings": plan.identity, "run_id": plan.run_id, "runtime": session, "provenance": provenance()}
+    doc["sampler_label"] = sampler_label(plan.settings)
     text = ("# Sampling run record (sampling/record.py). `settings` identify the run (with the checkpoints' content\n"
             "# hashes): the same out_dir is resumed only with the same settings; `run_id` is their hash, stored in\n"
             "# every shard. `runtime` is that of the first session, `sessions` lists the later ones.\n")
-    atomic_write_text(plan.record_path, text + yaml.safe_dump(plain(doc), sort_keys=True))
+    atomic_write_text(record_path, text + yaml.safe_dump(plain(doc), sort_keys=True))

@@ -1,32 +1,56 @@
-"""One sampling run from settings to npz: plan (under the run lock), load, sample, merge."""
+"""One sampling run, as one line of stages:
+
+1. settings, resolved and checked once (``sampling.settings``; pure);
+2. the process, started once by the entry point (``sampling.process``: group, device, allocator; ``sampling.cli``:
+   signals, exit codes);
+3. the networks, built once on the meta device and checked, then (when samples are left) materialised and loaded
+   (``sampling.models``);
+4. the plan, under the run lock: the out_dir's state, record, overwrite, shards (``sampling.plan``; no model code);
+5. the sampler, with what exists (``sampling.sampler``), carried out shard by shard and merged
+   (``sampling.execute``).
+
+A sweep (``sampling.sweep``) is the same line in a loop; checking every cell first is stage 4 with check_only.
+"""
 
 from guided_diffusion import dist_util, logger
 
 from . import lock as run_lock
 from .execute import execute
-from .models import load_models
-from .plan import prepare, resolve_device
+from . import models
+from .plan import prepare
+from .process import resolve_device
 from .sampler import Sampler
-from .sweep import configure_logging
 
 
-def run(settings, model_cache=None, model_wrapper=None, on_shard_written=None, on_shard_claimed=None):
-    """Sample ``settings`` (a checked ``RunSettings``) to completion; returns the npz path.
+def configure_logging(out_dir):
+    logger.configure(dir=out_dir, format_strs=["stdout", "log"], all_ranks=True)
+
+
+def make_sampler(plan, networks, device, cache=None, model_wrapper=None):
+    """The second half of stage 3 and stage 5's sampler: ``networks`` loaded on ``device`` (``cache``: networks
+    loaded for earlier runs of the same flags) and the :class:`Sampler` that uses them; None for a complete plan."""
+    if plan.complete:
+        return None
+    settings = plan.settings
+    if dist_util.get_rank() == 0:
+        m = settings.model
+        logger.log(f"loading {m.model_path}" + (f" and {m.classifier_path}" if m.classifier_path else ""))
+    return Sampler(settings, models.load_networks(networks, settings, device, cache), device,
+                   model_wrapper=model_wrapper)
+
+
+def run(settings, model_wrapper=None, on_shard_written=None, on_shard_claimed=None):
+    """Sample ``settings`` (a checked ``RunSettings``) to completion; returns the npz path. The entry point has
+    started the process (``sampling.process.start_process``; one process needs nothing started).
 
     ``model_wrapper``, ``on_shard_written`` and ``on_shard_claimed`` are seams for tests (see ``Sampler`` and
     ``execute``). The run lock of ``out_dir`` (taken by ``prepare`` on rank 0) is released when this returns or
     raises.
     """
-    dist_util.setup_dist()
     device = resolve_device(settings)
+    networks = models.build_networks(settings)  # every check that needs no weights, before out_dir is touched
     with run_lock.RunLocks() as locks:
-        plan = prepare(settings, device, locks=locks)
+        plan = prepare(settings, device.type, locks=locks)
         configure_logging(plan.out_dir)
-        sampler = None
-        if not plan.complete:
-            if dist_util.get_rank() == 0:
-                m = settings.model
-                logger.log(f"loading {m.model_path}" + (f" and {m.classifier_path}" if m.classifier_path else ""))
-            models = load_models(settings, device, model_cache)
-            sampler = Sampler(settings, models, device, model_wrapper=model_wrapper)
+        sampler = make_sampler(plan, networks, device, model_wrapper=model_wrapper)
         return execute(plan, sampler, on_shard_written=on_shard_written, on_shard_claimed=on_shard_claimed)

@@ -12,6 +12,9 @@ generator on the device (on CUDA: asynchronous launches, no host synchronisation
 tensor.
 """
 
+import dataclasses
+from typing import Callable, Optional
+
 import numpy as np
 import torch as th
 
@@ -20,8 +23,7 @@ from guided_diffusion import logger
 from guided_diffusion.script_util import NUM_CLASSES
 
 from .images import to_uint8_nhwc
-from .models import build_diffusion
-from .settings import SampleConfigError
+from .models import guide
 
 
 class NonFiniteError(RuntimeError):
@@ -40,31 +42,68 @@ def sample_labels(seed, indices, num_classes=NUM_CLASSES):
                     dtype=np.int64)
 
 
+def noise_fn(seed, indices, device):
+    """``randn_like(x)`` of the batch ``indices``: row j's noise comes from sample indices[j]'s generator on
+    ``device``, seeded with (seed, indices[j]), in draw order (x_T first, then each step's)."""
+    generators = [th.Generator(device=device).manual_seed(sample_seeds(seed, i)[0]) for i in indices]
+
+    def randn_like(x):
+        if x.shape[0] != len(generators):
+            raise RuntimeError(f"noise requested for {x.shape[0]} rows, the batch has {len(generators)}")
+        noise = th.empty(tuple(x.shape), device=device)  # float32, as th.randn draws
+        for row, g in zip(noise, generators):  # the same numbers as separate draws stacked
+            th.randn(tuple(x.shape[1:]), generator=g, device=device, out=row)
+        return noise.to(x.dtype)
+
+    return randn_like
+
+
+@dataclasses.dataclass
+class SampleDraws:
+    """Everything random about the samples ``indices`` of a run: their noise stream, their labels (None without)
+    and what the guided model gets (``row_seeds``, and ``y`` with labels), all on the sampling device."""
+
+    randn_like: Callable
+    labels: Optional[np.ndarray]
+    model_kwargs: dict
+
+
+def sample_draws(settings, indices, device, with_labels):
+    """The :class:`SampleDraws` of ``indices``: functions of (seed, index) only, so a sample does not depend on the
+    batch size, the number of processes or which process drew it. The one place a sample's randomness is made
+    (the sampler and ``analysis.trace`` both draw here)."""
+    seed = settings.sampling.seed
+    # On the device once per batch: random perturbations hash the row seeds there (and a tensor, unlike host ints,
+    # does not make torch.compile specialise on each batch's values).
+    model_kwargs = {"row_seeds": th.tensor([sample_seeds(seed, i)[2] for i in indices], dtype=th.long,
+                                           device=device)}
+    labels = None
+    if with_labels:
+        labels = sample_labels(seed, indices, settings.sampling.num_classes)
+        model_kwargs["y"] = th.from_numpy(labels).to(device)
+    return SampleDraws(noise_fn(seed, indices, device), labels, model_kwargs)
+
+
 def format_indices(indices, limit=20):
     shown = ", ".join(str(i) for i in indices[:limit])
     return shown + (f", ... ({len(indices)} in all)" if len(indices) > limit else "")
 
 
-# torch.compile keywords of ``--compile`` (tests choose a cheap backend here).
-COMPILE_OPTIONS = {}
-
-
 class Sampler:
-    """Draws samples by index: ``sample([i, j, ...]) -> (uint8 NHWC images, int64 labels or None)``.
+    """Draws samples by index: ``sample([i, j, ...]) -> (uint8 NHWC images, int64 labels or None)``, with the
+    networks it is given (``sampling.models``): it builds none. Networks loaded for other guidance settings (a
+    cached model shared by sweep cells, a test's) are guided by this run's here.
 
     ``model_wrapper(fn) -> fn`` wraps the guided model function (tests inject faults with it).
     """
 
-    def __init__(self, settings, models, device, model_wrapper=None):
+    def __init__(self, settings, networks, device, model_wrapper=None):
         self.settings = settings
         self.device = device
-        self.diffusion = build_diffusion(settings)
-        try:
-            guided = pag.guide(models.model, settings.guidance, diffusion=self.diffusion,
-                               compile=dict(COMPILE_OPTIONS) if settings.runtime.compile else False,
-                               channels_last=settings.runtime.channels_last)
-        except ValueError as e:
-            raise SampleConfigError(f"guidance settings: {e}") from None
+        self.diffusion = networks.diffusion
+        guided = networks.guided
+        if guided is None or guided.config != settings.guidance:
+            guided = guide(networks.model, settings, self.diffusion)
         class_cond = settings.model.class_cond
 
         def model_fn(x, t, y=None, **kwargs):
@@ -73,43 +112,24 @@ class Sampler:
 
         self.model_fn = model_wrapper(model_fn) if model_wrapper else model_fn
         self.cond_fn = None
-        if models.classifier is not None:
-            self.cond_fn = pag.classifier_cond_fn(models.classifier, settings.guidance.classifier_scale)
-        self.with_labels = bool(class_cond or models.classifier is not None)
+        if networks.classifier is not None:
+            self.cond_fn = pag.classifier_cond_fn(networks.classifier, settings.guidance.classifier_scale)
+        self.with_labels = bool(class_cond or networks.classifier is not None)
         if th.device(device).type == "cpu" and settings.compute_dtype == "float16":
             logger.log("note: the U-Net computes in float16 (use_fp16), which has no fast CPU kernels: about 70 "
                        "times slower than --dtype float32 or bfloat16 on the CPU (those change the samples)")
 
     def noise_fn(self, indices):
-        """``randn_like(x)`` of the batch ``indices``: row j's noise comes from sample indices[j]'s generator on
-        the sampling device, seeded with (seed, indices[j]), in draw order (x_T first, then each step's)."""
-        device = self.device
-        generators = [th.Generator(device=device).manual_seed(sample_seeds(self.settings.sampling.seed, i)[0])
-                      for i in indices]
+        """The noise stream of the batch ``indices`` (:func:`noise_fn`)."""
+        return noise_fn(self.settings.sampling.seed, indices, self.device)
 
-        def randn_like(x):
-            if x.shape[0] != len(generators):
-                raise RuntimeError(f"noise requested for {x.shape[0]} rows, the batch has {len(generators)}")
-            noise = th.empty(tuple(x.shape), device=device)  # float32, as th.randn draws
-            for row, g in zip(noise, generators):  # the same numbers as separate draws stacked
-                th.randn(tuple(x.shape[1:]), generator=g, device=device, out=row)
-            return noise.to(x.dtype)
-
-        return randn_like
+    def draws(self, indices):
+        return sample_draws(self.settings, indices, self.device, self.with_labels)
 
     def sample(self, indices):
         s, device = self.settings, self.device
-        seed = s.sampling.seed
-        seeds = [sample_seeds(seed, i) for i in indices]
+        draws = self.draws(indices)
         batch = len(indices)
-        randn_like = self.noise_fn(indices)
-        # On the device once per batch: random perturbations hash them there (and a tensor, unlike host ints,
-        # does not make torch.compile specialise on each batch's values).
-        model_kwargs = {"row_seeds": th.tensor([r for _, _, r in seeds], dtype=th.long, device=device)}
-        labels = None
-        if self.with_labels:
-            labels = sample_labels(seed, indices, s.sampling.num_classes)
-            model_kwargs["y"] = th.from_numpy(labels).to(device)
         loop = self.diffusion.ddim_sample_loop_progressive if s.sampling.use_ddim else \
             self.diffusion.p_sample_loop_progressive
         steps = self.diffusion.num_timesteps
@@ -118,8 +138,8 @@ class Sampler:
         sample = None
         first_bad_step = th.full((batch,), steps, dtype=th.long, device=device)  # per row; steps = never
         for step, out in enumerate(loop(self.model_fn, (batch, 3, size, size), clip_denoised=s.sampling.clip_denoised,
-                                        cond_fn=self.cond_fn, model_kwargs=model_kwargs, device=device,
-                                        randn_like=randn_like)):
+                                        cond_fn=self.cond_fn, model_kwargs=draws.model_kwargs, device=device,
+                                        randn_like=draws.randn_like)):
             sample = out["sample"]
             finite = th.isfinite(sample).flatten(1).all(dim=1)
             first_bad_step = th.where(finite, first_bad_step, first_bad_step.clamp(max=step))
@@ -131,4 +151,4 @@ class Sampler:
                 f"non-finite values in sample(s) {format_indices(bad)} at step {step + 1} of {steps} "
                 f"(timestep {timestep_map[steps - 1 - step]}); the run stopped, finished shards in "
                 f"{s.out_dir}/shards are intact")
-        return to_uint8_nhwc(sample), labels
+        return to_uint8_nhwc(sample), draws.labels

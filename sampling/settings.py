@@ -82,17 +82,13 @@ class RuntimeSettings:
     compile: bool = False  # torch.compile the U-Net's pieces (the same samples up to float rounding)
 
 
-def _run_guidance_defaults():
-    return pag.GuidanceConfig(classifier_scale=1.0)  # upstream's --classifier_scale default
-
-
 @dataclass
 class RunSettings:
     """Every setting of a run, by group. ``flat()`` gives them by flag name (the run record's form)."""
 
     model: ModelSettings = field(default_factory=ModelSettings)
     diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
-    guidance: pag.GuidanceConfig = field(default_factory=_run_guidance_defaults)
+    guidance: pag.GuidanceConfig = field(default_factory=pag.GuidanceConfig)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 

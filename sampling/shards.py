@@ -6,22 +6,19 @@ of its sample indices) and ``run_id`` (the run's identity hash). A shard is coun
 ``shards/rejected/`` with the reason beside it (:func:`reject_shard`) and sampled again.
 """
 
+import dataclasses
 import datetime
 import os
-import re
 import zipfile
+from typing import Optional, Tuple
 
 import numpy as np
 
 from adm_common.files import atomic_write_text, real_directory
 from adm_common.npz import NpzImages, NpzWriter, check_image_header, npz_header, npz_members
 
+from .layout import REJECTED_DIR, shard_filename  # noqa: F401 (shard_filename: where callers look for it)
 from .settings import SampleConfigError
-
-SHARD_DIR = "shards"
-REJECTED_DIR = "rejected"
-_SHARD_RE = re.compile(r"^shard_(\d{6,})\.npz$")
-
 
 class ShardError(ValueError):
     """A shard that cannot be used (damaged, foreign, of another layout); ``path`` names it."""
@@ -31,52 +28,46 @@ class ShardError(ValueError):
         self.path, self.reason = path, reason
 
 
-def shard_filename(index):
-    return f"shard_{index:06d}.npz"
+@dataclasses.dataclass(frozen=True)
+class ShardProblem:
+    """Why a shard on disk is not the one a run expects: ``reason`` for people (logs, ``rejected/``), and the
+    sample range the file holds when that range is what is wrong (a shard of another shard_size)."""
 
+    reason: str
+    stored_range: Optional[Tuple[int, int]] = None
 
-def shard_index(filename):
-    """The shard number of a shard file name, or None for other names."""
-    m = _SHARD_RE.match(filename)
-    return int(m.group(1)) if m else None
+    def __str__(self):
+        return self.reason
 
 
 def shard_problem(path, start, end, image_size, run_id, allow_without_run_id=False):
-    """Why the shard at ``path`` is not shard [start, end) of run ``run_id`` (None when it is): every zip member's
-    CRC (the whole file is read), ``arr_0``'s header, ``sample_range`` and ``run_id``."""
+    """Why the shard at ``path`` is not shard [start, end) of run ``run_id``: a :class:`ShardProblem`, or None when
+    it is. Checks every zip member's CRC (the whole file is read), ``arr_0``'s header, ``sample_range`` and
+    ``run_id``."""
     try:
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
             if bad is not None:
-                return f"damaged: the CRC check of {bad} failed"
+                return ShardProblem(f"damaged: the CRC check of {bad} failed")
             members = npz_members(zf)
         shape, dtype = npz_header(path, "arr_0")
         with np.load(path, allow_pickle=False) as npz:
-            stored_range = [int(v) for v in npz["sample_range"]] if "sample_range" in members else None
+            stored = tuple(int(v) for v in npz["sample_range"]) if "sample_range" in members else None
             stored_id = str(npz["run_id"][0]) if "run_id" in members else None
     except Exception as e:  # a damaged zip shows up as several exception types
-        return f"unreadable ({type(e).__name__}: {e})"
+        return ShardProblem(f"unreadable ({type(e).__name__}: {e})")
     if stored_id is None and not allow_without_run_id:
-        return "it has no run_id (it was not written by this run)"
+        return ShardProblem("it has no run_id (it was not written by this run)")
     if stored_id is not None and stored_id != run_id:
-        return f"written by another run (run_id {stored_id[:12]}..., this run's is {run_id[:12]}...)"
-    if stored_range is None:
-        return "it has no sample_range"
-    if stored_range != [start, end]:
-        return (f"it holds samples {stored_range[0]}-{stored_range[1] - 1}, this run's shard holds {start}-{end - 1} "
-                "(another num_samples or shard_size)")
+        return ShardProblem(f"written by another run (run_id {stored_id[:12]}..., this run's is {run_id[:12]}...)")
+    if stored is None:
+        return ShardProblem("it has no sample_range")
+    if stored != (start, end):
+        return ShardProblem(f"it holds samples {stored[0]}-{stored[1] - 1}, this run's shard holds {start}-{end - 1} "
+                            "(another num_samples or shard_size)", stored)
     if dtype != np.uint8 or shape != (end - start, image_size, image_size, 3):
-        return f"arr_0 is {dtype} {shape}, expected uint8 {(end - start, image_size, image_size, 3)}"
+        return ShardProblem(f"arr_0 is {dtype} {shape}, expected uint8 {(end - start, image_size, image_size, 3)}")
     return None
-
-
-def stored_range(path):
-    """A shard's ``sample_range`` as [start, end], or None when it cannot be read."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return [int(v) for v in npz["sample_range"]]
-    except Exception:
-        return None
 
 
 def reject_shard(path, reason):

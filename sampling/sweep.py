@@ -32,17 +32,16 @@ import os
 import re
 from typing import Any, Dict, List, Optional
 
-from adm_common.npz import samples_filename
 from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoint import CheckpointError
 
 from . import lock as run_lock
+from .layout import RunLayout, shard_index
+from .models import build_networks
+from .plan import out_dir_state, prepare
+from .process import resolve_device
 from .execute import execute
-from .models import check_run, load_models
-from .plan import existing_run_files, prepare, record_differences, refuse_links, resolve_device
-from .plan import run_identity
-from .record import RECORD_NAME, read_run_record
-from .sampler import Sampler
+from .run import configure_logging, make_sampler
 from .settings import (
     SampleConfigError,
     check_keys,
@@ -53,7 +52,6 @@ from .settings import (
     suggest,
     to_command,
 )
-from .shards import SHARD_DIR, shard_index
 from .sweep_evaluation import after_runs, check_evaluation, evaluation_markers
 
 SWEEP_KEYS = ("out_dir", "base", "grid", "ref_batch", "evaluation", "name", "anchors")
@@ -198,48 +196,25 @@ def expand(sweep, overwrite=False):
 
 def cell_status(cell):
     """'complete', 'k/n shards', or 'new' (read from the file system only)."""
-    s = cell.settings
-    size, num_samples = s.model.image_size, s.sampling.num_samples
-    if os.path.exists(os.path.join(cell.out_dir, samples_filename(num_samples, size, size))):
+    layout = RunLayout.of(cell.settings)
+    if os.path.exists(layout.final_path):
         return "complete"
-    shard_dir = os.path.join(cell.out_dir, SHARD_DIR)
-    total = -(-num_samples // s.sampling.shard_size)
-    done = 0
-    if os.path.isdir(shard_dir):
-        done = sum(1 for n in os.listdir(shard_dir) if shard_index(n) is not None and shard_index(n) < total)
-    return f"{done}/{total} shards" if done else "new"
+    done = sum(1 for name in layout.shard_files() if shard_index(name) < layout.num_shards)
+    return f"{done}/{layout.num_shards} shards" if done else "new"
 
 
 def check_cell(cell):
-    """What a real run would refuse in this cell, found without writing anything: (problems, notes)."""
+    """What a real run would refuse in this cell, found without taking its lock: (problems, notes). The same
+    checks as a run's: its networks (:func:`sampling.models.build_networks`), its out_dir
+    (:func:`sampling.plan.out_dir_state`)."""
     s = cell.settings
-    try:
-        check_run(s)
-    except (SampleConfigError, CheckpointError) as e:
-        return [str(e)], []
     notes = [f"warning: {w}" for w in settings_warnings(s)]
-    if not os.path.isdir(cell.out_dir):
-        return [], notes
     try:
-        refuse_links(cell.out_dir)
-    except SampleConfigError as e:
+        build_networks(s)
+        state = out_dir_state(s, resolve_device(s).type, lock_held=False)
+    except (SampleConfigError, CheckpointError) as e:
         return [str(e)], notes
-    holder = run_lock.probe(cell.out_dir)
-    if holder is not None:
-        return [f"{cell.out_dir} is in use by another run: {run_lock.describe_holder(holder)}"], notes
-    if os.path.exists(os.path.join(cell.out_dir, RECORD_NAME)):
-        ident = run_identity(s, resolve_device(s).type)
-        diffs = record_differences(read_run_record(cell.out_dir).get("settings") or {}, ident, s)
-        if diffs and not s.runtime.overwrite:
-            return [f"{cell.out_dir} holds a run with a different configuration ({'; '.join(diffs)}); "
-                    "--overwrite would replace it"], notes
-        if diffs:
-            notes.append(f"--overwrite replaces the run there ({'; '.join(diffs)})")
-    elif existing_run_files(cell.out_dir):
-        if not s.runtime.overwrite:
-            return [f"{cell.out_dir} holds samples but no config.yaml"], notes
-        notes.append("--overwrite removes the samples there (no config.yaml)")
-    return [], notes
+    return [], notes + state.overwrite_notes()
 
 
 def check_cells(sweep, cells, evaluate_fn=None):
@@ -283,44 +258,41 @@ def describe(sweep, cells, checks=None):
 
 
 def run_sweep(sweep, cells, evaluate_fn=None, table_fn=None, model_wrapper=None):
-    """Check every cell, then sample them in turn (collective), then :func:`after_runs`. Returns run dirs."""
-    dist_util.setup_dist()
+    """Every cell through a run's line of stages (collective): first every cell's networks and out_dir checked and
+    locked (a plan with check_only), then each cell planned, sampled and merged, then :func:`after_runs`. The
+    entry point has started the process (``sampling.process.start_process``). Returns the cells' out_dirs."""
     check_evaluation(sweep, evaluate_fn)
     with run_lock.RunLocks() as locks:
         return _run_cells(sweep, cells, evaluate_fn, table_fn, model_wrapper, locks)
 
 
-def _run_cells(sweep, cells, evaluate_fn, table_fn, model_wrapper, locks):
-    devices = [resolve_device(cell.settings) for cell in cells]
-    # Every setting of every cell (meta-device model, layers, checkpoints), every out_dir and run record, and
-    # the run locks, before anything of any cell is deleted (--overwrite), loaded or sampled.
-    for cell, device in zip(cells, devices):
+def _for_each_cell(stage, cells, *columns):
+    """``stage(cell, *values)`` for every cell and its values in ``columns``, an error naming its cell."""
+    results = []
+    for cell, *values in zip(cells, *columns):
         try:
-            prepare(cell.settings, device, check_only=True, locks=locks)
+            results.append(stage(cell, *values))
         except (SampleConfigError, CheckpointError) as e:
             raise type(e)(f"cell {cell.name}: {e}") from None
+    return results
+
+
+def _run_cells(sweep, cells, evaluate_fn, table_fn, model_wrapper, locks):
+    devices = {cell.name: resolve_device(cell.settings) for cell in cells}
+    # Every setting of every cell (meta-device networks, layers, checkpoints), every out_dir and run record, and
+    # the run locks, before anything of any cell is deleted (--overwrite), loaded or sampled.
+    networks = _for_each_cell(lambda cell: build_networks(cell.settings), cells)
+    _for_each_cell(lambda cell: prepare(cell.settings, devices[cell.name].type, check_only=True, locks=locks), cells)
     # Every cell's lock is ours now, so no other sweep of these cells runs: the evaluation markers of an earlier
     # one go, before the next collective (no rank then sees a stale marker). A sweep refused above leaves them.
     if dist_util.get_rank() == 0:
         for path in evaluation_markers(sweep):
             if os.path.lexists(path):  # a link: the link itself
                 os.remove(path)
-    plans = []
-    for cell, device in zip(cells, devices):
-        try:
-            plans.append(prepare(cell.settings, device, locks=locks))
-        except (SampleConfigError, CheckpointError) as e:
-            raise type(e)(f"cell {cell.name}: {e}") from None
-    cache, samplers = {}, []
-    for cell, plan, device in zip(cells, plans, devices):  # then model flags and guidance layers
-        if plan.complete:
-            samplers.append(None)
-            continue
-        try:
-            models = load_models(cell.settings, device, cache)
-            samplers.append(Sampler(cell.settings, models, device, model_wrapper=model_wrapper))
-        except (SampleConfigError, CheckpointError) as e:
-            raise type(e)(f"cell {cell.name}: {e}") from None
+    plans = _for_each_cell(lambda cell: prepare(cell.settings, devices[cell.name].type, locks=locks), cells)
+    cache = {}  # cells of the same model flags share the loaded network
+    samplers = _for_each_cell(lambda cell, plan, cell_networks: make_sampler(
+        plan, cell_networks, devices[cell.name], cache, model_wrapper), cells, plans, networks)
     for i, (cell, plan, sampler) in enumerate(zip(cells, plans, samplers)):
         configure_logging(cell.out_dir)
         if dist_util.get_rank() == 0:
@@ -329,7 +301,3 @@ def _run_cells(sweep, cells, evaluate_fn, table_fn, model_wrapper, locks):
     logger.configure(dir=sweep.out_dir, format_strs=["stdout", "log"])
     after_runs(cells, sweep, evaluate_fn, table_fn)
     return [cell.out_dir for cell in cells]
-
-
-def configure_logging(out_dir):
-    logger.configure(dir=out_dir, format_strs=["stdout", "log"], all_ranks=True)

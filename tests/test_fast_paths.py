@@ -14,8 +14,8 @@ import pag
 import sampling
 from benchmarks.end_to_end import HostReads  # host reads of tensor values (each waits for a GPU)
 from guided_diffusion import script_util as su
-from sampling import plan as run_plan
-from sampling import sampler as sampler_module
+from sampling import process as process_module
+from sampling import models as models_module
 from sampling.models import load_models, set_compute_dtype
 from sampling.settings import build_settings, config_differences, sample_defaults
 
@@ -128,7 +128,7 @@ def test_compiled_sampler_matches_and_compiles_once_per_kind_of_call(ckpt, tmp_p
     expected, _ = plain.sample([0, 1])
 
     counter = CompileCounter()  # a backend that counts the graphs it is given and runs them as they are
-    monkeypatch.setattr(sampler_module, "COMPILE_OPTIONS", {"backend": counter})
+    monkeypatch.setattr(models_module, "COMPILE_OPTIONS", {"backend": counter})
     fast_settings = settings_for(ckpt, tmp_path, compile=True, channels_last=True)
     fast = sampling.Sampler(fast_settings, load_models(fast_settings, device), device)
     calls = []
@@ -194,11 +194,11 @@ def test_no_device_reads_per_sample_and_tensors_on_the_device(ckpt, tmp_path):
 
 def test_each_rank_samples_on_its_local_rank_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(run_plan.dist_util, "dev", lambda: torch.device("cuda", 3))
+    monkeypatch.setattr(process_module.dist_util, "dev", lambda: torch.device("cuda", 3))
     base = settings_for("m.pt", "out")
     for name, expected in (("", "cuda:3"), ("cuda", "cuda:3"), ("cuda:1", "cuda:1"), ("cpu", "cpu")):
         s = dataclasses.replace(base, runtime=dataclasses.replace(base.runtime, device=name))
-        assert str(run_plan.resolve_device(s)) == expected
+        assert str(process_module.resolve_device(s)) == expected
 
 
 # ------------------------------------------------------------------------------------------ settings

@@ -765,9 +765,10 @@ def claims_plan(tmp_path, lease=600.0):
     import types
 
     out_dir = tmp_path / "run"
-    return types.SimpleNamespace(
+    layout = types.SimpleNamespace(
         claims_dir=str(out_dir / "shards" / ".claims"), final_path=str(out_dir / "samples_8x32x32x3.npz"),
-        shard_path=lambda k: str(out_dir / "shards" / shard_files.shard_filename(k)),
+        shard_path=lambda k: str(out_dir / "shards" / shard_files.shard_filename(k)))
+    return types.SimpleNamespace(layout=layout, **vars(layout),
         settings=types.SimpleNamespace(runtime=types.SimpleNamespace(claim_lease=lease)))
 
 

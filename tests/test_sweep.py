@@ -189,7 +189,7 @@ def test_sweep_rerun_resumes_without_sampling_or_reevaluating(finished_sweep, mo
     before = {d: (Path(d) / "samples_4x32x32x3.npz").read_bytes() for d in run_dirs}
     n_eval = len(calls["evaluate"])
     monkeypatch.setattr(sampling.Sampler, "sample", lambda *a: pytest.fail("a finished cell was sampled again"))
-    monkeypatch.setattr(sweep, "load_models", lambda *a: pytest.fail("models loaded for finished cells"))
+    monkeypatch.setattr(sampling.models, "load_networks", lambda *a: pytest.fail("models loaded for finished cells"))
     assert sweep.run_sweep(cfg, sweep.expand(cfg), evaluate_fn=evaluate, table_fn=make_table) == run_dirs
     assert len(calls["evaluate"]) == n_eval  # eval.json is newer than the samples
     assert len(calls["table"]) == 2
