@@ -111,6 +111,10 @@ class RunSettings:
         ident.pop("dtype", None)
         if self.compute_dtype != ("float16" if self.model.use_fp16 else "float32"):
             ident["dtype"] = self.compute_dtype
+        if self.guidance.uses_pag and PERTURBATIONS[self.guidance.perturbation].random:
+            # Random kinds draw afresh at every step since 2026-12 (one draw per sample before): shards of the
+            # two definitions must not be merged, so runs recorded before are not resumed (--overwrite).
+            ident["perturbation_draws"] = RANDOM_DRAWS_VERSION
         return plain(ident)
 
     @property
@@ -129,6 +133,7 @@ class RunSettings:
 
 
 GROUPS = ("model", "diffusion", "guidance", "sampling", "runtime")
+RANDOM_DRAWS_VERSION = "per step, on the device"  # how random perturbations draw (pag.perturbations._RowRandom)
 NOT_IN_IDENTITY = ("num_samples", "shard_size", "model_path", "classifier_path")
 CLASSIFIER_FLAGS = tuple(k for k in classifier_defaults() if k != "image_size")
 HELP = dict(

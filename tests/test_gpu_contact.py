@@ -235,3 +235,19 @@ def test_random_perturbation_changes_from_step_to_step_in_a_guided_model():
     assert torch.equal(seen[0], seen[2])  # the same (seed, sample, step): the same mask
     assert (seen[0] - seen[1]).abs().max() > 1e-3  # another step: another mask (the input is the same)
     assert math.isfinite(float(seen[1].abs().max()))
+
+
+def test_runs_of_random_kinds_recorded_before_per_step_draws_are_not_resumed():
+    """A random kind's shards drawn once per sample (before 2026-12) must not be merged with per-step ones: the run
+    identity names the draws, so an old record differs; deterministic kinds keep their identity (and resume)."""
+    from sampling.settings import build_settings, config_differences, sample_defaults
+
+    def identity(**values):
+        flags = dict(sample_defaults(), **FLAGS, model_path="m.pt", out_dir="out", pag_scale=3.0, pag_layers=LAYERS)
+        return build_settings(dict(flags, **values)).identity("cpu")
+
+    new = identity(perturbation="random_mask")
+    old = {k: v for k, v in new.items() if k != "perturbation_draws"}
+    assert config_differences(old, new) == ["perturbation_draws: <unset> there, 'per step, on the device' now"]
+    assert "perturbation_draws" not in identity(perturbation="identity")
+    assert "perturbation_draws" not in identity(perturbation="random_mask", pag_scale=0.0)  # PAG off: unused
