@@ -32,6 +32,7 @@ import os
 import re
 from typing import Any, Dict, List, Optional
 
+from adm_common.files import link_text
 from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoint import CheckpointError
 
@@ -203,6 +204,15 @@ def cell_status(cell):
     return f"{done}/{layout.num_shards} shards" if done else "new"
 
 
+def refuse_linked_cell(cell):
+    """A cell's directory is the sweep's to make: a symbolic link there would take the cell's lock, record and
+    shards elsewhere, and --overwrite would delete what it points to. (A run's own --out_dir, or the sweep's
+    out_dir, may be a link: the user's choice.)"""
+    if os.path.islink(cell.out_dir):
+        raise SampleConfigError(f"{link_text(cell.out_dir)}; a sweep makes its cells' directories itself: remove the "
+                                "link (or give the sweep another out_dir)")
+
+
 def check_cell(cell):
     """What a real run would refuse in this cell, found without taking its lock: (problems, notes). The same
     checks as a run's: its networks (:func:`sampling.models.build_networks`), its out_dir
@@ -210,6 +220,7 @@ def check_cell(cell):
     s = cell.settings
     notes = [f"warning: {w}" for w in settings_warnings(s)]
     try:
+        refuse_linked_cell(cell)
         build_networks(s)
         state = out_dir_state(s, resolve_device(s).type, lock_held=False)
     except (SampleConfigError, CheckpointError) as e:
@@ -281,6 +292,7 @@ def _run_cells(sweep, cells, evaluate_fn, table_fn, model_wrapper, locks):
     devices = {cell.name: resolve_device(cell.settings) for cell in cells}
     # Every setting of every cell (meta-device networks, layers, checkpoints), every out_dir and run record, and
     # the run locks, before anything of any cell is deleted (--overwrite), loaded or sampled.
+    _for_each_cell(refuse_linked_cell, cells)
     networks = _for_each_cell(lambda cell: build_networks(cell.settings), cells)
     _for_each_cell(lambda cell: prepare(cell.settings, devices[cell.name].type, check_only=True, locks=locks), cells)
     # Every cell's lock is ours now, so no other sweep of these cells runs: the evaluation markers of an earlier

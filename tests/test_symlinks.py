@@ -307,6 +307,23 @@ def test_sweep_and_its_evaluation_never_write_through_links(ckpt, tmp_path, caps
     out = tmp_path / "out"
     config = write_sweep(tmp_path / "s.yaml", ckpt, out, cache, ref)
 
+    # A cell's directory itself a link (to a finished run elsewhere): refused, also with --overwrite, which would
+    # otherwise delete that run's samples through the link.
+    victim_run = tmp_path / "victim_run"
+    victim_run.mkdir()
+    for name in ("config.yaml", FINAL, "log.txt"):
+        (victim_run / name).write_bytes(b"another user's " + name.encode())
+    before = snapshot(victim_run)
+    os.symlink(victim_run, out / "pag_scale-2")
+    assert cli.sweep_main([str(config), "--dry-run"]) == 2
+    assert f"{out / 'pag_scale-2'} is a symbolic link (to {victim_run})" in capsys.readouterr().out
+    for flags in ([], ["--overwrite"]):
+        assert cli.sweep_main([str(config), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{out / 'pag_scale-2'} is a symbolic link (to {victim_run})" in err, err
+        assert snapshot(victim_run) == before
+    os.unlink(out / "pag_scale-2")
+
     # A link in a cell, or at the table's directory: refused before sampling (the dry run says so too).
     for name in ("pag_scale-2/config.yaml", "pag_scale-0/shards", "table"):
         target = victims.plant(out / name, directory=name.endswith(("shards", "table")))
