@@ -14,7 +14,7 @@ import pag
 import sampling
 from adm_common.npz import NpzWriter
 from guided_diffusion import logger
-from guided_diffusion.script_util import create_model
+from conftest import TINY_MODEL_FLAGS
 from sampling import models as models_module
 from sampling import sweep
 from sampling.lock import RunLocks
@@ -22,26 +22,13 @@ from sampling.record import read_run_record, write_run_record
 from sampling.settings import RunSettings, resolve_settings, sample_defaults, sampler_label
 from sampling.shards import shard_problem
 
-MODEL_FLAGS = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2,2",
-                   attention_resolutions="16,8", num_head_channels=16, class_cond=True, learn_sigma=True)
+MODEL_FLAGS = TINY_MODEL_FLAGS  # the checkpoint of the `ckpt` fixture (conftest.py)
 
 
 @pytest.fixture(autouse=True)
 def _close_logs():
     yield
     logger.reset()
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.manual_seed(1)
-    model = create_model(**MODEL_FLAGS, use_scale_shift_norm=True)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    torch.save(model.state_dict(), path)
-    return path
 
 
 def settings_for(ckpt, out_dir, **values):

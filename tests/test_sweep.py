@@ -17,29 +17,16 @@ from sampling import cli, sweep, sweep_evaluation
 from sampling.settings import SampleConfigError
 
 from processes import clean_env
-from guided_diffusion.script_util import create_model
+from conftest import TINY_MODEL_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_FLAGS = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2,2",
-                   attention_resolutions="16,8", num_head_channels=16, class_cond=True, learn_sigma=True)
+MODEL_FLAGS = TINY_MODEL_FLAGS  # the checkpoint of the `ckpt` fixture (conftest.py)
 
 
 @pytest.fixture(autouse=True)
 def _close_logs():
     yield
     logger.reset()  # runs log into their out_dir: close it, later tests log elsewhere
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.manual_seed(1)
-    model = create_model(**MODEL_FLAGS, use_scale_shift_norm=True)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    torch.save(model.state_dict(), path)
-    return path
 
 
 def write_sweep(path, ckpt, out_dir, grid=None, **extra):

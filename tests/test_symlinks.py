@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from adm_common import files
 from adm_common.npz import NpzWriter
 from guided_diffusion import logger
-from guided_diffusion.script_util import create_model
+from conftest import TINY_MODEL_FLAGS
 from sampling import cli, lock, sweep
 from sampling.settings import SampleConfigError
 
@@ -32,8 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_FEATURES = ROOT / "checkpoints" / "demo" / "features_demo.pt"
 N, SHARD = 4, 2
 FINAL = f"samples_{N}x32x32x3.npz"
-MODEL_FLAGS = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2,2",
-                   attention_resolutions="16,8", num_head_channels=16, class_cond=True, learn_sigma=True)
+MODEL_FLAGS = TINY_MODEL_FLAGS  # the checkpoint of the `ckpt` fixture (conftest.py)
 VICTIM_BYTES = b"victim: must never change\n"
 pytestmark = pytest.mark.filterwarnings("ignore:Matrix is singular")  # FID of a handful of images
 
@@ -118,18 +116,6 @@ def _isolated(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     yield
     logger.reset()
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.manual_seed(1)
-    model = create_model(**MODEL_FLAGS, use_scale_shift_norm=True)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    torch.save(model.state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
