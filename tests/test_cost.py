@@ -1,5 +1,5 @@
 """The cost table (benchmarks/cost.py, make bench-cost): FLOPs counted on the meta device, attention included,
-no memory used, and the README's table is what the script prints."""
+no memory used, and the table of docs/reproduction.md is what the script prints."""
 
 import subprocess
 import sys
@@ -32,10 +32,10 @@ def test_the_readme_table_is_what_the_script_prints_without_memory_in_seconds():
                           text=True, timeout=120)
     wall = time.perf_counter() - started
     assert proc.returncode == 0, proc.stderr
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "reproduction.md").read_text()
     printed = proc.stdout.strip()
     assert printed.count("\n| 256x256_diffusion") == 12
-    assert printed in readme  # regenerate: python scripts/bench_cost.py, paste over the README's block
+    assert printed in readme  # regenerate: python scripts/bench_cost.py, paste over docs/reproduction.md's block
     stats = dict(item.split("=") for item in proc.stderr.strip().splitlines()[-1].split())
     assert float(stats["seconds"]) < 30 and wall < 60, (stats, wall)
     assert int(stats["grew_kib"]) < 512 * 1024, stats  # no model was materialised

@@ -199,12 +199,12 @@ def test_new_parameters_are_fields_flags_and_only_in_the_identity_of_runs_using_
 
 
 def test_readme_table_is_the_registry():
-    """The README's perturbation table is generated from the registry (docs cannot drift from the code)."""
+    """The perturbation table of docs/api.md is generated from the registry (docs cannot drift from the code)."""
     from pathlib import Path
 
     from pag.perturbations import registry_markdown
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
     assert registry_markdown() in readme
 
 
