@@ -146,7 +146,7 @@ analyze-demo: venv
 
 # FLOPs and GPU-hours of the paper's ADM runs (benchmarks/cost.py): counted with torch's FLOP counter on the meta
 # device (full-width models, no memory, seconds on a CPU); hours at an assumed share of the dense fp16 peak
-# (COST_FLAGS="--peak-fraction 0.3"). The README's cost table is its output.
+# (COST_FLAGS="--peak-fraction 0.3"). The cost table of docs/reproduction.md is its output.
 COST_FLAGS ?=
 
 .PHONY: bench-cost

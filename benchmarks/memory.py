@@ -7,7 +7,7 @@ cannot see: a kernel's internal workspace (flash attention's, cuDNN's) and the C
 and fragmentation, so a GPU's ``max_memory_allocated`` is somewhat higher. On ``meta`` the attention kernel is
 torch's math path, which materialises the (T x T) map that flash attention on a GPU does not.
 
-``python scripts/bench_memory.py`` prints :func:`memory_table` (the README quotes it).
+``python scripts/bench_memory.py`` prints :func:`memory_table` (docs/gpu.md quotes it).
 """
 
 import weakref

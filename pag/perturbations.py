@@ -3,7 +3,7 @@
 Each kind is one :class:`Perturbation` entry: its attention function ``(q, k, v) -> output`` (see
 ``guided_diffusion/attention.py`` for the shapes), which an attention block applies to the batch rows it is
 told to perturb, and the parameters it reads. Parameters are declared once in :data:`PARAMS` with their
-default, flag help and check; ``GuidanceConfig``'s fields, the sampling flags and the README's table are all
+default, flag help and check; ``GuidanceConfig``'s fields, the sampling flags and the table in docs/api.md are all
 generated from this registry, so a new kind is one :func:`register`-ed builder (plus its parameters) and its
 test.
 
@@ -417,7 +417,7 @@ RANDOM_DRAWS = ("Random: drawn on the device afresh at every denoising step, fro
 
 
 def registry_markdown():
-    """The README's table of perturbations and their parameters, generated from the registry."""
+    """The table of perturbations in docs/api.md and their parameters, generated from the registry."""
     lines = ["| perturbation | definition | parameters |", "|---|---|---|"]
     for entry in REGISTRY.values():
         params = ", ".join(f"`{p}` ({PARAMS[p].default!r})" for p in entry.params) or "-"
