@@ -42,11 +42,6 @@ def write_csv(path, columns, rows):
     return path
 
 
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 # ------------------------------------------------------------------------------------------- mosaics
 
 

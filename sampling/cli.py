@@ -10,6 +10,7 @@ finished ones are kept: rerun the same command to resume).
 
 import argparse
 import errno
+import os
 import signal
 import sys
 
@@ -21,7 +22,7 @@ from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoint import CheckpointError
 from guided_diffusion.script_util import str2bool
 
-from .execute import DiskFullError, PeerFailedError, RunStopped
+from .execute import DiskFullError, PeerFailedError, RunStopped, disk_full
 from .process import start_process
 from .run import run
 from .sampler import NonFiniteError
@@ -165,8 +166,8 @@ def exit_code(body):
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        report_error(f"no space left on the device of {e.filename or 'an output file'}; free some space and rerun "
-                     "the same command to resume (finished shards are kept)", everywhere=False)
+        path = e.filename or "an output file"
+        report_error(disk_full(os.path.dirname(path) or path, path), everywhere=False)
         return 1
     logger.reset()
     dist_util.cleanup_dist()

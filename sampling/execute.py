@@ -54,6 +54,16 @@ class DiskFullError(RuntimeError):
     """Not enough free space for a shard or the merged file; finished shards are kept."""
 
 
+def disk_full(directory, path, need=None, free=None, needer="it"):
+    """The one message for a full disk: where, the file being written, how much ``needer`` needs and how much is
+    free, and what to do."""
+    sizes = ([f"{needer} needs about {_megabytes(need)}"] if need is not None else []) + (
+        [f"{_megabytes(free)} are free"] if free is not None else [])
+    return DiskFullError(f"no space left on the device of {directory} while writing {path}"
+                         + (f": {', '.join(sizes)}" if sizes else "")
+                         + "; free some space and rerun the same command (finished shards are kept)")
+
+
 class RunStopped(BaseException):
     """The process got a termination signal (raised by the handler the entry point installs)."""
 
@@ -173,9 +183,7 @@ def _finish(plan, with_labels):
             shape = merge_shards(shards, plan.layout.final_path, with_labels)
         except OSError as e:
             if e.errno == errno.ENOSPC:
-                raise DiskFullError(f"no space left on the device of {plan.out_dir} while merging into "
-                                    f"{plan.layout.final_path} (it needs {_megabytes(need)}); free some space and rerun the "
-                                    "same command (the shards are kept)") from None
+                raise disk_full(plan.out_dir, plan.layout.final_path, need, needer="the merged file") from None
             raise
         logger.log(f"merged {plan.num_shards} shards into {plan.layout.final_path} {shape} in {time.time() - t0:.1f}s")
     grid = plan.layout.grid_path
@@ -227,12 +235,9 @@ def _sample_claimed(plan, sampler, k, progress, claims, rank):
         return False
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            free = _free_bytes(plan.out_dir)
             need = (end - start) * plan.settings.model.image_size ** 2 * 3
-            raise DiskFullError(
-                f"no space left on the device of {plan.out_dir} while writing {plan.layout.shard_path(k)}: a shard needs "
-                f"about {_megabytes(need)}" + (f", {_megabytes(free)} are free" if free is not None else "")
-                + "; free some space and rerun the same command (finished shards are kept)") from None
+            raise disk_full(plan.out_dir, plan.layout.shard_path(k), need, _free_bytes(plan.out_dir),
+                            needer="a shard") from None
         raise
     finally:
         claims.release(k)

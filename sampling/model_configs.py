@@ -11,7 +11,6 @@ from .config_files import read_yaml_mapping
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 CONFIG_DIR = CONFIG_ROOT / "models"
-REFS_PATH = CONFIG_ROOT / "refs.yaml"
 DEFAULT_MODEL_DIR = Path("downloads") / "models"
 REQUIRED_KEYS = ("name", "kind", "flags")
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch as th
 
 import pag
-from guided_diffusion.checkpoint import check_state_dict, read_state_dict
+from guided_diffusion.checkpoint import CheckpointError, check_state_dict, read_state_dict
 from guided_diffusion.script_util import create_classifier, create_gaussian_diffusion, create_model
 
 from .checkpoint_files import check_checkpoint_path, is_url, local_path
@@ -81,13 +81,10 @@ def _check_fit(net, path, flag):
     if is_url(path):
         return
     try:
-        state = th.load(local_path(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # an old (non-zip) format, or unreadable: the real load reports it
+        state = read_state_dict(local_path(path), mmap=True)
+    except (CheckpointError, OSError):  # an old (non-zip) format, unreadable, not a state dict: the load reports it
         return
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if isinstance(state, dict) and all(isinstance(v, th.Tensor) for v in state.values()):
-        check_state_dict(net, state, source=f"--{flag} {path}")
+    check_state_dict(net, state, source=f"--{flag} {path}")
 
 
 def build_networks(settings):
