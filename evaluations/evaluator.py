@@ -35,6 +35,14 @@ from adm_common.files import atomic_write_text  # noqa: E402
 from adm_common.launch import detect_launch, local_rank_from_env  # noqa: E402
 from adm_common.rendezvous import DistSetupError  # noqa: E402
 from adm_common.npz import NpzImages  # noqa: E402
+from evaluations.bootstrap import (  # noqa: E402
+    BOOTSTRAP_SEED,
+    bootstrap,
+    check_bootstrap,
+    frechet_fn,
+    inception_score_fn,
+    precision_recall_fns,
+)
 from evaluations.features import (  # noqa: E402
     RANDOM_WEIGHTS_MARK,
     InceptionFeatures,
@@ -51,8 +59,8 @@ from evaluations.metrics import (  # noqa: E402
     check_pr_precision,
     frechet_distance,
     inception_score,
+    manifold_memberships,
     parse_metrics,
-    precision_recall,
 )
 from evaluations.reference import (  # noqa: E402
     FeatureUse,
@@ -90,6 +98,9 @@ class EvaluationSettings:
         ``allow_random_weights`` uses random networks where they are missing (numbers marked RANDOM-WEIGHTS).
     :param min_samples: batches with fewer images are refused (0 scores any size), unless every network has random
         weights.
+    :param bootstrap: 0, or K >= 2 resamples of the samples' features (the reference fixed) for an interval of
+        FID, sFID, IS, precision and recall (the result's ``"bootstrap"``; see ``evaluations/bootstrap.py`` for
+        the method and its cost); ``bootstrap_seed`` seeds the draws.
     """
 
     metrics: tuple = None
@@ -107,10 +118,13 @@ class EvaluationSettings:
     split_size: int = 5000
     k: int = 3
     min_samples: int = MIN_SAMPLES
+    bootstrap: int = 0
+    bootstrap_seed: int = BOOTSTRAP_SEED
 
     def __post_init__(self):
         object.__setattr__(self, "metrics", parse_metrics(self.metrics))
         check_pr_precision(self.pr_precision)
+        check_bootstrap(self.bootstrap)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
 
@@ -141,9 +155,12 @@ def evaluate(ref_path, sample_path, *, json_path=None, dist=None, extractor=None
     nets = _networks(s, _device(s.device, dist), extractor, dinov2_extractor)
     _check_sizes(s, nets, [images for images, _ in batches.values()])
     started = time.time()
-    uses = [FeatureUse.inception(net) if name == "inception" else FeatureUse(net) for name, net in nets.items()]
     feats = {}
     for name, (images, _) in batches.items():
+        # The bootstrap's sFID resamples the samples' spatial features, which are otherwise reduced to statistics.
+        keep_spatial = name == "sample" and bool(s.bootstrap) and "sfid" in s.metrics
+        uses = [FeatureUse.inception(net, keep_spatial) if net_name == "inception" else FeatureUse(net)
+                for net_name, net in nets.items()]
         out = image_features(images, uses, s.batch_size, s.cache_dir if name == "ref" or s.cache_samples else None,
                              s.progress, dist, desc="reference" if name == "ref" else "samples")
         feats[name] = out and dict(zip(nets, out))
@@ -217,7 +234,7 @@ def _check_sizes(s, nets, batches):
 def _scores(s, nets, batches, feats):
     """The requested metrics, each with the mark of the network that computed it; and how they were computed:
     ``(result, details)``, details holding each batch's ``statistics_from`` and the precision/recall blocks."""
-    result, details = {}, {}
+    result, details, intervals = {}, {}, None
     if "inception" in nets:
         ref, sample = feats["ref"]["inception"], feats["sample"]["inception"]
         if "fid" in s.metrics or "sfid" in s.metrics:
@@ -232,14 +249,27 @@ def _scores(s, nets, batches, feats):
             result["inception_score"] = inception_score(sample["logits"], split_size=s.split_size)
         if "pr" in s.metrics:
             blocks = []
-            result["precision"], result["recall"] = precision_recall(
-                ref["pool"], sample["pool"], k=s.k, device=nets["inception"].device, pr_precision=s.pr_precision,
-                block_log=blocks)
+            pr_options = {"k": s.k, "device": nets["inception"].device, "pr_precision": s.pr_precision}
+            members = manifold_memberships(ref["pool"], sample["pool"], block_log=blocks, **pr_options)
+            result["precision"] = float(members.sample_in_ref.mean())
+            result["recall"] = float(members.ref_in_sample.mean())
             details["pr_blocks"] = {p: sum(b[3] == p for b in blocks) for p in PR_PRECISIONS}
+        if s.bootstrap:
+            fns = {}
+            for key, suffix, output in (("fid", "", "pool"), ("sfid", "_s", "spatial")):
+                if key in s.metrics:
+                    fns[key] = frechet_fn(sample[output], ref_stats["mu" + suffix], ref_stats["sigma" + suffix])
+            if "is" in s.metrics:
+                fns["inception_score"] = inception_score_fn(sample["logits"], s.split_size)
+            if "pr" in s.metrics:
+                fns.update(precision_recall_fns(ref["pool"], sample["pool"], members, **pr_options))
+            intervals = bootstrap(fns, len(sample["logits"]), s.bootstrap, s.bootstrap_seed)
     if "dinov2" in nets:
         ref, sample = feats["ref"]["dinov2"], feats["sample"]["dinov2"]
         result["fd_dinov2"] = frechet_distance(sample["mu"], sample["sigma"], ref["mu"], ref["sigma"])
     result["marks"] = {key: nets[METRICS_BY_KEY[key].network].marker for key in result}  # the mark beside each
+    if intervals:
+        result["bootstrap"] = intervals
     if "pr" in s.metrics:
         result["pr_precision"] = s.pr_precision
     return result, details
@@ -325,6 +355,17 @@ def format_lines(result):
     return lines
 
 
+def format_bootstrap_lines(result):
+    """One line per metric of the result's bootstrap interval (none without one), after :func:`format_lines`'s
+    (which stay upstream's, for the scripts that parse them)."""
+    intervals = result.get("bootstrap")
+    if not intervals:
+        return []
+    head = f"bootstrap ({intervals['k']} resamples, seed {intervals['seed']}, std and {intervals['level']:.0%} interval)"
+    return [f"{head} {METRICS_BY_KEY[key].label}: \u00b1 {v['std']!r} [{v['low']!r}, {v['high']!r}]"
+            for key in METRIC_KEYS if isinstance(v := intervals.get(key), dict)]
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="ADM-compatible evaluator: IS, FID, sFID, precision, recall.")
     p.add_argument("ref_batch", help="reference batch npz (arr_0: uint8 N x H x W x 3; optional mu/sigma/mu_s/sigma_s)")
@@ -357,6 +398,12 @@ def build_parser():
     p.add_argument("--dinov2-weights", metavar="PATH",
                    help="DINOv2 ViT-L/14 checkpoint dinov2_vitl14_pretrain.pth for fd_dinov2 (default: torch hub "
                         "cache; make download-dinov2)")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="K",
+                   help="also report a bootstrap interval of FID, sFID, IS, precision and recall from K resamples "
+                        "of the samples' features, the reference fixed (K >= 2; costs about K FID/sFID "
+                        "computations, see docs/evaluation.md)")
+    p.add_argument("--bootstrap-seed", type=int, default=BOOTSTRAP_SEED, metavar="S",
+                   help="seed of the bootstrap's draws (default: %(default)s)")
     return p
 
 
@@ -374,7 +421,8 @@ def main(argv=None):
             allow_random_weights=args.allow_random_weights, cache_dir=None if args.no_cache else args.cache_dir,
             cache_samples=args.cache_samples, progress=not args.no_progress, feature_net=args.feature_net,
             feature_extractor=args.feature_extractor, metrics=args.metrics, pr_precision=args.pr_precision,
-            dinov2_weights=args.dinov2_weights, min_samples=args.min_samples)
+            dinov2_weights=args.dinov2_weights, min_samples=args.min_samples, bootstrap=args.bootstrap,
+            bootstrap_seed=args.bootstrap_seed)
     except (MissingInceptionWeights, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -384,7 +432,7 @@ def main(argv=None):
         return 0
     if result["random_weights"]:
         print(f"WARNING: {result['warning']}")
-    for line in format_lines(result):
+    for line in format_lines(result) + format_bootstrap_lines(result):
         print(line)
     return 0
 

@@ -402,6 +402,26 @@ def precision_recall(ref_features, sample_features, k=3, max_block_elems=2 ** 25
     set (itself counted as the 0-th); a sample is in the reference manifold when its distance to some reference
     point is <= that point's radius (precision), and vice versa (recall).
     """
+    m = manifold_memberships(ref_features, sample_features, k, max_block_elems, device, pr_precision,
+                             row_batch_size, col_batch_size, block_log)
+    return int(m.sample_in_ref.sum()) / len(m.sample_in_ref), int(m.ref_in_sample.sum()) / len(m.ref_in_sample)
+
+
+@dataclass
+class Memberships:
+    """Per point, whether it lies in the other set's manifold (precision is the mean of ``sample_in_ref``,
+    recall that of ``ref_in_sample``), and the reference radii (reusable: they depend on the reference alone)."""
+
+    sample_in_ref: np.ndarray
+    ref_in_sample: np.ndarray
+    ref_radii: torch.Tensor
+
+
+def manifold_memberships(ref_features, sample_features, k=3, max_block_elems=2 ** 25, device="cpu",
+                         pr_precision="float16", row_batch_size=UPSTREAM_ROW_BATCH,
+                         col_batch_size=UPSTREAM_COL_BATCH, block_log=None, ref_radii=None):
+    """The :class:`Memberships` behind :func:`precision_recall` (same arguments); ``ref_radii`` from an earlier
+    call with the same reference features skips their computation (the bootstrap's resamples)."""
     check_pr_precision(pr_precision)
     ref = _check_features(ref_features, "ref_features")
     sample = _check_features(sample_features, "sample_features")
@@ -413,7 +433,7 @@ def precision_recall(ref_features, sample_features, k=3, max_block_elems=2 ** 25
         r = _Features(ref, device, pr_precision)
         s = _Features(sample, device, pr_precision)
         args = (k, max_block_elems, pr_precision, row_batch_size, col_batch_size, block_log)
-        ref_radii = _manifold_radii(r, *args, phase="ref_radii")
+        ref_radii = _manifold_radii(r, *args, phase="ref_radii") if ref_radii is None else ref_radii
         sample_radii = _manifold_radii(s, *args, phase="sample_radii")
         ref_in_sample = torch.zeros(len(r), dtype=torch.bool, device=r.x.device)
         sample_in_ref = torch.zeros(len(s), dtype=torch.bool, device=s.x.device)
@@ -427,4 +447,4 @@ def precision_recall(ref_features, sample_features, k=3, max_block_elems=2 ** 25
                 parts = _block(r, r0, r1, s, c0, c1, pr_precision, max_block_elems, reduce, block_log, "pr")
                 ref_in_sample[r0:r1] |= torch.cat([p[0] for p in parts])
                 sample_in_ref[c0:c1] |= torch.stack([p[1] for p in parts]).any(dim=0)
-    return int(sample_in_ref.sum()) / len(s), int(ref_in_sample.sum()) / len(r)
+    return Memberships(sample_in_ref.cpu().numpy(), ref_in_sample.cpu().numpy(), ref_radii)

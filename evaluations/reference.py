@@ -187,10 +187,12 @@ class FeatureUse:
     statistics: tuple = (("features", ""),)
 
     @classmethod
-    def inception(cls, extractor):
-        """Inception's outputs (also a custom network's, which has the same): pool and logits kept, statistics of
-        pool (``mu``, ``sigma``: FID) and spatial (``mu_s``, ``sigma_s``: sFID)."""
-        return cls(extractor, ("pool", "logits"), (("pool", ""), ("spatial", "_s")))
+    def inception(cls, extractor, keep_spatial=False):
+        """Inception's outputs (also a custom network's, which has the same): pool and logits kept (and spatial,
+        with ``keep_spatial``: the bootstrap's sFID), statistics of pool (``mu``, ``sigma``: FID) and spatial
+        (``mu_s``, ``sigma_s``: sFID)."""
+        return cls(extractor, ("pool", "logits") + (("spatial",) if keep_spatial else ()),
+                   (("pool", ""), ("spatial", "_s")))
 
     @property
     def stored(self):
