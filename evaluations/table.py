@@ -19,10 +19,16 @@ from adm_common.files import atomic_write_bytes, atomic_write_text
 from evaluations.evaluator import RESULT_FORMAT, result_marker
 from evaluations.features import DEMO_FEATURES_MARK, RANDOM_WEIGHTS_MARK
 from evaluations.metrics import METRIC_KEYS, METRIC_TABLE, METRICS_BY_KEY
+from evaluations.uncertainty import (  # ROW_METRICS: upstream's five, and FD_DINOv2 (a column when a row has it)
+    MINIMUM_METRICS,
+    ROW_METRICS,
+    aggregate_seeds,
+    bootstrap_stds,
+    min_key,
+    std_key,
+)
 
 DEFAULT_GROUP_BY = ("pag_scale", "pag_layers", "perturbation", "sampler")
-# Metrics a row may hold: upstream's five, and FD_DINOv2 (a column only when some row has it).
-ROW_METRICS = tuple(m.key for m in METRIC_TABLE)
 TABLE_METRICS = tuple(m.key for m in METRIC_TABLE if m.key in METRIC_KEYS)  # the order of published tables
 # An anchor's metric names in any usual spelling (letters only, lower case): key, label, column header, aliases.
 _METRIC_ALIASES = {re.sub(r"[^a-z]", "", name.lower()): m.key for m in METRIC_TABLE
@@ -166,6 +172,7 @@ def row_from_result(result, run, experiment, values, group_by=DEFAULT_GROUP_BY, 
     for key in ROW_METRICS:
         row[key] = float(result[key]) if key in result else None
     row["pr_precision"] = result.get("pr_precision")  # "float32": named in the table
+    row.update(bootstrap_stds(result))  # a seed row's std over seeds replaces these (aggregate_seeds)
     return row
 
 
@@ -234,10 +241,14 @@ def _sort_key(row, group_by, scale_key=None):
     return key
 
 
-def _fmt_metric(key, value):
+def _fmt_metric(key, value, std=None):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return METRICS_BY_KEY[key].fmt.format(value)
+    fmt = METRICS_BY_KEY[key].fmt
+    return fmt.format(value) + (f" \u00b1 {fmt.format(std)}" if std is not None else "")
+
+
+_MIN_COLUMNS = {min_key(m): m for m in MINIMUM_METRICS}  # "fid_min" -> "fid"
 
 
 def _fmt_value(value):
@@ -251,11 +262,20 @@ def _fmt_value(value):
 def _columns(rows, group_by):
     groups = [g for g in group_by if any(r.get(g) is not None for r in rows)]
     extra = [m for m in ROW_METRICS if m not in TABLE_METRICS and any(r.get(m) is not None for r in rows)]
-    return ["run"] + groups + list(TABLE_METRICS) + extra + ["num_samples", "source"]
+    minima = [c for c, m in _MIN_COLUMNS.items() if m in TABLE_METRICS + tuple(extra) and
+              any(r.get(c) is not None for r in rows)]
+    seeds = ["seeds"] if any(r.get("seeds") for r in rows) else []
+    return ["run"] + groups + list(TABLE_METRICS) + extra + minima + seeds + ["num_samples", "source"]
 
 
 def _header(col):
+    if col in _MIN_COLUMNS:
+        return f"{METRICS_BY_KEY[_MIN_COLUMNS[col]].header} min"
     return {"run": "run", "num_samples": "N", "source": "source"}.get(col, METRICS_BY_KEY[col].header if col in METRICS_BY_KEY else col)
+
+
+def _is_number_column(col):
+    return col in ROW_METRICS or col in _MIN_COLUMNS or col in ("num_samples", "seeds")
 
 
 BEST_FID_NOTE = ("Bold FID: the lowest FID of our rows in this table (in a scale sweep, the best scale; past it, "
@@ -279,7 +299,9 @@ def mark_best_fid(rows):
 
 def _cell(row, col):
     if col in ROW_METRICS:
-        return _fmt_metric(col, row.get(col))
+        return _fmt_metric(col, row.get(col), row.get(std_key(col)))
+    if col in _MIN_COLUMNS:
+        return _fmt_metric(_MIN_COLUMNS[col], row.get(col))
     if col == "source":
         marks = [m for m in (row.get("marker"), PR_FLOAT32_MARK if row.get("pr_precision") == "float32" else None)
                  if m]
@@ -291,6 +313,15 @@ def _notes(rows):
     notes = []
     if any(r.get("best_fid") for r in rows):
         notes.append(BEST_FID_NOTE)
+    if any(r.get("seeds") for r in rows):
+        notes.append("Rows with a seeds count: the mean over that many sampling seeds \u00b1 the standard deviation "
+                     "of one seed's number (ddof=1)" + ("; min: the lowest over the seeds (as EDM2 reports)"
+                                                          if any(r.get(c) is not None for r in rows
+                                                                 for c in _MIN_COLUMNS) else "") + ".")
+    boot = sorted({r["uncertainty"] for r in rows if str(r.get("uncertainty", "")).startswith("bootstrap")})
+    if boot:
+        notes.append(f"Other rows with \u00b1: the std of the metric over resamples of the samples' features, the "
+                     f"reference fixed ({', '.join(boot)} resamples; evaluate --bootstrap K).")
     if any(r.get("random_weights") for r in rows):
         notes.append(f"{RANDOM_WEIGHTS_MARK}: rows so marked were computed with a randomly initialised Inception "
                      "network; their numbers mean nothing.")
@@ -314,7 +345,7 @@ def render_markdown(rows, group_by, title=None):
     if title:
         out += [f"## {title}", ""]
     out.append("| " + " | ".join(_header(c) for c in cols) + " |")
-    out.append("|" + "|".join("---:" if c in ROW_METRICS or c == "num_samples" else "---" for c in cols) + "|")
+    out.append("|" + "|".join("---:" if _is_number_column(c) else "---" for c in cols) + "|")
     for row in rows:
         cells = [_cell(row, c).replace("|", "\\|") for c in cols]
         cells = [f"**{v}**" if c == "fid" and row.get("best_fid") else v for c, v in zip(cols, cells)]
@@ -327,7 +358,8 @@ def render_markdown(rows, group_by, title=None):
 
 
 def render_csv(rows, group_by):
-    cols = _columns(rows, group_by) + ["random_weights", "json", "best_fid"]
+    stds = [std_key(m) for m in ROW_METRICS if any(r.get(std_key(m)) is not None for r in rows)]
+    cols = _columns(rows, group_by) + stds + ["uncertainty", "random_weights", "json", "best_fid"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(cols)
@@ -338,7 +370,8 @@ def render_csv(rows, group_by):
 
 
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "\u00b1": r"$\pm$"}
 
 
 def latex_escape(text):
@@ -347,7 +380,7 @@ def latex_escape(text):
 
 def render_latex(rows, group_by, title=None):
     cols = _columns(rows, group_by)
-    align = "".join("r" if c in ROW_METRICS or c == "num_samples" else "l" for c in cols)
+    align = "".join("r" if _is_number_column(c) else "l" for c in cols)
     out = [r"\begin{table}[t]", r"\centering", rf"\begin{{tabular}}{{{align}}}", r"\toprule",
            " & ".join(latex_escape(_header(c)) for c in cols) + r" \\", r"\midrule"]
     previous_source = None
@@ -386,7 +419,24 @@ def _scale_key(rows, group_by):
 
 def plot_runs(rows, group_by, out_prefix, title=None):
     """``<prefix>_fid_is.png`` (FID and IS against the guidance scale, and FD_DINOv2 when rows have it) and
-    ``<prefix>_pr.png`` (precision against recall). Returns the paths written."""
+    ``<prefix>_pr.png`` (precision against recall), a row's std (over seeds, or its bootstrap's) drawn as error
+    bars. Returns the paths written."""
+    paths = []
+    for suffix, fig in draw_plots(rows, group_by, title).items():
+        _save_figure(fig, out_prefix + suffix)
+        paths.append(out_prefix + suffix)
+    return paths
+
+
+def _errors(rows, metric):
+    """The rows' std of ``metric`` for ``errorbar`` (0 where a row has none), or None when no row has one."""
+    stds = [r.get(std_key(metric)) for r in rows]
+    return None if all(v is None for v in stds) else [v or 0.0 for v in stds]
+
+
+def draw_plots(rows, group_by, title=None):
+    """The figures of :func:`plot_runs`: ``{"_fid_is.png": Figure, "_pr.png": Figure}`` (the first only when the
+    rows have a numeric scale)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -408,7 +458,7 @@ def plot_runs(rows, group_by, out_prefix, title=None):
     series = {}
     for row in ours:
         series.setdefault(series_name(row), []).append(row)
-    paths = []
+    figures = {}
 
     if x_key is not None:
         panels = ("fid", "inception_score") + (("fd_dinov2",) if any(r.get("fd_dinov2") is not None
@@ -417,13 +467,13 @@ def plot_runs(rows, group_by, out_prefix, title=None):
         FigureCanvasAgg(fig)
         for index, (ax, metric) in enumerate(zip(fig.subplots(1, len(panels)), panels)):
             for name, members in series.items():
-                pts = sorted((r[x_key], r[metric]) for r in members if r.get(metric) is not None)
+                pts = sorted((r for r in members if r.get(metric) is not None), key=lambda r: r[x_key])
                 if not pts:
                     continue
                 # Runs at one scale only (e.g. unguided seeds) are points, not a vertical line.
-                style = "none" if len({p[0] for p in pts}) == 1 else "-"
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle=style,
-                        label=name if index == 0 else None)
+                style = "none" if len({r[x_key] for r in pts}) == 1 else "-"
+                ax.errorbar([r[x_key] for r in pts], [r[metric] for r in pts], yerr=_errors(pts, metric),
+                            marker="o", linestyle=style, capsize=3, label=name if index == 0 else None)
             for a in anchors:
                 if a.get(metric) is None:
                     continue
@@ -439,9 +489,7 @@ def plot_runs(rows, group_by, out_prefix, title=None):
             ax.grid(alpha=0.3)
         fig.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0))
         fig.suptitle((title or "") + marked + subtitle, fontsize=9)
-        path = out_prefix + "_fid_is.png"
-        _save_figure(fig, path)
-        paths.append(path)
+        figures["_fid_is.png"] = fig
 
     fig = Figure(figsize=(5, 5))
     FigureCanvasAgg(fig)
@@ -450,8 +498,9 @@ def plot_runs(rows, group_by, out_prefix, title=None):
         members = [r for r in members if r.get("precision") is not None and r.get("recall") is not None]
         if not members:
             continue
-        ax.plot([r["recall"] for r in members], [r["precision"] for r in members], marker="o", linestyle="none",
-                label=name)
+        ax.errorbar([r["recall"] for r in members], [r["precision"] for r in members],
+                    xerr=_errors(members, "recall"), yerr=_errors(members, "precision"), marker="o",
+                    linestyle="none", capsize=3, label=name)
         if x_key is not None:
             for r in members:
                 ax.annotate(_fmt_value(r[x_key]), (r["recall"], r["precision"]), fontsize=7,
@@ -465,10 +514,8 @@ def plot_runs(rows, group_by, out_prefix, title=None):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     ax.set_title((title or "") + marked + subtitle, fontsize=8)
-    path = out_prefix + "_pr.png"
-    _save_figure(fig, path)
-    paths.append(path)
-    return paths
+    figures["_pr.png"] = fig
+    return figures
 
 
 def _save_figure(fig, path):
@@ -486,7 +533,8 @@ def _safe_name(name):
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "experiment"
 
 
-def make_table(runs, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None, experiment=None, plots=True):
+def make_table(runs, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None, experiment=None, plots=True,
+               minimum=False):
     """Gather runs on disk into one table per experiment (``scripts/make_table.py``).
 
     :param runs: run directories, result JSON files, or directories of run directories.
@@ -498,6 +546,8 @@ def make_table(runs, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None, experimen
         ``label`` and ``source``, and optionally group keys such as ``pag_scale``.
     :param experiment: put every run in one table of this name (default: each run's ``experiment`` config key,
         else the name of the directory above the run directory).
+    :param minimum: with runs of a cell over seeds (``<cell>__seed-<s>``, merged into one row of mean ± std),
+        also a column of the minimum over the seeds of FID (sFID, FD_DINOv2), as EDM2 reports it.
     :returns: ``{experiment: {"rows": [...], "files": [...]}}``.
     """
     if isinstance(runs, (str, os.PathLike)):
@@ -511,24 +561,28 @@ def make_table(runs, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None, experimen
     if experiment is not None:
         for row in rows:
             row["experiment"] = str(experiment)
-    return make_table_from_rows(rows, out_dir, group_by, anchors, plots)
+    return make_table_from_rows(rows, out_dir, group_by, anchors, plots, minimum)
 
 
 def make_table_from_results(runs, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None, experiment="experiment",
-                            plots=True):
+                            plots=True, minimum=False):
     """Tables of runs whose settings the caller knows (the sweep hands its cells over this way).
 
     :param runs: ``[{"run": name, "values": {setting: value}, "result": evaluator result, "json": path}]``;
         ``values`` holds the group keys (``pag_scale``, ``pag_layers``, ``perturbation``, ``sampler``, ...).
+        Runs named ``<cell>__seed-<s>`` are one cell over seeds: one row, mean ± std (see :func:`make_table`'s
+        ``minimum``).
     """
     rows = [row_from_result(r["result"], r["run"], experiment, r["values"], tuple(group_by), r.get("json"))
             for r in runs]
-    return make_table_from_rows(rows, out_dir, group_by, anchors, plots)
+    return make_table_from_rows(rows, out_dir, group_by, anchors, plots, minimum)
 
 
-def make_table_from_rows(rows, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None, plots=True):
-    """Write the tables (and plots) of ``rows`` (from :func:`row_from_result`), one per experiment."""
+def make_table_from_rows(rows, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None, plots=True, minimum=False):
+    """Write the tables (and plots) of ``rows`` (from :func:`row_from_result`), one per experiment; the runs of
+    a cell over seeds merged into one row (``evaluations.uncertainty.aggregate_seeds``)."""
     group_by = tuple(group_by)
+    rows = aggregate_seeds(rows, minimum)
     anchor_rows = [normalise_anchor(a, group_by) for a in (anchors or [])]
     os.makedirs(out_dir, exist_ok=True)
     tables = {}

@@ -1,10 +1,11 @@
 """Gather evaluation results of many runs into tables (Markdown, CSV, LaTeX) and plots.
 
     python scripts/make_table.py RUN_OR_DIR [...] --out tables/ [--anchors configs/experiments/X.yaml]
-        [--group-by pag_scale,pag_layers,perturbation,sampler] [--experiment NAME] [--no-plots]
+        [--group-by pag_scale,pag_layers,perturbation,sampler] [--experiment NAME] [--no-plots] [--minimum]
 
 Each RUN is a run directory (the evaluator's JSON plus config.yaml), a result JSON, or a directory of run
-directories. See evaluations/table.py.
+directories. Runs named <cell>__seed-<s> (a sweep's seeds:) are one row, mean ± std over the seeds. See
+evaluations/table.py.
 """
 
 import argparse
@@ -25,12 +26,14 @@ def main(argv=None):
     p.add_argument("--anchors", metavar="YAML", help="experiment YAML whose 'anchors:' list is printed beside ours")
     p.add_argument("--experiment", help="one table of this name for all runs")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--minimum", action="store_true",
+                   help="for runs over seeds, also a column of the minimum FID over the seeds (EDM2's convention)")
     args = p.parse_args(argv)
     try:
         anchors = load_anchors(args.anchors) if args.anchors else None
         group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
         tables = make_table(args.runs, args.out, group_by=group_by, anchors=anchors, experiment=args.experiment,
-                            plots=not args.no_plots)
+                            plots=not args.no_plots, minimum=args.minimum)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

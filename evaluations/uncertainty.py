@@ -1,0 +1,92 @@
+"""How uncertain a table row is: the runs of one cell over several seeds, and a single run's bootstrap interval.
+
+A sweep with ``seeds:`` runs each cell once per seed, in directories named ``<cell>__seed-<seed>``
+(:func:`seed_run_name`); the table merges the runs of one cell into one row (:func:`aggregate_seeds`): per metric
+the mean over the seeds and the standard deviation with ddof=1 (the sample std: the spread of one seed's number),
+and on request (``minimum=True``) the minimum over the seeds, as EDM2 reports FID. A single run evaluated with
+``--bootstrap K`` carries the bootstrap std of each metric instead (:func:`bootstrap_stds`). Tables print either
+as ``mean ± std``; plots draw it as error bars.
+"""
+
+import re
+import statistics
+
+from .metrics import METRIC_TABLE
+
+SEED_SUFFIX = "__seed-"
+_SEED_RUN = re.compile(r"^(?P<cell>.+)" + re.escape(SEED_SUFFIX) + r"(?P<seed>\d+)$")
+ROW_METRICS = tuple(m.key for m in METRIC_TABLE)
+# The metrics whose minimum over seeds is a column when asked: lower is better (EDM2 reports min FID of 3 seeds).
+MINIMUM_METRICS = ("fid", "sfid", "fd_dinov2")
+TABLE_OPTIONS = ("minimum",)  # a sweep's ``table:`` mapping: keyword arguments of make_table_from_results
+
+
+def seed_run_name(cell, seed):
+    """The run (directory) name of ``cell`` sampled with ``seed``."""
+    return f"{cell}{SEED_SUFFIX}{seed}"
+
+
+def split_seed_run(name):
+    """``(cell, seed)`` of a name made by :func:`seed_run_name`, else ``(name, None)``."""
+    match = _SEED_RUN.match(name or "")
+    return (match["cell"], int(match["seed"])) if match else (name, None)
+
+
+def std_key(metric):
+    return f"{metric}_std"
+
+
+def min_key(metric):
+    return f"{metric}_min"
+
+
+def bootstrap_stds(result):
+    """``{"<metric>_std": std}`` and the row's ``uncertainty`` from an evaluator result's ``bootstrap`` interval
+    (nothing without one)."""
+    intervals = result.get("bootstrap")
+    if not isinstance(intervals, dict):
+        return {}
+    out = {std_key(k): float(intervals[k]["std"]) for k in ROW_METRICS if isinstance(intervals.get(k), dict)}
+    return dict(out, uncertainty=f"bootstrap of {intervals.get('k')}") if out else {}
+
+
+def aggregate_seeds(rows, minimum=False):
+    """``rows`` with the runs of each cell over seeds (same experiment, names ``<cell>__seed-<s>``) merged into one
+    row named ``<cell>``: each metric's mean, ``<metric>_std`` (ddof=1; None for a single seed) and, with
+    ``minimum``, ``<metric>_min`` (of :data:`MINIMUM_METRICS`); ``seeds`` (their number) and ``seed_values``. A
+    metric missing from some run of a cell is left out (None) rather than averaged over the others. Other rows
+    are returned unchanged, in order (a merged row where its cell's first run was)."""
+    groups, order = {}, []
+    for row in rows:
+        cell, seed = split_seed_run(row.get("run"))
+        key = (row.get("experiment"), cell) if seed is not None else id(row)
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append((seed, row))
+    out = []
+    for key in order:
+        members = groups[key]
+        if members[0][0] is None:
+            out.append(members[0][1])
+            continue
+        out.append(_merge(key[1], sorted(members, key=lambda m: m[0]), minimum))
+    return out
+
+
+def _merge(cell, members, minimum):
+    seeds, runs = [m[0] for m in members], [m[1] for m in members]
+    row = dict(runs[0], run=cell, seeds=len(runs), seed_values=seeds, uncertainty=f"{len(runs)} seeds",
+               random_weights=any(r.get("random_weights") for r in runs),
+               json=";".join(str(r.get("json")) for r in runs))
+    for metric in ROW_METRICS:
+        row.pop(min_key(metric), None)
+        values = [r.get(metric) for r in runs]
+        if any(v is None for v in values):
+            row[metric], row[std_key(metric)] = None, None
+            continue
+        row[metric] = statistics.fmean(values)
+        row[std_key(metric)] = statistics.stdev(values) if len(values) > 1 else None
+        if minimum and metric in MINIMUM_METRICS:
+            row[min_key(metric)] = min(values)
+    return row
