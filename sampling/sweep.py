@@ -14,6 +14,8 @@
     evaluation: {batch_size: 64}         # optional: keyword arguments of evaluations.evaluator.evaluate
     name: pag_scale_sweep                # optional: the table's name (default: out_dir's name)
     anchors: []                          # optional: published numbers printed below ours in the table
+    seeds: 3                             # optional: every cell once per seed (or a list: seeds: [0, 1, 2])
+    table: {minimum: true}               # optional: also the minimum over the seeds (EDM2's FID)
 
 A cell's name joins ``key-value`` for each grid axis with ``__`` (``pag_scale-3__sampler-ddim25``; a bundle
 contributes its ``name``). Grid values override base ones. Every cell is checked (settings, checkpoints,
@@ -23,6 +25,11 @@ other in the same process world (one ``mpiexec``), each resuming where it stoppe
 ``ref_batch`` is given; a cell is evaluated again when its ``eval.json`` was computed from another reference
 batch, other samples or other evaluation settings (compared by content hash, not by time). The command line is
 ``sampling.cli`` (``scripts/sweep.py``); ``--dry-run`` runs every check a real run runs before sampling.
+
+Seeds: ``seeds: N`` runs every cell N times, with seeds ``s0, s0 + 1, ...`` (``s0``: base's ``seed``, default 0;
+sample i depends only on (seed, i), so the runs' samples are independent); ``seeds: [...]``, a list as base's
+``seed:`` or a grid axis ``seed:`` name the seeds. Each run is a cell of its own, ``<cell>__seed-<s>`` (its own
+out_dir, resumable), and the table merges the runs of a cell into one row, mean ± std over the seeds.
 """
 
 import dataclasses
@@ -33,6 +40,7 @@ import re
 from typing import Any, Dict, List, Optional
 
 from adm_common.files import link_text
+from evaluations.uncertainty import TABLE_OPTIONS, seed_run_name
 from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoint import CheckpointError
 
@@ -55,7 +63,7 @@ from .settings import (
 )
 from .sweep_evaluation import after_runs, check_evaluation, evaluation_markers
 
-SWEEP_KEYS = ("out_dir", "base", "grid", "ref_batch", "evaluation", "name", "anchors")
+SWEEP_KEYS = ("out_dir", "base", "grid", "ref_batch", "evaluation", "name", "anchors", "seeds", "table")
 MAX_NAME = 120
 
 
@@ -81,6 +89,8 @@ class Sweep:
     evaluation: Dict[str, Any] = dataclasses.field(default_factory=dict)
     name: Optional[str] = None
     anchors: Optional[list] = None
+    seeds: Optional[List[int]] = None  # each cell once per seed; None: once, with base's seed
+    table: Dict[str, Any] = dataclasses.field(default_factory=dict)  # make_table_from_results options
 
 
 def load_sweep(path, out_dir=None, overrides=None):
@@ -101,6 +111,7 @@ def load_sweep(path, out_dir=None, overrides=None):
     if not isinstance(base, dict) or not isinstance(grid, dict):
         raise SampleConfigError(f"sweep config {path}: base and grid must be mappings")
     base = {**base, **(overrides or {})}
+    seeds, base, grid = _seeds(path, data, base, grid)
     for key in ("out_dir", "overwrite"):
         if key in base or key in grid:
             raise SampleConfigError(f"sweep config {path}: {key} cannot be set in base or grid (cells get "
@@ -134,8 +145,42 @@ def load_sweep(path, out_dir=None, overrides=None):
     anchors = data.get("anchors")
     if anchors is not None and not isinstance(anchors, list):
         raise SampleConfigError(f"sweep config {path}: anchors must be a list")
+    table = data.get("table") or {}
+    if not isinstance(table, dict) or any(k not in TABLE_OPTIONS for k in table) or \
+            not all(isinstance(v, bool) for v in table.values()):
+        raise SampleConfigError(f"sweep config {path}: table must be a mapping of {', '.join(TABLE_OPTIONS)} to "
+                                f"true or false, got {table!r}")
     return Sweep(path=str(path), out_dir=str(out_dir), base=base, axes=axes, ref_batch=data.get("ref_batch"),
-                 evaluation=evaluation, name=data.get("name"), anchors=anchors)
+                 evaluation=evaluation, name=data.get("name"), anchors=anchors, seeds=seeds, table=table)
+
+
+def _seeds(path, data, base, grid):
+    """``(seeds, base, grid)``: the seeds every cell runs with (None: one run per cell), from ``seeds: N`` (N
+    consecutive seeds from base's seed, default 0), ``seeds: [...]``, a list as base's ``seed:`` or the grid's
+    ``seed`` axis, which are taken out of base and grid."""
+    given = [(where, value) for where, value in (
+        ("seeds", data.get("seeds")), ("base.seed", base.get("seed") if isinstance(base.get("seed"), list) else None),
+        ("grid.seed", grid.get("seed"))) if value is not None]
+    if not given:
+        return None, base, grid
+    if len(given) > 1:
+        raise SampleConfigError(f"sweep config {path}: the seeds are given by both {given[0][0]} and "
+                                f"{given[1][0]}; give them once")
+    where, value = given[0]
+
+    def seed(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if where == "seeds" and seed(value) and value > 0:
+        start = base.get("seed", 0)
+        if not seed(start):
+            raise SampleConfigError(f"sweep config {path}: base seed must be an integer >= 0, got {start!r}")
+        value = list(range(start, start + value))
+    if not isinstance(value, list) or not value or not all(seed(v) for v in value) or len(set(value)) < len(value):
+        raise SampleConfigError(f"sweep config {path}: {where} must be a number of seeds >= 1 or a list of distinct "
+                                f"seeds >= 0, got {value!r}")
+    return (value, {k: v for k, v in base.items() if not (k == "seed" and where == "base.seed")},
+            {k: v for k, v in grid.items() if k != "seed"})
 
 
 def _value_text(value):
@@ -183,15 +228,21 @@ def expand(sweep, overwrite=False):
             raise SampleConfigError(f"sweep config {sweep.path}: cells {seen[name]} and {assignments} get the "
                                     f"same directory name {name!r}; give the bundles distinct names")
         seen[name] = assignments
-        try:
-            settings = resolve_settings([
-                (f"base of {sweep.path}", sweep.base),
-                (f"grid cell {name}", overrides),
-                ("the sweep", {"out_dir": os.path.join(sweep.out_dir, name), "overwrite": overwrite}),
-            ])
-        except SampleConfigError as e:
-            raise SampleConfigError(f"cell {name}: {e}") from None
-        cells.append(Cell(name, assignments, overrides, settings))
+        if sweep.seeds is not None and "seed" in overrides:
+            raise SampleConfigError(f"sweep config {sweep.path}: cell {name} sets seed, and the sweep gives the "
+                                    "seeds of every cell (seeds:); set it in one place")
+        runs = [(name, overrides)] if sweep.seeds is None else \
+            [(seed_run_name(name, seed), dict(overrides, seed=seed)) for seed in sweep.seeds]
+        for run_name, run_overrides in runs:
+            try:
+                settings = resolve_settings([
+                    (f"base of {sweep.path}", sweep.base),
+                    (f"grid cell {run_name}", run_overrides),
+                    ("the sweep", {"out_dir": os.path.join(sweep.out_dir, run_name), "overwrite": overwrite}),
+                ])
+            except SampleConfigError as e:
+                raise SampleConfigError(f"cell {run_name}: {e}") from None
+            cells.append(Cell(run_name, assignments, run_overrides, settings))
     return cells
 
 

@@ -137,7 +137,8 @@ def _evaluate_and_tabulate(cells, sweep, evaluate_fn, table_fn):
              "json": os.path.join(cell.out_dir, "eval.json")} for cell, result in zip(cells, results)]
     experiment = sweep.name or os.path.basename(os.path.normpath(sweep.out_dir))
     table = real_directory(sweep.out_dir, os.path.basename(table_dir(sweep)), error=SampleConfigError)  # no link
-    out = (table_fn or _table_fn())(runs, table, anchors=sweep.anchors, experiment=experiment)
+    # Runs of a cell over seeds (<cell>__seed-<s>) become one row there; sweep.table: e.g. {minimum: true}.
+    out = (table_fn or _table_fn())(runs, table, anchors=sweep.anchors, experiment=experiment, **sweep.table)
     logger.log(f"table written to {table}")
     return out
 
