@@ -8,7 +8,7 @@ This is what PAG, its ablations and SAG build on (see ``pag/perturbations.py``).
 """
 
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Tuple, Union
 
 import torch as th
 import torch.nn.functional as F
@@ -63,15 +63,35 @@ class AttentionOverride:
         PAG's batched ``[x; x]`` pass), or a bool tensor with one entry per batch row.
     base_fn: how the other rows attend (default: standard attention). SAG records the unperturbed
         rows' attention map through it.
+    heads: the head indices that ``attention_fn`` applies to on the selected rows (empty: every head); the
+        other heads of those rows attend with standard attention (SoftPAG's head selection, Ahn et al. 2025).
+        :func:`skip_block` drops the whole block, so it takes no heads.
     """
 
     attention_fn: AttentionFn
     rows: Union[str, th.Tensor] = "all"
     base_fn: AttentionFn = sdpa_attention
+    heads: Tuple[int, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.rows, str) and self.rows not in ("all", "second_half"):
             raise ValueError(f"rows must be 'all', 'second_half' or a bool tensor, got {self.rows!r}")
+        object.__setattr__(self, "heads", tuple(self.heads))
+        check_heads(self.heads, whole_block=self.attention_fn is skip_block)
+
+    def perturbed(self, q, k, v):
+        """``attention_fn`` on the rows given, restricted to ``heads`` (standard attention on the others)."""
+        if not self.heads:
+            return self.attention_fn(q, k, v)
+        if max(self.heads) >= q.shape[1]:
+            raise ValueError(f"attention heads {list(self.heads)} asked for, but the block has {q.shape[1]}")
+        chosen = list(self.heads)
+        others = [h for h in range(q.shape[1]) if h not in self.heads]
+        out = th.empty_like(v)
+        out[:, chosen] = self.attention_fn(q[:, chosen], k[:, chosen], v[:, chosen]).to(out.dtype)
+        if others:
+            out[:, others] = sdpa_attention(q[:, others], k[:, others], v[:, others]).to(out.dtype)
+        return out
 
     def row_mask(self, batch_size, device):
         """The bool mask over batch rows that use ``attention_fn``."""
@@ -93,6 +113,18 @@ class AttentionOverride:
         return self.row_mask(batch_size, device) if self.attention_fn is skip_block else None
 
 
+def check_heads(heads, whole_block=False):
+    """Raise a ValueError unless ``heads`` are distinct head indices >= 0 that a perturbation acting inside the
+    attention (not on the ``whole_block``, as skip) can be restricted to."""
+    if any(isinstance(h, bool) or not isinstance(h, int) or h < 0 for h in heads):
+        raise ValueError(f"attention heads must be integers >= 0, got {list(heads)}")
+    if len(set(heads)) != len(heads):
+        raise ValueError(f"attention heads must be distinct, got {list(heads)}")
+    if heads and whole_block:
+        raise ValueError(f"a perturbation of the whole attention block (skip) cannot be limited to heads "
+                         f"{list(heads)}: leave the heads empty")
+
+
 def _half_of(batch_size):
     if batch_size % 2:
         raise ValueError(f"rows='second_half' needs an even batch, got {batch_size} rows")
@@ -104,18 +136,18 @@ def attend_rows(q, k, v, override):
     if override is None:
         return sdpa_attention(q, k, v)
     if isinstance(override.rows, str) and override.rows == "all":
-        return override.attention_fn(q, k, v)
+        return override.perturbed(q, k, v)
     if isinstance(override.rows, str):  # second_half: slices, no gather / scatter
         half = _half_of(q.shape[0])
         base = override.base_fn(q[:half], k[:half], v[:half])
-        return th.cat([base, override.attention_fn(q[half:], k[half:], v[half:]).to(base.dtype)])
+        return th.cat([base, override.perturbed(q[half:], k[half:], v[half:]).to(base.dtype)])
     mask = override.row_mask(q.shape[0], q.device)
     if bool(mask.all()):
-        return override.attention_fn(q, k, v)
+        return override.perturbed(q, k, v)
     keep = ~mask
     if bool(keep.all()):
         return override.base_fn(q, k, v)
     out = th.empty_like(v)
     out[keep] = override.base_fn(q[keep], k[keep], v[keep]).to(out.dtype)
-    out[mask] = override.attention_fn(q[mask], k[mask], v[mask]).to(out.dtype)
+    out[mask] = override.perturbed(q[mask], k[mask], v[mask]).to(out.dtype)
     return out

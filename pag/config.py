@@ -15,11 +15,15 @@ from .layers import PAPER_LAYERS_256, split_layer_list
 from .perturbations import PARAMS, PerturbationParams, perturbation_names, validate_perturbation
 
 SCHEDULES = ("constant", "linear", "adaptive")
+LIST_SETTINGS = ("pag_layers", "guidance_interval", "pag_heads")  # lists: comma-separated as flags
 
 GUIDANCE_HELP = {
     "pag_scale": "PAG scale s of eps + s * (eps - eps_perturbed); 0 = no PAG, one forward pass (the authors' "
                  "--guide_scale is 1 + s)",
     "pag_layers": "comma-separated attention blocks (names or globs, as in model.named_modules()) to perturb",
+    "pag_heads": "comma-separated head indices the perturbation applies to in every perturbed block, the other "
+                 "heads attending normally (SoftPAG's head selection, Ahn et al. 2025); empty = all heads; not "
+                 "with skip",
     "perturbation": "how the attention of pag_layers is perturbed: " + ", ".join(perturbation_names()),
     "guidance_interval": "lo,hi: original timesteps where PAG/SAG apply",
     "pag_schedule": "how s changes over the timesteps: " + ", ".join(SCHEDULES),
@@ -43,6 +47,8 @@ class _GuidanceSettings:
 
     pag_scale: float = 0.0
     pag_layers: List[str] = field(default_factory=lambda: list(PAPER_LAYERS_256))
+    # Head indices the perturbation applies to in every perturbed block (empty: all heads).
+    pag_heads: List[int] = field(default_factory=list)
     perturbation: str = "identity"
     # Original (1000-step) timesteps [lo, hi], both included, where PAG and SAG are on.
     guidance_interval: List[int] = field(default_factory=lambda: [0, 1000])
@@ -61,6 +67,12 @@ class _GuidanceSettings:
 
     def __post_init__(self):
         self.pag_layers = split_layer_list(self.pag_layers)
+        if isinstance(self.pag_heads, str):
+            try:
+                self.pag_heads = [int(v) for v in self.pag_heads.split(",") if v.strip()]
+            except ValueError:
+                raise ValueError(f"pag_heads must be comma-separated integers, got {self.pag_heads!r}") from None
+        self.pag_heads = list(self.pag_heads)
         if isinstance(self.guidance_interval, str):
             self.guidance_interval = [int(v) for v in self.guidance_interval.split(",")]
         self.guidance_interval = [int(v) for v in self.guidance_interval]
@@ -81,7 +93,7 @@ class _GuidanceSettings:
         if not isinstance(self.perturbation, str) or self.perturbation not in perturbation_names():
             raise ValueError(f"unknown perturbation {self.perturbation!r}; choose one of "
                              f"{', '.join(perturbation_names())}")
-        validate_perturbation(self.perturbation, self.perturbation_params)
+        validate_perturbation(self.perturbation, self.perturbation_params, self.pag_heads)
         if self.pag_schedule not in SCHEDULES:
             raise ValueError(f"pag_schedule must be one of {', '.join(SCHEDULES)}, got {self.pag_schedule!r}")
         if len(self.guidance_interval) != 2:
@@ -168,6 +180,6 @@ def guidance_help():
 def guidance_defaults():
     """Flag defaults for ``add_dict_to_argparser`` (lists become comma-separated strings)."""
     defaults = GuidanceConfig().to_dict()
-    defaults["pag_layers"] = ",".join(defaults["pag_layers"])
-    defaults["guidance_interval"] = ",".join(str(v) for v in defaults["guidance_interval"])
+    for name in LIST_SETTINGS:
+        defaults[name] = ",".join(str(v) for v in defaults[name])
     return defaults

@@ -22,7 +22,7 @@ from guided_diffusion.attention import AttentionOverride, attend_with_map, atten
 
 from .config import GuidanceConfig
 from .layers import resolve_layers
-from .perturbations import attention_overrides, make_attention_fn
+from .perturbations import attention_overrides, check_heads_fit, make_attention_fn
 
 SAG_BLUR_KERNEL = 31  # Hong et al.'s ADM setting
 
@@ -99,6 +99,7 @@ class GuidedModel:
         if self.num_timesteps != 1000:  # the config checked itself against 1000 steps when built
             config.validate(self.num_timesteps)
         self.layers = resolve_layers(model, config.pag_layers) if config.uses_pag else []
+        check_heads_fit(model, self.layers, config.pag_heads)
         self._pag_constant = config.constant_pag_scale(self.num_timesteps)
         self._sag_constant = config.constant_sag_scale(self.num_timesteps)
         self.shared_stages = min((model.stage_of(name) for name in self.layers), default=0)
@@ -176,12 +177,11 @@ class GuidedModel:
             prefix = self._run_prefix(model.begin(x, t, **model_kwargs))
 
         if self.batch_passes:
-            overrides = {name: AttentionOverride(perturb, rows="second_half") for name in self.layers}
+            overrides = {name: AttentionOverride(perturb, rows="second_half", heads=config.pag_heads)
+                         for name in self.layers}
             if record_later:
                 other = overrides.get(self.sag_layer, AttentionOverride(sdpa_attention))
-                overrides[self.sag_layer] = AttentionOverride(
-                    other.attention_fn, "second_half", base_fn=recorder
-                )
+                overrides[self.sag_layer] = dataclasses.replace(other, rows="second_half", base_fn=recorder)
             # The B-row prefix is emptied while its copy is made and the copy is consumed as it runs, so the
             # peak is that of an unguided call on 2B rows (each skip freed once its decoder block used it).
             prefix = prefix.repeat(2, consume=True)
@@ -191,7 +191,8 @@ class GuidedModel:
 
         with attention_overrides(model, record_later):
             clean = self._run_rest(dataclasses.replace(prefix))  # a shallow copy: the prefix is needed again
-        with attention_overrides(model, {name: AttentionOverride(perturb) for name in self.layers}):
+        with attention_overrides(model, {name: AttentionOverride(perturb, heads=config.pag_heads)
+                                         for name in self.layers}):
             perturbed = self._run_rest(prefix)
         return clean, perturbed
 

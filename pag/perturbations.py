@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from guided_diffusion.attention import (
     AttentionOverride,
     attend_with_map,
+    check_heads,
     attention_logits,
     attention_map,
     identity_attention,
@@ -64,7 +65,7 @@ PARAMS: Dict[str, Param] = {p.name: p for p in (
           lambda v: v >= 1 and v % 2 == 1, "be a positive odd integer"),
     Param("blur_sigma", 1.0, "Gaussian sigma over the T x T attention map (blur)",
           lambda v: _finite(v) and v > 0, "be > 0"),
-    Param("perturbation_seed", 0, "seed of the random perturbations (random_mask, noise, drop)",
+    Param("perturbation_seed", 0, "seed of the random perturbations (random_mask, noise, drop, shuffle)",
           lambda v: v >= 0, "be >= 0"),
     Param("seg_sigma", 10.0, "Gaussian sigma (in tokens) of SEG's query blur over the spatial grid (seg); above "
           "9999 the blur is infinite (every query becomes the queries' spatial mean)",
@@ -72,17 +73,22 @@ PARAMS: Dict[str, Param] = {p.name: p for p in (
     Param("attention_temperature", 2.0, "temperature dividing the attention logits before the softmax "
           "(temperature; 1 = unperturbed, larger = flatter)",
           lambda v: _finite(v) and v > 0, "be a finite number > 0"),
+    Param("soft_alpha", 0.5, "SoftPAG's weight of the identity map in (1 - alpha) * softmax + alpha * I (soft; "
+          "1 = identity, 0 = unperturbed)",
+          lambda v: 0.0 <= v <= 1.0, "lie in [0, 1]"),
 )}
 
 
 @dataclass(frozen=True)
 class Perturbation:
-    """A registry entry: ``build(values, rng) -> attention function``; ``values`` holds its parameters."""
+    """A registry entry: ``build(values, rng) -> attention function``; ``values`` holds its parameters.
+    ``whole_block``: it acts on the whole block, not inside the attention, so it cannot be limited to heads."""
 
     name: str
     params: Tuple[str, ...]
     build: Callable
     random: bool = False
+    whole_block: bool = False
 
     @property
     def definition(self):
@@ -92,14 +98,14 @@ class Perturbation:
 REGISTRY: Dict[str, Perturbation] = {}
 
 
-def register(name, params=(), random=False):
+def register(name, params=(), random=False, whole_block=False):
     """Decorator adding a builder to :data:`REGISTRY` under ``name``."""
     unknown = [p for p in params if p not in PARAMS]
     if unknown:
         raise ValueError(f"perturbation {name}: undeclared parameters {unknown}; add them to PARAMS")
 
     def add(build):
-        REGISTRY[name] = Perturbation(name, tuple(params), build, random)
+        REGISTRY[name] = Perturbation(name, tuple(params), build, random, whole_block)
         return build
 
     return add
@@ -123,12 +129,26 @@ def perturbation_names():
     return tuple(REGISTRY)
 
 
-def validate_perturbation(kind, params):
-    """Raise a ValueError naming the problem: an unknown kind or a bad value of one of its parameters."""
+def validate_perturbation(kind, params, heads=()):
+    """Raise a ValueError naming the problem: an unknown kind, a bad value of one of its parameters or head
+    indices it cannot be limited to (``heads``: empty = every head)."""
     if kind not in REGISTRY:
         raise ValueError(f"unknown perturbation {kind!r}; choose one of {', '.join(REGISTRY)}")
     for name in REGISTRY[kind].params:
         PARAMS[name].validate(params.value(name))
+    check_heads(tuple(heads), whole_block=REGISTRY[kind].whole_block)
+
+
+def check_heads_fit(model, layers, heads):
+    """Raise a ValueError naming the first of ``model``'s attention blocks ``layers`` that has no head of
+    index ``max(heads)`` (the heads apply to every perturbed block)."""
+    if not heads:
+        return
+    blocks = attention_blocks(model)
+    for name in layers:
+        if max(heads) >= blocks[name].num_heads:
+            raise ValueError(f"pag_heads {list(heads)}: attention block {name} has {blocks[name].num_heads} "
+                             f"heads (indices 0..{blocks[name].num_heads - 1})")
 
 
 _MASK32 = 0xFFFFFFFF
@@ -331,10 +351,11 @@ def _uniform(values, rng):
     return attend
 
 
-@register("skip")
+@register("skip", whole_block=True)
 def _skip(values, rng):
     """The attention block is skipped: it returns its input unchanged (no normalisation, attention or output
-    projection is added); the block honours this per batch row (``AttentionOverride.block_skip_mask``)."""
+    projection is added); the block honours this per batch row (``AttentionOverride.block_skip_mask``). It acts on
+    the whole block, so it cannot be limited to heads (``pag_heads``)."""
     return skip_block
 
 
@@ -347,6 +368,45 @@ def _temperature(values, rng):
 
     def attend(q, k, v):
         return attend_with_map((attention_logits(q, k) / temperature).softmax(dim=-1), v)
+
+    return attend
+
+
+@register("soft", params=("soft_alpha",))
+def _soft(values, rng):
+    """SoftPAG (Ahn et al. 2025, arXiv:2506.10978): the attention map is (1 - ``soft_alpha``) *
+    softmax(Q K^T / sqrt(d)) + ``soft_alpha`` * I, computed as (1 - alpha) * (softmax attention output) + alpha * V;
+    alpha = 1 is PAG's identity (Q K^T is then never computed) and alpha = 0 the model's own attention."""
+    alpha = values.value("soft_alpha")
+    if alpha == 1:
+        return identity_attention
+    if alpha == 0:
+        return sdpa_attention
+
+    def attend(q, k, v):
+        return ((1 - alpha) * sdpa_attention(q, k, v) + alpha * v).to(v.dtype)
+
+    return attend
+
+
+@register("shuffle", params=("perturbation_seed",), random=True)
+def _shuffle(values, rng):
+    """Token Perturbation Guidance (Rajabi et al. 2025, arXiv:2506.10036): the tokens entering the attention are
+    permuted by a random permutation of the token positions (one per row, the same for every head; norm-
+    preserving), i.e. q, k and v are permuted together after the block's normalisation and qkv projection.
+    Attention commutes with a permutation of all its tokens, so the attention output is the unperturbed output
+    with its tokens permuted (computed so), and the block returns x + proj_out(permuted attention): the
+    residual keeps the unshuffled x. In an SD transformer block the shuffled hidden state also runs through the
+    block's inner residual, cross-attention and feed-forward (all token-wise), so there the permuted branch
+    carries those too, and the spatial transformer's outer residual stays unshuffled as here; ADM's block has
+    only the attention branch. (Permuting keys and values alone would change nothing.) The permutation is the
+    argsort of one uniform draw per token."""
+
+    def attend(q, k, v):
+        n, heads, tokens, ch = v.shape
+        order = rng.rand((n, tokens), v.device).argsort(dim=-1, stable=True)
+        out = sdpa_attention(q, k, v)
+        return out.gather(-2, order.reshape(n, 1, tokens, 1).expand(n, heads, tokens, ch))
 
     return attend
 
@@ -395,8 +455,9 @@ def attention_overrides(model, overrides):
 
 
 @contextlib.contextmanager
-def perturbed_attention(model, layers, kind="identity", row_seeds=None, steps=None, **params):
-    """Perturb the named attention blocks (names or glob patterns) for every batch row.
+def perturbed_attention(model, layers, kind="identity", row_seeds=None, steps=None, heads=(), **params):
+    """Perturb the named attention blocks (names or glob patterns) for every batch row (on ``heads`` only, when
+    given).
 
     >>> with perturbed_attention(model, ["input_blocks.14.1", "middle_block.*"], kind="blur", blur_sigma=2.0):
     ...     eps_perturbed = model(x, t)[:, :3]
@@ -407,7 +468,9 @@ def perturbed_attention(model, layers, kind="identity", row_seeds=None, steps=No
 
     names = resolve_layers(model, layers)
     attention_fn = make_attention_fn(kind, PerturbationParams(**params), row_seeds=row_seeds, steps=steps)
-    with attention_overrides(model, {name: AttentionOverride(attention_fn) for name in names}):
+    validate_perturbation(kind, PerturbationParams(**params), heads)
+    check_heads_fit(model, names, heads)
+    with attention_overrides(model, {name: AttentionOverride(attention_fn, heads=heads) for name in names}):
         yield model
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 import pag
-from pag.config import SCHEDULES
+from pag.config import LIST_SETTINGS, SCHEDULES
 from pag.perturbations import PARAMS as PERTURBATION_PARAMS
 from pag.perturbations import REGISTRY as PERTURBATIONS
 from guided_diffusion.respace import space_timesteps
@@ -181,7 +181,7 @@ FLAG_GROUP = {key: group for group in GROUPS for key in dataclasses.asdict(getat
 def sample_defaults():
     """Every setting with its default, by flag name (guidance lists as comma-separated flag strings)."""
     values = _flat_defaults()
-    values.update({k: v for k, v in pag.guidance_defaults().items() if k in ("pag_layers", "guidance_interval")})
+    values.update({k: v for k, v in pag.guidance_defaults().items() if k in LIST_SETTINGS})
     return values
 
 
@@ -196,7 +196,7 @@ def suggest(key, known):
 def coerce(key, value, default, source):
     """A YAML value as the type of the flag's default (as the command line would give it)."""
     where = f"{key} in {source}"
-    if key in ("pag_layers", "guidance_interval") and isinstance(value, (list, tuple)):
+    if key in LIST_SETTINGS and isinstance(value, (list, tuple)):
         return list(value)
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -367,8 +367,8 @@ def inapplicable_settings(settings):
     so they are not part of the run's identity (and set to other than their defaults, they are warned about)."""
     g, out = settings.guidance, {}
     if not g.uses_pag:
-        for key in ("pag_layers", "perturbation", "pag_schedule", "pag_scale_end", "pag_adaptive_scale",
-                    *PERTURBATION_PARAMS):
+        for key in ("pag_layers", "pag_heads", "perturbation", "pag_schedule", "pag_scale_end",
+                    "pag_adaptive_scale", *PERTURBATION_PARAMS):
             out[key] = "pag_scale is 0"
     else:
         if g.pag_schedule != "linear":

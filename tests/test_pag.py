@@ -282,7 +282,7 @@ def test_outside_interval_is_exactly_unguided():
     ({"perturbation": "blur", "blur_sigma": -1.0}, "blur_sigma must be > 0"),
     ({"perturbation": "blur", "blur_kernel_size": 4}, "odd"),
     ({"perturbation": "noise", "noise_std": -1.0}, "noise_std must be >= 0"),
-    ({"perturbation": "shuffle"}, "unknown perturbation"),
+    ({"perturbation": "scramble"}, "unknown perturbation"),
     ({"guidance_interval": [-1, 500]}, "guidance_interval"),
     ({"guidance_interval": [0, 1001]}, "guidance_interval"),
     ({"pag_schedule": "cosine"}, "pag_schedule"),

@@ -344,7 +344,7 @@ BAD_INPUTS = {
                       ["unknown --model", "did you mean 256x256_diffusion"]),
     "unknown layer": (lambda d, c: argv(d / "out", c, pag_layers="input_blocks.99.1"),
                       ["guidance settings", "input_blocks.99.1", "middle_block.1"]),
-    "bad perturbation": (lambda d, c: argv(d / "out", c, perturbation="shuffle"), ["unknown perturbation"]),
+    "bad perturbation": (lambda d, c: argv(d / "out", c, perturbation="scramble"), ["unknown perturbation"]),
 }
 
 
