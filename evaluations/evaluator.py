@@ -125,6 +125,8 @@ class EvaluationSettings:
         object.__setattr__(self, "metrics", parse_metrics(self.metrics))
         check_pr_precision(self.pr_precision)
         check_bootstrap(self.bootstrap)
+        if self.bootstrap and self.metrics == ("fd_dinov2",):
+            raise ValueError("bootstrap intervals are computed for fid, sfid, is and pr, not for fd_dinov2 alone")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
 
@@ -361,7 +363,8 @@ def format_bootstrap_lines(result):
     intervals = result.get("bootstrap")
     if not intervals:
         return []
-    head = f"bootstrap ({intervals['k']} resamples, seed {intervals['seed']}, std and {intervals['level']:.0%} interval)"
+    head = (f"bootstrap ({intervals['k']} resamples, seed {intervals['seed']}, std and {intervals['level']:.0%} "
+            "interval)")
     return [f"{head} {METRICS_BY_KEY[key].label}: \u00b1 {v['std']!r} [{v['low']!r}, {v['high']!r}]"
             for key in METRIC_KEYS if isinstance(v := intervals.get(key), dict)]
 

@@ -177,8 +177,9 @@ def _seeds(path, data, base, grid):
             raise SampleConfigError(f"sweep config {path}: base seed must be an integer >= 0, got {start!r}")
         value = list(range(start, start + value))
     if not isinstance(value, list) or not value or not all(seed(v) for v in value) or len(set(value)) < len(value):
-        raise SampleConfigError(f"sweep config {path}: {where} must be a number of seeds >= 1 or a list of distinct "
-                                f"seeds >= 0, got {value!r}")
+        count = "a number of seeds >= 1 or " if where == "seeds" else ""
+        raise SampleConfigError(f"sweep config {path}: {where} must be {count}a list of distinct seeds >= 0, got "
+                                f"{value!r}")
     return (value, {k: v for k, v in base.items() if not (k == "seed" and where == "base.seed")},
             {k: v for k, v in grid.items() if k != "seed"})
 

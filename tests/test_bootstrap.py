@@ -55,6 +55,9 @@ def test_bootstrap_is_seeded_and_checks_k():
             check_bootstrap(bad)
     with pytest.raises(ValueError, match="bootstrap must be 0"):
         ev.EvaluationSettings(bootstrap=1)
+    with pytest.raises(ValueError, match="not for fd_dinov2 alone"):
+        ev.EvaluationSettings(bootstrap=10, metrics="fd_dinov2")
+    assert ev.build_parser().parse_args(["r.npz", "s.npz", "--bootstrap", "50"]).bootstrap == 50
 
 
 class TinyFeatures:

@@ -57,6 +57,7 @@ BAD = {
     "zero seeds": (dict(seeds=0), "seeds must be a number of seeds >= 1"),
     "repeated seeds": (dict(seeds=[1, 1]), "list of distinct seeds"),
     "negative seed": (dict(seeds=[-1]), "seeds >= 0"),
+    "scalar grid seed": (dict(grid={"seed": 3}), "grid.seed must be a list of distinct seeds >= 0"),
     "two places": (dict(seeds=2, base_extra={"seed": [0, 1]}), "given by both seeds and base.seed"),
     "a bundle sets seed": (dict(seeds=2, grid={"s": [{"name": "a", "seed": 5}]}), "cell s-a sets seed"),
     "table value": (dict(table={"minimum": "yes"}), "table must be a mapping of minimum"),
