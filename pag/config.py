@@ -33,6 +33,16 @@ GUIDANCE_HELP = {
     "sag_layer": "attention block whose map SAG reads",
     "sag_blur_sigma": "SAG's Gaussian blur sigma",
     "classifier_scale": "classifier guidance scale (needs --classifier_path)",
+    "icg_scale": "independent condition guidance w of eps(x, y) + w * (eps(x, y) - eps(x, y')), y' a random class "
+                 "per sample and step (Sadat et al. 2025); class-conditional models only; 0 = off",
+    "apg_momentum": "adaptive projected guidance: momentum beta on the guidance term in x0 space, in (-1, 1); "
+                    "0 = off (Sadat et al. 2025)",
+    "apg_norm_threshold": "adaptive projected guidance: cap on the per-sample norm of the guidance term in x0 "
+                          "space; 0 = off",
+    "apg_eta": "adaptive projected guidance: weight of the guidance term's component parallel to the clean x0 "
+               "prediction; 1 = plain guidance",
+    "guidance_rescale": "guidance rescale phi in [0, 1]: blend toward the guided eps rescaled to the clean eps's "
+                        "per-sample std (Lin et al. 2023); 0 = off",
 }
 
 
@@ -64,6 +74,16 @@ class _GuidanceSettings:
     # Classifier guidance (upstream's --classifier_scale and its default), applied after PAG/SAG through cond_fn
     # and only with a classifier.
     classifier_scale: float = 1.0
+    # Independent condition guidance (Sadat et al., ICLR 2025): eps(x, y) + w * (eps(x, y) - eps(x, y')), y' an
+    # independent random class per sample and step. Inside guidance_interval, as PAG and SAG.
+    icg_scale: float = 0.0
+    # Adaptive projected guidance (Sadat et al., ICLR 2025) on the summed PAG + SAG + ICG term, in x0 space:
+    # momentum beta, per-sample norm cap, weight of the part parallel to the clean x0. Defaults: plain guidance.
+    apg_momentum: float = 0.0
+    apg_norm_threshold: float = 0.0
+    apg_eta: float = 1.0
+    # Guidance rescale (Lin et al., 2023): phi of phi * guided * std(eps) / std(guided) + (1 - phi) * guided.
+    guidance_rescale: float = 0.0
 
     def __post_init__(self):
         self.pag_layers = split_layer_list(self.pag_layers)
@@ -86,7 +106,8 @@ class _GuidanceSettings:
         """Raise a ValueError naming the bad setting; called on construction (and by ``guide`` for a
         diffusion whose step count is not 1000)."""
         for name in ("pag_scale", "pag_scale_end", "pag_adaptive_scale", "sag_scale", "sag_blur_sigma",
-                     "classifier_scale"):
+                     "classifier_scale", "icg_scale", "apg_momentum", "apg_norm_threshold", "apg_eta",
+                     "guidance_rescale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -110,6 +131,17 @@ class _GuidanceSettings:
             raise ValueError(f"sag_blur_sigma must be > 0, got {self.sag_blur_sigma}")
         if self.classifier_scale < 0:
             raise ValueError(f"classifier_scale must be >= 0, got {self.classifier_scale}")
+        if not -1 < self.apg_momentum < 1:
+            raise ValueError(f"apg_momentum must lie in (-1, 1), got {self.apg_momentum}")
+        if self.apg_norm_threshold < 0:
+            raise ValueError(f"apg_norm_threshold must be >= 0 (0 = no cap), got {self.apg_norm_threshold}")
+        if not 0 <= self.guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must lie in [0, 1], got {self.guidance_rescale}")
+
+    @property
+    def uses_apg(self):
+        """Whether adaptive projected guidance changes anything (else the plain sum is used, bit for bit)."""
+        return self.apg_momentum != 0 or self.apg_norm_threshold != 0 or self.apg_eta != 1
 
     @property
     def uses_pag(self):
@@ -142,6 +174,12 @@ class _GuidanceSettings:
 
     def sag_scale_at(self, t):
         return th.full_like(t.float(), float(self.sag_scale)) * self.in_interval(t)
+
+    def constant_icg_scale(self, num_timesteps=1000):
+        return float(self.icg_scale) if self._interval_covers(num_timesteps) else None
+
+    def icg_scale_at(self, t):
+        return th.full_like(t.float(), float(self.icg_scale)) * self.in_interval(t)
 
     def in_interval(self, t):
         lo, hi = self.guidance_interval

@@ -9,6 +9,9 @@ with the network's signature and output shape, so ``p_sample_loop``, ``ddim_samp
 The U-Net part before the first perturbed block runs once and is shared by the clean and the
 perturbed prediction (see :class:`GuidedModel`). With learned sigma, the variance channels come from
 the unperturbed pass, as in the authors' implementation.
+
+Independent condition guidance (ICG) is one more term, ``(eps(x, y'), w)``; adaptive projected guidance (APG)
+and guidance rescale act on the sum of the terms (:func:`guidance_step`'s ``project`` and ``rescale``).
 """
 
 import dataclasses
@@ -24,20 +27,94 @@ from .config import GuidanceConfig
 from .layers import resolve_layers
 from .perturbations import attention_overrides, check_heads_fit, make_attention_fn
 
+from .perturbations import _RowRandom
+
 SAG_BLUR_KERNEL = 31  # Hong et al.'s ADM setting
+# Key of ICG's label draws: they are independent of the perturbations' draws (keyed by perturbation_seed).
+ICG_LABEL_KEY = 0x1C6
 
 
-def guidance_step(eps, *terms):
+def guidance_step(eps, *terms, project=None, rescale=0.0):
     """The guidance formula: ``eps + sum_i s_i * (eps - eps_i)`` over ``terms`` of ``(eps_i, s_i)``.
 
-    PAG's term is (eps of the perturbed pass, s); SAG's is (eps on the degraded input, its scale).
-    Scales are per batch row, on any device (a host tensor is copied to ``eps``'s device).
+    PAG's term is (eps of the perturbed pass, s); SAG's is (eps on the degraded input, its scale); ICG's is
+    (eps with an independent random label, w). Scales are per batch row, on any device (a host tensor is copied to
+    ``eps``'s device).
+
+    ``project`` (APG, :class:`AdaptiveProjection`) maps the summed term to the one applied; ``rescale`` is guidance
+    rescale's phi (:func:`rescale_guidance`). With neither, the sum is plain (and bit for bit as without them).
     """
-    guided = eps
-    for eps_away, scale in terms:
+    def scaled(eps_away, scale):
         scale = scale.to(device=eps.device, dtype=eps.dtype).reshape(-1, *([1] * (eps.dim() - 1)))
-        guided = guided + scale * (eps - eps_away)
+        return scale * (eps - eps_away)
+
+    guided = eps
+    if project is None or not terms:
+        for eps_away, scale in terms:
+            guided = guided + scaled(eps_away, scale)
+    else:
+        guided = eps + project(sum(scaled(eps_away, scale) for eps_away, scale in terms))
+    if rescale:
+        guided = rescale_guidance(guided, eps, rescale)
     return guided
+
+
+def _per_sample(values, like):
+    """One value per batch row, shaped to broadcast over ``like``'s other dimensions."""
+    return values.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def rescale_guidance(guided, eps, phi):
+    """Guidance rescale (Lin et al. 2023, arXiv 2305.08891): ``phi * guided * std(eps) / std(guided) + (1 - phi) *
+    guided``, each std per sample, so phi = 1 gives the guided prediction the clean one's spread."""
+    ratio = eps.flatten(1).std(dim=1) / guided.flatten(1).std(dim=1)
+    return phi * (guided * _per_sample(ratio, guided)) + (1 - phi) * guided
+
+
+class AdaptiveProjection:
+    """Adaptive projected guidance (Sadat et al., ICLR 2025, arXiv 2410.02416) on the summed guidance term.
+
+    In predicted-x0 space (``x0 = (x - sqrt(1 - abar) eps) / sqrt(abar)``) the term is ``diff`` = guided x0 -
+    clean x0. Momentum: ``running = diff + beta * running`` (the buffer is per sample, kept across the steps of one
+    batch; :meth:`reset` starts a new batch), then ``diff = running``. Clamp: ``diff *= min(1, threshold /
+    ||diff||)`` per sample. Projection onto the clean x0 ``c``: ``parallel = <diff, c> / <c, c> * c``, the update
+    is ``(diff - parallel) + eta * parallel``, and the guided x0 = clean x0 + update, returned as an eps term.
+
+    The guidance scales are already inside the term, so the clamp caps the scaled term (the authors' code clamps
+    the difference before multiplying it by their scale - 1).
+    """
+
+    def __init__(self, momentum=0.0, norm_threshold=0.0, eta=1.0):
+        self.momentum, self.norm_threshold, self.eta = momentum, norm_threshold, eta
+        self.running = None
+
+    def reset(self):
+        self.running = None
+
+    def __call__(self, term, eps, x, abar):
+        """The eps term to apply for the summed eps ``term`` at clean ``eps``, input ``x``, alpha-bar ``abar``."""
+        ratio = ((1 - abar) / abar).sqrt()  # x0 moves by -ratio times the change of eps
+        diff = -ratio * term
+        if self.momentum:
+            if self.running is not None and self.running.shape != diff.shape:
+                raise RuntimeError(f"APG's momentum buffer holds {tuple(self.running.shape)}, this call has "
+                                   f"{tuple(diff.shape)}: call start_batch() on the guided model for a new batch")
+            self.running = diff if self.running is None else diff + self.momentum * self.running
+            diff = self.running
+        if self.norm_threshold:
+            diff = diff * _per_sample((self.norm_threshold / diff.flatten(1).norm(dim=1)).clamp(max=1), diff)
+        clean_x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+        along = (diff * clean_x0).flatten(1).sum(dim=1) / (clean_x0 * clean_x0).flatten(1).sum(dim=1)
+        parallel = _per_sample(along, diff) * clean_x0
+        update = (diff - parallel) + self.eta * parallel
+        return -update / ratio
+
+
+def independent_labels(row_seeds, steps, rows, num_classes, device):
+    """ICG's y': a class in [0, num_classes) per row, a hash of (row seed, step) on the device (no host draws), so a
+    sample's y' does not depend on the batch. Rows 0, 1, ... stand in for ``row_seeds`` when None."""
+    bits = _RowRandom(ICG_LABEL_KEY, row_seeds, steps)._bits((rows,), device)  # uniform 24-bit integers
+    return (bits * num_classes) >> 24
 
 
 class _MapRecorder:
@@ -77,12 +154,17 @@ class GuidedModel:
       ``GuidedModel`` compiles its own copies of the two functions, so the graphs of one sweep cell never count
       against another cell's recompile limit (dynamo keeps at most 8 graphs per function).
 
+    ICG (``icg_scale``) runs its own pass on ``x`` with the labels y' (:func:`independent_labels` of ``row_seeds``
+    and ``t``): the label enters the timestep embedding, so it shares no prefix with the clean and PAG rows, and a
+    separate call costs what a third batched block of rows would. ``num_classes`` (default: the model's) is the
+    range y' is drawn from. APG's momentum is kept per batch: call :meth:`start_batch` before a batch's first step.
+
     Host reads: with a scale that is the same at every timestep (constant schedule, an interval covering every
     step) whether to guide is decided on the host, so a PAG step reads nothing back from the device; schedules
-    and intervals read the per-row scale once per step.
+    and intervals read the per-row scale once per step, and SAG and APG check alpha-bar once per step.
     """
 
-    def __init__(self, model, config, diffusion=None, batch_passes=True, compile=False):
+    def __init__(self, model, config, diffusion=None, batch_passes=True, compile=False, num_classes=None):
         if not isinstance(config, GuidanceConfig):
             config = GuidanceConfig.from_dict(config)
         self.model = model
@@ -102,18 +184,29 @@ class GuidedModel:
         check_heads_fit(model, self.layers, config.pag_heads)
         self._pag_constant = config.constant_pag_scale(self.num_timesteps)
         self._sag_constant = config.constant_sag_scale(self.num_timesteps)
+        self._icg_constant = config.constant_icg_scale(self.num_timesteps)
+        model_classes = getattr(model, "num_classes", None)
+        self.num_classes = (num_classes or model_classes) if model_classes is not None else None
+        if config.icg_scale and self.num_classes is None:
+            raise ValueError("icg_scale needs a class-conditional model (class_cond=True): an unconditional model "
+                             "has no label to replace")
+        self.apg = AdaptiveProjection(config.apg_momentum, config.apg_norm_threshold, config.apg_eta) \
+            if config.uses_apg else None
         self.shared_stages = min((model.stage_of(name) for name in self.layers), default=0)
         self.sag_layer = None
         self._alphas_cumprod = None
-        if config.sag_scale:
+        needs_schedule = [name for name, on in (("SAG", config.sag_scale), ("APG", config.uses_apg)) if on]
+        if needs_schedule:
             if diffusion is None:
                 raise ValueError(
-                    "SAG needs the noise schedule: call guide(model, config, diffusion=diffusion)"
+                    f"{' and '.join(needs_schedule)} needs the noise schedule: call guide(model, config, "
+                    "diffusion=diffusion)"
                 )
             if getattr(diffusion, "rescale_timesteps", False):
                 raise ValueError("guidance expects rescale_timesteps=False (as every official checkpoint)")
-            (self.sag_layer,) = resolve_layers(model, [config.sag_layer])
             self._alphas_cumprod = _alphas_cumprod_by_original_timestep(diffusion)
+        if config.sag_scale:
+            (self.sag_layer,) = resolve_layers(model, [config.sag_layer])
         # With PAG on, SAG's map is recorded in the shared prefix or, after it, in the clean continuation.
         self.sag_in_prefix = bool(self.sag_layer) and model.stage_of(self.sag_layer) < self.shared_stages
         self._run_prefix, self._run_rest = self._prefix_plain, self._rest_plain
@@ -135,12 +228,19 @@ class GuidedModel:
             return self.model(x, t, **model_kwargs)
         return self._run_rest(self.model.begin(x, t, **model_kwargs))
 
+    def start_batch(self):
+        """Forget the previous batch's APG momentum (the sampler calls this before each batch)."""
+        if self.apg is not None:
+            self.apg.reset()
+
     def __call__(self, x, t, row_seeds=None, **model_kwargs):
         pag_scale, use_pag = _scale_and_use(self._pag_constant, t, self.layers,
                                             lambda: self.config.pag_scale_at(t, self.num_timesteps))
         sag_scale, use_sag = _scale_and_use(self._sag_constant, t, self.sag_layer,
                                             lambda: self.config.sag_scale_at(t))
-        if not (use_pag or use_sag):
+        icg_scale, use_icg = _scale_and_use(self._icg_constant, t, self.config.icg_scale != 0,
+                                            lambda: self.config.icg_scale_at(t))
+        if not (use_pag or use_sag or use_icg):
             out = self._forward(x, t, **model_kwargs)
             if self.observer is not None:
                 self.observer(x=x, t=t, eps=out[:, : x.shape[1]], guided=out[:, : x.shape[1]], pag=None, sag=None)
@@ -149,21 +249,30 @@ class GuidedModel:
         recorder = _MapRecorder() if use_sag else None
         if use_pag:
             out, eps_perturbed = self._clean_and_perturbed(x, t, model_kwargs, row_seeds, recorder)
-        else:
+        elif use_sag:
             with attention_overrides(self.model, {self.sag_layer: AttentionOverride(recorder)}):
                 out = self._forward(x, t, **model_kwargs)
+        else:
+            out = self._forward(x, t, **model_kwargs)
         channels = x.shape[1]
         eps, rest = out[:, :channels], out[:, channels:]
-        terms = []
-        if use_pag:
-            terms.append((eps_perturbed[:, :channels], pag_scale))
+        pag_term = (eps_perturbed[:, :channels], pag_scale) if use_pag else None
+        sag_term = None
         if use_sag:
             x_degraded = self._sag_input(x, t, eps, recorder.map)
-            terms.append((self._forward(x_degraded, t, **model_kwargs)[:, :channels], sag_scale))
-        guided = guidance_step(eps, *terms)
+            sag_term = (self._forward(x_degraded, t, **model_kwargs)[:, :channels], sag_scale)
+        icg_term = None
+        if use_icg:
+            other_labels = independent_labels(row_seeds, t, x.shape[0], self.num_classes, x.device)
+            icg_term = (self._forward(x, t, **dict(model_kwargs, y=other_labels))[:, :channels], icg_scale)
+        project = None
+        if self.apg is not None:
+            abar = self._abar(x, t)
+            project = lambda term: self.apg(term, eps, x, abar)  # noqa: E731
+        terms = [term for term in (pag_term, sag_term, icg_term) if term is not None]
+        guided = guidance_step(eps, *terms, project=project, rescale=self.config.guidance_rescale)
         if self.observer is not None:
-            self.observer(x=x, t=t, eps=eps, guided=guided, pag=terms[0] if use_pag else None,
-                          sag=terms[-1] if use_sag else None)
+            self.observer(x=x, t=t, eps=eps, guided=guided, pag=pag_term, sag=sag_term)
         return th.cat([guided, rest], dim=1)
 
     def _clean_and_perturbed(self, x, t, model_kwargs, row_seeds, recorder):
@@ -196,6 +305,14 @@ class GuidedModel:
             perturbed = self._run_rest(prefix)
         return clean, perturbed
 
+    def _abar(self, x, t):
+        """alpha-bar at original timesteps ``t``, one per row of ``x``, in ``x``'s dtype and on its device (SAG,
+        APG); checking it reads the device once."""
+        abar = self._alphas_cumprod.to(x.device)[t.long()].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+        if th.isnan(abar).any():
+            raise ValueError(f"timesteps {t.tolist()} are not steps of this diffusion's schedule")
+        return abar
+
     def _sag_input(self, x, t, eps, head_mean_map):
         """Blur the predicted x0 where the attention map is strong, then re-noise it with eps."""
         batch, _, height, width = x.shape
@@ -203,9 +320,7 @@ class GuidedModel:
         # A key token attended more than average (the query-summed map exceeds 1) is masked.
         mask = (head_mean_map.sum(dim=1) > 1.0).reshape(batch, 1, side, side).to(x.dtype)
         mask = F.interpolate(mask, (height, width), mode="nearest")
-        abar = self._alphas_cumprod.to(x.device)[t.long()].to(x.dtype).reshape(-1, 1, 1, 1)
-        if th.isnan(abar).any():
-            raise ValueError(f"timesteps {t.tolist()} are not steps of this diffusion's schedule")
+        abar = self._abar(x, t)
         x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
         from torchvision.transforms.v2.functional import gaussian_blur  # slow import: only for SAG
 
@@ -244,15 +359,16 @@ def _alphas_cumprod_by_original_timestep(diffusion):
     return table.float()
 
 
-def guide(model, config, diffusion=None, batch_passes=True, compile=False, channels_last=False):
+def guide(model, config, diffusion=None, batch_passes=True, compile=False, channels_last=False, num_classes=None):
     """Return ``model`` guided by ``config`` (a :class:`GuidanceConfig` or a mapping of its fields).
 
-    ``diffusion`` is needed only by SAG (the noise schedule). With every scale 0 the result calls the
-    model once per step and returns its output unchanged. ``batch_passes``, ``compile``: see
-    :class:`GuidedModel`. ``channels_last=True`` first puts ``model``'s 4D weights in channels-last memory format
-    (in place: the parameters change layout, not value), so convolutions run NHWC (what GPU tensor cores
-    prefer); a caller that builds its model applies it there instead (``sampling.models``).
+    ``diffusion`` is needed only by SAG and APG (the noise schedule); ``num_classes``: ICG's label range (default:
+    the model's). With every scale 0 the result calls the model once per step and returns its output unchanged.
+    ``batch_passes``, ``compile``: see :class:`GuidedModel`. ``channels_last=True`` first puts ``model``'s 4D
+    weights in channels-last memory format (in place: the parameters change layout, not value), so convolutions
+    run NHWC (what GPU tensor cores prefer); a caller that builds its model applies it there instead
+    (``sampling.models``).
     """
     if channels_last:
         model.to(memory_format=th.channels_last)
-    return GuidedModel(model, config, diffusion, batch_passes, compile=compile)
+    return GuidedModel(model, config, diffusion, batch_passes, compile=compile, num_classes=num_classes)

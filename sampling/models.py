@@ -69,7 +69,7 @@ def build_diffusion(settings):
 def guide(model, settings, diffusion):
     """``model`` guided by the run's guidance settings (compiled with ``--compile``)."""
     try:
-        return pag.guide(model, settings.guidance, diffusion=diffusion,
+        return pag.guide(model, settings.guidance, diffusion=diffusion, num_classes=settings.sampling.num_classes,
                          compile=dict(COMPILE_OPTIONS) if settings.runtime.compile else False)
     except ValueError as e:
         raise SampleConfigError(f"guidance settings: {e}") from None

@@ -36,10 +36,25 @@ def sample_seeds(seed, index):
     return int(state[0]), int(state[1]), int(state[2]) & (2**63 - 1)
 
 
-def sample_labels(seed, indices, num_classes=NUM_CLASSES):
-    """Class labels of samples ``indices``: uniform over ``num_classes``, each from (seed, i) only."""
-    return np.array([np.random.default_rng(sample_seeds(seed, i)[1]).integers(num_classes) for i in indices],
-                    dtype=np.int64)
+BALANCED_LABELS_KEY = 0xBA1  # keys the permutation of balanced labels apart from the per-sample seeds
+
+
+def sample_labels(seed, indices, num_classes=NUM_CLASSES, balanced_over=None):
+    """Class labels of samples ``indices``: uniform over ``num_classes``, each from (seed, i) only.
+
+    ``balanced_over=N`` (the run's num_samples): class-balanced labels instead. Sample i gets ``order[i] %
+    num_classes`` with ``order`` a permutation of 0..N-1 seeded by (seed, N), so each class occurs N / num_classes
+    times when N is a multiple of num_classes (else the first N % num_classes classes once more), and sample i's
+    label is a function of (seed, i, N): not of the batch or the process that draws it."""
+    if balanced_over is None:
+        return np.array([np.random.default_rng(sample_seeds(seed, i)[1]).integers(num_classes) for i in indices],
+                        dtype=np.int64)
+    indices = np.asarray(list(indices), dtype=np.int64)
+    if indices.size and not 0 <= indices.min() <= indices.max() < balanced_over:
+        raise ValueError(f"balanced labels exist for samples 0..{balanced_over - 1}, asked for "
+                         f"{indices.min()}..{indices.max()}")
+    order = np.random.default_rng([int(seed), BALANCED_LABELS_KEY, int(balanced_over)]).permutation(balanced_over)
+    return (order[indices] % num_classes).astype(np.int64)
 
 
 def noise_fn(seed, indices, device):
@@ -79,7 +94,8 @@ def sample_draws(settings, indices, device, with_labels):
                                            device=device)}
     labels = None
     if with_labels:
-        labels = sample_labels(seed, indices, settings.sampling.num_classes)
+        balanced_over = settings.sampling.num_samples if settings.sampling.labels == "balanced" else None
+        labels = sample_labels(seed, indices, settings.sampling.num_classes, balanced_over)
         model_kwargs["y"] = th.from_numpy(labels).to(device)
     return SampleDraws(noise_fn(seed, indices, device), labels, model_kwargs)
 
@@ -104,6 +120,7 @@ class Sampler:
         guided = networks.guided
         if guided is None or guided.config != settings.guidance:
             guided = guide(networks.model, settings, self.diffusion)
+        self.guided = guided
         class_cond = settings.model.class_cond
 
         def model_fn(x, t, y=None, **kwargs):
@@ -129,6 +146,7 @@ class Sampler:
     def sample(self, indices):
         s, device = self.settings, self.device
         draws = self.draws(indices)
+        self.guided.start_batch()  # APG's momentum is per batch
         batch = len(indices)
         loop = self.diffusion.ddim_sample_loop_progressive if s.sampling.use_ddim else \
             self.diffusion.p_sample_loop_progressive

@@ -65,6 +65,7 @@ class SamplingSettings:
     clip_denoised: bool = True
     num_classes: int = NUM_CLASSES  # labels are drawn uniformly from [0, num_classes)
     shard_size: int = 256
+    labels: str = "random"  # LABEL_ORDERS: independent uniform draws, or each class equally often
 
 
 @dataclass
@@ -111,6 +112,11 @@ class RunSettings:
         ident.pop("dtype", None)
         if self.compute_dtype != ("float16" if self.model.use_fp16 else "float32"):
             ident["dtype"] = self.compute_dtype
+        for key in OMITTED_AT_DEFAULT:  # settings added later: runs recorded before keep their identity
+            if key in ident and ident[key] == DEFAULTS_OF_LATER_SETTINGS[key]:
+                del ident[key]
+        if self.sampling.labels == "balanced":  # sample i's label depends on num_samples: no extending
+            ident["num_samples"] = self.sampling.num_samples
         if self.guidance.uses_pag and PERTURBATIONS[self.guidance.perturbation].random:
             # Random kinds draw afresh at every step since 2026-12 (one draw per sample before): shards of the
             # two definitions must not be merged, so runs recorded before are not resumed (--overwrite).
@@ -135,6 +141,9 @@ class RunSettings:
 GROUPS = ("model", "diffusion", "guidance", "sampling", "runtime")
 RANDOM_DRAWS_VERSION = "per step, on the device"  # how random perturbations draw (pag.perturbations._RowRandom)
 NOT_IN_IDENTITY = ("num_samples", "shard_size", "model_path", "classifier_path")
+# In a run's identity only when not at their defaults (so the runs recorded before them keep theirs and resume).
+OMITTED_AT_DEFAULT = ("icg_scale", "apg_momentum", "apg_norm_threshold", "apg_eta", "guidance_rescale", "labels")
+LABEL_ORDERS = ("random", "balanced")
 CLASSIFIER_FLAGS = tuple(k for k in classifier_defaults() if k != "image_size")
 HELP = dict(
     pag.guidance_help(),
@@ -159,6 +168,8 @@ HELP = dict(
     compile="torch.compile the U-Net (the shared prefix and the continuation, once per process, not per step); "
             "the same samples up to float rounding",
     seed="sample i depends only on (seed, i): an integer >= 0",
+    labels="class labels: random (independent uniform draws, upstream's) or balanced (each class num_samples / "
+           "num_classes times in a seeded order; sample i's label then also depends on num_samples)",
     num_classes="class labels are drawn uniformly from [0, num_classes) (a model trained on fewer classes)",
     shard_size="samples per shard file (the unit of resumption)",
     out_dir="output directory (created; resumed if it holds the same configuration)",
@@ -175,6 +186,7 @@ def _flat_defaults():
     return values
 
 
+DEFAULTS_OF_LATER_SETTINGS = {key: value for key, value in _flat_defaults().items() if key in OMITTED_AT_DEFAULT}
 FLAG_GROUP = {key: group for group in GROUPS for key in dataclasses.asdict(getattr(RunSettings(), group))}
 
 
@@ -311,6 +323,11 @@ def build_settings(values):
                         f"got {s['num_classes']}")
     if s["seed"] < 0:
         problems.append(f"seed must be >= 0, got {s['seed']}")
+    if s["labels"] not in LABEL_ORDERS:
+        problems.append(f"labels must be one of {', '.join(LABEL_ORDERS)}, got {s['labels']!r}")
+    if s["icg_scale"] and not s["class_cond"]:
+        problems.append(f"icg_scale {s['icg_scale']} needs a class-conditional model (class_cond true): an "
+                        "unconditional model has no label to replace")
     if s["dtype"] and s["dtype"] not in COMPUTE_DTYPES:
         problems.append(f"dtype must be one of {', '.join(COMPUTE_DTYPES)} (or empty), got {s['dtype']!r}")
     if not s["claim_lease"] > 0:
@@ -381,8 +398,12 @@ def inapplicable_settings(settings):
                 out[key] = f"perturbation {g.perturbation} does not use it"
     if not g.sag_scale:
         out["sag_layer"] = out["sag_blur_sigma"] = "sag_scale is 0"
-    if not g.uses_pag and not g.sag_scale:
-        out["guidance_interval"] = "neither PAG nor SAG is on"
+    if not g.uses_pag and not g.sag_scale and not g.icg_scale:
+        out["guidance_interval"] = "neither PAG, SAG nor ICG is on"
+        for key in ("apg_momentum", "apg_norm_threshold", "apg_eta", "guidance_rescale"):
+            out[key] = "there is no guidance term (PAG, SAG or ICG)"
+    if not settings.with_labels:
+        out["labels"] = "the samples have no labels (an unconditional model without a classifier)"
     if not settings.model.classifier_path:
         for key in ("classifier_scale",) + CLASSIFIER_FLAGS:
             out[key] = "there is no classifier_path"
