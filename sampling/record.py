@@ -78,7 +78,8 @@ def write_run_record(plan, device):
 
     ``sampler_label`` is the sampler as tables name it (``settings.sampler_label``): a table reads it, with the
     other values it groups by (``pag_scale``, ``pag_layers``, ``perturbation``: in ``settings``, where they
-    apply), and derives none of them."""
+    apply), and derives none of them. ``labels`` likewise: ``random`` or ``balanced`` (``none``: no labels); in
+    ``settings`` only when balanced, so that runs from before the setting keep their identity."""
     session = _session(plan, device)
     record_path = plan.layout.record_path
     if os.path.exists(record_path):
@@ -91,6 +92,7 @@ def write_run_record(plan, device):
     else:
         doc = {"settings": plan.identity, "run_id": plan.run_id, "runtime": session, "provenance": provenance()}
     doc["sampler_label"] = sampler_label(plan.settings)
+    doc["labels"] = plan.settings.sampling.labels if plan.settings.with_labels else "none"
     text = ("# Sampling run record (sampling/record.py). `settings` identify the run (with the checkpoints' content\n"
             "# hashes): the same out_dir is resumed only with the same settings; `run_id` is their hash, stored in\n"
             "# every shard. `runtime` is that of the first session, `sessions` lists the later ones.\n")

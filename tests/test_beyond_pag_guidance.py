@@ -9,7 +9,10 @@ import pag
 import sampling
 from guided_diffusion.script_util import NUM_CLASSES
 from pag.guidance import AdaptiveProjection, independent_labels
-from sampling.settings import SampleConfigError, build_settings, sample_defaults
+from conftest import TINY_MODEL_FLAGS
+from sampling.lock import RunLocks
+from sampling.record import read_run_record, write_run_record
+from sampling.settings import SampleConfigError, build_settings, resolve_settings, sample_defaults
 from test_pag import SMALL_LAYERS, small_model, two_pass_pag
 
 T = torch.tensor([555, 555])  # a step of the respaced "10" schedule (APG and rescale read alpha-bar there)
@@ -220,3 +223,24 @@ def test_labels_setting_reaches_the_draws_and_the_identity():
         {"labels": "balanced", "num_samples": 20}  # balanced labels depend on num_samples: no extending
     with pytest.raises(SampleConfigError, match="labels must be one of random, balanced"):
         build_settings(dict(base, labels="sorted"))
+
+
+@pytest.mark.parametrize("labels", ["random", "balanced"])
+def test_the_run_record_names_the_labels_and_a_balanced_run_is_not_extended(ckpt, tmp_path, labels):
+    def settings(num_samples):
+        return resolve_settings([("test", dict(TINY_MODEL_FLAGS, model_path=str(ckpt), out_dir=str(tmp_path / "run"),
+                                                num_samples=num_samples, shard_size=2, timestep_respacing="2",
+                                                labels=labels, device="cpu"))])
+
+    with RunLocks() as locks:
+        write_run_record(sampling.prepare(settings(4), locks=locks), torch.device("cpu"))
+    record = read_run_record(tmp_path / "run")
+    assert record["labels"] == labels  # what a table shows
+    assert record["settings"].get("labels") == ("balanced" if labels == "balanced" else None)
+    if labels == "random":
+        with RunLocks() as locks:
+            assert sampling.prepare(settings(6), locks=locks) is not None  # extended as before
+    else:
+        with pytest.raises(SampleConfigError, match="num_samples: 4 there, 6 now"):
+            with RunLocks() as locks:
+                sampling.prepare(settings(6), locks=locks)
