@@ -3,7 +3,11 @@
 The samples' features are resampled with replacement K times (``numpy.random.default_rng(seed)``: the same K and
 seed give the same draws); each metric is computed again from every resample against the reference, which stays
 fixed (its statistics, features and precision/recall radii are computed once). Reported per metric: the standard
-deviation of the K values (ddof=1) and the 2.5 and 97.5 percentiles (a 95 % percentile interval).
+deviation of the K values (ddof=1), their mean's offset from the full set's value v (``bias``), and a 95 % interval
+around v: the 2.5 and 97.5 percentiles of the K values shifted by ``-bias``. Not the percentiles themselves: a
+resample repeats about a third of its rows, which moves its covariance, so FID and sFID over resamples sit
+systematically off the full set's value (measured: d = 16, N = 1500, FID 0.247 against resamples' 0.266-0.330: the
+plain interval did not hold v). The interval describes the spread of the estimate, not a correction of its bias.
 
 How each metric is recomputed, and what it costs per resample (N samples, d feature dimensions):
 
@@ -36,10 +40,14 @@ def check_bootstrap(k):
     return k
 
 
-def bootstrap(metric_fns, num_samples, k, seed=BOOTSTRAP_SEED):
+def bootstrap(metric_fns, num_samples, k, seed=BOOTSTRAP_SEED, values_of_all=None):
     """``{key: {"std", "low", "high"}, "k": k, "seed": seed, "level": 0.95}`` of ``metric_fns`` (``{key: fn(idx)
-    -> float}``, ``idx`` the indices of one resample of ``num_samples`` samples, drawn with replacement)."""
+    -> float}``, ``idx`` the indices of one resample of ``num_samples`` samples, drawn with replacement);
+    ``values_of_all``: each metric's value on the whole set (computed here when not given), where the interval is
+    centred."""
     check_bootstrap(k)
+    if values_of_all is None:
+        values_of_all = {key: fn(np.arange(num_samples)) for key, fn in metric_fns.items()}
     rng = np.random.default_rng(seed)
     values = {key: [] for key in metric_fns}
     with warnings.catch_warnings():  # the full set's computation has already said what each resample would repeat
@@ -49,8 +57,11 @@ def bootstrap(metric_fns, num_samples, k, seed=BOOTSTRAP_SEED):
             for key, fn in metric_fns.items():
                 values[key].append(fn(idx))
     tail = 100 * (1 - BOOTSTRAP_LEVEL) / 2
-    out = {key: {"std": float(np.std(v, ddof=1)), "low": float(np.percentile(v, tail)),
-                 "high": float(np.percentile(v, 100 - tail))} for key, v in values.items()}
+    out = {}
+    for key, v in values.items():
+        bias = float(np.mean(v) - values_of_all[key])
+        out[key] = {"std": float(np.std(v, ddof=1)), "bias": bias, "low": float(np.percentile(v, tail) - bias),
+                    "high": float(np.percentile(v, 100 - tail) - bias)}
     return dict(out, k=k, seed=seed, level=BOOTSTRAP_LEVEL)
 
 

@@ -265,7 +265,8 @@ def _scores(s, nets, batches, feats):
                 fns["inception_score"] = inception_score_fn(sample["logits"], s.split_size)
             if "pr" in s.metrics:
                 fns.update(precision_recall_fns(ref["pool"], sample["pool"], members, **pr_options))
-            intervals = bootstrap(fns, len(sample["logits"]), s.bootstrap, s.bootstrap_seed)
+            intervals = bootstrap(fns, len(sample["logits"]), s.bootstrap, s.bootstrap_seed,
+                                  values_of_all={key: result[key] for key in fns})
     if "dinov2" in nets:
         ref, sample = feats["ref"]["dinov2"], feats["sample"]["dinov2"]
         result["fd_dinov2"] = frechet_distance(sample["mu"], sample["sigma"], ref["mu"], ref["sigma"])

@@ -74,8 +74,21 @@ def aggregate_seeds(rows, minimum=False):
     return out
 
 
+# What the runs of one cell over seeds must share to be one row (a table of two sweeps, or of runs cut with other
+# settings, could otherwise average unlike things).
+SHARED_BY_SEEDS = ("num_samples", "pag_scale", "pag_layers", "perturbation", "sampler", "source", "labels")
+
+
 def _merge(cell, members, minimum):
     seeds, runs = [m[0] for m in members], [m[1] for m in members]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"cell {cell}: seed {next(s for s in seeds if seeds.count(s) > 1)} appears in two runs of "
+                         "the table; give each table one run per seed (e.g. tabulate one sweep at a time)")
+    for key in SHARED_BY_SEEDS:
+        values = {repr(r.get(key)) for r in runs}
+        if len(values) > 1:
+            raise ValueError(f"cell {cell}: its runs over seeds differ in {key} ({', '.join(sorted(values))}); "
+                             "only runs that differ in their seed are averaged")
     row = dict(runs[0], run=cell, seeds=len(runs), seed_values=seeds, uncertainty=f"{len(runs)} seeds",
                random_weights=any(r.get("random_weights") for r in runs),
                json=";".join(str(r.get("json")) for r in runs))

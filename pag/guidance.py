@@ -30,8 +30,9 @@ from .perturbations import attention_overrides, check_heads_fit, make_attention_
 from .perturbations import _RowRandom
 
 SAG_BLUR_KERNEL = 31  # Hong et al.'s ADM setting
-# Key of ICG's label draws: they are independent of the perturbations' draws (keyed by perturbation_seed).
-ICG_LABEL_KEY = 0x1C6
+# The stream of ICG's label draws: a stream of its own, so y' never repeats a perturbation's draw, whatever the
+# perturbation_seed.
+ICG_LABEL_STREAM = 0x1C6
 
 
 def guidance_step(eps, *terms, project=None, rescale=0.0):
@@ -87,15 +88,24 @@ class AdaptiveProjection:
     def __init__(self, momentum=0.0, norm_threshold=0.0, eta=1.0):
         self.momentum, self.norm_threshold, self.eta = momentum, norm_threshold, eta
         self.running = None
+        self._last_abar = None
 
     def reset(self):
         self.running = None
+        self._last_abar = None
 
     def __call__(self, term, eps, x, abar):
         """The eps term to apply for the summed eps ``term`` at clean ``eps``, input ``x``, alpha-bar ``abar``."""
         ratio = ((1 - abar) / abar).sqrt()  # x0 moves by -ratio times the change of eps
         diff = -ratio * term
         if self.momentum:
+            # A trajectory's noise level only falls (alpha-bar rises): a call at a noisier step than the last one
+            # starts a new trajectory, whose momentum starts afresh even without start_batch() (direct pag.guide
+            # users); one read of the device per step, as APG's schedule check already makes.
+            if self.running is not None and self.running.shape == diff.shape and bool(
+                    (abar.flatten() < self._last_abar.flatten()).any()):
+                self.running = None
+            self._last_abar = abar
             if self.running is not None and self.running.shape != diff.shape:
                 raise RuntimeError(f"APG's momentum buffer holds {tuple(self.running.shape)}, this call has "
                                    f"{tuple(diff.shape)}: call start_batch() on the guided model for a new batch")
@@ -113,7 +123,7 @@ class AdaptiveProjection:
 def independent_labels(row_seeds, steps, rows, num_classes, device):
     """ICG's y': a class in [0, num_classes) per row, a hash of (row seed, step) on the device (no host draws), so a
     sample's y' does not depend on the batch. Rows 0, 1, ... stand in for ``row_seeds`` when None."""
-    bits = _RowRandom(ICG_LABEL_KEY, row_seeds, steps)._bits((rows,), device)  # uniform 24-bit integers
+    bits = _RowRandom(0, row_seeds, steps, stream=ICG_LABEL_STREAM)._bits((rows,), device)  # uniform 24-bit integers
     return (bits * num_classes) >> 24
 
 

@@ -183,10 +183,11 @@ class _RowRandom:
     blocks of one forward pass get different draws.
     """
 
-    def __init__(self, seed, row_seeds=None, steps=None):
+    def __init__(self, seed, row_seeds=None, steps=None, stream=0):
         self.seed = int(seed)
         self.row_seeds = row_seeds
         self.steps = steps
+        self.stream = int(stream)  # another stream (e.g. ICG's labels) never repeats the perturbations' draws
         self.draws = 0
 
     def _row_keys(self, rows, device):
@@ -197,6 +198,8 @@ class _RowRandom:
         steps = th.as_tensor(0 if self.steps is None else self.steps, device=device).long().reshape(-1)
         key = _hash32(th.full((rows,), (self.seed * 0x9E3779B9 + self.draws) & _MASK32, device=device,
                               dtype=th.long))
+        if self.stream:
+            key = _hash32(_hash32(key ^ (self.stream & _MASK32)) ^ 0x5BD1E995)
         self.draws += 1
         key = _hash32(key ^ (seeds & _MASK32))
         key = _hash32(key ^ (steps.expand(rows) & _MASK32))

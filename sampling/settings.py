@@ -115,7 +115,7 @@ class RunSettings:
         for key in OMITTED_AT_DEFAULT:  # settings added later: runs recorded before keep their identity
             if key in ident and ident[key] == DEFAULTS_OF_LATER_SETTINGS[key]:
                 del ident[key]
-        if self.sampling.labels == "balanced":  # sample i's label depends on num_samples: no extending
+        if self.sampling.labels == "balanced" and self.with_labels:  # label i depends on num_samples: no extending
             ident["num_samples"] = self.sampling.num_samples
         if self.guidance.uses_pag and PERTURBATIONS[self.guidance.perturbation].random:
             # Random kinds draw afresh at every step since 2026-12 (one draw per sample before): shards of the
@@ -435,6 +435,9 @@ def config_differences(old, new, device_type=None):
             lines.append(f"{key}: {old[key]!r} there, {new[key]!r} now")
     if "dtype" in old and "dtype" not in new:  # recorded only off upstream's precision (RunSettings.identity)
         lines.append(f"dtype: {old['dtype']!r} there, upstream's (use_fp16) now")
+    for key in OMITTED_AT_DEFAULT:  # recorded off its default, left out of the new identity at its default
+        if key in old and key not in new and old[key] != DEFAULTS_OF_LATER_SETTINGS[key]:
+            lines.append(f"{key}: {old[key]!r} there, {DEFAULTS_OF_LATER_SETTINGS[key]!r} (the default) now")
     return lines
 
 

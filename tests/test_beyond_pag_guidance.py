@@ -151,6 +151,14 @@ def test_apg_momentum_accumulates_over_steps_and_resets_per_batch():
     with pytest.raises(RuntimeError, match="start_batch"):
         with torch.no_grad():
             guided(x[:1], T[:1])  # another batch without start_batch: refused, not silently mixed
+    # A new trajectory of the same shape (a noisier step than the last call) starts afresh without start_batch.
+    guided.start_batch()
+    later = T - 111  # the next step of the "10" schedule: less noise, the same trajectory goes on
+    with torch.no_grad():
+        guided(x, T)
+        guided(x, later)
+        restarted = x0_of(diffusion, x, T, guided(x, T)[:, :3]) - clean_x0
+    assert torch.allclose(restarted, first, atol=1e-5)
 
 
 def test_the_sampler_starts_each_batch_with_fresh_momentum(ckpt):
@@ -244,3 +252,56 @@ def test_the_run_record_names_the_labels_and_a_balanced_run_is_not_extended(ckpt
         with pytest.raises(SampleConfigError, match="num_samples: 4 there, 6 now"):
             with RunLocks() as locks:
                 sampling.prepare(settings(6), locks=locks)
+
+
+def test_a_run_with_a_new_setting_is_not_resumed_with_it_turned_off():
+    """The new settings are left out of the identity at their defaults (old runs resume), so turning one off must
+    still count as a difference against a run recorded with it on (review finding)."""
+    from sampling.settings import build_settings, config_differences, sample_defaults
+
+    def identity(**values):
+        flags = dict(sample_defaults(), image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2,2",
+                     attention_resolutions="16,8", num_head_channels=16, learn_sigma=True, class_cond=True,
+                     num_classes=10, model_path="m.pt", out_dir="out", pag_scale=3.0,
+                     pag_layers="input_blocks.3.1", num_samples=20)
+        return build_settings(dict(flags, **values)).identity("cpu")
+
+    plain_run = identity()
+    for values in ({"icg_scale": 2.0}, {"labels": "balanced"}, {"guidance_rescale": 0.7}, {"apg_eta": 0.0},
+                   {"apg_momentum": -0.5}, {"apg_norm_threshold": 5.0}):
+        other = identity(**values)
+        key = next(iter(values))
+        assert any(line.startswith(f"{key}:") for line in config_differences(other, plain_run)), values
+        assert any(line.startswith(f"{key}:") for line in config_differences(plain_run, other)), values
+    assert config_differences(plain_run, identity()) == []
+    # Unconditional: labels do not apply, so balanced adds nothing (not even num_samples).
+    uncond = dict(class_cond=False, icg_scale=0.0)
+    assert config_differences(identity(**uncond), identity(**uncond, labels="balanced", num_samples=40)) == []
+
+
+def test_icg_labels_are_a_stream_of_their_own():
+    """y' never repeats a perturbation's draw, whatever perturbation_seed (review finding: seed 454 did)."""
+    from pag.guidance import ICG_LABEL_STREAM, independent_labels
+    from pag.perturbations import _RowRandom
+
+    rows, steps = torch.arange(64) * 7 + 3, torch.full((64,), 500)
+    labels = independent_labels(rows, steps, 64, 1000, "cpu")
+    for seed in (0, ICG_LABEL_STREAM, 1):
+        bits = _RowRandom(seed, rows, steps)._bits((64,), "cpu")
+        assert not torch.equal((bits * 1000) >> 24, labels), seed
+
+
+def test_the_analysis_refuses_the_terms_it_does_not_trace_yet():
+    import dataclasses
+
+    from analysis.trace import trace
+
+    settings = build_settings(dict(sample_defaults(), out_dir="-", model_path="m.pt", image_size=32, num_channels=32,
+                                   num_res_blocks=1, channel_mult="1,2,2", attention_resolutions="16,8",
+                                   num_head_channels=16, class_cond=True, learn_sigma=True, pag_scale=2.0,
+                                   pag_layers="input_blocks.5.1", icg_scale=1.0))
+    with pytest.raises(ValueError, match="does not trace icg_scale=1.0"):
+        trace(settings, None, torch.device("cpu"), [0])
+    plain = dataclasses.replace(settings.guidance, icg_scale=0.0, guidance_rescale=0.5)
+    with pytest.raises(ValueError, match="guidance_rescale=0.5"):
+        trace(settings, None, torch.device("cpu"), [0], config=plain)

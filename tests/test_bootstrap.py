@@ -29,6 +29,14 @@ def test_fid_bootstrap_std_matches_the_delta_method():
     assert out["fid"]["std"] == pytest.approx(analytic, rel=0.2)
     assert out["fid"]["low"] < out["fid"]["high"]
     assert out["k"] == 300 and out["seed"] == 0 and out["level"] == 0.95
+    # The interval holds the full set's FID: resamples repeat rows, which moves their FIDs off it; the interval is
+    # shifted by that offset (the plain percentiles missed the full value in a d = 16 case: the next assertion).
+    full = frechet_fn(x, np.zeros(d), np.eye(d))(np.arange(n))
+    assert out["fid"]["low"] < full < out["fid"]["high"]
+    y = rng.standard_normal((1500, 16)) * 1.0 + 0.1
+    wide = bootstrap({"fid": frechet_fn(y, np.zeros(16), np.eye(16))}, 1500, k=100, seed=0)
+    full16 = frechet_fn(y, np.zeros(16), np.eye(16))(np.arange(1500))
+    assert wide["fid"]["low"] < full16 < wide["fid"]["high"]
 
 
 def test_precision_bootstrap_std_is_the_binomial_std():

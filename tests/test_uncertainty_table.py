@@ -59,6 +59,14 @@ def test_seed_aggregation_matches_hand_computed_means_and_stds():
     assert aggregate_seeds(rows)[0]["recall"] is None
     lone = aggregate_seeds(rows[:1])[0]
     assert lone["seeds"] == 1 and lone["fid"] == 10.0 and lone["fid_std"] is None
+    # Runs that differ in more than their seed are not averaged (a table of two sweeps, another num_samples), nor
+    # are two runs of one seed.
+    unlike = [dict(row, num_samples=n) for row, n in zip(rows, (1000, 1000, 50000))]
+    with pytest.raises(ValueError, match="differ in num_samples"):
+        aggregate_seeds(unlike)
+    twice = rows + [dict(rows[0])]
+    with pytest.raises(ValueError, match="appears in two runs"):
+        aggregate_seeds(twice)
 
 
 def test_table_renders_plus_minus_and_minimum(tmp_path):
