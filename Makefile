@@ -153,3 +153,26 @@ COST_FLAGS ?=
 
 bench-cost: venv
 	$(PY) scripts/bench_cost.py $(COST_FLAGS)
+
+# Beyond PAG (issue 21, item 8): SoftPAG, per-head PAG, TPG, APG and guidance rescale against PAG s = 3 at the
+# paper's layers on the unconditional model, ICG against PAG on the conditional one, each at DDIM-25 and DDPM-250
+# (configs/experiments/beyond_pag_{uncond,cond}.yaml), sampled, evaluated and tabulated like the targets above.
+BEYOND_PAG = beyond_pag_uncond beyond_pag_cond
+
+.PHONY: beyond-pag
+
+beyond-pag: venv
+	$(foreach e,$(BEYOND_PAG),$(SWEEP) configs/experiments/$(e).yaml $(SWEEP_FLAGS) &&) true
+
+# The same comparison on the demo model at demo scale (configs/compare_demo.yaml, 8 methods, s = 2 at the demo's
+# layers), through `make demo`'s steps: results/compare_demo/{table.md,grid.png} (one row of the same seeds per
+# method), the table printed. Within 5 minutes on 2 CPU cores (docs/reproduction.md has a timed run).
+COMPARE_DEMO_CONFIG ?= configs/compare_demo.yaml
+
+.PHONY: compare-demo
+
+compare-demo: venv
+	$(PY) scripts/demo.py prepare --config $(COMPARE_DEMO_CONFIG)
+	OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 \
+		$(MPIEXEC) --oversubscribe -n $(DEMO_PROCS) $(PY) scripts/sweep.py $(COMPARE_DEMO_CONFIG)
+	$(PY) scripts/demo.py finish --config $(COMPARE_DEMO_CONFIG) --grid rows

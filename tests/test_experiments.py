@@ -10,6 +10,7 @@ from guided_diffusion.script_util import create_model_from_flags
 from sampling.model_configs import load_model_config
 from sampling.sweep import expand, load_sweep
 from pag import PAPER_LAYERS_256, resolve_layers
+from pag.perturbations import check_heads_fit
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
@@ -127,3 +128,99 @@ def test_make_ablation_targets(target):
 def test_make_gpu_check_does_not_reinstall():
     out = make_dry("-W", "setup.py", "gpu-check")  # setup.py newer than the environment: `install` would rerun
     assert "pip install" not in out and out.strip().endswith(".venv/bin/python scripts/gpu_check.py")
+
+
+BEYOND_PAG_SAMPLERS = {"sampler-ddim25": ("ddim25", True), "sampler-ddpm250": ("250", False)}
+
+
+def beyond_pag_cells(name):
+    """``{method: {sampler: settings}}`` of one beyond-PAG sweep; each method exactly at both samplers."""
+    _, cells = cells_of(name)
+    methods = {}
+    for cell, settings in cells.items():
+        method, sampler = cell.split("__")
+        assert (settings["timestep_respacing"], settings["use_ddim"]) == BEYOND_PAG_SAMPLERS[sampler], cell
+        methods.setdefault(method.removeprefix("method-"), {})[sampler] = settings
+    assert all(sorted(by_sampler) == sorted(BEYOND_PAG_SAMPLERS) for by_sampler in methods.values())
+    return {method: by_sampler["sampler-ddim25"] for method, by_sampler in methods.items()}
+
+
+def test_beyond_pag_uncond_cells_are_the_issue_21_comparison():
+    methods = beyond_pag_cells("beyond_pag_uncond")
+    assert sorted(methods) == sorted(["baseline", "pag", "softpag_a025", "softpag_a050", "softpag_a075",
+                                      "softpag_a100", "pag_16x16", "head_0", "head_1", "head_2", "head_3", "tpg",
+                                      "pag_apg_eta0", "pag_apg_eta05", "pag_rescale07"])
+    for method, settings in methods.items():
+        assert settings["model_path"].endswith("256x256_diffusion_uncond.pt")
+        assert settings["icg_scale"] == 0
+    assert methods["baseline"]["pag_scale"] == 0
+    guided = {m: s for m, s in methods.items() if m != "baseline"}
+    assert {s["pag_scale"] for s in guided.values()} == {3.0}
+    pag = methods["pag"]
+    assert pag["perturbation"] == "identity" and list(pag["pag_layers"]) == PAPER and not pag["pag_heads"]
+    assert pag["apg_eta"] == 1.0 and pag["guidance_rescale"] == 0
+    soft = {m: s for m, s in guided.items() if m.startswith("softpag")}
+    assert sorted(s["soft_alpha"] for s in soft.values()) == [0.25, 0.5, 0.75, 1.0]
+    assert all(s["perturbation"] == "soft" and list(s["pag_layers"]) == PAPER for s in soft.values())
+    with torch.device("meta"):
+        model = create_model_from_flags("diffusion", load_model_config("256x256_diffusion_uncond")["flags"])[0]
+    heads = {m: s for m, s in guided.items() if m.startswith("head_") or m == "pag_16x16"}
+    for method, settings in heads.items():
+        assert list(settings["pag_layers"]) == ["input_blocks.14.1"] and settings["perturbation"] == "identity"
+        check_heads_fit(model, settings["pag_layers"], settings["pag_heads"])  # 16 heads at 16x16
+    with pytest.raises(ValueError, match="has 16 heads"):
+        check_heads_fit(model, ["input_blocks.14.1"], [16])
+    assert sorted(tuple(s["pag_heads"]) for s in heads.values()) == [(), (0,), (1,), (2,), (3,)]
+    assert methods["tpg"]["perturbation"] == "shuffle" and list(methods["tpg"]["pag_layers"]) == PAPER
+    assert sorted(methods[m]["apg_eta"] for m in ("pag_apg_eta0", "pag_apg_eta05")) == [0.0, 0.5]
+    assert methods["pag_rescale07"]["guidance_rescale"] == 0.7
+    for method in ("pag_apg_eta0", "pag_apg_eta05", "pag_rescale07"):  # PAG with only the one setting changed
+        differing = {k for k, v in methods[method].items() if v != pag[k] and k != "out_dir"}
+        assert differing == ({"apg_eta"} if "apg" in method else {"guidance_rescale"}), method
+
+
+def test_beyond_pag_cond_cells_put_icg_against_pag_on_the_conditional_model():
+    methods = beyond_pag_cells("beyond_pag_cond")
+    assert sorted(methods) == ["baseline", "icg_w1", "icg_w3", "pag"]
+    for settings in methods.values():
+        assert settings["model_path"].endswith("256x256_diffusion.pt") and settings["class_cond"]
+    assert methods["pag"]["pag_scale"] == 3.0 and list(methods["pag"]["pag_layers"]) == PAPER
+    assert methods["pag"]["icg_scale"] == 0 and methods["baseline"]["pag_scale"] == 0
+    assert {m: (s["icg_scale"], s["pag_scale"]) for m, s in methods.items() if m.startswith("icg")} == {
+        "icg_w1": (1.0, 0.0), "icg_w3": (3.0, 0.0)}
+
+
+def test_make_beyond_pag_runs_both_sweeps_like_the_other_targets():
+    out = make_dry("beyond-pag", "GPUS=4", "NUM_SAMPLES=1000")
+    for name in ("beyond_pag_uncond", "beyond_pag_cond"):
+        assert (f"{ROOT_OK}.venv/bin/mpiexec -n 4 .venv/bin/python scripts/sweep.py configs/experiments/{name}.yaml "
+                "--set num_samples=1000 --set batch_size=32") in out
+    assert "srun .venv/bin/python scripts/sweep.py configs/experiments/beyond_pag_cond.yaml" in make_dry(
+        "beyond-pag", "LAUNCHER=srun")
+
+
+def test_compare_demo_config_is_the_same_comparison_at_demo_scale():
+    sweep = load_sweep(str(ROOT / "configs" / "compare_demo.yaml"))
+    cells = {cell.name.removeprefix("method-"): cell.settings.flat() for cell in expand(sweep)}
+    assert list(cells) == ["baseline", "pag", "softpag_a050", "per_head", "tpg", "icg_w2", "pag_apg_eta0",
+                           "pag_rescale07"]
+    demo_layers = ["input_blocks.3.1", "input_blocks.5.1", "middle_block.1"]
+    assert {s["model_path"] for s in cells.values()} == {"checkpoints/demo/adm_demo.pt"}
+    assert {s["num_samples"] for s in cells.values()} == {128}
+    assert cells["baseline"]["pag_scale"] == 0 and cells["icg_w2"]["pag_scale"] == 0
+    assert cells["icg_w2"]["icg_scale"] == 2.0
+    for method in ("pag", "softpag_a050", "tpg", "pag_apg_eta0", "pag_rescale07"):
+        assert cells[method]["pag_scale"] == 2.0 and list(cells[method]["pag_layers"]) == demo_layers, method
+    assert (cells["softpag_a050"]["perturbation"], cells["softpag_a050"]["soft_alpha"]) == ("soft", 0.5)
+    assert cells["tpg"]["perturbation"] == "shuffle"
+    assert (list(cells["per_head"]["pag_layers"]), list(cells["per_head"]["pag_heads"])) == (["input_blocks.5.1"], [1])
+    assert cells["pag_apg_eta0"]["apg_eta"] == 0.0 and cells["pag_rescale07"]["guidance_rescale"] == 0.7
+    assert sweep.ref_batch == "results/demo/reference.npz"  # make demo's held-out reference batch
+
+
+def test_make_compare_demo_runs_the_demo_steps_on_its_config():
+    lines = [line.strip() for line in make_dry("compare-demo").splitlines()]
+    assert ".venv/bin/python scripts/demo.py prepare --config configs/compare_demo.yaml" in lines
+    assert (".venv/bin/mpiexec --oversubscribe -n 2 .venv/bin/python scripts/sweep.py configs/compare_demo.yaml"
+            in lines)
+    assert lines[-1] == ".venv/bin/python scripts/demo.py finish --config configs/compare_demo.yaml --grid rows"
