@@ -224,3 +224,33 @@ def test_make_compare_demo_runs_the_demo_steps_on_its_config():
     assert (".venv/bin/mpiexec --oversubscribe -n 2 .venv/bin/python scripts/sweep.py configs/compare_demo.yaml"
             in lines)
     assert lines[-1] == ".venv/bin/python scripts/demo.py finish --config configs/compare_demo.yaml --grid rows"
+
+
+def test_compare_demo_finish_draws_one_row_of_the_same_seeds_per_cell(tmp_path, capsys):
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from demo.pipeline import ROW_COUNT, finish
+
+    config = yaml.safe_load((ROOT / "configs" / "compare_demo.yaml").read_text())
+    config["out_dir"] = str(tmp_path / "compare")
+    path = tmp_path / "compare_demo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cells = [cell.name for cell in expand(load_sweep(str(path)))]
+    with pytest.raises(SystemExit, match="compare_demo.md is missing"):
+        finish(config, path, "rows")
+    for index, cell in enumerate(cells):  # each cell's samples one flat colour: 10 * index
+        (tmp_path / "compare" / cell).mkdir(parents=True)
+        np.savez(tmp_path / "compare" / cell / "samples_128x32x32x3.npz",
+                 arr_0=np.full((128, 32, 32, 3), 10 * index, np.uint8), arr_1=np.zeros(128, np.int64))
+    (tmp_path / "compare" / "table").mkdir()
+    (tmp_path / "compare" / "table" / "compare_demo.md").write_text("| run | FID |\n")
+    finish(config, path, "rows")
+    assert "| run | FID |" in capsys.readouterr().out
+    assert (tmp_path / "compare" / "table.md").read_text() == "| run | FID |\n"
+    grid = np.asarray(Image.open(tmp_path / "compare" / "grid.png").convert("RGB"))
+    row_height, zoom, label_width = (32 + 2 * 2) * 3, 3, 120
+    assert grid.shape == (row_height * len(cells), label_width + (ROW_COUNT * 34 + 2) * zoom, 3)
+    for index in range(len(cells)):  # the first image of row `index` is cell `index`'s
+        assert (grid[index * row_height + 2 * zoom + 5, label_width + 2 * zoom + 5] == 10 * index).all()
