@@ -1,6 +1,7 @@
 """Figures, CSV files and the summary of an analysis (matplotlib, Agg; files written atomically)."""
 
 import csv
+import dataclasses
 import io
 import os
 
@@ -13,6 +14,18 @@ from .trace import STATS
 CURVE_COLUMNS = ("step", "timestep") + STATS + ("n",)
 ENTROPY_COLUMNS = ("step", "timestep", "block", "tokens", "entropy", "max_entropy", "normalized_entropy")
 COMPARE_COLUMNS = ("kind", "step", "timestep", "pag_rms", "guidance_share", "eps_rms")
+# The terms and corrections beyond PAG, SAG and CG (issue 21): (size column, share column, label); each is drawn
+# and tabulated only where it is on.
+EXTRA_TERMS = (("icg_rms", "icg_share", "ICG term"), ("apg_rms", "apg_share", "APG correction"),
+               ("rescale_rms", "rescale_share", "rescale correction"))
+
+# Their settings, named in the summary where they differ from their defaults.
+BEYOND_SETTINGS = ("icg_scale", "apg_eta", "apg_norm_threshold", "apg_momentum", "guidance_rescale")
+
+
+def _extra_terms_on(rows):
+    """The EXTRA_TERMS entries with a non-zero size at some step of ``rows``."""
+    return [term for term in EXTRA_TERMS if any(r[term[0]] for r in rows)]
 
 
 def _figure(width, height):
@@ -134,14 +147,20 @@ def write_curves(trace, out_dir, title=""):
     fig.subplots_adjust(wspace=0.3)
     ax = axes[0]
     ax.plot(t, [r["eps_rms"] for r in rows], color="gray", linestyle="--", label="eps (model)")
-    for key, label in (("pag_rms", "PAG term"), ("sag_rms", "SAG term"), ("cg_rms", "CG term")):
+    extra = _extra_terms_on(rows)
+    for key, label in (("pag_rms", "PAG term"), ("sag_rms", "SAG term"), ("cg_rms", "CG term"),
+                       *[(size, label) for size, _, label in extra]):
         values = [r[key] for r in rows]
         if key == "pag_rms" or any(values):
             ax.plot(t, values, marker=".", label=label)
     ax.set_ylabel("RMS per sample (eps units)")
     ax.set_title("size of each guidance term", fontsize=9)
     ax.legend(fontsize=7)
-    axes[1].plot(t, [r["guidance_share"] for r in rows], marker=".", color="C3")
+    axes[1].plot(t, [r["guidance_share"] for r in rows], marker=".", color="C3", label="all guidance")
+    for _, share, label in extra:
+        axes[1].plot(t, [r[share] for r in rows], marker=".", label=label)
+    if extra:
+        axes[1].legend(fontsize=7)
     axes[1].set_ylabel("guidance share of the step")
     axes[1].set_title("|guidance part| / (|guidance part| + |unguided step|)", fontsize=9)
     if trace.cg_on:
@@ -302,15 +321,19 @@ def summary_markdown(name, command, traces, files, comparison_files, seconds, no
     for kind, trace in traces.items():
         c = trace.config
         cg = f"classifier guidance {c.classifier_scale:g}" if trace.cg_on else "no classifier guidance"
+        defaults = {f.name: f.default for f in dataclasses.fields(c)}
+        beyond = "".join(f", {key} {getattr(c, key):g}" for key in BEYOND_SETTINGS if getattr(c, key) != defaults[key])
         lines += [f"## {kind}", "",
                   f"pag_scale {c.pag_scale:g}, pag_layers {', '.join(c.pag_layers) or '-'}, sag_scale "
-                  f"{c.sag_scale:g}, {cg}; samples {trace.indices} (strips: {trace.strip_indices}).", ""]
+                  f"{c.sag_scale:g}{beyond}, {cg}; samples {trace.indices} (strips: {trace.strip_indices}).", ""]
         lines += [f"- [{os.path.basename(p)}]({p})" for p in files[kind]]
         shown = set(trace.shown)
-        rows = [r for r in trace.curve_rows() if r["step"] in shown]
+        every_step = trace.curve_rows()
+        rows = [r for r in every_step if r["step"] in shown]
+        extra = [column for size, share, _ in _extra_terms_on(every_step) for column in (size, share)]
         lines += ["", "Per step (means over the samples; `curves.csv` has every step):", "",
                   _md_table(["step", "timestep", "pag_scale", "eps_rms", "pag_rms", "sag_rms", "cg_rms",
-                             "cos_pag_cg", "guidance_share"], rows), ""]
+                             "cos_pag_cg", "guidance_share", *extra], rows), ""]
         entropy = [r for r in trace.entropy_rows() if r["step"] in (trace.shown[0], trace.shown[-1])]
         lines += ["Attention entropy / log T of the clean pass at the first and last step (0 = identity map, "
                   "1 = uniform):", "", _md_table(["step", "timestep", "block", "tokens", "normalized_entropy"],

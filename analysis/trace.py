@@ -6,15 +6,20 @@ sampler's)
 and records, at every step:
 
 * the guidance terms, read through ``GuidedModel.observer`` (the formula stays in ``pag.guidance``): PAG's
-  ``s * (eps - eps_perturbed)``, SAG's ``s_sag * (eps - eps_sag)`` and classifier guidance's term in eps units,
-  ``-sqrt(1 - abar_t) * cond_fn(x_t, t)`` (what DDIM adds to eps; DDPM adds the same gradient to the mean);
+  ``s * (eps - eps_perturbed)``, SAG's ``s_sag * (eps - eps_sag)``, ICG's ``w * (eps - eps(y'))``, classifier
+  guidance's term in eps units, ``-sqrt(1 - abar_t) * cond_fn(x_t, t)`` (what DDIM adds to eps; DDPM adds the
+  same gradient to the mean), and the corrections of the summed term: APG's (the eps after APG minus the plain
+  sum eps + terms) and guidance rescale's (the eps after rescale minus the eps before it);
 * their root-mean-square size per sample (``*_rms``: L2 norm / sqrt(C * H * W)), the cosine similarity of
   the PAG and CG terms, and ``guidance_share``, the share of the step's deterministic update that guidance
-  (PAG + SAG + CG) contributes: the update x_t -> mean_guided splits into the unguided update
-  (mean_unguided - x_t) and guidance's part (mean_guided - mean_unguided), and the share is
+  (every term and correction, CG included) contributes: the update x_t -> mean_guided splits into the unguided
+  update (mean_unguided - x_t) and guidance's part (mean_guided - mean_unguided), and the share is
   |guidance part| / (|guidance part| + |unguided update|), in [0, 1] (0: no guidance, 0.5: as large as the
   model's own update). The means are the sampler's own step function (DDIM, or DDPM's posterior mean) on the
-  recorded model outputs with zero noise;
+  recorded model outputs with zero noise. ``icg_share``, ``apg_share`` and ``rescale_share`` are one term's
+  part on the same scale: |the move of the step's mean that it causes| / (|guidance part| + |unguided update|),
+  the move being mean(eps + ICG term) - mean(eps), mean(after APG) - mean(plain sum) and mean(after rescale) -
+  mean(before rescale);
 * the attention entropy of chosen blocks (mean over samples, heads and query tokens of
   -sum_j p_ij log p_ij, in nats; the identity map has entropy 0, uniform attention log T), read by forward hooks
   on the blocks' ``attention`` submodules from the clean pass's qkv (no module is replaced);
@@ -38,7 +43,8 @@ from pag.guidance import guidance_step
 from sampling.images import to_uint8_nhwc
 from sampling.sampler import sample_draws
 
-STATS = ("pag_scale", "eps_rms", "pag_rms", "sag_rms", "cg_rms", "cos_pag_cg", "guidance_share")
+STATS = ("pag_scale", "eps_rms", "pag_rms", "sag_rms", "cg_rms", "cos_pag_cg", "guidance_share",
+         "icg_rms", "apg_rms", "rescale_rms", "icg_share", "apg_share", "rescale_share")
 IMAGES = ("x_t", "x0_clean", "x0_perturbed", "x0_guided", "pag_term")
 # Query tokens whose attention maps are shown: relative (row, column) positions on each block's grid.
 QUERY_POSITIONS = ((0.5, 0.5), (0.25, 0.25), (0.75, 0.75), (0.25, 0.75))
@@ -212,11 +218,6 @@ class _AttentionProbe:
         return hook
 
 
-# Guidance settings whose terms the curves do not show yet, with their "off" values.
-UNTRACED_TERMS = (("icg_scale", 0.0), ("apg_eta", 1.0), ("apg_norm_threshold", 0.0), ("apg_momentum", 0.0),
-                  ("guidance_rescale", 0.0))
-
-
 def trace(settings, models, device, indices, config=None, options=None):
     """Sample ``indices`` with ``config`` (default ``settings.guidance``) as the sampler does, recording the
     per-step quantities described in this module's docstring. Returns a :class:`Trace`.
@@ -225,10 +226,6 @@ def trace(settings, models, device, indices, config=None, options=None):
     ``sampling.load_models`` result (its diffusion is used); device: a torch device.
     """
     config = settings.guidance if config is None else config
-    untraced = [f"{key}={getattr(config, key)}" for key, off in UNTRACED_TERMS if getattr(config, key) != off]
-    if untraced:  # their terms are not in the curves yet: the PAG/SAG/CG shares would not add up to the update
-        raise ValueError(f"the analysis does not trace {', '.join(untraced)} yet (issue 21 item 9); analyse the run "
-                         "without them")
     options = options or TraceOptions()
     indices = [int(i) for i in indices]
     if not indices:
@@ -273,7 +270,7 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
     class_cond = s.model.class_cond
     net_kwargs = {"y": model_kwargs["y"]} if class_cond else {}
 
-    guided = pag.guide(model, config, diffusion=diffusion)
+    guided = pag.guide(model, config, diffusion=diffusion, num_classes=s.sampling.num_classes)  # as the sampler
     seen = {}
     guided.observer = lambda **values: seen.update(values)
     cond_fn = pag.classifier_cond_fn(classifier, config.classifier_scale) if classifier is not None else None
@@ -305,6 +302,14 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
         step = diffusion.ddim_sample if use_ddim else diffusion.p_sample
         return step(_replay(output), x, t, clip_denoised=clip, cond_fn=cond, randn_like=th.zeros_like)["sample"]
 
+    def mean_move(before, after, rest, x, index):
+        """RMS per sample of the move of the step's mean from eps ``before`` to eps ``after`` (with the variance
+        channels ``rest``); 0 without running the step when they are the same tensor (the term is off)."""
+        if before is after:
+            return th.zeros(x.shape[0], device=x.device)
+        outputs = [th.cat([e.to(rest.dtype), rest], dim=1) for e in (before, after)]
+        return _rms(step_mean(outputs[1], x, index, None) - step_mean(outputs[0], x, index, None))
+
     def pred_x0(output, x, index):
         t = th.full((x.shape[0],), index, device=x.device, dtype=th.long)
         return diffusion.p_mean_variance(_replay(output), x, t, clip_denoised=clip)["pred_xstart"]
@@ -334,8 +339,16 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
         else:
             cg_term = zero
         clean_output = th.cat([seen["eps"], rest], dim=1)
+        icg_term = guidance_step(eps, seen["icg"]) - eps if seen["icg"] is not None else zero
+        plain, projected, applied = (seen[k].float() for k in ("guided", "projected", "applied"))
+        apg_correction, rescale_correction = projected - plain, applied - projected
         mean_guided = step_mean(output, x, index, gradient)
         mean_unguided = step_mean(clean_output, x, index, None)
+
+        with_icg = guidance_step(seen["eps"], seen["icg"]) if seen["icg"] is not None else seen["eps"]
+        moves = {"icg_share": mean_move(seen["eps"], with_icg, rest, x, index),
+                 "apg_share": mean_move(seen["guided"], seen["projected"], rest, x, index),
+                 "rescale_share": mean_move(seen["projected"], seen["applied"], rest, x, index)}
         scale = seen["pag"][1].float() if seen["pag"] is not None else th.zeros(batch)
         stats["pag_scale"].append(scale.reshape(-1).expand(batch).cpu())
         stats["eps_rms"].append(_rms(eps).cpu())
@@ -346,6 +359,12 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
         guidance, unguided = _rms(mean_guided - mean_unguided), _rms(mean_unguided - x)
         total = guidance + unguided
         stats["guidance_share"].append(th.where(total > 0, guidance / total.clamp(min=1e-30), total).cpu())
+        stats["icg_rms"].append(_rms(icg_term).cpu())
+        stats["apg_rms"].append(_rms(apg_correction).cpu())
+        stats["rescale_rms"].append(_rms(rescale_correction).cpu())
+        for name, move in moves.items():
+            move = move.to(total.device)
+            stats[name].append(th.where(total > 0, move / total.clamp(min=1e-30), th.zeros_like(total)).cpu())
         for name in probe.blocks:
             entropy[name].append(probe.entropy[name])
         if step in shown_set and strip:

@@ -180,9 +180,12 @@ class GuidedModel:
         self.model = model
         self.config = config
         self.batch_passes = batch_passes
-        # Optional, off by default: called once per call as observer(x=, t=, eps=, guided=, pag=, sag=) with the
-        # clean eps, the guided eps (before classifier guidance), pag = (eps_perturbed, per-row scale) and
-        # sag = (eps on SAG's degraded input, per-row scale), each None when off at this call (analysis/trace.py).
+        # Optional, off by default: called once per call as observer(x=, t=, eps=, guided=, pag=, sag=, icg=,
+        # projected=, applied=) with the clean eps; guided, the plain sum eps + the terms; pag = (eps_perturbed,
+        # per-row scale), sag = (eps on SAG's degraded input, per-row scale) and icg = (eps with the labels y',
+        # per-row scale), each None when off at this call; projected, guided after APG (guided itself when APG is
+        # off); applied, projected after guidance rescale: the eps returned (before classifier guidance). The
+        # corrections projected - guided and applied - projected are then APG's and rescale's (analysis/trace.py).
         self.observer = None
         self.compiled = compile is not None and compile is not False  # True, or a dict ({} too)
         self.num_timesteps = getattr(diffusion, "original_num_steps", None) or getattr(
@@ -253,7 +256,9 @@ class GuidedModel:
         if not (use_pag or use_sag or use_icg):
             out = self._forward(x, t, **model_kwargs)
             if self.observer is not None:
-                self.observer(x=x, t=t, eps=out[:, : x.shape[1]], guided=out[:, : x.shape[1]], pag=None, sag=None)
+                eps = out[:, : x.shape[1]]
+                self.observer(x=x, t=t, eps=eps, guided=eps, pag=None, sag=None, icg=None, projected=eps,
+                              applied=eps)
             return out
 
         recorder = _MapRecorder() if use_sag else None
@@ -276,13 +281,21 @@ class GuidedModel:
             other_labels = independent_labels(row_seeds, t, x.shape[0], self.num_classes, x.device)
             icg_term = (self._forward(x, t, **dict(model_kwargs, y=other_labels))[:, :channels], icg_scale)
         project = None
+        apg_applied = []  # the term APG returned, kept for the observer (APG's momentum allows one call per step)
         if self.apg is not None:
             abar = self._abar(x, t)
-            project = lambda term: self.apg(term, eps, x, abar)  # noqa: E731
+
+            def project(term):
+                apg_applied.append(self.apg(term, eps, x, abar))
+                return apg_applied[-1]
+
         terms = [term for term in (pag_term, sag_term, icg_term) if term is not None]
         guided = guidance_step(eps, *terms, project=project, rescale=self.config.guidance_rescale)
         if self.observer is not None:
-            self.observer(x=x, t=t, eps=eps, guided=guided, pag=pag_term, sag=sag_term)
+            plain = guidance_step(eps, *terms) if project or self.config.guidance_rescale else guided
+            projected = eps + apg_applied[-1] if apg_applied else plain  # guidance_step's own sum, recomputed
+            self.observer(x=x, t=t, eps=eps, guided=plain, pag=pag_term, sag=sag_term, icg=icg_term,
+                          projected=projected if self.config.guidance_rescale else guided, applied=guided)
         return th.cat([guided, rest], dim=1)
 
     def _clean_and_perturbed(self, x, t, model_kwargs, row_seeds, recorder):

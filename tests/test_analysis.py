@@ -210,3 +210,80 @@ def test_sag_and_classifier_terms(tmp_path):
     abar = float(build_diffusion(settings).alphas_cumprod[-1])
     expected = rms(-math.sqrt(1 - abar) * grad)
     assert result.stats["cg_rms"][0] == pytest.approx(expected.double().numpy(), rel=1e-4)
+
+
+NEW_TERMS = ("icg_rms", "apg_rms", "rescale_rms", "icg_share", "apg_share", "rescale_share")
+
+
+def test_icg_term_equals_one_guided_step_by_hand_and_corrections_are_zero(tiny):
+    """icg_scale on: the traced ICG RMS is w * RMS(eps - eps(y')) recomputed by hand with the sampler's y'; with
+    no APG and rescale 0 their correction columns are 0; the samples are the sampler's."""
+    settings = tiny["settings"](icg_scale=1.5)
+    indices = [1, 3]
+    result = analysis.trace(settings, tiny["models"], CPU, indices, options=TraceOptions(shown_steps=3, blocks=[]))
+    assert set(NEW_TERMS) <= set(CURVE_COLUMNS)
+    images, _ = Sampler(settings, tiny["models"], CPU).sample(indices)
+    assert np.array_equal(result.samples, images)
+    labels = sample_labels(settings.sampling.seed, indices, 10)
+    row_seeds = torch.tensor([sample_seeds(settings.sampling.seed, i)[2] for i in indices])
+    model = tiny["models"].model
+    for j, step in enumerate(result.shown):
+        x = result.images["x_t"][j]
+        t = torch.full((2,), result.timesteps[step])
+        other = pag.guidance.independent_labels(row_seeds, t, 2, 10, "cpu")  # the sampler's num_classes, 10
+        assert not torch.equal(other, torch.from_numpy(labels))
+        with torch.no_grad():
+            eps = model(x, t, y=torch.from_numpy(labels))[:, :3]
+            eps_other = model(x, t, y=other)[:, :3]
+        expected = rms(1.5 * (eps - eps_other))
+        assert result.stats["icg_rms"][step] == pytest.approx(expected.double().numpy(), rel=1e-4)
+        pag_rms, _ = recompute_pag_rms(model, x, t, labels, tuple(row_seeds.tolist()), 2.0)
+        assert result.stats["pag_rms"][step] == pytest.approx(pag_rms.double().numpy(), rel=1e-4)
+    assert (result.stats["icg_rms"] > 1e-3).all()
+    assert ((result.stats["icg_share"] > 0) & (result.stats["icg_share"] < 1)).all()
+    for key in ("apg_rms", "rescale_rms", "apg_share", "rescale_share"):
+        assert (result.stats[key] == 0).all(), key
+    row = result.curve_rows()[0]
+    assert row["apg_rms"] == row["rescale_share"] == 0.0 and row["icg_rms"] > 0
+
+
+def test_observer_reports_the_plain_sum_the_apg_and_the_rescale_stages(tiny):
+    """APG eta 0 and rescale 0.7 on one guided call: guided is the plain sum, projected = guided + APG's correction
+    with the applied term orthogonal to the clean x0 (in x0 space), applied = rescale of projected, the output."""
+    settings = tiny["settings"](apg_eta=0.0, guidance_rescale=0.7)
+    models = tiny["models"]
+    guided = pag.guide(models.model, settings.guidance, diffusion=models.diffusion)
+    seen = {}
+    guided.observer = lambda **values: seen.update(values)
+    torch.manual_seed(3)
+    step = 3  # of the 6 DDIM steps: its original timestep and alpha-bar
+    t = torch.full((2,), int(models.diffusion.timestep_map[step]))
+    abar = float(models.diffusion.alphas_cumprod[step])
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 4])
+    with torch.no_grad():
+        out = guided(x, t, y=y, row_seeds=torch.tensor([5, 6]))
+    eps = seen["eps"]
+    assert set(seen) >= {"guided", "pag", "sag", "icg", "projected", "applied"} and seen["icg"] is None
+    assert torch.equal(seen["guided"], pag.guidance.guidance_step(eps, seen["pag"]))
+    assert torch.equal(seen["applied"], out[:, :3])
+    assert torch.equal(seen["applied"], pag.guidance.rescale_guidance(seen["projected"], eps, 0.7))
+    correction = seen["projected"] - seen["guided"]
+    assert float(rms(correction).min()) > 1e-4
+    clean_x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+    applied_x0_move = -math.sqrt((1 - abar) / abar) * (seen["projected"] - eps)
+    cosine = (applied_x0_move * clean_x0).flatten(1).sum(1) / (
+        applied_x0_move.flatten(1).norm(dim=1) * clean_x0.flatten(1).norm(dim=1))
+    assert cosine.abs().max() < 1e-4
+
+
+def test_apg_and_rescale_corrections_are_traced(tiny):
+    """APG eta 0 and rescale 0.7: both corrections are non-zero at every step, their shares in (0, 1), no ICG;
+    the samples are the sampler's (the trace replays the same APG momentum and rescale)."""
+    settings = tiny["settings"](apg_eta=0.0, guidance_rescale=0.7)
+    result = analysis.trace(settings, tiny["models"], CPU, [0, 2], options=TraceOptions(shown_steps=2, blocks=[]))
+    images, _ = Sampler(settings, tiny["models"], CPU).sample([0, 2])
+    assert np.array_equal(result.samples, images)
+    for key in ("apg_rms", "rescale_rms", "apg_share", "rescale_share"):
+        assert (result.stats[key] > 1e-6).all(), key
+    assert ((result.stats["apg_share"] < 1) & (result.stats["rescale_share"] < 1)).all()
+    assert (result.stats["icg_rms"] == 0).all() and (result.stats["icg_share"] == 0).all()

@@ -289,19 +289,3 @@ def test_icg_labels_are_a_stream_of_their_own():
     for seed in (0, ICG_LABEL_STREAM, 1):
         bits = _RowRandom(seed, rows, steps)._bits((64,), "cpu")
         assert not torch.equal((bits * 1000) >> 24, labels), seed
-
-
-def test_the_analysis_refuses_the_terms_it_does_not_trace_yet():
-    import dataclasses
-
-    from analysis.trace import trace
-
-    settings = build_settings(dict(sample_defaults(), out_dir="-", model_path="m.pt", image_size=32, num_channels=32,
-                                   num_res_blocks=1, channel_mult="1,2,2", attention_resolutions="16,8",
-                                   num_head_channels=16, class_cond=True, learn_sigma=True, pag_scale=2.0,
-                                   pag_layers="input_blocks.5.1", icg_scale=1.0))
-    with pytest.raises(ValueError, match="does not trace icg_scale=1.0"):
-        trace(settings, None, torch.device("cpu"), [0])
-    plain = dataclasses.replace(settings.guidance, icg_scale=0.0, guidance_rescale=0.5)
-    with pytest.raises(ValueError, match="guidance_rescale=0.5"):
-        trace(settings, None, torch.device("cpu"), [0], config=plain)
