@@ -14,10 +14,10 @@ from .trace import STATS
 CURVE_COLUMNS = ("step", "timestep") + STATS + ("n",)
 ENTROPY_COLUMNS = ("step", "timestep", "block", "tokens", "entropy", "max_entropy", "normalized_entropy")
 COMPARE_COLUMNS = ("kind", "step", "timestep", "pag_rms", "guidance_share", "eps_rms")
-# The terms and corrections beyond PAG, SAG and CG (issue 21): (size column, share column, label); each is drawn
-# and tabulated only where it is on.
-EXTRA_TERMS = (("icg_rms", "icg_share", "ICG term"), ("apg_rms", "apg_share", "APG correction"),
-               ("rescale_rms", "rescale_share", "rescale correction"))
+# The terms and corrections beyond PAG, SAG and CG (issue 21): (size column, share column, label, colour); each is
+# drawn and tabulated only where it is on, in the same colour in both panels of curves.png.
+EXTRA_TERMS = (("icg_rms", "icg_share", "ICG term", "C4"), ("apg_rms", "apg_share", "APG correction", "C5"),
+               ("rescale_rms", "rescale_share", "rescale correction", "C6"))
 
 # Their settings, named in the summary where they differ from their defaults.
 BEYOND_SETTINGS = ("icg_scale", "apg_eta", "apg_norm_threshold", "apg_momentum", "guidance_rescale")
@@ -148,17 +148,18 @@ def write_curves(trace, out_dir, title=""):
     ax = axes[0]
     ax.plot(t, [r["eps_rms"] for r in rows], color="gray", linestyle="--", label="eps (model)")
     extra = _extra_terms_on(rows)
-    for key, label in (("pag_rms", "PAG term"), ("sag_rms", "SAG term"), ("cg_rms", "CG term"),
-                       *[(size, label) for size, _, label in extra]):
+    lines = (("pag_rms", "PAG term", "C0"), ("sag_rms", "SAG term", "C1"), ("cg_rms", "CG term", "C2"),
+             *[(size, label, colour) for size, _, label, colour in extra])
+    for key, label, colour in lines:
         values = [r[key] for r in rows]
         if key == "pag_rms" or any(values):
-            ax.plot(t, values, marker=".", label=label)
+            ax.plot(t, values, marker=".", color=colour, label=label)
     ax.set_ylabel("RMS per sample (eps units)")
     ax.set_title("size of each guidance term", fontsize=9)
     ax.legend(fontsize=7)
     axes[1].plot(t, [r["guidance_share"] for r in rows], marker=".", color="C3", label="all guidance")
-    for _, share, label in extra:
-        axes[1].plot(t, [r[share] for r in rows], marker=".", label=label)
+    for _, share, label, colour in extra:
+        axes[1].plot(t, [r[share] for r in rows], marker=".", color=colour, label=label)
     if extra:
         axes[1].legend(fontsize=7)
     axes[1].set_ylabel("guidance share of the step")
@@ -330,7 +331,7 @@ def summary_markdown(name, command, traces, files, comparison_files, seconds, no
         shown = set(trace.shown)
         every_step = trace.curve_rows()
         rows = [r for r in every_step if r["step"] in shown]
-        extra = [column for size, share, _ in _extra_terms_on(every_step) for column in (size, share)]
+        extra = [column for size, share, _, _ in _extra_terms_on(every_step) for column in (size, share)]
         lines += ["", "Per step (means over the samples; `curves.csv` has every step):", "",
                   _md_table(["step", "timestep", "pag_scale", "eps_rms", "pag_rms", "sag_rms", "cg_rms",
                              "cos_pag_cg", "guidance_share", *extra], rows), ""]

@@ -280,15 +280,14 @@ class GuidedModel:
         if use_icg:
             other_labels = independent_labels(row_seeds, t, x.shape[0], self.num_classes, x.device)
             icg_term = (self._forward(x, t, **dict(model_kwargs, y=other_labels))[:, :channels], icg_scale)
-        project = None
         apg_applied = []  # the term APG returned, kept for the observer (APG's momentum allows one call per step)
-        if self.apg is not None:
-            abar = self._abar(x, t)
+        abar = self._abar(x, t) if self.apg is not None else None
 
-            def project(term):
-                apg_applied.append(self.apg(term, eps, x, abar))
-                return apg_applied[-1]
+        def apg_and_keep(term):
+            apg_applied.append(self.apg(term, eps, x, abar))
+            return apg_applied[-1]
 
+        project = apg_and_keep if self.apg is not None else None
         terms = [term for term in (pag_term, sag_term, icg_term) if term is not None]
         guided = guidance_step(eps, *terms, project=project, rescale=self.config.guidance_rescale)
         if self.observer is not None:
