@@ -206,7 +206,7 @@ def test_compare_demo_config_is_the_same_comparison_at_demo_scale():
                            "pag_rescale07"]
     demo_layers = ["input_blocks.3.1", "input_blocks.5.1", "middle_block.1"]
     assert {s["model_path"] for s in cells.values()} == {"checkpoints/demo/adm_demo.pt"}
-    assert {s["num_samples"] for s in cells.values()} == {96}
+    assert {s["num_samples"] for s in cells.values()} == {100}
     assert cells["baseline"]["pag_scale"] == 0 and cells["icg_w2"]["pag_scale"] == 0
     assert cells["icg_w2"]["icg_scale"] == 2.0
     for method in ("pag", "softpag_a050", "tpg", "pag_apg_eta0", "pag_rescale07"):
