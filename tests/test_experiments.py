@@ -1,5 +1,6 @@
 """The reproduction configs and make targets: every experiment expands to the runs the paper needs."""
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -89,7 +90,10 @@ def test_cg_experiment_combines_pag_with_the_256_classifier():
 
 
 def make_dry(*args):
-    return subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    """``make -n`` of the repository's Makefile as a user types it: not as a sub-make of `make test` (whose
+    MAKEFLAGS/MAKELEVEL would add "Entering directory" lines and the outer make's flags)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    return subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=True, env=env).stdout
 
 
 TABLE1 = ["table1_uncond_ddpm250", "table1_uncond_ddim25", "table1_cond_ddpm250", "table1_cond_ddim25", "pag_cg_cond"]
