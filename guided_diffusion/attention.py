@@ -60,7 +60,8 @@ class AttentionOverride:
 
     attention_fn: how to attend on the selected rows (for example :func:`identity_attention`).
     rows: which batch rows use ``attention_fn``: ``"all"``, ``"second_half"`` (of the batch, as in
-        PAG's batched ``[x; x]`` pass), or a bool tensor with one entry per batch row.
+        PAG's batched ``[x; x]`` pass), a ``slice`` of rows (the middle third of PAG + ICG's batched
+        ``[clean; perturbed; ICG]`` pass), or a bool tensor with one entry per batch row.
     base_fn: how the other rows attend (default: standard attention). SAG records the unperturbed
         rows' attention map through it.
     heads: the head indices that ``attention_fn`` applies to on the selected rows (empty: every head); the
@@ -69,13 +70,13 @@ class AttentionOverride:
     """
 
     attention_fn: AttentionFn
-    rows: Union[str, th.Tensor] = "all"
+    rows: Union[str, slice, th.Tensor] = "all"
     base_fn: AttentionFn = sdpa_attention
     heads: Tuple[int, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.rows, str) and self.rows not in ("all", "second_half"):
-            raise ValueError(f"rows must be 'all', 'second_half' or a bool tensor, got {self.rows!r}")
+            raise ValueError(f"rows must be 'all', 'second_half', a slice or a bool tensor, got {self.rows!r}")
         object.__setattr__(self, "heads", tuple(self.heads))
         check_heads(self.heads, whole_block=self.attention_fn is skip_block)
 
@@ -102,6 +103,10 @@ class AttentionOverride:
                     f"but the batch has {batch_size} rows"
                 )
             return self.rows.to(device=device, dtype=th.bool)
+        if isinstance(self.rows, slice):
+            mask = th.zeros(batch_size, dtype=th.bool, device=device)
+            mask[self.rows] = True
+            return mask
         mask = th.ones(batch_size, dtype=th.bool, device=device)
         if self.rows == "second_half":
             mask[: _half_of(batch_size)] = False
@@ -137,10 +142,16 @@ def attend_rows(q, k, v, override):
         return sdpa_attention(q, k, v)
     if isinstance(override.rows, str) and override.rows == "all":
         return override.perturbed(q, k, v)
-    if isinstance(override.rows, str):  # second_half: slices, no gather / scatter
-        half = _half_of(q.shape[0])
-        base = override.base_fn(q[:half], k[:half], v[:half])
-        return th.cat([base, override.perturbed(q[half:], k[half:], v[half:]).to(base.dtype)])
+    if isinstance(override.rows, (str, slice)):  # second_half or a slice: slices, no gather / scatter
+        if isinstance(override.rows, slice):
+            lo, hi, _ = override.rows.indices(q.shape[0])
+        else:
+            lo, hi = _half_of(q.shape[0]), q.shape[0]
+        base = override.base_fn(q[:lo], k[:lo], v[:lo])
+        parts = [base, override.perturbed(q[lo:hi], k[lo:hi], v[lo:hi]).to(base.dtype)]
+        if hi < q.shape[0]:
+            parts.append(override.base_fn(q[hi:], k[hi:], v[hi:]).to(base.dtype))
+        return th.cat(parts)
     mask = override.row_mask(q.shape[0], q.device)
     if bool(mask.all()):
         return override.perturbed(q, k, v)

@@ -613,6 +613,19 @@ class UNetState:
         self.h, self.skips = None, ()
         return h, skips
 
+    def rows(self, index, consume=False):
+        """The state of the batch rows ``index`` (a long tensor; a row may be taken twice), e.g. ``[a; a; b]`` from
+        ``[a; b]``. With ``consume=True`` this state is emptied tensor by tensor as the rows are taken."""
+        if not consume:
+            return replace(self, h=self.h[index], emb=self.emb[index], skips=tuple(s[index] for s in self.skips))
+        h, skips = self.take()
+        h = h[index]
+        taken = []
+        skips.reverse()
+        while skips:  # each original is dropped as soon as its rows are taken
+            taken.append(skips.pop()[index])
+        return replace(self, h=h, emb=self.emb[index], skips=tuple(taken))
+
     def repeat(self, times, consume=False):
         """The same state for ``[x; x; ...]`` (``times`` copies along the batch). With ``consume=True`` this
         state is emptied tensor by tensor while the copies are made, so the original and the repeated skips

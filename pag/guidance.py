@@ -262,7 +262,11 @@ class GuidedModel:
             return out
 
         recorder = _MapRecorder() if use_sag else None
-        if use_pag:
+        other_labels = independent_labels(row_seeds, t, x.shape[0], self.num_classes, x.device) if use_icg else None
+        out_icg = None
+        if use_pag and use_icg and self.batch_passes and recorder is None:
+            out, eps_perturbed, out_icg = self._clean_perturbed_and_icg(x, t, model_kwargs, row_seeds, other_labels)
+        elif use_pag:
             out, eps_perturbed = self._clean_and_perturbed(x, t, model_kwargs, row_seeds, recorder)
         elif use_sag:
             with attention_overrides(self.model, {self.sag_layer: AttentionOverride(recorder)}):
@@ -278,8 +282,9 @@ class GuidedModel:
             sag_term = (self._forward(x_degraded, t, **model_kwargs)[:, :channels], sag_scale)
         icg_term = None
         if use_icg:
-            other_labels = independent_labels(row_seeds, t, x.shape[0], self.num_classes, x.device)
-            icg_term = (self._forward(x, t, **dict(model_kwargs, y=other_labels))[:, :channels], icg_scale)
+            if out_icg is None:
+                out_icg = self._forward(x, t, **dict(model_kwargs, y=other_labels))
+            icg_term = (out_icg[:, :channels], icg_scale)
         apg_applied = []  # the term APG returned, kept for the observer (APG's momentum allows one call per step)
         abar = self._abar(x, t) if self.apg is not None else None
 
@@ -326,6 +331,24 @@ class GuidedModel:
                                          for name in self.layers}):
             perturbed = self._run_rest(prefix)
         return clean, perturbed
+
+    def _clean_perturbed_and_icg(self, x, t, model_kwargs, row_seeds, other_labels):
+        """PAG and ICG in one batched call of 3B rows ``[clean; PAG-perturbed; ICG]``. The label enters the timestep
+        embedding, so the ICG rows share nothing with the clean ones: the prefix runs once on ``[x; x]`` with labels
+        ``[y; y']``, then its clean rows are taken twice (the perturbed rows share the clean prefix, as in the
+        two-row pass) and the rest runs once, perturbing the middle third."""
+        model, config, batch = self.model, self.config, x.shape[0]
+        perturb = make_attention_fn(config.perturbation, config.perturbation_params, row_seeds=row_seeds, steps=t)
+        kwargs = dict(model_kwargs, y=th.cat([model_kwargs["y"], other_labels]))
+        t = t.expand(batch)  # one timestep for the whole batch, or one per row
+        prefix = self._run_prefix(model.begin(th.cat([x, x]), th.cat([t, t]), **kwargs))
+        clean = th.arange(batch, device=x.device)
+        prefix = prefix.rows(th.cat([clean, clean, clean + batch]), consume=True)
+        overrides = {name: AttentionOverride(perturb, rows=slice(batch, 2 * batch), heads=config.pag_heads)
+                     for name in self.layers}
+        with attention_overrides(model, overrides):
+            out = self._run_rest(prefix)
+        return out[:batch], out[batch:2 * batch], out[2 * batch:]
 
     def _abar(self, x, t):
         """alpha-bar at original timesteps ``t``, one per row of ``x``, in ``x``'s dtype and on its device (SAG,

@@ -289,3 +289,22 @@ def test_icg_labels_are_a_stream_of_their_own():
     for seed in (0, ICG_LABEL_STREAM, 1):
         bits = _RowRandom(seed, rows, steps)._bits((64,), "cpu")
         assert not torch.equal((bits * 1000) >> 24, labels), seed
+
+
+def test_icg_and_pag_run_in_one_batched_call():
+    """Clean, PAG-perturbed and ICG rows in one call of 3B rows through the rest of the U-Net, the prefix once on
+    [x; x] with labels [y; y'] (issue 21 item 4); the sequential mode runs them one after another."""
+    model, _ = small_model(class_cond=True)
+    x = torch.randn(2, 3, 32, 32)
+    sizes = []
+    handle = model.out.register_forward_hook(lambda module, inputs, output: sizes.append(output.shape[0]))
+    first = model.input_blocks[0].register_forward_hook(lambda module, inputs, output: sizes.append(-output.shape[0]))
+    try:
+        run(model, x, pag_scale=2.0, icg_scale=1.5)
+        assert sizes == [-4, 6]  # prefix on 2B rows, the rest on 3B rows: one call
+        sizes.clear()
+        run(model, x, batch_passes=False, pag_scale=2.0, icg_scale=1.5)
+        assert sorted(sizes) == [-2, -2, 2, 2, 2]  # clean and perturbed share a prefix; ICG its own pass
+    finally:
+        handle.remove()
+        first.remove()
