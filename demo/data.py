@@ -1,4 +1,11 @@
-"""The embedded demo's data set: class-labelled 32x32 RGB images of shapes, generated on the fly.
+"""The embedded demo's data sets: 32x32 RGB images of shapes, generated on the fly.
+
+``shapes`` (the class-conditional demo model): one shape per image, labelled with its class.
+``mirror`` (the unconditional demo model): the same drawing confined to the left half, and the right half
+its mirror image, so every pixel must agree with the one 31 - x columns away: a long-range dependency that
+convolutions at 32x32 cannot see and attention can (a 16x16 attention token's partner is 15 - j tokens
+away). Its label is still the shape's class; ``make_broken_mirror`` gives the feature net's negative class
+(the two halves of different images).
 
 Each image is one filled shape (the class) of random colour, size, position and rotation on a smooth
 two-colour gradient with faint low-frequency texture. Shapes are drawn with Pillow at 4x (128x128) as a
@@ -136,8 +143,37 @@ def _smooth_noise(rng, cells=4):
 
 
 def make_sample(seed, index):
-    """Sample ``index`` of the data set with ``seed``: (uint8 [32, 32, 3] image, int label)."""
-    rng = np.random.default_rng([int(seed), int(index)])
+    """Sample ``index`` of the shapes data set with ``seed``: (uint8 [32, 32, 3] image, int label)."""
+    return _draw(np.random.default_rng([int(seed), int(index)]), IMAGE_SIZE * SUPERSAMPLE)
+
+
+def make_mirror_sample(seed, index):
+    """Sample ``index`` of the mirror data set: a smaller shape drawn in the left half, the right half its
+    mirror image (the background too). (uint8 [32, 32, 3] image, int label of the shape)."""
+    # A stream of its own: mirror sample i is not shapes sample i cut in half.
+    image, label = _draw(np.random.default_rng([int(seed), int(index), MIRROR_STREAM]), IMAGE_SIZE * SUPERSAMPLE // 2)
+    half = IMAGE_SIZE // 2
+    image[:, half:] = image[:, :half][:, ::-1]
+    return image, label
+
+
+def make_broken_mirror(seed, index):
+    """A mirror image whose halves disagree: the left half of mirror sample ``index`` beside the mirrored
+    left half of another sample of the same data set (the feature net's "broken" class)."""
+    left, _ = make_mirror_sample(seed, index)
+    right, _ = make_mirror_sample(seed, BROKEN_PARTNER_OFFSET + index)
+    half = IMAGE_SIZE // 2
+    left[:, half:] = right[:, half:]
+    return left, BROKEN_LABEL
+
+
+MIRROR_STREAM = 1
+BROKEN_PARTNER_OFFSET = 1 << 40  # partners outside any index a data set of this project uses
+BROKEN_LABEL = NUM_CLASSES  # the mirror feature net's extra class
+
+
+def _draw(rng, width):
+    """One shape on a gradient background, the shape inside the first ``width`` columns (at 4x)."""
     label = int(rng.integers(NUM_CLASSES))
     name = CLASS_NAMES[label]
 
@@ -157,9 +193,9 @@ def make_sample(seed, index):
     background += 0.06 * _smooth_noise(rng)[..., None]
 
     size = IMAGE_SIZE * SUPERSAMPLE
-    radius = rng.uniform(0.26, 0.4) * size / 2 * 1.6
+    radius = rng.uniform(0.26, 0.4) * width / 2 * 1.6 if width == size else rng.uniform(0.55, 0.8) * width / 2
     margin = radius * 1.05
-    center = rng.uniform(margin, size - margin, size=2)
+    center = np.array([rng.uniform(margin, width - margin), rng.uniform(margin, size - margin)])
     angle = rng.uniform(0, 2 * math.pi)
     alpha = _shape_mask(name, center, radius, angle)[..., None]
 
@@ -167,10 +203,17 @@ def make_sample(seed, index):
     return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8), label
 
 
-def make_dataset(n, seed=0, start=0):
-    """``n`` samples (indices ``start .. start + n - 1``): (uint8 [n, 32, 32, 3] images, int64 [n] labels)."""
+DATASETS = {"shapes": make_sample, "mirror": make_mirror_sample}
+
+
+def make_dataset(n, seed=0, start=0, kind="shapes"):
+    """``n`` samples (indices ``start .. start + n - 1``) of data set ``kind`` (a key of ``DATASETS``):
+    (uint8 [n, 32, 32, 3] images, int64 [n] labels)."""
+    if kind not in DATASETS:
+        raise ValueError(f"unknown demo data set {kind!r}: choose one of {', '.join(DATASETS)}")
+    make = DATASETS[kind]
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     labels = np.empty((n,), dtype=np.int64)
     for k in range(n):
-        images[k], labels[k] = make_sample(seed, start + k)
+        images[k], labels[k] = make(seed, start + k)
     return images, labels

@@ -131,9 +131,10 @@ def accuracy(net, images, labels, batch_size=256):
 
 
 def train_feature_net(images, labels, steps=600, batch_size=128, lr=2e-3, seed=0, num_classes=10,
-                      log_every=100, log=print):
+                      log_every=100, log=print, rotations=True):
     """Train a :class:`DemoFeatureNet` on uint8 NHWC ``images`` with cross-entropy (Adam, one-cycle
-    cosine learning rate, random 90-degree rotations and flips as augmentation). Returns (net, last loss)."""
+    cosine learning rate, random 90-degree rotations and flips as augmentation; ``rotations`` False: flips
+    about both axes only, which keep a vertical mirror axis vertical). Returns (net, last loss)."""
     th.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = DemoFeatureNet(num_classes=num_classes)
@@ -148,7 +149,7 @@ def train_feature_net(images, labels, steps=600, batch_size=128, lr=2e-3, seed=0
         x, y = data[idx], targets[idx]
         # Every class is closed under rotation by 90 degrees and reflection, so these keep labels.
         k = int(rng.integers(4))
-        x = th.rot90(x, k, dims=(2, 3))
+        x = th.rot90(x, k, dims=(2, 3)) if rotations else (x.flip(2) if k % 2 else x)
         if rng.random() < 0.5:
             x = x.flip(3)
         _, logits = net(x)

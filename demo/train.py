@@ -50,7 +50,15 @@ from sampling.model_configs import load_model_config
 from . import data as demo_data
 from . import features as demo_features
 
-MODEL_NAME = "adm_demo"
+# Per data set (demo/data.py): the diffusion model's name, whether it is class-conditional, the feature net's
+# file and its classes (the mirror set adds a "broken" class: halves of two images), and the augmentations
+# that keep a label (90-degree rotations would turn the mirror's vertical axis horizontal).
+DATASETS = {
+    "shapes": {"model": "adm_demo", "class_cond": True, "features": "features_demo.pt",
+               "feature_classes": demo_data.NUM_CLASSES, "rotations": True},
+    "mirror": {"model": "adm_mirror", "class_cond": False, "features": "features_mirror.pt",
+               "feature_classes": demo_data.NUM_CLASSES + 1, "rotations": False},
+}
 # Upstream flag names; every flag not listed keeps model_and_diffusion_defaults().
 # channel_mult starts at 2 so the 32x32 level has 64 channels: the output GroupNorm has 32 groups, and with 32
 # channels it is a per-channel instance norm that removes each channel's spatial mean (the image's colour).
@@ -78,6 +86,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--what", choices=("diffusion", "features", "all"), default="all")
+    p.add_argument("--dataset", choices=tuple(DATASETS), default="shapes",
+                   help="shapes: the class-conditional demo model; mirror: the unconditional one (demo/data.py)")
     p.add_argument("--out_dir", default="checkpoints/demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0: pick 1 or 2 by measuring")
@@ -107,13 +117,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def model_flags(dataset):
+    """The demo U-Net's upstream flags for data set ``dataset``: DEMO_FLAGS, conditional or not."""
+    return {**DEMO_FLAGS, "class_cond": DATASETS[dataset]["class_cond"]}
+
+
+def check_name(dataset):
+    """The sample check's file: samples_check.png for the shapes model, samples_check_<model>.png otherwise."""
+    return "samples_check.png" if dataset == "shapes" else f"samples_check_{DATASETS[dataset]['model']}.png"
+
+
 def files_written(args):
     """The checkpoint files this run writes into --out_dir (TRAINING.md is updated, not replaced)."""
-    names = []
+    spec, names = DATASETS[args.dataset], []
     if args.what in ("diffusion", "all"):
-        names += [f"{MODEL_NAME}.pt", f"{MODEL_NAME}.yaml"] + (["samples_check.png"] if args.check_samples else [])
+        names += [f"{spec['model']}.pt", f"{spec['model']}.yaml"] + ([check_name(args.dataset)]
+                                                                      if args.check_samples else [])
     if args.what in ("features", "all"):
-        names.append("features_demo.pt")
+        names.append(spec["features"])
     return names
 
 
@@ -173,13 +194,14 @@ class ThreadChooser:
 
 
 def demo_batches(images, labels, batch_size, seed):
-    """TrainLoop's data: endless (images, {"y": labels}) batches drawn with replacement (numpy ``seed``)."""
+    """TrainLoop's data: endless (images, {"y": labels}) batches drawn with replacement (numpy ``seed``);
+    ``labels`` None: (images, {}) for an unconditional model."""
     rng = np.random.default_rng(seed)
     data = demo_features.images_to_tensor(images)
-    targets = th.as_tensor(labels, dtype=th.long)
+    targets = None if labels is None else th.as_tensor(labels, dtype=th.long)
     while True:
         idx = th.from_numpy(rng.integers(0, data.shape[0], size=batch_size))
-        yield data[idx], {"y": targets[idx]}
+        yield data[idx], ({} if labels is None else {"y": targets[idx]})
 
 
 class LossHistory(logger.KVWriter):
@@ -204,7 +226,7 @@ def train_diffusion(args, images, labels):
     train_seed = args.seed if not args.init_from else [args.seed, 1]
     th.manual_seed(args.seed if not args.init_from else args.seed * 1000 + 1)
     np.random.seed(train_seed)  # the UniformSampler draws timesteps from numpy's global generator
-    model, diffusion = create_model_from_flags("diffusion", DEMO_FLAGS)
+    model, diffusion = create_model_from_flags("diffusion", model_flags(args.dataset))
     if args.init_from:
         load_checkpoint(model, args.init_from)
         log(f"diffusion: starting from {args.init_from}")
@@ -235,7 +257,8 @@ def train_diffusion(args, images, labels):
             logger.scoped_configure(dir=run_dir, format_strs=[]) as run_logger:
         run_logger.output_formats.append(history)
         loop = TrainLoop(
-            model=model, diffusion=diffusion, data=demo_batches(images, labels, args.batch_size, train_seed),
+            model=model, diffusion=diffusion, data=demo_batches(images, labels if DATASETS[args.dataset]["class_cond"] else None,
+                                                               args.batch_size, train_seed),
             batch_size=args.batch_size, microbatch=-1, lr=args.lr, ema_rate=str(args.ema_rate), log_interval=1,
             save_interval=args.steps, resume_checkpoint="", weight_decay=0.0, lr_anneal_steps=args.steps,
             lr_schedule=lambda step: lr_at(step, args), ema_schedule=ema_rate_at, step_callback=after_step,
@@ -252,59 +275,73 @@ def train_diffusion(args, images, labels):
                               "threads": sorted(threads.used), "device": device}
 
 
-def save_diffusion(model, out_dir):
-    path = out_dir / f"{MODEL_NAME}.pt"
+def save_diffusion(model, out_dir, dataset="shapes"):
+    name = DATASETS[dataset]["model"]
+    path = out_dir / f"{name}.pt"
     state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     save_checkpoint_file(state, path)
-    config = {
-        "name": MODEL_NAME,
-        "kind": "diffusion",
-        "file": path.name,
-        "flags": dict(DEMO_FLAGS),
-        # The U-Net keeps upstream's 1000-row label embedding; only labels 0..9 (the shapes) were trained.
-        "num_classes": demo_data.NUM_CLASSES,
-        "class_names": list(demo_data.CLASS_NAMES),
-    }
+    config = {"name": name, "kind": "diffusion", "file": path.name, "flags": model_flags(dataset)}
     header = (
-        "# The embedded demo's tiny ADM model, trained by scripts/train_demo.py on demo/data.py\n"
-        "# (see TRAINING.md). flags: upstream flag names; every flag not listed keeps its upstream default.\n"
-        "# Sample labels in [0, num_classes): label_emb has upstream's 1000 rows, only the first 10 are trained.\n"
+        f"# The embedded demo's tiny ADM model, trained by scripts/train_demo.py on demo/data.py's {dataset!r}\n"
+        "# data set (see TRAINING.md). flags: upstream flag names; every flag not listed keeps its upstream "
+        "default.\n"
     )
-    atomic_write_text(out_dir / f"{MODEL_NAME}.yaml", header + yaml.safe_dump(config, sort_keys=False))
+    if DATASETS[dataset]["class_cond"]:
+        # The U-Net keeps upstream's 1000-row label embedding; only labels 0..9 (the shapes) were trained.
+        config.update(num_classes=demo_data.NUM_CLASSES, class_names=list(demo_data.CLASS_NAMES))
+        header += ("# Sample labels in [0, num_classes): label_emb has upstream's 1000 rows, only the first 10 "
+                   "are trained.\n")
+    atomic_write_text(out_dir / f"{name}.yaml", header + yaml.safe_dump(config, sort_keys=False))
     # Check the files load back strictly into the model the YAML describes.
-    rebuilt, _ = create_model_from_flags("diffusion", load_model_config(out_dir / f"{MODEL_NAME}.yaml")["flags"])
+    rebuilt, _ = create_model_from_flags("diffusion", load_model_config(out_dir / f"{name}.yaml")["flags"])
     load_checkpoint(rebuilt, str(path))
     return path
 
 
+def feature_data(dataset, n, seed):
+    """The feature net's images and labels: ``n`` images of the data set; for the mirror set a fifth as many
+    again of its "broken" class (demo.data.make_broken_mirror), so the features see whether halves agree."""
+    images, labels = demo_data.make_dataset(n, seed, kind=dataset)
+    if dataset != "mirror":
+        return images, labels
+    broken = [demo_data.make_broken_mirror(seed, i) for i in range(max(n // 5, 1))]
+    return (np.concatenate([images, np.stack([image for image, _ in broken])]),
+            np.concatenate([labels, np.array([label for _, label in broken], dtype=np.int64)]))
+
+
 def train_features(args, images, labels):
+    spec = DATASETS[args.dataset]
+    if args.dataset == "mirror":
+        images, labels = feature_data(args.dataset, args.num_images, args.seed)
     start = time.time()
     net, final_loss = demo_features.train_feature_net(
         images, labels, steps=args.feature_steps, batch_size=args.feature_batch_size, lr=args.feature_lr,
-        seed=args.seed, num_classes=demo_data.NUM_CLASSES, log_every=args.log_every * 4, log=log,
+        seed=args.seed, num_classes=spec["feature_classes"], log_every=args.log_every * 4, log=log,
+        rotations=spec["rotations"],
     )
     elapsed = time.time() - start
-    held_images, held_labels = demo_data.make_dataset(args.held_out, args.seed + FEATURES_HELD_OUT_SEED_OFFSET)
+    held_images, held_labels = feature_data(args.dataset, args.held_out, args.seed + FEATURES_HELD_OUT_SEED_OFFSET)
     acc = demo_features.accuracy(net, held_images, held_labels)
     log(f"features: held-out accuracy {acc:.4f} on {args.held_out} images ({elapsed:.0f} s)")
     return net, {"steps": args.feature_steps, "seconds": elapsed, "final_loss": final_loss,
                  "held_out_accuracy": acc, "threads": th.get_num_threads()}
 
 
-def check_samples(model, n, seed, out_dir):
-    """DDIM-25 samples, labels cycling over the classes: unguided | PAG (same x_T), saved side by side."""
+def check_samples(model, n, seed, out_dir, dataset="shapes"):
+    """DDIM-25 samples (a conditional model's labels cycling over the classes): unguided | PAG (same x_T),
+    saved side by side."""
     import pag
 
-    _, diffusion = create_model_from_flags("diffusion", {**DEMO_FLAGS, "timestep_respacing": "ddim25"})
+    _, diffusion = create_model_from_flags("diffusion", {**model_flags(dataset), "timestep_respacing": "ddim25"})
     gen = th.Generator().manual_seed(seed)
     noise = th.randn(n, 3, 32, 32, generator=gen)
-    y = th.arange(n) % demo_data.NUM_CLASSES
+    kwargs = {"y": th.arange(n) % demo_data.NUM_CLASSES} if DATASETS[dataset]["class_cond"] else {}
     grids = []
     for scale in (0.0, CHECK_PAG_SCALE):
         guided = pag.guide(model, pag.GuidanceConfig(pag_scale=scale, pag_layers=CHECK_PAG_LAYERS))
-        x = diffusion.ddim_sample_loop(guided, (n, 3, 32, 32), noise=noise.clone(), model_kwargs={"y": y})
+        x = diffusion.ddim_sample_loop(guided, (n, 3, 32, 32), noise=noise.clone(), model_kwargs=kwargs)
         grids.append(sample_images.to_uint8_nhwc(x))
-    path = out_dir / "samples_check.png"
+    path = out_dir / check_name(dataset)
     sample_images.save_side_by_side(grids[0], grids[1], path, gap=8)
     return path
 
@@ -326,32 +363,56 @@ def _run_lines(args, argv, data_seconds, threads, device=None):
         f"- command: `python scripts/train_demo.py {' '.join(argv)}`",
         f"- torch {th.__version__}, numpy {np.__version__}, Python {platform.python_version()}, "
         f"{where}, {'/'.join(str(t) for t in threads)} thread(s)",
-        f"- data: `demo.data.make_dataset({args.num_images}, seed={args.seed})`: "
+        f"- data: `demo.data.make_dataset({args.num_images}, seed={args.seed}, kind={args.dataset!r})`: "
         f"{args.num_images} generated 32x32 images ({demo_data.NUM_CLASSES} shape classes), "
         f"generated in {data_seconds:.0f} s; seed {args.seed} for torch, numpy and the data",
     ]
 
 
-DIFFUSION_HEADING = "## Diffusion model (adm_demo.pt, adm_demo.yaml)"
-FEATURES_HEADING = "## Feature network (features_demo.pt)"
+def diffusion_heading(dataset):
+    name = DATASETS[dataset]["model"]
+    return f"## Diffusion model ({name}.pt, {name}.yaml)"
+
+
+def features_heading(dataset):
+    return f"## Feature network ({DATASETS[dataset]['features']})"
+
+
+DIFFUSION_HEADING, FEATURES_HEADING = diffusion_heading("shapes"), features_heading("shapes")
 
 
 def write_record(args, out_dir, data_seconds, diffusion_info, feature_info, argv, previous=""):
-    """Write TRAINING.md; ``previous`` is the record before this run (sections not retrained are kept)."""
+    """Write TRAINING.md; ``previous`` is the record before this run (sections not retrained are kept, the
+    other data sets' too)."""
     lines = [
         "# Demo checkpoints: how they were trained",
         "",
-        "Written by `scripts/train_demo.py` (rebuild with `make train-demo`). Data set: "
-        f"`demo/data.py`, {demo_data.NUM_CLASSES} classes "
-        f"({', '.join(demo_data.CLASS_NAMES)}).",
+        "Written by `scripts/train_demo.py` (rebuild with `make train-demo` and `make train-demo-mirror`). "
+        f"Data sets: `demo/data.py`, {demo_data.NUM_CLASSES} shape classes "
+        f"({', '.join(demo_data.CLASS_NAMES)}); `shapes` (class-conditional model) and `mirror` (unconditional "
+        "model: the right half is the left half's mirror image).",
         "",
     ]
+    for dataset in DATASETS:
+        if dataset == args.dataset:
+            lines += _record_sections(args, out_dir, data_seconds, diffusion_info, feature_info, argv, previous)
+        else:
+            lines += [_section(previous, diffusion_heading(dataset)), _section(previous, features_heading(dataset))]
+    path = out_dir / "TRAINING.md"
+    atomic_write_text(path, "\n".join(line for line in lines if line is not None).rstrip() + "\n")
+    return path
+
+
+def _record_sections(args, out_dir, data_seconds, diffusion_info, feature_info, argv, previous):
+    spec, flags = DATASETS[args.dataset], model_flags(args.dataset)
+    diffusion_title, features_title = diffusion_heading(args.dataset), features_heading(args.dataset)
+    lines = []
     if diffusion_info:
         d = diffusion_info
-        lines += [DIFFUSION_HEADING, ""] + _run_lines(args, argv, data_seconds, d["threads"], d.get("device")) + [
-            f"- architecture (upstream flags): {', '.join(f'{k}={v}' for k, v in DEMO_FLAGS.items())}",
+        lines += [diffusion_title, ""] + _run_lines(args, argv, data_seconds, d["threads"], d.get("device")) + [
+            f"- architecture (upstream flags): {', '.join(f'{k}={v}' for k, v in flags.items())}",
             f"- parameters: {d['params']:,} ({d['bytes'] / 1e6:.2f} MB as float32)",
-            f"- objective: upstream hybrid loss ({'x_0' if DEMO_FLAGS.get('predict_xstart') else 'eps'} MSE + VB "
+            f"- objective: upstream hybrid loss ({'x_0' if flags.get('predict_xstart') else 'eps'} MSE + VB "
             "term for the learned variance), uniform timestep sampler",
             f"- optimiser: AdamW, lr {args.lr} (linear warm-up over {args.warmup_steps} steps, then "
             f"{'cosine decay to 0' if args.lr_schedule == 'cosine' else 'constant'}), weight decay 0, "
@@ -373,31 +434,32 @@ def write_record(args, out_dir, data_seconds, diffusion_info, feature_info, argv
             init_record = Path(args.init_from).parent / "TRAINING.md"
             same = init_record.resolve() == (out_dir / "TRAINING.md").resolve()
             earlier_text = previous if same else (init_record.read_text() if init_record.exists() else "")
-            earlier = _section(earlier_text, DIFFUSION_HEADING)
+            earlier = _section(earlier_text, diffusion_title)
         if earlier:
-            earlier = earlier.replace("\n### ", "\n#### ").replace(DIFFUSION_HEADING, "### Earlier stage", 1)
+            earlier = earlier.replace("\n### ", "\n#### ").replace(diffusion_title, "### Earlier stage", 1)
             lines.append(earlier.rstrip() + "\n")
     else:
-        lines.append(_section(previous, DIFFUSION_HEADING))
+        lines.append(_section(previous, diffusion_title))
     if feature_info:
         f = feature_info
-        lines += [FEATURES_HEADING, ""] + _run_lines(args, argv, data_seconds, [f["threads"]]) + [
+        broken = ("; plus a fifth as many images of a \"broken\" class (the halves of two different images, "
+                  "`demo.data.make_broken_mirror`)" if args.dataset == "mirror" else "")
+        lines += [features_title, ""] + _run_lines(args, argv, data_seconds, [f["threads"]]) + [
             "- `demo.features.DemoFeatureNet`: 4 conv blocks -> 128-d pooled features -> "
-            f"{demo_data.NUM_CLASSES} logits ({f['params']:,} parameters)",
+            f"{spec['feature_classes']} logits ({f['params']:,} parameters){broken}",
             f"- training: cross-entropy, Adam one-cycle lr {args.feature_lr}, batch {args.feature_batch_size}, "
-            f"{f['steps']} steps, 90-degree rotations and flips; {f['seconds'] / 60:.1f} min; "
-            f"final loss {f['final_loss']:.4f}",
+            f"{f['steps']} steps, {'90-degree rotations and flips' if spec['rotations'] else 'flips'}; "
+            f"{f['seconds'] / 60:.1f} min; final loss {f['final_loss']:.4f}",
             f"- held-out accuracy: {f['held_out_accuracy']:.4f} on {args.held_out} images "
-            f"(`make_dataset({args.held_out}, seed={args.seed + FEATURES_HELD_OUT_SEED_OFFSET})`)",
+            f"(`make_dataset({args.held_out}, seed={args.seed + FEATURES_HELD_OUT_SEED_OFFSET}, "
+            f"kind={args.dataset!r})`{' and its broken class' if args.dataset == 'mirror' else ''})",
             "- its features give the demo's demo-feature FID / precision / recall / classifier score; "
             "these are not Inception metrics",
             "",
         ]
     else:
-        lines.append(_section(previous, FEATURES_HEADING))
-    path = out_dir / "TRAINING.md"
-    atomic_write_text(path, "\n".join(line for line in lines).rstrip() + "\n")
-    return path
+        lines.append(_section(previous, features_title))
+    return lines
 
 
 def main(argv=None):
@@ -418,7 +480,7 @@ def main(argv=None):
     previous = record_path.read_text() if record_path.exists() else ""
 
     start = time.time()
-    images, labels = demo_data.make_dataset(args.num_images, args.seed)
+    images, labels = demo_data.make_dataset(args.num_images, args.seed, kind=args.dataset)
     data_seconds = time.time() - start
     log(f"data: {args.num_images} images in {data_seconds:.1f} s")
 
@@ -426,18 +488,18 @@ def main(argv=None):
     if args.what in ("features", "all"):
         net, feature_info = train_features(args, images, labels)
         feature_info["params"] = sum(p.numel() for p in net.parameters())
-        demo_features.save_demo_feature_net(net, out_dir / "features_demo.pt",
-                                            held_out_accuracy=feature_info["held_out_accuracy"])
-        demo_features.load_demo_feature_net(out_dir / "features_demo.pt")
+        features_path = out_dir / DATASETS[args.dataset]["features"]
+        demo_features.save_demo_feature_net(net, features_path, held_out_accuracy=feature_info["held_out_accuracy"])
+        demo_features.load_demo_feature_net(features_path)
     if args.what in ("diffusion", "all"):
         model, _, diffusion_info = train_diffusion(args, images, labels)
         diffusion_info["params"] = sum(p.numel() for p in model.parameters())
-        path = save_diffusion(model, out_dir)
+        path = save_diffusion(model, out_dir, args.dataset)
         diffusion_info["bytes"] = os.path.getsize(path)
         log(f"diffusion: {diffusion_info['steps']} steps in {diffusion_info['seconds'] / 60:.1f} min, "
             f"final loss {diffusion_info['final']['loss']:.4f}; wrote {path}")
         if args.check_samples:
-            log(f"sample check: {check_samples(model, args.check_samples, args.seed, out_dir)}")
+            log(f"sample check: {check_samples(model, args.check_samples, args.seed, out_dir, args.dataset)}")
     record = write_record(args, out_dir, data_seconds, diffusion_info, feature_info, argv, previous)
     log(f"wrote {record}")
 

@@ -59,6 +59,25 @@ def test_labels_in_range_and_roughly_balanced():
     assert len(np.unique(images[0])) > 20
 
 
+def test_mirror_dataset_is_symmetric_and_its_broken_class_is_not():
+    images, labels = demo_data.make_dataset(40, seed=5, kind="mirror")
+    assert images.shape == (40, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.min() >= 0 and labels.max() < demo_data.NUM_CLASSES
+    np.testing.assert_array_equal(images, images[:, :, ::-1])  # every row reads the same from both ends
+    # Not the shapes set cut in half, and depending only on (seed, index).
+    shapes, _ = demo_data.make_dataset(40, seed=5)
+    assert not np.array_equal(images[:, :, :16], shapes[:, :, :16])
+    tail, _ = demo_data.make_dataset(10, seed=5, start=30, kind="mirror")
+    np.testing.assert_array_equal(tail, images[30:])
+    assert len({images[i].tobytes() for i in range(40)}) == 40
+    broken, label = demo_data.make_broken_mirror(5, 3)
+    assert label == demo_data.BROKEN_LABEL == demo_data.NUM_CLASSES
+    np.testing.assert_array_equal(broken[:, :16], images[3][:, :16])
+    assert np.abs(broken.astype(int) - broken[:, ::-1].astype(int)).mean() > 5
+    with pytest.raises(ValueError, match="unknown demo data set 'stripes'"):
+        demo_data.make_dataset(2, kind="stripes")
+
+
 def test_image_grid_layout_and_side_by_side(tmp_path):
     images = np.full((5, 4, 4, 3), 7, dtype=np.uint8)
     grid = sample_io.image_grid(images, columns=3, pad=1, pad_value=0)
@@ -236,6 +255,34 @@ def test_train_demo_two_steps_writes_loadable_files(tmp_path):
     assert f"started from `{tmp_path / 'adm_demo.pt'}`" in record
     assert "### Earlier stage" in record and "- steps: 2 (requested 2)" in record
     assert "- steps: 1 (requested 1), 2 images seen" in record
+
+
+def test_train_demo_mirror_writes_an_unconditional_model_and_keeps_the_other_record(tmp_path):
+    train_demo = _load_train_demo()
+    (tmp_path / "TRAINING.md").write_text("# old\n\n## Diffusion model (adm_demo.pt, adm_demo.yaml)\n\n- kept\n")
+    threads = torch.get_num_threads()
+    try:
+        train_demo.main([
+            "--what", "all", "--dataset", "mirror", "--steps", "2", "--feature_steps", "2", "--batch_size", "4",
+            "--feature_batch_size", "8", "--num_images", "40", "--held_out", "20", "--threads", "1",
+            "--out_dir", str(tmp_path), "--log_every", "0", "--check_samples", "2",
+        ])
+    finally:
+        torch.set_num_threads(threads)
+    config = yaml.safe_load((tmp_path / "adm_mirror.yaml").read_text())
+    assert config["file"] == "adm_mirror.pt" and config["flags"]["class_cond"] is False
+    assert "num_classes" not in config
+    model, _ = create_model_from_flags(config["kind"], config["flags"])
+    load_checkpoint(model, str(tmp_path / config["file"]))
+    assert not hasattr(model, "label_emb")
+    net = demo_features.load_demo_feature_net(tmp_path / "features_mirror.pt")
+    assert net.num_classes == demo_data.NUM_CLASSES + 1  # the shapes and the broken class
+    assert (tmp_path / "samples_check_adm_mirror.png").is_file()
+    record = (tmp_path / "TRAINING.md").read_text()
+    assert "## Diffusion model (adm_demo.pt, adm_demo.yaml)\n\n- kept" in record  # the other model's section
+    assert "## Diffusion model (adm_mirror.pt, adm_mirror.yaml)" in record
+    assert "## Feature network (features_mirror.pt)" in record and "class_cond=False" in record
+    assert "kind='mirror'" in record and "- steps: 2 (requested 2), 8 images seen" in record
 
 
 def test_thread_chooser_picks_the_faster_setting():
