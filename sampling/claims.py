@@ -17,6 +17,7 @@ import uuid
 
 from adm_common.files import read_json_mapping, real_directory, remove_quietly
 
+from .heartbeat import Heartbeat
 from .settings import SampleConfigError
 
 
@@ -32,13 +33,11 @@ class Claims:
         self._current = None
         self.last_progress = time.time()  # the last claim or finished batch (see progressed)
         self._lock = threading.Lock()
-        self._stop = threading.Event()
         shard_dir, name = os.path.split(self.dir)
         out_dir, shards = os.path.split(shard_dir)
         os.makedirs(out_dir, exist_ok=True)  # out_dir itself may be a link (the user's choice), shards/ may not
         real_directory(out_dir, shards, name, error=SampleConfigError)
-        self._thread = threading.Thread(target=self._beat, name="shard-claim-heartbeat", daemon=True)
-        self._thread.start()
+        self._heartbeat = Heartbeat(self._touch_current, self.interval, "shard-claim-heartbeat")
 
     def path(self, k):
         return os.path.join(self.dir, f"shard_{k:06d}.claim")
@@ -109,15 +108,12 @@ class Claims:
             return None
         return self._read(path).get("rank", "?"), age
 
-    def _beat(self):
-        while not self._stop.wait(self.interval):
-            with self._lock:
-                k, stalled = self._current, time.time() - self.last_progress > self.lease
-            if k is not None and not stalled and self.owned(k):  # a hung main thread lets its claim expire
-                try:
-                    os.utime(self.path(k), follow_symlinks=False)  # a link put there is not followed
-                except OSError:
-                    pass
+    def _touch_current(self):
+        """One heartbeat: refresh the claim of the shard being sampled, unless no batch came for a lease."""
+        with self._lock:
+            k, stalled = self._current, time.time() - self.last_progress > self.lease
+        if k is not None and not stalled and self.owned(k):  # a hung main thread lets its claim expire
+            os.utime(self.path(k), follow_symlinks=False)  # a link put there is not followed
 
     def close(self):
-        self._stop.set()
+        self._heartbeat.stop()

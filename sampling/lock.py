@@ -20,11 +20,11 @@ import json
 import os
 import socket
 import sys
-import threading
 import time
 
 from adm_common.files import link_text, read_json_mapping
 
+from .heartbeat import Heartbeat
 from .layout import LOCK_NAME
 from .settings import SampleConfigError
 
@@ -92,9 +92,7 @@ class RunLock:
         self.fd = None
         self.mode = None  # "flock" or "exclusive"
         self.took_over = None  # the record of a dead holder whose lock was taken over
-        self._stop = threading.Event()
-        self._fd_lock = threading.Lock()  # the heartbeat never touches a closed (reused) descriptor
-        self._thread = None
+        self._heartbeat = None  # refreshes the file's mtime while the lock is held
 
     def _record(self):
         return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": _now(),
@@ -140,12 +138,7 @@ class RunLock:
                     os.close(fd)
                     raise self._refused(previous, f"; if that run is not running any more, delete {self.path}")
             self.took_over = previous or None
-            os.ftruncate(fd, 0)
-            os.write(fd, self._record().encode())
-            os.fsync(fd)
-            self.fd, self.mode = fd, "flock"
-            self._start_heartbeat()
-            return self
+            return self._hold(fd, "flock")
         raise RunLockedError(f"could not lock {self.path}: it keeps being replaced")
 
     def _acquire_exclusive(self):
@@ -188,39 +181,29 @@ class RunLock:
                 raise self._refused(info, f"; this file system has no flock, so a lock left by a run that died on "
                                           f"another host stays: if no run uses {self.out_dir} (the file was last "
                                           f"refreshed {age:.0f} s ago), delete {self.path}")
-            os.write(fd, self._record().encode())
-            os.fsync(fd)
-            self.fd, self.mode = fd, "exclusive"
-            self._start_heartbeat()
-            return self
+            return self._hold(fd, "exclusive")
         raise RunLockedError(f"could not lock {self.path}: it keeps being replaced")
 
-    def _start_heartbeat(self):
-        def beat():
-            while not self._stop.wait(HEARTBEAT_SECONDS):
-                with self._fd_lock:
-                    if self.fd is None:
-                        return
-                    try:
-                        os.utime(self.fd)
-                    except OSError:
-                        pass
-
-        self._thread = threading.Thread(target=beat, name="run-lock-heartbeat", daemon=True)
-        self._thread.start()
+    def _hold(self, fd, mode):
+        """The lock is taken on ``fd``: write this process's record into it and start the heartbeat."""
+        os.ftruncate(fd, 0)
+        os.write(fd, self._record().encode())
+        os.fsync(fd)
+        self.fd, self.mode = fd, mode
+        self._heartbeat = Heartbeat(lambda: os.utime(fd), HEARTBEAT_SECONDS, "run-lock-heartbeat")
+        return self
 
     def release(self):
         if self.fd is None:
             return
-        self._stop.set()
-        with self._fd_lock:
-            try:  # remove the file while holding it: a waiting opener notices the inode change and retries
-                if os.lstat(self.path).st_ino == os.fstat(self.fd).st_ino:
-                    os.remove(self.path)
-            except OSError:
-                pass
-            os.close(self.fd)
-            self.fd = None
+        self._heartbeat.stop()  # first: the heartbeat never touches the descriptor closed (and reused) below
+        try:  # remove the file while holding it: a waiting opener notices the inode change and retries
+            if os.lstat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                os.remove(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
 
 
 class RunLocks:
