@@ -121,8 +121,8 @@ train-demo-mirror: venv
 		--threads 0 --check_samples 64 $(TRAIN_DEMO_FLAGS)
 
 # The embedded CPU demo: the whole main job (sweep under mpiexec -n 2, evaluation, table, plots) on the tiny
-# model of checkpoints/demo/, evaluated with the demo's feature network. Writes results/demo/{table.md,
-# plot.png,grid.png}. Open MPI needs the *_AS_ROOT variables when run as root (containers, CI).
+# unconditional model of checkpoints/demo/ (adm_mirror), every cell over 3 seeds, evaluated with the demo's
+# feature network. Writes results/demo/{table.md,plot.png,grid.png,claims.json}. Open MPI needs the *_AS_ROOT variables when run as root (containers, CI).
 DEMO_CONFIG ?= configs/demo.yaml
 DEMO_PROCS ?= 2
 
@@ -139,7 +139,7 @@ demo: venv
 # x0 side by side. Writes results/analysis/demo/summary.md and the files it links; under a minute on 2 CPU cores
 # (one thread: faster than two on a shared machine). ANALYZE_FLAGS adds or overrides flags.
 ANALYZE_FLAGS ?=
-ANALYZE_DEMO = --model checkpoints/demo/adm_demo.yaml --num_classes 10 --device cpu --batch_size 16 \
+ANALYZE_DEMO = --model checkpoints/demo/adm_mirror.yaml --device cpu --batch_size 16 \
 	--timestep_respacing ddim25 --use_ddim True --pag_scale 2 \
 	--pag_layers input_blocks.3.1,input_blocks.5.1,middle_block.1 \
 	--name demo --indices 0-3 --curve_samples 16 --kinds identity,seg --compare_kinds all

@@ -1,7 +1,7 @@
 """The CPU demo's bookends around the sweep (``make demo`` runs: prepare, the sweep under mpiexec, finish).
 
-    python scripts/demo.py prepare   # the reference batch: held-out images of the demo's data set
-    python scripts/demo.py finish    # results/demo/table.md (printed), plot.png, grid.png
+    python scripts/demo.py prepare   # the reference batch: held-out images of the model's data set
+    python scripts/demo.py finish    # results/demo/table.md (printed), plot.png, grid.png, claims.json
     python scripts/demo.py finish --config configs/compare_demo.yaml --grid rows   # ``make compare-demo``:
                                      # one row of the same seeds per cell (every method of the comparison)
 
@@ -11,18 +11,24 @@ table, exactly as the reproduction targets do.
 """
 
 import argparse
+import csv
 import io
+import json
+import math
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from adm_common.files import atomic_write_bytes
+from adm_common.files import atomic_write_bytes, atomic_write_text
+from evaluations.uncertainty import seed_run_name
 from sampling.config_files import read_yaml_mapping
 from sampling.images import image_grid, save_png, save_side_by_side
+from sampling.model_configs import load_model_config
 from sampling.sweep import expand, load_sweep
 
 from .data import make_dataset
+from .train import DATASETS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,21 +44,34 @@ def load_demo_config(path=CONFIG):
     return read_yaml_mapping(path, "demo config")
 
 
+def model_dataset(config):
+    """The demo data set (a key of demo.train.DATASETS) the config's model was trained on, from its name."""
+    name = load_model_config(ROOT / config["base"]["model"])["name"]
+    found = [dataset for dataset, spec in DATASETS.items() if spec["model"] == name]
+    if not found:
+        raise SystemExit(f"{config['base']['model']}: model {name!r} is none of the demo's models "
+                         f"({', '.join(spec['model'] for spec in DATASETS.values())})")
+    return found[0]
+
+
 def prepare(config, num_reference):
-    """Write the reference batch (``ref_batch`` of the demo config) unless it is already there."""
+    """Write the reference batch (``ref_batch`` of the demo config: held-out images of the data set the model
+    was trained on) unless it is already there."""
     path = ROOT / config["ref_batch"]
+    dataset = model_dataset(config)
+    images, labels = make_dataset(num_reference, seed=REFERENCE_SEED, kind=dataset)
     if path.exists():
         with np.load(path) as npz:
-            if npz["arr_0"].shape[0] == num_reference:
-                print(f"reference batch {path} exists ({num_reference} images)")
+            if np.array_equal(npz["arr_0"], images):
+                print(f"reference batch {path} exists ({num_reference} images of the {dataset} data set)")
                 return path
-        raise SystemExit(f"{path} holds another number of images than {num_reference}: remove it first")
-    images, labels = make_dataset(num_reference, seed=REFERENCE_SEED)
+        raise SystemExit(f"{path} holds other images than {num_reference} held-out images of the {dataset} data "
+                         "set (another demo's reference?): remove it first")
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, arr_0=images, arr_1=labels)
     atomic_write_bytes(path, buf.getvalue())
-    print(f"wrote reference batch {path}: {num_reference} held-out images of the data set")
+    print(f"wrote reference batch {path}: {num_reference} held-out images of the {dataset} data set")
     return path
 
 
@@ -80,10 +99,74 @@ def save_labelled_rows(rows, path, zoom=3, label_width=120):
     save_png(np.asarray(canvas), path)
 
 
+CLAIM_SIGMAS = 3  # PAG's effect on FID is called resolved beyond this many combined standard deviations
+
+
+def _number(text):
+    return float(text) if text not in ("", None) else None
+
+
+def demo_claims(rows):
+    """What the demo can claim from its table's rows (the table CSV's, over seeds: mean and ``<metric>_std``):
+    the baseline's FID, the PAG scale with the lowest mean FID and its FID, whether their difference exceeds
+    ``CLAIM_SIGMAS`` combined standard deviations (sqrt(std_b^2 + std_p^2)), and every scale's FID, precision and
+    recall. None when the table has no baseline row (pag_scale 0), no PAG row or no spread over seeds."""
+    by_scale = []
+    for row in rows:
+        if row.get("source", "ours") != "ours" or _number(row.get("pag_scale")) is None:
+            continue
+        entry = {"pag_scale": _number(row["pag_scale"]), "seeds": int(_number(row.get("seeds")) or 1)}
+        for metric in ("fid", "precision", "recall"):
+            entry[metric], entry[f"{metric}_std"] = _number(row.get(metric)), _number(row.get(f"{metric}_std"))
+        by_scale.append(entry)
+    baseline = [e for e in by_scale if e["pag_scale"] == 0]
+    guided = [e for e in by_scale if e["pag_scale"] > 0 and e["fid"] is not None]
+    if len(baseline) != 1 or not guided or any(e["fid_std"] is None for e in baseline + guided):
+        return None
+    base, best = baseline[0], min(guided, key=lambda e: e["fid"])
+    combined = math.hypot(base["fid_std"], best["fid_std"])
+    gain = base["fid"] - best["fid"]
+    return {
+        "baseline_fid_mean": base["fid"], "baseline_fid_std": base["fid_std"],
+        "best_pag_scale": best["pag_scale"], "best_pag_fid_mean": best["fid"], "best_pag_fid_std": best["fid_std"],
+        "fid_gain": gain, "combined_std": combined, "sigmas": CLAIM_SIGMAS,
+        "resolved": bool(gain > CLAIM_SIGMAS * combined), "seeds": base["seeds"],
+        "by_scale": sorted(by_scale, key=lambda e: e["pag_scale"]),
+    }
+
+
+def claims_text(claims):
+    """The demo's claim in words, from :func:`demo_claims` (every number measured, none typed in)."""
+    verdict = "resolved" if claims["resolved"] else "NOT resolved"
+    lines = [
+        f"FID over {claims['seeds']} seeds: baseline {claims['baseline_fid_mean']:.2f} ± "
+        f"{claims['baseline_fid_std']:.2f}; best PAG scale s = {claims['best_pag_scale']:g}: "
+        f"{claims['best_pag_fid_mean']:.2f} ± {claims['best_pag_fid_std']:.2f}. Gain {claims['fid_gain']:.2f} against "
+        f"{claims['sigmas']} combined std = {claims['sigmas'] * claims['combined_std']:.2f}: {verdict}.",
+    ]
+    for metric in ("precision", "recall"):
+        lines.append(f"{metric} by s: " + ", ".join(
+            f"{e['pag_scale']:g}: {e[metric]:.3f}" + (f" ± {e[metric + '_std']:.3f}" if e[metric + "_std"] else "")
+            for e in claims["by_scale"] if e[metric] is not None))
+    return "\n".join(lines)
+
+
+def write_claims(table_csv, path):
+    """``claims.json`` from the sweep's table CSV (see :func:`demo_claims`); False when it has nothing to claim."""
+    with open(table_csv, newline="") as f:
+        claims = demo_claims(list(csv.DictReader(f)))
+    if claims is None:
+        return None
+    atomic_write_text(path, json.dumps(dict(claims, table=str(table_csv)), indent=2) + "\n")
+    return claims
+
+
 def finish(config, config_path=CONFIG, grid="pair"):
-    """Copy the sweep's table (and its plot, when the table code drew one) next to grid.png and print it.
-    ``grid``: "pair" (the demo's baseline beside PAG s = 2) or "rows" (every cell, one row, the same seeds)."""
+    """Copy the sweep's table (and its plot, when the table code drew one) next to grid.png and print it, and
+    with seeds the demo's claims (claims.json). ``grid``: "pair" (the demo's baseline beside PAG s = 2, their
+    first seed) or "rows" (every cell, one row, the same seeds)."""
     out_dir = ROOT / config["out_dir"]
+    sweep = load_sweep(str(config_path))
     name = config.get("name", out_dir.name)
     table_dir = out_dir / "table"
     table = table_dir / f"{name}.md"
@@ -96,17 +179,22 @@ def finish(config, config_path=CONFIG, grid="pair"):
         shutil.copyfile(plot, out_dir / "plot.png")
         written.append("plot.png (metrics against the PAG scale)")
     if grid == "pair":
-        baseline = _cell_samples(out_dir, BASELINE_CELL)[:GRID_COUNT]
-        guided = _cell_samples(out_dir, GUIDED_CELL)[:GRID_COUNT]
-        save_side_by_side(baseline, guided, out_dir / "grid.png")
-        written.append(f"grid.png (the same seeds: {BASELINE_CELL} left, {GUIDED_CELL} right)")
+        left, right = ((cell if sweep.seeds is None else seed_run_name(cell, sweep.seeds[0]))
+                       for cell in (BASELINE_CELL, GUIDED_CELL))
+        save_side_by_side(_cell_samples(out_dir, left)[:GRID_COUNT], _cell_samples(out_dir, right)[:GRID_COUNT],
+                          out_dir / "grid.png")
+        written.append(f"grid.png (the same seeds: {left} left, {right} right)")
     else:
-        cells = [cell.name for cell in expand(load_sweep(str(config_path)))]
+        cells = [cell.name for cell in expand(sweep)]
         save_labelled_rows([(cell, _cell_samples(out_dir, cell)[:ROW_COUNT]) for cell in cells],
                            out_dir / "grid.png")
         written.append(f"grid.png (the first {ROW_COUNT} samples, the same seeds, of each cell: "
                        f"{', '.join(cells)}, top to bottom)")
     print(table.read_text())
+    claims = write_claims(table_dir / f"{name}.csv", out_dir / "claims.json") if sweep.seeds else None
+    if claims:
+        print(claims_text(claims))
+        written.append("claims.json")
     print(f"wrote {out_dir}/" + ", ".join(written))
 
 
