@@ -174,10 +174,7 @@ def file_sha256(path, chunk_size=1 << 24):
     """Hex sha256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while True:
-            chunk = f.read(chunk_size)
-            if not chunk:
-                break
+        for chunk in iter(lambda: f.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -187,9 +184,10 @@ def _stamp(st):
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
 
 
-def default_hash_cache_dir():
+def user_cache_dir(name):
+    """``$XDG_CACHE_HOME/pag_adm/<name>`` (default ``~/.cache/pag_adm/<name>``): the project's caches."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "pag_adm", "sha256")
+    return os.path.join(root, "pag_adm", name)
 
 
 HASHES_NAME = "hashes.json"
@@ -211,7 +209,7 @@ class HashMemo:
     def _places(self, path):
         """``(memo file, key)`` pairs to read a record from and write it to, in order; key None: the file is the
         record itself (a sidecar)."""
-        shared = os.path.join(self.directory or default_hash_cache_dir(), HASHES_NAME)
+        shared = os.path.join(self.directory or user_cache_dir("sha256"), HASHES_NAME)
         return ([] if self.directory else [(path + ".sha256", None)]) + [(shared, os.path.realpath(path))]
 
     def sha256(self, path):

@@ -13,6 +13,7 @@ read the job from this one module.
 """
 
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -74,20 +75,7 @@ def expand_slurm_nodelist(nodelist: str) -> List[str]:
         except (OSError, subprocess.SubprocessError):
             pass  # fall back to parsing below
     hosts: List[str] = []
-    parts: List[str] = []
-    depth, cur = 0, ""
-    for ch in nodelist:  # split on commas that are not inside brackets
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    parts.append(cur)
-    for part in parts:
+    for part in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist):  # split on commas outside brackets
         if "[" not in part:
             hosts.append(part)
             continue

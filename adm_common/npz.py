@@ -9,6 +9,7 @@ models, int64 labels in ``arr_1``. :class:`NpzImages` streams ``arr_0`` from the
 bytes, and the file appears only complete.
 """
 
+import contextlib
 import os
 import zipfile
 
@@ -190,24 +191,6 @@ class ArrayStream:
             raise ValueError(f"{self.name}: {self.rows} rows written, the array has {self.shape[0]}")
 
 
-class _MemberContext:
-    def __init__(self, writer, name, shape, dtype):
-        self.writer, self.name, self.shape, self.dtype = writer, name, shape, dtype
-
-    def __enter__(self):
-        self.f = self.writer._open_member(self.name)
-        self.stream = ArrayStream(self.f, self.name, self.shape, self.dtype)
-        return self.stream
-
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is None:
-                self.stream.finish()
-        finally:
-            self.f.close()
-        return False
-
-
 class NpzWriter:
     """Write an ``.npz`` atomically, member by member, streaming large arrays.
 
@@ -247,8 +230,13 @@ class NpzWriter:
         info.external_attr = 0o644 << 16
         return self._zip.open(info, "w", force_zip64=True)
 
+    @contextlib.contextmanager
     def stream(self, name, shape, dtype):
-        return _MemberContext(self, name, shape, dtype)
+        """An :class:`ArrayStream` of member ``name``; it must hold all ``shape[0]`` rows when the block ends."""
+        with self._open_member(name) as f:
+            stream = ArrayStream(f, name, shape, dtype)
+            yield stream
+            stream.finish()
 
     def write(self, name, array):
         array = np.asarray(array)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adm_common.files import HashMemo, atomic_write_bytes
+from adm_common.files import HashMemo, atomic_write_bytes, user_cache_dir
 from adm_common.launch import detect_launch
 from adm_common.rendezvous import connect_store, connect_timeout, process_group_timeout
 from adm_common.npz import NpzImages
@@ -36,8 +36,7 @@ STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 
 def default_cache_dir():
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "pag_adm", "eval")
+    return user_cache_dir("eval")
 
 
 def read_npz_statistics(path):
