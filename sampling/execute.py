@@ -9,13 +9,13 @@ another rank. Claiming changes only who samples a shard, never what it holds: sa
 A rank whose claim was taken over discards its copy.
 
 Ranks never wait for each other in a collective while sampling or merging (a rank with more work would make
-the others time out): they wait by polling the file system, and a failing rank leaves a note in ``.failed/``
-that makes the others stop with its message. A rank 0 that died without a note is noticed by its run lock file
-going stale or missing (:class:`Rank0Watch`). Rank 0 verifies every shard when it first counts it (CRC, sample
-range, run id; a bad one is moved to ``shards/rejected/`` and sampled again), logs which ranks it waits for
-(within a minute), checks that the disk has room for the merged file, then merges. Progress is counted in
-``.progress/`` (one small file a rank) and shown by rank 0: a tqdm bar on a terminal, a plain line a minute
-otherwise (a log file).
+the others time out): they wait by polling the file system, and a failing rank leaves a note in ``.failed/`` (its
+marker, :class:`sampling.layout.RankMarkers`) that makes the others stop with its message. A rank 0 that died
+without a note is noticed by its run lock file going stale or missing (:class:`Rank0Watch`). Rank 0 verifies
+every shard when it first counts it (CRC, sample range, run id; a bad one is moved to ``shards/rejected/`` and
+sampled again), logs which ranks it waits for (within a minute), checks that the disk has room for the merged
+file, then merges. Progress is counted in ``.progress/`` (one marker a rank) and shown by rank 0: a tqdm bar on a
+terminal, a plain line a minute otherwise (a log file).
 """
 
 import errno
@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from adm_common.files import atomic_write_text, real_directory
+from adm_common.files import real_directory
 from adm_common.npz import NpzImages, NpzWriter
 from guided_diffusion import dist_util, logger
 
@@ -91,25 +91,11 @@ def _free_bytes(directory):
         return None
 
 
-def _mark_failed(plan, rank, error):
-    try:
-        directory = real_directory(plan.out_dir, FAILED_DIR, error=SampleConfigError)
-        atomic_write_text(os.path.join(directory, f"rank{rank}.txt"), f"{type(error).__name__}: {error}")
-    except (OSError, SampleConfigError):
-        pass
-
-
-def _raise_if_peer_failed(plan):
-    directory = os.path.join(plan.out_dir, FAILED_DIR)
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError:
-        return
-    for name in names:
-        if name.startswith("rank") and name.endswith(".txt") and name != f"rank{dist_util.get_rank()}.txt":
-            with open(os.path.join(directory, name)) as f:
-                message = f.read()
-            raise PeerFailedError(f"{name[:-4].replace('rank', 'rank ')} failed: {message}")
+def _raise_if_peer_failed(failures, rank):
+    """Raise :class:`PeerFailedError` with the note of another rank that failed (``failures``: ``.failed/``)."""
+    for peer, message in failures.read_all().items():
+        if peer != rank:
+            raise PeerFailedError(f"rank {peer} failed: {message}")
 
 
 class Rank0Watch:
@@ -315,7 +301,7 @@ def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
     notes = _WaitNotes(min(FIRST_NOTE_SECONDS, s.runtime.claim_lease / 4))  # before a stalled claim expires
     watch = Rank0Watch(plan.out_dir, expected=True) if rank != 0 else None  # a plan exists: rank 0 holds the lock
     count = claimed = 0
-    claims = None
+    claims, failures = None, plan.layout.failure_markers
     try:  # from here on a failure leaves a note in .failed/ that stops the other ranks
         if rank == 0:
             write_run_record(plan, sampler.device)
@@ -327,14 +313,14 @@ def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
         progress = Progress(plan, rank)
         claims = Claims(plan, rank)
         while True:
-            _raise_if_peer_failed(plan)
+            _raise_if_peer_failed(failures, rank)
             if rank != 0 and os.path.exists(plan.layout.final_path):
                 break
             if watch is not None:
                 try:
                     watch.check()
                 except PeerFailedError:
-                    _raise_if_peer_failed(plan)  # its own note, when it wrote one before releasing the lock
+                    _raise_if_peer_failed(failures, rank)  # its own note, when it wrote one before releasing the lock
                     raise
             if rank == 0 and len(verified) == plan.num_shards:
                 try:
@@ -370,7 +356,7 @@ def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
             time.sleep(POLL_SECONDS)
     except BaseException as e:
         if not isinstance(e, PeerFailedError):
-            _mark_failed(plan, rank, e)
+            failures.write(rank, f"{type(e).__name__}: {e}")
         raise
     finally:
         if claims is not None:
@@ -378,10 +364,9 @@ def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
     progress.close()
     dist_util.barrier()
     if rank == 0:
-        for name in (PROGRESS_DIR, FAILED_DIR):
-            shutil.rmtree(os.path.join(plan.out_dir, name), ignore_errors=True)
-        if not s.runtime.keep_shards:  # again: a rank taken over may have touched them after the merge
-            shutil.rmtree(plan.layout.claims_dir, ignore_errors=True)
+        # The claims again: a rank taken over may have touched them after the merge.
+        plan.layout.remove_markers(claims=not s.runtime.keep_shards)
+        if not s.runtime.keep_shards:
             plan.layout.remove_empty_shard_dir()
         logger.log(f"done: {plan.layout.final_path}")
     return plan.layout.final_path

@@ -9,7 +9,7 @@
       shards/shard_{k:06d}.npz    samples [k * shard_size, (k + 1) * shard_size), until merged
       shards/.claims/             which process samples which shard (sampling.claims)
       shards/rejected/            shards that failed their checks, with the reason beside them (never deleted)
-      .progress/, .failed/        per-rank markers: images done, a failure that stops the other ranks
+      .progress/, .failed/        per-rank markers (RankMarkers): images done, a failure that stops the other ranks
 """
 
 import dataclasses
@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 
-from adm_common.files import symlinks_in
+from adm_common.files import UnsafePathError, atomic_write_text, real_directory, symlinks_in
 from adm_common.npz import samples_filename
 
 LOCK_NAME = "lock"
@@ -31,6 +31,7 @@ RUN_FILES = (RECORD_NAME, GRID_NAME, "eval.json")  # what --overwrite removes, b
 SAMPLES_RE = re.compile(r"^samples_(\d+)x(\d+)x(\d+)x3\.npz$")
 LOG_RE = re.compile(r"^log(\.rank\d+)?\.txt$")  # log.txt, log.rank1.txt, ...
 _SHARD_RE = re.compile(r"^shard_(\d{6,})\.npz$")
+_RANK_MARKER_RE = re.compile(r"^rank(\d+)\.txt$")
 
 
 def shard_filename(index):
@@ -41,6 +42,47 @@ def shard_index(filename):
     """The shard number of a shard file name, or None for other names."""
     m = _SHARD_RE.match(filename)
     return int(m.group(1)) if m else None
+
+
+@dataclasses.dataclass(frozen=True)
+class RankMarkers:
+    """A directory of one small text file per rank, ``rank{r}.txt``, that the ranks of a run write and read to
+    tell each other something without a collective: ``.progress/`` (images done), ``.failed/`` (why a rank
+    failed). Written atomically, never through a link (the directory is made as a real one, the file renamed
+    into place); read without following links."""
+
+    directory: str
+
+    def path(self, rank):
+        return os.path.join(self.directory, f"rank{rank}.txt")
+
+    def write(self, rank, text):
+        """Replace ``rank``'s marker with ``text``; False when it could not be written. A marker is a note to the
+        other ranks, so a full disk or a link in the way does not stop the writer."""
+        try:
+            real_directory(*os.path.split(self.directory))
+            atomic_write_text(self.path(rank), text)
+        except (OSError, UnsafePathError):
+            return False
+        return True
+
+    def read_all(self):
+        """``{rank: text}`` by rank ({} when the directory is missing); a link or unreadable file is left out."""
+        found = {}
+        for name in _listdir(self.directory):
+            m = _RANK_MARKER_RE.match(name)
+            if not m:
+                continue
+            try:
+                with open(os.open(os.path.join(self.directory, name), os.O_RDONLY | os.O_NOFOLLOW),
+                          encoding="utf-8", errors="replace") as f:
+                    found[int(m.group(1))] = f.read()
+            except OSError:
+                pass
+        return dict(sorted(found.items()))
+
+    def clear(self):
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +123,16 @@ class RunLayout:
         return self.path(SHARD_DIR, CLAIMS_DIR)
 
     @property
+    def progress_markers(self):
+        """Each rank's count of the images it sampled this session (sampling.progress)."""
+        return RankMarkers(self.path(PROGRESS_DIR))
+
+    @property
+    def failure_markers(self):
+        """A failing rank's error, which stops the other ranks (sampling.execute)."""
+        return RankMarkers(self.path(FAILED_DIR))
+
+    @property
     def num_shards(self):
         return -(-self.num_samples // self.shard_size)
 
@@ -119,10 +171,12 @@ class RunLayout:
                                  lambda n: n in (CLAIMS_DIR, REJECTED_DIR) or shard_index(n) is not None)
         return links
 
-    def remove_markers(self):
-        """The previous session's per-rank markers and claims."""
-        for path in (self.path(PROGRESS_DIR), self.path(FAILED_DIR), self.claims_dir):
-            shutil.rmtree(path, ignore_errors=True)
+    def remove_markers(self, claims=True):
+        """The per-rank markers and (unless ``claims`` is False) the shard claims: a session's leftovers."""
+        self.progress_markers.clear()
+        self.failure_markers.clear()
+        if claims:
+            shutil.rmtree(self.claims_dir, ignore_errors=True)
 
     def remove_run_files(self):
         """Delete what runs write (used by --overwrite only): the record, grid, eval.json, sample batches named

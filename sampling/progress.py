@@ -1,13 +1,10 @@
-"""What rank 0 shows of a run's progress: all ranks' images (each rank counts its own in a small file under
-``.progress/``), as a tqdm bar on a terminal or a plain line a minute in a log."""
+"""What rank 0 shows of a run's progress: all ranks' images (each rank counts its own in its marker under
+``.progress/``, :class:`sampling.layout.RankMarkers`), as a tqdm bar on a terminal or a plain line a minute in a
+log."""
 
 import os
 import sys
 import time
-
-from adm_common.files import atomic_write_text
-
-from .layout import PROGRESS_DIR
 
 PLAIN_PROGRESS_SECONDS = 60  # progress lines when stderr is not a terminal
 
@@ -17,7 +14,7 @@ class Progress:
     terminal, else a plain line every ``PLAIN_PROGRESS_SECONDS`` (no carriage returns piling up in a log)."""
 
     def __init__(self, plan, rank):
-        self.dir = os.path.join(plan.out_dir, PROGRESS_DIR)
+        self.markers = plan.layout.progress_markers
         self.rank = rank
         self.mine = 0
         self.bar = None
@@ -35,24 +32,11 @@ class Progress:
 
     def advance(self, n):
         self.mine += n
-        try:
-            atomic_write_text(os.path.join(self.dir, f"rank{self.rank}.txt"), str(self.mine))
-        except OSError:
-            pass  # progress display only
+        self.markers.write(self.rank, str(self.mine))  # progress display only: a marker not written is no error
         self.refresh()
 
     def _count(self):
-        total = 0
-        try:
-            for name in os.listdir(self.dir):
-                if name.startswith("rank") and name.endswith(".txt"):
-                    try:
-                        with open(os.path.join(self.dir, name)) as f:
-                            total += int(f.read().strip() or 0)
-                    except (OSError, ValueError):
-                        pass
-        except OSError:
-            return None
+        total = sum(int(text) for text in self.markers.read_all().values() if text.strip().isdecimal())
         return min(self.total, self.start + total)  # a shard sampled twice (taken over) counts once
 
     def _line(self):
@@ -66,10 +50,7 @@ class Progress:
     def refresh(self):
         if self.rank != 0:
             return
-        done = self._count()
-        if done is None:
-            return
-        self.done = max(self.done, done)
+        self.done = max(self.done, self._count())
         if self.bar is not None:
             if self.done > self.bar.n:
                 self.bar.update(self.done - self.bar.n)
@@ -80,8 +61,7 @@ class Progress:
     def close(self):
         if self.rank != 0:
             return
-        done = self._count()
-        self.done = max(self.done, done or 0)
+        self.done = max(self.done, self._count())
         if self.bar is not None:
             self.refresh()
             self.bar.close()
