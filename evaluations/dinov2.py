@@ -27,8 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from adm_common.files import file_sha256  # noqa: E402
 from adm_common.npz import NpzImages, check_image_batch  # noqa: E402
-from evaluations.features import RANDOM_WEIGHTS_MARK, default_device, find_weights  # noqa: E402
-from evaluations.features import hub_checkpoint_path, missing_weights_text  # noqa: E402
+from evaluations.features import FeatureNetwork, find_weights, hub_checkpoint_path, missing_weights_text  # noqa: E402
 from evaluations.reference import FeatureUse, image_features  # noqa: E402
 
 MODEL_NAME = "vit_large_patch14_dinov2"
@@ -112,7 +111,7 @@ def load_dinov2_weights(model, state_dict):
     return model
 
 
-class DINOv2Features:
+class DINOv2Features(FeatureNetwork):
     """Callable: uint8 N x H x W x 3 images -> float32 N x 1024 DINOv2 features (EDM2's preprocessing).
 
     :param weights_path: Meta's ``dinov2_vitl14_pretrain.pth`` (or timm's safetensors); None looks in torch hub's
@@ -124,43 +123,19 @@ class DINOv2Features:
     """
 
     def __init__(self, weights_path=None, allow_random_weights=False, device=None, seed=0, model_name=MODEL_NAME):
-        self.device = torch.device(device or default_device())
+        super().__init__(f"{EXTRACTOR_NAME}:{model_name}", resolve_weights_path, weights_path, allow_random_weights,
+                         device, seed, "DINOv2 network; FD_DINOv2 is meaningless")
         self.model_name = model_name
-        try:
-            path = resolve_weights_path(weights_path)
-        except MissingDINOv2Weights:
-            if weights_path or not allow_random_weights:  # an explicit path that is missing is always an error
-                raise
-            path = None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_model(model_name)
-            if path is None:
+            if self.random_weights:
                 for name, param in model.named_parameters():
                     if name.endswith(".gamma"):
                         torch.nn.init.ones_(param)
-        if path is not None:
-            self.weights_path = os.path.abspath(path)
-            self.random_weights = False
+        if not self.random_weights:
             load_dinov2_weights(model, load_checkpoint(self.weights_path))
-            self._id = None
-        else:
-            self.weights_path = None
-            self.random_weights = True
-            self._id = f"{EXTRACTOR_NAME}:{model_name}:{RANDOM_WEIGHTS_MARK}:seed{seed}"
-            print(f"WARNING: {RANDOM_WEIGHTS_MARK}: randomly initialised DINOv2 network; FD_DINOv2 is meaningless.",
-                  file=sys.stderr)
-        self.marker = RANDOM_WEIGHTS_MARK if self.random_weights else None
         self.model = model.eval().requires_grad_(False).to(self.device)
-        self.num_calls = 0
-        self.num_images = 0
-
-    @property
-    def id(self):
-        """Identifies the network and its weights: part of cache keys."""
-        if self._id is None:
-            self._id = f"{EXTRACTOR_NAME}:{self.model_name}:sha256={file_sha256(self.weights_path)[:16]}"
-        return self._id
 
     def preprocess(self, images):
         """uint8 N x H x W x 3 -> the network's float32 N x 3 x 224 x 224 input (EDM2's ``resize_mode="torch"``)."""

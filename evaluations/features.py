@@ -195,7 +195,40 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class InceptionFeatures:
+class FeatureNetwork:
+    """What the evaluator's own networks (Inception, DINOv2) share: the device, the weights file found by
+    ``resolve(weights_path)`` or, where it is missing, no path was given and ``allow_random_weights``, random
+    weights (``random_weights``, marked ``RANDOM-WEIGHTS``: ``marker``, printed beside every number); the ``id`` of
+    cache keys, ``<name>:sha256=...`` (hashed lazily: only caches need it) or ``<name>:RANDOM-WEIGHTS:seed<seed>``;
+    and counts of the batches (``num_calls``) and images run through the network."""
+
+    def __init__(self, name, resolve, weights_path, allow_random_weights, device, seed, meaningless):
+        self.device = torch.device(device or default_device())
+        try:
+            path = resolve(weights_path)
+        except FileNotFoundError:
+            if weights_path or not allow_random_weights:  # an explicit path that is missing is always an error
+                raise
+            path = None
+        self.random_weights = path is None
+        self.weights_path = None if self.random_weights else os.path.abspath(path)
+        self.marker = RANDOM_WEIGHTS_MARK if self.random_weights else None
+        self._name = name
+        self._id = f"{name}:{RANDOM_WEIGHTS_MARK}:seed{seed}" if self.random_weights else None
+        if self.random_weights:
+            print(f"WARNING: {RANDOM_WEIGHTS_MARK}: randomly initialised {meaningless}.", file=sys.stderr)
+        self.num_calls = 0
+        self.num_images = 0
+
+    @property
+    def id(self):
+        """Identifies the network and its weights: part of cache keys."""
+        if self._id is None:
+            self._id = f"{self._name}:sha256={file_sha256(self.weights_path)[:16]}"
+        return self._id
+
+
+class InceptionFeatures(FeatureNetwork):
     """Callable: uint8 N x H x W x 3 images -> dict of ``pool``, ``logits``, ``spatial`` float32 arrays.
 
     :param weights_path: the weights file; None looks in torch hub's cache (``default_weights_path()``).
@@ -206,43 +239,19 @@ class InceptionFeatures:
     """
 
     def __init__(self, weights_path=None, allow_random_weights=False, device=None, seed=0):
-        self.device = torch.device(device or default_device())
-        cls = _torch_fidelity_class()
+        super().__init__(EXTRACTOR_NAME, resolve_weights_path, weights_path, allow_random_weights, device, seed,
+                         "Inception network; all metrics are meaningless")
         features = [_TF_POOL, _TF_LOGITS]
-        try:
-            path = resolve_weights_path(weights_path)
-        except MissingInceptionWeights:
-            if weights_path or not allow_random_weights:  # an explicit path that is missing is always an error
-                raise
-            path = None
-        if path is not None:
-            self.weights_path = os.path.abspath(path)
-            self.random_weights = False
-            model = cls(EXTRACTOR_NAME, features, feature_extractor_weights_path=self.weights_path)
-            self._id = None  # hashed lazily: only caches need it
-        else:
-            self.weights_path = None
-            self.random_weights = True
+        if self.random_weights:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model = _random_init_class()(EXTRACTOR_NAME, features,
                                              feature_extractor_weights_path=_empty_state_dict_file())
-            self._id = f"{EXTRACTOR_NAME}:{RANDOM_WEIGHTS_MARK}:seed{seed}"
-            print(f"WARNING: {RANDOM_WEIGHTS_MARK}: randomly initialised Inception network; "
-                  "all metrics are meaningless.", file=sys.stderr)
-        self.marker = RANDOM_WEIGHTS_MARK if self.random_weights else None  # printed beside every number
+        else:
+            model = _torch_fidelity_class()(EXTRACTOR_NAME, features, feature_extractor_weights_path=self.weights_path)
         self.model = model.eval().to(self.device)
         self._spatial = None
         self.model.Mixed_6d.branch1x1.register_forward_hook(self._spatial_hook)
-        self.num_calls = 0  # number of batches run through the network
-        self.num_images = 0
-
-    @property
-    def id(self):
-        """Identifies the network's weights: part of cache keys."""
-        if self._id is None:
-            self._id = f"{EXTRACTOR_NAME}:sha256={file_sha256(self.weights_path)[:16]}"
-        return self._id
 
     def _spatial_hook(self, module, inputs, output):
         # output: N x 192 x 17 x 17 after BatchNorm + ReLU. Keep 7 channels, lay out as H, W, C.
