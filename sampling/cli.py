@@ -26,7 +26,7 @@ from .execute import DiskFullError, PeerFailedError, RunStopped, disk_full
 from .process import start_process
 from .run import run
 from .sampler import NonFiniteError
-from .settings import HELP, SampleConfigError, read_yaml_mapping, resolve_settings, sample_defaults
+from .settings import SETTINGS, SampleConfigError, read_yaml_mapping, resolve_settings
 from .sweep import check_cells, describe, expand, load_sweep, run_sweep
 from .sweep_evaluation import EvaluationFailedError
 
@@ -44,12 +44,12 @@ def build_sample_parser():
     parser = argparse.ArgumentParser(description=SAMPLE_DESCRIPTION, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", metavar="FILE.yaml",
                         help="settings file (keys are flag names); command-line flags win")
-    for key, default in sample_defaults().items():
-        text = HELP.get(key, "")
+    for key, setting in SETTINGS.items():
+        text = setting.help
         if "(default:" not in text:  # a help text that explains its default says it once
-            text = f"{text} (default: {default!r})".strip()
-        kwargs = dict(type=_flag_type(default), default=argparse.SUPPRESS, help=text)
-        if isinstance(default, bool):
+            text = f"{text} (default: {setting.default!r})".strip()
+        kwargs = dict(type=_flag_type(setting.default), default=argparse.SUPPRESS, help=text)
+        if isinstance(setting.default, bool):
             kwargs.update(nargs="?", const=True, metavar="BOOL")
         parser.add_argument(f"--{key}", **kwargs)
     return parser

@@ -1,10 +1,12 @@
-"""The run schema: every setting of a sampling run, typed, built and validated once.
+"""The run schema: every setting of a sampling run, declared once (:data:`SETTINGS`), built and validated once.
 
-A run's settings come in five groups (dataclasses): ``model`` (upstream's model and classifier flags and the
-checkpoint paths), ``diffusion`` (upstream's diffusion flags), ``guidance`` (``pag.GuidanceConfig``),
-``sampling`` (what decides the samples besides those: seed, count, sampler) and ``runtime`` (what does not
-change any image: batch size, device, output directory). Each setting is also a flag of
-``scripts/image_sample.py`` under the same name, and a key of a ``--config`` YAML file or a sweep's ``base:``.
+Each entry of ``SETTINGS`` names a setting (its flag and config key), its group, default (whose type is the
+flag's), help and, where it has a range, its check; upstream's flags take upstream's defaults, the guidance
+settings pag's (``pag.GuidanceConfig``, ``pag.guidance_help``). The group dataclasses, the flags of
+``scripts/image_sample.py``, the defaults of a ``--config`` file or a sweep's ``base:`` and the table in
+docs/sampling.md are built from it. Groups: ``model`` (upstream's model and classifier flags, the checkpoint paths),
+``diffusion`` (upstream's diffusion flags), ``guidance``, ``sampling`` (what decides the samples besides those:
+seed, count, sampler) and ``runtime`` (what does not change any image: batch size, device, output directory).
 
 Precedence, lowest first: defaults, ``--model``'s flags, ``--config FILE.yaml``, the command line.
 :func:`build_settings` checks everything and names every problem in one :class:`SampleConfigError`.
@@ -17,6 +19,7 @@ import math
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -36,51 +39,119 @@ class SampleConfigError(ValueError):
     """Bad settings or an unusable out_dir; raised on every rank before any sampling."""
 
 
-def _group(name, defaults, doc):
-    cls = dataclasses.make_dataclass(name, [(k, type(v), field(default=v)) for k, v in defaults.items()])
+@dataclass(frozen=True)
+class Setting:
+    """One run setting: a flag of scripts/image_sample.py and a config key of the same name."""
+
+    name: str
+    group: str
+    default: Any
+    help: str = ""  # empty for upstream's flags (their meaning is upstream's)
+    check: Optional[Callable[[Any], bool]] = None
+    requirement: str = ""  # what ``check`` demands, completing "<name> must ...", for the error message
+
+    def problem(self, value):
+        """The error message for ``value``, or None when it passes the check."""
+        if self.check is None or self.check(value):
+            return None
+        return f"{self.name} must {self.requirement}, got {value!r}"
+
+
+GROUPS = ("model", "diffusion", "guidance", "sampling", "runtime")
+COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
+LABEL_ORDERS = ("random", "balanced")
+POSITIVE = dict(check=lambda value: value > 0, requirement="be positive")
+_DIFFUSION = diffusion_defaults()
+CLASSIFIER_FLAGS = tuple(k for k in classifier_defaults() if k != "image_size")
+# Flag help naming the allowed values, in place of pag.guidance_help's text for these four (pag/config.py's
+# GUIDANCE_HELP should take this wording; then this goes).
+_GUIDANCE_FLAG_HELP = dict(
+    pag_scale="PAG scale s of eps + s * (eps - eps_perturbed): a finite number; 0 = no PAG, one forward pass per "
+              "step (the authors' --guide_scale is 1 + s)",
+    perturbation="how the attention of pag_layers is perturbed: one of " + ", ".join(PERTURBATIONS),
+    pag_schedule="how s changes over the timesteps: one of " + ", ".join(SCHEDULES),
+    sag_scale="self-attention guidance scale: a finite number; 0 = no SAG (Hong et al. 2023; their "
+              "--guide_scale is 1 + sag_scale)",
+)
+
+
+def _upstream(group, defaults, **checks):
+    return [Setting(name, group, default, **checks.get(name, {})) for name, default in defaults.items()]
+
+
+def _guidance():
+    help_texts = dict(pag.guidance_help(), **_GUIDANCE_FLAG_HELP)
+    return [Setting(name, "guidance", default, help_texts[name]) for name, default in pag.guidance_defaults().items()]
+
+
+SETTINGS = {setting.name: setting for setting in (
+    *_upstream("model", {k: v for k, v in model_and_diffusion_defaults().items() if k not in _DIFFUSION},
+               image_size=POSITIVE),
+    Setting("model_path", "model", "", "diffusion checkpoint (local path or URL)"),
+    Setting("classifier_path", "model", "", "noisy-image classifier checkpoint: enables classifier guidance"),
+    Setting("dtype", "model", "",
+            "how the U-Net computes: float16 (upstream's use_fp16 torso conversion), bfloat16 (the same conversion "
+            "to bfloat16) or float32; empty: float16 with use_fp16, else float32. Changes the samples (run identity)",
+            lambda value: not value or value in COMPUTE_DTYPES,
+            f"be one of {', '.join(COMPUTE_DTYPES)} (or empty)"),
+    *_upstream("model", {k: v for k, v in classifier_defaults().items() if k in CLASSIFIER_FLAGS}),
+    *_upstream("diffusion", _DIFFUSION, diffusion_steps=POSITIVE),
+    *_guidance(),
+    Setting("num_samples", "sampling", 10000,
+            "number of samples N (indices 0..N-1); a finished run can be extended with a larger N", **POSITIVE),
+    Setting("seed", "sampling", 0, "sample i depends only on (seed, i): an integer >= 0",
+            lambda value: value >= 0, "be >= 0"),
+    Setting("use_ddim", "sampling", False),  # upstream's flags
+    Setting("clip_denoised", "sampling", True),
+    Setting("num_classes", "sampling", NUM_CLASSES,
+            "class labels are drawn uniformly from [0, num_classes) (a model trained on fewer classes)",
+            lambda value: 1 <= value <= NUM_CLASSES,
+            f"lie in [1, {NUM_CLASSES}] (the model's label embedding)"),
+    Setting("shard_size", "sampling", 256, "samples per shard file (the unit of resumption)", **POSITIVE),
+    Setting("labels", "sampling", "random",
+            "class labels: random (independent uniform draws, upstream's) or balanced (each class num_samples / "
+            "num_classes times in a seeded order; sample i's label then also depends on num_samples)",
+            lambda value: value in LABEL_ORDERS, f"be one of {', '.join(LABEL_ORDERS)}"),
+    Setting("model", "runtime", "",
+            "official checkpoint name (configs/models/NAME.yaml) or a model config .yaml path: its flags, and "
+            "model_path downloads/models/FILE unless given"),
+    Setting("batch_size", "runtime", 16, "samples per forward pass (does not change the samples)", **POSITIVE),
+    Setting("out_dir", "runtime", "", "output directory (created; resumed if it holds the same configuration)"),
+    Setting("device", "runtime", "", "cpu, cuda or cuda:N (default: the GPU of this process's local rank, else the "
+                                     "CPU)"),
+    Setting("overwrite", "runtime", False,
+            "replace the outputs of a different configuration in out_dir (only files runs write; checked first)"),
+    Setting("keep_shards", "runtime", False, "keep the shard files after merging them"),
+    Setting("claim_lease", "runtime", 600.0,
+            "seconds without a heartbeat after which another process samples a shard claimed by a stalled "
+            "one: a positive number", lambda value: value > 0, "be a positive number of seconds"),
+    Setting("channels_last", "runtime", False,
+            "channels-last memory format for the U-Net's weights (GPU convolutions run NHWC); the same "
+            "samples up to float rounding"),
+    Setting("compile", "runtime", False,
+            "torch.compile the U-Net (the shared prefix and the continuation, once per process, not per step); "
+            "the same samples up to float rounding"),
+)}
+FLAG_GROUP = {name: setting.group for name, setting in SETTINGS.items()}
+
+
+def _group(name, group, doc):
+    cls = dataclasses.make_dataclass(name, [(s.name, type(s.default), field(default=s.default))
+                                            for s in SETTINGS.values() if s.group == group])
     cls.__doc__ = doc
     cls.__module__ = __name__
     return cls
 
 
-_DIFFUSION = diffusion_defaults()
-ModelSettings = _group("ModelSettings", dict(
-    {k: v for k, v in model_and_diffusion_defaults().items() if k not in _DIFFUSION},
-    model_path="",
-    classifier_path="",
-    dtype="",  # how the U-Net computes: "" = upstream's (float16 torso with use_fp16, else float32)
-    **{k: v for k, v in classifier_defaults().items() if k != "image_size"},
-), "Upstream's model and classifier flags (their defaults are upstream's) and the checkpoints to load.")
-COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
-DiffusionSettings = _group("DiffusionSettings", _DIFFUSION, "Upstream's diffusion flags.")
-
-
-@dataclass
-class SamplingSettings:
-    """What, besides model, diffusion and guidance, decides the samples."""
-
-    num_samples: int = 10000
-    seed: int = 0  # sample i depends only on (seed, i)
-    use_ddim: bool = False
-    clip_denoised: bool = True
-    num_classes: int = NUM_CLASSES  # labels are drawn uniformly from [0, num_classes)
-    shard_size: int = 256
-    labels: str = "random"  # LABEL_ORDERS: independent uniform draws, or each class equally often
-
-
-@dataclass
-class RuntimeSettings:
-    """Settings that do not change the samples: they may differ between a run and its resumption."""
-
-    model: str = ""  # official checkpoint name or model config path (supplies flags and model_path)
-    batch_size: int = 16
-    out_dir: str = ""
-    device: str = ""
-    overwrite: bool = False
-    keep_shards: bool = False
-    claim_lease: float = 600.0  # seconds without a heartbeat after which a rank's shard is sampled by another
-    channels_last: bool = False  # U-Net weights channels-last (the same samples up to float rounding)
-    compile: bool = False  # torch.compile the U-Net's pieces (the same samples up to float rounding)
+ModelSettings = _group("ModelSettings", "model", "Upstream's model and classifier flags (their defaults are "
+                                                 "upstream's) and the checkpoints to load.")
+DiffusionSettings = _group("DiffusionSettings", "diffusion", "Upstream's diffusion flags.")
+SamplingSettings = _group("SamplingSettings", "sampling", "What, besides model, diffusion and guidance, decides the "
+                                                          "samples.")
+RuntimeSettings = _group("RuntimeSettings", "runtime", "Settings that do not change the samples: they may differ "
+                                                       "between a run and its resumption.")
+GROUP_CLASSES = dict(model=ModelSettings, diffusion=DiffusionSettings, guidance=pag.GuidanceConfig,
+                     sampling=SamplingSettings, runtime=RuntimeSettings)
 
 
 @dataclass
@@ -138,63 +209,29 @@ class RunSettings:
         return bool(self.model.class_cond or self.model.classifier_path)
 
 
-GROUPS = ("model", "diffusion", "guidance", "sampling", "runtime")
 RANDOM_DRAWS_VERSION = "per step, on the device"  # how random perturbations draw (pag.perturbations._RowRandom)
 NOT_IN_IDENTITY = ("num_samples", "shard_size", "model_path", "classifier_path")
 # In a run's identity only when not at their defaults (so the runs recorded before them keep theirs and resume).
 OMITTED_AT_DEFAULT = ("icg_scale", "apg_momentum", "apg_norm_threshold", "apg_eta", "guidance_rescale", "labels")
-LABEL_ORDERS = ("random", "balanced")
-CLASSIFIER_FLAGS = tuple(k for k in classifier_defaults() if k != "image_size")
-HELP = dict(
-    pag.guidance_help(),
-    pag_scale="PAG scale s of eps + s * (eps - eps_perturbed): a finite number; 0 = no PAG, one forward pass per "
-              "step (the authors' --guide_scale is 1 + s)",
-    perturbation="how the attention of pag_layers is perturbed: one of " + ", ".join(PERTURBATIONS),
-    pag_schedule="how s changes over the timesteps: one of " + ", ".join(SCHEDULES),
-    sag_scale="self-attention guidance scale: a finite number; 0 = no SAG (Hong et al. 2023; their "
-              "--guide_scale is 1 + sag_scale)",
-    claim_lease="seconds without a heartbeat after which another process samples a shard claimed by a stalled "
-                "one: a positive number",
-    model="official checkpoint name (configs/models/NAME.yaml) or a model config .yaml path: its flags, and "
-          "model_path downloads/models/FILE unless given",
-    model_path="diffusion checkpoint (local path or URL)",
-    classifier_path="noisy-image classifier checkpoint: enables classifier guidance",
-    num_samples="number of samples N (indices 0..N-1); a finished run can be extended with a larger N",
-    batch_size="samples per forward pass (does not change the samples)",
-    dtype="how the U-Net computes: float16 (upstream's use_fp16 torso conversion), bfloat16 (the same conversion "
-          "to bfloat16) or float32; empty: float16 with use_fp16, else float32. Changes the samples (run identity)",
-    channels_last="channels-last memory format for the U-Net's weights (GPU convolutions run NHWC); the same "
-                  "samples up to float rounding",
-    compile="torch.compile the U-Net (the shared prefix and the continuation, once per process, not per step); "
-            "the same samples up to float rounding",
-    seed="sample i depends only on (seed, i): an integer >= 0",
-    labels="class labels: random (independent uniform draws, upstream's) or balanced (each class num_samples / "
-           "num_classes times in a seeded order; sample i's label then also depends on num_samples)",
-    num_classes="class labels are drawn uniformly from [0, num_classes) (a model trained on fewer classes)",
-    shard_size="samples per shard file (the unit of resumption)",
-    out_dir="output directory (created; resumed if it holds the same configuration)",
-    device="cpu, cuda or cuda:N (default: the GPU of this process's local rank, else the CPU)",
-    overwrite="replace the outputs of a different configuration in out_dir (only files runs write; checked first)",
-    keep_shards="keep the shard files after merging them",
-)
-
-
-def _flat_defaults():
-    values = {}
-    for group in GROUPS:
-        values.update(dataclasses.asdict(getattr(RunSettings(), group)))
-    return values
-
-
-DEFAULTS_OF_LATER_SETTINGS = {key: value for key, value in _flat_defaults().items() if key in OMITTED_AT_DEFAULT}
-FLAG_GROUP = {key: group for group in GROUPS for key in dataclasses.asdict(getattr(RunSettings(), group))}
+DEFAULTS_OF_LATER_SETTINGS = {key: SETTINGS[key].default for key in OMITTED_AT_DEFAULT}
 
 
 def sample_defaults():
     """Every setting with its default, by flag name (guidance lists as comma-separated flag strings)."""
-    values = _flat_defaults()
-    values.update({k: v for k, v in pag.guidance_defaults().items() if k in LIST_SETTINGS})
-    return values
+    return {name: setting.default for name, setting in SETTINGS.items()}
+
+
+def default_settings_flat():
+    """The defaults as built settings, flat and plain (lists as lists): what a run's values are compared with."""
+    return plain(build_settings(dict(sample_defaults(), out_dir="-", model_path="-")).flat())
+
+
+def settings_markdown():
+    """The settings table of docs/sampling.md, from :data:`SETTINGS` (a test keeps the page equal to it)."""
+    lines = ["| setting | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{s.name}` | `{s.default!r}` | {s.help} |" for s in SETTINGS.values() if s.help]
+    upstream = ", ".join(f"`{s.name}` (`{s.default!r}`)" for s in SETTINGS.values() if not s.help)
+    return "\n".join(lines + ["", f"Upstream's flags, with upstream's defaults: {upstream}."])
 
 
 # ------------------------------------------------------------------------------------------ coercion
@@ -314,30 +351,16 @@ def resolve_settings(layers):
 def build_settings(values):
     """Check flat settings and build the :class:`RunSettings`; every problem is named in one error."""
     s = dict(values)
-    problems = []
-    for key in ("num_samples", "batch_size", "shard_size", "image_size", "diffusion_steps"):
-        if s[key] <= 0:
-            problems.append(f"{key} must be positive, got {s[key]}")
-    if not 1 <= s["num_classes"] <= NUM_CLASSES:
-        problems.append(f"num_classes must lie in [1, {NUM_CLASSES}] (the model's label embedding), "
-                        f"got {s['num_classes']}")
-    if s["seed"] < 0:
-        problems.append(f"seed must be >= 0, got {s['seed']}")
-    if s["labels"] not in LABEL_ORDERS:
-        problems.append(f"labels must be one of {', '.join(LABEL_ORDERS)}, got {s['labels']!r}")
+    problems = [problem for name, setting in SETTINGS.items() if (problem := setting.problem(s[name]))]
     if s["icg_scale"] and not s["class_cond"]:
         problems.append(f"icg_scale {s['icg_scale']} needs a class-conditional model (class_cond true): an "
                         "unconditional model has no label to replace")
-    if s["dtype"] and s["dtype"] not in COMPUTE_DTYPES:
-        problems.append(f"dtype must be one of {', '.join(COMPUTE_DTYPES)} (or empty), got {s['dtype']!r}")
-    if not s["claim_lease"] > 0:
-        problems.append(f"claim_lease must be a positive number of seconds, got {s['claim_lease']}")
     for param in PERTURBATION_PARAMS.values():  # every kind's parameters, also those the chosen kind ignores
         try:
             param.validate(s[param.name])
         except ValueError as e:
             problems.append(str(e))
-    if not s["classifier_path"] and s["classifier_scale"] != RunSettings().guidance.classifier_scale:
+    if not s["classifier_path"] and s["classifier_scale"] != SETTINGS["classifier_scale"].default:
         problems.append(f"classifier_scale {s['classifier_scale']} is set but there is no classifier: add "
                         "--classifier_path FILE, or leave classifier_scale out")
     if not s["out_dir"]:
@@ -364,14 +387,9 @@ def build_settings(values):
         problems.append(f"guidance settings: {e}")
     if problems:
         raise SampleConfigError("; ".join(problems))
-    groups = {}
-    for group in GROUPS:
-        if group == "guidance":
-            groups[group] = guidance
-        else:
-            cls = type(getattr(RunSettings(), group))
-            groups[group] = cls(**{k: s[k] for k in s if FLAG_GROUP.get(k) == group})
-    return RunSettings(**groups)
+    groups = {group: GROUP_CLASSES[group](**{k: s[k] for k in s if FLAG_GROUP.get(k) == group})
+              for group in GROUPS if group != "guidance"}
+    return RunSettings(guidance=guidance, **groups)
 
 
 def plain(obj):
@@ -412,7 +430,7 @@ def inapplicable_settings(settings):
 
 def settings_warnings(settings):
     """A line for each setting given another value than its default that the chosen method does not use."""
-    defaults = plain(build_settings(dict(sample_defaults(), out_dir="-", model_path="-")).flat())
+    defaults = default_settings_flat()
     values = plain(settings.flat())
     return [f"{key} = {values[key]!r} is ignored: {why}"
             for key, why in inapplicable_settings(settings).items() if values[key] != defaults[key]]
@@ -424,7 +442,7 @@ def config_differences(old, new, device_type=None):
     Only the settings of the new identity count: a recorded setting that no longer identifies a run (such as
     ``num_samples``, or a parameter the method does not use) is no difference, and a setting added after that
     run is none while it has its default."""
-    defaults = plain(build_settings(dict(sample_defaults(), out_dir="-", model_path="-")).flat())
+    defaults = default_settings_flat()
     lines = []
     for key in sorted(new):
         if key not in old:
@@ -443,7 +461,7 @@ def config_differences(old, new, device_type=None):
 
 def to_command(settings, script="scripts/image_sample.py"):
     """The image_sample.py command line for ``settings``: every flag that differs from its default."""
-    defaults = build_settings(dict(sample_defaults(), out_dir="-", model_path="-")).flat()
+    defaults = default_settings_flat()
     values = settings.flat()
     parts = ["python", script]
     first = ["model_path", "out_dir"]
