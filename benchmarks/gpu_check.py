@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from adm_common.files import atomic_write_text
+from adm_common.flags import FlagParser
 
 from .end_to_end import check_features, check_sampler
 from .health import check_health
@@ -73,7 +74,7 @@ TINY = Profile(batch_sizes=(1, 2), repeats=2, warmup=1, health_batch=1, sampler_
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="", help="cuda, cuda:N or cpu (default: this process's local-rank GPU)")
     p.add_argument("--tiny", action="store_true",
                    help="tiny widths (64x64, 32 channels), batch sizes 1 and 2, fewer repeats: the test suite's run")

@@ -18,7 +18,6 @@ Run under ``mpiexec -n N`` (or with torch.distributed initialised), every proces
 each file and rank 0 computes and prints the metrics.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -32,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from adm_common.files import atomic_write_text  # noqa: E402
+from adm_common.flags import FlagParser  # noqa: E402
 from adm_common.launch import detect_launch, local_rank_from_env  # noqa: E402
 from adm_common.rendezvous import DistSetupError  # noqa: E402
 from adm_common.npz import NpzImages  # noqa: E402
@@ -371,7 +371,7 @@ def format_bootstrap_lines(result):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="ADM-compatible evaluator: IS, FID, sFID, precision, recall.")
+    p = FlagParser(separator="-", description="ADM-compatible evaluator: IS, FID, sFID, precision, recall.")
     p.add_argument("ref_batch", help="reference batch npz (arr_0: uint8 N x H x W x 3; optional mu/sigma/mu_s/sigma_s)")
     p.add_argument("sample_batch", help="sample batch npz (arr_0: uint8 N x H x W x 3)")
     p.add_argument("--json", metavar="PATH", help="also write the metrics and the inputs' details as JSON")

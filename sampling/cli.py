@@ -17,6 +17,7 @@ import sys
 import torch as th
 import yaml
 
+from adm_common.flags import FlagParser
 from adm_common.launch import rank_from_env, world_size_from_env
 from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoint import CheckpointError
@@ -41,7 +42,7 @@ def _flag_type(default):
 
 
 def build_sample_parser():
-    parser = argparse.ArgumentParser(description=SAMPLE_DESCRIPTION, argument_default=argparse.SUPPRESS)
+    parser = FlagParser(description=SAMPLE_DESCRIPTION, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", metavar="FILE.yaml",
                         help="settings file (keys are flag names); command-line flags win")
     for key, setting in SETTINGS.items():
@@ -65,11 +66,11 @@ def resolve_cli(argv=None):
 
 
 def build_sweep_parser():
-    p = argparse.ArgumentParser(description=SWEEP_DESCRIPTION,
-                                epilog="Run under mpiexec/torchrun/srun to sample every cell on many GPUs.")
+    p = FlagParser(description=SWEEP_DESCRIPTION,
+                   epilog="Run under mpiexec/torchrun/srun to sample every cell on many GPUs.")
     p.add_argument("config", help="sweep YAML (base:, grid:, out_dir:, optional ref_batch:)")
     p.add_argument("--out_dir", help="overrides the config's out_dir")
-    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+    p.add_argument("--dry_run", action="store_true",
                    help="list the cells, their state and equivalent commands; sample nothing")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the outputs of cells whose directory holds another configuration")

@@ -4,7 +4,6 @@ memory): unguided at B and 2B, the engine batched and sequential, the authors' t
     python scripts/bench_memory.py [--batch_sizes 8,32,64] [--dtype float16] [--arch 256x256_diffusion_uncond]
 """
 
-import argparse
 import os
 import sys
 
@@ -12,11 +11,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from adm_common.flags import FlagParser  # noqa: E402
 from benchmarks.memory import memory_table, to_markdown  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = FlagParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch_sizes", default="8,32,64", help="comma-separated batch sizes B")
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     p.add_argument("--arch", default="256x256_diffusion_uncond")

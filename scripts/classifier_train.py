@@ -25,6 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from torch.optim import AdamW  # noqa: E402
 
+from adm_common.flags import FlagParser  # noqa: E402
 from guided_diffusion import dist_util, logger  # noqa: E402
 from guided_diffusion.fp16_util import MixedPrecisionTrainer  # noqa: E402
 from guided_diffusion.image_datasets import load_data  # noqa: E402
@@ -213,8 +214,8 @@ def create_argparser():
         save_interval=10000,
     )
     defaults.update(classifier_and_diffusion_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dict_to_argparser(parser, defaults)
     return parser
 

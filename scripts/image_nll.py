@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import numpy as np  # noqa: E402
 
+from adm_common.flags import FlagParser  # noqa: E402
 from guided_diffusion import dist_util, logger  # noqa: E402
 from guided_diffusion.checkpoint import load_checkpoint  # noqa: E402
 from guided_diffusion.image_datasets import load_data  # noqa: E402
@@ -96,8 +97,8 @@ def run_bpd_evaluation(model, diffusion, data, num_samples, clip_denoised):
 def create_argparser():
     defaults = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path="")
     defaults.update(model_and_diffusion_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dict_to_argparser(parser, defaults)
     return parser
 

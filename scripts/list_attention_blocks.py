@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adm_common.flags import FlagParser  # noqa: E402
 from sampling.cli import parse_overrides  # noqa: E402
 from sampling.model_configs import ModelConfigError, load_model_config  # noqa: E402
 from sampling.settings import SampleConfigError  # noqa: E402
@@ -23,7 +24,7 @@ from pag.layers import format_attention_blocks  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", help="official checkpoint name or model config YAML")
     parser.add_argument("--kind", default="diffusion", help="with --set: diffusion, upsampler or classifier")
     parser.add_argument("--set", "--flag", dest="flags", action="append", default=[], metavar="KEY=VALUE",

@@ -14,11 +14,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from adm_common.flags import FlagParser  # noqa: E402
 from evaluations.table import DEFAULT_GROUP_BY, load_anchors, make_table  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(separator="-", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories, result JSON files, or directories of runs")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--group-by", default=",".join(DEFAULT_GROUP_BY),

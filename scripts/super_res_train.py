@@ -17,6 +17,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch.nn.functional as F  # noqa: E402
 
+from adm_common.flags import FlagParser  # noqa: E402
 from guided_diffusion import dist_util, logger  # noqa: E402
 from guided_diffusion.image_datasets import load_data  # noqa: E402
 from guided_diffusion.resample import create_named_schedule_sampler  # noqa: E402
@@ -65,8 +66,8 @@ def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=
 def create_argparser():
     defaults = training_defaults()
     defaults.update(sr_model_and_diffusion_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dict_to_argparser(parser, defaults)
     return parser
 

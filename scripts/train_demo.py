@@ -7,7 +7,8 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from adm_common.flags import respell_flags  # noqa: E402
 from demo.train import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(respell_flags(sys.argv[1:], "_")))  # the demo's flags use underscores

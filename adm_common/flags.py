@@ -1,0 +1,54 @@
+"""One flag spelling per command family, the other accepted silently.
+
+Each family of commands spells its multi-word flags one way: underscores (``--num_samples``, upstream
+guided-diffusion's spelling) for sampling, sweeps, analysis, benchmarks, training and the demo; hyphens
+(``--batch-size``) for the evaluator, the tables and the downloads. :class:`FlagParser` declares and lists (in
+``--help``) only its family's spelling and reads the other as the same flag; :func:`respell_flags` does the same
+for a command line handed to a parser built elsewhere.
+"""
+
+import argparse
+import functools
+import sys
+
+SEPARATORS = ("_", "-")
+
+
+def _other_separator(separator):
+    if separator not in SEPARATORS:
+        raise ValueError(f"a flag separator is one of {SEPARATORS}, got {separator!r}")
+    return SEPARATORS[1 - SEPARATORS.index(separator)]
+
+
+def respell_flags(argv, separator):
+    """``argv`` with every long flag's words joined by ``separator`` (``--num-samples=3`` -> ``--num_samples=3``
+    for ``"_"``); values, short flags and everything after ``--`` are left as they are."""
+    other = _other_separator(separator)
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + list(argv[i:])
+        if arg.startswith("--"):
+            name, equals, value = arg[2:].partition("=")
+            arg = "--" + name.replace(other, separator) + equals + value
+        out.append(arg)
+    return out
+
+
+class FlagParser(argparse.ArgumentParser):
+    """An ``argparse.ArgumentParser`` whose flags are spelled with ``separator`` and that also accepts them
+    spelled with the other one (not listed in ``--help``). Its flags must all use ``separator``."""
+
+    def __init__(self, *args, separator="_", **kwargs):
+        _other_separator(separator)  # a bad separator fails here, not at the first parse
+        self.separator = separator
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else args
+        return super().parse_known_args(respell_flags(args, self.separator), namespace)
+
+    def add_subparsers(self, **kwargs):
+        # Sub-commands read the same spelling (argparse would build them with the default separator).
+        kwargs.setdefault("parser_class", functools.partial(type(self), separator=self.separator))
+        return super().add_subparsers(**kwargs)
