@@ -29,7 +29,6 @@ class Claims:
         self.rank = rank
         self.lease = float(plan.settings.runtime.claim_lease)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-        self.interval = max(0.1, min(30.0, self.lease / 4))
         self._current = None
         self.last_progress = time.time()  # the last claim or finished batch (see progressed)
         self._lock = threading.Lock()
@@ -37,14 +36,11 @@ class Claims:
         out_dir, shards = os.path.split(shard_dir)
         os.makedirs(out_dir, exist_ok=True)  # out_dir itself may be a link (the user's choice), shards/ may not
         real_directory(out_dir, shards, name, error=SampleConfigError)
-        self._heartbeat = Heartbeat(self._touch_current, self.interval, "shard-claim-heartbeat")
+        # Four beats a lease (at most 30 s apart): a few missed beats do not let a live claim expire.
+        self._heartbeat = Heartbeat(self._touch_current, max(0.1, min(30.0, self.lease / 4)), "shard-claim-heartbeat")
 
     def path(self, k):
         return os.path.join(self.dir, f"shard_{k:06d}.claim")
-
-    @staticmethod
-    def _read(path):
-        return read_json_mapping(path)
 
     def _create(self, path):
         try:
@@ -68,7 +64,7 @@ class Claims:
                 return False, None
             if age <= self.lease:
                 return False, None
-            holder = self._read(path)
+            holder = read_json_mapping(path)
             stale = f"{path}.stale-{self.token}"
             try:
                 os.rename(path, stale)  # atomic: of several ranks seeing the stale claim, one moves it
@@ -90,7 +86,7 @@ class Claims:
         self.last_progress = time.time()
 
     def owned(self, k):
-        return self._read(self.path(k)).get("token") == self.token
+        return read_json_mapping(self.path(k)).get("token") == self.token
 
     def release(self, k):
         with self._lock:
@@ -106,7 +102,7 @@ class Claims:
             age = time.time() - os.stat(path).st_mtime
         except FileNotFoundError:
             return None
-        return self._read(path).get("rank", "?"), age
+        return read_json_mapping(path).get("rank", "?"), age
 
     def _touch_current(self):
         """One heartbeat: refresh the claim of the shard being sampled, unless no batch came for a lease."""

@@ -182,48 +182,41 @@ def _finish(plan, with_labels):
         plan.layout.remove_empty_shard_dir()
 
 
-def _sample_shard(plan, sampler, k, progress, still_mine=None, on_batch=None):
-    """Sample shard k into its file (atomically). ``still_mine()`` is asked before the file is put in place;
-    ``on_batch()`` is called after every batch (the claim's heartbeat goes on only while batches come)."""
+def _sample_claimed(plan, sampler, k, progress, claims, rank):
+    """Sample the claimed shard k into its file (atomically); False when another rank took it over meanwhile (this
+    copy is dropped). Each finished batch keeps the claim's heartbeat going."""
     start, end = plan.layout.shard_bounds(k)
     size, batch_size = plan.settings.model.image_size, plan.settings.runtime.batch_size
-    labels = []
-    if still_mine is not None and not still_mine():
-        raise _Superseded()
-    with NpzWriter(plan.layout.shard_path(k)) as writer:
-        with writer.stream("arr_0", (end - start, size, size, 3), np.uint8) as out:
-            for b in range(start, end, batch_size):
-                images, batch_labels = sampler.sample(list(range(b, min(b + batch_size, end))))
-                out.write(images)
-                labels.append(batch_labels)
-                progress.advance(len(images))
-                if on_batch is not None:
-                    on_batch()
-        if sampler.with_labels:
-            writer.write("arr_1", np.concatenate(labels))
-        writer.write("sample_range", np.array([start, end], dtype=np.int64))
-        writer.write("run_id", np.array([plan.run_id]))
-        if still_mine is not None and not still_mine():
-            raise _Superseded()
+    labels, t0 = [], time.time()
 
+    def still_mine():  # asked before sampling and before the file is put in place
+        return claims.owned(k) and not os.path.exists(plan.layout.final_path)
 
-def _sample_claimed(plan, sampler, k, progress, claims, rank):
-    """Sample the claimed shard k; False when another rank took it over meanwhile (this copy is dropped)."""
-    start, end = plan.layout.shard_bounds(k)
-    t0 = time.time()
     try:
-        _sample_shard(plan, sampler, k, progress,
-                      still_mine=lambda: claims.owned(k) and not os.path.exists(plan.layout.final_path),
-                      on_batch=claims.progressed)
+        if not still_mine():
+            raise _Superseded()
+        with NpzWriter(plan.layout.shard_path(k)) as writer:
+            with writer.stream("arr_0", (end - start, size, size, 3), np.uint8) as out:
+                for b in range(start, end, batch_size):
+                    images, batch_labels = sampler.sample(list(range(b, min(b + batch_size, end))))
+                    out.write(images)
+                    labels.append(batch_labels)
+                    progress.advance(len(images))
+                    claims.progressed()
+            if sampler.with_labels:
+                writer.write("arr_1", np.concatenate(labels))
+            writer.write("sample_range", np.array([start, end], dtype=np.int64))
+            writer.write("run_id", np.array([plan.run_id]))
+            if not still_mine():
+                raise _Superseded()
     except _Superseded:
         logger.log(f"shard {k + 1}/{plan.num_shards} was taken over by another rank while rank {rank} sampled it; "
                    "this copy is discarded")
         return False
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            need = (end - start) * plan.settings.model.image_size ** 2 * 3
-            raise disk_full(plan.out_dir, plan.layout.shard_path(k), need, _free_bytes(plan.out_dir),
-                            needer="a shard") from None
+            raise disk_full(plan.out_dir, plan.layout.shard_path(k), (end - start) * size ** 2 * 3,
+                            _free_bytes(plan.out_dir), needer="a shard") from None
         raise
     finally:
         claims.release(k)
@@ -263,7 +256,10 @@ def _verify_new(plan, verified):
             verified.add(k)
 
 
-def _waiting_for(plan, verified, claims):
+def _waiting_for(plan, rank, verified, claims):
+    """What this rank waits for: rank 0 for shards (and whose), the others for rank 0's merge."""
+    if rank != 0:
+        return f"rank 0 to merge the shards into {plan.layout.final_path}"
     missing = [k for k in range(plan.num_shards) if k not in verified]
     ranks, parts = set(), []
     for k in missing[:8]:
@@ -348,10 +344,8 @@ def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
                 continue
             if rank == 0:
                 _verify_new(plan, verified)
-                if len(verified) < plan.num_shards:
-                    notes.maybe(lambda: _waiting_for(plan, verified, claims))
-            else:
-                notes.maybe(lambda: f"rank 0 to merge the shards into {plan.layout.final_path}")
+            if rank != 0 or len(verified) < plan.num_shards:
+                notes.maybe(lambda: _waiting_for(plan, rank, verified, claims))
             progress.refresh()
             time.sleep(POLL_SECONDS)
     except BaseException as e:

@@ -1,10 +1,7 @@
-"""A heartbeat: a daemon thread that calls a touch function every ``interval`` seconds until it is stopped.
-
-The run lock (:mod:`sampling.lock`) refreshes its file's mtime with one, the shard claims (:mod:`sampling.claims`)
-their claim files; what to touch, and when to skip a beat, is the touch function's business. An ``OSError`` from it
-costs one beat only: the next one tries again (a holder whose beats stop for long is taken for dead, which is what
-a heartbeat is for). Once :meth:`Heartbeat.stop` returns, the touch function is never called again.
-"""
+"""A heartbeat: a daemon thread that calls a touch function every ``interval`` seconds until it is stopped. The run
+lock (:mod:`sampling.lock`) refreshes its file's mtime with one, the shard claims (:mod:`sampling.claims`) their
+claim files; what to touch, and when to skip a beat, is the touch function's business. An ``OSError`` from it costs
+one beat only: a holder whose beats stop for long is taken for dead, which is what a heartbeat is for."""
 
 import threading
 

@@ -53,15 +53,12 @@ class RankMarkers:
 
     directory: str
 
-    def path(self, rank):
-        return os.path.join(self.directory, f"rank{rank}.txt")
-
     def write(self, rank, text):
         """Replace ``rank``'s marker with ``text``; False when it could not be written. A marker is a note to the
         other ranks, so a full disk or a link in the way does not stop the writer."""
         try:
             real_directory(*os.path.split(self.directory))
-            atomic_write_text(self.path(rank), text)
+            atomic_write_text(os.path.join(self.directory, f"rank{rank}.txt"), text)
         except (OSError, UnsafePathError):
             return False
         return True
@@ -123,13 +120,11 @@ class RunLayout:
         return self.path(SHARD_DIR, CLAIMS_DIR)
 
     @property
-    def progress_markers(self):
-        """Each rank's count of the images it sampled this session (sampling.progress)."""
+    def progress_markers(self):  # each rank's count of its images this session (sampling.progress)
         return RankMarkers(self.path(PROGRESS_DIR))
 
     @property
-    def failure_markers(self):
-        """A failing rank's error, which stops the other ranks (sampling.execute)."""
+    def failure_markers(self):  # a failing rank's error, which stops the other ranks (sampling.execute)
         return RankMarkers(self.path(FAILED_DIR))
 
     @property

@@ -49,11 +49,6 @@ def _pid_alive(pid):
     return True
 
 
-def read_lock_info(path):
-    """The lock file's record ({} when missing or unreadable)."""
-    return read_json_mapping(path)
-
-
 def _parse_record(text):
     try:
         data = json.loads(text or "{}")
@@ -102,9 +97,6 @@ class RunLock:
         return SampleConfigError(f"{link_text(self.path)}, not a run lock: a run never writes through a link in its "
                                  f"out_dir; remove it (rm {self.path}) and rerun")
 
-    def _refused(self, info, hint=""):
-        return locked_error(self.out_dir, info, hint)
-
     def acquire(self):
         import fcntl
 
@@ -120,7 +112,7 @@ class RunLock:
             except OSError as e:
                 os.close(fd)
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise self._refused(read_lock_info(self.path)) from None
+                    raise locked_error(self.out_dir, read_json_mapping(self.path)) from None
                 if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     return self._acquire_exclusive()
                 raise
@@ -131,12 +123,13 @@ class RunLock:
             if not same:
                 os.close(fd)
                 continue
-            previous = read_lock_info(self.path)
+            previous = read_json_mapping(self.path)
             if previous and previous.get("host") != socket.gethostname():
                 age = time.time() - os.fstat(fd).st_mtime
                 if age < FOREIGN_FRESH_SECONDS:  # flock may be local to each node on this file system
                     os.close(fd)
-                    raise self._refused(previous, f"; if that run is not running any more, delete {self.path}")
+                    raise locked_error(self.out_dir, previous,
+                                       f"; if that run is not running any more, delete {self.path}")
             self.took_over = previous or None
             return self._hold(fd, "flock")
         raise RunLockedError(f"could not lock {self.path}: it keeps being replaced")
@@ -169,18 +162,19 @@ class RunLock:
                         moved = os.stat(stale).st_ino
                     except FileNotFoundError:
                         moved = None
-                    if moved != inode or read_lock_info(stale) != info:
+                    if moved != inode or read_json_mapping(stale) != info:
                         try:
                             os.rename(stale, self.path)
                         except FileNotFoundError:
                             pass
-                        raise self._refused(read_lock_info(self.path))
+                        raise locked_error(self.out_dir, read_json_mapping(self.path))
                     os.remove(stale)
                     self.took_over = info
                     continue
-                raise self._refused(info, f"; this file system has no flock, so a lock left by a run that died on "
-                                          f"another host stays: if no run uses {self.out_dir} (the file was last "
-                                          f"refreshed {age:.0f} s ago), delete {self.path}")
+                raise locked_error(self.out_dir, info, f"; this file system has no flock, so a lock left by a run "
+                                                       f"that died on another host stays: if no run uses "
+                                                       f"{self.out_dir} (the file was last refreshed {age:.0f} s "
+                                                       f"ago), delete {self.path}")
             return self._hold(fd, "exclusive")
         raise RunLockedError(f"could not lock {self.path}: it keeps being replaced")
 
@@ -250,7 +244,7 @@ def probe(out_dir):
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as e:
-        return read_lock_info(path) if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
+        return read_json_mapping(path) if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
     finally:
         os.close(fd)
     return None
