@@ -23,6 +23,7 @@ import torch
 
 import pag
 from adm_common.files import atomic_write_text
+from adm_common.flags import FlagParser
 from guided_diffusion.script_util import create_model_from_flags
 from sampling.allocator import tune_cpu_allocator
 from sampling.model_configs import load_model_config
@@ -31,7 +32,7 @@ from .timing import naive_two_pass, peak_memory, time_interleaved
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="256x256_diffusion_uncond")
     parser.add_argument("--num_channels", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=1)

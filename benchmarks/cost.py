@@ -29,6 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import pag
+from adm_common.flags import FlagParser
 from guided_diffusion.script_util import create_model_from_flags
 from guided_diffusion.unet import attention_block_info
 
@@ -147,12 +148,12 @@ def cost_markdown(peak_fraction=DEFAULT_PEAK_FRACTION, archs=ARCHS):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--peak-fraction", type=float, default=DEFAULT_PEAK_FRACTION,
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peak_fraction", type=float, default=DEFAULT_PEAK_FRACTION,
                         help="assumed fraction of the dense fp16 peak the sampler sustains (default: %(default)s)")
     args = parser.parse_args(argv)
     if not 0 < args.peak_fraction <= 1:
-        parser.error(f"--peak-fraction must lie in (0, 1], got {args.peak_fraction}")
+        parser.error(f"--peak_fraction must lie in (0, 1], got {args.peak_fraction}")
     print(cost_markdown(args.peak_fraction))
     return 0
 
