@@ -10,6 +10,7 @@ entropies, for each perturbation kind (``scripts/analyze.py``; ``make analyze-de
 ``analysis.trace`` records (one guided sampling run per kind, the sampler's seeds); ``analysis.report`` writes.
 """
 
+import dataclasses
 import os
 import time
 
@@ -29,9 +30,7 @@ def analyze(settings, models, device, out_dir, indices, kinds=None, compare_kind
     kinds = list(kinds or [settings.guidance.perturbation])
     strip = [int(i) for i in indices]
     traced = strip + sorted(set(range(curve_samples)) - set(strip))
-    opts = options or TraceOptions()
-    opts = TraceOptions(shown_steps=opts.shown_steps, blocks=opts.blocks, queries=opts.queries,
-                        strip_rows=list(range(len(strip))))
+    opts = dataclasses.replace(options or TraceOptions(), strip_rows=list(range(len(strip))))
     os.makedirs(out_dir, exist_ok=True)
     traces, files = {}, {}
     for kind in kinds:

@@ -7,9 +7,10 @@ import os
 
 import numpy as np
 
-from adm_common.files import atomic_write_bytes, atomic_write_text
+from adm_common.files import atomic_write_text
+from evaluations.table import new_figure, save_png
 
-from .trace import STATS
+from .trace import STATS, shown_step_numbers
 
 CURVE_COLUMNS = ("step", "timestep") + STATS + ("n",)
 ENTROPY_COLUMNS = ("step", "timestep", "block", "tokens", "entropy", "max_entropy", "normalized_entropy")
@@ -28,20 +29,11 @@ def _extra_terms_on(rows):
     return [term for term in EXTRA_TERMS if any(r[term[0]] for r in rows)]
 
 
-def _figure(width, height):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path, dpi=100):
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+def _timestep_axis(ax):
+    """Timesteps on the x axis, in sampling order (right to left), with a grid."""
+    ax.set_xlabel("timestep (sampling runs right to left)")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
 
 
 def write_csv(path, columns, rows):
@@ -91,7 +83,7 @@ def _mosaic_figure(tiles, row_labels, col_labels, title, path, tile_inches=0.9, 
     for r, row in enumerate(tiles):
         for c, tile in enumerate(row):
             canvas[r * (size + gap):r * (size + gap) + size, c * (size + gap):c * (size + gap) + size] = tile
-    fig = _figure(tile_inches * cols + 1.8, tile_inches * rows + 0.7)
+    fig = new_figure(tile_inches * cols + 1.8, tile_inches * rows + 0.7)
     ax = fig.subplots()
     ax.imshow(canvas, interpolation="nearest")
     centers = [i * (size + gap) + size / 2 - 0.5 for i in range(max(rows, cols))]
@@ -109,7 +101,7 @@ def _mosaic_figure(tiles, row_labels, col_labels, title, path, tile_inches=0.9, 
         bar.set_label(label, fontsize=7)
         bar.ax.tick_params(labelsize=6)
     ax.set_title(title, fontsize=8)
-    return _save(fig, path, dpi=110)
+    return save_png(fig, path, dpi=110)
 
 
 # ------------------------------------------------------------------------------------------- strips
@@ -142,7 +134,7 @@ def write_curves(trace, out_dir, title=""):
     csv_path = write_csv(os.path.join(out_dir, "curves.csv"), CURVE_COLUMNS, rows)
     t = [r["timestep"] for r in rows]
     panels = 3 if trace.cg_on else 2
-    fig = _figure(4.4 * panels, 3.4)
+    fig = new_figure(4.4 * panels, 3.4)
     axes = fig.subplots(1, panels)
     fig.subplots_adjust(wspace=0.3)
     ax = axes[0]
@@ -171,11 +163,9 @@ def write_curves(trace, out_dir, title=""):
         axes[2].set_ylabel("cosine similarity")
         axes[2].set_title("PAG term vs CG term", fontsize=9)
     for ax in axes:
-        ax.set_xlabel("timestep (sampling runs right to left)")
-        ax.invert_xaxis()
-        ax.grid(alpha=0.3)
+        _timestep_axis(ax)
     fig.suptitle(title + f" (mean over {len(trace.indices)} samples)", fontsize=9, y=1.02)
-    return [csv_path, _save(fig, os.path.join(out_dir, "curves.png"))]
+    return [csv_path, save_png(fig, os.path.join(out_dir, "curves.png"), dpi=100)]
 
 
 # ------------------------------------------------------------------------------------------- attention
@@ -185,7 +175,7 @@ def write_entropy(trace, out_dir, title=""):
     """entropy.csv (one row per step and block) and entropy.png (entropy / log T against the timestep)."""
     rows = trace.entropy_rows()
     csv_path = write_csv(os.path.join(out_dir, "entropy.csv"), ENTROPY_COLUMNS, rows)
-    fig = _figure(6, 3.6)
+    fig = new_figure(6, 3.6)
     ax = fig.subplots()
     for block in trace.entropy:
         mine = [r for r in rows if r["block"] == block]
@@ -193,19 +183,11 @@ def write_entropy(trace, out_dir, title=""):
         ax.plot([r["timestep"] for r in mine], [r["normalized_entropy"] for r in mine], marker=".",
                 label=f"{block} ({side})")
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("timestep (sampling runs right to left)")
-    ax.invert_xaxis()
+    _timestep_axis(ax)
     ax.set_ylabel("entropy / log T (0 = identity, 1 = uniform)")
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(title + " attention entropy of the clean pass", fontsize=9)
-    return [csv_path, _save(fig, os.path.join(out_dir, "entropy.png"))]
-
-
-def _map_steps(shown, count=4):
-    if len(shown) <= count:
-        return list(range(len(shown)))
-    return sorted({round(i * (len(shown) - 1) / (count - 1)) for i in range(count)})
+    return [csv_path, save_png(fig, os.path.join(out_dir, "entropy.png"), dpi=100)]
 
 
 def write_attention_maps(trace, row, path, title=""):
@@ -214,7 +196,7 @@ def write_attention_maps(trace, row, path, title=""):
     token marked."""
     blocks = list(trace.maps)
     queries = len(next(iter(trace.query_tokens.values())))
-    cols = [(j, q) for j in _map_steps(trace.shown) for q in range(queries)]
+    cols = [(j, q) for j in shown_step_numbers(len(trace.shown), 4) for q in range(queries)]
     size = max(TILE, trace.images["x_t"].shape[-1])
     tiles = [[], *[[] for _ in blocks]]
     for j, q in cols:
@@ -280,7 +262,7 @@ def write_compare_curves(traces, out_dir):
             rows.append({"kind": kind, "step": r["step"], "timestep": r["timestep"], "pag_rms": r["pag_rms"],
                          "guidance_share": r["guidance_share"], "eps_rms": r["eps_rms"]})
     csv_path = write_csv(os.path.join(out_dir, "compare_curves.csv"), COMPARE_COLUMNS, rows)
-    fig = _figure(9.4, 3.4)
+    fig = new_figure(9.4, 3.4)
     axes = fig.subplots(1, 2)
     fig.subplots_adjust(wspace=0.3)
     for kind in traces:
@@ -293,11 +275,9 @@ def write_compare_curves(traces, out_dir):
     axes[1].set_ylabel("guidance share of the step")
     axes[1].set_title("|guidance part| / (|guidance part| + |unguided step|)", fontsize=9)
     for ax in axes:
-        ax.set_xlabel("timestep (sampling runs right to left)")
-        ax.invert_xaxis()
-        ax.grid(alpha=0.3)
+        _timestep_axis(ax)
         ax.legend(fontsize=7)
-    return [csv_path, _save(fig, os.path.join(out_dir, "compare_curves.png"))]
+    return [csv_path, save_png(fig, os.path.join(out_dir, "compare_curves.png"), dpi=100)]
 
 
 # ------------------------------------------------------------------------------------------- summary

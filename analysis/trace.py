@@ -144,6 +144,11 @@ def _rms(x):
     return (x.float().flatten(1).pow(2).mean(dim=1)).sqrt()
 
 
+def _share(part, total):
+    """``part / total`` per sample; 0 where ``total`` is 0 (a step that moves nothing)."""
+    return th.where(total > 0, part.to(total.device) / total.clamp(min=1e-30), total)
+
+
 def _cosine(a, b):
     a, b = a.float().flatten(1), b.float().flatten(1)
     denom = a.norm(dim=1) * b.norm(dim=1)
@@ -330,8 +335,8 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
         output = seen["output"]
         rest = output[:, channels:]
         zero = th.zeros_like(eps)
-        pag_term = guidance_step(eps, seen["pag"]) - eps if seen["pag"] is not None else zero
-        sag_term = guidance_step(eps, seen["sag"]) - eps if seen["sag"] is not None else zero
+        pag_term, sag_term, icg_term = (guidance_step(eps, seen[key]) - eps if seen[key] is not None else zero
+                                        for key in ("pag", "sag", "icg"))
         gradient = seen.get("gradient")
         if gradient is not None:
             abar = th.as_tensor(diffusion.alphas_cumprod[index], dtype=th.float32, device=eps.device)
@@ -339,7 +344,6 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
         else:
             cg_term = zero
         clean_output = th.cat([seen["eps"], rest], dim=1)
-        icg_term = guidance_step(eps, seen["icg"]) - eps if seen["icg"] is not None else zero
         plain, projected, applied = (seen[k].float() for k in ("guided", "projected", "applied"))
         apg_correction, rescale_correction = projected - plain, applied - projected
         mean_guided = step_mean(output, x, index, gradient)
@@ -350,21 +354,15 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
                  "apg_share": mean_move(seen["guided"], seen["projected"], rest, x, index),
                  "rescale_share": mean_move(seen["projected"], seen["applied"], rest, x, index)}
         scale = seen["pag"][1].float() if seen["pag"] is not None else th.zeros(batch)
-        stats["pag_scale"].append(scale.reshape(-1).expand(batch).cpu())
-        stats["eps_rms"].append(_rms(eps).cpu())
-        stats["pag_rms"].append(_rms(pag_term).cpu())
-        stats["sag_rms"].append(_rms(sag_term).cpu())
-        stats["cg_rms"].append(_rms(cg_term).cpu())
-        stats["cos_pag_cg"].append(_cosine(pag_term, cg_term).cpu())
         guidance, unguided = _rms(mean_guided - mean_unguided), _rms(mean_unguided - x)
         total = guidance + unguided
-        stats["guidance_share"].append(th.where(total > 0, guidance / total.clamp(min=1e-30), total).cpu())
-        stats["icg_rms"].append(_rms(icg_term).cpu())
-        stats["apg_rms"].append(_rms(apg_correction).cpu())
-        stats["rescale_rms"].append(_rms(rescale_correction).cpu())
-        for name, move in moves.items():
-            move = move.to(total.device)
-            stats[name].append(th.where(total > 0, move / total.clamp(min=1e-30), th.zeros_like(total)).cpu())
+        values = {"pag_scale": scale.reshape(-1).expand(batch), "cos_pag_cg": _cosine(pag_term, cg_term),
+                  "guidance_share": _share(guidance, total), **{k: _share(move, total) for k, move in moves.items()}}
+        sizes = {"eps": eps, "pag": pag_term, "sag": sag_term, "cg": cg_term, "icg": icg_term, "apg": apg_correction,
+                 "rescale": rescale_correction}
+        values.update({f"{name}_rms": _rms(term) for name, term in sizes.items()})
+        for name, value in values.items():
+            stats[name].append(value.cpu())
         for name in probe.blocks:
             entropy[name].append(probe.entropy[name])
         if step in shown_set and strip:

@@ -42,6 +42,10 @@ CONFIG_NAMES = ("config.yaml", "config.yml")
 # loading runs
 
 
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _is_result(obj):
     return isinstance(obj, dict) and (obj.get("format") == RESULT_FORMAT or all(k in obj for k in METRIC_KEYS))
 
@@ -155,7 +159,7 @@ def row_from_result(result, run, experiment, values, group_by=DEFAULT_GROUP_BY, 
     if not _is_result(result):
         raise ValueError(f"{where} is not an evaluator result (needs {', '.join(METRIC_KEYS)})")
     for key in ROW_METRICS:  # a result may hold a subset (evaluate(metrics=...)); absent ones show as "-"
-        if key in result and (not isinstance(result[key], (int, float)) or isinstance(result[key], bool)):
+        if key in result and not _is_number(result[key]):
             raise ValueError(f"{where}: {key} is not a number: {result[key]!r}")
     row = {
         "run": run,
@@ -234,7 +238,7 @@ def _sort_key(row, group_by, scale_key=None):
         v = row.get(g)
         if v is None:
             key.append((2, 0, ""))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        elif _is_number(v):
             key.append((0, float(v), ""))
         else:
             key.append((1, 0, str(v)))
@@ -271,7 +275,8 @@ def _columns(rows, group_by):
 def _header(col):
     if col in _MIN_COLUMNS:
         return f"{METRICS_BY_KEY[_MIN_COLUMNS[col]].header} min"
-    return {"run": "run", "num_samples": "N", "source": "source"}.get(col, METRICS_BY_KEY[col].header if col in METRICS_BY_KEY else col)
+    return {"run": "run", "num_samples": "N", "source": "source"}.get(
+        col, METRICS_BY_KEY[col].header if col in METRICS_BY_KEY else col)
 
 
 def _is_number_column(col):
@@ -405,10 +410,6 @@ def render_latex(rows, group_by, title=None):
 # plots
 
 
-def _is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _scale_key(rows, group_by):
     for key in group_by:
         values = [r.get(key) for r in rows if r["source"] == "ours"]
@@ -421,11 +422,7 @@ def plot_runs(rows, group_by, out_prefix, title=None):
     """``<prefix>_fid_is.png`` (FID and IS against the guidance scale, and FD_DINOv2 when rows have it) and
     ``<prefix>_pr.png`` (precision against recall), a row's std (over seeds, or its bootstrap's) drawn as error
     bars. Returns the paths written."""
-    paths = []
-    for suffix, fig in draw_plots(rows, group_by, title).items():
-        _save_figure(fig, out_prefix + suffix)
-        paths.append(out_prefix + suffix)
-    return paths
+    return [save_png(fig, out_prefix + suffix) for suffix, fig in draw_plots(rows, group_by, title).items()]
 
 
 def _errors(rows, metric):
@@ -437,9 +434,6 @@ def _errors(rows, metric):
 def draw_plots(rows, group_by, title=None):
     """The figures of :func:`plot_runs`: ``{"_fid_is.png": Figure, "_pr.png": Figure}`` (the first only when the
     rows have a numeric scale)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     ours = [r for r in rows if r["source"] == "ours"]
     anchors = [r for r in rows if r["source"] != "ours"]
     markers = sorted({r["marker"] for r in ours if r.get("marker")})
@@ -463,8 +457,7 @@ def draw_plots(rows, group_by, title=None):
     if x_key is not None:
         panels = ("fid", "inception_score") + (("fd_dinov2",) if any(r.get("fd_dinov2") is not None
                                                                     for r in rows) else ())
-        fig = Figure(figsize=(5 * len(panels), 4))
-        FigureCanvasAgg(fig)
+        fig = new_figure(5 * len(panels), 4)
         for index, (ax, metric) in enumerate(zip(fig.subplots(1, len(panels)), panels)):
             for name, members in series.items():
                 pts = sorted((r for r in members if r.get(metric) is not None), key=lambda r: r[x_key])
@@ -491,8 +484,7 @@ def draw_plots(rows, group_by, title=None):
         fig.suptitle((title or "") + marked + subtitle, fontsize=9)
         figures["_fid_is.png"] = fig
 
-    fig = Figure(figsize=(5, 5))
-    FigureCanvasAgg(fig)
+    fig = new_figure(5, 5)
     ax = fig.subplots()
     for name, members in series.items():
         members = [r for r in members if r.get("precision") is not None and r.get("recall") is not None]
@@ -518,11 +510,23 @@ def draw_plots(rows, group_by, title=None):
     return figures
 
 
-def _save_figure(fig, path):
-    """PNG drawn in memory, then written atomically (a symbolic link at ``path`` is replaced, not followed)."""
+def new_figure(width, height):
+    """A matplotlib figure on the Agg canvas (files only, no display), ``width`` x ``height`` inches."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_png(fig, path, dpi=120):
+    """PNG drawn in memory, then written atomically (a symbolic link at ``path`` is replaced, not followed);
+    returns ``path``."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     atomic_write_bytes(path, buf.getvalue())
+    return path
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -552,9 +556,7 @@ def make_table(runs, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None, experimen
     """
     if isinstance(runs, (str, os.PathLike)):
         runs = [runs]
-    json_paths = []
-    for run in runs:
-        json_paths += find_result_files(run)
+    json_paths = [path for run in runs for path in find_result_files(run)]
     if not json_paths:
         raise ValueError("make_table: no runs given")
     rows = [load_run(p, tuple(group_by)) for p in json_paths]

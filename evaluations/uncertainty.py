@@ -56,17 +56,13 @@ def aggregate_seeds(rows, minimum=False):
     ``minimum``, ``<metric>_min`` (of :data:`MINIMUM_METRICS`); ``seeds`` (their number) and ``seed_values``. A
     metric missing from some run of a cell is left out (None) rather than averaged over the others. Other rows
     are returned unchanged, in order (a merged row where its cell's first run was)."""
-    groups, order = {}, []
+    groups = {}  # in the order of each group's first row
     for row in rows:
         cell, seed = split_seed_run(row.get("run"))
         key = (row.get("experiment"), cell) if seed is not None else id(row)
-        if key not in groups:
-            groups[key] = []
-            order.append(key)
-        groups[key].append((seed, row))
+        groups.setdefault(key, []).append((seed, row))
     out = []
-    for key in order:
-        members = groups[key]
+    for key, members in groups.items():
         if members[0][0] is None:
             out.append(members[0][1])
             continue
