@@ -13,12 +13,12 @@ are linear in the batch):
 * PAG two-pass: the authors' strategy, a clean forward and a perturbed forward.
 
 Then per image (x steps), per 50,000-sample run, and GPU-hours per 50,000 images at an assumed fraction of each
-device's dense fp16 tensor peak (``--peak-fraction``, default 40 %, the GPU check's goal for the unguided forward):
+device's dense fp16 tensor peak (``--peak_fraction``, default 40 %, the GPU check's goal for the unguided forward):
 an assumption, not a measurement. The classifier of PAG + CG and SAG (whose degraded input needs values) are not
 counted here.
 
     python scripts/bench_cost.py                      # = make bench-cost; seconds on a CPU
-    python scripts/bench_cost.py --peak-fraction 0.3
+    python scripts/bench_cost.py --peak_fraction 0.3
 """
 
 import argparse

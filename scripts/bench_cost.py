@@ -2,7 +2,7 @@
 """FLOPs and GPU-hours of the paper's ADM 256x256 runs, counted on the meta device (benchmarks/cost.py).
 
     python scripts/bench_cost.py                      # = make bench-cost; seconds on a CPU, no model memory
-    python scripts/bench_cost.py --peak-fraction 0.3  # another assumed share of the dense fp16 peak
+    python scripts/bench_cost.py --peak_fraction 0.3  # another assumed share of the dense fp16 peak
 """
 
 import os
