@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run a sweep: a base configuration and a grid of values, one resumable sampling run per cell.
 
-    python scripts/sweep.py configs/experiments/ablation_scale.yaml --dry-run    # list cells and commands
+    python scripts/sweep.py configs/experiments/ablation_scale.yaml --dry_run    # list cells and commands
     mpiexec -n 8 python scripts/sweep.py configs/experiments/ablation_scale.yaml # sample every cell (resumable)
 
 See sampling/sweep.py for the config format.

@@ -2,6 +2,7 @@
 only its spelling (underscores: sampling, sweeps, analysis, benchmarks, training, the demo; hyphens: evaluation,
 tables, downloads) and reads the other spelling as the same flag."""
 
+import importlib
 import importlib.util
 import subprocess
 import sys
@@ -92,6 +93,21 @@ def test_gpu_check_and_the_table_script(capsys):
         make_table.main(["--help"])
     out = capsys.readouterr().out
     assert "--group-by" in out and "--group_by" not in out
+
+
+@pytest.mark.parametrize("module, argv, flag", [
+    ("benchmarks.cost", ["--peak-fraction", "x"], "--peak_fraction"),
+    ("benchmarks.bench_guidance", ["--num-channels", "x"], "--num_channels"),
+])
+def test_the_benchmarks_read_the_other_spelling_as_their_flag(module, argv, flag, capsys):
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert f"argument {flag}: invalid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert flag in out and argv[0] not in out
 
 
 def run(*command):
