@@ -347,12 +347,12 @@ def check_samples(model, n, seed, out_dir, dataset="shapes"):
 
 
 def _section(text, heading):
-    """The ``## heading...`` section of a record (up to the next ``## ``), or ''."""
+    """The ``## heading...`` section of a record (up to the next ``## ``, ending in one blank line), or None."""
     start = text.find(heading)
     if start < 0:
-        return ""
+        return None
     end = text.find("\n## ", start + 1)
-    return text[start:] if end < 0 else text[start:end + 1]
+    return (text[start:] if end < 0 else text[start:end + 1]).rstrip("\n") + "\n"
 
 
 def _run_lines(args, argv, data_seconds, threads, device=None):

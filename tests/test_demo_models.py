@@ -179,9 +179,30 @@ def test_committed_diffusion_checkpoint_loads_strictly_and_denoises():
         load_checkpoint(other, str(DEMO_DIR / config["file"]))
 
 
-def _x0_mse(model, diffusion):
+def test_committed_mirror_model_is_unconditional_and_denoises_mirror_images():
+    path = DEMO_DIR / "adm_mirror.yaml"
+    if not path.exists():
+        pytest.skip("checkpoints/demo/adm_mirror.* not committed yet: run `make train-demo-mirror`")
+    config = yaml.safe_load(path.read_text())
+    assert config["name"] == "adm_mirror" and config["flags"]["class_cond"] is False
+    model, diffusion = create_model_from_flags(config["kind"], config["flags"])
+    untrained_mse = _x0_mse(model, diffusion, kind="mirror")
+    load_checkpoint(model, str(DEMO_DIR / config["file"]))
+    trained_mse = _x0_mse(model, diffusion, kind="mirror")
+    assert untrained_mse > 0.1 and trained_mse < 0.03, (untrained_mse, trained_mse)
+    total = sum((DEMO_DIR / name).stat().st_size for name in ("adm_demo.pt", "features_demo.pt", "adm_mirror.pt",
+                                                              "features_mirror.pt"))
+    assert total <= 20 * 1024 * 1024, total  # the committed demo files stay under 20 MB
+    net = demo_features.load_demo_feature_net(DEMO_DIR / "features_mirror.pt")
+    images, labels = demo_data.make_dataset(200, seed=424242, kind="mirror")
+    broken = np.stack([demo_data.make_broken_mirror(424242, i)[0] for i in range(50)])
+    assert demo_features.accuracy(net, images, labels) > 0.9
+    assert demo_features.accuracy(net, broken, np.full(50, demo_data.BROKEN_LABEL)) > 0.9
+
+
+def _x0_mse(model, diffusion, kind="shapes"):
     """MSE of the model's x_0 prediction from x_t at t = 300 on fresh images (noise fixed)."""
-    images, labels = demo_data.make_dataset(16, seed=99)
+    images, labels = demo_data.make_dataset(16, seed=99, kind=kind)
     x0 = demo_features.images_to_tensor(images)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     t = torch.full((16,), 300, dtype=torch.long)
@@ -189,7 +210,7 @@ def _x0_mse(model, diffusion):
     with torch.no_grad():
         x_t = diffusion.q_sample(x0, t, noise=noise)
         out = diffusion.p_mean_variance(model, x_t, t, clip_denoised=False,
-                                        model_kwargs={"y": torch.as_tensor(labels)})
+                                        model_kwargs={"y": torch.as_tensor(labels)} if kind == "shapes" else {})
     assert out["pred_xstart"].shape == x0.shape and torch.isfinite(out["pred_xstart"]).all()
     return float(((out["pred_xstart"] - x0) ** 2).mean())
 
