@@ -24,11 +24,11 @@ import torch
 import pag
 from adm_common.files import atomic_write_text
 from adm_common.flags import FlagParser
-from guided_diffusion.script_util import create_model_from_flags
 from sampling.allocator import tune_cpu_allocator
-from sampling.model_configs import load_model_config
+from sampling.models import set_compute_dtype
 
-from .timing import naive_two_pass, peak_memory, time_interleaved
+from .models import build, diffusion_flags, step_inputs
+from .timing import guided_variants, peak_memory, time_interleaved
 
 
 def main(argv=None):
@@ -45,30 +45,12 @@ def main(argv=None):
 
     device = torch.device(args.device)
     allocator = "glibc heap kept (as in sampling)" if device.type == "cpu" and tune_cpu_allocator() else "default"
-    flags = dict(load_model_config(args.model)["flags"], num_channels=args.num_channels, use_fp16=args.fp16)
-    torch.manual_seed(0)
-    model = create_model_from_flags("diffusion", flags)[0]
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
+    flags = dict(diffusion_flags(args.model, tiny=False, num_channels=args.num_channels), use_fp16=False)
+    model = build("diffusion", flags, device, seed=0)[0]
     if args.fp16:
-        model.convert_to_fp16()
-    model = model.to(device).eval()
+        set_compute_dtype(model, torch.float16)  # upstream's convert_to_fp16
     layers = pag.resolve_layers(model, args.layers)
-    size = flags["image_size"]
-    x = torch.randn(args.batch_size, 3, size, size, device=device)
-    t = torch.full((args.batch_size,), 500, device=device)
-    kwargs = {}
-    if flags.get("class_cond"):
-        kwargs["y"] = torch.zeros(args.batch_size, dtype=torch.long, device=device)
-
-    config = pag.GuidanceConfig(pag_scale=3.0, pag_layers=layers)
-    variants = {
-        "unguided": lambda: model(x, t, **kwargs),
-        "naive_two_pass": lambda: naive_two_pass(model, layers)(x, t),
-        "engine": lambda: pag.guide(model, config)(x, t, **kwargs),
-        "engine_sequential": lambda: pag.guide(model, config, batch_passes=False)(x, t, **kwargs),
-    }
+    variants = guided_variants(model, layers, *step_inputs(flags, args.batch_size, device))
     median, failed = time_interleaved(variants, device, args.repeats, warmup=1)
     if failed:
         raise SystemExit("; ".join(f"{name}: {error}" for name, error in failed.items()))
@@ -81,8 +63,8 @@ def main(argv=None):
         print(f"{name:>15}: {median[name] * 1000:9.1f} ms/step (median){memory}")
     ratios = {
         "engine/unguided": median["engine"] / median["unguided"],
-        "naive/unguided": median["naive_two_pass"] / median["unguided"],
-        "naive/engine": median["naive_two_pass"] / median["engine"],
+        "naive/unguided": median["two_pass"] / median["unguided"],
+        "naive/engine": median["two_pass"] / median["engine"],
     }
     for name, value in ratios.items():
         print(f"{name:>15}: {value:.3f}")

@@ -33,15 +33,14 @@ from adm_common.flags import FlagParser
 from guided_diffusion.script_util import create_model_from_flags
 from guided_diffusion.unet import attention_block_info
 
-from .models import ARCHS, PAG_SCALE, diffusion_flags
-from .timing import count_flops, peak_fp16_tflops
+from .models import ARCHS, PAG_SCALE, TIMESTEP, diffusion_flags, step_inputs
+from .timing import count_flops, guided_variants, peak_fp16_tflops
 
 SAMPLERS = (("DDPM-250", 250), ("DDIM-25", 25))
 NUM_SAMPLES = 50_000
 DEVICES = ("H100 SXM", "A100")  # peaks from benchmarks.timing.PEAK_DENSE_FP16_TFLOPS
 DEFAULT_PEAK_FRACTION = 0.40
 GUIDANCE = ("unguided", "PAG engine (batched)", "PAG two-pass (authors')")
-TIMESTEP = 500
 # The paper's layers: those of configs/experiments/table1_*.yaml (tests check that they agree).
 PAPER_LAYERS = tuple(pag.PAPER_LAYERS_256)
 
@@ -55,29 +54,11 @@ def meta_model(name):
     return model.eval().requires_grad_(False), flags
 
 
-def meta_inputs(flags, batch=1):
-    """x and t on meta; labels of a class-conditional model on the CPU (the U-Net checks their range, which needs
-    values; the label embedding of meta weights gives a meta tensor)."""
-    size = flags["image_size"]
-    x = torch.empty(batch, 3, size, size, device="meta")
-    t = torch.full((batch,), TIMESTEP, dtype=torch.long, device="meta")
-    kwargs = {"y": torch.zeros(batch, dtype=torch.long)} if flags.get("class_cond") else {}
-    return x, t, kwargs
-
-
 def step_flops(model, flags, layers=PAPER_LAYERS, batch=1):
     """FLOPs per image of one sampling step's model calls: ``{guidance: flops}`` for :data:`GUIDANCE`."""
-    x, t, kwargs = meta_inputs(flags, batch)
-    engine = pag.guide(model, {"pag_scale": PAG_SCALE, "pag_layers": list(layers)})
-
-    def two_pass():
-        model(x, t, **kwargs)
-        with pag.perturbed_attention(model, list(layers)):
-            model(x, t, **kwargs)
-
-    counts = (count_flops(lambda: model(x, t, **kwargs)), count_flops(lambda: engine(x, t, **kwargs)),
-              count_flops(two_pass))
-    return {name: flops / batch for name, flops in zip(GUIDANCE, counts)}
+    variants = guided_variants(model, list(layers), *step_inputs(flags, batch, "meta"))
+    return {name: count_flops(variants[key]) / batch
+            for name, key in zip(GUIDANCE, ("unguided", "engine", "two_pass"))}
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,7 +71,7 @@ def attention_check(model, flags, batch=1):
     """``(counted, by_hand)`` FLOPs of the attention itself (softmax(q k^T) v, without the qkv and output
     projections) in one unguided forward: what FlopCounterMode counted inside the attention modules, and
     4 B T^2 C per block (two matmuls of B T^2 C multiply-adds; T tokens, C channels)."""
-    x, t, kwargs = meta_inputs(flags, batch)
+    x, t, kwargs = step_inputs(flags, batch, "meta")
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(x, t, **kwargs)

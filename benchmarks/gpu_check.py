@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -154,9 +154,9 @@ def main(argv=None):
         device = torch.device("cuda", torch.cuda.current_device())
     profile = TINY if args.tiny else FULL
     if args.batch_sizes:
-        profile = Profile(**dict(asdict(profile), batch_sizes=tuple(int(b) for b in args.batch_sizes.split(","))))
+        profile = replace(profile, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")))
     if args.repeats:
-        profile = Profile(**dict(asdict(profile), repeats=args.repeats))
+        profile = replace(profile, repeats=args.repeats)
     compile_on = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "bfloat16")]
     threads = torch.get_num_threads()

@@ -17,21 +17,17 @@ from .models import ARCHS, CLASSIFIER, PAG_SCALE, build, classifier_flags, diffu
 HEALTH_TIMESTEPS = (999, 500, 10)
 SAG_SCALE = 1.0
 
-# Low precision vs float32 agreement of eps: relative RMS difference ||e_low - e32|| / ||e32||, same weights and
-# inputs, float32 without TF32. float16 rounds to 2^-11 (4.9e-4) relative per operation; through the U-Net's ~80
-# layers (GroupNorm re-normalising after every residual branch) that adds up to a few 1e-3 for one pass. A guided
-# eps, eps + s (eps - eps'), weighs the errors of two passes by 1 + s and s (s = 3): a few times more. Measured on
-# the CPU at tiny widths (every method, t = 999, 500, 10; random weights): float16 <= 2.0e-3 unguided, <= 5.9e-3
-# guided; bfloat16 (2^-8, 8 times coarser) <= 1.5e-2 and <= 4.7e-2. The bounds are 5 times that. A real failure
-# (overflow, a saturated softmax, a wrong cast) shows as inf/NaN or an error of order 1.
+# Low precision vs float32 agreement of eps, and why these bounds (the report quotes TOLERANCE_WHY).
 TOLERANCE = {"float16": {"unguided": 1e-2, "guided": 3e-2}, "bfloat16": {"unguided": 8e-2, "guided": 0.24}}
 TOLERANCE_WHY = (
-    "relative RMS difference of eps vs float32 (TF32 off), same weights and inputs. float16 rounds to 2^-11 per "
-    "operation; ~80 layers accumulate a few 1e-3 in one pass, and guidance eps + s (eps - eps') weighs two "
-    "passes' errors by 1 + s and s. Measured on the CPU at tiny widths: float16 <= 2.0e-3 unguided, <= 5.9e-3 "
-    "guided; bfloat16 (2^-8) <= 1.5e-2 and <= 4.7e-2; the bounds are 5 times that. Overflow or a wrong cast "
-    "shows as inf/NaN or an error of order 1. Random weights keep activations small (see max abs attention "
-    "output): overflow that only trained weights provoke needs --model_dir with the official checkpoints.")
+    "relative RMS difference ||e_low - e32|| / ||e32|| of eps vs float32 (TF32 off), same weights and inputs. "
+    "float16 rounds to 2^-11 (4.9e-4) relative per operation; the U-Net's ~80 layers (GroupNorm re-normalising "
+    "after every residual branch) accumulate a few 1e-3 in one pass, and guidance eps + s (eps - eps') weighs two "
+    "passes' errors by 1 + s and s (s = 3). Measured on the CPU at tiny widths (every method, t = 999, 500, 10; "
+    "random weights): float16 <= 2.0e-3 unguided, <= 5.9e-3 guided; bfloat16 (2^-8, 8 times coarser) <= 1.5e-2 "
+    "and <= 4.7e-2; the bounds are 5 times that. Overflow, a saturated softmax or a wrong cast shows as inf/NaN or "
+    "an error of order 1. Random weights keep activations small (see max abs attention output): overflow that "
+    "only trained weights provoke needs --model_dir with the official checkpoints.")
 
 
 def _hooks(networks):

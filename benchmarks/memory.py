@@ -19,8 +19,8 @@ from torch.utils._pytree import tree_flatten
 import pag
 from sampling.models import set_compute_dtype
 
-from .models import ARCHS, PAG_SCALE, build, diffusion_flags
-from .timing import naive_two_pass
+from .models import ARCHS, build, diffusion_flags, step_inputs
+from .timing import guided_variants
 
 GIB = 2**30
 
@@ -63,37 +63,17 @@ def peak_bytes(fn):
     return mode.peak
 
 
-def guided_variants(model, layers, x, t, kwargs):
-    """The calls a PAG step can make on ``x`` (batch B): the unguided call at B and at 2B (the bound for the
-    batched engine), the engine batched and sequential, and the authors' two passes."""
-    config = pag.GuidanceConfig(pag_scale=PAG_SCALE, pag_layers=layers)
-    engine, sequential = pag.guide(model, config), pag.guide(model, config, batch_passes=False)
-    naive = naive_two_pass(model, layers)
-    x2, t2 = torch.cat([x, x]), torch.cat([t, t])
-    kwargs2 = {k: torch.cat([v, v]) for k, v in kwargs.items()}
-    return {
-        "unguided": lambda: model(x, t, **kwargs),
-        "unguided_2b": lambda: model(x2, t2, **kwargs2),
-        "engine": lambda: engine(x, t, **kwargs),
-        "engine_sequential": lambda: sequential(x, t, **kwargs),
-        "two_pass": lambda: naive(x, t, **kwargs),
-    }
-
-
 def memory_table(batch_sizes=(8, 32, 64), device="meta", dtype=torch.float16, arch=ARCHS[0], num_channels=None):
     """Rows of peak activation GiB per variant and batch size for ``arch`` (the real widths unless
-    ``num_channels``), the torso in ``dtype`` (float16: upstream's use_fp16 conversion), t = 500."""
+    ``num_channels``), the torso in ``dtype`` (float16: upstream's use_fp16 conversion), at ``step_inputs``."""
     flags = diffusion_flags(arch, tiny=False, num_channels=num_channels)
     model, _, _ = build("diffusion", dict(flags, use_fp16=False), device, seed=0)
     model = set_compute_dtype(model, dtype)
     layers = pag.resolve_layers(model, pag.PAPER_LAYERS_256)
     rows = []
     for batch in batch_sizes:
-        size = flags["image_size"]
-        x = torch.zeros(batch, 3, size, size, device=device)
-        t = torch.full((batch,), 500, dtype=torch.long, device=device)
-        kwargs = {"y": torch.zeros(batch, dtype=torch.long, device=device)} if flags.get("class_cond") else {}
-        peaks = {name: peak_bytes(fn) / GIB for name, fn in guided_variants(model, layers, x, t, kwargs).items()}
+        variants = guided_variants(model, layers, *step_inputs(flags, batch, device), doubled=True)
+        peaks = {name: peak_bytes(fn) / GIB for name, fn in variants.items()}
         rows.append(dict(batch=batch, **peaks, engine_vs_unguided_2b=peaks["engine"] / peaks["unguided_2b"]))
     return {"arch": arch, "dtype": str(dtype).replace("torch.", ""), "device": str(device), "layers": layers,
             "rows": rows}

@@ -16,6 +16,7 @@ ARCHS = ("256x256_diffusion_uncond", "256x256_diffusion")
 CLASSIFIER = "256x256_classifier"
 PAG_SCALE = 3.0  # the authors' ADM --guide_scale 4.0
 DDIM_STEPS = 25
+TIMESTEP = 500  # of the single model calls that are timed and counted
 # The tiny widths: the same block names (the paper's PAG layers exist), 64x64 inputs, 32 base channels.
 TINY_FLAGS = dict(image_size=64, num_channels=32, channel_mult="1,1,2,2,4,4", attention_resolutions="8,4,2")
 TINY_CLASSIFIER_FLAGS = dict(image_size=64, classifier_width=64)
@@ -39,6 +40,16 @@ def classifier_flags(tiny):
     if tiny:
         flags.update(TINY_CLASSIFIER_FLAGS)
     return flags
+
+
+def step_inputs(flags, batch, device):
+    """``(x, t, kwargs)`` of one model call at ``batch``: x standard normal (seed 0; on ``meta`` without values),
+    t = :data:`TIMESTEP`, and labels 0 for a class-conditional model."""
+    shape = (batch, 3, flags["image_size"], flags["image_size"])
+    x = torch.empty(shape, device=device) if torch.device(device).type == "meta" else torch.randn(
+        shape, generator=torch.Generator().manual_seed(0)).to(device)
+    t = torch.full((batch,), TIMESTEP, dtype=torch.long, device=device)
+    return x, t, {"y": torch.zeros(batch, dtype=torch.long, device=device)} if flags.get("class_cond") else {}
 
 
 def randomize(model, seed):

@@ -10,8 +10,8 @@ import torch
 import pag
 from sampling.models import set_compute_dtype
 
-from .models import ARCHS, DDIM_STEPS, PAG_SCALE, build, diffusion_flags, log
-from .timing import count_flops, naive_two_pass, peak_memory, time_interleaved
+from .models import ARCHS, DDIM_STEPS, PAG_SCALE, TIMESTEP, build, diffusion_flags, log, step_inputs
+from .timing import count_flops, guided_variants, peak_memory, time_interleaved
 
 GOALS = (
     ("engine_vs_unguided", "engine PAG step / unguided step at batch 32", "<=", 1.80),
@@ -20,15 +20,6 @@ GOALS = (
      ">=", 0.40),
 )
 NO_GPU = "not measured (no GPU)"
-
-
-def _inputs(flags, batch, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    size = flags["image_size"]
-    x = torch.randn(batch, 3, size, size, generator=gen).to(device)
-    t = torch.full((batch,), 500, device=device, dtype=torch.long)
-    kwargs = {"y": torch.zeros(batch, dtype=torch.long, device=device)} if flags.get("class_cond") else {}
-    return x, t, kwargs
 
 
 def goal_batch(profile):
@@ -40,18 +31,9 @@ def check_speed(device, profile, tiny, num_channels, seed, compile_on, peak, dty
     master, _, _ = build("diffusion", dict(flags, use_fp16=False), device, seed)
     model = set_compute_dtype(copy.deepcopy(master), dtype)  # float16: upstream's use_fp16, the default
     layers = pag.resolve_layers(model, pag.PAPER_LAYERS_256)
-    config = pag.GuidanceConfig(pag_scale=PAG_SCALE, pag_layers=layers)
-    engine, sequential = pag.guide(model, config), pag.guide(model, config, batch_passes=False)
-    naive = naive_two_pass(model, layers)
     rows = []
     for batch in profile.batch_sizes:
-        x, t, kwargs = _inputs(flags, batch, device)
-        variants = {
-            "unguided": lambda: model(x, t, **kwargs),
-            "two_pass": lambda: naive(x, t),
-            "engine": lambda: engine(x, t, **kwargs),
-            "engine_sequential": lambda: sequential(x, t, **kwargs),
-        }
+        variants = guided_variants(model, layers, *step_inputs(flags, batch, device))
         log(f"speed: batch {batch}")
         median, failed = time_interleaved(variants, device, profile.repeats, profile.warmup)
         for name, fn in variants.items():
@@ -71,7 +53,7 @@ def check_speed(device, profile, tiny, num_channels, seed, compile_on, peak, dty
     dtype_name = str(dtype).replace("torch.", "")
     return {"dtype": dtype_name + (" (upstream's use_fp16 conversion)" if dtype == torch.float16 else ""),
             "arch": ARCHS[0], "layers": layers,
-            "pag_scale": PAG_SCALE, "timestep": 500, "repeats": profile.repeats, "warmup": profile.warmup,
+            "pag_scale": PAG_SCALE, "timestep": TIMESTEP, "repeats": profile.repeats, "warmup": profile.warmup,
             "rows": rows, "options": options,
             "note": "ms per guided model call (one sampling step without the diffusion update); images/s of a "
                     f"DDIM-{DDIM_STEPS} image = batch / ({DDIM_STEPS} x step time); FLOPs counted by "
@@ -88,7 +70,7 @@ def check_options(master, flags, device, profile, compile_on, layers, peak, rows
                ("float16 + compile", torch.float16, {"compile": True}),  # one compiled dtype: minutes each
                ("float32" + (" (TF32 convolutions)" if device.type == "cuda" else ""), torch.float32, {})]
     results = []
-    x, t, kwargs = _inputs(flags, batch, device)
+    x, t, kwargs = step_inputs(flags, batch, device)
     for name, dtype, execution in options:
         row = {"option": name, "batch": batch, "unguided_ms": None, "engine_ms": None, "engine_vs_unguided": None,
                "tflops_per_s": None, "peak_share": None, "error": None}

@@ -10,6 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import pag
 
+from .models import PAG_SCALE
+
 # Dense (no sparsity) fp16/bf16 tensor-core peaks with fp32 accumulation, TFLOP/s, by device-name substring
 # (first match wins). Unknown devices get no share of peak.
 PEAK_DENSE_FP16_TFLOPS = (
@@ -57,10 +59,28 @@ def naive_two_pass(model, layers):
         eps_and_var = model(x, t, **kwargs)
         with pag.perturbed_attention(model, layers):
             eps_perturbed = model(x, t, **kwargs)[:, :3]
-        guided = pag.guidance_step(eps_and_var[:, :3], (eps_perturbed, torch.full((x.shape[0],), 3.0)))
+        guided = pag.guidance_step(eps_and_var[:, :3], (eps_perturbed, torch.full((x.shape[0],), PAG_SCALE)))
         return torch.cat([guided, eps_and_var[:, 3:]], dim=1)
 
     return step
+
+
+def guided_variants(model, layers, x, t, kwargs, doubled=False):
+    """The calls a PAG step can make on ``x`` (batch B): unguided, the authors' two passes, the engine batched and
+    sequential; with ``doubled`` also the unguided call at 2B (the bound for the batched engine's memory)."""
+    config = pag.GuidanceConfig(pag_scale=PAG_SCALE, pag_layers=layers)
+    engine, sequential = pag.guide(model, config), pag.guide(model, config, batch_passes=False)
+    naive = naive_two_pass(model, layers)
+    variants = {
+        "unguided": lambda: model(x, t, **kwargs),
+        "two_pass": lambda: naive(x, t, **kwargs),
+        "engine": lambda: engine(x, t, **kwargs),
+        "engine_sequential": lambda: sequential(x, t, **kwargs),
+    }
+    if doubled:
+        x2, t2, kwargs2 = torch.cat([x, x]), torch.cat([t, t]), {k: torch.cat([v, v]) for k, v in kwargs.items()}
+        variants["unguided_2b"] = lambda: model(x2, t2, **kwargs2)
+    return variants
 
 
 def time_interleaved(variants, device, repeats, warmup):
