@@ -80,11 +80,7 @@ class EvaluationWarning(UserWarning):
 
 
 def _finite_array(x, name, ndim):
-    x = np.asarray(x, dtype=np.float64)
-    if ndim == 1:
-        x = np.atleast_1d(x)
-    else:
-        x = np.atleast_2d(x)
+    x = (np.atleast_1d if ndim == 1 else np.atleast_2d)(np.asarray(x, dtype=np.float64))
     if x.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {x.shape}")
     if not np.all(np.isfinite(x)):
@@ -183,10 +179,6 @@ def check_pr_precision(pr_precision):
     if pr_precision not in PR_PRECISIONS:
         raise ValueError(f"pr_precision must be one of {', '.join(PR_PRECISIONS)}, got {pr_precision!r}")
     return pr_precision
-
-
-def _rows_per_block(n_cols, max_block_elems):
-    return max(1, int(max_block_elems // max(1, n_cols)))
 
 
 def _spans(n, size):
@@ -330,7 +322,7 @@ def _block(rows, r0, r1, cols, c0, c1, pr_precision, max_block_elems, reduce, lo
     results of its chunks so far are dropped), as upstream's ``tf.cond(reduce_all(is_finite(D16)), D16, D32)``.
     Returns the chunks' results in order."""
     u, v = rows.x[r0:r1], cols.x[c0:c1]
-    chunks = _spans(r1 - r0, _rows_per_block(c1 - c0, max_block_elems))
+    chunks = _spans(r1 - r0, max(1, int(max_block_elems // max(1, c1 - c0))))  # rows of at most that many entries
     used = pr_precision
     if pr_precision == "float16":
         nu, nv = rows.norms16[r0:r1], cols.norms16[c0:c1]
