@@ -107,16 +107,9 @@ class NpzImages:
                 raise ValueError(f"{self.path} has no '{key}' array (it has: {', '.join(members) or 'nothing'}); "
                                  f"image batches keep their uint8 N x H x W x 3 images in '{key}'")
             self.member = members[key]
-            try:
-                with zf.open(self.member) as f:
-                    self.shape, self.fortran_order, self.dtype = read_npy_header(f)
-                self.header_ok = True
-            except ValueError:  # a header version this numpy cannot parse by hand: load it whole
-                self.header_ok = False
+            with zf.open(self.member) as f:  # the header versions numpy writes are the ones np.load reads
+                self.shape, self.fortran_order, self.dtype = read_npy_header(f)
         self.keys = list(members)
-        if not self.header_ok:
-            arr = self._load_whole()
-            self.shape, self.fortran_order, self.dtype = arr.shape, False, arr.dtype
         check_image_header(self.shape, self.dtype, f"{self.path}: {key}")
 
     def __len__(self):
@@ -126,10 +119,6 @@ class NpzImages:
     def num_images(self):
         return int(self.shape[0])
 
-    def _load_whole(self):
-        with np.load(self.path, allow_pickle=False) as obj:
-            return np.ascontiguousarray(obj[self.key])
-
     def iter_batches(self, batch_size, start=0, stop=None):
         """Yield uint8 arrays of at most ``batch_size`` images, for images ``start:stop``."""
         if batch_size < 1:
@@ -137,8 +126,9 @@ class NpzImages:
         stop = self.num_images if stop is None else min(stop, self.num_images)
         if start >= stop:
             return
-        if self.fortran_order or not self.header_ok:
-            arr = self._load_whole()
+        if self.fortran_order:  # rows are not contiguous in the file: load it whole
+            with np.load(self.path, allow_pickle=False) as obj:
+                arr = np.ascontiguousarray(obj[self.key])
             for i in range(start, stop, batch_size):
                 yield check_image_batch(arr[i:min(i + batch_size, stop)])
             return
