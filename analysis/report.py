@@ -201,26 +201,22 @@ def write_attention_maps(trace, row, path, title=""):
     tiles = [[], *[[] for _ in blocks]]
     for j, q in cols:
         image = _tile_rgb(trace.images["x0_clean"][j, row], size).copy()
-        h, w = trace.grids[blocks[0]]
-        token = trace.query_tokens[blocks[0]][q]
-        _mark(image, (token // w + 0.5) / h, (token % w + 0.5) / w, (0.0, 1.0, 1.0))
+        _mark(image, trace.query_tokens[blocks[0]][q], trace.grids[blocks[0]], (0.0, 1.0, 1.0))
         tiles[0].append(image)
         for r, block in enumerate(blocks, start=1):
-            h, w = trace.grids[block]
-            attention = trace.maps[block][j, row, q].reshape(h, w).numpy()
+            attention = trace.maps[block][j, row, q].reshape(trace.grids[block]).numpy()
             tile = _tile_heat(attention, size, float(attention.max()), cmap="viridis").copy()
-            token = trace.query_tokens[block][q]
-            _mark(tile, (token // w + 0.5) / h, (token % w + 0.5) / w, (1.0, 0.0, 0.0))
+            _mark(tile, trace.query_tokens[block][q], trace.grids[block], (1.0, 0.0, 0.0))
             tiles[r].append(tile)
     labels = ["x0 clean"] + [f"{b} ({'x'.join(str(v) for v in trace.grids[b])})" for b in blocks]
     return _mosaic_figure(tiles, labels, [f"t={trace.timesteps[trace.shown[j]]} q{q}" for j, q in cols],
                           title + " attention of query q (+) over the image, clean pass", path, tile_inches=0.8)
 
 
-def _mark(tile, y, x, colour):
-    """A small cross at relative position (y, x) of a tile."""
-    size = tile.shape[0]
-    cy, cx, arm = int(y * size), int(x * size), max(2, size // 16)
+def _mark(tile, token, grid, colour):
+    """A small cross on a tile at the centre of ``token`` (row-major on ``grid`` = (h, w))."""
+    (h, w), size = grid, tile.shape[0]
+    cy, cx, arm = int((token // w + 0.5) / h * size), int((token % w + 0.5) / w * size), max(2, size // 16)
     tile[max(0, cy - arm):cy + arm + 1, min(cx, size - 1)] = colour
     tile[min(cy, size - 1), max(0, cx - arm):cx + arm + 1] = colour
 

@@ -98,10 +98,8 @@ class AttentionOverride:
         """The bool mask over batch rows that use ``attention_fn``."""
         if isinstance(self.rows, th.Tensor):
             if self.rows.shape != (batch_size,):
-                raise ValueError(
-                    f"attention override row mask has shape {tuple(self.rows.shape)}, "
-                    f"but the batch has {batch_size} rows"
-                )
+                raise ValueError(f"attention override row mask has shape {tuple(self.rows.shape)}, but the batch "
+                                 f"has {batch_size} rows")
             return self.rows.to(device=device, dtype=th.bool)
         if isinstance(self.rows, slice):
             mask = th.zeros(batch_size, dtype=th.bool, device=device)
