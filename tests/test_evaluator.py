@@ -3,10 +3,12 @@
 Each image costs about 0.5 s through the 299 x 299 network on two CPU cores, so the batches here are tiny.
 """
 
+import io
 import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -156,6 +158,29 @@ def test_npz_streaming_reads_all_layouts(tmp_path):
         assert reader.num_images == 7 and reader.shape == (7, 8, 8, 3)
         np.testing.assert_array_equal(np.concatenate(list(reader.iter_batches(3))), x)
         np.testing.assert_array_equal(np.concatenate(list(reader.iter_batches(2, start=3, stop=6))), x[3:6])
+
+
+def test_npz_with_an_npy_version_numpy_does_not_write_is_refused_by_name(tmp_path):
+    buf = io.BytesIO()
+    np.save(buf, images(4, 2, size=8))
+    data = bytearray(buf.getvalue())
+    data[6] = 9  # the .npy format's major version byte
+    path = tmp_path / "v9.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("arr_0.npy", bytes(data))
+    with pytest.raises(ValueError, match=r"unsupported \.npy format version \(9, 0\)"):
+        NpzImages(path)
+
+
+def test_the_evaluator_cache_and_the_hash_memo_live_under_xdg_cache_home(tmp_path, monkeypatch):
+    from adm_common.files import user_cache_dir
+    from evaluations.reference import default_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == str(tmp_path / "pag_adm" / "eval")
+    assert user_cache_dir("sha256") == str(tmp_path / "pag_adm" / "sha256")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "pag_adm", "eval")
 
 
 def test_statistics_from_npz_and_from_images(extractor, small_npz, small_feats, tmp_path):

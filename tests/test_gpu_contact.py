@@ -17,7 +17,7 @@ from torch._dynamo.testing import CompileCounter
 import pag
 from benchmarks.end_to_end import HostReads
 from benchmarks.memory import memory_table, peak_bytes
-from benchmarks.models import ARCHS, build, diffusion_flags
+from benchmarks.models import ARCHS, TIMESTEP, build, diffusion_flags, step_inputs
 from benchmarks.timing import guided_variants, naive_two_pass
 from guided_diffusion import logger
 from guided_diffusion import script_util as su
@@ -68,6 +68,16 @@ def test_a_guided_sampling_step_runs_on_meta(kind, batch_passes):
     ddpm = diffusion.p_sample(guided, x, t, clip_denoised=True, model_kwargs=kwargs)
     for out in (ddim, ddpm):
         assert out["sample"].device.type == "meta" and out["sample"].shape == (2, 3, 32, 32)
+
+
+def test_step_inputs_are_one_seeded_call_with_labels_only_for_a_class_conditional_model():
+    cond, uncond = diffusion_flags(ARCHS[1], tiny=True), diffusion_flags(ARCHS[0], tiny=True)
+    x, t, kwargs = step_inputs(cond, 3, "cpu")
+    assert x.shape == (3, 3, 64, 64) and torch.equal(x, step_inputs(cond, 3, "cpu")[0])  # seeded: the same x
+    assert t.tolist() == [TIMESTEP] * 3 and kwargs["y"].tolist() == [0, 0, 0]
+    assert step_inputs(uncond, 2, "cpu")[2] == {}
+    x, t, kwargs = step_inputs(cond, 2, "meta")
+    assert x.device.type == t.device.type == kwargs["y"].device.type == "meta"
 
 
 def test_the_real_adm256_engine_and_benchmark_steps_run_on_meta():
