@@ -86,7 +86,7 @@ BATCH_SIZE ?= 32
 MPIEXEC ?= $(VENV)/bin/mpiexec
 LAUNCHER ?= OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 $(MPIEXEC) -n $(GPUS)
 SWEEP = $(if $(DRY_RUN),,$(LAUNCHER) )$(PY) scripts/sweep.py
-SWEEP_FLAGS = --set num_samples=$(NUM_SAMPLES) --set batch_size=$(BATCH_SIZE) $(if $(DRY_RUN),--dry-run)
+SWEEP_FLAGS = --set num_samples=$(NUM_SAMPLES) --set batch_size=$(BATCH_SIZE) $(if $(DRY_RUN),--dry_run)
 TABLE1 = table1_uncond_ddpm250 table1_uncond_ddim25 table1_cond_ddpm250 table1_cond_ddim25 pag_cg_cond
 
 .PHONY: reproduce-table1 ablation-scale ablation-layers ablation-perturbation
@@ -107,7 +107,7 @@ ablation-perturbation: venv
 # DDIM-25 sample check. train-demo: the tiny class-conditional ADM model (EMA weights) and its feature net on the
 # generated shapes data set (demo/data.py; about 45 minutes on a shared 2-core CPU). train-demo-mirror: the
 # unconditional model `make demo` uses and its feature net, on the mirror data set (the right half mirrors the
-# left; about 95 minutes). TRAIN_DEMO_FLAGS passes through: "--overwrite" to replace the committed files
+# left; about 65 minutes). TRAIN_DEMO_FLAGS passes through: "--overwrite" to replace the committed files
 # (refused otherwise), "--threads 2" on an idle machine.
 TRAIN_DEMO_FLAGS ?=
 

@@ -17,6 +17,8 @@ has its own generator seeded by ``[seed, i]``), so a data set of 10 images is th
 """
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -203,7 +205,24 @@ def _draw(rng, width):
     return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8), label
 
 
-DATASETS = {"shapes": make_sample, "mirror": make_mirror_sample}
+@dataclass(frozen=True)
+class DemoDataSet:
+    """One demo data set and what is trained on it: the sample function, the diffusion model's name and whether
+    it is class-conditional, the feature net's file and classes (the mirror set adds its "broken" class), and
+    whether 90-degree rotations keep a label (they would turn the mirror's vertical axis horizontal)."""
+
+    make: Callable
+    model: str
+    class_cond: bool
+    features: str
+    feature_classes: int
+    rotations: bool
+
+
+DATASETS = {
+    "shapes": DemoDataSet(make_sample, "adm_demo", True, "features_demo.pt", NUM_CLASSES, True),
+    "mirror": DemoDataSet(make_mirror_sample, "adm_mirror", False, "features_mirror.pt", NUM_CLASSES + 1, False),
+}
 
 
 def make_dataset(n, seed=0, start=0, kind="shapes"):
@@ -211,7 +230,7 @@ def make_dataset(n, seed=0, start=0, kind="shapes"):
     (uint8 [n, 32, 32, 3] images, int64 [n] labels)."""
     if kind not in DATASETS:
         raise ValueError(f"unknown demo data set {kind!r}: choose one of {', '.join(DATASETS)}")
-    make = DATASETS[kind]
+    make = DATASETS[kind].make
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     labels = np.empty((n,), dtype=np.int64)
     for k in range(n):

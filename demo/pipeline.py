@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -27,8 +28,7 @@ from sampling.images import image_grid, save_png, save_side_by_side
 from sampling.model_configs import load_model_config
 from sampling.sweep import expand, load_sweep
 
-from .data import make_dataset
-from .train import DATASETS
+from .data import DATASETS, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,12 +45,12 @@ def load_demo_config(path=CONFIG):
 
 
 def model_dataset(config):
-    """The demo data set (a key of demo.train.DATASETS) the config's model was trained on, from its name."""
+    """The demo data set (a key of demo.data.DATASETS) the config's model was trained on, from its name."""
     name = load_model_config(ROOT / config["base"]["model"])["name"]
-    found = [dataset for dataset, spec in DATASETS.items() if spec["model"] == name]
+    found = [dataset for dataset, spec in DATASETS.items() if spec.model == name]
     if not found:
         raise SystemExit(f"{config['base']['model']}: model {name!r} is none of the demo's models "
-                         f"({', '.join(spec['model'] for spec in DATASETS.values())})")
+                         f"({', '.join(spec.model for spec in DATASETS.values())})")
     return found[0]
 
 
@@ -146,18 +146,23 @@ def claims_text(claims):
     ]
     for metric in ("precision", "recall"):
         lines.append(f"{metric} by s: " + ", ".join(
-            f"{e['pag_scale']:g}: {e[metric]:.3f}" + (f" ± {e[metric + '_std']:.3f}" if e[metric + "_std"] else "")
+            f"{e['pag_scale']:g}: {e[metric]:.3f}"
+            + (f" ± {e[metric + '_std']:.3f}" if e[metric + "_std"] is not None else "")
             for e in claims["by_scale"] if e[metric] is not None))
     return "\n".join(lines)
 
 
 def write_claims(table_csv, path):
-    """``claims.json`` from the sweep's table CSV (see :func:`demo_claims`); False when it has nothing to claim."""
+    """``claims.json`` from the sweep's table CSV (see :func:`demo_claims`); None, and an earlier ``claims.json``
+    removed, when the table has nothing to claim (a claim of another run is never left standing)."""
     with open(table_csv, newline="") as f:
         claims = demo_claims(list(csv.DictReader(f)))
     if claims is None:
+        if os.path.lexists(path):
+            os.remove(path)
         return None
-    atomic_write_text(path, json.dumps(dict(claims, table=str(table_csv)), indent=2) + "\n")
+    table = os.path.relpath(table_csv, ROOT) if Path(table_csv).resolve().is_relative_to(ROOT) else str(table_csv)
+    atomic_write_text(path, json.dumps(dict(claims, table=table), indent=2) + "\n")
     return claims
 
 
@@ -191,10 +196,12 @@ def finish(config, config_path=CONFIG, grid="pair"):
         written.append(f"grid.png (the first {ROW_COUNT} samples, the same seeds, of each cell: "
                        f"{', '.join(cells)}, top to bottom)")
     print(table.read_text())
-    claims = write_claims(table_dir / f"{name}.csv", out_dir / "claims.json") if sweep.seeds else None
+    claims = write_claims(table_dir / f"{name}.csv", out_dir / "claims.json")
     if claims:
         print(claims_text(claims))
         written.append("claims.json")
+    elif sweep.seeds:
+        print("no claim: the table needs one baseline row (pag_scale 0) and PAG rows, each with a std over seeds")
     print(f"wrote {out_dir}/" + ", ".join(written))
 
 

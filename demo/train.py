@@ -50,15 +50,7 @@ from sampling.model_configs import load_model_config
 from . import data as demo_data
 from . import features as demo_features
 
-# Per data set (demo/data.py): the diffusion model's name, whether it is class-conditional, the feature net's
-# file and its classes (the mirror set adds a "broken" class: halves of two images), and the augmentations
-# that keep a label (90-degree rotations would turn the mirror's vertical axis horizontal).
-DATASETS = {
-    "shapes": {"model": "adm_demo", "class_cond": True, "features": "features_demo.pt",
-               "feature_classes": demo_data.NUM_CLASSES, "rotations": True},
-    "mirror": {"model": "adm_mirror", "class_cond": False, "features": "features_mirror.pt",
-               "feature_classes": demo_data.NUM_CLASSES + 1, "rotations": False},
-}
+DATASETS = demo_data.DATASETS  # per data set: the model, its feature net and their training choices
 # Upstream flag names; every flag not listed keeps model_and_diffusion_defaults().
 # channel_mult starts at 2 so the 32x32 level has 64 channels: the output GroupNorm has 32 groups, and with 32
 # channels it is a per-channel instance norm that removes each channel's spatial mean (the image's colour).
@@ -119,22 +111,22 @@ def parse_args(argv=None):
 
 def model_flags(dataset):
     """The demo U-Net's upstream flags for data set ``dataset``: DEMO_FLAGS, conditional or not."""
-    return {**DEMO_FLAGS, "class_cond": DATASETS[dataset]["class_cond"]}
+    return {**DEMO_FLAGS, "class_cond": DATASETS[dataset].class_cond}
 
 
 def check_name(dataset):
     """The sample check's file: samples_check.png for the shapes model, samples_check_<model>.png otherwise."""
-    return "samples_check.png" if dataset == "shapes" else f"samples_check_{DATASETS[dataset]['model']}.png"
+    return "samples_check.png" if dataset == "shapes" else f"samples_check_{DATASETS[dataset].model}.png"
 
 
 def files_written(args):
     """The checkpoint files this run writes into --out_dir (TRAINING.md is updated, not replaced)."""
     spec, names = DATASETS[args.dataset], []
     if args.what in ("diffusion", "all"):
-        names += [f"{spec['model']}.pt", f"{spec['model']}.yaml"] + ([check_name(args.dataset)]
+        names += [f"{spec.model}.pt", f"{spec.model}.yaml"] + ([check_name(args.dataset)]
                                                                       if args.check_samples else [])
     if args.what in ("features", "all"):
-        names.append(spec["features"])
+        names.append(spec.features)
     return names
 
 
@@ -257,7 +249,7 @@ def train_diffusion(args, images, labels):
             logger.scoped_configure(dir=run_dir, format_strs=[]) as run_logger:
         run_logger.output_formats.append(history)
         loop = TrainLoop(
-            model=model, diffusion=diffusion, data=demo_batches(images, labels if DATASETS[args.dataset]["class_cond"] else None,
+            model=model, diffusion=diffusion, data=demo_batches(images, labels if DATASETS[args.dataset].class_cond else None,
                                                                args.batch_size, train_seed),
             batch_size=args.batch_size, microbatch=-1, lr=args.lr, ema_rate=str(args.ema_rate), log_interval=1,
             save_interval=args.steps, resume_checkpoint="", weight_decay=0.0, lr_anneal_steps=args.steps,
@@ -276,7 +268,7 @@ def train_diffusion(args, images, labels):
 
 
 def save_diffusion(model, out_dir, dataset="shapes"):
-    name = DATASETS[dataset]["model"]
+    name = DATASETS[dataset].model
     path = out_dir / f"{name}.pt"
     state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     save_checkpoint_file(state, path)
@@ -286,7 +278,7 @@ def save_diffusion(model, out_dir, dataset="shapes"):
         "# data set (see TRAINING.md). flags: upstream flag names; every flag not listed keeps its upstream "
         "default.\n"
     )
-    if DATASETS[dataset]["class_cond"]:
+    if DATASETS[dataset].class_cond:
         # The U-Net keeps upstream's 1000-row label embedding; only labels 0..9 (the shapes) were trained.
         config.update(num_classes=demo_data.NUM_CLASSES, class_names=list(demo_data.CLASS_NAMES))
         header += ("# Sample labels in [0, num_classes): label_emb has upstream's 1000 rows, only the first 10 "
@@ -316,15 +308,15 @@ def train_features(args, images, labels):
     start = time.time()
     net, final_loss = demo_features.train_feature_net(
         images, labels, steps=args.feature_steps, batch_size=args.feature_batch_size, lr=args.feature_lr,
-        seed=args.seed, num_classes=spec["feature_classes"], log_every=args.log_every * 4, log=log,
-        rotations=spec["rotations"],
+        seed=args.seed, num_classes=spec.feature_classes, log_every=args.log_every * 4, log=log,
+        rotations=spec.rotations,
     )
     elapsed = time.time() - start
     held_images, held_labels = feature_data(args.dataset, args.held_out, args.seed + FEATURES_HELD_OUT_SEED_OFFSET)
     acc = demo_features.accuracy(net, held_images, held_labels)
-    log(f"features: held-out accuracy {acc:.4f} on {args.held_out} images ({elapsed:.0f} s)")
+    log(f"features: held-out accuracy {acc:.4f} on {len(held_labels)} images ({elapsed:.0f} s)")
     return net, {"steps": args.feature_steps, "seconds": elapsed, "final_loss": final_loss,
-                 "held_out_accuracy": acc, "threads": th.get_num_threads()}
+                 "held_out_accuracy": acc, "held_out_images": len(held_labels), "threads": th.get_num_threads()}
 
 
 def check_samples(model, n, seed, out_dir, dataset="shapes"):
@@ -335,7 +327,7 @@ def check_samples(model, n, seed, out_dir, dataset="shapes"):
     _, diffusion = create_model_from_flags("diffusion", {**model_flags(dataset), "timestep_respacing": "ddim25"})
     gen = th.Generator().manual_seed(seed)
     noise = th.randn(n, 3, 32, 32, generator=gen)
-    kwargs = {"y": th.arange(n) % demo_data.NUM_CLASSES} if DATASETS[dataset]["class_cond"] else {}
+    kwargs = {"y": th.arange(n) % demo_data.NUM_CLASSES} if DATASETS[dataset].class_cond else {}
     grids = []
     for scale in (0.0, CHECK_PAG_SCALE):
         guided = pag.guide(model, pag.GuidanceConfig(pag_scale=scale, pag_layers=CHECK_PAG_LAYERS))
@@ -370,12 +362,12 @@ def _run_lines(args, argv, data_seconds, threads, device=None):
 
 
 def diffusion_heading(dataset):
-    name = DATASETS[dataset]["model"]
+    name = DATASETS[dataset].model
     return f"## Diffusion model ({name}.pt, {name}.yaml)"
 
 
 def features_heading(dataset):
-    return f"## Feature network ({DATASETS[dataset]['features']})"
+    return f"## Feature network ({DATASETS[dataset].features})"
 
 
 DIFFUSION_HEADING, FEATURES_HEADING = diffusion_heading("shapes"), features_heading("shapes")
@@ -446,11 +438,11 @@ def _record_sections(args, out_dir, data_seconds, diffusion_info, feature_info, 
                   "`demo.data.make_broken_mirror`)" if args.dataset == "mirror" else "")
         lines += [features_title, ""] + _run_lines(args, argv, data_seconds, [f["threads"]]) + [
             "- `demo.features.DemoFeatureNet`: 4 conv blocks -> 128-d pooled features -> "
-            f"{spec['feature_classes']} logits ({f['params']:,} parameters){broken}",
+            f"{spec.feature_classes} logits ({f['params']:,} parameters){broken}",
             f"- training: cross-entropy, Adam one-cycle lr {args.feature_lr}, batch {args.feature_batch_size}, "
-            f"{f['steps']} steps, {'90-degree rotations and flips' if spec['rotations'] else 'flips'}; "
+            f"{f['steps']} steps, {'90-degree rotations and flips' if spec.rotations else 'flips'}; "
             f"{f['seconds'] / 60:.1f} min; final loss {f['final_loss']:.4f}",
-            f"- held-out accuracy: {f['held_out_accuracy']:.4f} on {args.held_out} images "
+            f"- held-out accuracy: {f['held_out_accuracy']:.4f} on {f['held_out_images']} images "
             f"(`make_dataset({args.held_out}, seed={args.seed + FEATURES_HELD_OUT_SEED_OFFSET}, "
             f"kind={args.dataset!r})`{' and its broken class' if args.dataset == 'mirror' else ''})",
             "- its features give the demo's demo-feature FID / precision / recall / classifier score; "
@@ -488,7 +480,7 @@ def main(argv=None):
     if args.what in ("features", "all"):
         net, feature_info = train_features(args, images, labels)
         feature_info["params"] = sum(p.numel() for p in net.parameters())
-        features_path = out_dir / DATASETS[args.dataset]["features"]
+        features_path = out_dir / DATASETS[args.dataset].features
         demo_features.save_demo_feature_net(net, features_path, held_out_accuracy=feature_info["held_out_accuracy"])
         demo_features.load_demo_feature_net(features_path)
     if args.what in ("diffusion", "all"):

@@ -18,6 +18,8 @@ import uuid
 from adm_common.files import read_json_mapping, real_directory, remove_quietly
 
 from .heartbeat import Heartbeat
+
+CLOSE_WAIT_SECONDS = 5.0
 from .settings import SampleConfigError
 
 
@@ -112,4 +114,6 @@ class Claims:
             os.utime(self.path(k), follow_symlinks=False)  # a link put there is not followed
 
     def close(self):
-        self._heartbeat.stop()
+        # Claims touch paths, not descriptors: a touch hung on a stalled file system must not hang the run's
+        # clean-up (SIGTERM included), so the wait is bounded; a late touch only refreshes a claim's mtime.
+        self._heartbeat.stop(timeout=CLOSE_WAIT_SECONDS)

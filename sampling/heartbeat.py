@@ -23,8 +23,9 @@ class Heartbeat:
             except OSError:
                 pass  # a missed beat; the next one tries again
 
-    def stop(self):
-        """End the thread; a touch under way is waited for, so none happens after this returns (the caller may
-        close or remove what it touches)."""
+    def stop(self, timeout=None):
+        """End the thread; a touch under way is waited for (at most ``timeout`` seconds, None: as long as it
+        takes), so none happens after this returns unless it timed out (the caller may close or remove what it
+        touches)."""
         self._stopped.set()
-        self._thread.join()
+        self._thread.join(timeout)

@@ -24,7 +24,7 @@ other in the same process world (one ``mpiexec``), each resuming where it stoppe
 :func:`after_runs` evaluates the finished cells and hands their settings and results to the table code when
 ``ref_batch`` is given; a cell is evaluated again when its ``eval.json`` was computed from another reference
 batch, other samples or other evaluation settings (compared by content hash, not by time). The command line is
-``sampling.cli`` (``scripts/sweep.py``); ``--dry-run`` runs every check a real run runs before sampling.
+``sampling.cli`` (``scripts/sweep.py``); ``--dry_run`` runs every check a real run runs before sampling.
 
 Seeds: ``seeds: N`` runs every cell N times, with seeds ``s0, s0 + 1, ...`` (``s0``: base's ``seed``, default 0;
 sample i depends only on (seed, i), so the runs' samples are independent); ``seeds: [...]``, a list as base's
@@ -281,7 +281,7 @@ def check_cell(cell):
 
 
 def check_cells(sweep, cells, evaluate_fn=None):
-    """Every check before sampling, for ``--dry-run``: {cell name: (problems, notes)}, and the sweep's own
+    """Every check before sampling, for ``--dry_run``: {cell name: (problems, notes)}, and the sweep's own
     problems (the reference batch, evaluation settings) under the key None."""
     found = {cell.name: check_cell(cell) for cell in cells}
     try:

@@ -49,15 +49,28 @@ def test_claims_not_resolved_within_three_stds_and_absent_without_a_spread():
     assert pipeline.demo_claims(ROWS[1:3]) is None  # no baseline row
 
 
-def test_write_claims_reads_the_table_csv(tmp_path):
-    table = tmp_path / "demo.csv"
-    with open(table, "w", newline="") as f:
+def _write_csv(path, rows):
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=sorted({k for row in ROWS for k in row}))
         writer.writeheader()
-        writer.writerows(ROWS)
+        writer.writerows(rows)
+
+
+def test_write_claims_reads_the_table_csv_and_never_leaves_an_old_claim(tmp_path):
+    table = tmp_path / "demo.csv"
+    _write_csv(table, ROWS)
     claims = pipeline.write_claims(table, tmp_path / "claims.json")
     stored = json.loads((tmp_path / "claims.json").read_text())
     assert stored["best_pag_fid_mean"] == claims["best_pag_fid_mean"] == 30.0 and stored["table"] == str(table)
+    _write_csv(table, [dict(row, fid_std="") for row in ROWS])  # a later run with nothing to claim
+    assert pipeline.write_claims(table, tmp_path / "claims.json") is None
+    assert not (tmp_path / "claims.json").exists()
+
+
+def test_claim_text_keeps_a_zero_spread():
+    rows = [dict(row) for row in ROWS[:3]]
+    rows[0]["precision_std"] = "0.0"  # precision moves in steps of 1/N: three equal seeds happen
+    assert "precision by s: 0: 0.300 ± 0.000, 1:" in pipeline.claims_text(pipeline.demo_claims(rows))
 
 
 def test_prepare_draws_the_reference_from_the_models_data_set(tmp_path):

@@ -95,3 +95,27 @@ def test_claims_refresh_the_current_claim_only_while_batches_come(tmp_path):
     finally:
         claims.close()
     assert not threads_named("shard-claim-heartbeat", others)
+
+
+def test_stop_with_a_timeout_does_not_wait_for_a_hung_touch():
+    import threading
+    import time
+
+    from sampling.heartbeat import Heartbeat
+
+    release = threading.Event()
+    started = threading.Event()
+
+    def hung_touch():  # a utime on a stalled file system
+        started.set()
+        release.wait(10)
+
+    beat = Heartbeat(hung_touch, 0.01, "test-hung-heartbeat")
+    assert started.wait(5)
+    t0 = time.monotonic()
+    beat.stop(timeout=0.2)
+    assert time.monotonic() - t0 < 2
+    assert beat._thread.is_alive()  # still in the touch; stop() returned anyway
+    release.set()
+    beat._thread.join(5)
+    assert not beat._thread.is_alive()
