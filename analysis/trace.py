@@ -280,11 +280,11 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
     guided.observer = lambda **values: seen.update(values)
     cond_fn = pag.classifier_cond_fn(classifier, config.classifier_scale) if classifier is not None else None
     shown_set = set(shown)
-    step_box = {"step": 0}
+    next_step = {"step": 0}  # the step that model_fn's next call belongs to: maps are kept at shown steps only
 
     def model_fn(x, t, y=None, **kwargs):
         seen.clear()
-        probe.start(x.shape[0], step_box["step"] in shown_set)
+        probe.start(x.shape[0], bool(strip) and next_step["step"] in shown_set)
         try:
             out = guided(x, t, y=y, **kwargs) if class_cond else guided(x, t, **kwargs)
         finally:
@@ -385,6 +385,7 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
             for name in probe.blocks:
                 maps[name].append(probe.maps[name][strip])
         final = out["sample"]
+        next_step["step"] = step + 1
     return {"stats": {k: th.stack(v).double().numpy() for k, v in stats.items()},
             "images": {k: th.stack(v) for k, v in images.items() if v},
             "entropy": {k: np.stack(v) for k, v in entropy.items()},

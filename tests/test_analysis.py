@@ -13,7 +13,7 @@ import analysis
 import pag
 from analysis import cli as analysis_cli
 from analysis.report import COMPARE_COLUMNS, CURVE_COLUMNS, ENTROPY_COLUMNS
-from analysis.trace import STATS, TraceOptions, shown_step_numbers
+from analysis.trace import STATS, TraceOptions, _AttentionProbe, shown_step_numbers
 from sampling.models import build_classifier, build_diffusion, build_model, load_models
 from sampling.sampler import Sampler, sample_labels, sample_seeds
 from sampling.settings import resolve_settings
@@ -50,6 +50,21 @@ def tiny(tmp_path_factory):
 
 def rms(x):
     return x.flatten(1).pow(2).mean(dim=1).sqrt()
+
+
+def test_attention_maps_are_taken_at_the_shown_steps_of_a_chunk_with_strip_samples_only(tiny, monkeypatch):
+    asked, start = [], _AttentionProbe.start
+
+    def recording_start(probe, rows, want_maps):
+        asked.append(want_maps)
+        start(probe, rows, want_maps)
+
+    monkeypatch.setattr(_AttentionProbe, "start", recording_start)
+    result = analysis.trace(tiny["settings"](), tiny["models"], CPU, [0, 1, 2],
+                            options=TraceOptions(shown_steps=3, strip_rows=[0]))
+    assert result.shown == [0, 2, 5]
+    # Batches of 2: samples 0 and 1 (the strip sample 0 among them), then sample 2 (no strip sample).
+    assert asked == [step in result.shown for step in range(6)] + [False] * 6
 
 
 def test_trace_samples_as_the_sampler_and_shapes(tiny):
