@@ -12,12 +12,15 @@ or Inception Score, and are not comparable with published numbers.
 ``evaluate(..., feature_net=PATH, feature_extractor="demo.features:DemoFeatures")``.
 """
 
+import os
+
 import numpy as np
 import torch as th
 import torch.nn as nn
 import torch.nn.functional as F
 
 from adm_common.files import atomic_open
+from evaluations.features import DEMO_FEATURES_MARK, FeatureNetwork
 from guided_diffusion.checkpoint import read_checkpoint
 
 DEFAULT_WIDTHS = (32, 64, 128, 128)
@@ -166,27 +169,26 @@ def train_feature_net(images, labels, steps=600, batch_size=128, lr=2e-3, seed=0
     return net, final
 
 
-class DemoFeatures:
-    """The evaluator's extractor interface (see ``evaluations.features.InceptionFeatures``) on the demo's
-    feature network: ``pool`` = its pooled features, ``logits`` = its class logits (so "IS" is a classifier
-    score over the demo's classes), ``spatial`` = the first 7 channels of its last feature map in H, W, C
-    order (the demo's stand-in for sFID's spatial features). Every result is marked DEMO-FEATURES.
+def _existing(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"demo feature network {path} not found: make train-demo writes it")
+    return path
+
+
+class DemoFeatures(FeatureNetwork):
+    """The evaluator's extractor interface (``evaluations.features.FeatureNetwork``, as Inception and DINOv2) on
+    the demo's feature network: ``pool`` = its pooled features, ``logits`` = its class logits (so "IS" is a
+    classifier score over the demo's classes), ``spatial`` = the first 7 channels of its last feature map in H, W,
+    C order (the demo's stand-in for sFID's spatial features). Every result is marked DEMO-FEATURES.
     """
 
-    random_weights = False
     spatial_channels = 7
 
     def __init__(self, path, device=None):
-        from adm_common.files import file_sha256
-        from evaluations.features import DEMO_FEATURES_MARK
-
-        self.device = th.device(device or "cpu")
-        self.weights_path = str(path)
-        self.net = load_demo_feature_net(path, device=self.device)
+        super().__init__("demo-features", _existing, path, allow_random_weights=False, device=device or "cpu",
+                         seed=0, meaningless="")
         self.marker = DEMO_FEATURES_MARK
-        self.id = f"demo-features:sha256={file_sha256(path)[:16]}"
-        self.num_calls = 0
-        self.num_images = 0
+        self.net = load_demo_feature_net(path, device=self.device)
 
     @th.no_grad()
     def __call__(self, images):

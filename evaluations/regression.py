@@ -20,6 +20,7 @@ from evaluations.evaluator import evaluate  # noqa: E402
 from evaluations.metrics import METRIC_KEYS, METRICS_BY_KEY  # noqa: E402
 from evaluations.features import WEIGHTS_FILENAME, WEIGHTS_URL, default_weights_path  # noqa: E402
 from evaluations.reference import default_cache_dir  # noqa: E402
+from adm_common.flags import FlagParser  # noqa: E402
 
 _BASE = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
 REF_FILE = "VIRTUAL_imagenet256_labeled.npz"
@@ -80,7 +81,7 @@ def format_comparison(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(separator="-", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ref", default=os.path.join(DEFAULT_DIR, REF_FILE))
     p.add_argument("--sample", default=os.path.join(DEFAULT_DIR, SAMPLE_FILE))
     p.add_argument("--inception-weights", default=None, help=f"default: {default_weights_path()}")
