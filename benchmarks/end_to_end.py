@@ -13,6 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from adm_common.files import file_sha256
+from adm_common.npz import samples_filename
 
 from .models import ARCHS, DDIM_STEPS, PAG_SCALE, TINY_FLAGS, build, diffusion_flags
 from .timing import sync
@@ -80,7 +81,7 @@ def check_sampler(device, profile, tiny, num_channels, seed, out_dir):
     command = "python scripts/image_sample.py " + " ".join(argv)
     result = {"command": command, "num_samples": n, "batch_size": batch, "ok": False}
     size = flags["image_size"]
-    final = run_dir / f"samples_{n}x{size}x{size}x3.npz"
+    final = run_dir / samples_filename(n, size, size)
     start = time.perf_counter()
     code = cli.main(argv)
     result["first_run_s"] = time.perf_counter() - start
@@ -115,12 +116,11 @@ def check_sampler(device, profile, tiny, num_channels, seed, out_dir):
 
     # Host synchronisations per step, at two batch sizes (they must not grow with the batch).
     settings = cli.resolve_cli(argv + ["--out_dir", str(work / "sync")])
-    device_obj = torch.device(device)
-    sampler = sampling.Sampler(settings, sampling.load_models(settings, device_obj), device_obj)
+    sampler = sampling.Sampler(settings, sampling.load_models(settings, device), device)
     steps = sampler.diffusion.num_timesteps
-    result["host_syncs_per_step"] = {str(b): count_host_syncs(sampler, list(range(b)), device_obj, steps)
+    result["host_syncs_per_step"] = {str(b): count_host_syncs(sampler, list(range(b)), device, steps)
                                      for b in profile.sync_batches}
-    result["host_syncs_method"] = ("torch.cuda.set_sync_debug_mode warnings" if device_obj.type == "cuda" else
+    result["host_syncs_method"] = ("torch.cuda.set_sync_debug_mode warnings" if device.type == "cuda" else
                                    "CPU: host reads of tensor values (aten._local_scalar_dense), which synchronise "
                                    "on CUDA; blocking host-to-device copies are not visible on the CPU")
     counts = list(result["host_syncs_per_step"].values())
