@@ -418,15 +418,10 @@ def main(argv=None):
     except (DistSetupError, ValueError) as e:  # the rendezvous does not answer, a bad PAG_DIST_* value
         print(f"[rank {detect_launch().rank}] error: {e}", file=sys.stderr)
         return 2
+    options = {key: value for key, value in vars(args).items() if key in EVALUATION_OPTIONS}  # same names
+    options.update(cache_dir=None if args.no_cache else args.cache_dir, progress=not args.no_progress)
     try:
-        result = evaluate(
-            args.ref_batch, args.sample_batch, json_path=args.json, dist=dist, batch_size=args.batch_size,
-            device=args.device, inception_weights=args.inception_weights,
-            allow_random_weights=args.allow_random_weights, cache_dir=None if args.no_cache else args.cache_dir,
-            cache_samples=args.cache_samples, progress=not args.no_progress, feature_net=args.feature_net,
-            feature_extractor=args.feature_extractor, metrics=args.metrics, pr_precision=args.pr_precision,
-            dinov2_weights=args.dinov2_weights, min_samples=args.min_samples, bootstrap=args.bootstrap,
-            bootstrap_seed=args.bootstrap_seed)
+        result = evaluate(args.ref_batch, args.sample_batch, json_path=args.json, dist=dist, **options)
     except (MissingInceptionWeights, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -172,6 +172,11 @@ def test_npz_with_an_npy_version_numpy_does_not_write_is_refused_by_name(tmp_pat
         NpzImages(path)
 
 
+def test_every_evaluator_flag_reaches_evaluate_under_its_own_name():
+    flags = set(vars(ev.build_parser().parse_args(["ref.npz", "sample.npz"])))
+    assert flags - set(ev.EVALUATION_OPTIONS) == {"ref_batch", "sample_batch", "json", "no_cache", "no_progress"}
+
+
 def test_the_evaluator_cache_and_the_hash_memo_live_under_xdg_cache_home(tmp_path, monkeypatch):
     from adm_common.files import user_cache_dir
     from evaluations.reference import default_cache_dir
