@@ -155,8 +155,11 @@ def claims_text(claims):
 def write_claims(table_csv, path):
     """``claims.json`` from the sweep's table CSV (see :func:`demo_claims`); None, and an earlier ``claims.json``
     removed, when the table has nothing to claim (a claim of another run is never left standing)."""
-    with open(table_csv, newline="") as f:
-        claims = demo_claims(list(csv.DictReader(f)))
+    rows = []
+    if os.path.exists(table_csv):  # a table without its CSV (none written) claims nothing
+        with open(table_csv, newline="") as f:
+            rows = list(csv.DictReader(f))
+    claims = demo_claims(rows)
     if claims is None:
         if os.path.lexists(path):
             os.remove(path)

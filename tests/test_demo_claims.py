@@ -90,3 +90,9 @@ def test_prepare_draws_the_reference_from_the_models_data_set(tmp_path):
     with pytest.raises(SystemExit, match="model 'other' is none of the demo's models"):
         (tmp_path / "other.yaml").write_text(yaml.safe_dump({"name": "other", "kind": "diffusion", "flags": {}}))
         pipeline.model_dataset({"base": {"model": str(tmp_path / "other.yaml")}})
+
+
+def test_write_claims_without_a_table_csv_claims_nothing(tmp_path):
+    (tmp_path / "claims.json").write_text('{"resolved": true}\n')  # from an earlier run
+    assert pipeline.write_claims(tmp_path / "missing.csv", tmp_path / "claims.json") is None
+    assert not (tmp_path / "claims.json").exists()
