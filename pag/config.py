@@ -18,18 +18,19 @@ SCHEDULES = ("constant", "linear", "adaptive")
 LIST_SETTINGS = ("pag_layers", "guidance_interval", "pag_heads")  # lists: comma-separated as flags
 
 GUIDANCE_HELP = {
-    "pag_scale": "PAG scale s of eps + s * (eps - eps_perturbed); 0 = no PAG, one forward pass (the authors' "
-                 "--guide_scale is 1 + s)",
+    "pag_scale": "PAG scale s of eps + s * (eps - eps_perturbed): a finite number; 0 = no PAG, one forward pass "
+                 "per step (the authors' --guide_scale is 1 + s)",
     "pag_layers": "comma-separated attention blocks (names or globs, as in model.named_modules()) to perturb",
     "pag_heads": "comma-separated head indices the perturbation applies to in every perturbed block, the other "
                  "heads attending normally (SoftPAG's head selection, Ahn et al. 2025); empty = all heads; not "
                  "with skip",
-    "perturbation": "how the attention of pag_layers is perturbed: " + ", ".join(perturbation_names()),
+    "perturbation": "how the attention of pag_layers is perturbed: one of " + ", ".join(perturbation_names()),
     "guidance_interval": "lo,hi: original timesteps where PAG/SAG apply",
-    "pag_schedule": "how s changes over the timesteps: " + ", ".join(SCHEDULES),
+    "pag_schedule": "how s changes over the timesteps: one of " + ", ".join(SCHEDULES),
     "pag_scale_end": "linear schedule: s at t = 0",
     "pag_adaptive_scale": "adaptive schedule: max(0, s - pag_adaptive_scale * (1000 - t))",
-    "sag_scale": "self-attention guidance scale (Hong et al. 2023; their --guide_scale is 1 + sag_scale)",
+    "sag_scale": "self-attention guidance scale: a finite number; 0 = no SAG (Hong et al. 2023; their "
+                 "--guide_scale is 1 + sag_scale)",
     "sag_layer": "attention block whose map SAG reads",
     "sag_blur_sigma": "SAG's Gaussian blur sigma",
     "classifier_scale": "classifier guidance scale (needs --classifier_path)",

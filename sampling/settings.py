@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 import pag
-from pag.config import LIST_SETTINGS, SCHEDULES
+from pag.config import LIST_SETTINGS
 from pag.perturbations import PARAMS as PERTURBATION_PARAMS
 from pag.perturbations import REGISTRY as PERTURBATIONS
 from guided_diffusion.respace import space_timesteps
@@ -63,16 +63,6 @@ LABEL_ORDERS = ("random", "balanced")
 POSITIVE = dict(check=lambda value: value > 0, requirement="be positive")
 _DIFFUSION = diffusion_defaults()
 CLASSIFIER_FLAGS = tuple(k for k in classifier_defaults() if k != "image_size")
-# Flag help naming the allowed values, in place of pag.guidance_help's text for these four (pag/config.py's
-# GUIDANCE_HELP should take this wording; then this goes).
-_GUIDANCE_FLAG_HELP = dict(
-    pag_scale="PAG scale s of eps + s * (eps - eps_perturbed): a finite number; 0 = no PAG, one forward pass per "
-              "step (the authors' --guide_scale is 1 + s)",
-    perturbation="how the attention of pag_layers is perturbed: one of " + ", ".join(PERTURBATIONS),
-    pag_schedule="how s changes over the timesteps: one of " + ", ".join(SCHEDULES),
-    sag_scale="self-attention guidance scale: a finite number; 0 = no SAG (Hong et al. 2023; their "
-              "--guide_scale is 1 + sag_scale)",
-)
 
 
 def _upstream(group, defaults, **checks):
@@ -80,7 +70,7 @@ def _upstream(group, defaults, **checks):
 
 
 def _guidance():
-    help_texts = dict(pag.guidance_help(), **_GUIDANCE_FLAG_HELP)
+    help_texts = pag.guidance_help()
     return [Setting(name, "guidance", default, help_texts[name]) for name, default in pag.guidance_defaults().items()]
 
 
