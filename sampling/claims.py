@@ -61,9 +61,10 @@ class Claims:
         path, note = self.path(k), None
         if not self._create(path):
             try:
-                age = time.time() - os.stat(path).st_mtime
+                judged = os.stat(path, follow_symlinks=False)
             except FileNotFoundError:
                 return False, None
+            age = time.time() - judged.st_mtime
             if age <= self.lease:
                 return False, None
             holder = read_json_mapping(path)
@@ -71,6 +72,16 @@ class Claims:
             try:
                 os.rename(path, stale)  # atomic: of several ranks seeing the stale claim, one moves it
             except FileNotFoundError:
+                return False, None
+            moved = os.stat(stale, follow_symlinks=False).st_ino
+            if moved != judged.st_ino or read_json_mapping(stale) != holder:  # an inode may be reused at once
+                # Another rank took the stale claim over between our look and our move: what we moved is its
+                # fresh claim. Put it back (unless a third claim is there by now) and leave the shard to it.
+                try:
+                    os.link(stale, path)
+                except OSError:
+                    pass
+                remove_quietly(stale)
                 return False, None
             remove_quietly(stale)
             if not self._create(path):

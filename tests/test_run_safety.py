@@ -958,3 +958,32 @@ def test_rows_of_a_merged_batch_are_read_in_one_pass(tmp_path, monkeypatch):
         np.testing.assert_array_equal(got_labels, labels[start:end])
     # The CRC check reads the member once, the rows once more: not again up to each shard.
     assert read["arr_0.npy"] <= 2 * images.nbytes + 1024, read
+
+
+def test_a_stale_claim_taken_over_twice_at_once_goes_to_one_rank(tmp_path, monkeypatch):
+    """Rank B judges shard 0's claim stale; before B moves it, rank A takes it over (a fresh claim, a new file):
+    B's move then catches A's claim, puts it back and leaves the shard to A (sampling it twice wasted a shard)."""
+    import sampling.claims as claims_module
+    from sampling.claims import Claims
+
+    plan = claims_plan(tmp_path, lease=1.0)
+    a, b = Claims(plan, 0), Claims(plan, 1)
+    try:
+        path = a.path(0)
+        Path(path).write_text('{"rank": 2, "token": "dead"}')
+        os.utime(path, (time.time() - 60, time.time() - 60))  # a claim of a dead rank
+        real_rename = os.rename
+
+        def a_takes_over_first(src, dst):
+            if src == path and dst.endswith(b.token):
+                monkeypatch.setattr(claims_module.os, "rename", real_rename)
+                assert a.try_claim(0)[0]  # A moves the dead claim away and writes its own
+            return real_rename(src, dst)
+
+        monkeypatch.setattr(claims_module.os, "rename", a_takes_over_first)
+        assert b.try_claim(0) == (False, None)
+        assert a.owned(0) and not b.owned(0)
+        assert sorted(os.listdir(plan.claims_dir)) == ["shard_000000.claim"]  # no stale file left behind
+    finally:
+        a.close()
+        b.close()
