@@ -290,21 +290,19 @@ def save_diffusion(model, out_dir, dataset="shapes"):
     return path
 
 
-def feature_data(dataset, n, seed):
-    """The feature net's images and labels: ``n`` images of the data set; for the mirror set a fifth as many
-    again of its "broken" class (demo.data.make_broken_mirror), so the features see whether halves agree."""
-    images, labels = demo_data.make_dataset(n, seed, kind=dataset)
+def feature_data(dataset, images, labels, seed):
+    """The feature net's images and labels: those of the data set; for the mirror set a fifth as many again of
+    its "broken" class (demo.data.make_broken_mirror, with ``seed``), so the features see whether halves agree."""
     if dataset != "mirror":
         return images, labels
-    broken = [demo_data.make_broken_mirror(seed, i) for i in range(max(n // 5, 1))]
+    broken = [demo_data.make_broken_mirror(seed, i) for i in range(max(len(labels) // 5, 1))]
     return (np.concatenate([images, np.stack([image for image, _ in broken])]),
             np.concatenate([labels, np.array([label for _, label in broken], dtype=np.int64)]))
 
 
 def train_features(args, images, labels):
     spec = DATASETS[args.dataset]
-    if args.dataset == "mirror":
-        images, labels = feature_data(args.dataset, args.num_images, args.seed)
+    images, labels = feature_data(args.dataset, images, labels, args.seed)
     start = time.time()
     net, final_loss = demo_features.train_feature_net(
         images, labels, steps=args.feature_steps, batch_size=args.feature_batch_size, lr=args.feature_lr,
@@ -312,7 +310,9 @@ def train_features(args, images, labels):
         rotations=spec.rotations,
     )
     elapsed = time.time() - start
-    held_images, held_labels = feature_data(args.dataset, args.held_out, args.seed + FEATURES_HELD_OUT_SEED_OFFSET)
+    held_seed = args.seed + FEATURES_HELD_OUT_SEED_OFFSET
+    held_images, held_labels = feature_data(args.dataset, *demo_data.make_dataset(args.held_out, held_seed,
+                                                                                  kind=args.dataset), held_seed)
     acc = demo_features.accuracy(net, held_images, held_labels)
     log(f"features: held-out accuracy {acc:.4f} on {len(held_labels)} images ({elapsed:.0f} s)")
     return net, {"steps": args.feature_steps, "seconds": elapsed, "final_loss": final_loss,
