@@ -1,35 +1,9 @@
-"""Sweeps: a base configuration and a grid of values, one resumable sampling run per grid cell.
+"""Sweeps: a base configuration and a grid of values, one resumable sampling run per grid cell (the config format,
+cell names and ``seeds:``: docs/sampling.md#sweeps; the command line: ``sampling.cli``, ``scripts/sweep.py``).
 
-    out_dir: results/pag_scale_sweep     # each cell samples into out_dir/<cell name>
-    base:                                # settings of every cell (flag names, as in a --config file)
-      model: 256x256_diffusion
-      num_samples: 50000
-      batch_size: 32
-    grid:                                # every combination of these values is a cell
-      pag_scale: [0, 1, 2, 3, 4]
-      sampler:                           # an axis that is not a flag: each value is a bundle of flags
-        - {name: ddpm250, timestep_respacing: "250"}
-        - {name: ddim25, timestep_respacing: ddim25, use_ddim: true}
-    ref_batch: downloads/refs/VIRTUAL_imagenet256_labeled.npz   # optional: evaluate the cells, make the table
-    evaluation: {batch_size: 64}         # optional: keyword arguments of evaluations.evaluator.evaluate
-    name: pag_scale_sweep                # optional: the table's name (default: out_dir's name)
-    anchors: []                          # optional: published numbers printed below ours in the table
-    seeds: 3                             # optional: every cell once per seed (or a list: seeds: [0, 1, 2])
-    table: {minimum: true}               # optional: also the minimum over the seeds (EDM2's FID)
-
-A cell's name joins ``key-value`` for each grid axis with ``__`` (``pag_scale-3__sampler-ddim25``; a bundle
-contributes its ``name``). Grid values override base ones. Every cell is checked (settings, checkpoints,
-out_dir, model flags, guidance layers) before the first sample is drawn; then the cells run one after the
-other in the same process world (one ``mpiexec``), each resuming where it stopped. Afterwards
-:func:`after_runs` evaluates the finished cells and hands their settings and results to the table code when
-``ref_batch`` is given; a cell is evaluated again when its ``eval.json`` was computed from another reference
-batch, other samples or other evaluation settings (compared by content hash, not by time). The command line is
-``sampling.cli`` (``scripts/sweep.py``); ``--dry_run`` runs every check a real run runs before sampling.
-
-Seeds: ``seeds: N`` runs every cell N times, with seeds ``s0, s0 + 1, ...`` (``s0``: base's ``seed``, default 0;
-sample i depends only on (seed, i), so the runs' samples are independent); ``seeds: [...]``, a list as base's
-``seed:`` or a grid axis ``seed:`` name the seeds. Each run is a cell of its own, ``<cell>__seed-<s>`` (its own
-out_dir, resumable), and the table merges the runs of a cell into one row, mean ± std over the seeds.
+Every cell is checked (settings, checkpoints, out_dir, model flags, guidance layers) and locked before the first
+sample is drawn, by the same plan function a run uses (``check_only``); then the cells run one after the other in
+the same process world, each resuming where it stopped, and :func:`after_runs` evaluates them and makes the table.
 """
 
 import dataclasses
@@ -184,21 +158,15 @@ def _seeds(path, data, base, grid):
             {k: v for k, v in grid.items() if k != "seed"})
 
 
-def _value_text(value):
-    if isinstance(value, dict):
-        return str(value.get("name", ""))
-    if isinstance(value, (list, tuple)):
-        return "+".join(str(v) for v in value)
-    return str(value)
-
-
 def cell_name(assignments):
-    """The directory name of a cell: ``axis-value`` parts joined with ``__``, file-system safe."""
+    """The directory name of a cell: ``axis-value`` parts joined with ``__`` (a bundle gives its name, a list its
+    values joined with ``+``), file-system safe."""
     if not assignments:
         return "base"
     parts = []
     for axis, value in assignments.items():
-        text = _value_text(value)
+        text = str(value.get("name", "")) if isinstance(value, dict) else \
+            "+".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
         parts.append(f"{axis}-{text}" if text else axis)
     name = re.sub(r"[^A-Za-z0-9._+-]+", "_", "__".join(parts)).strip("._") or "cell"
     if len(name) > MAX_NAME:
@@ -213,11 +181,9 @@ def expand(sweep, overwrite=False):
     names = [axis for axis, _ in sweep.axes]
     for combo in itertools.product(*[values for _, values in sweep.axes]):
         assignments = dict(zip(names, combo))
-        unnamed = [a for a, v in assignments.items() if isinstance(v, dict) and not v.get("name")]
-        if unnamed:  # bundles without a name are numbered by position
-            for axis in unnamed:
-                values = dict(sweep.axes)[axis]
-                assignments[axis] = dict(assignments[axis], name=f"{values.index(assignments[axis])}")
+        for axis, value in assignments.items():  # bundles without a name are numbered by position
+            if isinstance(value, dict) and not value.get("name"):
+                assignments[axis] = dict(value, name=str(dict(sweep.axes)[axis].index(value)))
         overrides = {}
         for axis, value in assignments.items():
             if isinstance(value, dict):
@@ -292,14 +258,14 @@ def check_cells(sweep, cells, evaluate_fn=None):
     return found
 
 
-def describe(sweep, cells, checks=None):
-    """The dry-run listing: each cell, its grid settings, status and an equivalent command; with ``checks``
-    (:func:`check_cells`), what a real run would refuse. Returns the text, or (text, problems) with checks."""
+def describe(sweep, cells, checks):
+    """The dry-run listing: each cell, its grid settings, status and an equivalent command, and what a real run
+    would refuse (``checks``: :func:`check_cells`). Returns (text, problems)."""
     lines = [f"{len(cells)} cell(s) in {sweep.out_dir}:"]
     problems = []
     for cell in cells:
         settings = ", ".join(f"{k}={v}" for k, v in cell.overrides.items()) or "(base only)"
-        cell_problems, notes = (checks or {}).get(cell.name, ([], []))
+        cell_problems, notes = checks[cell.name]
         status = f"invalid: {cell_problems[0].splitlines()[0]}" if cell_problems else cell_status(cell)
         if any(note.startswith("--overwrite") for note in notes):
             status = "another configuration: --overwrite replaces it"
@@ -307,15 +273,12 @@ def describe(sweep, cells, checks=None):
         lines.extend(f"    {note}" for note in notes)
         lines.append(f"    {to_command(cell.settings)}")
         problems += [f"cell {cell.name}: {p}" for p in cell_problems]
-    if checks is not None:
-        problems += checks.get(None, ([], []))[0]
+    problems += checks[None][0]
     if sweep.ref_batch:
         lines.append(f"then: evaluate each cell against {sweep.ref_batch} (eval.json) and write the table to "
                      f"{os.path.join(sweep.out_dir, 'table')}")
     else:
         lines.append("no ref_batch: cells are not evaluated")
-    if checks is None:
-        return "\n".join(lines)
     lines += [f"error: {p}" for p in problems]
     return "\n".join(lines), problems
 

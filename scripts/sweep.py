@@ -4,7 +4,7 @@
     python scripts/sweep.py configs/experiments/ablation_scale.yaml --dry_run    # list cells and commands
     mpiexec -n 8 python scripts/sweep.py configs/experiments/ablation_scale.yaml # sample every cell (resumable)
 
-See sampling/sweep.py for the config format.
+See docs/sampling.md#sweeps for the config format.
 """
 
 import os
