@@ -17,18 +17,6 @@ from .execute import POLL_SECONDS, PeerFailedError, Rank0Watch
 from .settings import SampleConfigError, plain, sampler_label
 
 
-def _evaluate_fn():
-    from evaluations.evaluator import evaluate
-
-    return evaluate
-
-
-def _table_fn():
-    from evaluations.table import make_table_from_results
-
-    return make_table_from_results
-
-
 def check_evaluation(sweep, evaluate_fn=None):
     """Before sampling: the reference batch exists, ``evaluation:`` holds valid options of evaluate() (of
     ``evaluate_fn`` when given: its arguments) and the table's directory (``out_dir/table``) is not a symbolic
@@ -84,10 +72,8 @@ def _stale_reason(recorded, inputs):
 
 
 def _evaluate_cells(cells, sweep, evaluate_fn):
-    """Evaluate each cell whose eval.json is not of its current inputs (on this process alone); returns the
-    results. The inputs (content hashes of the reference and the samples, the evaluation settings and the
-    files they name) are recorded in eval.json under ``sweep_inputs``; eval.json is written once per evaluation,
-    by the evaluator's one writer."""
+    """Evaluate each cell whose eval.json does not record its current inputs (on this process alone; the inputs go
+    into eval.json under ``sweep_inputs``, written once, by the evaluator's one writer); returns the results."""
     import torch
 
     from evaluations.evaluator import RESULT_FORMAT, write_result
@@ -137,8 +123,10 @@ def _evaluate_and_tabulate(cells, sweep, evaluate_fn, table_fn):
              "json": os.path.join(cell.out_dir, "eval.json")} for cell, result in zip(cells, results)]
     experiment = sweep.name or os.path.basename(os.path.normpath(sweep.out_dir))
     table = real_directory(sweep.out_dir, os.path.basename(table_dir(sweep)), error=SampleConfigError)  # no link
+    if table_fn is None:
+        from evaluations.table import make_table_from_results as table_fn
     # Runs of a cell over seeds (<cell>__seed-<s>) become one row there; sweep.table: e.g. {minimum: true}.
-    out = (table_fn or _table_fn())(runs, table, anchors=sweep.anchors, experiment=experiment, **sweep.table)
+    out = table_fn(runs, table, anchors=sweep.anchors, experiment=experiment, **sweep.table)
     logger.log(f"table written to {table}")
     return out
 
@@ -155,19 +143,15 @@ def evaluation_markers(sweep):
 
 
 def after_runs(cells, sweep, evaluate_fn=None, table_fn=None):
-    """The evaluation seam: evaluate each finished cell (``eval.json`` in its directory) and make the table
-    from the cells' settings and results.
-
-    Does nothing without ``ref_batch``. Rank 0 evaluates (on its GPU); the other ranks wait by polling for
-    its done (or failed) marker file, not in a collective, so a long evaluation cannot time them out. An
-    evaluation error is raised on every rank. Returns the table's result on rank 0, else None. A cell whose
-    eval.json records its current inputs (see :func:`_evaluate_cells`) is not evaluated again.
-    """
+    """The evaluation seam (see the module's docstring); nothing without ``ref_batch``. Ranks other than 0 poll
+    for rank 0's marker, not wait in a collective, so a long evaluation cannot time them out; an evaluation error
+    is raised on every rank. Returns the table's result on rank 0, else None."""
     if not sweep.ref_batch:
         if dist_util.get_rank() == 0:
             logger.log("no ref_batch in the sweep config: skipping evaluation")
         return None
-    evaluate_fn = evaluate_fn or _evaluate_fn()
+    if evaluate_fn is None:
+        from evaluations.evaluator import evaluate as evaluate_fn
     done, failed = evaluation_markers(sweep)
     result = None
     if dist_util.get_rank() == 0:
