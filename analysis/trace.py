@@ -41,7 +41,7 @@ from guided_diffusion.attention import attention_map
 from guided_diffusion.unet import attention_blocks
 from pag.guidance import guidance_step
 from sampling.images import to_uint8_nhwc
-from sampling.sampler import sample_draws
+from sampling.sampler import Sampler, sample_draws
 
 STATS = ("pag_scale", "eps_rms", "pag_rms", "sag_rms", "cg_rms", "cos_pag_cg", "guidance_share",
          "icg_rms", "apg_rms", "rescale_rms", "icg_share", "apg_share", "rescale_share")
@@ -268,34 +268,34 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
     s = settings
     model = models.model
     batch = len(indices)
-    classifier = models.classifier
-    draws = sample_draws(s, indices, device, with_labels=bool(s.model.class_cond or classifier is not None))
-    randn_like, model_kwargs, labels = draws.randn_like, draws.model_kwargs, draws.labels
-    row_seeds = model_kwargs["row_seeds"]
-    class_cond = s.model.class_cond
-    net_kwargs = {"y": model_kwargs["y"]} if class_cond else {}
-
-    guided = pag.guide(model, config, diffusion=diffusion, num_classes=s.sampling.num_classes)  # as the sampler
     seen = {}
-    guided.observer = lambda **values: seen.update(values)
-    cond_fn = pag.classifier_cond_fn(classifier, config.classifier_scale) if classifier is not None else None
     shown_set = set(shown)
     next_step = {"step": 0}  # the step that model_fn's next call belongs to: maps are kept at shown steps only
 
-    def model_fn(x, t, y=None, **kwargs):
-        seen.clear()
-        probe.start(x.shape[0], bool(strip) and next_step["step"] in shown_set)
-        try:
-            out = guided(x, t, y=y, **kwargs) if class_cond else guided(x, t, **kwargs)
-        finally:
-            probe.stop()
-        seen["output"] = out
-        return out
+    def recording(guided_fn):
+        def model_fn(x, t, **kwargs):
+            seen.clear()
+            probe.start(x.shape[0], bool(strip) and next_step["step"] in shown_set)
+            try:
+                seen["output"] = guided_fn(x, t, **kwargs)
+            finally:
+                probe.stop()
+            return seen["output"]
+
+        return model_fn
+
+    # The sampler's own guided model, labels, classifier guidance and draws; a fresh guided model (guided=None), as
+    # the observer is set on it, and uncompiled, so the hooks record the clean pass.
+    run = dataclasses.replace(s, guidance=config, runtime=dataclasses.replace(s.runtime, compile=False))
+    sampler = Sampler(run, dataclasses.replace(models, guided=None), device, model_wrapper=recording)
+    sampler.guided.observer = lambda **values: seen.update(values)
+    draws = sampler.draws(indices)
+    row_seeds = draws.model_kwargs["row_seeds"]
+    net_kwargs = {"y": draws.model_kwargs["y"]} if s.model.class_cond else {}
 
     def recording_cond_fn(x, t, **kwargs):
-        gradient = cond_fn(x, t, **kwargs)
-        seen["gradient"] = gradient
-        return gradient
+        seen["gradient"] = sampler.cond_fn(x, t, **kwargs)
+        return seen["gradient"]
 
     use_ddim = s.sampling.use_ddim
     clip = s.sampling.clip_denoised
@@ -327,9 +327,9 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
     entropy = {name: [] for name in probe.blocks}
     maps = {name: [] for name in probe.blocks}
     final = None
-    for step, out in enumerate(loop(model_fn, (batch, channels, s.model.image_size, s.model.image_size),
-                                    clip_denoised=clip, cond_fn=recording_cond_fn if cond_fn else None,
-                                    model_kwargs=model_kwargs, device=device, randn_like=randn_like)):
+    for step, out in enumerate(loop(sampler.model_fn, (batch, channels, s.model.image_size, s.model.image_size),
+                                    clip_denoised=clip, cond_fn=recording_cond_fn if sampler.cond_fn else None,
+                                    model_kwargs=draws.model_kwargs, device=device, randn_like=draws.randn_like)):
         index = steps - 1 - step
         x, t, eps = seen["x"], seen["t"], seen["eps"].float()
         output = seen["output"]
@@ -390,7 +390,7 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
             "images": {k: th.stack(v) for k, v in images.items() if v},
             "entropy": {k: np.stack(v) for k, v in entropy.items()},
             "maps": {k: th.stack(v) for k, v in maps.items() if v},
-            "labels": labels, "samples": to_uint8_nhwc(final)}
+            "labels": draws.labels, "samples": to_uint8_nhwc(final)}
 
 
 def _merge(result, chunks, probe):
