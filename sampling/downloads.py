@@ -5,18 +5,9 @@
     python scripts/download.py inception
     python scripts/download.py list
 
-What is available comes from configs/models/*.yaml and configs/refs.yaml.  Files go to
-./downloads/models, ./downloads/refs, and (Inception) torch hub's checkpoints directory, where
-torch-fidelity looks for them; ``--dest DIR`` puts them elsewhere.
-
-Each download is resumable: bytes go to ``FILE.part`` (continued with an HTTP Range request after
-an interruption, here or in a later run) and the file gets its final name only once it is complete
-and verified by loading it with the readers that will use it: a checkpoint (the fork's reader) must hold
-exactly the parameter names and shapes of the model its flags build, an npz must pass its CRC checks and
-hold images the evaluator reads in ``arr_0``, and well-formed ``mu``/``sigma`` statistics if it has them.
-Its size and sha256 go into a manifest (./downloads/manifest.json); later runs skip files that are present
-and match it, and stop with an error when a file no longer does. A file that is present is never replaced
-unless ``--force`` is given.
+What is available comes from configs/models/*.yaml and configs/refs.yaml. Resumable (``FILE.part``, HTTP Range),
+verified by loading with the readers that will use the file (renamed into place only then), recorded by size and
+sha256 in ./downloads/manifest.json, never replacing a present file without ``--force``: docs/sampling.md#downloads.
 """
 
 import argparse
@@ -255,22 +246,13 @@ def fetch(url: str, part: Path, *, expected_size: Optional[int] = None, retries:
 
 
 def _stream(response, part: Path, mode: str, have: int, total: Optional[int], progress: bool) -> None:
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=part.name[:-len(".part")] if part.name.endswith(".part") else part.name,
-                   disable=None, leave=False)
-    try:
-        with open(part, mode) as f:
-            for block in iter(lambda: response.read(CHUNK_BYTES), b""):
-                f.write(block)
-                if bar is not None:
-                    bar.update(len(block))
-    finally:
-        if bar is not None:
-            bar.close()
+    with tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+              desc=part.name.removesuffix(".part"), disable=None if progress else True) as bar, open(part, mode) as f:
+        for block in iter(lambda: response.read(CHUNK_BYTES), b""):
+            f.write(block)
+            bar.update(len(block))
 
 
 # ---------------------------------------------------------------------------------- verification
@@ -380,11 +362,7 @@ def verify_file(item: Item, path: Path, shapes_fn: ShapesFn = expected_shapes) -
     """Load ``path`` as what ``item`` says it is; return a one-line summary or raise VerifyError."""
     if item.group == "models":
         return verify_checkpoint(path, shapes_fn(item), f"checkpoint {item.name}")
-    if item.group == "refs":
-        return verify_npz(path)
-    if item.group == "inception":
-        return verify_inception(path)
-    raise DownloadError(f"unknown group {item.group!r}")
+    return verify_npz(path) if item.group == "refs" else verify_inception(path)
 
 
 # ---------------------------------------------------------------------------------------- driver
