@@ -1,8 +1,8 @@
 """Files that appear only complete: atomic writes (temporary name in the same directory, then rename),
-and content hashes (remembered, :class:`HashMemo`, so a large file is hashed once).
+content hashes (remembered, :class:`HashMemo`, so a large file is hashed once), and the one disk-full message.
 
 Nothing here writes through a symbolic link at the path it writes: an atomic write creates its temporary file
-exclusively under a random name (``O_CREAT | O_EXCL | O_NOFOLLOW``) and renames it over the path, which replaces a
+exclusively under a random name (``O_CREAT | O_EXCL | O_NOFOLLOW``, as mkstemp) and renames it over the path, which replaces a
 link there, never its target; :func:`open_append` (log files) opens with ``O_NOFOLLOW`` and replaces a link by a
 new regular file; :func:`real_directory` refuses a directory that is a link (:class:`UnsafePathError`)."""
 
@@ -11,10 +11,12 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 
 _TMP_MARK = ".tmp-"
+SPACE_MARGIN_BYTES = 64 << 20  # kept free beyond what a file checked before writing needs
 
 
 def current_umask():
@@ -31,38 +33,9 @@ def current_umask():
     return mask
 
 
-def create_tmp_for(path):
-    """A new temporary file next to ``path`` (same directory, so the rename is atomic), open for writing and
-    reading in binary mode: ``(file, tmp path)``. Created exclusively under a random name (mkstemp:
-    ``O_CREAT | O_EXCL | O_NOFOLLOW``) and used through this descriptor only, so a link planted at a temporary
-    name is never followed; it gets the permissions ``open()`` would give a new file."""
-    directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}{_TMP_MARK}", dir=directory)
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600
-        return os.fdopen(fd, "w+b"), tmp
-    except BaseException:
-        os.close(fd)
-        remove_quietly(tmp)
-        raise
-
-
 def is_tmp_file(name):
     """Whether ``name`` is a temporary file left by this module (e.g. by a killed process)."""
     return name.startswith(".") and _TMP_MARK in name
-
-
-def fsync_dir(directory):
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def remove_quietly(path):
@@ -74,22 +47,69 @@ def remove_quietly(path):
 
 @contextlib.contextmanager
 def atomic_open(path):
-    """A binary file to write (``with atomic_open(path) as f: torch.save(obj, f)``) that replaces ``path``
-    only when the block ends without an error, so readers see the old file or the whole new one; on an
-    error the temporary file is removed and ``path`` is left as it was. A symbolic link at ``path`` is
-    replaced by the new file (never written through)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    f, tmp = create_tmp_for(path)
+    """The one atomic writer: a binary file to write (``with atomic_open(path) as f: torch.save(obj, f)``) that
+    replaces ``path`` only when the block ends without an error, so readers see the old file or the whole new one;
+    on an error the temporary file is removed and ``path`` is left as it was. The temporary file is made next to
+    ``path`` (the rename is atomic), exclusively (mkstemp's flags) and used through its descriptor only, so a link
+    planted at its name is never followed; a link at ``path`` is replaced, never written through."""
+    directory, name = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp_file = tempfile.NamedTemporaryFile("w+b", prefix=f".{name}{_TMP_MARK}", dir=directory, delete=False)
+    f, tmp = tmp_file.file, tmp_file.name
     try:
         with f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes 0600; this gives what open() would
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)  # a symbolic link at path is replaced itself; its target is left alone
+        os.replace(tmp, path)
     except BaseException:
         remove_quietly(tmp)
         raise
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    with contextlib.suppress(OSError):  # the rename made durable
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def atomic_write_bytes(path, data):
+    """Write ``data`` (bytes, or text as UTF-8) to ``path`` so that readers see the old file or the whole new one."""
+    with atomic_open(path) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+atomic_write_text = atomic_write_bytes  # the name text writers across the project import
+
+
+class DiskFullError(RuntimeError):
+    """Not enough free space for a file being written; what was finished before is kept."""
+
+
+def _size(n):
+    return f"{n / 2**20:,.0f} MB" if n < 10 * 2**30 else f"{n / 2**30:,.1f} GB"
+
+
+def disk_full(directory, path, need=None, needer="it", before=None):
+    """The one message for a full disk, as a :class:`DiskFullError` to raise: where, the file, how much ``needer``
+    needs and how much is free, and what to do. With ``before`` (what is about to be done to ``path``, e.g. "merge
+    the shards into"), a check ahead of writing: None when ``need`` and a margin are free."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    if before is not None:
+        if free is None or free >= need + SPACE_MARGIN_BYTES:
+            return None
+        return DiskFullError(f"not enough space to {before} {path}: {needer} needs {_size(need)}, {_size(free)} "
+                             f"are free; free {_size(need + SPACE_MARGIN_BYTES - free)} more and rerun the same "
+                             "command (finished shards are kept)")
+    sizes = ([f"{needer} needs about {_size(need)}"] if need is not None else []) + (
+        [f"{_size(free)} are free"] if free is not None else [])
+    return DiskFullError(f"no space left on the device of {directory} while writing {path}"
+                         + (f": {', '.join(sizes)}" if sizes else "")
+                         + "; free some space and rerun the same command (finished shards are kept)")
 
 
 class UnsafePathError(ValueError):
@@ -160,16 +180,6 @@ def open_append(path, tries=5):
                           "through; remove it and rerun")
 
 
-def atomic_write_bytes(path, data):
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
-    with atomic_open(path) as f:
-        f.write(data)
-
-
-def atomic_write_text(path, text):
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def file_sha256(path, chunk_size=1 << 24):
     """Hex sha256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()
@@ -190,14 +200,10 @@ def user_cache_dir(name):
     return os.path.join(root, "pag_adm", name)
 
 
-HASHES_NAME = "hashes.json"
-
-
 class HashMemo:
     """sha256 of files, remembered so that a large file (a checkpoint, a 10 GB image batch) is read once: a record
     (size, mtime_ns, ctime_ns, inode, sha256) per file, valid while all of that stamp is unchanged (a replaced or
-    rewritten file has another inode or ctime even when its size and mtime were kept), so changed content is
-    hashed again.
+    rewritten file has another inode or ctime even when its size and mtime were kept).
 
     :param directory: keep every file's record in ``<directory>/hashes.json``, keyed by the file's real path (a
         cache's memo: the evaluator's); None: each file's record beside it in ``<path>.sha256`` (checkpoints), or
@@ -206,16 +212,12 @@ class HashMemo:
     def __init__(self, directory=None):
         self.directory = os.path.expanduser(os.fspath(directory)) if directory else None
 
-    def _places(self, path):
-        """``(memo file, key)`` pairs to read a record from and write it to, in order; key None: the file is the
-        record itself (a sidecar)."""
-        shared = os.path.join(self.directory or user_cache_dir("sha256"), HASHES_NAME)
-        return ([] if self.directory else [(path + ".sha256", None)]) + [(shared, os.path.realpath(path))]
-
     def sha256(self, path):
         path = os.fspath(path)
         stamp = _stamp(os.stat(path))
-        places = self._places(path)
+        shared = os.path.join(self.directory or user_cache_dir("sha256"), "hashes.json")
+        # (memo file, key) to read a record from and write it to, in order; key None: a sidecar, the record itself
+        places = ([] if self.directory else [(path + ".sha256", None)]) + [(shared, os.path.realpath(path))]
         for memo_path, key in places:
             record = read_json_mapping(memo_path)
             record = record.get(key) if key else record
@@ -229,7 +231,7 @@ class HashMemo:
         for memo_path, key in places:
             memo = dict(read_json_mapping(memo_path), **{key: record}) if key else record
             try:
-                atomic_write_text(memo_path, json.dumps(memo, indent=0, sort_keys=True) + "\n")
+                atomic_write_bytes(memo_path, json.dumps(memo, indent=0, sort_keys=True) + "\n")
                 break
             except OSError:
                 continue

@@ -16,7 +16,7 @@ import zipfile
 import numpy as np
 from numpy.lib import format as npy_format
 
-from .files import create_tmp_for, fsync_dir, remove_quietly
+from .files import atomic_open
 
 # Zip entries' timestamp (the earliest zip can hold): same arrays -> same file bytes.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -181,8 +181,9 @@ class ArrayStream:
             raise ValueError(f"{self.name}: {self.rows} rows written, the array has {self.shape[0]}")
 
 
-class NpzWriter:
-    """Write an ``.npz`` atomically, member by member, streaming large arrays.
+@contextlib.contextmanager
+def NpzWriter(path):  # noqa: N802 (used as a class: ``with NpzWriter(path) as w``)
+    """Write an ``.npz`` atomically (:func:`adm_common.files.atomic_open`), member by member, streaming large arrays.
 
         with NpzWriter(path) as w:
             with w.stream("arr_0", (n, 256, 256, 3), np.uint8) as s:
@@ -193,37 +194,27 @@ class NpzWriter:
     The file appears at ``path`` only when the ``with`` block ends without an exception; otherwise the
     temporary file is removed and ``path`` is untouched.
     """
+    path = os.fspath(path)
+    with atomic_open(path) as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        yield _NpzMembers(path, zf)
 
-    def __init__(self, path):
-        self.path = os.fspath(path)
-        self._tmp = None
-        self._file = None
-        self._zip = None
-        self._names = set()
 
-    def __enter__(self):
-        self._file, self._tmp = create_tmp_for(self.path)  # written through its descriptor only
-        try:
-            self._zip = zipfile.ZipFile(self._file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-        except BaseException:
-            self._file.close()
-            remove_quietly(self._tmp)
-            raise
-        return self
+class _NpzMembers:
+    """The members of an npz being written (see :func:`NpzWriter`)."""
 
-    def _open_member(self, name):
+    def __init__(self, path, zf):
+        self.path, self._zip, self._names = path, zf, set()
+
+    @contextlib.contextmanager
+    def stream(self, name, shape, dtype):
+        """An :class:`ArrayStream` of member ``name``; it must hold all ``shape[0]`` rows when the block ends."""
         if name in self._names:
             raise ValueError(f"{self.path}: member {name} written twice")
         self._names.add(name)
         info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
         info.compress_type = zipfile.ZIP_STORED
         info.external_attr = 0o644 << 16
-        return self._zip.open(info, "w", force_zip64=True)
-
-    @contextlib.contextmanager
-    def stream(self, name, shape, dtype):
-        """An :class:`ArrayStream` of member ``name``; it must hold all ``shape[0]`` rows when the block ends."""
-        with self._open_member(name) as f:
+        with self._zip.open(info, "w", force_zip64=True) as f:
             stream = ArrayStream(f, name, shape, dtype)
             yield stream
             stream.finish()
@@ -234,23 +225,6 @@ class NpzWriter:
             raise ValueError(f"{name}: scalars are not supported, write a 1-element array")
         with self.stream(name, array.shape, array.dtype) as s:
             s.write(array)
-
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            try:
-                self._zip.close()
-                if exc_type is None:
-                    self._file.flush()
-                    os.fsync(self._file.fileno())
-            finally:
-                self._file.close()
-            if exc_type is None:
-                os.replace(self._tmp, self.path)  # a symbolic link at path is replaced, never written through
-                fsync_dir(os.path.dirname(os.path.abspath(self.path)))
-        finally:
-            if exc_type is not None or os.path.exists(self._tmp):
-                remove_quietly(self._tmp)
-        return False
 
 
 def samples_filename(num_samples, height, width):
