@@ -29,6 +29,7 @@ Extension points (keyword arguments after upstream's; all optional):
                                     there, as reaching ``lr_anneal_steps`` does (the last checkpoint is saved)
 """
 
+import argparse
 import contextlib
 import copy
 import functools
@@ -41,11 +42,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
 from adm_common.files import atomic_open
+from adm_common.flags import FlagParser
 
 from . import dist_util, logger
+from .checkpoint import load_checkpoint, read_checkpoint, read_state_dict
 from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer  # noqa: F401 (upstream's name here too)
 from .nn import update_ema
-from .resample import LossAwareSampler, UniformSampler
+from .resample import LossAwareSampler, UniformSampler, create_named_schedule_sampler
+from .script_util import add_dict_to_argparser, args_to_dict, create_model_from_flags, model_defaults
 
 
 def training_defaults():
@@ -67,13 +71,52 @@ def training_defaults():
     )
 
 
+def script_parser(doc, kind, **script_defaults):
+    """A training script's flags: its own (``script_defaults``), then those of a ``kind`` model (upstream's
+    defaults); ``doc``'s first paragraph is the --help description."""
+    parser = FlagParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dict_to_argparser(parser, {**script_defaults, **model_defaults(kind)})
+    return parser
+
+
+def start_script(parser, argv, kind):
+    """Parse ``argv``, set up the processes and the logger, and build the ``kind`` network on this process's
+    device: (args, model, diffusion)."""
+    args = parser.parse_args(argv)
+    dist_util.setup_dist()
+    logger.configure()
+    logger.log("creating model and diffusion...")
+    model, diffusion = create_model_from_flags(kind, args_to_dict(args, model_defaults(kind)))
+    model.to(dist_util.dev())
+    return args, model, diffusion
+
+
+def wrap_ddp(model, **kwargs):
+    """``model`` in DistributedDataParallel when several processes train (on this rank's GPU, or the CPU with
+    gloo), else ``model`` itself."""
+    if dist_util.get_world_size() == 1:
+        return model
+    device = dist_util.dev()
+    on_gpu = device.type == "cuda"
+    return DDP(model, device_ids=[device] if on_gpu else None, output_device=device if on_gpu else None,
+               bucket_cap_mb=128, find_unused_parameters=False, **kwargs)
+
+
+def load_optimizer_state(opt, main_checkpoint, step):
+    """Load ``opt{step:06d}.pt`` next to ``main_checkpoint`` into ``opt`` when rank 0 finds it."""
+    path = bf.join(bf.dirname(main_checkpoint), f"opt{step:06}.pt")
+    if dist_util.broadcast_object(bf.exists(path)):
+        logger.log(f"loading optimizer state from checkpoint: {path}")
+        opt.load_state_dict(read_checkpoint(path))  # moves the state onto the parameters' device
+
+
 class TrainLoop:
     @classmethod
-    def from_args(cls, args, *, model, diffusion, data, schedule_sampler=None, **extra):
+    def from_args(cls, args, *, model, diffusion, data, **extra):
         """A loop configured by the flags of :func:`training_defaults` (parsed ``args``)."""
         flags = {k: getattr(args, k) for k in training_defaults() if k not in ("data_dir", "schedule_sampler")}
-        return cls(model=model, diffusion=diffusion, data=data, schedule_sampler=schedule_sampler,
-                   **flags, **extra)
+        sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+        return cls(model=model, diffusion=diffusion, data=data, schedule_sampler=sampler, **flags, **extra)
 
     def __init__(
         self,
@@ -130,24 +173,12 @@ class TrainLoop:
         )
         self.opt = AdamW(self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay)
         if self.resume_step:
-            self._load_optimizer_state()
+            load_optimizer_state(self.opt, self._main_checkpoint(), self.resume_step)
             self.ema_params = [self._load_ema_parameters(rate) for rate in self.ema_rate]
         else:
             self.ema_params = [copy.deepcopy(self.mp_trainer.master_params) for _ in self.ema_rate]
-
-        if dist_util.get_world_size() > 1:
-            self.use_ddp = True
-            device = dist_util.dev()
-            self.ddp_model = DDP(
-                self.model,
-                device_ids=[device] if device.type == "cuda" else None,
-                output_device=device if device.type == "cuda" else None,
-                bucket_cap_mb=128,
-                find_unused_parameters=False,
-            )
-        else:
-            self.use_ddp = False
-            self.ddp_model = self.model
+        self.ddp_model = wrap_ddp(self.model)
+        self.use_ddp = self.ddp_model is not self.model
         self._last_log = (time.perf_counter(), self.resume_step)
 
     # -- resuming ---------------------------------------------------------------------------------
@@ -160,32 +191,19 @@ class TrainLoop:
         if resume_checkpoint:
             self.resume_step = parse_resume_step_from_filename(resume_checkpoint)
             logger.log(f"loading model from checkpoint: {resume_checkpoint}...")
-            # Collective under a process group: rank 0 reads, the others receive the bytes.
-            self.model.load_state_dict(dist_util.load_state_dict(resume_checkpoint, map_location=dist_util.dev()))
+            load_checkpoint(self.model, resume_checkpoint)  # collective: rank 0 reads, the others get the bytes
         dist_util.sync_params(self.model.parameters())
 
     def _load_ema_parameters(self, rate):
         ema_params = copy.deepcopy(self.mp_trainer.master_params)
-        ema_checkpoint = find_ema_checkpoint(self._main_checkpoint(), self.resume_step, rate)
-        if dist_util.broadcast_object(bool(ema_checkpoint)):
+        ema_checkpoint = dist_util.broadcast_object(find_ema_checkpoint(self._main_checkpoint(), self.resume_step,
+                                                                        rate))
+        if ema_checkpoint:
             logger.log(f"loading EMA from checkpoint: {ema_checkpoint}...")
-            state_dict = dist_util.load_state_dict(ema_checkpoint, map_location=dist_util.dev())
-            state_dict = {k: v.to(dist_util.dev()) for k, v in state_dict.items()}
+            state_dict = {k: v.to(dist_util.dev()) for k, v in read_state_dict(ema_checkpoint).items()}
             ema_params = self.mp_trainer.state_dict_to_master_params(state_dict)
         dist_util.sync_params(ema_params)
         return ema_params
-
-    def _load_optimizer_state(self):
-        main_checkpoint = self._main_checkpoint()
-        opt_checkpoint = bf.join(bf.dirname(main_checkpoint), f"opt{self.resume_step:06}.pt")
-        state_dict = None
-        if dist_util.get_rank() == 0 and bf.exists(opt_checkpoint):
-            logger.log(f"loading optimizer state from checkpoint: {opt_checkpoint}")
-            with bf.BlobFile(opt_checkpoint, "rb") as f:
-                state_dict = th.load(f, map_location="cpu", weights_only=True)
-        state_dict = dist_util.broadcast_object(state_dict)
-        if state_dict is not None:
-            self.opt.load_state_dict(state_dict)  # moves the state onto the parameters' device
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -255,8 +273,7 @@ class TrainLoop:
         self._set_lr(self.lr * (1 - frac_done))
 
     def _set_lr(self, lr):
-        for param_group in self.opt.param_groups:
-            param_group["lr"] = lr
+        set_lr(self.opt, lr)
 
     def log_step(self):
         logger.logkv("step", self.step + self.resume_step)
@@ -274,21 +291,25 @@ class TrainLoop:
         logger.dumpkvs()
 
     def save(self):
-        step = self.step + self.resume_step
+        save_training_state(self.step + self.resume_step, self.mp_trainer, self.opt,
+                            zip(self.ema_rate, self.ema_params))
 
-        def save_checkpoint(rate, params):
-            state_dict = self.mp_trainer.master_params_to_state_dict(params)
-            if dist_util.get_rank() == 0:
-                logger.log(f"saving model {rate}...")
-                filename = f"model{step:06d}.pt" if not rate else f"ema_{rate}_{step:06d}.pt"
-                save_checkpoint_file(state_dict, bf.join(get_blob_logdir(), filename))
 
-        save_checkpoint(0, self.mp_trainer.master_params)
-        for rate, params in zip(self.ema_rate, self.ema_params):
-            save_checkpoint(rate, params)
-        if dist_util.get_rank() == 0:
-            save_checkpoint_file(self.opt.state_dict(), bf.join(get_blob_logdir(), f"opt{step:06d}.pt"))
-        dist_util.barrier()
+def set_lr(opt, lr):
+    for param_group in opt.param_groups:
+        param_group["lr"] = lr
+
+
+def save_training_state(step, mp_trainer, opt, ema=()):
+    """Rank 0 writes model{step:06d}.pt (the master weights), ema_{rate}_{step:06d}.pt for each (rate, params)
+    of ``ema`` and opt{step:06d}.pt into :func:`get_blob_logdir`; every rank waits for it."""
+    if dist_util.get_rank() == 0:
+        for rate, params in [(0, mp_trainer.master_params), *ema]:
+            logger.log(f"saving model {rate}...")
+            filename = f"model{step:06d}.pt" if not rate else f"ema_{rate}_{step:06d}.pt"
+            save_checkpoint_file(mp_trainer.master_params_to_state_dict(params), bf.join(get_blob_logdir(), filename))
+        save_checkpoint_file(opt.state_dict(), bf.join(get_blob_logdir(), f"opt{step:06d}.pt"))
+    dist_util.barrier()
 
 
 def save_checkpoint_file(obj, path):

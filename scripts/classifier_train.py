@@ -11,7 +11,6 @@ opt{step:06d}.pt to $OPENAI_LOGDIR every --save_interval steps and at the end; -
 DIR/model{step:06d}.pt continues (with opt{step:06d}.pt from the same folder when it exists).
 """
 
-import argparse
 import contextlib
 import os
 import sys
@@ -19,39 +18,29 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import blobfile as bf  # noqa: E402
 import torch as th  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from torch.optim import AdamW  # noqa: E402
 
-from adm_common.flags import FlagParser  # noqa: E402
 from guided_diffusion import dist_util, logger  # noqa: E402
+from guided_diffusion.checkpoint import load_checkpoint  # noqa: E402
 from guided_diffusion.fp16_util import MixedPrecisionTrainer  # noqa: E402
 from guided_diffusion.image_datasets import load_data  # noqa: E402
 from guided_diffusion.resample import create_named_schedule_sampler  # noqa: E402
-from guided_diffusion.script_util import (  # noqa: E402
-    add_dict_to_argparser,
-    args_to_dict,
-    classifier_and_diffusion_defaults,
-    create_model_from_flags,
-)
 from guided_diffusion.train_util import (  # noqa: E402
+    load_optimizer_state,
     log_loss_dict,
     parse_resume_step_from_filename,
-    save_checkpoint_file,
+    save_training_state,
+    script_parser,
+    set_lr,
+    start_script,
+    wrap_ddp,
 )
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
-
-    dist_util.setup_dist()
-    logger.configure()
-
-    logger.log("creating model and diffusion...")
-    model, diffusion = create_model_from_flags("classifier", args_to_dict(args, classifier_and_diffusion_defaults()))
-    model.to(dist_util.dev())
+    args, model, diffusion = start_script(create_argparser(), argv, "classifier")
     if args.noised:
         schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
@@ -59,52 +48,26 @@ def main(argv=None):
     if args.resume_checkpoint:
         resume_step = parse_resume_step_from_filename(args.resume_checkpoint)
         logger.log(f"loading model from checkpoint: {args.resume_checkpoint}... at {resume_step} step")
-        model.load_state_dict(dist_util.load_state_dict(args.resume_checkpoint, map_location=dist_util.dev()))
+        load_checkpoint(model, args.resume_checkpoint)
 
     # Needed for creating correct EMAs and fp16 parameters.
     dist_util.sync_params(model.parameters())
 
     mp_trainer = MixedPrecisionTrainer(model=model, use_fp16=args.classifier_use_fp16, initial_lg_loss_scale=16.0)
-
-    if dist_util.get_world_size() > 1:
-        device = dist_util.dev()
-        model = DDP(
-            model,
-            device_ids=[device] if device.type == "cuda" else None,
-            output_device=device if device.type == "cuda" else None,
-            broadcast_buffers=False,
-            bucket_cap_mb=128,
-            find_unused_parameters=False,
-        )
+    model = wrap_ddp(model, broadcast_buffers=False)
 
     logger.log("creating data loader...")
-    data = load_data(
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        class_cond=True,
-        random_crop=True,
-    )
+    data = load_data(data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
+                     class_cond=True, random_crop=True)
+    val_data = None
     if args.val_data_dir:
-        val_data = load_data(
-            data_dir=args.val_data_dir,
-            batch_size=args.batch_size,
-            image_size=args.image_size,
-            class_cond=True,
-        )
-    else:
-        val_data = None
+        val_data = load_data(data_dir=args.val_data_dir, batch_size=args.batch_size, image_size=args.image_size,
+                             class_cond=True)
 
     logger.log("creating optimizer...")
     opt = AdamW(mp_trainer.master_params, lr=args.lr, weight_decay=args.weight_decay)
     if args.resume_checkpoint:
-        opt_checkpoint = bf.join(bf.dirname(args.resume_checkpoint), f"opt{resume_step:06}.pt")
-        logger.log(f"loading optimizer state from checkpoint: {opt_checkpoint}")
-        state_dict = None
-        if dist_util.get_rank() == 0:
-            with bf.BlobFile(opt_checkpoint, "rb") as f:
-                state_dict = th.load(f, map_location="cpu", weights_only=True)
-        opt.load_state_dict(dist_util.broadcast_object(state_dict))
+        load_optimizer_state(opt, args.resume_checkpoint, resume_step)
 
     logger.log("training classifier model...")
 
@@ -141,38 +104,20 @@ def main(argv=None):
         logger.logkv("step", step + resume_step)
         logger.logkv("samples", (step + resume_step + 1) * args.batch_size * dist_util.get_world_size())
         if args.anneal_lr:
-            set_annealed_lr(opt, args.lr, (step + resume_step) / args.iterations)
+            set_lr(opt, args.lr * (1 - (step + resume_step) / args.iterations))
         forward_backward_log(data)
         mp_trainer.optimize(opt)
         if val_data is not None and not step % args.eval_interval:
-            no_sync = model.no_sync() if isinstance(model, DDP) else contextlib.nullcontext()
+            no_sync = model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
             with th.no_grad(), no_sync:
                 model.eval()
                 forward_backward_log(val_data, prefix="val")
                 model.train()
         if not step % args.log_interval:
             logger.dumpkvs()
-        if step and dist_util.get_rank() == 0 and not (step + resume_step) % args.save_interval:
-            logger.log("saving model...")
-            save_model(mp_trainer, opt, step + resume_step)
-
-    if dist_util.get_rank() == 0:
-        logger.log("saving model...")
-        save_model(mp_trainer, opt, step + resume_step)
-    dist_util.barrier()
-
-
-def set_annealed_lr(opt, base_lr, frac_done):
-    lr = base_lr * (1 - frac_done)
-    for param_group in opt.param_groups:
-        param_group["lr"] = lr
-
-
-def save_model(mp_trainer, opt, step):
-    if dist_util.get_rank() == 0:
-        state_dict = mp_trainer.master_params_to_state_dict(mp_trainer.master_params)
-        save_checkpoint_file(state_dict, os.path.join(logger.get_dir(), f"model{step:06d}.pt"))
-        save_checkpoint_file(opt.state_dict(), os.path.join(logger.get_dir(), f"opt{step:06d}.pt"))
+        if step and not (step + resume_step) % args.save_interval:
+            save_training_state(step + resume_step, mp_trainer, opt)
+    save_training_state(step + resume_step, mp_trainer, opt)
 
 
 def compute_top_k(logits, labels, k, reduction="mean"):
@@ -197,27 +142,10 @@ def split_microbatches(microbatch, *args):
 
 
 def create_argparser():
-    defaults = dict(
-        data_dir="",
-        val_data_dir="",
-        noised=True,
-        iterations=150000,
-        lr=3e-4,
-        weight_decay=0.0,
-        anneal_lr=False,
-        batch_size=4,
-        microbatch=-1,
-        schedule_sampler="uniform",
-        resume_checkpoint="",
-        log_interval=10,
-        eval_interval=5,
-        save_interval=10000,
-    )
-    defaults.update(classifier_and_diffusion_defaults())
-    parser = FlagParser(description=__doc__.split("\n\n")[0],
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return script_parser(__doc__, "classifier", data_dir="", val_data_dir="", noised=True, iterations=150000,
+                         lr=3e-4, weight_decay=0.0, anneal_lr=False, batch_size=4, microbatch=-1,
+                         schedule_sampler="uniform", resume_checkpoint="", log_interval=10, eval_interval=5,
+                         save_interval=10000)
 
 
 if __name__ == "__main__":

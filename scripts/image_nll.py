@@ -9,7 +9,6 @@ running mean bits/dim; writes the per-step means of the vb, mse and xstart_mse t
 $OPENAI_LOGDIR/{vb,mse,xstart_mse}_terms.npz.
 """
 
-import argparse
 import os
 import sys
 
@@ -18,41 +17,21 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import numpy as np  # noqa: E402
 
-from adm_common.flags import FlagParser  # noqa: E402
 from guided_diffusion import dist_util, logger  # noqa: E402
 from guided_diffusion.checkpoint import load_checkpoint  # noqa: E402
 from guided_diffusion.image_datasets import load_data  # noqa: E402
-from guided_diffusion.script_util import (  # noqa: E402
-    add_dict_to_argparser,
-    args_to_dict,
-    create_model_from_flags,
-    model_and_diffusion_defaults,
-)
+from guided_diffusion.train_util import script_parser, start_script  # noqa: E402
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
-
-    dist_util.setup_dist()
-    logger.configure()
-
-    logger.log("creating model and diffusion...")
-    model, diffusion = create_model_from_flags("diffusion", args_to_dict(args, model_and_diffusion_defaults()))
+    args, model, diffusion = start_script(create_argparser(), argv, "diffusion")
     load_checkpoint(model, args.model_path)
-    model.to(dist_util.dev())
     if args.use_fp16:
         model.convert_to_fp16()
     model.eval()
-
     logger.log("creating data loader...")
-    data = load_data(
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        class_cond=args.class_cond,
-        deterministic=True,
-    )
-
+    data = load_data(data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
+                     class_cond=args.class_cond, deterministic=True)
     logger.log("evaluating...")
     run_bpd_evaluation(model, diffusion, data, args.num_samples, args.clip_denoised)
 
@@ -95,12 +74,8 @@ def run_bpd_evaluation(model, diffusion, data, num_samples, clip_denoised):
 
 
 def create_argparser():
-    defaults = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path="")
-    defaults.update(model_and_diffusion_defaults())
-    parser = FlagParser(description=__doc__.split("\n\n")[0],
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return script_parser(__doc__, "diffusion", data_dir="", clip_denoised=True, num_samples=1000, batch_size=1,
+                         model_path="")
 
 
 if __name__ == "__main__":

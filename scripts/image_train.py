@@ -12,57 +12,28 @@ N steps (annealing the learning rate to 0). With --class_cond True the label of 
 part before the first underscore. See guided_diffusion/train_util.py.
 """
 
-import argparse
 import os
 import sys
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from adm_common.flags import FlagParser  # noqa: E402
-from guided_diffusion import dist_util, logger  # noqa: E402
+from guided_diffusion import logger  # noqa: E402
 from guided_diffusion.image_datasets import load_data  # noqa: E402
-from guided_diffusion.resample import create_named_schedule_sampler  # noqa: E402
-from guided_diffusion.script_util import (  # noqa: E402
-    add_dict_to_argparser,
-    args_to_dict,
-    create_model_from_flags,
-    model_and_diffusion_defaults,
-)
-from guided_diffusion.train_util import TrainLoop, training_defaults  # noqa: E402
+from guided_diffusion.train_util import TrainLoop, script_parser, start_script, training_defaults  # noqa: E402
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
-
-    dist_util.setup_dist()
-    logger.configure()
-
-    logger.log("creating model and diffusion...")
-    model, diffusion = create_model_from_flags("diffusion", args_to_dict(args, model_and_diffusion_defaults()))
-    model.to(dist_util.dev())
-    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
-
+    args, model, diffusion = start_script(create_argparser(), argv, "diffusion")
     logger.log("creating data loader...")
-    data = load_data(
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        class_cond=args.class_cond,
-    )
-
+    data = load_data(data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
+                     class_cond=args.class_cond)
     logger.log("training...")
-    TrainLoop.from_args(args, model=model, diffusion=diffusion, data=data,
-                        schedule_sampler=schedule_sampler).run_loop()
+    TrainLoop.from_args(args, model=model, diffusion=diffusion, data=data).run_loop()
 
 
 def create_argparser():
-    defaults = training_defaults()
-    defaults.update(model_and_diffusion_defaults())
-    parser = FlagParser(description=__doc__.split("\n\n")[0],
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return script_parser(__doc__, "diffusion", **training_defaults())
 
 
 if __name__ == "__main__":

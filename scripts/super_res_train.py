@@ -8,7 +8,6 @@ The low-resolution input of each image is its area-downsampled copy (``--small_s
 logs as in scripts/image_train.py.
 """
 
-import argparse
 import os
 import sys
 
@@ -17,42 +16,18 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch.nn.functional as F  # noqa: E402
 
-from adm_common.flags import FlagParser  # noqa: E402
-from guided_diffusion import dist_util, logger  # noqa: E402
+from guided_diffusion import logger  # noqa: E402
 from guided_diffusion.image_datasets import load_data  # noqa: E402
-from guided_diffusion.resample import create_named_schedule_sampler  # noqa: E402
-from guided_diffusion.script_util import (  # noqa: E402
-    add_dict_to_argparser,
-    args_to_dict,
-    create_model_from_flags,
-    sr_model_and_diffusion_defaults,
-)
-from guided_diffusion.train_util import TrainLoop, training_defaults  # noqa: E402
+from guided_diffusion.train_util import TrainLoop, script_parser, start_script, training_defaults  # noqa: E402
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
-
-    dist_util.setup_dist()
-    logger.configure()
-
-    logger.log("creating model...")
-    model, diffusion = create_model_from_flags("upsampler", args_to_dict(args, sr_model_and_diffusion_defaults()))
-    model.to(dist_util.dev())
-    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
-
+    args, model, diffusion = start_script(create_argparser(), argv, "upsampler")
     logger.log("creating data loader...")
-    data = load_superres_data(
-        args.data_dir,
-        args.batch_size,
-        large_size=args.large_size,
-        small_size=args.small_size,
-        class_cond=args.class_cond,
-    )
-
+    data = load_superres_data(args.data_dir, args.batch_size, large_size=args.large_size,
+                              small_size=args.small_size, class_cond=args.class_cond)
     logger.log("training...")
-    TrainLoop.from_args(args, model=model, diffusion=diffusion, data=data,
-                        schedule_sampler=schedule_sampler).run_loop()
+    TrainLoop.from_args(args, model=model, diffusion=diffusion, data=data).run_loop()
 
 
 def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False):
@@ -64,12 +39,7 @@ def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=
 
 
 def create_argparser():
-    defaults = training_defaults()
-    defaults.update(sr_model_and_diffusion_defaults())
-    parser = FlagParser(description=__doc__.split("\n\n")[0],
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return script_parser(__doc__, "upsampler", **training_defaults())
 
 
 if __name__ == "__main__":
