@@ -6,22 +6,15 @@
     logger.logkv_mean("loss_q0", 0.3)         # averaged over the calls until the next dump
     logger.dumpkvs()                          # writes the table, returns the dict, clears it
 
-Only rank 0 writes, unless ``configure(all_ranks=True)``; then every rank writes (rank r > 0
-to ``log.rank{r}.txt``, with a ``[rank r]`` prefix on stdout).  Formats: ``stdout``, ``log``
-(``log.txt``), ``csv`` (``progress.csv``) and ``json`` (``progress.json``, one object per
-line).  The default directory is ``$OPENAI_LOGDIR``, else a new directory under the system's
-temporary directory; the default formats are ``$OPENAI_LOG_FORMAT`` (comma-separated), else
-``stdout,log,csv``; ``tensorboard`` (``tb/``) needs the ``tensorboard`` package.
+Only rank 0 writes, unless ``configure(all_ranks=True)`` (rank r > 0 then writes ``log.rank{r}.txt`` and
+prefixes stdout with ``[rank r]``). Formats: ``stdout``, ``log`` (log.txt), ``csv`` (progress.csv), ``json``
+(progress.json, one object per line), ``tensorboard`` (tb/, needs the tensorboard package). Defaults:
+``$OPENAI_LOGDIR`` else a new temporary directory; ``$OPENAI_LOG_FORMAT`` else ``stdout,log,csv``.
 
-Upstream's other names work as there: the output formats (``KVWriter``, ``SeqWriter``, ``HumanOutputFormat``,
-``CSVOutputFormat``, ``JSONOutputFormat``, ``TensorBoardOutputFormat``, ``make_output_format``), ``Logger``
-(``Logger.CURRENT`` is the logger the functions use), ``set_comm``, ``scoped_configure``, ``profile_kv``,
-``profile``, ``record_tabular``/``dump_tabular``, ``get_rank_without_mpi_import`` and ``mpi_weighted_mean``.
-On purpose they differ in: log.txt and progress.json are appended to (a resumed run keeps its history) and no
-output file is written through a symbolic link at its name (the link is replaced by a new file), log.txt
-lines carry the time, other ranks write nothing unless ``all_ranks``, an empty table is not written, averaging
-over ranks gives every rank the means and keeps non-numeric values, and logging before ``configure()`` goes to
-stdout only (upstream configures a temporary directory).
+Unlike upstream, on purpose: log.txt and progress.json are appended to (a resumed run keeps its history), no
+output file is written through a symbolic link at its name, log.txt lines carry the time, an empty table is
+not written, averaging over ranks gives every rank the means and keeps non-numeric values, and logging
+before ``configure()`` goes to stdout only.
 """
 
 import csv
@@ -41,23 +34,14 @@ from adm_common.files import atomic_write_text, open_append
 from adm_common.launch import rank_from_env
 
 DEBUG, INFO, WARN, ERROR, DISABLED = 10, 20, 30, 40, 50
-_FORMATS = ("stdout", "log", "csv", "json", "tensorboard")
-
-
-def _rank_from_env() -> int:
-    """This process's rank, before or without a process group (for configure)."""
-    from . import dist_util
-
-    if dist_util.get_world_size() > 1:
-        return dist_util.get_rank()
-    return rank_from_env()
 
 
 def get_rank_without_mpi_import() -> int:
-    """This process's rank from its launcher's environment, without importing mpi4py (importing it starts MPI):
-    upstream reads PMI_RANK and OMPI_COMM_WORLD_RANK; this reads those and torchrun's, srun's and the other
-    MPIs' variables (``adm_common.launch.rank_from_env``)."""
-    return rank_from_env()
+    """This process's rank: the process group's, else its launcher's environment (``adm_common.launch``), never
+    importing mpi4py (importing it starts MPI)."""
+    from . import dist_util
+
+    return dist_util.get_rank() if dist_util.get_world_size() > 1 else rank_from_env()
 
 
 def _fmt(value: Any) -> str:
@@ -104,15 +88,13 @@ class HumanOutputFormat(KVWriter, SeqWriter):
         self.timestamps = self.own_file if timestamps is None else timestamps
 
     def writeseq(self, seq) -> None:
-        self.write_line(" ".join(seq))
-
-    def write_line(self, line: str) -> None:
+        line = " ".join(seq)
         if self.timestamps:
             line = f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')} {line}"
-        self._emit(line)
+        self._emit([line])
 
-    def _emit(self, line: str) -> None:
-        self.file.write(self.prefix + line + "\n")
+    def _emit(self, lines) -> None:
+        self.file.write("".join(f"{self.prefix}{line}\n" for line in lines))
         self.file.flush()
 
     def writekvs(self, kvs: Dict[str, Any]) -> None:
@@ -122,9 +104,7 @@ class HumanOutputFormat(KVWriter, SeqWriter):
         kw = max(len(k) for k, _ in rows)
         vw = max(len(v) for _, v in rows)
         rule = "-" * (kw + vw + 7)
-        lines = [rule] + [f"| {k:<{kw}} | {v:<{vw}} |" for k, v in rows] + [rule]
-        for line in lines:
-            self._emit(line)
+        self._emit([rule] + [f"| {k:<{kw}} | {v:<{vw}} |" for k, v in rows] + [rule])
 
     def close(self) -> None:
         if self.own_file:
@@ -211,21 +191,21 @@ class TensorBoardOutputFormat(KVWriter):
             self.writer = None
 
 
+_FILE_FORMATS = {"log": (HumanOutputFormat, "log{}.txt"), "csv": (CSVOutputFormat, "progress{}.csv"),
+                 "json": (JSONOutputFormat, "progress{}.json"), "tensorboard": (TensorBoardOutputFormat, "tb{}")}
+_FORMATS = ("stdout", *_FILE_FORMATS)
+
+
 def make_output_format(format: str, ev_dir: str, log_suffix: str = "") -> KVWriter:
     """The output for one of the format names (``stdout``, ``log``, ``json``, ``csv``, ``tensorboard``),
     writing into ``ev_dir`` (created): log{suffix}.txt, progress{suffix}.json/.csv, tb{suffix}/."""
     os.makedirs(ev_dir, exist_ok=True)
     if format == "stdout":
         return HumanOutputFormat(sys.stdout)
-    if format == "log":
-        return HumanOutputFormat(os.path.join(ev_dir, f"log{log_suffix}.txt"))
-    if format == "json":
-        return JSONOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.json"))
-    if format == "csv":
-        return CSVOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.csv"))
-    if format == "tensorboard":
-        return TensorBoardOutputFormat(os.path.join(ev_dir, f"tb{log_suffix}"))
-    raise ValueError(f"unknown log format {format!r}: expected one of {list(_FORMATS)}")
+    if format not in _FILE_FORMATS:
+        raise ValueError(f"unknown log format {format!r}: expected one of {list(_FORMATS)}")
+    writer, name = _FILE_FORMATS[format]
+    return writer(os.path.join(ev_dir, name.format(log_suffix)))
 
 
 class Logger:
@@ -258,12 +238,8 @@ class Logger:
         self.name2cnt[key] = count + 1
 
     def dumpkvs(self, sync: bool = False) -> Dict[str, Any]:
-        """Write and clear the current key/values; returns them.
-
-        ``sync=True`` averages each numeric value over all ranks first (weighted by how many
-        logkv_mean calls made it); it is a collective, so every rank must call it. A logger
-        configured with a ``comm`` always does.
-        """
+        """Write and clear the current key/values; returns them. ``sync=True`` (always with a ``comm``) first
+        averages them over all ranks (``mpi_weighted_mean``): a collective, every rank must call it."""
         kvs = dict(self.name2val)
         if sync or self.comm is not None:
             kvs = mpi_weighted_mean(self.comm, {k: (v, self.name2cnt.get(k, 1)) for k, v in kvs.items()})
@@ -275,8 +251,9 @@ class Logger:
         return kvs
 
     def log(self, *args, level: int = INFO) -> None:
-        if self.level <= level:
-            self._do_log(args)
+        for fmt in self.output_formats if self.level <= level else ():
+            if isinstance(fmt, SeqWriter):
+                fmt.writeseq([str(a) for a in args])
 
     # Configuration
     def set_level(self, level: int) -> None:
@@ -293,11 +270,6 @@ class Logger:
             fmt.close()
         self.output_formats = []
 
-    def _do_log(self, args) -> None:
-        for fmt in self.output_formats:
-            if isinstance(fmt, SeqWriter):
-                fmt.writeseq([str(a) for a in args])
-
 
 def mpi_weighted_mean(comm: Any, local_name2valcount: Dict[str, Any]) -> Dict[str, Any]:
     """``{key: (value, count)}`` of every process -> ``{key: mean of the values weighted by the counts}``.
@@ -309,10 +281,8 @@ def mpi_weighted_mean(comm: Any, local_name2valcount: Dict[str, Any]) -> Dict[st
     """
     from . import dist_util
 
-    if hasattr(comm, "allgather"):
-        everyone = comm.allgather(local_name2valcount)
-    else:
-        everyone = dist_util.all_gather_object(local_name2valcount)
+    gather = comm.allgather if hasattr(comm, "allgather") else dist_util.all_gather_object
+    everyone = gather(local_name2valcount)
     merged: Dict[str, Any] = {}
     for key in sorted({k for d in everyone for k in d}):
         entries = [d[key] for d in everyone if key in d]
@@ -335,7 +305,7 @@ def _make_logger(dir, format_strs, comm, log_suffix: str = "", all_ranks: bool =
     unknown = [s for s in format_strs if s not in _FORMATS]
     if unknown:
         raise ValueError(f"unknown log format(s) {unknown}: expected some of {list(_FORMATS)}")
-    rank = _rank_from_env()
+    rank = get_rank_without_mpi_import()
     if rank != 0:
         log_suffix = log_suffix or f".rank{rank}"
         if not all_ranks:
@@ -352,16 +322,11 @@ def _make_logger(dir, format_strs, comm, log_suffix: str = "", all_ranks: bool =
 
 def configure(dir: Optional[str] = None, format_strs: Optional[Sequence[str]] = None, comm: Any = None,
               log_suffix: str = "", *, all_ranks: bool = False) -> Logger:
-    """Start logging into ``dir`` (created if needed) with the given formats (upstream's signature); the
-    logger current before is closed.
-
-    comm: as upstream, a communicator over whose ranks ``dumpkvs`` averages the numeric values: an
-        mpi4py communicator (its ``allgather``), or any other non-None value for torch.distributed's
-        process group. ``all_ranks`` (keyword only, this fork's): every rank writes, not only rank 0.
-    """
+    """Start logging into ``dir`` (created if needed) with the given formats; the logger current before is closed.
+    ``comm``: as upstream, ``dumpkvs`` averages over its ranks (an mpi4py communicator, or any other non-None value
+    for torch.distributed's group). ``all_ranks`` (this fork's): every rank writes, not only rank 0."""
     new = _make_logger(dir, format_strs, comm, log_suffix, all_ranks)
-    if Logger.CURRENT is not None and Logger.CURRENT is not Logger.DEFAULT:
-        Logger.CURRENT.close()
+    reset()
     Logger.CURRENT = new
     return new
 
@@ -381,9 +346,9 @@ def scoped_configure(dir: Optional[str] = None, format_strs: Optional[Sequence[s
 
 def get_current() -> Logger:
     if Logger.CURRENT is None:
-        # Unlike upstream (a temporary directory), logging before configure() goes to stdout only.
-        if Logger.DEFAULT is None:
-            Logger.DEFAULT = Logger(None, [HumanOutputFormat(sys.stdout)] if _rank_from_env() == 0 else [])
+        if Logger.DEFAULT is None:  # before configure(): stdout only (upstream: a temporary directory)
+            outputs = [HumanOutputFormat(sys.stdout)] if get_rank_without_mpi_import() == 0 else []
+            Logger.DEFAULT = Logger(None, outputs)
         Logger.CURRENT = Logger.DEFAULT
     return Logger.CURRENT
 
@@ -473,11 +438,7 @@ def profile_kv(scopename: str):
 
 
 def profile(n: str):
-    """A decorator that times each call of the function with ``profile_kv(n)``::
-
-        @profile("my_func")
-        def my_func(): ...
-    """
+    """A decorator that times each call of the function with ``profile_kv(n)``."""
 
     def decorator_with_name(func):
         @functools.wraps(func)
