@@ -35,7 +35,7 @@ from .settings import (
     suggest,
     to_command,
 )
-from .sweep_evaluation import after_runs, check_evaluation, evaluation_markers
+from .sweep_evaluation import after_runs, check_evaluation, evaluation_markers, remove_evaluation_markers  # noqa: F401
 
 SWEEP_KEYS = ("out_dir", "base", "grid", "ref_batch", "evaluation", "name", "anchors", "seeds", "table")
 MAX_NAME = 120
@@ -283,15 +283,6 @@ def describe(sweep, cells, checks):
     return "\n".join(lines), problems
 
 
-def run_sweep(sweep, cells, evaluate_fn=None, table_fn=None, model_wrapper=None):
-    """Every cell through a run's line of stages (collective): first every cell's networks and out_dir checked and
-    locked (a plan with check_only), then each cell planned, sampled and merged, then :func:`after_runs`. The
-    entry point has started the process (``sampling.process.start_process``). Returns the cells' out_dirs."""
-    check_evaluation(sweep, evaluate_fn)
-    with run_lock.RunLocks() as locks:
-        return _run_cells(sweep, cells, evaluate_fn, table_fn, model_wrapper, locks)
-
-
 def _for_each_cell(stage, cells, *columns):
     """``stage(cell, *values)`` for every cell and its values in ``columns``, an error naming its cell."""
     results = []
@@ -303,28 +294,33 @@ def _for_each_cell(stage, cells, *columns):
     return results
 
 
-def _run_cells(sweep, cells, evaluate_fn, table_fn, model_wrapper, locks):
-    devices = {cell.name: resolve_device(cell.settings) for cell in cells}
-    # Every setting of every cell (meta-device networks, layers, checkpoints), every out_dir and run record, and
-    # the run locks, before anything of any cell is deleted (--overwrite), loaded or sampled.
-    _for_each_cell(refuse_linked_cell, cells)
-    networks = _for_each_cell(lambda cell: build_networks(cell.settings), cells)
-    _for_each_cell(lambda cell: prepare(cell.settings, devices[cell.name].type, check_only=True, locks=locks), cells)
-    # Every cell's lock is ours now, so no other sweep of these cells runs: the evaluation markers of an earlier
-    # one go, before the next collective (no rank then sees a stale marker). A sweep refused above leaves them.
-    if dist_util.get_rank() == 0:
-        for path in evaluation_markers(sweep):
-            if os.path.lexists(path):  # a link: the link itself
-                os.remove(path)
-    plans = _for_each_cell(lambda cell: prepare(cell.settings, devices[cell.name].type, locks=locks), cells)
-    cache = {}  # cells of the same model flags share the loaded network
-    samplers = _for_each_cell(lambda cell, plan, cell_networks: make_sampler(
-        plan, cell_networks, devices[cell.name], cache, model_wrapper), cells, plans, networks)
-    for i, (cell, plan, sampler) in enumerate(zip(cells, plans, samplers)):
-        configure_logging(cell.out_dir)
+def run_sweep(sweep, cells, evaluate_fn=None, table_fn=None, model_wrapper=None):
+    """Every cell through a run's line of stages (collective): first every cell's networks and out_dir checked and
+    locked (a plan with check_only), then each cell planned, sampled and merged, then :func:`after_runs`. The
+    entry point has started the process (``sampling.process.start_process``). Returns the cells' out_dirs."""
+    check_evaluation(sweep, evaluate_fn)
+    with run_lock.RunLocks() as locks:
+        devices = {cell.name: resolve_device(cell.settings) for cell in cells}
+        # Every setting of every cell (meta-device networks, layers, checkpoints), every out_dir and run record,
+        # and the run locks, before anything of any cell is deleted (--overwrite), loaded or sampled.
+        _for_each_cell(refuse_linked_cell, cells)
+        networks = _for_each_cell(lambda cell: build_networks(cell.settings), cells)
+        _for_each_cell(lambda cell: prepare(cell.settings, devices[cell.name].type, check_only=True, locks=locks),
+                       cells)
+        # Every cell's lock is ours now, so no other sweep of these cells runs: the evaluation markers of an
+        # earlier one go, before the next collective (no rank then sees a stale marker). A sweep refused above
+        # leaves them.
         if dist_util.get_rank() == 0:
-            logger.log(f"sweep cell {i + 1}/{len(cells)}: {cell.name}")
-        execute(plan, sampler)
-    logger.configure(dir=sweep.out_dir, format_strs=["stdout", "log"])
-    after_runs(cells, sweep, evaluate_fn, table_fn)
+            remove_evaluation_markers(sweep)
+        plans = _for_each_cell(lambda cell: prepare(cell.settings, devices[cell.name].type, locks=locks), cells)
+        cache = {}  # cells of the same model flags share the loaded network
+        samplers = _for_each_cell(lambda cell, plan, cell_networks: make_sampler(
+            plan, cell_networks, devices[cell.name], cache, model_wrapper), cells, plans, networks)
+        for i, (cell, plan, sampler) in enumerate(zip(cells, plans, samplers)):
+            configure_logging(cell.out_dir)
+            if dist_util.get_rank() == 0:
+                logger.log(f"sweep cell {i + 1}/{len(cells)}: {cell.name}")
+            execute(plan, sampler)
+        logger.configure(dir=sweep.out_dir, format_strs=["stdout", "log"])
+        after_runs(cells, sweep, evaluate_fn, table_fn)
     return [cell.out_dir for cell in cells]

@@ -142,6 +142,13 @@ def evaluation_markers(sweep):
     return os.path.join(sweep.out_dir, _DONE), os.path.join(sweep.out_dir, _FAILED)
 
 
+def remove_evaluation_markers(sweep):
+    """Rank 0, holding every cell's lock: the markers go (a link there: the link itself)."""
+    for path in evaluation_markers(sweep):
+        if os.path.lexists(path):
+            os.remove(path)
+
+
 def after_runs(cells, sweep, evaluate_fn=None, table_fn=None):
     """The evaluation seam (see the module's docstring); nothing without ``ref_batch``. Ranks other than 0 poll
     for rank 0's marker, not wait in a collective, so a long evaluation cannot time them out; an evaluation error
@@ -179,7 +186,5 @@ def after_runs(cells, sweep, evaluate_fn=None, table_fn=None):
                 raise EvaluationFailedError(f"evaluation failed: {f.read()}")
     dist_util.barrier()
     if dist_util.get_rank() == 0:
-        for path in (done, failed):
-            if os.path.lexists(path):  # a link: the link itself
-                os.remove(path)
+        remove_evaluation_markers(sweep)
     return result
