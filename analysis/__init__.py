@@ -15,7 +15,7 @@ import os
 import time
 
 from . import report
-from .trace import Trace, TraceOptions, perturbed_x0, trace, with_perturbation
+from .trace import Trace, TraceOptions, perturbed_x0, trace
 
 __all__ = ["Trace", "TraceOptions", "analyze", "perturbed_x0", "report", "trace"]
 
@@ -34,7 +34,7 @@ def analyze(settings, models, device, out_dir, indices, kinds=None, compare_kind
     os.makedirs(out_dir, exist_ok=True)
     traces, files = {}, {}
     for kind in kinds:
-        config = with_perturbation(settings.guidance, kind)
+        config = dataclasses.replace(settings.guidance, perturbation=kind)
         result = trace(settings, models, device, traced, config=config, options=opts)
         kind_dir = os.path.join(out_dir, kind)
         os.makedirs(kind_dir, exist_ok=True)

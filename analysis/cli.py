@@ -100,8 +100,6 @@ def resolve(argv=None):
 
 
 def main(argv=None):
-    import torch as th
-
     from sampling.allocator import tune_cpu_allocator
     from sampling.models import load_models
     from sampling.process import resolve_device
@@ -116,11 +114,9 @@ def main(argv=None):
             tune_cpu_allocator()
         models = load_models(settings, device)
         options = TraceOptions(shown_steps=opts["shown_steps"], blocks=opts["blocks"], queries=opts["queries"])
-        with th.no_grad():
-            result = analyze(settings, models, device, opts["out_dir"], opts["indices"], kinds=opts["kinds"],
-                             compare_kinds=opts["compare_kinds"], curve_samples=opts["curve_samples"],
-                             options=options, name=opts["name"],
-                             command="python scripts/analyze.py " + shlex.join(argv))
+        result = analyze(settings, models, device, opts["out_dir"], opts["indices"], kinds=opts["kinds"],
+                         compare_kinds=opts["compare_kinds"], curve_samples=opts["curve_samples"], options=options,
+                         name=opts["name"], command="python scripts/analyze.py " + shlex.join(argv))
     except (SampleConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -29,8 +29,13 @@ def _extra_terms_on(rows):
     return [term for term in EXTRA_TERMS if any(r[term[0]] for r in rows)]
 
 
-def _timestep_axis(ax):
-    """Timesteps on the x axis, in sampling order (right to left), with a grid."""
+SHARE_AXIS = ("guidance share of the step", "|guidance part| / (|guidance part| + |unguided step|)")
+
+
+def _timestep_axis(ax, ylabel, title):
+    """Timesteps on the x axis, in sampling order (right to left), with a grid; ``ylabel`` and ``title``."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     ax.set_xlabel("timestep (sampling runs right to left)")
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
@@ -45,9 +50,6 @@ def write_csv(path, columns, rows):
                          for c in columns])
     atomic_write_text(path, buf.getvalue())
     return path
-
-
-# ------------------------------------------------------------------------------------------- mosaics
 
 
 def _tile_rgb(image, size):
@@ -104,9 +106,6 @@ def _mosaic_figure(tiles, row_labels, col_labels, title, path, tile_inches=0.9, 
     return save_png(fig, path, dpi=110)
 
 
-# ------------------------------------------------------------------------------------------- strips
-
-
 STRIP_ROWS = (("x_t", "x_t"), ("x0_clean", "x0 clean"), ("x0_perturbed", "x0 perturbed"),
               ("x0_guided", "x0 guided"), ("pag_term", "|s (eps - eps_pert)|"))
 TILE = 64  # pixels per tile: small images are enlarged (nearest), larger ones shown as they are
@@ -123,9 +122,6 @@ def write_strip(trace, row, path, title=""):
     return _mosaic_figure(tiles, [label for _, label in STRIP_ROWS],
                           [f"t={trace.timesteps[s]}" for s in trace.shown], title, path,
                           colorbar=("magma", vmax, "PAG term, L2 over channels"))
-
-
-# ------------------------------------------------------------------------------------------- curves
 
 
 def write_curves(trace, out_dir, title=""):
@@ -146,29 +142,21 @@ def write_curves(trace, out_dir, title=""):
         values = [r[key] for r in rows]
         if key == "pag_rms" or any(values):
             ax.plot(t, values, marker=".", color=colour, label=label)
-    ax.set_ylabel("RMS per sample (eps units)")
-    ax.set_title("size of each guidance term", fontsize=9)
+    _timestep_axis(ax, "RMS per sample (eps units)", "size of each guidance term")
     ax.legend(fontsize=7)
     axes[1].plot(t, [r["guidance_share"] for r in rows], marker=".", color="C3", label="all guidance")
     for _, share, label, colour in extra:
         axes[1].plot(t, [r[share] for r in rows], marker=".", color=colour, label=label)
     if extra:
         axes[1].legend(fontsize=7)
-    axes[1].set_ylabel("guidance share of the step")
-    axes[1].set_title("|guidance part| / (|guidance part| + |unguided step|)", fontsize=9)
+    _timestep_axis(axes[1], *SHARE_AXIS)
     if trace.cg_on:
         axes[2].plot(t, [r["cos_pag_cg"] if r["cos_pag_cg"] is not None else np.nan for r in rows],
                      marker=".", color="C4")
         axes[2].axhline(0, color="gray", linewidth=0.8)
-        axes[2].set_ylabel("cosine similarity")
-        axes[2].set_title("PAG term vs CG term", fontsize=9)
-    for ax in axes:
-        _timestep_axis(ax)
+        _timestep_axis(axes[2], "cosine similarity", "PAG term vs CG term")
     fig.suptitle(title + f" (mean over {len(trace.indices)} samples)", fontsize=9, y=1.02)
     return [csv_path, save_png(fig, os.path.join(out_dir, "curves.png"), dpi=100)]
-
-
-# ------------------------------------------------------------------------------------------- attention
 
 
 def write_entropy(trace, out_dir, title=""):
@@ -183,10 +171,8 @@ def write_entropy(trace, out_dir, title=""):
         ax.plot([r["timestep"] for r in mine], [r["normalized_entropy"] for r in mine], marker=".",
                 label=f"{block} ({side})")
     ax.set_ylim(0, 1.02)
-    _timestep_axis(ax)
-    ax.set_ylabel("entropy / log T (0 = identity, 1 = uniform)")
+    _timestep_axis(ax, "entropy / log T (0 = identity, 1 = uniform)", title + " attention entropy of the clean pass")
     ax.legend(fontsize=7)
-    ax.set_title(title + " attention entropy of the clean pass", fontsize=9)
     return [csv_path, save_png(fig, os.path.join(out_dir, "entropy.png"), dpi=100)]
 
 
@@ -221,9 +207,6 @@ def _mark(tile, token, grid, colour):
     tile[min(cy, size - 1), max(0, cx - arm):cx + arm + 1] = colour
 
 
-# ------------------------------------------------------------------------------------------- comparisons
-
-
 def write_kind_comparison(reference, x0_by_kind, row, path, title=""):
     """Rows: x_t, the clean x0 and each perturbation kind's perturbed x0, on the same x_t (the reference trace's
     trajectory); columns: the shown steps."""
@@ -252,11 +235,8 @@ def write_kind_change(reference, x0_by_kind, out_dir):
 
 def write_compare_curves(traces, out_dir):
     """compare_curves.csv and .png: the PAG term's size and the guidance share of each analysed kind."""
-    rows = []
-    for kind, trace in traces.items():
-        for r in trace.curve_rows():
-            rows.append({"kind": kind, "step": r["step"], "timestep": r["timestep"], "pag_rms": r["pag_rms"],
-                         "guidance_share": r["guidance_share"], "eps_rms": r["eps_rms"]})
+    rows = [{"kind": kind, **{c: r[c] for c in COMPARE_COLUMNS[1:]}} for kind, trace in traces.items()
+            for r in trace.curve_rows()]
     csv_path = write_csv(os.path.join(out_dir, "compare_curves.csv"), COMPARE_COLUMNS, rows)
     fig = new_figure(9.4, 3.4)
     axes = fig.subplots(1, 2)
@@ -266,35 +246,25 @@ def write_compare_curves(traces, out_dir):
         t = [r["timestep"] for r in mine]
         axes[0].plot(t, [r["pag_rms"] for r in mine], marker=".", label=kind)
         axes[1].plot(t, [r["guidance_share"] for r in mine], marker=".", label=kind)
-    axes[0].set_ylabel("RMS of s (eps - eps_perturbed)")
-    axes[0].set_title("size of the PAG term (mean over samples)", fontsize=9)
-    axes[1].set_ylabel("guidance share of the step")
-    axes[1].set_title("|guidance part| / (|guidance part| + |unguided step|)", fontsize=9)
+    _timestep_axis(axes[0], "RMS of s (eps - eps_perturbed)", "size of the PAG term (mean over samples)")
+    _timestep_axis(axes[1], *SHARE_AXIS)
     for ax in axes:
-        _timestep_axis(ax)
         ax.legend(fontsize=7)
     return [csv_path, save_png(fig, os.path.join(out_dir, "compare_curves.png"), dpi=100)]
 
 
-# ------------------------------------------------------------------------------------------- summary
-
-
-def _md_table(columns, rows, formats=None):
-    formats = formats or {}
+def _md_table(columns, rows):
     out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        cells = []
-        for c in columns:
-            v = row.get(c)
-            cells.append("-" if v is None else (formats.get(c, "{:.4g}").format(v) if isinstance(v, float) else str(v)))
+        cells = ["-" if row.get(c) is None else f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])
+                 for c in columns]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
-def summary_markdown(name, command, traces, files, comparison_files, seconds, notes=()):
+def summary_markdown(name, command, traces, files, comparison_files, seconds):
     """summary.md: what was run, the key numbers, and a link to every file (paths relative to the summary)."""
     lines = [f"# Analysis: {name}", "", f"Command: `{command}`", "", f"Run time: {seconds:.1f} s.", ""]
-    lines += list(notes) + ([""] if notes else [])
     for kind, trace in traces.items():
         c = trace.config
         cg = f"classifier guidance {c.classifier_scale:g}" if trace.cg_on else "no classifier guidance"

@@ -165,6 +165,12 @@ def _replay(output):
     return model
 
 
+def _pred_x0(diffusion, output, x, index, clip):
+    """The predicted x0 of a recorded model ``output`` at diffusion step ``index``."""
+    t = th.full((x.shape[0],), index, device=x.device, dtype=th.long)
+    return diffusion.p_mean_variance(_replay(output), x, t, clip_denoised=clip)["pred_xstart"]
+
+
 class _AttentionProbe:
     """Forward hooks on the ``attention`` submodules of chosen blocks, recording the clean pass.
 
@@ -175,12 +181,7 @@ class _AttentionProbe:
 
     def __init__(self, model, blocks, image_shape, queries):
         self.blocks = blocks
-        self.active = False
-        self.rows = 0
-        self.want_maps = False
-        self.seen = set()
-        self.entropy = {}
-        self.maps = {}
+        self.active = False  # start() sets what the hooks use
         self.tokens, self.grids, self.query_tokens = {}, {}, {}
         self.image_shape = image_shape
         self.queries = queries
@@ -198,11 +199,6 @@ class _AttentionProbe:
         for handle in self.handles:
             handle.remove()
 
-    def _grid(self, tokens):
-        height, width = self.image_shape
-        factor = math.sqrt(height * width / tokens)
-        return round(height / factor), round(width / factor)
-
     def _hook(self, name):
         def hook(module, inputs, _output):
             if not self.active or name in self.seen:
@@ -214,7 +210,8 @@ class _AttentionProbe:
             tokens = weights.shape[-1]
             if name not in self.tokens:
                 self.tokens[name] = tokens
-                self.grids[name] = self._grid(tokens)
+                factor = math.sqrt(self.image_shape[0] * self.image_shape[1] / tokens)
+                self.grids[name] = round(self.image_shape[0] / factor), round(self.image_shape[1] / factor)
                 self.query_tokens[name] = query_tokens(self.grids[name], self.queries)
             self.entropy[name] = th.special.entr(weights).sum(dim=-1).mean(dim=(1, 2)).cpu().double().numpy()
             if self.want_maps:
@@ -259,7 +256,16 @@ def trace(settings, models, device, indices, config=None, options=None):
                                            [r - start for r in rows if r in strip_rows], shown, probe))
     finally:
         probe.close()
-    _merge(result, chunks, probe)
+    result.stats = {k: np.concatenate([c["stats"][k] for c in chunks], axis=1) for k in STATS}
+    result.entropy = {k: np.concatenate([c["entropy"][k] for c in chunks], axis=1) for k in probe.blocks}
+    with_images = [c for c in chunks if c["images"]]
+    if with_images:
+        result.images = {k: th.cat([c["images"][k] for c in with_images], dim=1) for k in IMAGES}
+        result.maps = {k: th.cat([c["maps"][k] for c in with_images], dim=1) for k in probe.blocks}
+    result.tokens, result.grids, result.query_tokens = probe.tokens, probe.grids, probe.query_tokens
+    labels = [c["labels"] for c in chunks]
+    result.labels = None if labels[0] is None else np.concatenate(labels)
+    result.samples = np.concatenate([c["samples"] for c in chunks])
     return result
 
 
@@ -314,10 +320,6 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
             return th.zeros(x.shape[0], device=x.device)
         outputs = [th.cat([e.to(rest.dtype), rest], dim=1) for e in (before, after)]
         return _rms(step_mean(outputs[1], x, index, None) - step_mean(outputs[0], x, index, None))
-
-    def pred_x0(output, x, index):
-        t = th.full((x.shape[0],), index, device=x.device, dtype=th.long)
-        return diffusion.p_mean_variance(_replay(output), x, t, clip_denoised=clip)["pred_xstart"]
 
     loop = diffusion.ddim_sample_loop_progressive if use_ddim else diffusion.p_sample_loop_progressive
     steps = diffusion.num_timesteps
@@ -376,8 +378,8 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
                 eps_perturbed = seen["eps"]
             perturbed_output = th.cat([eps_perturbed.to(rest.dtype), rest], dim=1)
             picked = {
-                "x_t": x, "x0_clean": pred_x0(clean_output, x, index),
-                "x0_perturbed": pred_x0(perturbed_output, x, index), "x0_guided": out["pred_xstart"],
+                "x_t": x, "x0_clean": _pred_x0(diffusion, clean_output, x, index, clip),
+                "x0_perturbed": _pred_x0(diffusion, perturbed_output, x, index, clip), "x0_guided": out["pred_xstart"],
                 "pag_term": pag_term.norm(dim=1, keepdim=True),
             }
             for name, value in picked.items():
@@ -391,19 +393,6 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
             "entropy": {k: np.stack(v) for k, v in entropy.items()},
             "maps": {k: th.stack(v) for k, v in maps.items() if v},
             "labels": draws.labels, "samples": to_uint8_nhwc(final)}
-
-
-def _merge(result, chunks, probe):
-    result.stats = {k: np.concatenate([c["stats"][k] for c in chunks], axis=1) for k in STATS}
-    result.entropy = {k: np.concatenate([c["entropy"][k] for c in chunks], axis=1) for k in probe.blocks}
-    with_images = [c for c in chunks if c["images"]]
-    if with_images:
-        result.images = {k: th.cat([c["images"][k] for c in with_images], dim=1) for k in IMAGES}
-        result.maps = {k: th.cat([c["maps"][k] for c in with_images], dim=1) for k in probe.blocks}
-    result.tokens, result.grids, result.query_tokens = probe.tokens, probe.grids, probe.query_tokens
-    labels = [c["labels"] for c in chunks]
-    result.labels = None if labels[0] is None else np.concatenate(labels)
-    result.samples = np.concatenate([c["samples"] for c in chunks])
 
 
 @th.no_grad()
@@ -426,23 +415,14 @@ def perturbed_x0(settings, models, device, reference, kinds, params=None):
     row_seeds = draws.model_kwargs["row_seeds"]
     net_kwargs = {"y": draws.model_kwargs["y"]} if settings.model.class_cond else {}
     out = {name: [] for name in ("clean", *kinds)}
+    clip = settings.sampling.clip_denoised
     for j, step in enumerate(reference.shown):
         x = reference.images["x_t"][j].to(device)
         index = steps - 1 - step
         t = th.full((x.shape[0],), reference.timesteps[step], device=device, dtype=th.long)
-        index_t = th.full((x.shape[0],), index, device=device, dtype=th.long)
-        clip = settings.sampling.clip_denoised
-        clean = model(x, t, **net_kwargs)
-        out["clean"].append(diffusion.p_mean_variance(_replay(clean), x, index_t, clip_denoised=clip)
-                            ["pred_xstart"].float().cpu())
+        out["clean"].append(_pred_x0(diffusion, model(x, t, **net_kwargs), x, index, clip).float().cpu())
         for kind in kinds:
             with pag.perturbed_attention(model, config.pag_layers, kind, row_seeds=row_seeds, steps=t, **values):
                 perturbed = model(x, t, **net_kwargs)
-            out[kind].append(diffusion.p_mean_variance(_replay(perturbed), x, index_t, clip_denoised=clip)
-                             ["pred_xstart"].float().cpu())
+            out[kind].append(_pred_x0(diffusion, perturbed, x, index, clip).float().cpu())
     return {k: th.stack(v) for k, v in out.items()}
-
-
-def with_perturbation(config, kind):
-    """``config`` with another perturbation kind (its parameters as they are)."""
-    return dataclasses.replace(config, perturbation=kind)
