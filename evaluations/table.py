@@ -1,11 +1,8 @@
-"""Tables and plots of many runs' evaluation results.
-
-A run is a directory holding the evaluator's JSON (``evaluate(..., json_path=...)`` / ``--json``; any ``*.json``
-with the evaluator's ``format`` key, ``eval.json`` by convention) and the run's ``config.yaml`` (keys such as
-``pag_scale``, ``pag_layers``, ``perturbation``, ``sampler_label``; nested mappings are searched too). ``make_table`` writes one table per experiment in Markdown, CSV and LaTeX, rows grouped by
-guidance scale / layer set / perturbation / sampler, with published anchors (an experiment YAML's ``anchors:``
-list) printed below our rows, plus matplotlib plots of FID and IS against the guidance scale and of precision
-against recall.
+"""Tables and plots of many runs' evaluation results: one table per experiment in Markdown, CSV and LaTeX, rows
+grouped by guidance scale / layer set / perturbation / sampler (values the run record stores: read, never
+derived here), published anchors (an experiment YAML's ``anchors:``) below our rows, and plots of FID and IS against
+the guidance scale and of precision against recall. A run on disk is a directory holding the evaluator's JSON
+(``eval.json`` by convention) and the run's ``config.yaml`` (nested mappings are searched too).
 """
 
 import csv
@@ -50,39 +47,35 @@ def _is_result(obj):
     return isinstance(obj, dict) and (obj.get("format") == RESULT_FORMAT or all(k in obj for k in METRIC_KEYS))
 
 
+def _first_result(directory):
+    """The first evaluator JSON in ``directory`` (``eval.json`` first), or None."""
+    names = sorted(n for n in os.listdir(directory) if n.endswith(".json"))
+    for name in sorted(names, key=lambda n: n != "eval.json"):
+        try:
+            with open(os.path.join(directory, name)) as f:
+                if _is_result(json.load(f)):
+                    return os.path.join(directory, name)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def find_result_files(path):
-    """Evaluator JSON files at ``path``: the file itself, or those in the directory (``eval.json`` first), or,
-    when the directory has none, those in its subdirectories (a directory of runs)."""
+    """Evaluator JSON files at ``path``: the file itself, or the directory's (``eval.json`` first), or, when the
+    directory has none, one per subdirectory holding one (a directory of runs)."""
     path = os.fspath(path)
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no such run directory or result file: {path}")
-
-    def results_in(directory):
-        names = sorted(n for n in os.listdir(directory) if n.endswith(".json"))
-        names.sort(key=lambda n: n != "eval.json")
-        found = []
-        for name in names:
-            full = os.path.join(directory, name)
-            try:
-                with open(full) as f:
-                    if _is_result(json.load(f)):
-                        found.append(full)
-            except (OSError, ValueError):
-                continue
-        return found
-
-    own = results_in(path)
-    if own:
-        return own[:1]
     found = []
-    for root, dirs, _ in os.walk(path):
+    for root, dirs, _ in os.walk(path):  # top-down: ``path`` itself first
         dirs.sort()
-        if root != path:
-            own = results_in(root)
-            if own:
-                found.append(own[0])
+        own = _first_result(root)
+        if own and root == path:
+            return [own]
+        if own:
+            found.append(own)
     if not found:
         raise FileNotFoundError(f"no evaluator result (*.json with '{RESULT_FORMAT}') in {path} or below")
     return found
@@ -107,33 +100,22 @@ def _load_config(json_path):
 def _flatten(cfg, prefix=""):
     flat = {}
     for key, value in cfg.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
+        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
     return flat
 
 
 def _lookup(flat, key):
-    if key in flat:
-        return flat[key]
-    matches = [v for k, v in flat.items() if k.endswith("." + key)]
-    return matches[0] if matches else None
+    return flat[key] if key in flat else next((v for k, v in flat.items() if k.endswith("." + key)), None)
 
 
 # The sampler column: the run record's ``sampler_label`` (written by the sampler, which alone derives it), or a
 # ``sampler`` named by hand (anchors, other mappings). A record from before labels, naming sampling settings but no
 # label, shows "?": the label is never derived here.
-_SAMPLER_KEYS = ("sampler_label", "sampler")
-_SAMPLER_SETTINGS = ("use_ddim", "timestep_respacing")
-
-
 def _sampler(flat):
-    for key in _SAMPLER_KEYS:
-        if _lookup(flat, key) is not None:
-            return _lookup(flat, key)
-    return "?" if any(_lookup(flat, key) is not None for key in _SAMPLER_SETTINGS) else None
+    for key in ("sampler_label", "sampler"):
+        if (value := _lookup(flat, key)) is not None:
+            return value
+    return "?" if any(_lookup(flat, key) is not None for key in ("use_ddim", "timestep_respacing")) else None
 
 
 # Settings that mean nothing when PAG is off (pag_scale 0): shown as "-" rather than their defaults.
@@ -161,18 +143,10 @@ def row_from_result(result, run, experiment, values, group_by=DEFAULT_GROUP_BY, 
     for key in ROW_METRICS:  # a result may hold a subset (evaluate(metrics=...)); absent ones show as "-"
         if key in result and not _is_number(result[key]):
             raise ValueError(f"{where}: {key} is not a number: {result[key]!r}")
-    row = {
-        "run": run,
-        "experiment": str(experiment),
-        "source": "ours",
-        "random_weights": bool(result.get("random_weights")),
-        "marker": result_marker(result),
-        "num_samples": (result.get("sample") or {}).get("num_images"),
-        "json": json_path,
-        "config": config_path,
-    }
-    for key in group_by:
-        row[key] = _group_value(values, key)
+    row = {"run": run, "experiment": str(experiment), "source": "ours", "json": json_path, "config": config_path,
+           "random_weights": bool(result.get("random_weights")), "marker": result_marker(result),
+           "num_samples": (result.get("sample") or {}).get("num_images")}
+    row.update((key, _group_value(values, key)) for key in group_by)
     for key in ROW_METRICS:
         row[key] = float(result[key]) if key in result else None
     row["pr_precision"] = result.get("pr_precision")  # "float32": named in the table
@@ -209,20 +183,14 @@ def normalise_anchor(anchor, group_by=DEFAULT_GROUP_BY):
         canon = _METRIC_ALIASES.get(re.sub(r"[^a-z]", "", str(key).lower()))
         if canon:
             row[canon] = None if value in (None, "-", "") else float(value)
-    for key in _LABEL_KEYS:
-        if anchor.get(key) is not None:
-            row["run"] = str(anchor[key])
-            break
+    row["run"] = next((str(anchor[k]) for k in _LABEL_KEYS if anchor.get(k) is not None), "published")
     if anchor.get("source"):
         row["source"] = f"published ({anchor['source']})"
     flat = _flatten(anchor)
-    for key in group_by:
-        row[key] = _group_value(flat, key)
-    for key in ROW_METRICS:
-        row.setdefault(key, None)
+    row.update((key, _group_value(flat, key)) for key in group_by)
+    row.update((k, row.get(k)) for k in ROW_METRICS)
     if all(row[k] is None for k in ROW_METRICS):
         raise ValueError(f"anchor {anchor!r} has none of the metrics {', '.join(m.header for m in METRIC_TABLE)}")
-    row["run"] = row["run"] or "published"
     return row
 
 
@@ -233,16 +201,8 @@ def normalise_anchor(anchor, group_by=DEFAULT_GROUP_BY):
 def _sort_key(row, group_by, scale_key=None):
     """Blocks of equal non-scale group values (in ``group_by`` order), the scale ascending inside a block."""
     order = [g for g in group_by if g != scale_key] + ([scale_key] if scale_key else [])
-    key = []
-    for g in order:
-        v = row.get(g)
-        if v is None:
-            key.append((2, 0, ""))
-        elif _is_number(v):
-            key.append((0, float(v), ""))
-        else:
-            key.append((1, 0, str(v)))
-    return key
+    return [(2, 0, "") if v is None else (0, float(v), "") if _is_number(v) else (1, 0, str(v))
+            for v in (row.get(g) for g in order)]
 
 
 def _fmt_metric(key, value, std=None):
@@ -256,11 +216,7 @@ _MIN_COLUMNS = {min_key(m): m for m in MINIMUM_METRICS}  # "fid_min" -> "fid"
 
 
 def _fmt_value(value):
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
+    return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _columns(rows, group_by):
@@ -283,23 +239,12 @@ def _is_number_column(col):
     return col in ROW_METRICS or col in _MIN_COLUMNS or col in ("num_samples", "seeds")
 
 
-BEST_FID_NOTE = ("Bold FID: the lowest FID of our rows in this table (in a scale sweep, the best scale; past it, "
-                 "stronger guidance costs more than it gives).")
-
-
 def mark_best_fid(rows):
-    """Flag (``row["best_fid"] = True``) the rows with the lowest FID among ``rows`` (every one of equals), when
-    at least two of them have an FID and not all of those are equal; returns the flagged rows."""
-    scored = [r for r in rows if r.get("fid") is not None and not math.isnan(r["fid"])]
+    """Flag (``row["best_fid"]``) the rows with the lowest FID among ``rows`` (every one of equals), when at least
+    two of them have an FID and not all of those are equal."""
+    scored = [r["fid"] for r in rows if r.get("fid") is not None and not math.isnan(r["fid"])]
     for row in rows:
-        row["best_fid"] = False
-    lowest = min((r["fid"] for r in scored), default=None)
-    best = [r for r in scored if r["fid"] == lowest]
-    if len(scored) < 2 or len(best) == len(scored):
-        return []
-    for row in best:
-        row["best_fid"] = True
-    return best
+        row["best_fid"] = len(set(scored)) > 1 and row.get("fid") == min(scored)
 
 
 def _cell(row, col):
@@ -317,7 +262,8 @@ def _cell(row, col):
 def _notes(rows):
     notes = []
     if any(r.get("best_fid") for r in rows):
-        notes.append(BEST_FID_NOTE)
+        notes.append("Bold FID: the lowest FID of our rows in this table (in a scale sweep, the best scale; past "
+                     "it, stronger guidance costs more than it gives).")
     if any(r.get("seeds") for r in rows):
         notes.append("Rows with a seeds count: the mean over that many sampling seeds \u00b1 the standard deviation "
                      "of one seed's number (ddof=1)" + ("; min: the lowest over the seeds (as EDM2 reports)"
@@ -346,19 +292,14 @@ def _notes(rows):
 
 def render_markdown(rows, group_by, title=None):
     cols = _columns(rows, group_by)
-    out = []
-    if title:
-        out += [f"## {title}", ""]
-    out.append("| " + " | ".join(_header(c) for c in cols) + " |")
+    out = ([f"## {title}", ""] if title else []) + ["| " + " | ".join(_header(c) for c in cols) + " |"]
     out.append("|" + "|".join("---:" if _is_number_column(c) else "---" for c in cols) + "|")
     for row in rows:
         cells = [_cell(row, c).replace("|", "\\|") for c in cols]
         cells = [f"**{v}**" if c == "fid" and row.get("best_fid") else v for c, v in zip(cols, cells)]
         out.append("| " + " | ".join(cells) + " |")
     notes = _notes(rows)
-    if notes:
-        out.append("")
-        out += [f"*{n}*" for n in notes]
+    out += [""] + [f"*{n}*" for n in notes] if notes else []
     return "\n".join(out) + "\n"
 
 
@@ -388,20 +329,14 @@ def render_latex(rows, group_by, title=None):
     align = "".join("r" if _is_number_column(c) else "l" for c in cols)
     out = [r"\begin{table}[t]", r"\centering", rf"\begin{{tabular}}{{{align}}}", r"\toprule",
            " & ".join(latex_escape(_header(c)) for c in cols) + r" \\", r"\midrule"]
-    previous_source = None
-    for row in rows:
-        is_ours = row["source"] == "ours"
-        if previous_source is not None and is_ours != previous_source:
-            out.append(r"\midrule")
-        previous_source = is_ours
+    for i, row in enumerate(rows):
+        if i and (row["source"] == "ours") != (rows[i - 1]["source"] == "ours"):
+            out.append(r"\midrule")  # between our rows and the published ones
         cells = [latex_escape(_cell(row, c)) for c in cols]
         cells = [rf"\textbf{{{v}}}" if c == "fid" and row.get("best_fid") else v for c, v in zip(cols, cells)]
         out.append(" & ".join(cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
-    caption = latex_escape(title or "Evaluation")
-    notes = _notes(rows)
-    if notes:
-        caption += " " + " ".join(latex_escape(n) for n in notes)
+    caption = " ".join(latex_escape(text) for text in [title or "Evaluation"] + _notes(rows))
     out += [rf"\caption{{{caption}}}", r"\end{table}"]
     return "\n".join(out) + "\n"
 
@@ -418,13 +353,6 @@ def _scale_key(rows, group_by):
     return None
 
 
-def plot_runs(rows, group_by, out_prefix, title=None):
-    """``<prefix>_fid_is.png`` (FID and IS against the guidance scale, and FD_DINOv2 when rows have it) and
-    ``<prefix>_pr.png`` (precision against recall), a row's std (over seeds, or its bootstrap's) drawn as error
-    bars. Returns the paths written."""
-    return [save_png(fig, out_prefix + suffix) for suffix, fig in draw_plots(rows, group_by, title).items()]
-
-
 def _errors(rows, metric):
     """The rows' std of ``metric`` for ``errorbar`` (0 where a row has none), or None when no row has one."""
     stds = [r.get(std_key(metric)) for r in rows]
@@ -432,12 +360,12 @@ def _errors(rows, metric):
 
 
 def draw_plots(rows, group_by, title=None):
-    """The figures of :func:`plot_runs`: ``{"_fid_is.png": Figure, "_pr.png": Figure}`` (the first only when the
-    rows have a numeric scale)."""
+    """``{"_fid_is.png": Figure, "_pr.png": Figure}``: FID and IS (and FD_DINOv2 when rows have it) against the
+    guidance scale (only when the rows have a numeric scale), and precision against recall; a row's std (over
+    seeds, or its bootstrap's) drawn as error bars."""
     ours = [r for r in rows if r["source"] == "ours"]
     anchors = [r for r in rows if r["source"] != "ours"]
-    markers = sorted({r["marker"] for r in ours if r.get("marker")})
-    marked = "".join(f" [{m}]" for m in markers)
+    marked = "".join(f" [{m}]" for m in sorted({r["marker"] for r in ours if r.get("marker")}))
     x_key = _scale_key(rows, group_by)
     others = [g for g in group_by if g != x_key and any(r.get(g) is not None for r in ours)]
     series_keys = [g for g in others if len({_fmt_value(r.get(g)) for r in ours}) > 1]
@@ -477,8 +405,7 @@ def draw_plots(rows, group_by, title=None):
                     ax.axhline(a[metric], linestyle="--", linewidth=1, color="gray")
                     ax.annotate(f"{a['run']} (published)", (0.01, a[metric]), xycoords=("axes fraction", "data"),
                                 fontsize=7, color="gray", va="bottom")
-            ax.set_xlabel(x_key)
-            ax.set_ylabel(METRICS_BY_KEY[metric].header)
+            ax.set(xlabel=x_key, ylabel=METRICS_BY_KEY[metric].header)
             ax.grid(alpha=0.3)
         fig.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0))
         fig.suptitle((title or "") + marked + subtitle, fontsize=9)
@@ -501,8 +428,7 @@ def draw_plots(rows, group_by, title=None):
         if a.get("precision") is not None and a.get("recall") is not None:
             ax.plot([a["recall"]], [a["precision"]], marker="x", linestyle="none", markersize=9,
                     label=f"{a['run']} (published)")
-    ax.set_xlabel("Recall")
-    ax.set_ylabel("Precision")
+    ax.set(xlabel="Recall", ylabel="Precision")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     ax.set_title((title or "") + marked + subtitle, fontsize=8)
@@ -602,7 +528,7 @@ def make_table_from_rows(rows, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None,
             atomic_write_text(f"{prefix}.{ext}", text)
             files.append(f"{prefix}.{ext}")
         if plots:
-            files += plot_runs(table_rows, group_by, prefix, title=name)
+            files += [save_png(fig, prefix + suffix) for suffix, fig in draw_plots(table_rows, group_by, name).items()]
         tables[name] = {"rows": table_rows, "files": files}
     return tables
 
