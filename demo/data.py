@@ -25,18 +25,7 @@ from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 32
 SUPERSAMPLE = 4
-CLASS_NAMES = (
-    "circle",
-    "square",
-    "triangle",
-    "star",
-    "cross",
-    "ring",
-    "heart",
-    "crescent",
-    "bars",
-    "arrow",
-)
+CLASS_NAMES = ("circle", "square", "triangle", "star", "cross", "ring", "heart", "crescent", "bars", "arrow")
 NUM_CLASSES = len(CLASS_NAMES)
 
 
@@ -51,13 +40,9 @@ def _star(points=5, inner=0.45):
     return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
 
 
-def _cross(arm=0.34):
-    a = arm
-    return np.array(
-        [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a),
-         (-a, -a)],
-        dtype=np.float64,
-    )
+def _cross(a=0.34):
+    return np.array([(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a),
+                     (-1, -a), (-a, -a)], dtype=np.float64)
 
 
 def _heart(n=48):
@@ -70,18 +55,14 @@ def _heart(n=48):
 
 
 def _arrow():
-    return np.array(
-        [(-1, -0.26), (0.1, -0.26), (0.1, -0.7), (1, 0), (0.1, 0.7), (0.1, 0.26), (-1, 0.26)],
-        dtype=np.float64,
-    )
+    return np.array([(-1, -0.26), (0.1, -0.26), (0.1, -0.7), (1, 0), (0.1, 0.7), (0.1, 0.26), (-1, 0.26)],
+                    dtype=np.float64)
 
 
 def _bars(gap=0.62, half_width=0.2):
     """Three parallel bars, as three polygons."""
-    return [
-        np.array([(-1, c - half_width), (1, c - half_width), (1, c + half_width), (-1, c + half_width)])
-        for c in (-gap, 0.0, gap)
-    ]
+    return [np.array([(-1, c - half_width), (1, c - half_width), (1, c + half_width), (-1, c + half_width)])
+            for c in (-gap, 0.0, gap)]
 
 
 # Unit outlines (radius ~1, centred), rotated/scaled/translated per sample. None: drawn specially.

@@ -62,10 +62,8 @@ class DemoFeatureNet(nn.Module):
     def forward_with_map(self, x):
         """(last feature map, pooled features, logits)."""
         if x.dim() != 4 or tuple(x.shape[1:]) != (3, self.image_size, self.image_size):
-            raise ValueError(
-                f"the demo feature net expects images of shape (N, 3, {self.image_size}, {self.image_size}), "
-                f"got {tuple(x.shape)}"
-            )
+            raise ValueError(f"the demo feature net expects images of shape (N, 3, {self.image_size}, "
+                             f"{self.image_size}), got {tuple(x.shape)}")
         feature_map = self.body(x)
         features = feature_map.mean(dim=(2, 3))
         return feature_map, features, self.head(features)
@@ -78,9 +76,7 @@ def images_to_tensor(images):
         images = images.copy()  # torch warns about (and could write through) read-only arrays, e.g. from npz
     images = th.as_tensor(images)
     if images.dtype != th.uint8 or images.dim() != 4 or images.shape[-1] != 3:
-        raise ValueError(
-            f"expected uint8 images of shape (N, H, W, 3), got {images.dtype} {tuple(images.shape)}"
-        )
+        raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
     return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
@@ -199,8 +195,5 @@ class DemoFeatures(FeatureNetwork):
         spatial = feature_map[:, : self.spatial_channels].permute(0, 2, 3, 1).reshape(n, -1)
         self.num_calls += 1
         self.num_images += n
-        return {
-            "pool": pool.float().cpu().numpy(),
-            "logits": logits.float().cpu().numpy(),
-            "spatial": spatial.float().cpu().numpy(),
-        }
+        return {"pool": pool.float().cpu().numpy(), "logits": logits.float().cpu().numpy(),
+                "spatial": spatial.float().cpu().numpy()}

@@ -37,11 +37,6 @@ REFERENCE_SEED = 1_000_003  # disjoint from the training data's seed
 # grid.png, --grid pair: the first GRID_COUNT samples of these two cells (the same seeds, so the same initial noise);
 # --grid rows: the first ROW_COUNT samples of every cell, one row each, labelled with the cell's name.
 BASELINE_CELL, GUIDED_CELL, GRID_COUNT, ROW_COUNT = "method-baseline", "method-pag_s2", 32, 12
-GRID_CHOICES = ("pair", "rows")
-
-
-def load_demo_config(path=CONFIG):
-    return read_yaml_mapping(path, "demo config")
 
 
 def model_dataset(config):
@@ -213,10 +208,10 @@ def main(argv=None):
     parser.add_argument("step", choices=["prepare", "finish"])
     parser.add_argument("--config", default=str(CONFIG))
     parser.add_argument("--num_reference", type=int, default=2000)
-    parser.add_argument("--grid", choices=GRID_CHOICES, default="pair",
+    parser.add_argument("--grid", choices=("pair", "rows"), default="pair",
                         help="finish's grid.png: the demo's baseline beside PAG s = 2 (pair) or every cell (rows)")
     args = parser.parse_args(argv)
-    config = load_demo_config(args.config)
+    config = read_yaml_mapping(args.config, "demo config")
     if args.step == "prepare":
         prepare(config, args.num_reference)
     else:

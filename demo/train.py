@@ -1,33 +1,22 @@
-"""Train the embedded demo's models on the generated shapes data set (demo/data.py).
+"""Train the embedded demo's models on a generated data set (demo/data.py) into --out_dir (checkpoints/demo):
 
-(a) A tiny class-conditional ADM U-Net (32x32, attention at 16x16 and 8x8, learned sigma with
-    upstream's hybrid loss, linear schedule of 1000 steps, uniform timestep sampler, AdamW, EMA weights),
-    trained by upstream's loop, guided_diffusion.train_util.TrainLoop, given this script's learning-rate
-    schedule (lr_schedule), EMA warm-up (ema_schedule) and a per-step callback (thread choice, progress
-    lines, --max_minutes). TrainLoop's own checkpoints go to a temporary directory that is removed.
-(b) The demo feature network (demo/features.py) for demo-feature FID / precision / recall /
-    classifier score.
-
-Writes into --out_dir (default checkpoints/demo):
-    adm_demo.pt          EMA state dict of the U-Net (float32; loads strictly with
-                         guided_diffusion.checkpoint.load_checkpoint into the model adm_demo.yaml builds)
-    adm_demo.yaml        name, kind, file, flags (as configs/models/*.yaml), plus num_classes/class_names
-    features_demo.pt     the feature net (load with demo.features.load_demo_feature_net)
-    TRAINING.md          the record: command, steps, time, losses, held-out accuracy, data, seed, versions
-    samples_check.png    (--check_samples N) DDIM-25 samples, unguided (left) and PAG (right), same noise
+(a) the tiny ADM U-Net (<model>.pt: EMA weights, float32; <model>.yaml: its flags as configs/models/*.yaml),
+    trained by upstream's guided_diffusion.train_util.TrainLoop with this script's learning-rate schedule, EMA
+    warm-up and a per-step callback (thread choice, progress, --max_minutes); TrainLoop's own checkpoints go to a
+    temporary directory that is removed. --init_from continues from a saved <model>.pt (the record says so);
+(b) its feature network (demo/features.py) for demo-feature FID / precision / recall / classifier score;
+then TRAINING.md (the record: command, steps, time, losses, held-out accuracy, data, seed, versions) and, with
+--check_samples N, DDIM-25 samples, unguided (left) and PAG (right), from the same noise.
 
     python scripts/train_demo.py --what all --check_samples 64   # what `make train-demo` runs
     python scripts/train_demo.py --what diffusion --steps 2 --out_dir /tmp/demo   # a smoke run
 
-Threads: on a 2-core machine shared with other jobs, one thread was up to ~4x faster than two (OpenMP
-threads spin-waiting on oversubscribed cores), on an idle one two threads were ~1.7x faster than one.
---threads 0 (the default) re-measures both every 200 diffusion steps and trains with the faster.
-
---init_from PATH starts the diffusion model (and its EMA) from a saved adm_demo.pt instead of from scratch
-(continued training; the record says so).
+Threads: on a 2-core machine shared with other jobs one thread was up to ~4x faster than two, on an idle one two
+were ~1.7x faster: --threads 0 (the default) re-measures both every 200 diffusion steps (ThreadChooser).
 """
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -54,21 +43,9 @@ DATASETS = demo_data.DATASETS  # per data set: the model, its feature net and th
 # Upstream flag names; every flag not listed keeps model_and_diffusion_defaults().
 # channel_mult starts at 2 so the 32x32 level has 64 channels: the output GroupNorm has 32 groups, and with 32
 # channels it is a per-channel instance norm that removes each channel's spatial mean (the image's colour).
-DEMO_FLAGS = {
-    "image_size": 32,
-    "class_cond": True,
-    "learn_sigma": True,
-    "num_channels": 32,
-    "num_res_blocks": 1,
-    "channel_mult": "2,2,2",
-    "attention_resolutions": "16,8",
-    "num_head_channels": 32,
-    "use_scale_shift_norm": True,
-    "resblock_updown": True,
-    "dropout": 0.0,
-    "diffusion_steps": 1000,
-    "noise_schedule": "linear",
-}
+DEMO_FLAGS = dict(image_size=32, class_cond=True, learn_sigma=True, num_channels=32, num_res_blocks=1,
+                  channel_mult="2,2,2", attention_resolutions="16,8", num_head_channels=32, use_scale_shift_norm=True,
+                  resblock_updown=True, dropout=0.0, diffusion_steps=1000, noise_schedule="linear")
 CHECK_PAG_LAYERS = ["input_blocks.5.1", "middle_block.1"]  # the 8x8 encoder and middle attention blocks
 CHECK_PAG_SCALE = 3.0
 FEATURES_HELD_OUT_SEED_OFFSET = 1000  # held-out images: make_dataset(n, seed + 1000)
@@ -130,8 +107,7 @@ def files_written(args):
     return names
 
 
-def log(msg):
-    print(msg, flush=True)
+log = functools.partial(print, flush=True)
 
 
 def ema_rate_at(step, rate):
@@ -264,7 +240,8 @@ def train_diffusion(args, images, labels):
     steps_run = loop.step
     tail = max(1, min(100, steps_run))
     return model, diffusion, {"steps": steps_run, "seconds": elapsed, "final": history.recent(tail), "tail": tail,
-                              "threads": sorted(threads.used), "device": device}
+                              "threads": sorted(threads.used), "device": device,
+                              "params": sum(p.numel() for p in model.parameters())}
 
 
 def save_diffusion(model, out_dir, dataset="shapes"):
@@ -316,7 +293,8 @@ def train_features(args, images, labels):
     acc = demo_features.accuracy(net, held_images, held_labels)
     log(f"features: held-out accuracy {acc:.4f} on {len(held_labels)} images ({elapsed:.0f} s)")
     return net, {"steps": args.feature_steps, "seconds": elapsed, "final_loss": final_loss,
-                 "held_out_accuracy": acc, "held_out_images": len(held_labels), "threads": th.get_num_threads()}
+                 "held_out_accuracy": acc, "held_out_images": len(held_labels), "threads": th.get_num_threads(),
+                 "params": sum(p.numel() for p in net.parameters())}
 
 
 def check_samples(model, n, seed, out_dir, dataset="shapes"):
@@ -361,16 +339,10 @@ def _run_lines(args, argv, data_seconds, threads, device=None):
     ]
 
 
-def diffusion_heading(dataset):
-    name = DATASETS[dataset].model
-    return f"## Diffusion model ({name}.pt, {name}.yaml)"
-
-
-def features_heading(dataset):
-    return f"## Feature network ({DATASETS[dataset].features})"
-
-
-DIFFUSION_HEADING, FEATURES_HEADING = diffusion_heading("shapes"), features_heading("shapes")
+def headings(dataset):
+    """The record's two section headings of data set ``dataset``: (diffusion model, feature network)."""
+    spec = DATASETS[dataset]
+    return f"## Diffusion model ({spec.model}.pt, {spec.model}.yaml)", f"## Feature network ({spec.features})"
 
 
 def write_record(args, out_dir, data_seconds, diffusion_info, feature_info, argv, previous=""):
@@ -389,7 +361,7 @@ def write_record(args, out_dir, data_seconds, diffusion_info, feature_info, argv
         if dataset == args.dataset:
             lines += _record_sections(args, out_dir, data_seconds, diffusion_info, feature_info, argv, previous)
         else:
-            lines += [_section(previous, diffusion_heading(dataset)), _section(previous, features_heading(dataset))]
+            lines += [_section(previous, heading) for heading in headings(dataset)]
     path = out_dir / "TRAINING.md"
     atomic_write_text(path, "\n".join(line for line in lines if line is not None).rstrip() + "\n")
     return path
@@ -397,7 +369,7 @@ def write_record(args, out_dir, data_seconds, diffusion_info, feature_info, argv
 
 def _record_sections(args, out_dir, data_seconds, diffusion_info, feature_info, argv, previous):
     spec, flags = DATASETS[args.dataset], model_flags(args.dataset)
-    diffusion_title, features_title = diffusion_heading(args.dataset), features_heading(args.dataset)
+    diffusion_title, features_title = headings(args.dataset)
     lines = []
     if diffusion_info:
         d = diffusion_info
@@ -479,13 +451,11 @@ def main(argv=None):
     diffusion_info = feature_info = None
     if args.what in ("features", "all"):
         net, feature_info = train_features(args, images, labels)
-        feature_info["params"] = sum(p.numel() for p in net.parameters())
         features_path = out_dir / DATASETS[args.dataset].features
         demo_features.save_demo_feature_net(net, features_path, held_out_accuracy=feature_info["held_out_accuracy"])
         demo_features.load_demo_feature_net(features_path)
     if args.what in ("diffusion", "all"):
         model, _, diffusion_info = train_diffusion(args, images, labels)
-        diffusion_info["params"] = sum(p.numel() for p in model.parameters())
         path = save_diffusion(model, out_dir, args.dataset)
         diffusion_info["bytes"] = os.path.getsize(path)
         log(f"diffusion: {diffusion_info['steps']} steps in {diffusion_info['seconds'] / 60:.1f} min, "
