@@ -1,9 +1,11 @@
 """Checkpoint files as a run names them (``--model_path``, ``--classifier_path``: a local path, ``file://`` or a
-URL): whether they exist, and what identifies their content in the run record."""
+URL): whether they exist and fit the run's networks, loading them (through ``guided_diffusion.checkpoint``), and
+what identifies their content in the run record."""
 
 import os
 
 from adm_common.files import cached_file_sha256
+from guided_diffusion.checkpoint import CheckpointError, check_state_dict, read_state_dict
 
 from .model_configs import DEFAULT_MODEL_DIR, model_configs
 from .settings import SampleConfigError
@@ -27,8 +29,9 @@ def _checkpoint_hint(path):
             "see configs/models/), or check the path.")
 
 
-def check_checkpoint_path(path, flag):
-    """A local checkpoint must exist and be a file (URLs are checked when read)."""
+def check_checkpoint(net, path, flag):
+    """A local checkpoint exists, is a file and fits ``net`` (on the meta device): names and shapes, reading only
+    its index (memory-mapped). URLs, and checkpoints that cannot be mapped, are checked when they are loaded."""
     if is_url(path):
         return
     local = local_path(path)
@@ -36,6 +39,23 @@ def check_checkpoint_path(path, flag):
         raise SampleConfigError(f"checkpoint not found: {path} (--{flag}). {_checkpoint_hint(local)}")
     if os.path.isdir(local):
         raise SampleConfigError(f"--{flag} {path} is a directory, not a checkpoint file")
+    try:
+        state = read_state_dict(local, mmap=True)
+    except (CheckpointError, OSError):  # an old (non-zip) format, unreadable, not a state dict: the load reports it
+        return
+    check_state_dict(net, state, source=f"--{flag} {path}")
+
+
+def load_weights(net, path, flag, device):
+    """``net`` (on the meta device) on ``device`` with the checkpoint's weights, in place, for inference."""
+    try:
+        state = read_state_dict(path)
+    except (OSError, RuntimeError, ValueError) as e:  # CheckpointError included
+        raise SampleConfigError(f"cannot load --{flag} {path}: {e}") from None
+    check_state_dict(net, state, source=f"--{flag} {path}")
+    net.to_empty(device=device)
+    net.load_state_dict(state, strict=True)
+    return net.eval().requires_grad_(False)
 
 
 def checkpoint_identity(path):

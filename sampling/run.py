@@ -27,8 +27,10 @@ def configure_logging(out_dir):
 
 
 def make_sampler(plan, networks, device, cache=None, model_wrapper=None):
-    """The second half of stage 3 and stage 5's sampler: ``networks`` loaded on ``device`` (``cache``: networks
-    loaded for earlier runs of the same flags) and the :class:`Sampler` that uses them; None for a complete plan."""
+    """The run's log in its out_dir, then the second half of stage 3 and stage 5's sampler: ``networks`` loaded on
+    ``device`` (``cache``: networks loaded for earlier runs of the same flags) and the :class:`Sampler` that uses
+    them; None for a complete plan."""
+    configure_logging(plan.out_dir)
     if plan.complete:
         return None
     settings = plan.settings
@@ -51,6 +53,5 @@ def run(settings, model_wrapper=None, on_shard_written=None, on_shard_claimed=No
     networks = models.build_networks(settings)  # every check that needs no weights, before out_dir is touched
     with run_lock.RunLocks() as locks:
         plan = prepare(settings, device.type, locks=locks)
-        configure_logging(plan.out_dir)
         sampler = make_sampler(plan, networks, device, model_wrapper=model_wrapper)
         return execute(plan, sampler, on_shard_written=on_shard_written, on_shard_claimed=on_shard_claimed)
