@@ -2,11 +2,10 @@
 """Download the official ADM checkpoints, the evaluator's reference batches and the Inception weights
 (``python scripts/download.py --help``; the work is in sampling/downloads.py)."""
 
+import os
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 from adm_common.flags import respell_flags  # noqa: E402
 from sampling.downloads import main  # noqa: E402

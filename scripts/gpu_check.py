@@ -1,17 +1,11 @@
 #!/usr/bin/env python
-"""GPU acceptance check: whether this machine samples correctly and how fast (benchmarks/gpu_check.py).
-
-    make gpu-check                                    # = python scripts/gpu_check.py (the local rank's GPU)
-    python scripts/gpu_check.py --device cpu --tiny   # the same report on the CPU at tiny widths (the test suite)
-
-Writes results/gpu_check/report.{json,md} and prints the Markdown; --help lists the sections and flags.
-"""
+"""GPU acceptance check (``make gpu-check``): whether this machine samples correctly and how fast; writes
+results/gpu_check/report.{json,md} (benchmarks/gpu_check.py; docs/gpu.md; ``--help``)."""
 
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 from benchmarks.gpu_check import main  # noqa: E402
 

@@ -17,8 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adm_common.flags import FlagParser  # noqa: E402
 from sampling.cli import parse_overrides  # noqa: E402
-from sampling.model_configs import ModelConfigError, load_model_config  # noqa: E402
-from sampling.settings import SampleConfigError  # noqa: E402
+from sampling.model_configs import load_model_config  # noqa: E402
 from guided_diffusion.script_util import create_model_from_flags  # noqa: E402
 from pag.layers import format_attention_blocks  # noqa: E402
 
@@ -31,25 +30,16 @@ def main(argv=None):
                         help="model flag (repeatable, a YAML scalar as sweep.py's --set), applied over the config "
                         "or the upstream defaults")
     args = parser.parse_args(argv)
-    kind, flags = args.kind, {}
-    if args.model:
-        try:
-            config = load_model_config(args.model)
-        except ModelConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        kind, flags = config["kind"], dict(config["flags"])
-    elif not args.flags:
+    if not (args.model or args.flags):
         parser.error("give a model name / config, or --set KEY=VALUE flags")
     try:
-        flags.update(parse_overrides(args.flags))
-    except SampleConfigError as e:
+        config = load_model_config(args.model) if args.model else {"kind": args.kind, "flags": {}}
+        with torch.device("meta"):
+            model = create_model_from_flags(config["kind"], dict(config["flags"], **parse_overrides(args.flags)))[0]
+    except ValueError as e:  # ModelConfigError, SampleConfigError (--set), flags the model refuses
         parser.error(str(e))
-    with torch.device("meta"):
-        model = create_model_from_flags(kind, flags)[0]
     print(format_attention_blocks(model))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
