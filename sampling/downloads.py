@@ -497,12 +497,9 @@ def main(argv=None, shapes_fn: ShapesFn = expected_shapes) -> int:
         if args.group == "list":
             _list(args.configs)
             return 0
-        if args.group == "models":
-            items = select(load_model_items(args.configs), args.names, "models")
-        elif args.group == "refs":
-            items = select(load_ref_items(args.configs), args.names, "refs")
-        else:
-            items = [load_inception_item(args.configs)]
+        loaders = {"models": load_model_items, "refs": load_ref_items}
+        items = select(loaders[args.group](args.configs), args.names, args.group) if args.group in loaders else \
+            [load_inception_item(args.configs)]
         manifest = Manifest(args.manifest)
     except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,8 +1,5 @@
 """Gather evaluation results of many runs into tables (Markdown, CSV, LaTeX) and plots.
 
-    python scripts/make_table.py RUN_OR_DIR [...] --out tables/ [--anchors configs/experiments/X.yaml]
-        [--group-by pag_scale,pag_layers,perturbation,sampler] [--experiment NAME] [--no-plots] [--minimum]
-
 Each RUN is a run directory (the evaluator's JSON plus config.yaml), a result JSON, or a directory of run
 directories. Runs named <cell>__seed-<s> (a sweep's seeds:) are one row, mean ± std over the seeds. See
 evaluations/table.py.
