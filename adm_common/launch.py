@@ -1,15 +1,11 @@
 """Which launcher started this process, and its place in the job, from environment variables alone.
 
-Launchers, detected in this order:
-
-* ``torchrun`` (or anything else that sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``),
-* SLURM ``srun`` steps (``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``/``SLURM_NTASKS``, ``SLURM_LOCALID``; the
-  rendezvous host is the first node of the step),
-* ``mpiexec``/``mpirun`` (Open MPI, MPICH/PMI, PMIx, MVAPICH variables; rank and size then come from mpi4py).
-
-``PAG_DIST_LAUNCHER`` (``torchrun``, ``slurm``, ``mpi`` or ``none``) skips the detection. Nothing here imports
-mpi4py or torch: the process-group set-up (``guided_diffusion.dist_util``), the logger and the evaluator all
-read the job from this one module.
+Launchers, detected in this order: ``torchrun`` (or anything that sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/
+``MASTER_ADDR``/``MASTER_PORT``); SLURM ``srun`` steps (``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``/``SLURM_NTASKS``,
+``SLURM_LOCALID``; the rendezvous host is the first node of the step); ``mpiexec``/``mpirun`` (Open MPI, MPICH/PMI,
+PMIx, MVAPICH variables; rank and size then come from mpi4py). ``PAG_DIST_LAUNCHER`` (``torchrun``, ``slurm``,
+``mpi`` or ``none``) skips the detection. Nothing here imports mpi4py or torch: the process-group set-up
+(``guided_diffusion.dist_util``), the logger and the evaluator all read the job from this one module.
 """
 
 import os
@@ -130,14 +126,6 @@ def _detect_slurm(env: Mapping[str, str]) -> LaunchInfo:
     return LaunchInfo("slurm", rank, world, local, addr, port)
 
 
-def _mpi_env_size_rank(env: Mapping[str, str]):
-    size_name = _first_var(env, _MPI_SIZE_VARS)
-    rank_name = _first_var(env, _MPI_RANK_VARS)
-    size = _int_var(env, size_name) if size_name else None
-    rank = _int_var(env, rank_name) if rank_name else None
-    return size, rank
-
-
 def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
     """Work out the launcher from environment variables alone (never imports mpi4py).
 
@@ -158,7 +146,8 @@ def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
     if forced == "mpi":
         return LaunchInfo("mpi")
 
-    mpi_size, mpi_rank = _mpi_env_size_rank(env)
+    mpi_size, mpi_rank = (_int_var(env, name) if name else None
+                          for name in (_first_var(env, _MPI_SIZE_VARS), _first_var(env, _MPI_RANK_VARS)))
     in_srun_step = env.get("SLURM_PROCID", "") != "" and (
         env.get("SLURM_STEP_ID", "") != "" or env.get("SLURM_STEPID", "") != ""
         or env.get("SLURM_STEP_NUM_TASKS", "") != "")
@@ -174,34 +163,35 @@ def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
     return LaunchInfo("none")
 
 
+def _known_launch(env: Mapping[str, str]) -> Optional[LaunchInfo]:
+    """The torchrun or SLURM launch of ``env``, else None (MPI, whose rank and size mpi4py gives; no launcher;
+    incomplete torchrun variables, for which the logger still wants a rank)."""
+    try:
+        info = detect_launch(env)
+    except ValueError:
+        return None
+    return info if info.launcher in ("torchrun", "slurm") else None
+
+
 def rank_from_env(env: Optional[Mapping[str, str]] = None) -> int:
     """This process's rank as far as the environment tells it (before or without a process group): the
     launcher's, else any rank variable a launcher sets (a lone ``RANK`` too), else 0."""
     env = os.environ if env is None else env
-    try:
-        info = detect_launch(env)
-    except ValueError:  # incomplete torchrun variables: still a rank for the logger
-        info = None
-    if info is not None and info.launcher in ("torchrun", "slurm"):
+    info = _known_launch(env)
+    if info is not None:
         return info.rank
-    for name in ("RANK",) + _MPI_RANK_VARS:
-        if env.get(name, "").isdigit():
-            return int(env[name])
-    return 0
+    return next((int(env[name]) for name in ("RANK",) + _MPI_RANK_VARS if env.get(name, "").isdigit()), 0)
 
 
 def world_size_from_env(env: Optional[Mapping[str, str]] = None) -> int:
     """The job's size as far as the environment tells it (before or without a process group): the launcher's,
     else an MPI launcher's size variable, else 1."""
     env = os.environ if env is None else env
-    try:
-        info = detect_launch(env)
-        if info.launcher in ("torchrun", "slurm"):
-            return info.world_size
-        size, _ = _mpi_env_size_rank(env)
-    except ValueError:
-        return 1
-    return size if size is not None and size > 0 else 1
+    info = _known_launch(env)
+    if info is not None:
+        return info.world_size
+    name = _first_var(env, _MPI_SIZE_VARS)
+    return int(env[name]) if name and env[name].isdigit() and int(env[name]) > 0 else 1
 
 
 def local_rank_from_env(env: Optional[Mapping[str, str]] = None) -> Optional[int]:
@@ -209,18 +199,11 @@ def local_rank_from_env(env: Optional[Mapping[str, str]] = None) -> Optional[int
     MPI launcher's local-rank variable; a lone ``LOCAL_RANK`` too, e.g. beside a group made elsewhere), or None
     when the environment does not say."""
     env = os.environ if env is None else env
-    try:
-        info = detect_launch(env)
-        if info.launcher in ("torchrun", "slurm"):
-            return info.local_rank
-        if info.launcher == "mpi":
-            local = mpi_local_rank(env)
-            if local is not None:
-                return local
-    except ValueError:
-        pass
-    raw = env.get("LOCAL_RANK", "")
-    return int(raw) if raw.isdigit() else None
+    info = _known_launch(env)
+    if info is not None:
+        return info.local_rank
+    name = _first_var(env, _MPI_LOCAL_RANK_VARS + ("LOCAL_RANK",))
+    return int(env[name]) if name and env[name].isdigit() else None
 
 
 def mpi_local_rank(env: Optional[Mapping[str, str]] = None) -> Optional[int]:

@@ -57,6 +57,11 @@ LAUNCH_CHECKS = {
 }
 
 
+def launch_checks(launcher: str) -> str:
+    """What to check when the ranks of a ``launcher`` launch cannot meet."""
+    return LAUNCH_CHECKS.get(launcher, "MASTER_ADDR/MASTER_PORT name rank 0 and an open port")
+
+
 def connect_store(info: LaunchInfo, connect: datetime.timedelta):
     """Rank 0's TCP store (created by rank 0; under torchrun, its agent's), reached within ``connect``, else a
     :class:`DistSetupError` naming the address, port and launcher. Its waits take up to ``connect`` too until the
@@ -81,6 +86,6 @@ def connect_store(info: LaunchInfo, connect: datetime.timedelta):
                else f"rank {info.rank} (host {socket.gethostname()}) could not connect to the rendezvous")
         raise DistSetupError(
             f"{who} at {where} within {time.monotonic() - started:.0f} s ({info.launcher} launch): check that "
-            f"{LAUNCH_CHECKS.get(info.launcher, 'MASTER_ADDR/MASTER_PORT name rank 0 and an open port')}; "
-            f"PAG_DIST_CONNECT_TIMEOUT_SECONDS={connect.total_seconds():g} sets the wait ({detail})") from None
+            f"{launch_checks(info.launcher)}; PAG_DIST_CONNECT_TIMEOUT_SECONDS={connect.total_seconds():g} sets the "
+            f"wait ({detail})") from None
     return store

@@ -1,30 +1,20 @@
 """Process-group set-up and small collective helpers.
 
-One process group serves every launcher:
+One process group serves every launcher that ``adm_common.launch`` detects (torchrun, SLURM ``srun``,
+``mpiexec``/``mpirun``: rank 0 picks host and a free port and broadcasts them through mpi4py).
+``PAG_DIST_LAUNCHER`` (``torchrun``, ``slurm``, ``mpi``, ``none``) skips the detection; ``PAG_DIST_BACKEND``
+forces ``nccl`` or ``gloo``. A process started by none of them runs as world size 1 in a one-process group on
+an in-memory store (as upstream, whose scripts call ``torch.distributed`` directly), and mpi4py is never
+imported (importing it initialises MPI, which is slow and can fail on machines without a working MPI).
 
-* ``torchrun`` (or anything else that sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/
-  ``MASTER_ADDR``/``MASTER_PORT``),
-* SLURM ``srun`` steps (``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``/``SLURM_NTASKS``,
-  ``SLURM_LOCALID``; the rendezvous host is the first node of the step),
-* ``mpiexec``/``mpirun`` (mpi4py's ``COMM_WORLD``; rank 0 picks host and a free port and
-  broadcasts them).
+Timeouts (``adm_common.rendezvous``): collectives ``PAG_DIST_TIMEOUT_MINUTES`` (default 720: longer than any
+single wait of a 50k-sample cell; the sampler's ranks wait for each other by polling files); reaching rank 0's
+TCP store and waiting there for every rank ``PAG_DIST_CONNECT_TIMEOUT_SECONDS`` (default 300), with one line
+naming the address, the port and the launcher.
 
-The launcher is detected in that order.  A process started by none of them runs as world
-size 1 in a one-process group on an in-memory store (as upstream, whose scripts call
-``torch.distributed`` directly), and mpi4py is never imported (importing mpi4py
-initialises MPI, which is slow and can fail on machines without a working MPI).
-The detection itself lives in ``adm_common.launch`` (shared with the logger and the evaluator); set
-``PAG_DIST_LAUNCHER`` to ``torchrun``, ``slurm``, ``mpi`` or ``none`` to skip it, and
-``PAG_DIST_BACKEND`` to force ``nccl`` or ``gloo``.
-
-Collectives time out after ``PAG_DIST_TIMEOUT_MINUTES`` (default 720: longer than any single wait of a
-50k-sample cell; the sampler's ranks wait for each other by polling files, never in a collective).  Reaching
-the rendezvous (rank 0's TCP store) and waiting there for every rank to join time out much sooner:
-``PAG_DIST_CONNECT_TIMEOUT_SECONDS`` (default 300), with one line naming the address, the port and the launcher.
-
-Backend: NCCL when the run computes on a GPU (``setup_dist(device=...)``: ``None`` means the GPU when CUDA is
-available), gloo otherwise, so a CPU run never touches a GPU.  Each process uses the GPU of its local rank
-(``dev()``); two ranks that would use one GPU stop at start-up with one line naming them.
+Backend: NCCL when the run computes on a GPU, gloo otherwise, so a CPU run never touches a GPU. Each process
+uses the GPU of its local rank (``dev()``); two ranks that would use one GPU stop at start-up with one line
+naming them.
 """
 
 import datetime
@@ -42,10 +32,10 @@ import torch.distributed as dist
 
 from adm_common.launch import LaunchInfo, detect_launch, local_rank_from_env, mpi_local_rank
 from adm_common.rendezvous import (  # noqa: F401 (re-exported: upstream-style callers use dist_util)
-    LAUNCH_CHECKS,
     DistSetupError,
     connect_store,
     connect_timeout,
+    launch_checks,
     process_group_timeout,
 )
 
@@ -59,10 +49,7 @@ class _State:
     initialized: bool = False
     owns_group: bool = False
     launcher: str = "none"
-    rank: int = 0
-    world_size: int = 1
     local_rank: int = 0
-    backend: Optional[str] = None
     device: Optional[torch.device] = None
 
 
@@ -134,19 +121,15 @@ def _free_port() -> int:
 def _uses_cuda(device=None) -> bool:
     """Whether a run on ``device`` (None or "": the default, the GPU when there is one) computes on a GPU. A
     requested "cuda" without CUDA counts as no: the run's own device check reports it (plan.resolve_device)."""
-    if device is None or device == "":
-        return torch.cuda.is_available()
-    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+    return torch.cuda.is_available() and (device in (None, "") or torch.device(device).type == "cuda")
 
 
-def _pick_backend(uses_cuda: Optional[bool] = None) -> str:
+def _pick_backend(uses_cuda: bool) -> str:
     forced = os.environ.get("PAG_DIST_BACKEND", "").strip().lower()
     if forced:
         if forced not in ("nccl", "gloo"):
             raise ValueError(f"PAG_DIST_BACKEND={forced!r}: expected nccl or gloo")
         return forced
-    if uses_cuda is None:
-        uses_cuda = torch.cuda.is_available()
     return "nccl" if uses_cuda else "gloo"
 
 
@@ -246,8 +229,8 @@ def _exchange(store, info: LaunchInfo, record: Any, connect: datetime.timedelta)
         raise DistSetupError(
             f"{_ranks_text(missing)} of {info.world_size} did not join the rendezvous at {where} within "
             f"{connect.total_seconds():g} s ({info.launcher} launch): look for their errors, check that "
-            f"{LAUNCH_CHECKS.get(info.launcher, 'MASTER_ADDR/MASTER_PORT name rank 0 and an open port')}; "
-            "PAG_DIST_CONNECT_TIMEOUT_SECONDS sets the wait", everywhere=True) from None
+            f"{launch_checks(info.launcher)}; PAG_DIST_CONNECT_TIMEOUT_SECONDS sets the wait",
+            everywhere=True) from None
     return [json.loads(v) for v in values]
 
 
@@ -274,11 +257,8 @@ def setup_dist(backend: Optional[str] = None, device=None) -> None:
     ``device``: what the run computes on (``"cpu"``, ``"cuda"``, ``"cuda:N"``; None: the GPU of the local rank
     when CUDA is available, else the CPU). A CPU run uses gloo and never calls ``torch.cuda.set_device``, so
     several CPU processes may share a machine with one GPU. ``backend`` (or ``PAG_DIST_BACKEND``) forces one.
-
-    One process gets a one-process group too, as upstream's ``setup_dist`` makes (upstream's scripts call
-    ``torch.distributed`` directly), built on an in-memory store: no network, no MPI. Several processes meet at
-    rank 0's TCP store (``adm_common.rendezvous.connect_store``: ``PAG_DIST_CONNECT_TIMEOUT_SECONDS``), compare their GPUs
-    (``_shared_gpu_error``) and then create the group with the collective timeout (``PAG_DIST_TIMEOUT_MINUTES``).
+    Several processes meet at rank 0's TCP store (``connect_store``), compare their GPUs (``_shared_gpu_error``)
+    and then create the group.
     """
     global _state
     if _state.initialized:
@@ -286,14 +266,10 @@ def setup_dist(backend: Optional[str] = None, device=None) -> None:
     uses_cuda = _uses_cuda(device)
     requested = torch.device(device) if device not in (None, "") else None
     fixed_index = requested.index if uses_cuda and requested is not None and requested.type == "cuda" else None
+    index = None
     if dist.is_available() and dist.is_initialized():
         # Someone else (e.g. a test harness or a training framework) made the group: adopt it.
-        _state.owns_group = False
-        _state.launcher = "external"
-        _state.rank, _state.world_size = dist.get_rank(), dist.get_world_size()
-        _state.local_rank = local_rank_from_env() or 0
-        _state.backend = dist.get_backend()
-        index = None
+        _state.launcher, _state.local_rank = "external", local_rank_from_env() or 0
         if uses_cuda:
             index = fixed_index if fixed_index is not None else _cuda_index(_state.local_rank)
             torch.cuda.set_device(index)
@@ -304,17 +280,14 @@ def setup_dist(backend: Optional[str] = None, device=None) -> None:
         if not 0 <= info.rank < info.world_size:
             raise ValueError(f"rank {info.rank} is outside world size {info.world_size} ({info.launcher} launch)")
         chosen = backend or _pick_backend(uses_cuda)
-        index = None
         if uses_cuda:
             index = fixed_index if fixed_index is not None else _cuda_index(info.local_rank, wrap=info.world_size > 1)
         if info.world_size > 1 and not dist.is_available():
             raise RuntimeError("this PyTorch build has no torch.distributed support")
         _check_backend(chosen, uses_cuda)
         try:
-            _state.launcher = info.launcher
-            _state.rank, _state.world_size, _state.local_rank = info.rank, info.world_size, info.local_rank
+            _state.launcher, _state.local_rank = info.launcher, info.local_rank
             if info.world_size > 1:
-                collective = process_group_timeout()
                 connect = connect_timeout()
                 store = connect_store(info, connect)
                 records = _exchange(store, info, _gpu_record(index) if index is not None else None, connect)
@@ -322,21 +295,15 @@ def setup_dist(backend: Optional[str] = None, device=None) -> None:
                 shared = _shared_gpu_error(records, pinned=fixed_index)
                 if shared:
                     raise DistSetupError(shared, everywhere=True)
-                store.set_timeout(collective)  # connected: from now on the store waits as long as collectives
-                if index is not None:
-                    torch.cuda.set_device(index)
+                store.set_timeout(process_group_timeout())  # connected: the store now waits as long as collectives
+            elif dist.is_available():
+                store = dist.HashStore()  # one process: no network, no MPI
+            if index is not None:
+                torch.cuda.set_device(index)
+            if dist.is_available():
                 dist.init_process_group(backend=chosen, store=store, rank=info.rank, world_size=info.world_size,
-                                        timeout=collective)
+                                        timeout=process_group_timeout())
                 _state.owns_group = True
-                _state.backend = chosen
-            else:
-                if index is not None:
-                    torch.cuda.set_device(index)
-                if dist.is_available():
-                    dist.init_process_group(backend=chosen, store=dist.HashStore(), rank=0, world_size=1,
-                                            timeout=process_group_timeout())
-                    _state.owns_group = True
-                    _state.backend = chosen
         except BaseException:
             _state = _State()
             raise
@@ -411,9 +378,7 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if op not in ("sum", "max", "min", "avg"):
         raise ValueError(f"op={op!r}: expected one of sum, max, min, avg")
     if _group_active():
-        reduce_op = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
-                     "min": dist.ReduceOp.MIN}[op]
-        dist.all_reduce(tensor, op=reduce_op)
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, "SUM" if op == "avg" else op.upper()))
         if op == "avg":
             tensor /= get_world_size()
     return tensor
@@ -459,24 +424,20 @@ def _broadcast_bytes(data: Optional[bytes], error: Optional[BaseException]):
     """Rank 0's bytes (or its read error, re-raised everywhere) on every rank."""
     device = _comm_device()
     rank = get_rank()
-    header = torch.zeros(1, dtype=torch.int64, device=device)
+    header = None  # rank 0's length, or the type and text of its read error
     if rank == 0:
-        header[0] = -1 if error is not None else len(data)
-    dist.broadcast(header, 0)
-    length = int(header.item())
-    if length < 0:
-        kind, message = broadcast_object((type(error).__name__, str(error)) if rank == 0 else None)
+        header = len(data) if error is None else (type(error).__name__, str(error))
+    length = broadcast_object(header)
+    if not isinstance(length, int):
         if rank == 0:
             raise error
+        kind, message = length
         exc_type = {"FileNotFoundError": FileNotFoundError, "IsADirectoryError": IsADirectoryError,
                     "ValueError": ValueError}.get(kind, OSError)
         raise exc_type(f"rank 0 could not read the checkpoint: {message}")
-    if rank == 0:
-        with warnings.catch_warnings():  # rank 0 only reads from its (read-only) bytes
-            warnings.simplefilter("ignore")
-            view = torch.frombuffer(data, dtype=torch.uint8) if length else None
-    else:
-        buf = bytearray(length)
+    with warnings.catch_warnings():  # rank 0 only reads from its (read-only) bytes
+        warnings.simplefilter("ignore")
+        buf = data if rank == 0 else bytearray(length)
         view = torch.frombuffer(buf, dtype=torch.uint8) if length else None
     step = max(1, int(BROADCAST_CHUNK_BYTES))
     for start in range(0, length, step):
@@ -488,7 +449,7 @@ def _broadcast_bytes(data: Optional[bytes], error: Optional[BaseException]):
             dist.broadcast(staged, 0)
             if rank != 0:
                 piece.copy_(staged.cpu())
-    return data if rank == 0 else buf
+    return buf
 
 
 def read_everywhere(path) -> bytes:

@@ -124,19 +124,14 @@ class CSVOutputFormat(KVWriter):
             return
         self.rows.append(dict(kvs))
         new = [k for k in sorted(kvs) if k not in self.keys]
-        if new or len(self.rows) == 1:
-            self.keys.extend(new)
-            self._write(self.rows, mode="w", header=True)
-        else:
-            self._write([kvs], mode="a", header=False)
-
-    def _write(self, rows, mode: str, header: bool) -> None:
+        self.keys.extend(new)
+        rewrite = bool(new) or len(self.rows) == 1
         buf = io.StringIO(newline="")
         writer = csv.DictWriter(buf, fieldnames=self.keys, restval="")
-        if header:
+        if rewrite:
             writer.writeheader()
-        writer.writerows(rows)
-        if mode == "w":  # never through a symbolic link: the new file replaces a link at the path
+        writer.writerows(self.rows if rewrite else [kvs])
+        if rewrite:  # never through a symbolic link: the new file replaces a link at the path
             atomic_write_text(self.path, buf.getvalue())
         else:
             with open_append(self.path) as f:

@@ -24,13 +24,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
     # th.exp does not take Python floats, so the log-variances must be tensors.
     logvar1 = logvar1 if isinstance(logvar1, th.Tensor) else th.tensor(logvar1).to(ref)
     logvar2 = logvar2 if isinstance(logvar2, th.Tensor) else th.tensor(logvar2).to(ref)
-    return 0.5 * (
-        -1.0
-        + logvar2
-        - logvar1
-        + th.exp(logvar1 - logvar2)
-        + (mean1 - mean2) ** 2 * th.exp(-logvar2)
-    )
+    return 0.5 * (-1.0 + logvar2 - logvar1 + th.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * th.exp(-logvar2))
 
 
 def approx_standard_normal_cdf(x):
@@ -45,10 +39,8 @@ def discretized_gaussian_log_likelihood(x, *, means, log_scales):
     them (so the probabilities of all 256 values sum to one).
     """
     if not (x.shape == means.shape == log_scales.shape):
-        raise ValueError(
-            f"shapes differ: x {tuple(x.shape)}, means {tuple(means.shape)}, "
-            f"log_scales {tuple(log_scales.shape)}"
-        )
+        raise ValueError(f"shapes differ: x {tuple(x.shape)}, means {tuple(means.shape)}, "
+                         f"log_scales {tuple(log_scales.shape)}")
     centred = x - means
     inv_std = th.exp(-log_scales)
     cdf_upper = approx_standard_normal_cdf(inv_std * (centred + _HALF_BIN))
@@ -56,8 +48,4 @@ def discretized_gaussian_log_likelihood(x, *, means, log_scales):
     log_below_upper = th.log(cdf_upper.clamp(min=_PROB_FLOOR))  # bin of the value -1: (-inf, upper]
     log_above_lower = th.log((1.0 - cdf_lower).clamp(min=_PROB_FLOOR))  # bin of +1: [lower, inf)
     log_in_bin = th.log((cdf_upper - cdf_lower).clamp(min=_PROB_FLOOR))
-    return th.where(
-        x < -0.999,
-        log_below_upper,
-        th.where(x > 0.999, log_above_lower, log_in_bin),
-    )
+    return th.where(x < -0.999, log_below_upper, th.where(x > 0.999, log_above_lower, log_in_bin))

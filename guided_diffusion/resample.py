@@ -4,7 +4,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 import torch as th
-import torch.distributed as dist
+
+from . import dist_util
 
 
 def create_named_schedule_sampler(name, diffusion):
@@ -50,34 +51,11 @@ class LossAwareSampler(ScheduleSampler):
     """A sampler whose weights follow recent losses."""
 
     def update_with_local_losses(self, local_ts, local_losses):
-        """Record this process's (timestep, loss) pairs.
-
-        With torch.distributed initialised, the pairs of all ranks are gathered first so every rank
-        updates with the same data and keeps the same weights; otherwise they are used directly.
-        """
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            self.update_with_all_losses(local_ts.tolist(), local_losses.tolist())
-            return
-
-        world = dist.get_world_size()
-        # all_gather needs equal sizes: share the batch sizes, pad to the largest, then trim.
-        sizes = [th.zeros(1, dtype=th.int32, device=local_ts.device) for _ in range(world)]
-        dist.all_gather(sizes, th.tensor([len(local_ts)], dtype=th.int32, device=local_ts.device))
-        sizes = [int(s.item()) for s in sizes]
-        max_size = max(sizes)
-
-        def padded(x):
-            out = th.zeros(max_size, dtype=x.dtype, device=x.device)
-            out[: len(x)] = x
-            return out
-
-        ts_batches = [th.zeros(max_size).to(local_ts) for _ in sizes]
-        loss_batches = [th.zeros(max_size).to(local_losses) for _ in sizes]
-        dist.all_gather(ts_batches, padded(local_ts))
-        dist.all_gather(loss_batches, padded(local_losses))
-        timesteps = [int(v) for batch, n in zip(ts_batches, sizes) for v in batch[:n].tolist()]
-        losses = [float(v) for batch, n in zip(loss_batches, sizes) for v in batch[:n].tolist()]
-        self.update_with_all_losses(timesteps, losses)
+        """Record this process's (timestep, loss) pairs; under torch.distributed every rank's pairs are
+        gathered first, so all ranks update with the same data and keep the same weights."""
+        everyone = dist_util.all_gather_object((local_ts.tolist(), local_losses.tolist()))
+        self.update_with_all_losses([int(t) for ts, _ in everyone for t in ts],
+                                    [float(loss) for _, losses in everyone for loss in losses])
 
     @abstractmethod
     def update_with_all_losses(self, ts, losses):
