@@ -244,10 +244,10 @@ def cached_file_sha256(path):
 
 
 def read_json_mapping(path):
-    """The JSON object in ``path``, or {} when the file is missing, unreadable, empty or not an object (small
-    records other processes may be rewriting: lock holders, shard claims, hash memos)."""
+    """The JSON object in ``path`` (or an open text file), or {} when the file is missing, unreadable, empty or not
+    an object (small records other processes may be rewriting: lock holders, shard claims, hash memos)."""
     try:
-        with open(path) as f:
+        with contextlib.nullcontext(path) if hasattr(path, "read") else open(path) as f:
             data = json.loads(f.read() or "{}")
     except (OSError, ValueError):
         return {}

@@ -124,26 +124,28 @@ class NpzImages:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         stop = self.num_images if stop is None else min(stop, self.num_images)
-        if start >= stop:
-            return
+        yield from self.rows([(i, min(i + batch_size, stop)) for i in range(start, stop, batch_size)])
+
+    def rows(self, bounds):
+        """Yield uint8 images ``start:end`` for each ``(start, end)`` of ``bounds`` (increasing, not overlapping),
+        in one pass over the member (a zip member cannot seek back without reading it again)."""
         if self.fortran_order:  # rows are not contiguous in the file: load it whole
             with np.load(self.path, allow_pickle=False) as obj:
                 arr = np.ascontiguousarray(obj[self.key])
-            for i in range(start, stop, batch_size):
-                yield check_image_batch(arr[i:min(i + batch_size, stop)])
+            for start, end in bounds:
+                yield check_image_batch(arr[start:end])
             return
         row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
         with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
             read_npy_header(f)
-            if start:
-                f.seek(start * row_bytes, os.SEEK_CUR)
-            for i in range(start, stop, batch_size):
-                n = min(batch_size, stop - i)
-                data = f.read(n * row_bytes)
-                if len(data) != n * row_bytes:
-                    raise ValueError(f"{self.path}: '{self.key}' is truncated (wanted {n * row_bytes} bytes at "
-                                     f"image {i}, got {len(data)})")
-                yield check_image_batch(np.frombuffer(data, dtype=self.dtype).reshape((n,) + tuple(self.shape[1:])))
+            first = f.tell()
+            for start, end in bounds:
+                f.seek(first + start * row_bytes)  # forward: what is skipped is read once and dropped
+                data = f.read((end - start) * row_bytes)
+                if len(data) != (end - start) * row_bytes:
+                    raise ValueError(f"{self.path}: '{self.key}' is truncated (wanted {(end - start) * row_bytes} "
+                                     f"bytes at image {start}, got {len(data)})")
+                yield check_image_batch(np.frombuffer(data, self.dtype).reshape((end - start,) + self.shape[1:]))
 
     def first(self, n):
         """The first ``n`` images (fewer if the batch is smaller), reading nothing beyond them."""

@@ -17,17 +17,17 @@ import uuid
 
 from adm_common.files import read_json_mapping, real_directory, remove_quietly
 
-from .heartbeat import Heartbeat
+from .heartbeat import Heartbeat, take_over
+from .settings import SampleConfigError
 
 CLOSE_WAIT_SECONDS = 5.0
-from .settings import SampleConfigError
 
 
 class Claims:
     """This process's claims on shards (``shards/.claims/``) and the heartbeat thread that keeps them fresh."""
 
     def __init__(self, plan, rank):
-        self.dir = plan.layout.claims_dir
+        self.layout, self.dir = plan.layout, plan.layout.claims_dir
         self.rank = rank
         self.lease = float(plan.settings.runtime.claim_lease)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
@@ -68,23 +68,7 @@ class Claims:
             if age <= self.lease:
                 return False, None
             holder = read_json_mapping(path)
-            stale = f"{path}.stale-{self.token}"
-            try:
-                os.rename(path, stale)  # atomic: of several ranks seeing the stale claim, one moves it
-            except FileNotFoundError:
-                return False, None
-            moved = os.stat(stale, follow_symlinks=False).st_ino
-            if moved != judged.st_ino or read_json_mapping(stale) != holder:  # an inode may be reused at once
-                # Another rank took the stale claim over between our look and our move: what we moved is its
-                # fresh claim. Put it back (unless a third claim is there by now) and leave the shard to it.
-                try:
-                    os.link(stale, path)
-                except OSError:
-                    pass
-                remove_quietly(stale)
-                return False, None
-            remove_quietly(stale)
-            if not self._create(path):
+            if not take_over(path, judged.st_ino, holder, self.token) or not self._create(path):
                 return False, None
             note = (f"shard {k + 1}: rank {holder.get('rank', '?')} (pid {holder.get('pid', '?')} on "
                     f"{holder.get('host', '?')}) sent no heartbeat for {age:.0f} s (claim_lease "
@@ -94,12 +78,31 @@ class Claims:
             self.last_progress = time.time()
         return True, note
 
+    def claim_next(self, order):
+        """Claim the first shard of ``order`` that is neither on disk nor claimed: (k, note), or (None, None)."""
+        final, shard_path = self.layout.final_path, self.layout.shard_path
+        if os.path.exists(final):  # merged (its shards may be gone already): nothing is left to sample
+            return None, None
+        for k in order:
+            if os.path.exists(shard_path(k)):
+                continue
+            ok, note = self.try_claim(k)
+            if ok and (os.path.exists(shard_path(k)) or os.path.exists(final)):  # finished just now
+                self.release(k)
+            elif ok:
+                return k, note
+        return None, None
+
     def progressed(self):
         """The sampling of the current shard made progress (a batch is done): the heartbeat goes on."""
         self.last_progress = time.time()
 
     def owned(self, k):
         return read_json_mapping(self.path(k)).get("token") == self.token
+
+    def still_mine(self, k):
+        """Whether this process still holds shard k's claim and the run is not merged yet."""
+        return self.owned(k) and not os.path.exists(self.layout.final_path)
 
     def release(self, k):
         with self._lock:
@@ -116,6 +119,20 @@ class Claims:
         except FileNotFoundError:
             return None
         return read_json_mapping(path).get("rank", "?"), age
+
+    def waiting_for(self, missing, num_shards):
+        """Whose shards (of ``missing``) rank 0 waits for, with their claims' last heartbeats."""
+        ranks, parts = set(), []
+        for k in missing[:8]:
+            holder = self.holder(k)
+            if holder is None:
+                parts.append(f"{k + 1} (unclaimed)")
+            else:
+                ranks.add(holder[0])
+                parts.append(f"{k + 1} (rank {holder[0]}, last heartbeat {holder[1]:.0f} s ago)")
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        who = f"rank(s) {', '.join(str(r) for r in sorted(ranks, key=str))}" if ranks else "unclaimed shards"
+        return f"{who}: shard(s) {', '.join(parts)}{more} of {num_shards}"
 
     def _touch_current(self):
         """One heartbeat: refresh the claim of the shard being sampled, unless no batch came for a lease."""

@@ -1,9 +1,33 @@
-"""A heartbeat: a daemon thread that calls a touch function every ``interval`` seconds until it is stopped. The run
-lock (:mod:`sampling.lock`) refreshes its file's mtime with one, the shard claims (:mod:`sampling.claims`) their
-claim files; what to touch, and when to skip a beat, is the touch function's business. An ``OSError`` from it costs
-one beat only: a holder whose beats stop for long is taken for dead, which is what a heartbeat is for."""
+"""A heartbeat: a daemon thread that calls a touch function every ``interval`` seconds until it is stopped, and the
+take-over of a holder's file whose beats stopped. The run lock (:mod:`sampling.lock`) refreshes its file's mtime
+with one, the shard claims (:mod:`sampling.claims`) their claim files; what to touch, and when to skip a beat, is
+the touch function's business. An ``OSError`` from it costs one beat only: a holder whose beats stop for long is
+taken for dead, which is what a heartbeat is for."""
 
+import os
 import threading
+
+from adm_common.files import read_json_mapping, remove_quietly
+
+
+def take_over(path, inode, record, suffix):
+    """Move away the file at ``path`` that was judged dead (its ``inode`` and JSON ``record``), atomically: of
+    several processes that judged it so, one moves it. True when this process moved that very file (removed now);
+    False when it is gone, or another process took it over first (inodes are reused at once, so the record is
+    compared too): what was moved, that process's live file, is put back unless a third one is there by now."""
+    stale = f"{path}.stale-{suffix}"
+    try:
+        os.rename(path, stale)
+    except FileNotFoundError:
+        return False
+    ours = os.stat(stale, follow_symlinks=False).st_ino == inode and read_json_mapping(stale) == record
+    if not ours:
+        try:
+            os.link(stale, path)
+        except OSError:
+            pass
+    remove_quietly(stale)
+    return ours
 
 
 class Heartbeat:

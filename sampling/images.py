@@ -44,11 +44,6 @@ def save_png(image, path, zoom=1):
     atomic_write_bytes(path, buf.getvalue())
 
 
-def save_grid(images, path):
-    """Save a grid of ``images`` as a PNG, atomically."""
-    save_png(image_grid(images), path)
-
-
 def save_side_by_side(left, right, path, columns=8, gap=6, zoom=3):
     """Two grids of ``columns`` on a white background, ``left`` beside ``right`` (e.g. the same seeds
     without and with guidance), enlarged ``zoom`` times without smoothing; written atomically as PNG."""

@@ -24,7 +24,7 @@ import time
 
 from adm_common.files import link_text, read_json_mapping
 
-from .heartbeat import Heartbeat
+from .heartbeat import Heartbeat, take_over
 from .layout import LOCK_NAME
 from .settings import SampleConfigError
 
@@ -33,10 +33,6 @@ FOREIGN_FRESH_SECONDS = 120.0  # a lock file of another host touched this recent
 
 class RunLockedError(SampleConfigError):
     """Another run holds the lock of this out_dir."""
-
-
-def _now():
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def _pid_alive(pid):
@@ -49,14 +45,6 @@ def _pid_alive(pid):
     return True
 
 
-def _parse_record(text):
-    try:
-        data = json.loads(text or "{}")
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def lock_age(out_dir):
     """Seconds since ``out_dir``'s lock file was last refreshed (its holder's heartbeat), None when it is missing."""
     try:
@@ -65,16 +53,13 @@ def lock_age(out_dir):
         return None
 
 
-def describe_holder(info):
-    if not info:
-        return "another process (no details in the lock file)"
-    return (f"pid {info.get('pid', '?')} on host {info.get('host', '?')}, started {info.get('started', '?')}"
-            + (f" ({info['command']})" if info.get("command") else ""))
-
-
 def locked_error(out_dir, info, hint=""):
     """The error of a run refused because the run of ``info`` holds ``out_dir``'s lock (also in dry runs)."""
-    return RunLockedError(f"{out_dir} is in use by another run: {describe_holder(info)} holds "
+    holder = "another process (no details in the lock file)"
+    if info:
+        holder = (f"pid {info.get('pid', '?')} on host {info.get('host', '?')}, started {info.get('started', '?')}"
+                  + (f" ({info['command']})" if info.get("command") else ""))
+    return RunLockedError(f"{out_dir} is in use by another run: {holder} holds "
                           f"{os.path.join(out_dir, LOCK_NAME)}. Wait for it to finish, or use another --out_dir{hint}")
 
 
@@ -90,7 +75,8 @@ class RunLock:
         self._heartbeat = None  # refreshes the file's mtime while the lock is held
 
     def _record(self):
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": _now(),
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started,
                            "command": " ".join(sys.argv)[:500]}) + "\n"
 
     def _link_refused(self):
@@ -145,32 +131,15 @@ class RunLock:
                 try:  # the record and the inode judged, from one open file
                     with open(os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)) as f:
                         inode, age = os.fstat(f.fileno()).st_ino, time.time() - os.fstat(f.fileno()).st_mtime
-                        info = _parse_record(f.read())
+                        info = read_json_mapping(f)
                 except FileNotFoundError:
                     continue
                 except OSError:
                     inode, age, info = None, 0.0, {}
                 if info.get("host") == socket.gethostname() and info.get("pid") and not _pid_alive(info["pid"]):
-                    stale = f"{self.path}.stale-{os.getpid()}"
-                    try:
-                        os.rename(self.path, stale)  # atomic: one process takes a stale lock over
-                    except FileNotFoundError:
-                        continue
-                    # Another process may have taken the dead lock over meanwhile and put its live one in place:
-                    # then the file moved is not the one judged dead; it goes back and this process refuses.
-                    try:
-                        moved = os.stat(stale).st_ino
-                    except FileNotFoundError:
-                        moved = None
-                    if moved != inode or read_json_mapping(stale) != info:
-                        try:
-                            os.rename(stale, self.path)
-                        except FileNotFoundError:
-                            pass
-                        raise locked_error(self.out_dir, read_json_mapping(self.path))
-                    os.remove(stale)
-                    self.took_over = info
-                    continue
+                    if take_over(self.path, inode, info, os.getpid()):
+                        self.took_over = info
+                    continue  # a live lock put there meanwhile by another process is refused next time round
                 raise locked_error(self.out_dir, info, f"; this file system has no flock, so a lock left by a run "
                                                        f"that died on another host stays: if no run uses "
                                                        f"{self.out_dir} (the file was last refreshed {age:.0f} s "

@@ -5,11 +5,8 @@ Sample i's class label, its x_T and every step's noise come from generators seed
 per-sample ``row_seeds`` from the same pair: a sample does not depend on the batch size, the number of processes
 or which process drew it.
 
-Placement: every tensor the sampler makes (x_T, each step's noise, labels, the row seeds) is made on the sampling
-device once per batch, and nothing is read back from the device during the loop: the non-finite check is
-accumulated on the device and read once per batch. Each step's noise is one draw per sample from that sample's
-generator on the device (on CUDA: asynchronous launches, no host synchronisation), written into one batch
-tensor.
+Placement: every tensor the sampler makes is made on the sampling device once per batch, and nothing is read back
+from the device during the loop (the non-finite check is read once per batch).
 """
 
 import dataclasses
@@ -100,11 +97,6 @@ def sample_draws(settings, indices, device, with_labels):
     return SampleDraws(noise_fn(seed, indices, device), labels, model_kwargs)
 
 
-def format_indices(indices, limit=20):
-    shown = ", ".join(str(i) for i in indices[:limit])
-    return shown + (f", ... ({len(indices)} in all)" if len(indices) > limit else "")
-
-
 class Sampler:
     """Draws samples by index: ``sample([i, j, ...]) -> (uint8 NHWC images, int64 labels or None)``, with the
     networks it is given (``sampling.models``): it builds none. Networks loaded for other guidance settings (a
@@ -165,8 +157,9 @@ class Sampler:
         if min(first_bad_step) < steps:
             step = min(first_bad_step)
             bad = [i for i, first in zip(indices, first_bad_step) if first < steps]
+            shown = ", ".join(str(i) for i in bad[:20]) + (f", ... ({len(bad)} in all)" if len(bad) > 20 else "")
             raise NonFiniteError(
-                f"non-finite values in sample(s) {format_indices(bad)} at step {step + 1} of {steps} "
+                f"non-finite values in sample(s) {shown} at step {step + 1} of {steps} "
                 f"(timestep {timestep_map[steps - 1 - step]}); the run stopped, finished shards in "
                 f"{s.out_dir}/shards are intact")
         return to_uint8_nhwc(sample), draws.labels

@@ -8,17 +8,22 @@ of its sample indices) and ``run_id`` (the run's identity hash). A shard is coun
 
 import dataclasses
 import datetime
+import errno
 import os
+import time
 import zipfile
 from typing import Optional, Tuple
 
 import numpy as np
 
-from adm_common.files import atomic_write_text, real_directory
-from adm_common.npz import NpzImages, NpzWriter, check_image_header, npz_header, npz_members
+from adm_common.files import atomic_write_text, disk_full, real_directory
+from adm_common.npz import NpzImages, NpzWriter, npz_header, npz_members
+from guided_diffusion import logger
 
-from .layout import REJECTED_DIR, shard_filename  # noqa: F401 (shard_filename: where callers look for it)
+from .images import image_grid, save_png
+from .layout import REJECTED_DIR, shard_filename, shard_index
 from .settings import SampleConfigError
+
 
 class ShardError(ValueError):
     """A shard that cannot be used (damaged, foreign, of another layout); ``path`` names it."""
@@ -117,42 +122,26 @@ def rows_from_batch(npz_path, bounds, with_labels):
         with np.load(npz_path, allow_pickle=False) as npz:
             labels = np.asarray(npz["arr_1"], dtype=np.int64)
     images = NpzImages(npz_path)
-    batches = images.iter_batches(max(end - start for start, end in bounds), bounds[0][0], bounds[-1][1])
-    pending, pos = None, bounds[0][0]  # rows [pos, pos + len(pending)) read and not yet handed out
-    for start, end in bounds:
-        while pending is None or pos + len(pending) < end:
-            batch = next(batches, None)
-            if batch is None:
-                raise ValueError(f"{npz_path}: arr_0 holds {images.num_images} images, fewer than {end}")
-            if pending is None or pos + len(pending) <= start:  # nothing pending is wanted (a gap)
-                pos, pending = pos + (0 if pending is None else len(pending)), batch
-            else:
-                pending = np.concatenate([pending, batch])
-        rows = pending[start - pos:end - pos].copy()
-        pending, pos = pending[end - pos:], end
+    if bounds[-1][1] > images.num_images:
+        raise ValueError(f"{npz_path}: arr_0 holds {images.num_images} images, fewer than {bounds[-1][1]}")
+    for (start, end), rows in zip(bounds, images.rows(bounds)):
         yield start, end, rows, (labels[start:end].copy() if labels is not None else None)
 
 
 def merge_shards(shard_paths, out_path, with_labels):
-    """Concatenate the shards' ``arr_0`` (and ``arr_1``) into one npz at ``out_path``, one shard at a time.
-
-    Holds at most one shard's images in memory. Returns the merged images' shape.
-    """
+    """Concatenate the shards' ``arr_0`` (and ``arr_1``) into one npz at ``out_path``, one shard at a time (at most
+    one shard's images in memory). The shards were verified (:func:`shard_problem`: uint8 images of the run's
+    size); the stream's own checks catch any other. Returns the merged images' shape."""
     if not shard_paths:
         raise ValueError("no shards to merge")
     shapes = []
     for path in shard_paths:
         try:
-            shape, dtype = npz_header(path, "arr_0")
+            shapes.append(npz_header(path, "arr_0")[0])
         except (zipfile.BadZipFile, ValueError, EOFError) as e:
             raise ShardError(path, f"cannot be read for the merge ({type(e).__name__}: {e})") from None
-        check_image_header(shape, dtype, f"{path}: arr_0")
-        if dtype != np.uint8:
-            raise ValueError(f"{path}: arr_0 is {dtype}, expected uint8")
-        if shapes and shape[1:] != shapes[0][1:]:
-            raise ValueError(f"{path}: images of shape {shape[1:]}, other shards have {shapes[0][1:]}")
-        shapes.append(shape)
     total = (sum(s[0] for s in shapes),) + shapes[0][1:]
+
     def read(path, key):  # reading a member whole checks its CRC; a failure names the shard
         try:
             with np.load(path, allow_pickle=False) as npz:
@@ -171,3 +160,47 @@ def merge_shards(shard_paths, out_path, with_labels):
                 for path in shard_paths:
                     s.write(read(path, "arr_1").astype(np.int64, copy=False))
     return total
+
+
+def collect(plan, verified, with_labels):
+    """Rank 0, each poll: verify the shards that appeared since the last look (``verified``: the indices checked;
+    a bad one is moved aside and sampled again); once all are, merge them (checking the free space first), draw
+    the grid and remove the shards (unless kept). True when the run is finished."""
+    layout = plan.layout
+    for k in range(plan.num_shards):
+        if k not in verified and os.path.exists(layout.shard_path(k)):
+            problem = plan.shard_problem(k)
+            if not problem:
+                verified.add(k)
+                continue
+            target = reject_shard(layout.shard_path(k), problem)
+            logger.log(f"shard {shard_filename(k)} rejected ({problem}): moved to {target}, it is sampled again")
+    if len(verified) < plan.num_shards:
+        return False
+    shards = [layout.shard_path(k) for k in range(plan.num_shards)]
+    if not os.path.exists(layout.final_path):
+        need = sum(os.path.getsize(p) for p in shards)
+        full = disk_full(plan.out_dir, layout.final_path, need, "the merged file (as much as the shards)",
+                         before="merge the shards into")
+        if full is not None:
+            raise full
+        t0 = time.time()
+        try:
+            shape = merge_shards(shards, layout.final_path, with_labels)
+        except ShardError as e:  # damaged after it was verified: set aside, sample again
+            logger.log(f"{e}: moved to {reject_shard(e.path, e.reason)}, it is sampled again")
+            verified.discard(shard_index(os.path.basename(e.path)))
+            return False
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise disk_full(plan.out_dir, layout.final_path, need, "the merged file") from None
+            raise
+        logger.log(f"merged {plan.num_shards} shards into {layout.final_path} {shape} in {time.time() - t0:.1f}s")
+    if os.path.islink(layout.grid_path) or not os.path.exists(layout.grid_path):  # a link there is replaced
+        save_png(image_grid(NpzImages(layout.final_path).first(64)), layout.grid_path)
+    if not plan.settings.runtime.keep_shards:  # the claims go after the final barrier (a rank may still claim)
+        for path in shards:
+            if os.path.exists(path):
+                os.remove(path)
+        layout.remove_empty_shard_dir()
+    return True

@@ -5,7 +5,7 @@ import types
 
 import pytest
 
-from sampling.execute import PeerFailedError, _raise_if_peer_failed
+from sampling.progress import PeerFailedError, raise_if_peer_failed
 from sampling.layout import RankMarkers, RunLayout
 from sampling.progress import Progress
 
@@ -49,14 +49,14 @@ def test_markers_of_a_run_started_before_the_change_are_read(tmp_path):
 
 def test_a_peers_failure_note_stops_this_rank_and_its_own_does_not(tmp_path):
     failures = RunLayout(str(tmp_path), 8, 32, 4).failure_markers
-    _raise_if_peer_failed(failures, 0)  # no notes
+    raise_if_peer_failed(failures, 0)  # no notes
     failures.write(0, "OSError: mine")
-    _raise_if_peer_failed(failures, 0)
+    raise_if_peer_failed(failures, 0)
     failures.write(3, "RuntimeError: the GPU fell off")
     with pytest.raises(PeerFailedError, match=r"^rank 3 failed: RuntimeError: the GPU fell off$"):
-        _raise_if_peer_failed(failures, 0)
+        raise_if_peer_failed(failures, 0)
     with pytest.raises(PeerFailedError, match=r"^rank 0 failed: OSError: mine$"):
-        _raise_if_peer_failed(failures, 3)
+        raise_if_peer_failed(failures, 3)
 
 
 def test_remove_markers_keeps_the_claims_when_asked(tmp_path):

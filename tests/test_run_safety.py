@@ -728,9 +728,7 @@ def test_evaluator_warns_about_other_resolutions_and_refuses_tiny_batches(tmp_pa
 
 
 def test_a_shard_that_fails_the_merge_is_sampled_again(reference, ckpt, tmp_path, monkeypatch, one_thread):
-    import importlib
-
-    execute_module = importlib.import_module("sampling.execute")  # the package exports a function of that name
+    from sampling import shards as shards_module
 
     out_dir = tmp_path / "run"
     with pytest.raises(Kill):
@@ -745,15 +743,15 @@ def test_a_shard_that_fails_the_merge_is_sampled_again(reference, ckpt, tmp_path
             data[200] ^= 0xFF
             path.write_bytes(bytes(data))
 
-    real_verify, polls = execute_module._verify_new, []
+    real_verify, polls = shards_module.collect, []
 
-    def verify(plan, verified):  # called once per poll while rank 0 waits for a shard
+    def verify(plan, verified, with_labels):  # called once per poll while rank 0 waits for a shard
         polls.append(1)
         if len(polls) > 20:
             pytest.fail("rank 0 waits for a shard no rank samples")
-        return real_verify(plan, verified)
+        return real_verify(plan, verified, with_labels)
 
-    monkeypatch.setattr(execute_module, "_verify_new", verify)
+    monkeypatch.setattr(shards_module, "collect", verify)
     assert cli.main(argv(out_dir, ckpt), on_shard_claimed=damage) == 0
     log = (out_dir / "log.txt").read_text()
     assert "shard_000000.npz: cannot be read for the merge" in log and "it is sampled again" in log, log
@@ -761,7 +759,7 @@ def test_a_shard_that_fails_the_merge_is_sampled_again(reference, ckpt, tmp_path
 
 
 def claims_plan(tmp_path, lease=600.0):
-    """What ``Claims`` and ``_claim_next`` read of a plan."""
+    """What ``Claims`` (and its ``claim_next``) read of a plan."""
     import types
 
     out_dir = tmp_path / "run"
@@ -774,7 +772,6 @@ def claims_plan(tmp_path, lease=600.0):
 
 def test_a_slower_rank_claiming_after_the_merge_is_no_error(tmp_path):
     from sampling.claims import Claims
-    from sampling.execute import _claim_next
 
     plan = claims_plan(tmp_path)
     claims = Claims(plan, 1)
@@ -783,7 +780,7 @@ def test_a_slower_rank_claiming_after_the_merge_is_no_error(tmp_path):
         assert claims.try_claim(0) == (False, None)
         os.makedirs(plan.claims_dir)
         Path(plan.final_path).write_bytes(b"merged")  # the shards are gone, the merged file is there
-        assert _claim_next(plan, claims, [0, 1]) == (None, None)
+        assert claims.claim_next([0, 1]) == (None, None)
         assert os.listdir(plan.claims_dir) == []
     finally:
         claims.close()
