@@ -19,26 +19,8 @@ from .sampler import NonFiniteError, Sampler, sample_draws, sample_labels, sampl
 from .settings import RunSettings, SampleConfigError, build_settings, resolve_settings
 
 __all__ = [
-    "Networks",
-    "NonFiniteError",
-    "PeerFailedError",
-    "RunLayout",
-    "RunPlan",
-    "RunSettings",
-    "SampleConfigError",
-    "Sampler",
-    "build_diffusion",
-    "build_networks",
-    "build_settings",
-    "execute",
-    "load_models",
-    "load_networks",
-    "prepare",
-    "resolve_device",
-    "resolve_settings",
-    "run",
-    "sample_draws",
-    "sample_labels",
-    "sample_seeds",
-    "start_process",
+    "Networks", "NonFiniteError", "PeerFailedError", "RunLayout", "RunPlan", "RunSettings", "SampleConfigError",
+    "Sampler", "build_diffusion", "build_networks", "build_settings", "execute", "load_models", "load_networks",
+    "prepare", "resolve_device", "resolve_settings", "run", "sample_draws", "sample_labels", "sample_seeds",
+    "start_process"
 ]

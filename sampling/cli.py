@@ -9,19 +9,19 @@ finished ones are kept: rerun the same command to resume).
 """
 
 import argparse
+import contextlib
 import errno
 import os
 import signal
 import sys
 
 import torch as th
-import yaml
 
 from adm_common.flags import FlagParser
 from adm_common.launch import rank_from_env, world_size_from_env
+from adm_common.yaml_files import parse_yaml
 from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoint import CheckpointError
-from guided_diffusion.script_util import str2bool
 
 from .execute import DiskFullError, PeerFailedError, RunStopped, disk_full
 from .process import start_process
@@ -35,12 +35,6 @@ SAMPLE_DESCRIPTION = "Sample N images with PAG / SAG / classifier guidance into 
 SWEEP_DESCRIPTION = "Sweeps: a base configuration and a grid of values, one resumable sampling run per grid cell."
 
 
-def _flag_type(default):
-    if isinstance(default, bool):
-        return str2bool
-    return str if default is None else type(default)
-
-
 def build_sample_parser():
     parser = FlagParser(description=SAMPLE_DESCRIPTION, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", metavar="FILE.yaml",
@@ -49,10 +43,8 @@ def build_sample_parser():
         text = setting.help
         if "(default:" not in text:  # a help text that explains its default says it once
             text = f"{text} (default: {setting.default!r})".strip()
-        kwargs = dict(type=_flag_type(setting.default), default=argparse.SUPPRESS, help=text)
-        if isinstance(setting.default, bool):
-            kwargs.update(nargs="?", const=True, metavar="BOOL")
-        parser.add_argument(f"--{key}", **kwargs)
+        bool_flag = dict(nargs="?", const=True, metavar="BOOL") if isinstance(setting.default, bool) else {}
+        parser.add_argument(f"--{key}", help=text, **bool_flag)  # strings, read as YAML values are (coerce)
     return parser
 
 
@@ -86,63 +78,52 @@ def parse_overrides(items):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SampleConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError as e:
-            problem = " ".join(str(getattr(e, "problem", None) or e).split())
-            raise SampleConfigError(f"--set {item}: the value is not valid YAML ({problem})") from None
+        where = f"--set {item}: the value"
+        overrides[key.strip()] = parse_yaml(value, where, SampleConfigError) if value.strip() else ""
     return overrides
 
 
-def _rank_and_size():
-    """This process's rank and the job's size: the process group's, or before it exists (settings are resolved
-    first) the launcher's, so that an error every rank raises alike is still printed once per job."""
-    if th.distributed.is_available() and th.distributed.is_initialized():
-        return dist_util.get_rank(), dist_util.get_world_size()
-    return rank_from_env(), world_size_from_env()
-
-
 def report_error(error, everywhere):
-    """Print ``error`` once (rank 0) for errors every rank raised alike, else on this rank."""
-    rank, size = _rank_and_size()
+    """Print ``error`` once (rank 0) for errors every rank raised alike, else on this rank. Before the process group
+    exists (settings are resolved first) the launcher's rank and size say so, so that it is printed once per job."""
+    if th.distributed.is_available() and th.distributed.is_initialized():
+        rank, size = dist_util.get_rank(), dist_util.get_world_size()
+    else:
+        rank, size = rank_from_env(), world_size_from_env()
     if everywhere and rank != 0:
         return
     prefix = f"[rank {rank}] " if size > 1 and not everywhere else ""
     print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
 
 
-class _StopOnSignal:
+@contextlib.contextmanager
+def _stop_on_signal():
     """While active, SIGTERM (SLURM preemption, scancel, mpiexec forwarding it) and SIGINT raise
     :class:`RunStopped` in the main thread: the batch being sampled is dropped with the shard being written,
     finished shards stay. A second signal during the clean-up is ignored."""
+    previous, fired = {}, []
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    def handler(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise RunStopped(signum)
 
-    def __enter__(self):
-        self.previous, self.fired = {}, False
-
-        def handler(signum, frame):
-            if not self.fired:
-                self.fired = True
-                raise RunStopped(signum)
-
-        try:
-            for sig in self.SIGNALS:
-                self.previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread: leave the signals alone
-            pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, previous in self.previous.items():
-            signal.signal(sig, previous)
-        return False
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave the signals alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def exit_code(body):
     """Run ``body()`` and map its outcome to the exit status (the one mapping of both commands)."""
     try:
-        with _StopOnSignal():
+        with _stop_on_signal():
             body()
     except (SampleConfigError, CheckpointError) as e:
         report_error(e, everywhere=True)

@@ -7,7 +7,7 @@ the benchmarks all come here.
 
 from pathlib import Path
 
-from .config_files import read_yaml_mapping
+from adm_common.yaml_files import read_yaml
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 CONFIG_DIR = CONFIG_ROOT / "models"
@@ -32,7 +32,7 @@ def load_model_config(name_or_path, config_dir=CONFIG_DIR):
         raise ModelConfigError(f"no model config {str(name_or_path)!r} (known: "
                                f"{', '.join(sorted(p.stem for p in Path(config_dir).glob('*.yaml')))}; "
                                "or give the path of a model config .yaml)")
-    config = read_yaml_mapping(path, "model config", ModelConfigError)
+    config = read_yaml(path, "model config", ModelConfigError)
     missing = [key for key in REQUIRED_KEYS if key not in config]
     if missing:
         raise ModelConfigError(f"{path}: model config lacks {', '.join(repr(k) for k in missing)}")

@@ -89,13 +89,10 @@ def build_networks(settings):
 
 def set_compute_dtype(model, dtype, channels_last=False):
     """Make the U-Net (or classifier) compute in ``dtype`` (a torch dtype or its name), in place, with its weights
-    channels-last if asked; returns it.
-
-    float16 is upstream's ``convert_to_fp16`` (the torso's convolutions in float16); bfloat16 and float32 convert
-    the same convolutions to that type. Either way the activations are cast on entry to the torso
-    (``model.dtype``), GroupNorm computes in float32, the timestep embedding and the output layer stay float32.
-    Module conversion rather than ``torch.autocast``: the weights are cast once, not on every call, and float16
-    is exactly upstream's numerics for the official ``use_fp16`` checkpoints."""
+    channels-last if asked; returns it. float16 is upstream's ``convert_to_fp16`` (the torso's convolutions);
+    bfloat16 and float32 convert the same convolutions. The activations are cast on entry to the torso, GroupNorm,
+    the timestep embedding and the output layer stay float32. Module conversion rather than ``torch.autocast``:
+    weights cast once, and float16 is exactly upstream's numerics for the official ``use_fp16`` checkpoints."""
     dtype = getattr(th, dtype) if dtype in COMPUTE_DTYPES else dtype
     if dtype not in tuple(getattr(th, name) for name in COMPUTE_DTYPES):
         raise ValueError(f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")

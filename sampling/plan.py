@@ -1,14 +1,10 @@
-"""Planning a run in its ``out_dir`` (stage 4 of ``sampling.run``): where it stands (resume), whether it may
-continue there, and what is left to sample. The files and their names are :class:`sampling.layout.RunLayout`'s;
-the record is :mod:`sampling.record`'s.
-
-Preparing (rank 0, under the run lock of ``out_dir``, :mod:`sampling.lock`): :func:`out_dir_state` judges the
-out_dir (a dry run asks the same function, without the lock): a symbolic link at a path the run reads or writes
-is refused, then the record is compared. The same identity resumes: finished shards are verified (CRC, sample
-range, run id) and kept, bad ones are moved to ``shards/rejected/`` and sampled again, and the rows of a finished
-merged batch of this run (``samples_{M}x...``, e.g. after extending ``num_samples``) are reused as shards. A
-different configuration is refused with the differing settings named; ``--overwrite`` then deletes only the
-files runs write (the record, grid, eval.json, sample batches, shard files, progress notes) and starts afresh.
+"""Planning a run in its ``out_dir`` (stage 4 of ``sampling.run``; no model code): where it stands, whether it may
+continue there, and what is left to sample. The files are :class:`sampling.layout.RunLayout`'s, the record
+:mod:`sampling.record`'s. Rank 0, under the run lock (:mod:`sampling.lock`), judges the out_dir with
+:func:`out_dir_state` (a dry run asks the same function). The same identity resumes: verified shards (CRC, sample
+range, run id) are kept, bad ones moved to ``shards/rejected/`` and sampled again, and the rows of a merged batch
+of this run (``samples_{M}x...``, e.g. before ``num_samples`` was extended) reused as shards. Another
+configuration is refused with the differing settings named; ``--overwrite`` deletes only the files runs write.
 """
 
 import dataclasses
@@ -67,10 +63,6 @@ def run_identity(settings, device_type):
     if m.classifier_path:
         ident["classifier_checkpoint"] = checkpoint_identity(m.classifier_path)
     return ident
-
-
-def run_id_of(identity):
-    return hashlib.sha256(json.dumps(plain(identity), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def record_differences(recorded, ident, settings):
@@ -132,6 +124,12 @@ def _recorded_shard_size(record):
     return None
 
 
+def _cut_with(layout, old, prefix=""):
+    return SampleConfigError(f"{prefix}the shards in {layout.shard_dir} were cut with shard_size {old}, not "
+                             f"{layout.shard_size}. Resume with --shard_size {old} (shard_size changes no sample), "
+                             "or move shards/ away to sample them again")
+
+
 @dataclasses.dataclass
 class OutDirState:
     """What an out_dir holds, as a run with ``identity`` may use it: its record (None: none), how that record's
@@ -181,9 +179,7 @@ def out_dir_state(settings, device_type, lock_held):
             + "\nUse another --out_dir, or --overwrite to delete that run's samples and start afresh.")
     previous, size = _recorded_shard_size(record), settings.sampling.shard_size
     if not diffs and previous and previous != size and layout.shard_files():
-        raise SampleConfigError(
-            f"the shards in {layout.shard_dir} were cut with shard_size {previous}, not {size}. Resume with "
-            f"--shard_size {previous} (shard_size changes no sample), or move shards/ away to sample them again")
+        raise _cut_with(layout, previous)
     return OutDirState(identity, record=record, differences=diffs)
 
 
@@ -199,11 +195,8 @@ def _scan_shards(plan, notes):
         problem = plan.shard_problem(k)
         stored = problem.stored_range if problem else None
         if stored and (stored[0] != k * layout.shard_size or stored[1] - stored[0] > layout.shard_size):
-            old = stored[0] // k if k else stored[1] - stored[0]
-            raise SampleConfigError(
-                f"{path} holds samples {stored[0]}-{stored[1] - 1}: the shards in {layout.shard_dir} were "
-                f"cut with shard_size {old}, not {layout.shard_size}. Resume with --shard_size {old} (shard_size "
-                "changes no sample), or move shards/ away to sample them again")
+            raise _cut_with(layout, stored[0] // k if k else stored[1] - stored[0],
+                            f"{path} holds samples {stored[0]}-{stored[1] - 1}: ")
         if problem:
             target = reject_shard(path, problem)
             notes.append(f"shard {os.path.basename(path)} rejected ({problem}): moved to {target}, it is sampled "
@@ -236,17 +229,6 @@ def _reuse_merged_batches(plan, notes):
                      f"(this run with {count} samples) as {len(covered)} shard(s)")
 
 
-def _lock_out_dir(out_dir, locks):
-    """Create ``out_dir`` and take its run lock (held in ``locks``)."""
-    if not os.path.isdir(out_dir):
-        check_writable(out_dir)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        return locks.acquire(out_dir)
-    except OSError as e:
-        raise SampleConfigError(f"out_dir {out_dir} is not a writable directory: {e.strerror or e}") from None
-
-
 def _plan_rank0(settings, state, lock, notes):
     """Act on the out_dir's state (under its lock): --overwrite, the previous session's leftovers, the shards."""
     layout = RunLayout.of(settings)
@@ -267,7 +249,8 @@ def _plan_rank0(settings, state, lock, notes):
     layout.remove_markers()
 
     plan = RunPlan(settings, state.identity, layout)
-    plan.run_id = (record or {}).get("run_id") or run_id_of(state.identity)
+    identity_json = json.dumps(plain(state.identity), sort_keys=True, separators=(",", ":"))
+    plan.run_id = (record or {}).get("run_id") or hashlib.sha256(identity_json.encode()).hexdigest()
     plan.legacy_shards = bool(record) and (not record.get("run_id") or bool(record.get("legacy_shards")))
     if os.path.exists(layout.final_path):
         plan.complete, plan.done_images = True, layout.num_samples
@@ -280,7 +263,13 @@ def _plan_rank0(settings, state, lock, notes):
 
 def _prepare_rank0(settings, device_type, check_only, locks):
     out_dir = settings.out_dir
-    lock = _lock_out_dir(out_dir, locks)  # before anything in out_dir is read or written
+    if not os.path.isdir(out_dir):
+        check_writable(out_dir)
+    try:  # out_dir made and its lock taken before anything in it is read or written
+        os.makedirs(out_dir, exist_ok=True)
+        lock = locks.acquire(out_dir)
+    except OSError as e:
+        raise SampleConfigError(f"out_dir {out_dir} is not a writable directory: {e.strerror or e}") from None
     try:
         state = out_dir_state(settings, device_type, lock_held=True)
         if check_only:
@@ -303,19 +292,14 @@ def prepare(settings, device_type="cpu", check_only=False, locks=None):
     """
     locks = run_lock.RunLocks() if locks is None else locks
     result = None
-    if dist_util.get_world_size() == 1:  # errors as with several processes: one line, exit status 2
+    if dist_util.get_rank() == 0:
         try:
             result = ("ok",) + _prepare_rank0(settings, device_type, check_only, locks)
-        except (SampleConfigError, CheckpointError):
-            raise
-        except Exception as e:
-            raise SampleConfigError(f"{type(e).__name__}: {e}") from e
-    elif dist_util.get_rank() == 0:
-        try:
-            result = ("ok",) + _prepare_rank0(settings, device_type, check_only, locks)
-        except SampleConfigError as e:
-            result = ("error", str(e))
-        except Exception as e:  # tell the other ranks instead of leaving them waiting
+        except (SampleConfigError, CheckpointError) as e:
+            if dist_util.get_world_size() == 1:
+                raise
+            result = ("error", str(e) if isinstance(e, SampleConfigError) else f"{type(e).__name__}: {e}")
+        except Exception as e:  # tell the other ranks instead of leaving them waiting; one process: exit status 2
             result = ("error", f"{type(e).__name__}: {e}")
     result = dist_util.broadcast_object(result)
     if result[0] == "error":

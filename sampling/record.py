@@ -21,6 +21,7 @@ from guided_diffusion import dist_util
 
 from .layout import RECORD_NAME
 from .settings import plain, read_yaml_mapping, sampler_label
+
 CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -73,13 +74,10 @@ def _session(plan, device):
 
 def write_run_record(plan, device):
     """``config.yaml``: identity (``settings``), ``run_id``, the first session's ``runtime`` (with the checkpoint
-    paths, which are information only) and ``provenance``; each later session appends to ``sessions``. A record
-    from before run ids is brought up to date (checkpoint hashes, run id; its shards stay accepted).
-
-    ``sampler_label`` is the sampler as tables name it (``settings.sampler_label``): a table reads it, with the
-    other values it groups by (``pag_scale``, ``pag_layers``, ``perturbation``: in ``settings``, where they
-    apply), and derives none of them. ``labels`` likewise: ``random`` or ``balanced`` (``none``: no labels); in
-    ``settings`` only when balanced, so that runs from before the setting keep their identity."""
+    paths, information only) and ``provenance``; each later session appends to ``sessions``. A record from before
+    run ids is brought up to date (checkpoint hashes, run id; its shards stay accepted). ``sampler_label`` and
+    ``labels`` (``none``: no labels) are stored so that a table reads them, with the other values it groups by
+    (in ``settings``, where they apply), and derives none of them."""
     session = _session(plan, device)
     record_path = plan.layout.record_path
     if os.path.exists(record_path):

@@ -1,15 +1,12 @@
 """The run schema: every setting of a sampling run, declared once (:data:`SETTINGS`), built and validated once.
 
-Each entry of ``SETTINGS`` names a setting (its flag and config key), its group, default (whose type is the
-flag's), help and, where it has a range, its check; upstream's flags take upstream's defaults, the guidance
-settings pag's (``pag.GuidanceConfig``, ``pag.guidance_help``). The group dataclasses, the flags of
-``scripts/image_sample.py``, the defaults of a ``--config`` file or a sweep's ``base:`` and the table in
-docs/sampling.md are built from it. Groups: ``model`` (upstream's model and classifier flags, the checkpoint paths),
-``diffusion`` (upstream's diffusion flags), ``guidance``, ``sampling`` (what decides the samples besides those:
-seed, count, sampler) and ``runtime`` (what does not change any image: batch size, device, output directory).
-
-Precedence, lowest first: defaults, ``--model``'s flags, ``--config FILE.yaml``, the command line.
-:func:`build_settings` checks everything and names every problem in one :class:`SampleConfigError`.
+Each entry names a setting (its flag and config key), its group, default (whose type is the flag's), help and,
+where it has a range, its check; upstream's flags take upstream's defaults, the guidance settings pag's. The group
+dataclasses, the flags of ``scripts/image_sample.py``, the defaults of a ``--config`` file or a sweep's ``base:``
+and the table in docs/sampling.md are built from it. Groups: ``model`` (upstream's model and classifier flags, the
+checkpoints), ``diffusion``, ``guidance``, ``sampling`` (what else decides the samples) and ``runtime`` (what
+changes no image). Precedence, lowest first: defaults, ``--model``'s flags, ``--config FILE.yaml``, the command
+line. :func:`build_settings` checks everything and names every problem in one :class:`SampleConfigError`.
 """
 
 import argparse
@@ -21,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import yaml
+from adm_common.yaml_files import read_yaml
 
 import pag
 from pag.config import LIST_SETTINGS
@@ -31,7 +28,6 @@ from guided_diffusion.respace import space_timesteps
 from guided_diffusion.script_util import NUM_CLASSES, classifier_defaults, diffusion_defaults
 from guided_diffusion.script_util import model_and_diffusion_defaults, str2bool
 
-from . import config_files
 from .model_configs import CONFIG_DIR, DEFAULT_MODEL_DIR, ModelConfigError, known_names, load_model_config
 
 
@@ -60,6 +56,7 @@ class Setting:
 GROUPS = ("model", "diffusion", "guidance", "sampling", "runtime")
 COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
 LABEL_ORDERS = ("random", "balanced")
+EXPECTED = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}  # YAML values
 POSITIVE = dict(check=lambda value: value > 0, requirement="be positive")
 _DIFFUSION = diffusion_defaults()
 CLASSIFIER_FLAGS = tuple(k for k in classifier_defaults() if k != "image_size")
@@ -67,11 +64,6 @@ CLASSIFIER_FLAGS = tuple(k for k in classifier_defaults() if k != "image_size")
 
 def _upstream(group, defaults, **checks):
     return [Setting(name, group, default, **checks.get(name, {})) for name, default in defaults.items()]
-
-
-def _guidance():
-    help_texts = pag.guidance_help()
-    return [Setting(name, "guidance", default, help_texts[name]) for name, default in pag.guidance_defaults().items()]
 
 
 SETTINGS = {setting.name: setting for setting in (
@@ -86,7 +78,8 @@ SETTINGS = {setting.name: setting for setting in (
             f"be one of {', '.join(COMPUTE_DTYPES)} (or empty)"),
     *_upstream("model", {k: v for k, v in classifier_defaults().items() if k in CLASSIFIER_FLAGS}),
     *_upstream("diffusion", _DIFFUSION, diffusion_steps=POSITIVE),
-    *_guidance(),
+    *(Setting(name, "guidance", default, pag.guidance_help()[name])
+      for name, default in pag.guidance_defaults().items()),
     Setting("num_samples", "sampling", 10000,
             "number of samples N (indices 0..N-1); a finished run can be extended with a larger N", **POSITIVE),
     Setting("seed", "sampling", 0, "sample i depends only on (seed, i): an integer >= 0",
@@ -155,10 +148,7 @@ class RunSettings:
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
     def flat(self):
-        values = {}
-        for group in GROUPS:
-            values.update(dataclasses.asdict(getattr(self, group)))
-        return values
+        return {k: v for group in GROUPS for k, v in dataclasses.asdict(getattr(self, group)).items()}
 
     def identity(self, noise_device):
         """The settings that decide the samples: a run in the same out_dir must have the same.
@@ -174,7 +164,7 @@ class RunSettings:
         if self.compute_dtype != ("float16" if self.model.use_fp16 else "float32"):
             ident["dtype"] = self.compute_dtype
         for key in OMITTED_AT_DEFAULT:  # settings added later: runs recorded before keep their identity
-            if key in ident and ident[key] == DEFAULTS_OF_LATER_SETTINGS[key]:
+            if key in ident and ident[key] == SETTINGS[key].default:
                 del ident[key]
         if self.sampling.labels == "balanced" and self.with_labels:  # label i depends on num_samples: no extending
             ident["num_samples"] = self.sampling.num_samples
@@ -203,7 +193,6 @@ RANDOM_DRAWS_VERSION = "per step, on the device"  # how random perturbations dra
 NOT_IN_IDENTITY = ("num_samples", "shard_size", "model_path", "classifier_path")
 # In a run's identity only when not at their defaults (so the runs recorded before them keep theirs and resume).
 OMITTED_AT_DEFAULT = ("icg_scale", "apg_momentum", "apg_norm_threshold", "apg_eta", "guidance_rescale", "labels")
-DEFAULTS_OF_LATER_SETTINGS = {key: SETTINGS[key].default for key in OMITTED_AT_DEFAULT}
 
 
 def sample_defaults():
@@ -233,58 +222,30 @@ def suggest(key, known):
 
 
 def coerce(key, value, default, source):
-    """A YAML value as the type of the flag's default (as the command line would give it)."""
-    where = f"{key} in {source}"
+    """A YAML value, or a command-line string, as the type of the flag's default."""
+    kind, number = type(default), isinstance(value, (int, float)) and not isinstance(value, bool)
     if key in LIST_SETTINGS and isinstance(value, (list, tuple)):
         return list(value)
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return str2bool(value)
-            except argparse.ArgumentTypeError:
-                pass
-        raise SampleConfigError(f"{where}: expected true or false, got {value!r}")
-    if isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
+    if kind not in EXPECTED:
+        return value
+    try:
+        if kind is bool and isinstance(value, (bool, str)):
+            return value if isinstance(value, bool) else str2bool(value)
+        if kind is int and (isinstance(value, str) or number and float(value).is_integer()):
             return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise SampleConfigError(f"{where}: expected an integer, got {value!r}")
-    if isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                raise SampleConfigError(f"{where}: expected a number, got {value!r}") from None
-        else:
-            raise SampleConfigError(f"{where}: expected a number, got {value!r}")
-        if not math.isfinite(number):
-            raise SampleConfigError(f"{where}: expected a finite number, got {value!r}")
-        return number
-    if isinstance(default, str):
-        if value is None:
-            return ""
-        if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float, str)) for v in value):
+        if kind is float and (isinstance(value, str) or number) and math.isfinite(float(value)):
+            return float(value)
+        if kind is str and (isinstance(value, str) or number or value is None):
+            return "" if value is None else str(value)  # e.g. timestep_respacing: 250
+        if kind is str and isinstance(value, (list, tuple)) and all(isinstance(v, (int, float, str)) for v in value):
             return ",".join(str(v) for v in value)  # e.g. attention_resolutions: [32, 16, 8]
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. timestep_respacing: 250
-        if isinstance(value, str):
-            return value
-        raise SampleConfigError(f"{where}: expected a string, got {value!r}")
-    return value
+    except (ValueError, argparse.ArgumentTypeError):
+        pass
+    raise SampleConfigError(f"{key} in {source}: expected {EXPECTED[kind]}, got {value!r}")
 
 
-def check_keys(values, source, allowed=None):
-    known = list(allowed if allowed is not None else sample_defaults())
+def check_keys(values, source):
+    known = list(SETTINGS)
     unknown = [k for k in values if k not in known]
     if unknown:
         details = ", ".join(f"{k}{suggest(k, known)}" for k in unknown)
@@ -300,7 +261,7 @@ def coerce_all(values, source):
 
 def read_yaml_mapping(path, what="--config"):
     """A settings YAML file: a mapping of setting names to values ({} when empty)."""
-    return config_files.read_yaml_mapping(path, what, SampleConfigError)
+    return read_yaml(path, what, SampleConfigError)
 
 
 def preset_values(name):
@@ -383,8 +344,10 @@ def build_settings(values):
 
 
 def plain(obj):
-    """As it reads back from YAML (tuples -> lists, ...), so that comparisons are like for like."""
-    return yaml.safe_load(yaml.safe_dump(obj))
+    """As it reads back from YAML (tuples as lists), so that comparisons are like for like."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    return [plain(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
 
 
 def inapplicable_settings(settings):
@@ -444,8 +407,8 @@ def config_differences(old, new, device_type=None):
     if "dtype" in old and "dtype" not in new:  # recorded only off upstream's precision (RunSettings.identity)
         lines.append(f"dtype: {old['dtype']!r} there, upstream's (use_fp16) now")
     for key in OMITTED_AT_DEFAULT:  # recorded off its default, left out of the new identity at its default
-        if key in old and key not in new and old[key] != DEFAULTS_OF_LATER_SETTINGS[key]:
-            lines.append(f"{key}: {old[key]!r} there, {DEFAULTS_OF_LATER_SETTINGS[key]!r} (the default) now")
+        if key in old and key not in new and old[key] != SETTINGS[key].default:
+            lines.append(f"{key}: {old[key]!r} there, {SETTINGS[key].default!r} (the default) now")
     return lines
 
 
