@@ -298,9 +298,7 @@ class _QKVAttentionBase(nn.Module):
         h = attend_rows(*self.split_qkv(qkv), self.override)
         return h.transpose(-1, -2).reshape(bs, -1, length)
 
-    @staticmethod
-    def count_flops(model, _x, y):
-        return count_flops_attn(model, _x, y)
+    count_flops = staticmethod(count_flops_attn)
 
 
 class QKVAttentionLegacy(_QKVAttentionBase):
@@ -343,94 +341,91 @@ class AttentionPool2d(nn.Module):
         return self.c_proj(h)[:, :, 0]
 
 
-def _build_encoder(
-    model,
-    in_channels,
-    model_channels,
-    num_res_blocks,
-    attention_resolutions,
-    dropout,
-    channel_mult,
-    conv_resample,
-    dims,
-    use_checkpoint,
-    num_heads,
-    num_head_channels,
-    use_scale_shift_norm,
-    resblock_updown,
-    use_new_attention_order,
-    num_classes=None,
-):
-    """Build ``time_embed`` (``label_emb``), ``input_blocks`` and ``middle_block`` on ``model`` (shared by U-Net and
-    classifier). Returns the channel counts of the skip connections, the last channel count and the
-    final downsampling factor."""
-    time_embed_dim = model_channels * 4
-    model.time_embed = nn.Sequential(
-        linear(model_channels, time_embed_dim),
-        nn.SiLU(),
-        linear(time_embed_dim, time_embed_dim),
-    )
-    if num_classes is not None:
-        model.label_emb = nn.Embedding(num_classes, time_embed_dim)
+class _Torso(nn.Module):
+    """What the U-Net and the classifier share: upstream's public attributes (the constructor's arguments), the
+    timestep (and label) embedding, the input and middle blocks, and the float16 conversion of the torso."""
 
-    def attention(ch, heads, downsample_factor):
-        block = AttentionBlock(
-            ch,
-            use_checkpoint=use_checkpoint,
-            num_heads=heads,
-            num_head_channels=num_head_channels,
-            use_new_attention_order=use_new_attention_order,
+    _torso = ("input_blocks", "middle_block")
+
+    def _build_torso(self, args):
+        """Set the attributes from ``args`` (the constructor's locals) and build ``time_embed`` (``label_emb``),
+        ``input_blocks`` and ``middle_block``. Returns the channel counts of the skip connections, the last channel
+        count and the final downsampling factor."""
+        for name, value in args.items():
+            if name not in ("self", "__class__"):
+                setattr(self, name, value)
+        if self.num_heads_upsample == -1:
+            self.num_heads_upsample = self.num_heads
+        self.dtype = th.float16 if self.use_fp16 else th.float32
+        dims, time_embed_dim = self.dims, self.model_channels * 4
+        self.time_embed = nn.Sequential(
+            linear(self.model_channels, time_embed_dim),
+            nn.SiLU(),
+            linear(time_embed_dim, time_embed_dim),
         )
+        if getattr(self, "num_classes", None) is not None:
+            self.label_emb = nn.Embedding(self.num_classes, time_embed_dim)
+
+        ch = int(self.channel_mult[0] * self.model_channels)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, self.in_channels, ch, 3, padding=1))])
+        skip_channels = [ch]
+        ds = 1
+        for level, mult in enumerate(self.channel_mult):
+            for _ in range(self.num_res_blocks):
+                layers = [self._resblock(ch, int(mult * self.model_channels))]
+                ch = int(mult * self.model_channels)
+                if ds in self.attention_resolutions:
+                    layers.append(self._attention(ch, self.num_heads, ds))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(self.channel_mult) - 1:
+                if self.resblock_updown:
+                    down = self._resblock(ch, ch, down=True)
+                else:
+                    down = Downsample(ch, self.conv_resample, dims=dims, out_channels=ch)
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                skip_channels.append(ch)
+                ds *= 2
+        self.middle_block = TimestepEmbedSequential(
+            self._resblock(ch, ch), self._attention(ch, self.num_heads, ds), self._resblock(ch, ch)
+        )
+        return skip_channels, ch, ds
+
+    def _attention(self, ch, heads, downsample_factor):
+        block = AttentionBlock(ch, use_checkpoint=self.use_checkpoint, num_heads=heads,
+                               num_head_channels=self.num_head_channels,
+                               use_new_attention_order=self.use_new_attention_order)
         block.downsample_factor = downsample_factor  # for listing blocks by resolution
         return block
 
-    def resblock(ch, out_ch, **kwargs):
-        return ResBlock(
-            ch,
-            time_embed_dim,
-            dropout,
-            out_channels=out_ch,
-            dims=dims,
-            use_checkpoint=use_checkpoint,
-            use_scale_shift_norm=use_scale_shift_norm,
-            **kwargs,
-        )
+    def _resblock(self, ch, out_ch, **kwargs):
+        return ResBlock(ch, self.model_channels * 4, self.dropout, out_channels=out_ch, dims=self.dims,
+                        use_checkpoint=self.use_checkpoint, use_scale_shift_norm=self.use_scale_shift_norm, **kwargs)
 
-    ch = int(channel_mult[0] * model_channels)
-    model.input_blocks = nn.ModuleList(
-        [TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))]
-    )
-    skip_channels = [ch]
-    ds = 1
-    for level, mult in enumerate(channel_mult):
-        for _ in range(num_res_blocks):
-            layers = [resblock(ch, int(mult * model_channels))]
-            ch = int(mult * model_channels)
-            if ds in attention_resolutions:
-                layers.append(attention(ch, num_heads, ds))
-            model.input_blocks.append(TimestepEmbedSequential(*layers))
-            skip_channels.append(ch)
-        if level != len(channel_mult) - 1:
-            if resblock_updown:
-                down = resblock(ch, ch, down=True)
-            else:
-                down = Downsample(ch, conv_resample, dims=dims, out_channels=ch)
-            model.input_blocks.append(TimestepEmbedSequential(down))
-            skip_channels.append(ch)
-            ds *= 2
-    model.middle_block = TimestepEmbedSequential(
-        resblock(ch, ch), attention(ch, num_heads, ds), resblock(ch, ch)
-    )
-    return skip_channels, ch, ds, resblock, attention
+    def _embed(self, timesteps, y=None):
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        return emb if y is None else emb + self.label_emb(y)
+
+    def convert_to_fp16(self):
+        """Convert the torso (input and middle blocks, and the U-Net's output blocks) to float16, as upstream does."""
+        for name in self._torso:
+            getattr(self, name).apply(convert_module_to_f16)
+
+    def convert_to_fp32(self):
+        """Convert the torso back to float32."""
+        for name in self._torso:
+            getattr(self, name).apply(convert_module_to_f32)
 
 
-class UNetModel(nn.Module):
+class UNetModel(_Torso):
     """The ADM U-Net.
 
     attention_resolutions: downsampling factors (not resolutions) at which attention is used,
     e.g. (2, 4, 8) for attention at 32, 16 and 8 pixels of a 64x64 model.
     num_classes: if set, the model is class-conditional with that many classes.
     """
+
+    _torso = ("input_blocks", "middle_block", "output_blocks")
 
     def __init__(
         self,
@@ -455,55 +450,18 @@ class UNetModel(nn.Module):
         use_new_attention_order=False,
     ):
         super().__init__()
-        if num_heads_upsample == -1:
-            num_heads_upsample = num_heads
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = attention_resolutions
-        self.dropout = dropout
-        self.channel_mult = channel_mult
-        self.conv_resample = conv_resample
-        self.num_classes = num_classes
-        self.use_checkpoint = use_checkpoint
-        self.dtype = th.float16 if use_fp16 else th.float32
-        self.num_heads = num_heads
-        self.num_head_channels = num_head_channels
-        self.num_heads_upsample = num_heads_upsample
-        self.dims = dims
-
-        skip_channels, ch, ds, resblock, attention = _build_encoder(
-            self,
-            in_channels,
-            model_channels,
-            num_res_blocks,
-            attention_resolutions,
-            dropout,
-            channel_mult,
-            conv_resample,
-            dims,
-            use_checkpoint,
-            num_heads,
-            num_head_channels,
-            use_scale_shift_norm,
-            resblock_updown,
-            use_new_attention_order,
-            num_classes,
-        )
-
+        skip_channels, ch, ds = self._build_torso(locals())
         self.output_blocks = nn.ModuleList([])
         for level, mult in list(enumerate(channel_mult))[::-1]:
             for i in range(num_res_blocks + 1):
                 skip_ch = skip_channels.pop()
-                layers = [resblock(ch + skip_ch, int(model_channels * mult))]
+                layers = [self._resblock(ch + skip_ch, int(model_channels * mult))]
                 ch = int(model_channels * mult)
                 if ds in attention_resolutions:
-                    layers.append(attention(ch, num_heads_upsample, ds))
+                    layers.append(self._attention(ch, self.num_heads_upsample, ds))
                 if level and i == num_res_blocks:
                     if resblock_updown:
-                        layers.append(resblock(ch, ch, up=True))
+                        layers.append(self._resblock(ch, ch, up=True))
                     else:
                         layers.append(Upsample(ch, conv_resample, dims=dims, out_channels=ch))
                     ds //= 2
@@ -515,18 +473,6 @@ class UNetModel(nn.Module):
             nn.SiLU(),
             zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1)),
         )
-
-    def convert_to_fp16(self):
-        """Convert the torso (input, middle and output blocks) to float16, as upstream does."""
-        self.input_blocks.apply(convert_module_to_f16)
-        self.middle_block.apply(convert_module_to_f16)
-        self.output_blocks.apply(convert_module_to_f16)
-
-    def convert_to_fp32(self):
-        """Convert the torso back to float32."""
-        self.input_blocks.apply(convert_module_to_f32)
-        self.middle_block.apply(convert_module_to_f32)
-        self.output_blocks.apply(convert_module_to_f32)
 
     def forward(self, x, timesteps, y=None):
         """Predict eps (and the variance interpolation with learned sigma) for ``x`` at ``timesteps``."""
@@ -562,10 +508,7 @@ class UNetModel(nn.Module):
             x, timesteps, self.in_channels, self.image_size, dims=self.dims,
             multiple=2 ** (len(self.channel_mult) - 1))
         _check_labels(self.num_classes, x.shape[0], y)
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
-        if self.num_classes is not None:
-            emb = emb + self.label_emb(y)
-        return UNetState(h=x.type(self.dtype), emb=emb, skips=(), next_stage=0, out_dtype=x.dtype)
+        return UNetState(h=x.type(self.dtype), emb=self._embed(timesteps, y), skips=(), next_stage=0, out_dtype=x.dtype)
 
     def run(self, state, until=None, consume=False):
         """Run the stages from ``state.next_stage`` up to (not including) ``until`` (default: all).
@@ -616,33 +559,25 @@ class UNetState:
     def rows(self, index, consume=False):
         """The state of the batch rows ``index`` (a long tensor; a row may be taken twice), e.g. ``[a; a; b]`` from
         ``[a; b]``. With ``consume=True`` this state is emptied tensor by tensor as the rows are taken."""
-        if not consume:
-            return replace(self, h=self.h[index], emb=self.emb[index], skips=tuple(s[index] for s in self.skips))
-        h, skips = self.take()
-        h = h[index]
-        taken = []
-        skips.reverse()
-        while skips:  # each original is dropped as soon as its rows are taken
-            taken.append(skips.pop()[index])
-        return replace(self, h=h, emb=self.emb[index], skips=tuple(taken))
+        return self._map(lambda tensor: tensor[index], consume)
 
     def repeat(self, times, consume=False):
         """The same state for ``[x; x; ...]`` (``times`` copies along the batch). With ``consume=True`` this
         state is emptied tensor by tensor while the copies are made, so the original and the repeated skips
         never all live at once."""
+        return self._map(lambda tensor: tensor.repeat(times, *([1] * (tensor.dim() - 1))), consume)
 
-        def rep(tensor):
-            return tensor.repeat(times, *([1] * (tensor.dim() - 1)))
-
+    def _map(self, fn, consume):
+        emb = fn(self.emb)
         if not consume:
-            return replace(self, h=rep(self.h), emb=rep(self.emb), skips=tuple(rep(s) for s in self.skips))
+            return replace(self, h=fn(self.h), emb=emb, skips=tuple(fn(s) for s in self.skips))
         h, skips = self.take()
-        h = rep(h)
-        repeated = []
+        h = fn(h)
+        mapped = []
         skips.reverse()
-        while skips:  # each original is dropped as soon as its copy exists
-            repeated.append(rep(skips.pop()))
-        return replace(self, h=h, emb=rep(self.emb), skips=tuple(repeated))
+        while skips:  # each original is dropped as soon as its rows / copy exist
+            mapped.append(fn(skips.pop()))
+        return replace(self, h=h, emb=emb, skips=tuple(mapped))
 
 
 def _check_images(x, timesteps, channels, image_size, what="model", dims=2, multiple=1):
@@ -716,7 +651,7 @@ class SuperResModel(UNetModel):
         return super().begin(th.cat([x, upsampled], dim=1), timesteps, **kwargs)
 
 
-class EncoderUNetModel(nn.Module):
+class EncoderUNetModel(_Torso):
     """The half U-Net with attention pooling used as the noisy-image classifier."""
 
     def __init__(
@@ -742,41 +677,7 @@ class EncoderUNetModel(nn.Module):
         pool="adaptive",
     ):
         super().__init__()
-        if num_heads_upsample == -1:
-            num_heads_upsample = num_heads
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = attention_resolutions
-        self.dropout = dropout
-        self.channel_mult = channel_mult
-        self.conv_resample = conv_resample
-        self.use_checkpoint = use_checkpoint
-        self.dtype = th.float16 if use_fp16 else th.float32
-        self.num_heads = num_heads
-        self.num_head_channels = num_head_channels
-        self.num_heads_upsample = num_heads_upsample
-        self.dims = dims
-        self.pool = pool
-        skip_channels, ch, ds, _, _ = _build_encoder(
-            self,
-            in_channels,
-            model_channels,
-            num_res_blocks,
-            attention_resolutions,
-            dropout,
-            channel_mult,
-            conv_resample,
-            dims,
-            use_checkpoint,
-            num_heads,
-            num_head_channels,
-            use_scale_shift_norm,
-            resblock_updown,
-            use_new_attention_order,
-        )
+        skip_channels, ch, ds = self._build_torso(locals())
         self._feature_size = sum(skip_channels) + ch  # what the spatial pools concatenate
         if pool == "adaptive":
             self.out = nn.Sequential(
@@ -808,22 +709,12 @@ class EncoderUNetModel(nn.Module):
         else:
             raise ValueError(f"unknown classifier pool {pool!r}: use adaptive, attention, spatial or spatial_v2")
 
-    def convert_to_fp16(self):
-        """Convert the torso (input and middle blocks) to float16, as upstream does."""
-        self.input_blocks.apply(convert_module_to_f16)
-        self.middle_block.apply(convert_module_to_f16)
-
-    def convert_to_fp32(self):
-        """Convert the torso back to float32."""
-        self.input_blocks.apply(convert_module_to_f32)
-        self.middle_block.apply(convert_module_to_f32)
-
     def forward(self, x, timesteps):
         """Logits (N, out_channels). Any image size works, except with attention pooling, whose
         positional embedding fixes the feature map's size (that of ``image_size`` images)."""
         timesteps = _check_images(x, timesteps, self.in_channels, self.image_size, what="classifier",
                                   dims=self.dims)
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        emb = self._embed(timesteps)
         pooled = []
         h = x.type(self.dtype)
         for module in self.input_blocks:
@@ -857,22 +748,3 @@ def attention_block_info(model):
         for name, block in attention_blocks(model).items()
     ]
 
-
-__all__ = [
-    "AttentionBlock",
-    "AttentionOverride",
-    "AttentionPool2d",
-    "Downsample",
-    "EncoderUNetModel",
-    "QKVAttention",
-    "QKVAttentionLegacy",
-    "ResBlock",
-    "SuperResModel",
-    "TimestepBlock",
-    "TimestepEmbedSequential",
-    "UNetModel",
-    "Upsample",
-    "attention_block_info",
-    "attention_blocks",
-    "count_flops_attn",
-]
