@@ -9,6 +9,7 @@ callable `randn_like(x) -> tensor shaped like x` used instead of `th.randn_like`
 can make each sample's noise depend only on (seed, sample index), independent of batch layout.
 """
 
+import collections
 import enum
 import math
 
@@ -207,19 +208,12 @@ class GaussianDiffusion:
         """
         if model_kwargs is None:
             model_kwargs = {}
-        B, C = x.shape[:2]
-        if t.shape != (B,):
-            raise ValueError(f"t must have shape ({B},), got {tuple(t.shape)}")
+        if t.shape != x.shape[:1]:
+            raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
         model_output = model(x, self._scale_timesteps(t), **model_kwargs)
 
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
-            expected = (B, C * 2, *x.shape[2:])
-            if tuple(model_output.shape) != expected:
-                raise ValueError(
-                    f"a learned-variance model must output {expected} (mean and variance channels), "
-                    f"got {tuple(model_output.shape)}"
-                )
-            model_output, var_values = th.split(model_output, C, dim=1)
+            model_output, var_values = _split_learned_variance(model_output, x)
             if self.model_var_type == ModelVarType.LEARNED:
                 model_log_variance = var_values
             else:
@@ -350,19 +344,8 @@ class GaussianDiffusion:
         sample = out["mean"] + nonzero_mask * th.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def p_sample_loop(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-        randn_like=None,
-    ):
+    def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
+                      model_kwargs=None, device=None, progress=False, randn_like=None):
         """Sample with all T ancestral steps and return the final batch.
 
         :param shape: (N, C, H, W).
@@ -372,42 +355,15 @@ class GaussianDiffusion:
         :param randn_like: optional callable f(x) -> normal noise shaped like x, used for every
             step's noise and, when `noise` is None, for x_T (called on an empty tensor of `shape`).
         """
-        final = None
-        for final in self.p_sample_loop_progressive(
-            model,
-            shape,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            randn_like=randn_like,
-        ):
-            pass
-        return final["sample"]
+        return _final_sample(self.p_sample_loop_progressive(
+            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, randn_like))
 
-    def p_sample_loop_progressive(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-        randn_like=None,
-    ):
+    def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
+                                  model_kwargs=None, device=None, progress=False, randn_like=None):
         """Like p_sample_loop, but yield p_sample's dict after every step."""
-
-        def step(img, t):
-            return self.p_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                 cond_fn=cond_fn, model_kwargs=model_kwargs, randn_like=randn_like)
-
-        yield from self._steps(step, model, shape, noise, device, progress, randn_like)
+        yield from self._steps(self.p_sample, model, shape, noise, device, progress, randn_like,
+                               clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+                               model_kwargs=model_kwargs)
 
     # -- DDIM sampling --------------------------------------------------------------------------
 
@@ -467,89 +423,44 @@ class GaussianDiffusion:
         mean_pred = out["pred_xstart"] * th.sqrt(alpha_bar_next) + th.sqrt(1 - alpha_bar_next) * eps
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
 
-    def ddim_sample_loop(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-        eta=0.0,
-        randn_like=None,
-    ):
+    def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
+                         model_kwargs=None, device=None, progress=False, eta=0.0, randn_like=None):
         """Sample with DDIM over all of this process's steps; arguments as p_sample_loop, plus eta."""
-        final = None
-        for final in self.ddim_sample_loop_progressive(
-            model,
-            shape,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            eta=eta,
-            randn_like=randn_like,
-        ):
-            pass
-        return final["sample"]
+        return _final_sample(self.ddim_sample_loop_progressive(
+            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, eta, randn_like))
 
-    def ddim_sample_loop_progressive(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-        eta=0.0,
-        randn_like=None,
-    ):
+    def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
+                                     cond_fn=None, model_kwargs=None, device=None, progress=False, eta=0.0,
+                                     randn_like=None):
         """Like ddim_sample_loop, but yield ddim_sample's dict after every step."""
+        yield from self._steps(self.ddim_sample, model, shape, noise, device, progress, randn_like,
+                               clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+                               model_kwargs=model_kwargs, eta=eta)
 
-        def step(img, t):
-            return self.ddim_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                    cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta, randn_like=randn_like)
-
-        yield from self._steps(step, model, shape, noise, device, progress, randn_like)
-
-    def _steps(self, step, model, shape, noise, device, progress, randn_like):
-        """Run ``step(img, t) -> dict`` from the initial noise over every timestep, yielding its dicts."""
-        device = _resolve_device(model, device, noise)
-        img = self._initial_noise(shape, noise, device, randn_like)
-        for i in self._step_indices(progress):
-            t = th.tensor([i] * shape[0], device=device)
-            with th.no_grad():
-                out = step(img, t)
-                yield out
-                img = out["sample"]
-
-    @staticmethod
-    def _initial_noise(shape, noise, device, randn_like):
-        # Precedence: explicit x_T, then the caller's noise source, then the global torch RNG.
+    def _steps(self, step, model, shape, noise, device, progress, randn_like, **step_kwargs):
+        """Run ``step(model, img, t, ...) -> dict`` (p_sample or ddim_sample) from the initial noise over every
+        timestep, yielding its dicts."""
         if not isinstance(shape, (tuple, list)):
             raise TypeError(f"shape must be a tuple or list, got {type(shape).__name__}")
+        device = _resolve_device(model, device, noise)
+        # Precedence for x_T: explicit noise, then the caller's noise source, then the global torch RNG.
         if noise is not None:
-            return noise
-        if randn_like is not None:
-            return randn_like(th.empty(*shape, device=device))
-        return th.randn(*shape, device=device)
-
-    def _step_indices(self, progress):
+            img = noise
+        elif randn_like is not None:
+            img = randn_like(th.empty(*shape, device=device))
+        else:
+            img = th.randn(*shape, device=device)
         indices = list(range(self.num_timesteps))[::-1]
         if progress:
             from tqdm.auto import tqdm  # imported here so tqdm is only needed when asked for
 
             indices = tqdm(indices)
-        return indices
+        for i in indices:
+            t = th.tensor([i] * shape[0], device=device)
+            with th.no_grad():
+                out = step(model, img, t, randn_like=randn_like, **step_kwargs)
+                yield out
+                img = out["sample"]
 
     # -- likelihood and training ----------------------------------------------------------------
 
@@ -597,13 +508,7 @@ class GaussianDiffusion:
             model_output = model(x_t, self._scale_timesteps(t), **model_kwargs)
 
             if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
-                B, C = x_t.shape[:2]
-                expected = (B, C * 2, *x_t.shape[2:])
-                if tuple(model_output.shape) != expected:
-                    raise ValueError(
-                        f"a learned-variance model must output {expected}, got {tuple(model_output.shape)}"
-                    )
-                model_output, var_values = th.split(model_output, C, dim=1)
+                model_output, var_values = _split_learned_variance(model_output, x_t)
                 # The VB term trains only the variance: the mean half is detached so the MSE alone
                 # drives the mean (Nichol & Dhariwal's hybrid objective).
                 frozen_out = th.cat([model_output.detach(), var_values], dim=1)
@@ -698,6 +603,20 @@ def _gather(table, timesteps, broadcast_shape):
     while res.dim() < len(broadcast_shape):
         res = res[..., None]
     return res.expand(broadcast_shape)
+
+
+def _split_learned_variance(model_output, x):
+    """(mean part, variance values) of a learned-variance model's output, which has twice ``x``'s channels."""
+    expected = (x.shape[0], x.shape[1] * 2, *x.shape[2:])
+    if tuple(model_output.shape) != expected:
+        raise ValueError(f"a learned-variance model must output {expected} (mean and variance channels), "
+                         f"got {tuple(model_output.shape)}")
+    return th.split(model_output, x.shape[1], dim=1)
+
+
+def _final_sample(steps):
+    """The last step's sample of a progressive sampling loop (keeping no earlier step's)."""
+    return collections.deque(steps, maxlen=1)[0]["sample"]
 
 
 def _nonzero_mask(t, x):
