@@ -1,12 +1,8 @@
-"""npz files of images: reading headers and streaming rows, checking image batches, and writing npz files
-atomically and deterministically, member by member.
+"""npz files of images (upstream's format: uint8 N x H x W x 3 images in ``arr_0``, int64 labels in ``arr_1``).
 
-An ``.npz`` is a zip of ``.npy`` members. An image batch (upstream's format, what the sampler writes and
-the ADM reference batches hold) keeps uint8 N x H x W x 3 images in ``arr_0`` and, for class-conditional
-models, int64 labels in ``arr_1``. :class:`NpzImages` streams ``arr_0`` from the zip member, so a
-50k x 256 x 256 x 3 file (10 GB) is never in memory at once; :class:`NpzWriter` writes members as stored
-(uncompressed) zip entries chunk by chunk with a fixed timestamp, so the same arrays always give the same
-bytes, and the file appears only complete.
+:class:`NpzImages` streams ``arr_0`` from the zip member, so a 50k x 256 x 256 x 3 file (10 GB) is never in memory
+at once; :func:`NpzWriter` writes members as stored zip entries chunk by chunk with a fixed timestamp, so the same
+arrays always give the same bytes, and the file appears only complete.
 """
 
 import contextlib
@@ -22,9 +18,6 @@ from .files import atomic_open
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 SAVE_HINT = "samples are saved as ((x + 1) * 127.5).clamp(0, 255).to(uint8)"
-
-
-# ------------------------------------------------------------------------------------------- reading
 
 
 def read_npy_header(f):
@@ -150,9 +143,6 @@ class NpzImages:
     def first(self, n):
         """The first ``n`` images (fewer if the batch is smaller), reading nothing beyond them."""
         return next(self.iter_batches(max(1, min(n, self.num_images))))
-
-
-# ------------------------------------------------------------------------------------------- writing
 
 
 class ArrayStream:

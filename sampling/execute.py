@@ -1,16 +1,11 @@
 """Carrying out a plan: the ranks claim and sample the unfinished shards, rank 0 verifies and merges them.
 
-Shards are claimed, not assigned (:mod:`sampling.claims`): each rank first takes its own share
-(``remaining[rank::world]``), then any other shard not on disk and unclaimed (also one verified earlier that failed
-the merge), and a shard whose claim had no heartbeat for ``claim_lease`` seconds (a stalled, hung or stopped rank)
-is claimed again by another rank. Claiming changes only who samples a shard, never what it holds: sample i depends
-only on (seed, i). A rank whose claim was taken over discards its copy.
-
-Ranks never wait for each other in a collective while sampling or merging (a rank with more work would make the
-others time out): they poll the file system (:mod:`sampling.progress`: progress, failure notes that stop the
-others, rank 0's life, what a rank waits for). Rank 0 verifies every shard when it first counts it (CRC, sample
-range, run id; a bad one is moved to ``shards/rejected/`` and sampled again), checks that the disk has room for
-the merged file, then merges (:func:`sampling.shards.collect`).
+Shards are claimed, not assigned (:mod:`sampling.claims`): each rank takes its own share
+(``remaining[rank::world]``) first, then any other shard not on disk and unclaimed, or whose claim went stale.
+Claiming changes only who samples a shard, never what it holds: sample i depends only on (seed, i). Ranks never
+wait for each other in a collective while sampling or merging (a rank with more work would make the others time
+out): they poll the file system (:mod:`sampling.progress`), and rank 0 verifies and merges the shards
+(:func:`sampling.shards.collect`).
 """
 
 import errno

@@ -47,15 +47,13 @@ def shard_index(filename):
 @dataclasses.dataclass(frozen=True)
 class RankMarkers:
     """A directory of one small text file per rank, ``rank{r}.txt``, that the ranks of a run write and read to
-    tell each other something without a collective: ``.progress/`` (images done), ``.failed/`` (why a rank
-    failed). Written atomically, never through a link (the directory is made as a real one, the file renamed
-    into place); read without following links."""
+    tell each other something without a collective (``.progress/``, ``.failed/``); never through a link."""
 
     directory: str
 
     def write(self, rank, text):
-        """Replace ``rank``'s marker with ``text``; False when it could not be written. A marker is a note to the
-        other ranks, so a full disk or a link in the way does not stop the writer."""
+        """Replace ``rank``'s marker with ``text``; False when it could not be written (a note to the other ranks:
+        a full disk or a link in the way does not stop the writer)."""
         try:
             real_directory(*os.path.split(self.directory))
             atomic_write_text(os.path.join(self.directory, f"rank{rank}.txt"), text)
@@ -156,9 +154,7 @@ class RunLayout:
         return sorted(names + [f"{SHARD_DIR}/{n}" for n in self.shard_files()])
 
     def links(self):
-        """The symbolic links at paths a run reads or writes (sorted): the lock, record, logs, grid, eval.json,
-        sample batches, ``shards/`` and its shard files, ``.claims/`` and ``rejected/``, ``.progress/``,
-        ``.failed/``. ``out_dir`` itself may be a link (the user's choice)."""
+        """The symbolic links at paths a run reads or writes (sorted); ``out_dir`` itself may be a link."""
         names = (LOCK_NAME, SHARD_DIR, PROGRESS_DIR, FAILED_DIR) + RUN_FILES
         links = symlinks_in(self.out_dir, lambda n: n in names or bool(SAMPLES_RE.match(n) or LOG_RE.match(n)))
         if not os.path.islink(self.shard_dir):
@@ -174,9 +170,8 @@ class RunLayout:
             shutil.rmtree(self.claims_dir, ignore_errors=True)
 
     def remove_run_files(self):
-        """Delete what runs write (used by --overwrite only): the record, grid, eval.json, sample batches named
-        ``samples_NxHxWx3.npz``, shard files and the markers. Nothing else (not the log, not ``shards/rejected/``,
-        not files of other names). Returns what was removed, for the log."""
+        """Delete what runs write (--overwrite only): the record, grid, eval.json, sample batches, shard files and
+        the markers; not the log, ``shards/rejected/`` or files of other names. Returns what was removed."""
         removed = []
         for name in RUN_FILES + tuple(n for n in sorted(_listdir(self.out_dir)) if SAMPLES_RE.match(n)):
             if os.path.isfile(self.path(name)):

@@ -74,11 +74,6 @@ class RunLock:
         self.took_over = None  # the record of a dead holder whose lock was taken over
         self._heartbeat = None  # refreshes the file's mtime while the lock is held
 
-    def _record(self):
-        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started,
-                           "command": " ".join(sys.argv)[:500]}) + "\n"
-
     def _link_refused(self):
         return SampleConfigError(f"{link_text(self.path)}, not a run lock: a run never writes through a link in its "
                                  f"out_dir; remove it (rm {self.path}) and rerun")
@@ -86,13 +81,34 @@ class RunLock:
     def acquire(self):
         import fcntl
 
+        mode = "flock"  # "exclusive" where the file system has no flock: the lock is the file's existence
         for _ in range(10):
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | (os.O_EXCL if mode == "exclusive" else 0)
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-            except OSError:
+                fd = os.open(self.path, flags, 0o644)
+            except OSError as e:
                 if os.path.islink(self.path):
                     raise self._link_refused() from None
-                raise
+                if not isinstance(e, FileExistsError):
+                    raise
+                try:  # the record and the inode judged, from one open file
+                    with open(os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)) as f:
+                        inode, age = os.fstat(f.fileno()).st_ino, time.time() - os.fstat(f.fileno()).st_mtime
+                        info = read_json_mapping(f)
+                except FileNotFoundError:
+                    continue
+                except OSError:
+                    inode, age, info = None, 0.0, {}
+                if info.get("host") == socket.gethostname() and info.get("pid") and not _pid_alive(info["pid"]):
+                    if take_over(self.path, inode, info, os.getpid()):
+                        self.took_over = info
+                    continue  # a live lock put there meanwhile by another process is refused next time round
+                raise locked_error(self.out_dir, info, f"; this file system has no flock, so a lock left by a run "
+                                                       f"that died on another host stays: if no run uses "
+                                                       f"{self.out_dir} (the file was last refreshed {age:.0f} s "
+                                                       f"ago), delete {self.path}")
+            if mode == "exclusive":
+                return self._hold(fd, mode)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -100,7 +116,8 @@ class RunLock:
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise locked_error(self.out_dir, read_json_mapping(self.path)) from None
                 if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    return self._acquire_exclusive()
+                    mode = "exclusive"
+                    continue
                 raise
             try:  # the file may have been removed (and re-created) by the holder's release meanwhile
                 same = os.fstat(fd).st_ino == os.lstat(self.path).st_ino
@@ -120,37 +137,12 @@ class RunLock:
             return self._hold(fd, "flock")
         raise RunLockedError(f"could not lock {self.path}: it keeps being replaced")
 
-    def _acquire_exclusive(self):
-        """No flock here: the lock is the file's existence."""
-        for _ in range(10):
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            except FileExistsError:
-                if os.path.islink(self.path):
-                    raise self._link_refused() from None
-                try:  # the record and the inode judged, from one open file
-                    with open(os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)) as f:
-                        inode, age = os.fstat(f.fileno()).st_ino, time.time() - os.fstat(f.fileno()).st_mtime
-                        info = read_json_mapping(f)
-                except FileNotFoundError:
-                    continue
-                except OSError:
-                    inode, age, info = None, 0.0, {}
-                if info.get("host") == socket.gethostname() and info.get("pid") and not _pid_alive(info["pid"]):
-                    if take_over(self.path, inode, info, os.getpid()):
-                        self.took_over = info
-                    continue  # a live lock put there meanwhile by another process is refused next time round
-                raise locked_error(self.out_dir, info, f"; this file system has no flock, so a lock left by a run "
-                                                       f"that died on another host stays: if no run uses "
-                                                       f"{self.out_dir} (the file was last refreshed {age:.0f} s "
-                                                       f"ago), delete {self.path}")
-            return self._hold(fd, "exclusive")
-        raise RunLockedError(f"could not lock {self.path}: it keeps being replaced")
-
     def _hold(self, fd, mode):
         """The lock is taken on ``fd``: write this process's record into it and start the heartbeat."""
         os.ftruncate(fd, 0)
-        os.write(fd, self._record().encode())
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started,
+                                 "command": " ".join(sys.argv)[:500]}).encode() + b"\n")
         os.fsync(fd)
         self.fd, self.mode = fd, mode
         self._heartbeat = Heartbeat(lambda: os.utime(fd), HEARTBEAT_SECONDS, "run-lock-heartbeat")
@@ -187,15 +179,12 @@ class RunLocks:
         if lock is not None:
             lock.release()
 
-    def release_all(self):
-        for key in list(self._held):
-            self._held.pop(key).release()
-
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.release_all()
+        for key in list(self._held):
+            self._held.pop(key).release()
         return False
 
 

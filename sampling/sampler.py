@@ -128,10 +128,6 @@ class Sampler:
             logger.log("note: the U-Net computes in float16 (use_fp16), which has no fast CPU kernels: about 70 "
                        "times slower than --dtype float32 or bfloat16 on the CPU (those change the samples)")
 
-    def noise_fn(self, indices):
-        """The noise stream of the batch ``indices`` (:func:`noise_fn`)."""
-        return noise_fn(self.settings.sampling.seed, indices, self.device)
-
     def draws(self, indices):
         return sample_draws(self.settings, indices, self.device, self.with_labels)
 

@@ -47,8 +47,7 @@ class ShardProblem:
 
 def shard_problem(path, start, end, image_size, run_id, allow_without_run_id=False):
     """Why the shard at ``path`` is not shard [start, end) of run ``run_id``: a :class:`ShardProblem`, or None when
-    it is. Checks every zip member's CRC (the whole file is read), ``arr_0``'s header, ``sample_range`` and
-    ``run_id``."""
+    it is. Reads the whole file (every member's CRC)."""
     try:
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
@@ -105,9 +104,8 @@ def write_shard(path, images, labels, start, end, run_id):
 
 
 def rows_from_batch(npz_path, bounds, with_labels):
-    """Yield (start, end, images, labels) for each [start, end) of ``bounds`` (in increasing order) from a merged
-    sample batch, after checking every CRC of the file (it is read once whole for that). The images are read in
-    one sequential pass over the member (a zip member cannot seek without reading what it skips)."""
+    """Yield (start, end, images, labels) for each [start, end) of ``bounds`` from a merged sample batch, after
+    checking every CRC of the file; the images are read in one more pass."""
     with zipfile.ZipFile(npz_path) as zf:
         bad = zf.testzip()
     if bad is not None:

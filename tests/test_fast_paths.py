@@ -150,7 +150,7 @@ def test_noise_stream_is_the_per_sample_generators(ckpt, tmp_path):
     device = torch.device("cpu")
     sampler = sampling.Sampler(settings, load_models(settings, device), device)
     indices = [3, 5, 8]
-    randn_like = sampler.noise_fn(indices)
+    randn_like = sampler.draws(indices).randn_like
     like = torch.empty(3, 3, 32, 32)
     first, second = randn_like(like), randn_like(like)
     generators = [torch.Generator().manual_seed(sampling.sample_seeds(settings.sampling.seed, i)[0]) for i in indices]
@@ -158,7 +158,7 @@ def test_noise_stream_is_the_per_sample_generators(ckpt, tmp_path):
     old_second = torch.stack([torch.randn((3, 32, 32), generator=g) for g in generators])
     assert torch.equal(first, old_first) and torch.equal(second, old_second)
     assert first.device == device and first.dtype == torch.float32
-    assert torch.equal(sampler.noise_fn([5])(like[:1]), old_first[1:2])  # sample 5 alone: the same noise
+    assert torch.equal(sampler.draws([5]).randn_like(like[:1]), old_first[1:2])  # sample 5 alone: the same noise
     with pytest.raises(RuntimeError, match="noise requested for 2 rows, the batch has 3"):
         randn_like(like[:2])
 
