@@ -17,18 +17,14 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def convert_module_to_f16(l):  # noqa: E741 (upstream's parameter name)
     """Convert a convolution's parameters to float16 (other modules are left alone)."""
-    if isinstance(l, _CONVS):
-        l.weight.data = l.weight.data.half()
-        if l.bias is not None:
-            l.bias.data = l.bias.data.half()
+    for param in [p for p in (l.weight, l.bias) if p is not None] if isinstance(l, _CONVS) else ():
+        param.data = param.data.half()
 
 
 def convert_module_to_f32(l):  # noqa: E741 (upstream's parameter name)
     """Undo :func:`convert_module_to_f16`."""
-    if isinstance(l, _CONVS):
-        l.weight.data = l.weight.data.float()
-        if l.bias is not None:
-            l.bias.data = l.bias.data.float()
+    for param in [p for p in (l.weight, l.bias) if p is not None] if isinstance(l, _CONVS) else ():
+        param.data = param.data.float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,16 +92,14 @@ def master_params_to_state_dict(model, param_groups_and_shapes, master_params, u
     """The model's state dict with its parameters taken from ``master_params`` (float32 with fp16)."""
     state_dict = model.state_dict()
     if use_fp16:
-        for master, (param_group, _) in zip(master_params, param_groups_and_shapes):
-            for (name, _), value in zip(param_group, unflatten_master_params(param_group, master)):
-                if name not in state_dict:
-                    raise KeyError(f"parameter {name} is not in the model's state dict")
-                state_dict[name] = value
+        named = [(name, value) for master, (group, _) in zip(master_params, param_groups_and_shapes)
+                 for (name, _), value in zip(group, unflatten_master_params(group, master))]
     else:
-        for (name, _), value in zip(model.named_parameters(), master_params):
-            if name not in state_dict:
-                raise KeyError(f"parameter {name} is not in the model's state dict")
-            state_dict[name] = value
+        named = [(name, value) for (name, _), value in zip(model.named_parameters(), master_params)]
+    for name, value in named:
+        if name not in state_dict:
+            raise KeyError(f"parameter {name} is not in the model's state dict")
+        state_dict[name] = value
     return state_dict
 
 

@@ -21,16 +21,8 @@ from . import dist_util
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 
 
-def load_data(
-    *,
-    data_dir,
-    batch_size,
-    image_size,
-    class_cond=False,
-    deterministic=False,
-    random_crop=False,
-    random_flip=True,
-):
+def load_data(*, data_dir, batch_size, image_size, class_cond=False, deterministic=False, random_crop=False,
+              random_flip=True):
     """Yield (images [N, 3, image_size, image_size] in [-1, 1], {"y": labels} or {}) forever.
 
     deterministic: files in sorted order every epoch instead of shuffled. random_crop / random_flip:
@@ -48,27 +40,13 @@ def load_data(
         class_names = [bf.basename(path).split("_")[0] for path in all_files]
         index = {name: i for i, name in enumerate(sorted(set(class_names)))}
         classes = [index[name] for name in class_names]
-    dataset = ImageDataset(
-        image_size,
-        all_files,
-        classes=classes,
-        shard=dist_util.get_rank(),
-        num_shards=dist_util.get_world_size(),
-        random_crop=random_crop,
-        random_flip=random_flip,
-    )
+    dataset = ImageDataset(image_size, all_files, classes=classes, shard=dist_util.get_rank(),
+                           num_shards=dist_util.get_world_size(), random_crop=random_crop, random_flip=random_flip)
     if len(dataset) < batch_size:
-        raise ValueError(
-            f"{len(dataset)} images for this process under {data_dir}, fewer than one batch of {batch_size}"
-        )
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=not deterministic,
-        num_workers=1,
-        drop_last=True,
-        persistent_workers=True,
-    )
+        raise ValueError(f"{len(dataset)} images for this process under {data_dir}, fewer than one batch of "
+                         f"{batch_size}")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=not deterministic, num_workers=1, drop_last=True,
+                        persistent_workers=True)
     while True:
         yield from loader
 
@@ -88,16 +66,8 @@ def _list_image_files_recursively(data_dir):
 class ImageDataset(Dataset):
     """``image_paths[shard::num_shards]`` (and their class indices) as (CHW float32 array, kwargs) pairs."""
 
-    def __init__(
-        self,
-        resolution,
-        image_paths,
-        classes=None,
-        shard=0,
-        num_shards=1,
-        random_crop=False,
-        random_flip=True,
-    ):
+    def __init__(self, resolution, image_paths, classes=None, shard=0, num_shards=1, random_crop=False,
+                 random_flip=True):
         super().__init__()
         self.resolution = resolution
         self.local_images = image_paths[shard:][::num_shards]
@@ -115,10 +85,7 @@ class ImageDataset(Dataset):
             pil_image.load()
         pil_image = pil_image.convert("RGB")
 
-        if self.random_crop:
-            arr = random_crop_arr(pil_image, self.resolution)
-        else:
-            arr = center_crop_arr(pil_image, self.resolution)
+        arr = (random_crop_arr if self.random_crop else center_crop_arr)(pil_image, self.resolution)
         if self.random_flip and random.random() < 0.5:
             arr = arr[:, ::-1]
         arr = arr.astype(np.float32) / 127.5 - 1
@@ -140,9 +107,8 @@ def _resize_short_side(pil_image, size):
 def center_crop_arr(pil_image, image_size):
     """The central image_size x image_size square (HWC uint8) after resizing the short side to it."""
     arr = np.array(_resize_short_side(pil_image, image_size))
-    crop_y = (arr.shape[0] - image_size) // 2
-    crop_x = (arr.shape[1] - image_size) // 2
-    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+    y, x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[y : y + image_size, x : x + image_size]
 
 
 def random_crop_arr(pil_image, image_size, min_crop_frac=0.8, max_crop_frac=1.0):
@@ -151,6 +117,5 @@ def random_crop_arr(pil_image, image_size, min_crop_frac=0.8, max_crop_frac=1.0)
     max_smaller_dim_size = math.ceil(image_size / min_crop_frac)
     smaller_dim_size = random.randrange(min_smaller_dim_size, max_smaller_dim_size + 1)
     arr = np.array(_resize_short_side(pil_image, smaller_dim_size))
-    crop_y = random.randrange(arr.shape[0] - image_size + 1)
-    crop_x = random.randrange(arr.shape[1] - image_size + 1)
-    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+    y, x = random.randrange(arr.shape[0] - image_size + 1), random.randrange(arr.shape[1] - image_size + 1)
+    return arr[y : y + image_size, x : x + image_size]

@@ -1,32 +1,25 @@
-"""Upstream's diffusion training loop (``TrainLoop``), its checkpoint names and its resumption.
+"""Upstream's diffusion training loop (``TrainLoop``), its checkpoint names and its resumption, and the start-up
+the training scripts share (``script_parser``, ``start_script``).
 
-    TrainLoop(model=model, diffusion=diffusion, data=load_data(...), batch_size=8, microbatch=-1,
-              lr=1e-4, ema_rate="0.9999", log_interval=10, save_interval=10000,
-              resume_checkpoint="").run_loop()
-
-Every ``save_interval`` steps it writes, into ``logger.get_dir()``:
-    model{step:06d}.pt          the model's state dict (float32 master weights with ``use_fp16``)
-    ema_{rate}_{step:06d}.pt    one EMA state dict per rate of ``ema_rate`` ("0.9999" or "0.999,0.9999")
-    opt{step:06d}.pt            the AdamW state
-``resume_checkpoint=".../model{step:06d}.pt"`` continues from them: the step comes from the file name, and
-the EMA and optimiser files of that step next to it are loaded when they exist.
+Every ``save_interval`` steps it writes into ``logger.get_dir()``: ``model{step:06d}.pt`` (float32 master
+weights with ``use_fp16``), ``ema_{rate}_{step:06d}.pt`` per rate of ``ema_rate`` ("0.9999" or "0.999,0.9999")
+and ``opt{step:06d}.pt`` (AdamW). ``resume_checkpoint=".../model{step:06d}.pt"`` continues from them: the step
+comes from the file name; the EMA and optimiser files of that step next to it are loaded when they exist.
 
 Differences from upstream, on purpose: ``model{N}.pt`` holds the state after N optimiser steps (upstream
 saves after step N + 1 under the name N, so a resumed run repeated a step); checkpoints are written when
 the total step count is a multiple of ``save_interval`` (also after a resume); the table of averages is
 dumped every ``log_interval`` steps together with a progress line (loss, samples/s); several processes
-(mpiexec, torchrun, srun: see ``dist_util.setup_dist``) train with DistributedDataParallel on CPU (gloo)
-as well as on GPUs.
+train with DistributedDataParallel on CPU (gloo) as well as on GPUs.
 
 Extension points (keyword arguments after upstream's; all optional):
-    lr_schedule(step) -> lr         the learning rate of optimiser step ``step`` (0-based, counted over the
-                                    whole run, so a resumed run continues the schedule); replaces the linear
-                                    anneal, and ``lr_anneal_steps`` then only says when to stop
-    ema_schedule(step, rate) -> d   the decay each EMA of nominal ``rate`` uses when it is updated after
-                                    step ``step`` (e.g. a warm-up); the files keep the nominal rate's name
-    step_callback(loop) -> stop     called after each step, once its logs and checkpoints are written
-                                    (``loop.step + loop.resume_step`` steps done); a true value ends the run
-                                    there, as reaching ``lr_anneal_steps`` does (the last checkpoint is saved)
+    lr_schedule(step) -> lr         the learning rate of optimiser step ``step`` (0-based over the whole run, so a
+                                    resumed run continues it); replaces the linear anneal (``lr_anneal_steps``
+                                    then only says when to stop)
+    ema_schedule(step, rate) -> d   the decay each EMA of nominal ``rate`` uses after step ``step`` (e.g. a
+                                    warm-up); the files keep the nominal rate's name
+    step_callback(loop) -> stop     called after each step, once its logs and checkpoints are written; a true
+                                    value ends the run there, as reaching ``lr_anneal_steps`` does
 """
 
 import argparse
@@ -54,21 +47,10 @@ from .script_util import add_dict_to_argparser, args_to_dict, create_model_from_
 
 def training_defaults():
     """The training flags of ``scripts/image_train.py`` and ``super_res_train.py`` with upstream's defaults."""
-    return dict(
-        data_dir="",
-        schedule_sampler="uniform",
-        lr=1e-4,
-        weight_decay=0.0,
-        lr_anneal_steps=0,
-        batch_size=1,
-        microbatch=-1,  # -1 disables microbatches
-        ema_rate="0.9999",  # comma-separated list of EMA rates
-        log_interval=10,
-        save_interval=10000,
-        resume_checkpoint="",
-        use_fp16=False,
-        fp16_scale_growth=1e-3,
-    )
+    return dict(data_dir="", schedule_sampler="uniform", lr=1e-4, weight_decay=0.0, lr_anneal_steps=0, batch_size=1,
+                microbatch=-1,  # -1 disables microbatches
+                ema_rate="0.9999",  # comma-separated list of EMA rates
+                log_interval=10, save_interval=10000, resume_checkpoint="", use_fp16=False, fp16_scale_growth=1e-3)
 
 
 def script_parser(doc, kind, **script_defaults):
@@ -118,38 +100,17 @@ class TrainLoop:
         sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
         return cls(model=model, diffusion=diffusion, data=data, schedule_sampler=sampler, **flags, **extra)
 
-    def __init__(
-        self,
-        *,
-        model,
-        diffusion,
-        data,
-        batch_size,
-        microbatch,
-        lr,
-        ema_rate,
-        log_interval,
-        save_interval,
-        resume_checkpoint,
-        use_fp16=False,
-        fp16_scale_growth=1e-3,
-        schedule_sampler=None,
-        weight_decay=0.0,
-        lr_anneal_steps=0,
-        lr_schedule=None,
-        ema_schedule=None,
-        step_callback=None,
-    ):
+    def __init__(self, *, model, diffusion, data, batch_size, microbatch, lr, ema_rate, log_interval, save_interval,
+                 resume_checkpoint, use_fp16=False, fp16_scale_growth=1e-3, schedule_sampler=None, weight_decay=0.0,
+                 lr_anneal_steps=0, lr_schedule=None, ema_schedule=None, step_callback=None):
         self.model = model
         self.diffusion = diffusion
         self.data = data
         self.batch_size = batch_size
         self.microbatch = microbatch if microbatch > 0 else batch_size
         self.lr = lr
-        self.ema_rate = (
-            [float(ema_rate)] if isinstance(ema_rate, (int, float))
-            else [float(r) for r in str(ema_rate).split(",") if r.strip()]
-        )
+        self.ema_rate = ([float(ema_rate)] if isinstance(ema_rate, (int, float))
+                         else [float(r) for r in str(ema_rate).split(",") if r.strip()])
         self.log_interval = log_interval
         self.save_interval = save_interval
         self.resume_checkpoint = resume_checkpoint
@@ -168,9 +129,8 @@ class TrainLoop:
         self.sync_cuda = th.cuda.is_available()
 
         self._load_and_sync_parameters()
-        self.mp_trainer = MixedPrecisionTrainer(
-            model=self.model, use_fp16=self.use_fp16, fp16_scale_growth=fp16_scale_growth
-        )
+        self.mp_trainer = MixedPrecisionTrainer(model=self.model, use_fp16=self.use_fp16,
+                                                fp16_scale_growth=fp16_scale_growth)
         self.opt = AdamW(self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay)
         if self.resume_step:
             load_optimizer_state(self.opt, self._main_checkpoint(), self.resume_step)
@@ -247,9 +207,8 @@ class TrainLoop:
             last_batch = (i + self.microbatch) >= batch.shape[0]
             t, weights = self.schedule_sampler.sample(micro.shape[0], dist_util.dev())
 
-            compute_losses = functools.partial(
-                self.diffusion.training_losses, self.ddp_model, micro, t, model_kwargs=micro_cond
-            )
+            compute_losses = functools.partial(self.diffusion.training_losses, self.ddp_model, micro, t,
+                                               model_kwargs=micro_cond)
             # Gradients are all-reduced once per batch, on its last microbatch.
             sync = last_batch or not self.use_ddp
             with contextlib.nullcontext() if sync else self.ddp_model.no_sync():

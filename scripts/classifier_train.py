@@ -86,13 +86,9 @@ def main(argv=None):
             logits = model(sub_batch, timesteps=sub_t)
             loss = F.cross_entropy(logits, sub_labels, reduction="none")
 
-            losses = {
+            log_loss_dict(diffusion, sub_t, {
                 f"{prefix}_loss": loss.detach(),
-                f"{prefix}_acc@1": compute_top_k(logits, sub_labels, k=1, reduction="none"),
-                f"{prefix}_acc@5": compute_top_k(logits, sub_labels, k=5, reduction="none"),
-            }
-            log_loss_dict(diffusion, sub_t, losses)
-            del losses
+                **{f"{prefix}_acc@{k}": compute_top_k(logits, sub_labels, k=k, reduction="none") for k in (1, 5)}})
             loss = loss.mean()
             if loss.requires_grad:
                 if i == 0:
