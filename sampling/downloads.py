@@ -34,8 +34,6 @@ from .config_files import read_yaml_mapping
 from .model_configs import CONFIG_ROOT, ModelConfigError, load_model_config
 
 DEFAULT_MANIFEST = Path("downloads") / "manifest.json"
-DEFAULT_DESTS = {"models": Path("downloads") / "models", "refs": Path("downloads") / "refs"}
-STATISTICS = (("mu", "sigma"), ("mu_s", "sigma_s"))  # the evaluator's FID and sFID statistics, in pairs
 CHUNK_BYTES = 1 << 20
 
 
@@ -271,44 +269,6 @@ def expected_shapes(item: Item) -> Dict[str, Tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def load_tensor_dict(path: Path) -> Dict:
-    """The state dict in ``path``, read by the fork's checkpoint reader, its errors as VerifyError."""
-    from guided_diffusion.checkpoint import CheckpointError, UnreadableCheckpoint, read_state_dict
-
-    try:
-        state = read_state_dict(path)
-    except UnreadableCheckpoint as e:
-        raise VerifyError(f"not a loadable PyTorch checkpoint: {e}") from None
-    except CheckpointError as e:
-        raise VerifyError(str(e)) from None
-    if not state:
-        raise VerifyError(f"{path} loads, but is an empty state dict")
-    return state
-
-
-def verify_checkpoint(path: Path, expected: Optional[Dict[str, Tuple[int, ...]]], what: str) -> str:
-    from guided_diffusion.checkpoint import mismatch_report
-
-    state = load_tensor_dict(path)
-    report = expected is not None and mismatch_report(expected, {k: v.shape for k, v in state.items()},
-                                                      f"{what} ({path})")
-    if report:
-        raise VerifyError(report)
-    n = sum(int(v.numel()) for v in state.values())
-    return f"{len(state)} tensors, {n:,} values" + (", names and shapes match the flags" if expected else "")
-
-
-def _check_members(path: Path) -> None:
-    """Every member of the zip passes its CRC check (the evaluator reads only what it needs, unchecked)."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-        raise VerifyError(f"{path} is not a readable npz (zip) archive (truncated or corrupt download?): {e}") from e
-    if bad is not None:
-        raise VerifyError(f"{path}: member {bad} fails its CRC check; corrupt download?")
-
-
 def _statistics_summary(path: Path, members) -> List[str]:
     """``mu``/``sigma`` (and ``mu_s``/``sigma_s``) where present: in pairs, a float vector (d,) and a finite
     float (d, d) matrix."""
@@ -316,7 +276,7 @@ def _statistics_summary(path: Path, members) -> List[str]:
 
     summary = []
     with np.load(path, allow_pickle=False) as data:
-        for mu_key, sigma_key in STATISTICS:
+        for mu_key, sigma_key in (("mu", "sigma"), ("mu_s", "sigma_s")):  # the evaluator's FID and sFID pairs
             present = [k for k in (mu_key, sigma_key) if k in members]
             if len(present) == 1:
                 raise VerifyError(f"{path} has {present[0]} but not its partner "
@@ -335,9 +295,16 @@ def _statistics_summary(path: Path, members) -> List[str]:
 
 
 def verify_npz(path: Path) -> str:
-    """An evaluator batch: intact zip members, images in ``arr_0`` as the evaluator reads them (its
-    ``NpzImages``), consistent ``mu``/``sigma`` if present."""
-    _check_members(path)
+    """An evaluator batch: every zip member passes its CRC check (the evaluator reads only what it needs,
+    unchecked), images in ``arr_0`` as the evaluator reads them (its ``NpzImages``), consistent ``mu``/``sigma``
+    if present."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+        raise VerifyError(f"{path} is not a readable npz (zip) archive (truncated or corrupt download?): {e}") from e
+    if bad is not None:
+        raise VerifyError(f"{path}: member {bad} fails its CRC check; corrupt download?")
     try:
         images = NpzImages(path)
     except ValueError as e:
@@ -346,23 +313,37 @@ def verify_npz(path: Path) -> str:
     return ", ".join([f"arr_0 {images.dtype} {shape}"] + _statistics_summary(path, images.keys))
 
 
-def verify_inception(path: Path) -> str:
-    state = load_tensor_dict(path)
-    fc = state.get("fc.weight")
-    if fc is None or tuple(fc.shape) != (1008, 2048):
-        raise VerifyError(f"{path} loads but is not torch-fidelity's Inception weights "
-                          f"(fc.weight should be 1008 x 2048, got {None if fc is None else list(fc.shape)})")
-    return f"{len(state)} tensors, fc 1008x2048"
-
-
 ShapesFn = Callable[[Item], Optional[Dict[str, Tuple[int, ...]]]]
 
 
 def verify_file(item: Item, path: Path, shapes_fn: ShapesFn = expected_shapes) -> str:
-    """Load ``path`` as what ``item`` says it is; return a one-line summary or raise VerifyError."""
-    if item.group == "models":
-        return verify_checkpoint(path, shapes_fn(item), f"checkpoint {item.name}")
-    return verify_npz(path) if item.group == "refs" else verify_inception(path)
+    """Load ``path`` as what ``item`` says it is (a checkpoint or the Inception weights with the fork's checkpoint
+    reader); return a one-line summary or raise VerifyError."""
+    if item.group == "refs":
+        return verify_npz(path)
+    from guided_diffusion.checkpoint import CheckpointError, UnreadableCheckpoint, mismatch_report, read_state_dict
+
+    try:
+        state = read_state_dict(path)
+    except UnreadableCheckpoint as e:
+        raise VerifyError(f"not a loadable PyTorch checkpoint: {e}") from None
+    except CheckpointError as e:
+        raise VerifyError(str(e)) from None
+    if not state:
+        raise VerifyError(f"{path} loads, but is an empty state dict")
+    if item.group == "inception":
+        fc = state.get("fc.weight")
+        if fc is None or tuple(fc.shape) != (1008, 2048):
+            raise VerifyError(f"{path} loads but is not torch-fidelity's Inception weights "
+                              f"(fc.weight should be 1008 x 2048, got {None if fc is None else list(fc.shape)})")
+        return f"{len(state)} tensors, fc 1008x2048"
+    expected = shapes_fn(item)
+    report = expected is not None and mismatch_report(expected, {k: v.shape for k, v in state.items()},
+                                                      f"checkpoint {item.name} ({path})")
+    if report:
+        raise VerifyError(report)
+    n = sum(int(v.numel()) for v in state.values())
+    return f"{len(state)} tensors, {n:,} values" + (", names and shapes match the flags" if expected else "")
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -452,7 +433,7 @@ def default_dest(group: str) -> Path:
         from evaluations.features import default_weights_path
 
         return Path(default_weights_path()).parent  # torch hub's checkpoints, where the evaluator looks
-    return DEFAULT_DESTS[group]
+    return Path("downloads") / group
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -480,14 +461,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _list(configs) -> None:
-    for group, items in (("models", load_model_items(configs)), ("refs", load_ref_items(configs))):
-        for name, item in items.items():
-            print(f"{group:7s} {name:28s} {item.kind:10s} {item.url}")
-    item = load_inception_item(configs)
-    print(f"inception {item.file:26s} {item.url}")
-
-
 def main(argv=None, shapes_fn: ShapesFn = expected_shapes) -> int:
     args = build_parser().parse_args(argv)
     if args.retries < 0:
@@ -495,7 +468,11 @@ def main(argv=None, shapes_fn: ShapesFn = expected_shapes) -> int:
         return 2
     try:
         if args.group == "list":
-            _list(args.configs)
+            for group, items in (("models", load_model_items(args.configs)), ("refs", load_ref_items(args.configs))):
+                for name, item in items.items():
+                    print(f"{group:7s} {name:28s} {item.kind:10s} {item.url}")
+            item = load_inception_item(args.configs)
+            print(f"inception {item.file:26s} {item.url}")
             return 0
         loaders = {"models": load_model_items, "refs": load_ref_items}
         items = select(loaders[args.group](args.configs), args.names, args.group) if args.group in loaders else \
