@@ -2,7 +2,7 @@
 content hashes (remembered, :class:`HashMemo`, so a large file is hashed once), and the one disk-full message.
 
 Nothing here writes through a symbolic link at the path it writes: an atomic write creates its temporary file
-exclusively under a random name (``O_CREAT | O_EXCL | O_NOFOLLOW``, as mkstemp) and renames it over the path, which replaces a
+exclusively under a random name (``O_CREAT | O_EXCL | O_NOFOLLOW``) and renames it over the path, which replaces a
 link there, never its target; :func:`open_append` (log files) opens with ``O_NOFOLLOW`` and replaces a link by a
 new regular file; :func:`real_directory` refuses a directory that is a link (:class:`UnsafePathError`)."""
 
@@ -11,26 +11,12 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import stat
-import tempfile
 
 _TMP_MARK = ".tmp-"
 SPACE_MARGIN_BYTES = 64 << 20  # kept free beyond what a file checked before writing needs
-
-
-def current_umask():
-    """The process's umask, read without changing it where /proc allows (os.umask is a write)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def is_tmp_file(name):
@@ -50,15 +36,14 @@ def atomic_open(path):
     """The one atomic writer: a binary file to write (``with atomic_open(path) as f: torch.save(obj, f)``) that
     replaces ``path`` only when the block ends without an error, so readers see the old file or the whole new one;
     on an error the temporary file is removed and ``path`` is left as it was. The temporary file is made next to
-    ``path`` (the rename is atomic), exclusively (mkstemp's flags) and used through its descriptor only, so a link
-    planted at its name is never followed; a link at ``path`` is replaced, never written through."""
+    ``path`` (the rename is atomic), exclusively under a random name and used through its descriptor only, so a
+    link planted at its name is never followed; a link at ``path`` is replaced, never written through."""
     directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp_file = tempfile.NamedTemporaryFile("w+b", prefix=f".{name}{_TMP_MARK}", dir=directory, delete=False)
-    f, tmp = tmp_file.file, tmp_file.name
-    try:
-        with f:
-            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes 0600; this gives what open() would
+    tmp = os.path.join(directory, f".{name}{_TMP_MARK}{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:  # the umask applies, as with open()
+        with os.fdopen(fd, "w+b") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

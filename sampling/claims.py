@@ -141,6 +141,12 @@ class Claims:
         if k is not None and not stalled and self.owned(k):  # a hung main thread lets its claim expire
             os.utime(self.path(k), follow_symlinks=False)  # a link put there is not followed
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def close(self):
         # Claims touch paths, not descriptors: a touch hung on a stalled file system must not hang the run's
         # clean-up (SIGTERM included), so the wait is bounded; a late touch only refreshes a claim's mtime.

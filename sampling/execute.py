@@ -65,7 +65,6 @@ def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
     order = own + sorted(set(range(plan.num_shards)) - set(own))
     size, batch_size = s.model.image_size, s.runtime.batch_size
     count = claimed = 0
-    claims = None
     try:  # from here on a failure leaves a note in .failed/ that stops the other ranks
         if rank == 0:
             write_run_record(plan, sampler.device)
@@ -74,72 +73,68 @@ def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
                        f"device {sampler.device}, batch size {batch_size}")
         for name in (SHARD_DIR, PROGRESS_DIR, FAILED_DIR):  # a link there is refused (never written through)
             real_directory(plan.out_dir, name, error=SampleConfigError)
-        progress = Progress(plan, rank)
-        claims = Claims(plan, rank)
-        while True:
+        with Progress(plan, rank) as progress, Claims(plan, rank) as claims:
             progress.check()
-            if rank != 0 and os.path.exists(layout.final_path):
-                break
-            if rank == 0 and shards.collect(plan, verified, sampler.with_labels):
-                break
-            k, note = claims.claim_next(order)
-            if k is None:
-                missing = [k for k in range(plan.num_shards) if k not in verified]
-                progress.wait(lambda: claims.waiting_for(missing, plan.num_shards) if rank == 0
-                              else f"rank 0 to merge the shards into {layout.final_path}")
-                continue
-            if note:
-                logger.log(note)
-            claimed += 1
-            if on_shard_claimed is not None:
-                on_shard_claimed(claimed)
-            # Sample shard k into its file (atomically); each finished batch keeps the claim's heartbeat going. A
-            # copy whose claim another rank took over meanwhile (asked before sampling and before the file is put
-            # in place) is dropped.
-            (start, end), path, labels, t0 = layout.shard_bounds(k), layout.shard_path(k), [], time.time()
-            try:
-                if not claims.still_mine(k):
-                    raise _Superseded()
-                with NpzWriter(path) as writer:
-                    with writer.stream("arr_0", (end - start, size, size, 3), np.uint8) as out:
-                        for b in range(start, end, batch_size):
-                            images, batch_labels = sampler.sample(list(range(b, min(b + batch_size, end))))
-                            out.write(images)
-                            labels.append(batch_labels)
-                            progress.advance(len(images))
-                            claims.progressed()
-                    if sampler.with_labels:
-                        writer.write("arr_1", np.concatenate(labels))
-                    writer.write("sample_range", np.array([start, end], dtype=np.int64))
-                    writer.write("run_id", np.array([plan.run_id]))
-                    if not claims.still_mine(k):
-                        raise _Superseded()
-            except _Superseded:
-                logger.log(f"shard {k + 1}/{plan.num_shards} was taken over by another rank while rank {rank} "
-                           "sampled it; this copy is discarded")
-                continue
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    raise disk_full(plan.out_dir, path, (end - start) * size ** 2 * 3, "a shard") from None
-                raise
-            finally:
-                claims.release(k)
-            seconds = time.time() - t0
-            logger.log(f"shard {k + 1}/{plan.num_shards} (samples {start}-{end - 1}) done by rank {rank} in "
-                       f"{seconds:.1f}s ({(end - start) / max(seconds, 1e-9):.2f} img/s)")
-            count += 1
-            if rank == 0:
-                verified.add(k)
-            if on_shard_written is not None:
-                on_shard_written(count)
+            while True:
+                if rank != 0 and os.path.exists(layout.final_path):
+                    break
+                if rank == 0 and shards.collect(plan, verified, sampler.with_labels):
+                    break
+                k, note = claims.claim_next(order)
+                if k is None:
+                    missing = [k for k in range(plan.num_shards) if k not in verified]
+                    progress.wait(lambda: claims.waiting_for(missing, plan.num_shards) if rank == 0
+                                  else f"rank 0 to merge the shards into {layout.final_path}")
+                    continue
+                if note:
+                    logger.log(note)
+                claimed += 1
+                if on_shard_claimed is not None:
+                    on_shard_claimed(claimed)
+                # Sample shard k into its file (atomically); each finished batch keeps the claim's heartbeat going.
+                # A copy whose claim another rank took over meanwhile (asked before sampling and before the file is
+                # put in place) is dropped.
+                (start, end), path, labels, t0 = layout.shard_bounds(k), layout.shard_path(k), [], time.time()
+                try:
+                    try:
+                        if not claims.still_mine(k):
+                            raise _Superseded()
+                        with NpzWriter(path) as writer:
+                            with writer.stream("arr_0", (end - start, size, size, 3), np.uint8) as out:
+                                for b in range(start, end, batch_size):
+                                    images, batch_labels = sampler.sample(list(range(b, min(b + batch_size, end))))
+                                    out.write(images)
+                                    labels.append(batch_labels)
+                                    progress.advance(len(images))
+                                    claims.progressed()
+                            if sampler.with_labels:
+                                writer.write("arr_1", np.concatenate(labels))
+                            writer.write("sample_range", np.array([start, end], dtype=np.int64))
+                            writer.write("run_id", np.array([plan.run_id]))
+                            if not claims.still_mine(k):
+                                raise _Superseded()
+                    finally:
+                        claims.release(k)
+                except _Superseded:
+                    logger.log(f"shard {k + 1}/{plan.num_shards} was taken over by another rank while rank {rank} "
+                               "sampled it; this copy is discarded")
+                    continue
+                except OSError as e:
+                    if e.errno == errno.ENOSPC:
+                        raise disk_full(plan.out_dir, path, (end - start) * size ** 2 * 3, "a shard") from None
+                    raise
+                seconds = time.time() - t0
+                logger.log(f"shard {k + 1}/{plan.num_shards} (samples {start}-{end - 1}) done by rank {rank} in "
+                           f"{seconds:.1f}s ({(end - start) / max(seconds, 1e-9):.2f} img/s)")
+                count += 1
+                if rank == 0:
+                    verified.add(k)
+                if on_shard_written is not None:
+                    on_shard_written(count)
     except BaseException as e:
         if not isinstance(e, PeerFailedError):
             layout.failure_markers.write(rank, f"{type(e).__name__}: {e}")
         raise
-    finally:
-        if claims is not None:
-            claims.close()
-    progress.close()
     dist_util.barrier()
     if rank == 0:
         # The claims again: a rank taken over may have touched them after the merge.

@@ -91,8 +91,16 @@ class Progress:
             self.bar = tqdm(total=self.total, initial=self.start, unit="img", desc=self.name, dynamic_ncols=True,
                             smoothing=0.05, file=sys.stderr)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:  # a failure's one line is not followed by a progress line
+            self.close()
+
     def check(self):
-        """Raise :class:`PeerFailedError` when another rank left a failure note, or rank 0 is gone."""
+        """Raise :class:`PeerFailedError` when another rank left a failure note, or rank 0 is gone (each batch and
+        each poll)."""
         raise_if_peer_failed(self.failures, self.rank)
         if self.watch is not None:
             try:
@@ -107,6 +115,7 @@ class Progress:
         self.waiting_since = None
         self.markers.write(self.rank, str(self.mine))  # progress display only: a marker not written is no error
         self.refresh()
+        self.check()
 
     def wait(self, what):
         """Nothing to do this poll: log ``what()`` this rank waits for (when due), show the progress, sleep."""
@@ -119,6 +128,7 @@ class Progress:
             self.next_note = now + WAIT_NOTE_SECONDS
         self.refresh()
         time.sleep(POLL_SECONDS)
+        self.check()
 
     def _count(self):
         total = sum(int(text) for text in self.markers.read_all().values() if text.strip().isdecimal())

@@ -128,10 +128,15 @@ def rows_from_batch(npz_path, bounds, with_labels):
 
 def merge_shards(shard_paths, out_path, with_labels):
     """Concatenate the shards' ``arr_0`` (and ``arr_1``) into one npz at ``out_path``, one shard at a time (at most
-    one shard's images in memory). The shards were verified (:func:`shard_problem`: uint8 images of the run's
-    size); the stream's own checks catch any other. Returns the merged images' shape."""
+    one shard's images in memory), when the free space holds it (as much again as the shards). The shards were
+    verified (:func:`shard_problem`: uint8 images of the run's size); the stream's own checks catch any other.
+    Returns the merged images' shape."""
     if not shard_paths:
         raise ValueError("no shards to merge")
+    directory, need = os.path.dirname(os.path.abspath(out_path)), sum(os.path.getsize(p) for p in shard_paths)
+    full = disk_full(directory, out_path, need, "the merged file (as much as the shards)", "merge the shards into")
+    if full is not None:
+        raise full
     shapes = []
     for path in shard_paths:
         try:
@@ -149,14 +154,19 @@ def merge_shards(shard_paths, out_path, with_labels):
                 raise  # the disk, not the shard (e.g. no space left)
             raise ShardError(path, f"cannot be read for the merge ({type(e).__name__}: {e})") from None
 
-    with NpzWriter(out_path) as w:
-        with w.stream("arr_0", total, np.uint8) as s:
-            for path in shard_paths:
-                s.write(read(path, "arr_0"))
-        if with_labels:
-            with w.stream("arr_1", (total[0],), np.int64) as s:
+    try:
+        with NpzWriter(out_path) as w:
+            with w.stream("arr_0", total, np.uint8) as s:
                 for path in shard_paths:
-                    s.write(read(path, "arr_1").astype(np.int64, copy=False))
+                    s.write(read(path, "arr_0"))
+            if with_labels:
+                with w.stream("arr_1", (total[0],), np.int64) as s:
+                    for path in shard_paths:
+                        s.write(read(path, "arr_1").astype(np.int64, copy=False))
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise disk_full(directory, out_path, need, "the merged file") from None
+        raise
     return total
 
 
@@ -177,11 +187,6 @@ def collect(plan, verified, with_labels):
         return False
     shards = [layout.shard_path(k) for k in range(plan.num_shards)]
     if not os.path.exists(layout.final_path):
-        need = sum(os.path.getsize(p) for p in shards)
-        full = disk_full(plan.out_dir, layout.final_path, need, "the merged file (as much as the shards)",
-                         before="merge the shards into")
-        if full is not None:
-            raise full
         t0 = time.time()
         try:
             shape = merge_shards(shards, layout.final_path, with_labels)
@@ -189,10 +194,6 @@ def collect(plan, verified, with_labels):
             logger.log(f"{e}: moved to {reject_shard(e.path, e.reason)}, it is sampled again")
             verified.discard(shard_index(os.path.basename(e.path)))
             return False
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise disk_full(plan.out_dir, layout.final_path, need, "the merged file") from None
-            raise
         logger.log(f"merged {plan.num_shards} shards into {layout.final_path} {shape} in {time.time() - t0:.1f}s")
     if os.path.islink(layout.grid_path) or not os.path.exists(layout.grid_path):  # a link there is replaced
         save_png(image_grid(NpzImages(layout.final_path).first(64)), layout.grid_path)
