@@ -181,15 +181,14 @@ def expand(sweep, overwrite=False):
     names = [axis for axis, _ in sweep.axes]
     for combo in itertools.product(*[values for _, values in sweep.axes]):
         assignments = dict(zip(names, combo))
-        for axis, value in assignments.items():  # bundles without a name are numbered by position
-            if isinstance(value, dict) and not value.get("name"):
-                assignments[axis] = dict(value, name=str(dict(sweep.axes)[axis].index(value)))
         overrides = {}
         for axis, value in assignments.items():
-            if isinstance(value, dict):
-                overrides.update({k: v for k, v in value.items() if k != "name"})
-            else:
+            if not isinstance(value, dict):
                 overrides[axis] = value
+                continue
+            if not value.get("name"):  # bundles without a name are numbered by position
+                assignments[axis] = dict(value, name=str(dict(sweep.axes)[axis].index(value)))
+            overrides.update({k: v for k, v in value.items() if k != "name"})
         name = cell_name(assignments)
         if name in seen:
             raise SampleConfigError(f"sweep config {sweep.path}: cells {seen[name]} and {assignments} get the "

@@ -51,11 +51,6 @@ def table_dir(sweep):
     return os.path.join(sweep.out_dir, "table")
 
 
-def table_values(cell):
-    """What the table shows of a cell: its settings by flag name, and the sampler as tables name it."""
-    return dict(cell.settings.flat(), sampler=sampler_label(cell.settings))
-
-
 EVALUATION_FILES = ("feature_net", "inception_weights", "dinov2_weights")  # evaluate() arguments naming files
 INPUTS_KEY = "sweep_inputs"
 
@@ -117,10 +112,11 @@ def _evaluate_cells(cells, sweep, evaluate_fn):
 
 
 def _evaluate_and_tabulate(cells, sweep, evaluate_fn, table_fn):
-    """Hand each cell's name, settings and result to the table code (nothing is re-read from disk)."""
+    """Hand each cell's name, settings (by flag name, and the sampler as tables name it) and result to the table
+    code (nothing is re-read from disk)."""
     results = _evaluate_cells(cells, sweep, evaluate_fn)
-    runs = [{"run": cell.name, "values": table_values(cell), "result": result,
-             "json": os.path.join(cell.out_dir, "eval.json")} for cell, result in zip(cells, results)]
+    runs = [{"run": cell.name, "values": dict(cell.settings.flat(), sampler=sampler_label(cell.settings)),
+             "result": result, "json": os.path.join(cell.out_dir, "eval.json")} for cell, result in zip(cells, results)]
     experiment = sweep.name or os.path.basename(os.path.normpath(sweep.out_dir))
     table = real_directory(sweep.out_dir, os.path.basename(table_dir(sweep)), error=SampleConfigError)  # no link
     if table_fn is None:
