@@ -303,8 +303,7 @@ def check_samples(model, n, seed, out_dir, dataset="shapes"):
     import pag
 
     _, diffusion = create_model_from_flags("diffusion", {**model_flags(dataset), "timestep_respacing": "ddim25"})
-    gen = th.Generator().manual_seed(seed)
-    noise = th.randn(n, 3, 32, 32, generator=gen)
+    noise = th.randn(n, 3, 32, 32, generator=th.Generator().manual_seed(seed))
     kwargs = {"y": th.arange(n) % demo_data.NUM_CLASSES} if DATASETS[dataset].class_cond else {}
     grids = []
     for scale in (0.0, CHECK_PAG_SCALE):
@@ -435,10 +434,8 @@ def main(argv=None):
     out_dir = Path(args.out_dir)
     existing = [name for name in files_written(args) if (out_dir / name).exists()]
     if existing and not args.overwrite:
-        raise SystemExit(
-            f"error: {out_dir} already holds {', '.join(existing)}: pass --overwrite to replace them "
-            f"(make train-demo TRAIN_DEMO_FLAGS=--overwrite), or choose another --out_dir"
-        )
+        raise SystemExit(f"error: {out_dir} already holds {', '.join(existing)}: pass --overwrite to replace them "
+                         "(make train-demo TRAIN_DEMO_FLAGS=--overwrite), or choose another --out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     record_path = out_dir / "TRAINING.md"
     previous = record_path.read_text() if record_path.exists() else ""
