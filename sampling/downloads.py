@@ -174,6 +174,8 @@ def fetch(url: str, part: Path, *, expected_size: Optional[int] = None, retries:
     Returns when ``part`` holds the whole file; raises DownloadError after ``retries`` failed
     attempts (the partial file is kept, so the next run resumes).
     """
+    from tqdm import tqdm
+
     part = Path(part)
     part.parent.mkdir(parents=True, exist_ok=True)
     last_error = None
@@ -226,7 +228,12 @@ def fetch(url: str, part: Path, *, expected_size: Optional[int] = None, retries:
             if total is None:
                 total = expected_size
             try:
-                _stream(response, part, mode, have, total, progress)
+                with tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                          desc=part.name.removesuffix(".part"), disable=None if progress else True) as bar, \
+                        open(part, mode) as f:
+                    for block in iter(lambda: response.read(CHUNK_BYTES), b""):
+                        f.write(block)
+                        bar.update(len(block))
             except (OSError, http.client.HTTPException) as e:  # reset, timeout
                 last_error = e
                 continue
@@ -241,16 +248,6 @@ def fetch(url: str, part: Path, *, expected_size: Optional[int] = None, retries:
     else:
         hint = "check the network connection (or the URL in the config) and run the command again"
     raise DownloadError(f"could not download {url} after {retries + 1} attempts ({last_error}); {hint}")
-
-
-def _stream(response, part: Path, mode: str, have: int, total: Optional[int], progress: bool) -> None:
-    from tqdm import tqdm
-
-    with tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
-              desc=part.name.removesuffix(".part"), disable=None if progress else True) as bar, open(part, mode) as f:
-        for block in iter(lambda: response.read(CHUNK_BYTES), b""):
-            f.write(block)
-            bar.update(len(block))
 
 
 # ---------------------------------------------------------------------------------- verification
