@@ -5,11 +5,10 @@ or other evaluation settings (compared by content hash, not by time). Rank 0 eva
 its done or failed marker instead of waiting in a collective."""
 
 import inspect
-import json
 import os
 import time
 
-from adm_common.files import HashMemo, atomic_write_text, link_text, real_directory
+from adm_common.files import HashMemo, atomic_write_text, link_text, read_json_mapping, real_directory
 from adm_common.npz import samples_filename
 from guided_diffusion import dist_util, logger
 
@@ -93,11 +92,7 @@ def _evaluate_cells(cells, sweep, evaluate_fn):
         json_path = os.path.join(cell.out_dir, "eval.json")
         inputs = dict(common, ref_batch=os.path.abspath(sweep.ref_batch), sample_sha256=memo.sha256(npz))
         if os.path.exists(json_path):
-            try:
-                with open(json_path) as f:
-                    recorded = json.load(f)
-            except (OSError, ValueError):
-                recorded = {}
+            recorded = read_json_mapping(json_path)  # {} when unreadable: evaluated again
             reason = _stale_reason(recorded.get(INPUTS_KEY), inputs)
             if reason is None:
                 recorded.pop(INPUTS_KEY, None)
