@@ -186,9 +186,8 @@ def user_cache_dir(name):
 
 
 class HashMemo:
-    """sha256 of files, remembered so that a large file (a checkpoint, a 10 GB image batch) is read once: a record
-    (size, mtime_ns, ctime_ns, inode, sha256) per file, valid while all of that stamp is unchanged (a replaced or
-    rewritten file has another inode or ctime even when its size and mtime were kept).
+    """sha256 of files, remembered so that a large file (a checkpoint, a 10 GB image batch) is read once, valid
+    while the file's :func:`_stamp` is unchanged.
 
     :param directory: keep every file's record in ``<directory>/hashes.json``, keyed by the file's real path (a
         cache's memo: the evaluator's); None: each file's record beside it in ``<path>.sha256`` (checkpoints), or

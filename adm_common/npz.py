@@ -49,36 +49,26 @@ def npz_header(path, name):
     return shape, dtype
 
 
-def _check_layout(shape, where):
+def check_image_header(shape, dtype, where="images", empty_ok=False):
+    """Raise a ValueError unless (shape, dtype) describe integer images N x H x W x 3 (N >= 1 unless ``empty_ok``)."""
     if len(shape) != 4:
         raise ValueError(f"{where} must be N x H x W x 3 images, got shape {tuple(shape)}")
     if shape[-1] != 3:
         hint = " (this looks like N x C x H x W; expected channels last)" if shape[1] == 3 else ""
         raise ValueError(f"{where} must have 3 channels in the last axis (N x H x W x 3), got shape "
                          f"{tuple(shape)}{hint}")
-
-
-def _check_integer(dtype, where):
-    dtype = np.dtype(dtype)
-    if dtype.hasobject or not np.issubdtype(dtype, np.integer):
-        raise ValueError(f"{where} must be uint8 images in 0..255, got dtype {dtype} ({SAVE_HINT})")
-
-
-def check_image_header(shape, dtype, where="images"):
-    """Raise a ValueError unless (shape, dtype) describe N >= 1 integer images N x H x W x 3."""
-    _check_layout(shape, where)
-    if shape[0] == 0:
+    if shape[0] == 0 and not empty_ok:
         raise ValueError(f"{where} holds no images")
-    _check_integer(dtype, where)
+    if np.dtype(dtype).hasobject or not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"{where} must be uint8 images in 0..255, got dtype {np.dtype(dtype)} ({SAVE_HINT})")
 
 
 def check_image_batch(images, where="images"):
     """Validate a batch of images: N x H x W x 3, integers in 0..255. Returns it as uint8."""
     images = np.asarray(images)
-    _check_layout(images.shape, where)
+    check_image_header(images.shape, images.dtype, where, empty_ok=True)
     if images.dtype == np.uint8:
         return images
-    _check_integer(images.dtype, where)
     if images.size and (images.min() < 0 or images.max() > 255):
         raise ValueError(f"{where} out of range: values {images.min()}..{images.max()}, expected 0..255")
     return images.astype(np.uint8)

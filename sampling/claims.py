@@ -1,11 +1,9 @@
 """Claims on shards: which process samples which shard of a run.
 
-A claim is a file ``shards/.claims/shard_{k:06d}.claim`` created exclusively (``O_EXCL``) naming its holder (rank,
-host, pid, a token); a thread of the holding process refreshes its mtime (the heartbeat) as long as the sampling
-makes progress: no batch finished for ``claim_lease`` seconds (a main thread hung in a GPU call or a file system
-read) stops the heartbeat. A claim without a heartbeat for ``claim_lease`` seconds (a stalled, hung or stopped
-rank) is taken over by renaming it away atomically, so of several ranks that see it stale exactly one claims the
-shard.
+A claim is a file ``shards/.claims/shard_{k:06d}.claim`` created exclusively naming its holder; a thread of the
+holder refreshes its mtime (the heartbeat) while batches keep coming (a main thread hung in a GPU call or a file
+system read stops it). A claim without a heartbeat for ``claim_lease`` seconds is taken over
+(:func:`sampling.heartbeat.take_over`): of several ranks that see it stale exactly one claims the shard.
 """
 
 import json

@@ -106,10 +106,6 @@ class RunLayout:
         return self.path(RECORD_NAME)
 
     @property
-    def grid_path(self):
-        return self.path(GRID_NAME)
-
-    @property
     def shard_dir(self):
         return self.path(SHARD_DIR)
 

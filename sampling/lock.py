@@ -1,17 +1,12 @@
 """The run lock: one run at a time in an ``out_dir``.
 
-Rank 0 takes an exclusive ``flock`` on ``out_dir/lock`` before it reads or writes anything else there, and
-holds it until the run ends (a process that dies releases it with its file descriptors). The file says who
-holds it: host, pid, start time and command. A second run on the same ``out_dir`` is refused with a
-:class:`RunLockedError` (exit status 2) naming the running one.
-
-File systems without ``flock`` (some network mounts) fall back to creating the file exclusively; such a lock
-left by a dead process on the same host is taken over, one left by another host must be removed by hand (the
-error says how). While the lock is held a thread refreshes the file's mtime, so that a lock file of another host
-that is still being refreshed is refused even where ``flock`` is local to each node.
-
-The lock file is opened with ``O_NOFOLLOW``: a symbolic link at its path is refused (exit status 2, the message
-names it and says to remove it), never written through.
+Rank 0 takes an exclusive ``flock`` on ``out_dir/lock`` (which says who holds it) before it reads or writes anything
+else there, and holds it until the run ends (a process that dies releases it with its file descriptors). A second
+run on the same ``out_dir`` is refused with a :class:`RunLockedError` (exit status 2) naming the running one.
+File systems without ``flock`` fall back to creating the file exclusively; such a lock left by a dead process on
+the same host is taken over, one left by another host must be removed by hand (the error says how). A heartbeat
+refreshes the file's mtime, so that a live lock of another host is refused even where ``flock`` is local to each
+node. A symbolic link at the lock's path is refused, never written through.
 """
 
 import datetime
@@ -193,8 +188,6 @@ def probe(out_dir):
     import fcntl
 
     path = os.path.join(out_dir, LOCK_NAME)
-    if not os.path.exists(path):
-        return None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:

@@ -67,10 +67,8 @@ class Rank0Watch:
 
 
 class Progress:
-    """One rank's side of a run's markers: its images (shown by rank 0 for all ranks, a tqdm bar on a terminal,
-    else a plain line every ``PLAIN_PROGRESS_SECONDS``: no carriage returns piling up in a log), the other ranks'
-    failures and rank 0's life (:meth:`check`), and a "waiting for ..." line once this rank has waited a while
-    (before a stalled claim expires), then one a minute."""
+    """One rank's side of the markers (a plain progress line, not a bar, when stderr is no terminal: no carriage
+    returns piling up in a log). ``with Progress(...)``: closed (the last line shown) when the block succeeds."""
 
     def __init__(self, plan, rank):
         self.markers, self.failures = plan.layout.progress_markers, plan.layout.failure_markers
@@ -99,8 +97,7 @@ class Progress:
             self.close()
 
     def check(self):
-        """Raise :class:`PeerFailedError` when another rank left a failure note, or rank 0 is gone (each batch and
-        each poll)."""
+        """Raise :class:`PeerFailedError` when another rank left a failure note, or rank 0 is gone."""
         raise_if_peer_failed(self.failures, self.rank)
         if self.watch is not None:
             try:

@@ -9,8 +9,7 @@ Placement: every tensor the sampler makes is made on the sampling device once pe
 from the device during the loop (the non-finite check is read once per batch).
 """
 
-import dataclasses
-from typing import Callable, Optional
+import collections
 
 import numpy as np
 import torch as th
@@ -70,14 +69,9 @@ def noise_fn(seed, indices, device):
     return randn_like
 
 
-@dataclasses.dataclass
-class SampleDraws:
-    """Everything random about the samples ``indices`` of a run: their noise stream, their labels (None without)
-    and what the guided model gets (``row_seeds``, and ``y`` with labels), all on the sampling device."""
-
-    randn_like: Callable
-    labels: Optional[np.ndarray]
-    model_kwargs: dict
+# Everything random about some samples of a run: their noise stream, their labels (None without) and what the
+# guided model gets (``row_seeds``, and ``y`` with labels), all on the sampling device.
+SampleDraws = collections.namedtuple("SampleDraws", "randn_like labels model_kwargs")
 
 
 def sample_draws(settings, indices, device, with_labels):

@@ -1,9 +1,8 @@
 """Shard files of a run (``shards/shard_{k:06d}.npz``) and their merge into upstream's sample batch.
 
 A shard holds ``arr_0`` (uint8 images), ``arr_1`` (labels, when the run has them), ``sample_range`` ([start, end)
-of its sample indices) and ``run_id`` (the run's identity hash). A shard is counted as done only after
-:func:`shard_problem` found its zip CRCs, its range and its run id right; one that fails is moved to
-``shards/rejected/`` with the reason beside it (:func:`reject_shard`) and sampled again.
+of its sample indices) and ``run_id`` (the run's identity hash). It counts as done only after :func:`shard_problem`
+found it right; one that fails is moved to ``shards/rejected/`` (:func:`reject_shard`) and sampled again.
 """
 
 import dataclasses
@@ -21,7 +20,7 @@ from adm_common.npz import NpzImages, NpzWriter, npz_header, npz_members
 from guided_diffusion import logger
 
 from .images import image_grid, save_png
-from .layout import REJECTED_DIR, shard_filename, shard_index
+from .layout import GRID_NAME, REJECTED_DIR, shard_filename, shard_index
 from .settings import SampleConfigError
 
 
@@ -110,11 +109,9 @@ def rows_from_batch(npz_path, bounds, with_labels):
         bad = zf.testzip()
     if bad is not None:
         raise ShardError(npz_path, f"damaged: the CRC check of {bad} failed")
-    bounds = sorted((int(start), int(end)) for start, end in bounds)
+    bounds = sorted((int(start), int(end)) for start, end in bounds)  # shard bounds: never overlapping
     if not bounds:
         return
-    if any(end <= start for start, end in bounds) or any(b[0] < a[1] for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"row ranges must be non-empty and must not overlap, got {bounds}")
     labels = None
     if with_labels:
         with np.load(npz_path, allow_pickle=False) as npz:
@@ -195,8 +192,9 @@ def collect(plan, verified, with_labels):
             verified.discard(shard_index(os.path.basename(e.path)))
             return False
         logger.log(f"merged {plan.num_shards} shards into {layout.final_path} {shape} in {time.time() - t0:.1f}s")
-    if os.path.islink(layout.grid_path) or not os.path.exists(layout.grid_path):  # a link there is replaced
-        save_png(image_grid(NpzImages(layout.final_path).first(64)), layout.grid_path)
+    grid = layout.path(GRID_NAME)
+    if os.path.islink(grid) or not os.path.exists(grid):  # a link put there meanwhile is replaced, not followed
+        save_png(image_grid(NpzImages(layout.final_path).first(64)), grid)
     if not plan.settings.runtime.keep_shards:  # the claims go after the final barrier (a rank may still claim)
         for path in shards:
             if os.path.exists(path):
