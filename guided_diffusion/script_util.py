@@ -75,9 +75,7 @@ def model_and_diffusion_defaults():
 
 
 def classifier_and_diffusion_defaults():
-    res = classifier_defaults()
-    res.update(diffusion_defaults())
-    return res
+    return dict(classifier_defaults(), **diffusion_defaults())
 
 
 def create_model_and_diffusion(
@@ -105,35 +103,8 @@ def create_model_and_diffusion(
     use_fp16,
     use_new_attention_order,
 ):
-    model = create_model(
-        image_size,
-        num_channels,
-        num_res_blocks,
-        channel_mult=channel_mult,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        resblock_updown=resblock_updown,
-        use_fp16=use_fp16,
-        use_new_attention_order=use_new_attention_order,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
-    return model, diffusion
+    flags = locals()
+    return _call_with(create_model, flags), _diffusion_from(flags)
 
 
 def _channel_mult(channel_mult, image_size, table):
@@ -152,10 +123,8 @@ def _channel_mult(channel_mult, image_size, table):
 def _attention_ds(attention_resolutions, image_size):
     """Resolutions (e.g. "32,16,8") -> downsampling factors (e.g. (8, 16, 32) for 256x256)."""
     if isinstance(attention_resolutions, str):
-        resolutions = [int(r) for r in attention_resolutions.split(",") if r.strip()]
-    else:
-        resolutions = [int(r) for r in attention_resolutions]
-    return tuple(image_size // r for r in resolutions)
+        attention_resolutions = [r for r in attention_resolutions.split(",") if r.strip()]
+    return tuple(image_size // int(r) for r in attention_resolutions)
 
 
 def create_model(
@@ -176,24 +145,25 @@ def create_model(
     use_fp16=False,
     use_new_attention_order=False,
 ):
-    return UNetModel(
+    return _unet(UNetModel, locals(), _CHANNEL_MULT)
+
+
+def _unet(cls, flags, channel_mults):
+    """A U-Net of class ``cls`` from upstream's model flags (``channel_mults``: the default channel_mult per size)."""
+    image_size = flags["image_size"]
+    return cls(
         image_size=image_size,
         in_channels=3,
-        model_channels=num_channels,
-        out_channels=(6 if learn_sigma else 3),
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=_attention_ds(attention_resolutions, image_size),
-        dropout=dropout,
-        channel_mult=_channel_mult(channel_mult, image_size, _CHANNEL_MULT),
-        num_classes=(NUM_CLASSES if class_cond else None),
-        use_checkpoint=use_checkpoint,
-        use_fp16=use_fp16,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        resblock_updown=resblock_updown,
-        use_new_attention_order=use_new_attention_order,
+        model_channels=flags["num_channels"],
+        out_channels=(6 if flags["learn_sigma"] else 3),
+        num_res_blocks=flags["num_res_blocks"],
+        attention_resolutions=_attention_ds(flags["attention_resolutions"], image_size),
+        dropout=flags["dropout"],
+        channel_mult=_channel_mult(flags["channel_mult"], image_size, channel_mults),
+        num_classes=(NUM_CLASSES if flags["class_cond"] else None),
+        use_new_attention_order=flags.get("use_new_attention_order", False),
+        **{name: flags[name] for name in ("use_checkpoint", "use_fp16", "num_heads", "num_head_channels",
+                                          "num_heads_upsample", "use_scale_shift_norm", "resblock_updown")},
     )
 
 
@@ -215,27 +185,8 @@ def create_classifier_and_diffusion(
     rescale_timesteps,
     rescale_learned_sigmas,
 ):
-    classifier = create_classifier(
-        image_size,
-        classifier_use_fp16,
-        classifier_width,
-        classifier_depth,
-        classifier_attention_resolutions,
-        classifier_use_scale_shift_norm,
-        classifier_resblock_updown,
-        classifier_pool,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
-    return classifier, diffusion
+    flags = locals()
+    return _call_with(create_classifier, flags), _diffusion_from(flags)
 
 
 def create_classifier(
@@ -265,14 +216,9 @@ def create_classifier(
 
 
 def sr_model_and_diffusion_defaults():
-    res = model_and_diffusion_defaults()
-    res["large_size"] = 256
-    res["small_size"] = 64
-    arg_names = inspect.getfullargspec(sr_create_model_and_diffusion)[0]
-    for k in list(res):
-        if k not in arg_names:
-            del res[k]
-    return res
+    res = dict(model_and_diffusion_defaults(), large_size=256, small_size=64)
+    arg_names = inspect.signature(sr_create_model_and_diffusion).parameters
+    return {k: v for k, v in res.items() if k in arg_names}
 
 
 def sr_create_model_and_diffusion(
@@ -299,34 +245,8 @@ def sr_create_model_and_diffusion(
     resblock_updown,
     use_fp16,
 ):
-    model = sr_create_model(
-        large_size,
-        small_size,
-        num_channels,
-        num_res_blocks,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        resblock_updown=resblock_updown,
-        use_fp16=use_fp16,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
-    return model, diffusion
+    flags = locals()
+    return _call_with(sr_create_model, flags), _diffusion_from(flags)
 
 
 def sr_create_model(
@@ -346,25 +266,8 @@ def sr_create_model(
     resblock_updown,
     use_fp16,
 ):
-    del small_size  # the architecture depends on the output size only
-    return SuperResModel(
-        image_size=large_size,
-        in_channels=3,
-        model_channels=num_channels,
-        out_channels=(3 if not learn_sigma else 6),
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=_attention_ds(attention_resolutions, large_size),
-        dropout=dropout,
-        channel_mult=_channel_mult("", large_size, _SR_CHANNEL_MULT),
-        num_classes=(NUM_CLASSES if class_cond else None),
-        use_checkpoint=use_checkpoint,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        resblock_updown=resblock_updown,
-        use_fp16=use_fp16,
-    )
+    # The architecture depends on the output size only; the channel multipliers are the size's default.
+    return _unet(SuperResModel, dict(locals(), image_size=large_size, channel_mult=""), _SR_CHANNEL_MULT)
 
 
 def create_gaussian_diffusion(
@@ -402,18 +305,30 @@ def create_gaussian_diffusion(
     )
 
 
-MODEL_KINDS = ("diffusion", "upsampler", "classifier")
+def _call_with(fn, flags):
+    """``fn`` called with the entries of ``flags`` it takes."""
+    return fn(**{name: flags[name] for name in inspect.signature(fn).parameters if name in flags})
+
+
+def _diffusion_from(flags):
+    """The diffusion of a create_*_and_diffusion function's flags."""
+    return _call_with(create_gaussian_diffusion, dict(flags, steps=flags["diffusion_steps"]))
+
+
+# kind -> (upstream's flag defaults, the builder of (model, diffusion) from those flags)
+_KINDS = {
+    "diffusion": (model_and_diffusion_defaults, create_model_and_diffusion),
+    "upsampler": (sr_model_and_diffusion_defaults, sr_create_model_and_diffusion),
+    "classifier": (classifier_and_diffusion_defaults, create_classifier_and_diffusion),
+}
+MODEL_KINDS = tuple(_KINDS)
 
 
 def model_defaults(kind):
     """Upstream's flag defaults for a model kind: diffusion, upsampler or classifier."""
-    if kind == "diffusion":
-        return model_and_diffusion_defaults()
-    if kind == "upsampler":
-        return sr_model_and_diffusion_defaults()
-    if kind == "classifier":
-        return classifier_and_diffusion_defaults()
-    raise ValueError(f"unknown model kind {kind!r}; use one of {', '.join(MODEL_KINDS)}")
+    if kind not in _KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; use one of {', '.join(MODEL_KINDS)}")
+    return _KINDS[kind][0]()
 
 
 def create_model_from_flags(kind, flags):
@@ -427,12 +342,7 @@ def create_model_from_flags(kind, flags):
         raise ValueError(
             f"flags {', '.join(unknown)} are not {kind} flags (known: {', '.join(sorted(defaults))})"
         )
-    args = {**defaults, **flags}
-    if kind == "diffusion":
-        return create_model_and_diffusion(**args)
-    if kind == "upsampler":
-        return sr_create_model_and_diffusion(**args)
-    return create_classifier_and_diffusion(**args)
+    return _KINDS[kind][1](**{**defaults, **flags})
 
 
 def add_dict_to_argparser(parser, default_dict):
