@@ -74,7 +74,7 @@ class SpacedDiffusion(GaussianDiffusion):
                 self.timestep_map.append(step)
         kwargs["betas"] = np.array(new_betas)
         super().__init__(**kwargs)
-        self._timestep_maps = _TimestepMaps(self.timestep_map)
+        self._timestep_tensors = {}  # (device, dtype) -> timestep_map as a tensor, copied there once
 
     # Everything that calls the model or a classifier goes through these, so wrapping here covers
     # sampling, guidance and training.
@@ -93,40 +93,29 @@ class SpacedDiffusion(GaussianDiffusion):
     def _wrap_model(self, model):
         if isinstance(model, _WrappedModel):  # already maps indices; mapping twice would be wrong
             return model
-        return _WrappedModel(model, self._timestep_maps, self.rescale_timesteps, self.original_num_steps)
+        return _WrappedModel(model, self)
 
     def _scale_timesteps(self, t):
         # The wrapper maps (and, if asked, rescales) timesteps, so nothing is done here.
         return t
 
-
-class _TimestepMaps:
-    """The map from step index to original timestep as a tensor, made once per device and dtype (a wrapper is
-    made at every step; the map is not copied to the device at every step)."""
-
-    def __init__(self, timestep_map):
-        self.timestep_map = list(timestep_map)
-        self._tensors = {}
-
-    def on(self, device, dtype):
-        key = (device, dtype)
-        if key not in self._tensors:
-            self._tensors[key] = th.tensor(self.timestep_map, device=device, dtype=dtype)
-        return self._tensors[key]
+    def _original_timesteps(self, ts):
+        """The original timesteps of step indices ``ts``, rescaled to 0..1000 with ``rescale_timesteps``."""
+        key = (ts.device, ts.dtype)
+        if key not in self._timestep_tensors:
+            self._timestep_tensors[key] = th.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
+        new_ts = self._timestep_tensors[key][ts]
+        if self.rescale_timesteps:
+            new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
+        return new_ts
 
 
 class _WrappedModel:
     """Calls `model` with original timesteps in place of the respaced process's step indices."""
 
-    def __init__(self, model, timestep_map, rescale_timesteps, original_num_steps):
+    def __init__(self, model, diffusion):
         self.model = model
-        self.maps = timestep_map if isinstance(timestep_map, _TimestepMaps) else _TimestepMaps(timestep_map)
-        self.timestep_map = self.maps.timestep_map
-        self.rescale_timesteps = rescale_timesteps
-        self.original_num_steps = original_num_steps
+        self.diffusion = diffusion
 
     def __call__(self, x, ts, **kwargs):
-        new_ts = self.maps.on(ts.device, ts.dtype)[ts]
-        if self.rescale_timesteps:
-            new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
-        return self.model(x, new_ts, **kwargs)
+        return self.model(x, self.diffusion._original_timesteps(ts), **kwargs)
