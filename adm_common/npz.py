@@ -165,17 +165,9 @@ class ArrayStream:
 
 @contextlib.contextmanager
 def NpzWriter(path):  # noqa: N802 (used as a class: ``with NpzWriter(path) as w``)
-    """Write an ``.npz`` atomically (:func:`adm_common.files.atomic_open`), member by member, streaming large arrays.
-
-        with NpzWriter(path) as w:
-            with w.stream("arr_0", (n, 256, 256, 3), np.uint8) as s:
-                for chunk in chunks:
-                    s.write(chunk)
-            w.write("arr_1", labels)
-
-    The file appears at ``path`` only when the ``with`` block ends without an exception; otherwise the
-    temporary file is removed and ``path`` is untouched.
-    """
+    """Write an ``.npz`` atomically (:func:`adm_common.files.atomic_open`), member by member: ``with NpzWriter(path)
+    as w:`` then ``w.write(name, array)``, or ``with w.stream(name, shape, dtype) as s: s.write(rows)`` for large
+    arrays. The file appears at ``path`` only when the block ends without an exception."""
     path = os.fspath(path)
     with atomic_open(path) as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         yield _NpzMembers(path, zf)

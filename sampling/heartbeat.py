@@ -1,8 +1,6 @@
-"""A heartbeat: a daemon thread that calls a touch function every ``interval`` seconds until it is stopped, and the
-take-over of a holder's file whose beats stopped. The run lock (:mod:`sampling.lock`) refreshes its file's mtime
-with one, the shard claims (:mod:`sampling.claims`) their claim files; what to touch, and when to skip a beat, is
-the touch function's business. An ``OSError`` from it costs one beat only: a holder whose beats stop for long is
-taken for dead, which is what a heartbeat is for."""
+"""A heartbeat: a daemon thread that calls a touch function every ``interval`` seconds until it is stopped (the run
+lock's file, the shard claims), and the take-over of a holder's file whose beats stopped. An ``OSError`` from the
+touch costs one beat only: a holder whose beats stop for long is taken for dead, which is what a heartbeat is for."""
 
 import os
 import threading

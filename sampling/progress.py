@@ -139,23 +139,18 @@ class Progress:
         print(f"{self.name}: {self.done}/{self.total} images ({100 * self.done / self.total:.1f}%), "
               f"{rate:.2f} img/s, ETA {eta_text}", file=sys.stderr, flush=True)
 
-    def refresh(self):
+    def refresh(self, last=False):
+        """Rank 0: show all ranks' images (``last``: the final line, or the bar closed)."""
         if self.rank != 0:
             return
         self.done = max(self.done, self._count())
         if self.bar is not None:
-            if self.done > self.bar.n:
-                self.bar.update(self.done - self.bar.n)
-        elif time.time() - self.last_line >= PLAIN_PROGRESS_SECONDS:
+            self.bar.update(max(0, self.done - self.bar.n))
+            if last:
+                self.bar.close()
+        elif last or time.time() - self.last_line >= PLAIN_PROGRESS_SECONDS:
             self._line()
             self.last_line = time.time()
 
     def close(self):
-        if self.rank != 0:
-            return
-        self.done = max(self.done, self._count())
-        if self.bar is not None:
-            self.refresh()
-            self.bar.close()
-        else:
-            self._line()
+        self.refresh(last=True)
