@@ -206,11 +206,9 @@ class GaussianDiffusion:
         :param denoised_fn: applied to the x_0 prediction before clipping.
         :return: dict with 'mean', 'variance', 'log_variance', 'pred_xstart', all shaped like x.
         """
-        if model_kwargs is None:
-            model_kwargs = {}
         if t.shape != x.shape[:1]:
             raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
-        model_output = model(x, self._scale_timesteps(t), **model_kwargs)
+        model_output = model(x, self._scale_timesteps(t), **(model_kwargs or {}))
 
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
             model_output, var_values = _split_learned_variance(model_output, x)
@@ -295,9 +293,7 @@ class GaussianDiffusion:
 
         cond_fn(x, scaled_t, **model_kwargs) returns that gradient.
         """
-        if model_kwargs is None:
-            model_kwargs = {}
-        gradient = cond_fn(x, self._scale_timesteps(t), **model_kwargs)
+        gradient = cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
         return p_mean_var["mean"].float() + p_mean_var["variance"] * gradient.float()
 
     def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
@@ -305,11 +301,9 @@ class GaussianDiffusion:
 
         eps' = eps - sqrt(1 - abar) * grad log p(y|x_t); x_0 and the mean are then recomputed.
         """
-        if model_kwargs is None:
-            model_kwargs = {}
         alpha_bar = self._coef("alphas_cumprod", t, x.shape)
         eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
-        eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, self._scale_timesteps(t), **model_kwargs)
+        eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
 
         out = p_mean_var.copy()
         out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
@@ -491,8 +485,6 @@ class GaussianDiffusion:
         :return: dict with 'loss' ([N]); the MSE losses also give 'mse' and, with a learned
             variance, 'vb' (the hybrid objective: loss = mse + vb).
         """
-        if model_kwargs is None:
-            model_kwargs = {}
         if noise is None:
             noise = th.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise=noise)
@@ -505,7 +497,7 @@ class GaussianDiffusion:
             if self.loss_type == LossType.RESCALED_KL:
                 terms["loss"] *= self.num_timesteps
         elif self.loss_type in (LossType.MSE, LossType.RESCALED_MSE):
-            model_output = model(x_t, self._scale_timesteps(t), **model_kwargs)
+            model_output = model(x_t, self._scale_timesteps(t), **(model_kwargs or {}))
 
             if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
                 model_output, var_values = _split_learned_variance(model_output, x_t)
