@@ -14,16 +14,10 @@ import sys
 SEPARATORS = ("_", "-")
 
 
-def _other_separator(separator):
-    if separator not in SEPARATORS:
-        raise ValueError(f"a flag separator is one of {SEPARATORS}, got {separator!r}")
-    return SEPARATORS[1 - SEPARATORS.index(separator)]
-
-
 def respell_flags(argv, separator):
     """``argv`` with every long flag's words joined by ``separator`` (``--num-samples=3`` -> ``--num_samples=3``
     for ``"_"``); values, short flags and everything after ``--`` are left as they are."""
-    other = _other_separator(separator)
+    other = SEPARATORS[1 - SEPARATORS.index(separator)]
     out = []
     for i, arg in enumerate(argv):
         if arg == "--":
@@ -40,7 +34,8 @@ class FlagParser(argparse.ArgumentParser):
     spelled with the other one (not listed in ``--help``). Its flags must all use ``separator``."""
 
     def __init__(self, *args, separator="_", **kwargs):
-        _other_separator(separator)  # a bad separator fails here, not at the first parse
+        if separator not in SEPARATORS:  # fails here, not at the first parse
+            raise ValueError(f"a flag separator is one of {SEPARATORS}, got {separator!r}")
         self.separator = separator
         super().__init__(*args, **kwargs)
 

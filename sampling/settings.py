@@ -148,7 +148,10 @@ class RunSettings:
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
     def flat(self):
-        return {k: v for group in GROUPS for k, v in dataclasses.asdict(getattr(self, group)).items()}
+        values = {}
+        for group in GROUPS:
+            values.update(dataclasses.asdict(getattr(self, group)))
+        return values
 
     def identity(self, noise_device):
         """The settings that decide the samples: a run in the same out_dir must have the same.
@@ -221,9 +224,9 @@ def suggest(key, known):
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def coerce(key, value, default, source):
-    """A YAML value, or a command-line string, as the type of the flag's default."""
-    kind, number = type(default), isinstance(value, (int, float)) and not isinstance(value, bool)
+def coerce(key, value, source):
+    """A YAML value, or a command-line string, as the type of the setting's default."""
+    kind, number = type(SETTINGS[key].default), isinstance(value, (int, float)) and not isinstance(value, bool)
     if key in LIST_SETTINGS and isinstance(value, (list, tuple)):
         return list(value)
     if kind not in EXPECTED:
@@ -255,8 +258,7 @@ def check_keys(values, source):
 
 def coerce_all(values, source):
     check_keys(values, source)
-    defaults = sample_defaults()
-    return {k: coerce(k, v, defaults[k], source) for k, v in values.items()}
+    return {k: coerce(k, v, source) for k, v in values.items()}
 
 
 def read_yaml_mapping(path, what="--config"):
@@ -389,7 +391,7 @@ def settings_warnings(settings):
             for key, why in inapplicable_settings(settings).items() if values[key] != defaults[key]]
 
 
-def config_differences(old, new, device_type=None):
+def config_differences(old, new):
     """Lines naming each setting that differs between a recorded identity and a new one.
 
     Only the settings of the new identity count: a recorded setting that no longer identifies a run (such as
