@@ -51,7 +51,6 @@ def analyze(settings, models, device, out_dir, indices, kinds=None, compare_kind
             paths += report.write_entropy(result, kind_dir, title=title)
         traces[kind], files[kind] = result, [os.path.relpath(p, out_dir) for p in paths]
     comparison = []
-    compare_kinds = list(compare_kinds)
     if compare_kinds:
         reference = traces[kinds[0]]
         x0 = perturbed_x0(settings, models, device, reference, compare_kinds)

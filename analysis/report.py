@@ -45,9 +45,8 @@ def write_csv(path, columns, rows):
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
-    for row in rows:
-        writer.writerow(["" if row.get(c) is None else (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c])
-                         for c in columns])
+    writer.writerows(["" if row.get(c) is None else (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c])
+                      for c in columns] for row in rows)
     atomic_write_text(path, buf.getvalue())
     return path
 

@@ -1,31 +1,24 @@
 """Per-step quantities of guided sampling: what every guidance term contributes, and what attention looks like.
 
-:func:`trace` samples the given sample indices exactly as ``sampling.Sampler`` does (x_T, labels, step noise and
-perturbation row seeds drawn by the sampler's own ``sampling.sampler.sample_draws``, so the final images are the
-sampler's)
-and records, at every step:
+:func:`trace` samples the given indices through ``sampling.Sampler`` (its guided model, x_T, labels, step noise and
+row seeds: the final images are the sampler's) and records, at every step:
 
 * the guidance terms, read through ``GuidedModel.observer`` (the formula stays in ``pag.guidance``): PAG's
-  ``s * (eps - eps_perturbed)``, SAG's ``s_sag * (eps - eps_sag)``, ICG's ``w * (eps - eps(y'))``, classifier
-  guidance's term in eps units, ``-sqrt(1 - abar_t) * cond_fn(x_t, t)`` (what DDIM adds to eps; DDPM adds the
-  same gradient to the mean), and the corrections of the summed term: APG's (the eps after APG minus the plain
-  sum eps + terms) and guidance rescale's (the eps after rescale minus the eps before it);
-* their root-mean-square size per sample (``*_rms``: L2 norm / sqrt(C * H * W)), the cosine similarity of
-  the PAG and CG terms, and ``guidance_share``, the share of the step's deterministic update that guidance
-  (every term and correction, CG included) contributes: the update x_t -> mean_guided splits into the unguided
-  update (mean_unguided - x_t) and guidance's part (mean_guided - mean_unguided), and the share is
-  |guidance part| / (|guidance part| + |unguided update|), in [0, 1] (0: no guidance, 0.5: as large as the
-  model's own update). The means are the sampler's own step function (DDIM, or DDPM's posterior mean) on the
-  recorded model outputs with zero noise. ``icg_share``, ``apg_share`` and ``rescale_share`` are one term's
-  part on the same scale: |the move of the step's mean that it causes| / (|guidance part| + |unguided update|),
-  the move being mean(eps + ICG term) - mean(eps), mean(after APG) - mean(plain sum) and mean(after rescale) -
-  mean(before rescale);
-* the attention entropy of chosen blocks (mean over samples, heads and query tokens of
-  -sum_j p_ij log p_ij, in nats; the identity map has entropy 0, uniform attention log T), read by forward hooks
-  on the blocks' ``attention`` submodules from the clean pass's qkv (no module is replaced);
+  ``s * (eps - eps_perturbed)``, SAG's, ICG's, classifier guidance's in eps units (``-sqrt(1 - abar_t) *
+  cond_fn(x_t, t)``, what DDIM adds to eps; DDPM adds the same gradient to the mean), and the corrections of the
+  summed term by APG (after APG minus the plain sum) and by guidance rescale (after minus before);
+* their RMS per sample (``*_rms``: L2 norm / sqrt(C * H * W)), the cosine of the PAG and CG terms, and
+  ``guidance_share`` = |guidance part| / (|guidance part| + |unguided update|) in [0, 1], where the step's
+  deterministic update x_t -> mean_guided splits into the unguided update (mean_unguided - x_t) and guidance's part
+  (mean_guided - mean_unguided), the means being the sampler's own step (DDIM, or DDPM's posterior mean) on the
+  recorded outputs with zero noise; ``icg_share``, ``apg_share`` and ``rescale_share``: one term's move of that
+  mean on the same scale (docs/analysis.md);
+* the attention entropy of chosen blocks (mean over samples, heads and queries of -sum_j p_ij log p_ij in nats: 0
+  for the identity map, log T uniform), by forward hooks on the blocks' ``attention`` submodules (the clean pass's
+  qkv; no module is replaced);
 
-and, at a few shown steps, for the strip samples: x_t, the predicted x0 of the clean, the perturbed and the guided
-prediction, the PAG term, and the head-averaged attention map of a few query tokens.
+and, at a few shown steps, for the strip samples: x_t, the clean, perturbed and guided x0, the PAG term, and the
+head-averaged attention map of a few query tokens.
 """
 
 import dataclasses
@@ -101,15 +94,10 @@ class Trace:
         where it is defined; None when CG is off) and n, the number of samples."""
         rows = []
         for s, t in enumerate(self.timesteps):
-            row = {"step": s, "timestep": int(t)}
-            for name in STATS:
-                values = self.stats[name][s]
-                if name == "cos_pag_cg":
-                    finite = values[np.isfinite(values)]
-                    row[name] = float(finite.mean()) if self.cg_on and finite.size else None
-                else:
-                    row[name] = float(values.mean())
-            row["n"] = len(self.indices)
+            row = {"step": s, "timestep": int(t), **{name: float(self.stats[name][s].mean()) for name in STATS}}
+            cosine = self.stats["cos_pag_cg"][s]
+            finite = cosine[np.isfinite(cosine)]
+            row.update(cos_pag_cg=float(finite.mean()) if self.cg_on and finite.size else None, n=len(self.indices))
             rows.append(row)
         return rows
 
