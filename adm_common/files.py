@@ -25,10 +25,8 @@ def is_tmp_file(name):
 
 
 def remove_quietly(path):
-    try:
+    with contextlib.suppress(OSError):
         os.remove(path)
-    except OSError:
-        pass
 
 
 @contextlib.contextmanager
@@ -118,10 +116,8 @@ def real_directory(root, *names, error=UnsafePathError):
     path = root
     for name in names:
         path = os.path.join(path, name)
-        try:
+        with contextlib.suppress(FileExistsError):
             os.mkdir(path)
-        except FileExistsError:
-            pass
         mode = os.lstat(path).st_mode
         if stat.S_ISLNK(mode):
             raise error(f"{link_text(path)}: files are written only into real directories, never through a link; "

@@ -2,6 +2,7 @@
 lock's file, the shard claims), and the take-over of a holder's file whose beats stopped. An ``OSError`` from the
 touch costs one beat only: a holder whose beats stop for long is taken for dead, which is what a heartbeat is for."""
 
+import contextlib
 import os
 import threading
 
@@ -20,10 +21,8 @@ def take_over(path, inode, record, suffix):
         return False
     ours = os.stat(stale, follow_symlinks=False).st_ino == inode and read_json_mapping(stale) == record
     if not ours:
-        try:
+        with contextlib.suppress(OSError):  # a third file is there by now
             os.link(stale, path)
-        except OSError:
-            pass
     remove_quietly(stale)
     return ours
 
@@ -40,10 +39,8 @@ class Heartbeat:
 
     def _beat(self):
         while not self._stopped.wait(self.interval):
-            try:
+            with contextlib.suppress(OSError):  # a missed beat; the next one tries again
                 self.touch()
-            except OSError:
-                pass  # a missed beat; the next one tries again
 
     def stop(self, timeout=None):
         """End the thread; a touch under way is waited for (at most ``timeout`` seconds, None: as long as it

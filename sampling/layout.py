@@ -12,6 +12,7 @@
       .progress/, .failed/        per-rank markers (RankMarkers): images done, a failure that stops the other ranks
 """
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -184,10 +185,8 @@ class RunLayout:
         return removed or ["nothing"]
 
     def remove_empty_shard_dir(self):
-        try:
+        with contextlib.suppress(OSError):  # not empty, or not there
             os.rmdir(self.shard_dir)
-        except OSError:
-            pass
 
 
 def _listdir(directory):

@@ -9,6 +9,7 @@ refreshes the file's mtime, so that a live lock of another host is refused even 
 node. A symbolic link at the lock's path is refused, never written through.
 """
 
+import contextlib
 import datetime
 import errno
 import json
@@ -147,11 +148,10 @@ class RunLock:
         if self.fd is None:
             return
         self._heartbeat.stop()  # first: the heartbeat never touches the descriptor closed (and reused) below
-        try:  # remove the file while holding it: a waiting opener notices the inode change and retries
+        # Remove the file while holding it: a waiting opener notices the inode change and retries.
+        with contextlib.suppress(OSError):
             if os.lstat(self.path).st_ino == os.fstat(self.fd).st_ino:
                 os.remove(self.path)
-        except OSError:
-            pass
         os.close(self.fd)
         self.fd = None
 

@@ -5,6 +5,7 @@ of its sample indices) and ``run_id`` (the run's identity hash). It counts as do
 found it right; one that fails is moved to ``shards/rejected/`` (:func:`reject_shard`) and sampled again.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import errno
@@ -85,10 +86,8 @@ def reject_shard(path, reason):
         target = os.path.join(directory, f"{name[:-4]}.{stamp}-{n}.npz")
         n += 1
     os.replace(path, target)
-    try:
+    with contextlib.suppress(OSError):  # the shard is set aside even when its note cannot be written
         atomic_write_text(target[:-4] + ".reason.txt", f"{name}: {reason}\n")
-    except OSError:
-        pass
     return target
 
 
@@ -128,8 +127,6 @@ def merge_shards(shard_paths, out_path, with_labels):
     one shard's images in memory), when the free space holds it (as much again as the shards). The shards were
     verified (:func:`shard_problem`: uint8 images of the run's size); the stream's own checks catch any other.
     Returns the merged images' shape."""
-    if not shard_paths:
-        raise ValueError("no shards to merge")
     directory, need = os.path.dirname(os.path.abspath(out_path)), sum(os.path.getsize(p) for p in shard_paths)
     full = disk_full(directory, out_path, need, "the merged file (as much as the shards)", "merge the shards into")
     if full is not None:
