@@ -26,9 +26,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from adm_common.files import file_sha256  # noqa: E402
-from adm_common.npz import NpzImages, check_image_batch  # noqa: E402
-from evaluations.features import FeatureNetwork, find_weights, hub_checkpoint_path, missing_weights_text  # noqa: E402
-from evaluations.reference import FeatureUse, image_features  # noqa: E402
+from adm_common.npz import check_image_batch  # noqa: E402
+from evaluations.features import FeatureNetwork, WeightsFile  # noqa: E402
 
 MODEL_NAME = "vit_large_patch14_dinov2"
 EXTRACTOR_NAME = "dinov2-vitl14"
@@ -45,15 +44,9 @@ class MissingDINOv2Weights(FileNotFoundError):
     """The DINOv2 weights file is not on disk (nothing is downloaded implicitly)."""
 
 
-def default_weights_path():
-    return hub_checkpoint_path(WEIGHTS_FILENAME)
-
-
-def resolve_weights_path(weights_path=None):
-    """The DINOv2 checkpoint to load: ``weights_path`` if given, else torch hub's cache. Raises when absent."""
-    return find_weights(weights_path, WEIGHTS_FILENAME, lambda path: MissingDINOv2Weights(missing_weights_text(
-        path, "Meta's DINOv2 ViT-L/14", WEIGHTS_FILENAME, WEIGHTS_URL, "download-dinov2", "--dinov2-weights",
-        "FD_DINOv2 is")))
+WEIGHTS = WeightsFile(WEIGHTS_FILENAME, WEIGHTS_URL, "Meta's DINOv2 ViT-L/14", "download-dinov2", "--dinov2-weights",
+                      "FD_DINOv2 is", MissingDINOv2Weights)
+default_weights_path = WEIGHTS.default_path
 
 
 def build_model(model_name=MODEL_NAME):
@@ -123,7 +116,7 @@ class DINOv2Features(FeatureNetwork):
     """
 
     def __init__(self, weights_path=None, allow_random_weights=False, device=None, seed=0, model_name=MODEL_NAME):
-        super().__init__(f"{EXTRACTOR_NAME}:{model_name}", resolve_weights_path, weights_path, allow_random_weights,
+        super().__init__(f"{EXTRACTOR_NAME}:{model_name}", WEIGHTS.resolve, weights_path, allow_random_weights,
                          device, seed, "DINOv2 network; FD_DINOv2 is meaningless")
         self.model_name = model_name
         with torch.random.fork_rng(devices=[]):
@@ -142,9 +135,9 @@ class DINOv2Features(FeatureNetwork):
         images = check_image_batch(images)
         x = torch.from_numpy(np.array(images, copy=True)).permute(0, 3, 1, 2).to(self.device, torch.float32)
         x = torch.nn.functional.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bicubic", antialias=True)
-        x = x / 255
-        x = x - torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=self.device).reshape(1, -1, 1, 1)
-        return x / torch.tensor(IMAGENET_STD, dtype=torch.float32, device=self.device).reshape(1, -1, 1, 1)
+        mean, std = (torch.tensor(v, dtype=torch.float32, device=self.device).reshape(1, -1, 1, 1)
+                     for v in (IMAGENET_MEAN, IMAGENET_STD))
+        return (x / 255 - mean) / std
 
     @torch.no_grad()
     def __call__(self, images):
@@ -153,14 +146,6 @@ class DINOv2Features(FeatureNetwork):
         self.num_calls += 1
         self.num_images += x.shape[0]
         return out
-
-
-def dinov2_statistics(path, extractor, batch_size=64, cache_dir=None, progress=False, dist=None, desc=None):
-    """``{"mu", "sigma", "num_images", "sha256", "from_cache", ...}`` of an image batch's DINOv2 features (mean and
-    ``np.cov``, float64) on rank 0, None elsewhere: ``reference.image_features`` of this one network, cached as the
-    Inception features are."""
-    out = image_features(NpzImages(path), [FeatureUse(extractor)], batch_size, cache_dir, progress, dist, desc)
-    return out and out[0]
 
 
 # --------------------------------------------------------------------------------------------------------------

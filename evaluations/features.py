@@ -17,6 +17,7 @@ import contextlib
 import io
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,11 +36,6 @@ WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0
 RANDOM_WEIGHTS_MARK = "RANDOM-WEIGHTS"
 # Marks numbers computed with the CPU demo's own feature network (demo/features.py).
 DEMO_FEATURES_MARK = "DEMO-FEATURES"
-
-# torch-fidelity's feature names.
-_TF_POOL = "2048"
-_TF_LOGITS = "logits_unbiased"
-
 
 class MissingInceptionWeights(FileNotFoundError):
     """The Inception weights file is not on disk (nothing is ever downloaded here)."""
@@ -67,15 +63,12 @@ def _legacy_flag(read, default):
 def full_float32():
     """Inside: float32 convolutions and matmuls in full float32, TF32 off on every backend, and float16 matmuls
     accumulated in float32 (cuBLAS may otherwise reduce split-K partial sums in float16; TensorFlow does not); on
-    exit, also on exceptions, the settings are what they were. The one such context of the project (the evaluator's
-    features and precision/recall, gpu-check's float32 references).
+    exit, also on exceptions, the settings are what they were. The project's one such context.
 
-    cuDNN's TF32 is on by default, so on Ampere/Hopper the feature networks' convolutions (and matmuls where
-    ``torch.set_float32_matmul_precision("high")`` was called) would differ from float32 by ~1e-3 relative: more
-    than the evaluator's regression tolerances, and unlike the CPU's features. Sets both of torch's interfaces, kept
-    consistent so that neither raises inside: the legacy flags (``torch.backends.cudnn.allow_tf32``,
-    ``torch.set_float32_matmul_precision``, which also sets ``torch.backends.cuda.matmul.allow_tf32``) and, where
-    torch has it, the per-backend ``fp32_precision`` of every operator (cuda and mkldnn matmul/conv/rnn: "ieee")."""
+    cuDNN's TF32 is on by default, so on Ampere/Hopper the features would differ from float32 by ~1e-3 relative:
+    more than the evaluator's regression tolerances, and unlike the CPU's. Sets both of torch's interfaces, kept
+    consistent so that neither raises inside: the legacy flags and, where torch has it, the per-backend
+    ``fp32_precision`` of every operator (cuda and mkldnn matmul/conv/rnn: "ieee")."""
     new_api = hasattr(torch._C, "_get_fp32_precision_getter")
     matmul = _legacy_flag(torch.get_float32_matmul_precision, "highest")
     cudnn = _legacy_flag(lambda: torch.backends.cudnn.allow_tf32, True)
@@ -110,43 +103,37 @@ def feature_numerics(extractor):
     return f"{device_type}/{getattr(extractor, 'precision', None) or FEATURE_PRECISION}"
 
 
-def hub_checkpoint_path(filename):
-    """Where torch hub (and so torch-fidelity) keeps a weights file: ``<torch hub dir>/checkpoints/<filename>``
-    (by default ``~/.cache/torch/hub/checkpoints/``; ``TORCH_HOME`` moves it)."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+@dataclass(frozen=True)
+class WeightsFile:
+    """A network's weights file: given by a flag, else in torch hub's cache (``<torch hub dir>/checkpoints/``,
+    ``TORCH_HOME`` moves it); never downloaded here. ``resolve`` raises ``error`` saying how to get it."""
+
+    filename: str
+    url: str
+    what: str
+    make_target: str
+    flag: str
+    marks: str  # what the random-weights mark covers
+    error: type
+
+    def default_path(self):
+        return os.path.join(torch.hub.get_dir(), "checkpoints", self.filename)
+
+    def resolve(self, weights_path=None):
+        path = os.path.expanduser(weights_path) if weights_path else self.default_path()
+        if not os.path.isfile(path):
+            raise self.error(
+                f"{self.what} weights not found at {path}.\nThe evaluator needs the file {self.filename},\n"
+                f"from {self.url}\nGet it with `make {self.make_target}` (or download it yourself), then pass "
+                f"{self.flag} PATH or put it at {self.default_path()}.\nFor tests and dry runs only, "
+                f"--allow-random-weights uses a randomly initialised network ({self.marks} then marked "
+                f"{RANDOM_WEIGHTS_MARK} and means nothing).")
+        return path
 
 
-def missing_weights_text(looked_at, what, filename, url, make_target, flag, marks):
-    """The error text for a network's weights file that is not on disk (nothing is ever downloaded here)."""
-    return (
-        f"{what} weights not found at {looked_at}.\n"
-        f"The evaluator needs the file {filename},\n"
-        f"from {url}\n"
-        f"Get it with `make {make_target}` (or download it yourself), then pass {flag} PATH or put it at "
-        f"{hub_checkpoint_path(filename)}.\n"
-        f"For tests and dry runs only, --allow-random-weights uses a randomly initialised network "
-        f"({marks} then marked {RANDOM_WEIGHTS_MARK} and means nothing)."
-    )
-
-
-def find_weights(weights_path, filename, missing):
-    """``weights_path`` if given, else torch hub's copy of ``filename``; ``missing(path)`` builds the error
-    raised when the file is absent."""
-    path = os.path.expanduser(weights_path) if weights_path else hub_checkpoint_path(filename)
-    if not os.path.isfile(path):
-        raise missing(path)
-    return path
-
-
-def default_weights_path():
-    return hub_checkpoint_path(WEIGHTS_FILENAME)
-
-
-def resolve_weights_path(weights_path=None):
-    """The Inception weights file to load: ``weights_path`` if given, else torch hub's cache. Raises when absent."""
-    return find_weights(weights_path, WEIGHTS_FILENAME, lambda path: MissingInceptionWeights(missing_weights_text(
-        path, f"torch-fidelity's {EXTRACTOR_NAME}", WEIGHTS_FILENAME, WEIGHTS_URL, "download-inception",
-        "--inception-weights", "every number is")))
+WEIGHTS = WeightsFile(WEIGHTS_FILENAME, WEIGHTS_URL, f"torch-fidelity's {EXTRACTOR_NAME}", "download-inception",
+                      "--inception-weights", "every number is", MissingInceptionWeights)
+default_weights_path = WEIGHTS.default_path
 
 
 def _torch_fidelity_class():
@@ -182,13 +169,6 @@ def _random_init_class():
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     return RandomInitInceptionV3
-
-
-def _empty_state_dict_file():
-    buf = io.BytesIO()
-    torch.save({}, buf)
-    buf.seek(0)
-    return buf
 
 
 def default_device():
@@ -231,7 +211,7 @@ class FeatureNetwork:
 class InceptionFeatures(FeatureNetwork):
     """Callable: uint8 N x H x W x 3 images -> dict of ``pool``, ``logits``, ``spatial`` float32 arrays.
 
-    :param weights_path: the weights file; None looks in torch hub's cache (``default_weights_path()``).
+    :param weights_path: the weights file; None looks in torch hub's cache (``WEIGHTS.default_path()``).
     :param allow_random_weights: when no ``weights_path`` is given and torch hub's cache has no weights, use a
         randomly initialised network (seeded by ``seed``, so identical across processes) instead of raising.
         For tests and dry runs only.
@@ -239,14 +219,16 @@ class InceptionFeatures(FeatureNetwork):
     """
 
     def __init__(self, weights_path=None, allow_random_weights=False, device=None, seed=0):
-        super().__init__(EXTRACTOR_NAME, resolve_weights_path, weights_path, allow_random_weights, device, seed,
+        super().__init__(EXTRACTOR_NAME, WEIGHTS.resolve, weights_path, allow_random_weights, device, seed,
                          "Inception network; all metrics are meaningless")
-        features = [_TF_POOL, _TF_LOGITS]
+        features = ["2048", "logits_unbiased"]  # torch-fidelity's names of pool_3 and the bias-free logits
         if self.random_weights:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                model = _random_init_class()(EXTRACTOR_NAME, features,
-                                             feature_extractor_weights_path=_empty_state_dict_file())
+                empty = io.BytesIO()
+                torch.save({}, empty)
+                empty.seek(0)
+                model = _random_init_class()(EXTRACTOR_NAME, features, feature_extractor_weights_path=empty)
         else:
             model = _torch_fidelity_class()(EXTRACTOR_NAME, features, feature_extractor_weights_path=self.weights_path)
         self.model = model.eval().to(self.device)

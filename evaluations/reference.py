@@ -1,15 +1,11 @@
-"""Reading image batches (npz), computing their features and statistics in one pass for all networks, and
-caching them.
+"""Image batches (npz, ``arr_0`` uint8 N x H x W x 3) through every network in one pass, each process a slice;
+their features and statistics, cached.
 
-An image batch is an ``.npz`` whose ``arr_0`` is uint8 N x H x W x 3 (what ``scripts/image_sample.py`` and the
-ADM reference batches hold). ``arr_0`` is streamed from the zip member in batches, so a 50k x 256 x 256 x 3
-file (10 GB) is never in memory at once. Reference batches may also carry ``mu``, ``sigma`` (pool_3) and
-``mu_s``, ``sigma_s`` (spatial) statistics; like the ADM evaluator, those are used for FID/sFID when present.
-
-Features and statistics computed from ``arr_0`` are cached under ``cache_dir`` keyed by the npz file's sha256, the
-extractor's id (which hashes the Inception weights) and its numerics (device type and precision, e.g.
-``cuda/float32``), so a sweep extracts its reference batch once, and features computed on a GPU are never read
-back on a CPU or the other way round. Every extractor runs in full float32 (``features.full_float32``: TF32 off).
+``arr_0`` is streamed in batches, so a 50k x 256 x 256 x 3 file (10 GB) is never in memory at once. Reference
+batches may also carry ``mu``, ``sigma`` (pool_3) and ``mu_s``, ``sigma_s`` (spatial) statistics; like the ADM
+evaluator, those are used for FID/sFID when present. The cache is keyed by the file's sha256, the extractor's id
+(which hashes its weights) and its numerics (device type and precision): a sweep extracts its reference batch once,
+and features computed on a GPU are never read back on a CPU or the other way round.
 """
 
 import hashlib
@@ -199,10 +195,6 @@ class FeatureUse:
         return self.keep + tuple(f"{m}{suffix}" for _, suffix in self.statistics for m in ("mu", "sigma"))
 
 
-def _outputs(out):
-    return out if isinstance(out, dict) else {"features": out}
-
-
 def extract_all(images, extractors, batch_size=64, progress=False, dist=None, desc=None):
     """Run every extractor over the images of an ``NpzImages`` in one pass over the file, each process (``dist``, or
     the detected torch.distributed / MPI world) a contiguous slice. Rank 0 gets, per extractor, ``{output: float32
@@ -219,8 +211,8 @@ def extract_all(images, extractors, batch_size=64, progress=False, dist=None, de
     for batch in batches:
         for extractor, part in zip(extractors, parts):
             with full_float32():
-                out = _outputs(extractor(batch))
-            for key, value in out.items():
+                out = extractor(batch)
+            for key, value in (out if isinstance(out, dict) else {"features": out}).items():
                 part.setdefault(key, []).append(value)
     out = []
     for part in parts:  # one gather per network: rank 0 receives every rank's slice of its outputs
@@ -307,14 +299,6 @@ def image_features(images, uses, batch_size=64, cache_dir=None, progress=False, 
             for i, f in enumerate(found)]
 
 
-def batch_features(path, extractor, batch_size=64, cache_dir=None, progress=False, dist=None, desc=None):
-    """:func:`image_features` of one network with Inception's outputs (``FeatureUse.inception``): ``{"pool",
-    "logits", "mu", "sigma", "mu_s", "sigma_s", "num_images", "image_shape", "sha256", "from_cache"}``."""
-    out = image_features(NpzImages(path), [FeatureUse.inception(extractor)], batch_size, cache_dir, progress, dist,
-                         desc)
-    return out and out[0]
-
-
 def fid_statistics(stored, features, where):
     """FID/sFID statistics of a batch: ``stored`` (its npz's ``mu``/``sigma``/``mu_s``/``sigma_s``, from
     :func:`read_npz_statistics`) when it has them (as the ADM evaluator), else those of its extracted features.
@@ -326,8 +310,3 @@ def fid_statistics(stored, features, where):
     stats = {k: np.asarray(features[k], dtype=np.float64) for k in STAT_KEYS}
     check_statistics(stats, where=f"statistics of {where}", dims=None)  # any extractor's feature sizes
     return stats, "images"
-
-
-def image_batch_statistics(path, features):
-    """:func:`fid_statistics` of the npz at ``path``."""
-    return fid_statistics(read_npz_statistics(path), features, path)

@@ -25,14 +25,25 @@ from evaluations.features import (
 )
 from evaluations.metrics import inception_score, precision_recall
 from evaluations.reference import (
+    FeatureUse,
     NpzImages,
-    batch_features,
     extract_features,
-    image_batch_statistics,
+    fid_statistics,
+    image_features,
+    read_npz_statistics,
     shard_bounds,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def batch_features(path, extractor, **options):
+    """Inception's outputs and statistics of one npz: ``image_features`` of that one network."""
+    return image_features(NpzImages(path), [FeatureUse.inception(extractor)], **options)[0]
+
+
+def image_batch_statistics(path, features):
+    return fid_statistics(read_npz_statistics(path), features, path)
 
 
 def random_extractor(torch_home):

@@ -8,9 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from evaluations.dinov2 import DINOv2Features, dinov2_statistics
+from evaluations.dinov2 import DINOv2Features
 from evaluations.features import FEATURE_PRECISION, InceptionFeatures, feature_numerics, full_float32
-from evaluations.reference import FeatureCache, batch_features, extract_features
+from evaluations.reference import FeatureCache, FeatureUse, NpzImages, extract_features, image_features
+
+
+def batch_features(path, extractor, **options):
+    """Inception's outputs and statistics of one npz: ``image_features`` of that one network."""
+    return image_features(NpzImages(path), [FeatureUse.inception(extractor)], **options)[0]
+
+
+def dinov2_statistics(path, extractor, **options):
+    """The statistics of one network returning one array (DINOv2): ``image_features`` of that one network."""
+    return image_features(NpzImages(path), [FeatureUse(extractor)], **options)[0]
+
 
 NEW_API = hasattr(torch._C, "_get_fp32_precision_getter")  # torch >= 2.9: per-backend fp32_precision
 NODES = (("generic", "all"), ("cuda", "all"), ("mkldnn", "all"), ("cuda", "matmul"), ("cuda", "conv"),
