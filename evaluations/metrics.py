@@ -12,10 +12,8 @@
   manifold. By default (``pr_precision="float16"``) the squared distances are upstream's: per block of
   10,000 x 10,000, ``max(|u|^2 - 2 u.v + |v|^2, 0)`` from float16 casts with float16 rounding, the block redone
   in float32 when any entry is not finite; ``pr_precision="float32"`` computes every block in float32.
-  Against upstream's own TensorFlow graph on a CPU (TF 2.21), on the synthetic sets we measured, the float16
-  norms are bit-identical and precision and recall are equal (max |diff| 0); a few float16 distances (about 6 in
-  a million in 2048-d) differ by an ulp through the matmul's float32 accumulation order. Upstream on a GPU (where
-  the published ADM numbers were computed) sums the float16 norms in CUB's order, which we could not measure.
+  Against upstream's TensorFlow graph on a CPU, precision and recall are equal on the sets we measured (a few
+  float16 distances, about 6 in a million in 2048-d, differ by an ulp; see ``float16_norms`` for the GPU).
 """
 
 import warnings
@@ -340,8 +338,9 @@ def _block(rows, r0, r1, cols, c0, c1, pr_precision, max_block_elems, reduce, lo
     return out
 
 
-def _manifold_radii(feats, k, max_block_elems, pr_precision, row_batch_size, col_batch_size, log=None,
-                    phase="radii"):
+def _manifold_radii(feats, k, max_block_elems, pr_precision, row_batch_size, col_batch_size, log, phase):
+    """Each row's radius: its (k+1)-th smallest squared distance in its own set, itself the smallest (its k-th
+    nearest neighbour's), as upstream's ``manifold_radii`` (``nhood_sizes=(3,)``, no ``clamp_to_percentile``)."""
     n = len(feats)
     if n <= k:
         raise ValueError(f"the k = {k} nearest neighbours need more than {k} feature vectors, got {n}")
@@ -360,39 +359,19 @@ def _manifold_radii(feats, k, max_block_elems, pr_precision, row_batch_size, col
     return radii
 
 
-def manifold_radii(features, k=3, max_block_elems=2 ** 25, device="cpu", pr_precision="float16",
-                   row_batch_size=UPSTREAM_ROW_BATCH, col_batch_size=UPSTREAM_COL_BATCH, block_log=None):
-    """Radius of every row: its (k+1)-th smallest squared distance to the rows of the same set, its own distance
-    (as computed: 0 up to rounding) included as the smallest, i.e. the distance to its k-th nearest neighbour, as
-    upstream's ``ManifoldEstimator.manifold_radii`` (``nhood_sizes=(3,)``, no ``clamp_to_percentile``).
-
-    Distances as in ``precision_recall``; returns a float32 tensor."""
-    check_pr_precision(pr_precision)
-    x = _check_features(features, "features")
-    with full_float32():  # as TensorFlow's float32/float16 matmuls: no TF32, float16 products summed in float32
-        return _manifold_radii(_Features(x, device, pr_precision), k, max_block_elems, pr_precision,
-                               row_batch_size, col_batch_size, block_log)
-
-
 def precision_recall(ref_features, sample_features, k=3, max_block_elems=2 ** 25, device="cpu",
                      pr_precision="float16", row_batch_size=UPSTREAM_ROW_BATCH, col_batch_size=UPSTREAM_COL_BATCH,
                      block_log=None):
     """``(precision, recall)`` of samples against a reference set of features (both N x D), as OpenAI's evaluator
-    computes them (``ManifoldEstimator`` with ``DistanceBlock``).
+    computes them (``ManifoldEstimator`` with ``DistanceBlock``; the method and ``pr_precision``: the module's
+    docstring). Blocks are ``row_batch_size`` x ``col_batch_size`` (upstream's 10,000 x 10,000); the reference
+    rows are the distance formula's ``u`` and the samples its ``v``, as upstream (float16 rounding makes the order
+    matter).
 
-    :param pr_precision: ``"float16"`` (default, upstream's): each block of pairwise squared distances (10,000 x
-        10,000: ``row_batch_size`` x ``col_batch_size``) is computed from float16 casts of both batches with float16
-        rounding, and again in float32 when any of its entries is not finite (overflow past 65504); radii and
-        memberships are decided on those rounded distances. ``"float32"``: every block in float32.
     :param max_block_elems: memory only: a block is computed in row chunks of at most this many distances (the
         float16/float32 decision stays per block), so the results do not depend on it.
     :param block_log: a list to which ``(phase, row_start, col_start, precision_used)`` is appended per block, phase
         ``"ref_radii"``, ``"sample_radii"`` or ``"pr"`` (rows: reference, columns: samples).
-
-    The reference rows are the distance formula's ``u`` and the samples its ``v``, as upstream (float16 rounding
-    makes the formula order matter). A point's radius is its k-th nearest neighbour's squared distance in its own
-    set (itself counted as the 0-th); a sample is in the reference manifold when its distance to some reference
-    point is <= that point's radius (precision), and vice versa (recall).
     """
     m = manifold_memberships(ref_features, sample_features, k, max_block_elems, device, pr_precision,
                              row_batch_size, col_batch_size, block_log)

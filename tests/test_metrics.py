@@ -369,8 +369,8 @@ def test_pr_float16_formula_rounding_flips_precision_and_recall():
     near = np.array([[64.0], [65.0], [66.0], [67.0]], np.float32)
     far = np.array([[70.0], [100.0], [110.0], [120.0]], np.float32)  # 70's radius: 50^2, covering all of near
     assert squared_distances_float16(torch.tensor(near), torch.tensor(far[:1]))[:, 0].tolist() == [36, 20, 16, 12]
-    assert metrics.manifold_radii(near).tolist() == [8, 4, 4, 8]
-    assert metrics.manifold_radii(near, pr_precision="float32").tolist() == [9, 4, 4, 9]
+    assert metrics.manifold_memberships(near, near).ref_radii.tolist() == [8, 4, 4, 8]
+    assert metrics.manifold_memberships(near, near, pr_precision="float32").ref_radii.tolist() == [9, 4, 4, 9]
     # 70 as a sample: precision flips.
     assert precision_recall(near, far) == (0.0, 1.0) == np_pr(near, far, np_distances_float16)
     assert precision_recall(near, far, pr_precision="float32") == (0.25, 1.0) == np_pr(near, far, np_exact_distances)
