@@ -5,11 +5,9 @@
 prints the five lines of the upstream evaluator (``Inception Score: ``, ``FID: ``, ``sFID: ``, ``Precision: ``,
 ``Recall: ``); progress and notes go to stderr. From Python: ``evaluate(ref_path, sample_path, ...) -> dict``.
 
-Protocol (as upstream): features of ``arr_0`` of both files from the 2015 TF Inception (torch-fidelity's
-``inception-v3-compat``); FID on pool_3 and sFID on the 2023 spatial features, each using the npz's stored
-``mu``/``sigma`` (``mu_s``/``sigma_s``) when present; Inception Score of the samples in splits of 5000;
-precision/recall (k = 3) between all reference images and all samples on pool_3, with upstream's float16 distance
-blocks (``--pr-precision float32`` for float32 throughout).
+Protocol (as upstream; ``features.py`` and ``metrics.py`` have the details): the 2015 TF Inception's features of
+``arr_0``; FID and sFID from the npz's stored statistics when present; IS in splits of 5000; precision/recall with
+k = 3 and upstream's float16 distance blocks (``--pr-precision float32`` for float32 throughout).
 
 ``--metrics`` selects among ``fid,sfid,is,pr,fd_dinov2`` (default ``fid,sfid,is,pr``: the five lines above).
 ``fd_dinov2`` adds EDM2's FD_DINOv2 (``evaluations/dinov2.py``) and a line ``FD_DINOv2: `` after them.
@@ -82,26 +80,10 @@ DEMO_EXTRACTOR = "demo.features:DemoFeatures"  # imported only when --feature-ne
 
 @dataclass(frozen=True)
 class EvaluationSettings:
-    """What :func:`evaluate` computes and how (its keyword options; a sweep's ``evaluation:`` mapping).
-
-    :param metrics: names among ``fid, sfid, is, pr, fd_dinov2`` (list or comma-separated string); default ``fid,
-        sfid, is, pr``. The result holds only these (``is``: ``inception_score``, ``pr``: ``precision`` and
-        ``recall``); each network runs only when a metric needs it.
-    :param cache_dir: features/statistics cache (default ``~/.cache/pag_adm/eval``; None: none). The reference
-        batch is always cached there, the samples only with ``cache_samples``.
-    :param feature_net: a custom feature network's checkpoint to use instead of Inception, loaded by
-        ``feature_extractor`` (``"module:Class"``; default: the CPU demo's, ``demo/features.py``, whose numbers are
-        marked ``DEMO-FEATURES``).
-    :param pr_precision: ``"float16"`` (upstream's float16 distance blocks with per-block float32 fallback) or
-        ``"float32"`` (float32 throughout); see ``evaluations.metrics.precision_recall``.
-    :param inception_weights, dinov2_weights: the networks' checkpoints (default: torch hub's cache);
-        ``allow_random_weights`` uses random networks where they are missing (numbers marked RANDOM-WEIGHTS).
-    :param min_samples: batches with fewer images are refused (0 scores any size), unless every network has random
-        weights.
-    :param bootstrap: 0, or K >= 2 resamples of the samples' features (the reference fixed) for an interval of
-        FID, sFID, IS, precision and recall (the result's ``"bootstrap"``; see ``evaluations/bootstrap.py`` for
-        the method and its cost); ``bootstrap_seed`` seeds the draws.
-    """
+    """What :func:`evaluate` computes and how (its keyword options; a sweep's ``evaluation:`` mapping). Each option
+    is the evaluator's flag of the same name (:func:`build_parser` has their help); ``metrics`` is a list or a
+    comma-separated string, ``cache_dir=None`` caches nothing, ``feature_net`` is loaded by ``feature_extractor``
+    (``"module:Class"``)."""
 
     metrics: tuple = None
     batch_size: int = 64
@@ -236,19 +218,21 @@ def _check_sizes(s, nets, batches):
 def _scores(s, nets, batches, feats):
     """The requested metrics, each with the mark of the network that computed it; and how they were computed:
     ``(result, details)``, details holding each batch's ``statistics_from`` and the precision/recall blocks."""
-    result, details, intervals = {}, {}, None
+    result, details, fns = {}, {}, {}  # fns: each metric recomputed on a resample of the samples (bootstrap)
     if "inception" in nets:
         ref, sample = feats["ref"]["inception"], feats["sample"]["inception"]
         if "fid" in s.metrics or "sfid" in s.metrics:
             (ref_stats, details["ref"]), (sample_stats, details["sample"]) = (
                 fid_statistics(batches[name][1], feats[name]["inception"], batches[name][0].path)
                 for name in ("ref", "sample"))
-        for key, suffix in (("fid", ""), ("sfid", "_s")):
+        for key, suffix, output in (("fid", "", "pool"), ("sfid", "_s", "spatial")):
             if key in s.metrics:
-                result[key] = frechet_distance(sample_stats["mu" + suffix], sample_stats["sigma" + suffix],
-                                               ref_stats["mu" + suffix], ref_stats["sigma" + suffix])
+                mu, sigma = ref_stats["mu" + suffix], ref_stats["sigma" + suffix]
+                result[key] = frechet_distance(sample_stats["mu" + suffix], sample_stats["sigma" + suffix], mu, sigma)
+                fns[key] = frechet_fn(sample.get(output), mu, sigma)  # spatial: kept only for the bootstrap
         if "is" in s.metrics:
             result["inception_score"] = inception_score(sample["logits"], split_size=s.split_size)
+            fns["inception_score"] = inception_score_fn(sample["logits"], s.split_size)
         if "pr" in s.metrics:
             blocks = []
             pr_options = {"k": s.k, "device": nets["inception"].device, "pr_precision": s.pr_precision}
@@ -256,23 +240,14 @@ def _scores(s, nets, batches, feats):
             result["precision"] = float(members.sample_in_ref.mean())
             result["recall"] = float(members.ref_in_sample.mean())
             details["pr_blocks"] = {p: sum(b[3] == p for b in blocks) for p in PR_PRECISIONS}
-        if s.bootstrap:
-            fns = {}
-            for key, suffix, output in (("fid", "", "pool"), ("sfid", "_s", "spatial")):
-                if key in s.metrics:
-                    fns[key] = frechet_fn(sample[output], ref_stats["mu" + suffix], ref_stats["sigma" + suffix])
-            if "is" in s.metrics:
-                fns["inception_score"] = inception_score_fn(sample["logits"], s.split_size)
-            if "pr" in s.metrics:
-                fns.update(precision_recall_fns(ref["pool"], sample["pool"], members, **pr_options))
-            intervals = bootstrap(fns, len(sample["logits"]), s.bootstrap, s.bootstrap_seed,
-                                  values_of_all={key: result[key] for key in fns})
+            fns.update(precision_recall_fns(ref["pool"], sample["pool"], members, **pr_options))
     if "dinov2" in nets:
         ref, sample = feats["ref"]["dinov2"], feats["sample"]["dinov2"]
         result["fd_dinov2"] = frechet_distance(sample["mu"], sample["sigma"], ref["mu"], ref["sigma"])
     result["marks"] = {key: nets[METRICS_BY_KEY[key].network].marker for key in result}  # the mark beside each
-    if intervals:
-        result["bootstrap"] = intervals
+    if s.bootstrap:
+        result["bootstrap"] = bootstrap(fns, feats["sample"]["inception"]["num_images"], s.bootstrap,
+                                        s.bootstrap_seed, values_of_all={key: result[key] for key in fns})
     if "pr" in s.metrics:
         result["pr_precision"] = s.pr_precision
     return result, details
@@ -317,18 +292,10 @@ def _provenance(s, nets, batches, feats, details, dist, started):
 
 
 def _versions(dinov2=False):
-    import numpy
-    import scipy
-    import torch
-    import torch_fidelity
+    import importlib
 
-    out = {"torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__, "numpy": numpy.__version__,
-           "scipy": scipy.__version__}
-    if dinov2:
-        import timm
-
-        out["timm"] = timm.__version__
-    return out
+    names = ("torch", "torch_fidelity", "numpy", "scipy") + (("timm",) if dinov2 else ())
+    return {name: importlib.import_module(name).__version__ for name in names}
 
 
 def write_result(path, result):
