@@ -1,27 +1,15 @@
-"""Bootstrap intervals of one sample set's metrics (``evaluate(bootstrap=K)``, ``--bootstrap K``).
+"""Bootstrap intervals of one sample set's metrics (``evaluate(bootstrap=K)``, ``--bootstrap K``; the method, its
+cost and its tests: docs/evaluation.md).
 
-The samples' features are resampled with replacement K times (``numpy.random.default_rng(seed)``: the same K and
-seed give the same draws); each metric is computed again from every resample against the reference, which stays
-fixed (its statistics, features and precision/recall radii are computed once). Reported per metric: the standard
-deviation of the K values (ddof=1), their mean's offset from the full set's value v (``bias``), and a 95 % interval
-around v: the 2.5 and 97.5 percentiles of the K values shifted by ``-bias``. Not the percentiles themselves: a
-resample repeats about a third of its rows, which moves its covariance, so FID and sFID over resamples sit
-systematically off the full set's value (measured: d = 16, N = 1500, FID 0.247 against resamples' 0.266-0.330: the
-plain interval did not hold v). The interval describes the spread of the estimate, not a correction of its bias.
-
-How each metric is recomputed, and what it costs per resample (N samples, d feature dimensions):
-
-* FID, sFID: the mean and covariance of the resampled features (O(N d^2)) and a ``scipy.linalg.sqrtm`` of a d x d
-  product (O(d^3)); with Inception's d = 2048 (2023 for sFID) about 10-20 s on a CPU per metric and resample, so
-  K = 100 costs half an hour or more on a CPU.
-* IS: the score of the resampled logits (cheap).
-* precision: a sample's membership in the reference manifold does not depend on the other samples, so precision
-  is the mean of the memberships computed once, at the resampled indices (free).
-* recall: the sample manifold of the resample's distinct points (a point drawn twice adds nothing to a union of
-  balls, and its copy at distance 0 would shrink its radius): their k-NN radii and their distances to the
-  reference, the reference radii reused; about two thirds of one precision/recall computation per resample.
+The samples' features are resampled with replacement K times (seeded); each metric is computed again against the
+reference, which stays fixed (its statistics, features and radii computed once). Per metric: the std of the K
+values (ddof=1), their mean's offset from the full set's value v (``bias``), and the 2.5 and 97.5 percentiles
+shifted by ``-bias``: a resample repeats about a third of its rows, which moves its covariance, so FID and sFID over
+resamples sit off v (measured: d = 16, N = 1500, FID 0.247 against resamples' 0.266-0.330), and the plain
+percentiles may not hold v. Precision is the mean of the full set's memberships at the resampled indices (a
+sample's membership does not depend on the others); recall uses the resample's distinct points (a copy at distance
+0 would shrink a radius).
 """
-
 import warnings
 
 import numpy as np

@@ -32,21 +32,10 @@ FILES = {
 DEFAULT_DIR = os.path.join("downloads", "refs")
 
 # guided-diffusion evaluations/README.md: the TensorFlow evaluator's output on the pair above.
-UPSTREAM = {
-    "inception_score": 215.8370361328125,
-    "fid": 3.9425574129223264,
-    "sfid": 6.140433703346162,
-    "precision": 0.8265,
-    "recall": 0.5309,
-}
+UPSTREAM = {"inception_score": 215.8370361328125, "fid": 3.9425574129223264, "sfid": 6.140433703346162,
+            "precision": 0.8265, "recall": 0.5309}
 # How far a torch-fidelity-based PyTorch port lands from those (published for such a port; not measured here).
-EXPECTED_DELTA = {
-    "inception_score": 0.15,
-    "fid": 0.002,
-    "sfid": 0.001,
-    "precision": 0.001,
-    "recall": 0.0025,
-}
+EXPECTED_DELTA = {"inception_score": 0.15, "fid": 0.002, "sfid": 0.001, "precision": 0.001, "recall": 0.0025}
 
 
 def missing_inputs(ref, sample, weights):

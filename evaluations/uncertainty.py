@@ -1,13 +1,7 @@
-"""How uncertain a table row is: the runs of one cell over several seeds, and a single run's bootstrap interval.
-
-A sweep with ``seeds:`` runs each cell once per seed, in directories named ``<cell>__seed-<seed>``
-(:func:`seed_run_name`); the table merges the runs of one cell into one row (:func:`aggregate_seeds`): per metric
-the mean over the seeds and the standard deviation with ddof=1 (the sample std: the spread of one seed's number),
-and on request (``minimum=True``) the minimum over the seeds, as EDM2 reports FID. A single run evaluated with
-``--bootstrap K`` carries the bootstrap std of each metric instead (:func:`bootstrap_stds`). Tables print either
-as ``mean ± std``; plots draw it as error bars.
+"""How uncertain a table row is: the runs of one cell over several seeds (``<cell>__seed-<seed>``, merged into one
+row: each metric's mean, std with ddof=1 and, with ``minimum=True``, the minimum, as EDM2 reports FID), or a single
+run's bootstrap std (:func:`bootstrap_stds`). Tables print either as ``mean ± std``; plots draw error bars.
 """
-
 import re
 import statistics
 
