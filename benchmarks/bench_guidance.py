@@ -45,7 +45,7 @@ def main(argv=None):
 
     device = torch.device(args.device)
     allocator = "glibc heap kept (as in sampling)" if device.type == "cpu" and tune_cpu_allocator() else "default"
-    flags = dict(diffusion_flags(args.model, tiny=False, num_channels=args.num_channels), use_fp16=False)
+    flags = diffusion_flags(args.model, tiny=False, num_channels=args.num_channels)
     model = build("diffusion", flags, device, seed=0)[0]
     if args.fp16:
         set_compute_dtype(model, torch.float16)  # upstream's convert_to_fp16

@@ -30,10 +30,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import pag
 from adm_common.flags import FlagParser
-from guided_diffusion.script_util import create_model_from_flags
 from guided_diffusion.unet import attention_block_info
 
-from .models import ARCHS, PAG_SCALE, TIMESTEP, diffusion_flags, step_inputs
+from .models import ARCHS, PAG_SCALE, TIMESTEP, build, diffusion_flags, step_inputs
+from .report import table
 from .timing import count_flops, guided_variants, peak_fp16_tflops
 
 SAMPLERS = (("DDPM-250", 250), ("DDIM-25", 25))
@@ -48,23 +48,17 @@ PAPER_LAYERS = tuple(pag.PAPER_LAYERS_256)
 def meta_model(name):
     """The official ``name`` U-Net at full width on the meta device (no storage). float32: ``use_fp16`` changes
     the bytes, not the operations counted."""
-    flags = dict(diffusion_flags(name, tiny=False), use_fp16=False)
-    with torch.device("meta"):
-        model, _ = create_model_from_flags("diffusion", flags)
-    return model.eval().requires_grad_(False), flags
-
-
-def step_flops(model, flags, layers=PAPER_LAYERS, batch=1):
-    """FLOPs per image of one sampling step's model calls: ``{guidance: flops}`` for :data:`GUIDANCE`."""
-    variants = guided_variants(model, list(layers), *step_inputs(flags, batch, "meta"))
-    return {name: count_flops(variants[key]) / batch
-            for name, key in zip(GUIDANCE, ("unguided", "engine", "two_pass"))}
+    flags = diffusion_flags(name, tiny=False)
+    return build("diffusion", flags, "meta", seed=0)[0], flags
 
 
 @functools.lru_cache(maxsize=None)
 def model_step_flops(name):
-    """:func:`step_flops` of the official ``name`` U-Net on meta, counted once per process."""
-    return step_flops(*meta_model(name))
+    """FLOPs per image (batch 1) of one sampling step's model calls of the official ``name`` U-Net on meta:
+    ``{guidance: flops}`` for :data:`GUIDANCE`, counted once per process."""
+    model, flags = meta_model(name)
+    variants = guided_variants(model, list(PAPER_LAYERS), *step_inputs(flags, 1, "meta"))
+    return {guidance: count_flops(variants[key]) for guidance, key in zip(GUIDANCE, ("unguided", "engine", "two_pass"))}
 
 
 def attention_check(model, flags, batch=1):
@@ -117,14 +111,12 @@ def cost_markdown(peak_fraction=DEFAULT_PEAK_FRACTION, archs=ARCHS):
         f"GPU-hours per {NUM_SAMPLES:,} images at {peak_fraction:.0%} of the dense fp16 peak ({peaks} TFLOP/s): "
         "an assumption, not measured.",
         "",
-        "| model | sampler | guidance | forwards / step | TFLOP / image / step | TFLOP / image | "
-        f"PFLOP / {NUM_SAMPLES // 1000}k | " + " | ".join(f"{d} h / {NUM_SAMPLES // 1000}k" for d in DEVICES) + " |",
-        "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(DEVICES),
     ]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['sampler']} | {r['guidance']} | {r['forwards']:.3f} | "
-                     f"{r['tflop_per_step']:.3f} | {r['tflop_per_image']:,.1f} | {r['pflop_per_run']:,.0f} | "
-                     + " | ".join(f"{r['hours'][d]:,.1f}" for d in DEVICES) + " |")
+    header = ["model", "sampler", "guidance", "forwards / step", "TFLOP / image / step", "TFLOP / image",
+              f"PFLOP / {NUM_SAMPLES // 1000}k"] + [f"{d} h / {NUM_SAMPLES // 1000}k" for d in DEVICES]
+    lines += table(header, [[r["model"], r["sampler"], r["guidance"], f"{r['forwards']:.3f}",
+                             f"{r['tflop_per_step']:.3f}", f"{r['tflop_per_image']:,.1f}", f"{r['pflop_per_run']:,.0f}"]
+                            + [f"{r['hours'][d]:,.1f}" for d in DEVICES] for r in rows], right=len(header) - 3)
     return "\n".join(lines)
 
 

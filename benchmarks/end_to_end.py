@@ -3,7 +3,6 @@ this process) run twice, the second a no-op, with its npz checked and its host s
 the evaluator's Inception feature extraction throughput."""
 
 import shutil
-import statistics
 import time
 import warnings
 from pathlib import Path
@@ -16,7 +15,7 @@ from adm_common.files import file_sha256
 from adm_common.npz import samples_filename
 
 from .models import ARCHS, DDIM_STEPS, PAG_SCALE, TINY_FLAGS, build, diffusion_flags
-from .timing import sync
+from .timing import time_interleaved
 
 
 class HostReads(TorchDispatchMode):
@@ -64,7 +63,7 @@ def check_sampler(device, profile, tiny, num_channels, seed, out_dir):
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     ckpt = work / "random_weights.pt"
-    net, _, _ = build("diffusion", dict(flags, use_fp16=False), torch.device("cpu"), seed)
+    net, _, _ = build("diffusion", flags, torch.device("cpu"), seed)
     torch.save(net.state_dict(), ckpt)
     del net
     n, batch = profile.sampler_samples, profile.sampler_batch
@@ -137,16 +136,10 @@ def check_features(device, profile, tiny):
     size = 64 if tiny else 256
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (profile.feature_batch, size, size, 3), dtype=np.uint8)
-    times = []
     with full_float32():  # the evaluator's numerics (evaluations.reference.extract_features): TF32 off
-        features(images)  # warm-up
-        for _ in range(profile.feature_repeats):
-            sync(device)
-            start = time.perf_counter()
-            out = features(images)
-            sync(device)
-            times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+        out = features(images)  # warm-up
+        median, _ = time_interleaved({"features": lambda: features(images)}, device, profile.feature_repeats, 0)
+    seconds = median["features"]
     return {"batch": profile.feature_batch, "image_size": size, "images_per_s": profile.feature_batch / seconds,
             "ms_per_batch": seconds * 1e3, "random_weights": bool(features.random_weights),
             "marker": features.marker, "pool_shape": list(out["pool"].shape),

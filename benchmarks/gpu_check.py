@@ -5,19 +5,10 @@
 
 Random weights at the real widths of the paper's models (nothing is downloaded; ``--model_dir DIR`` uses the
 official checkpoints there instead when they exist). Writes ``OUT/report.json`` and ``OUT/report.md``
-(default ``results/gpu_check/``) and prints the Markdown. Sections:
-
-1. float16 health: the 256x256 unconditional and class-conditional U-Nets after ``convert_to_fp16()``, unguided,
-   PAG with every perturbation of ``pag.REGISTRY``, SAG, and PAG + classifier guidance (256x256_classifier, also
-   float16), at t = 999, 500, 10: no inf/NaN in any attention block's output (forward hooks) or in eps, and eps
-   within a stated tolerance of a float32 run of the same weights (TF32 off).
-2. speed per guided step at batch sizes 1, 8, 32, 64: unguided, the authors' two-pass strategy, the engine
-   (``pag.guide``, batched and sequential), with ms/step, images/s of a DDIM-25 image, peak memory and achieved
-   TFLOP/s (``torch.utils.flop_counter``) against the device's dense fp16 peak; then the execution options
-   (float16 / bfloat16 / channels_last / torch.compile) at batch 32; the goals of issue 14.
-3. the sampler end to end: ``scripts/image_sample.py`` (its ``main``, in this process) on 64 samples, DDIM-25,
-   PAG, then the same command again (a no-op), the npz checked; host synchronisations per step.
-4. the evaluator's Inception feature extraction throughput (random weights, marked so).
+(default ``results/gpu_check/``) and prints the Markdown. Sections (docs/gpu.md has what each measures): 1. float16
+health (:mod:`benchmarks.health`); 2. speed per guided step, the execution options and the goals of issue 14
+(:mod:`benchmarks.speed`); 3. the sampler end to end and 4. the evaluator's feature extraction throughput
+(:mod:`benchmarks.end_to_end`).
 
 Exit status 0 when every correctness check passed (speed goals are reported, not enforced), 1 otherwise; 2 at once,
 before anything runs, when no GPU is usable (a driver too old for the installed CUDA wheel, a CPU-only wheel, hidden
@@ -29,7 +20,6 @@ import datetime
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -51,7 +41,6 @@ from .timing import device_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = 1
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -109,16 +98,14 @@ def nvidia_driver_version():
             return found.group(1), DRIVER_VERSION_FILE
     except OSError:
         pass
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                                 text=True, timeout=30)
-            lines = out.stdout.strip().splitlines() if out.returncode == 0 else []
-            if lines and lines[0].strip():
-                return lines[0].strip(), "nvidia-smi"
-        except (OSError, subprocess.SubprocessError):
-            pass
+    try:  # no nvidia-smi on the PATH raises FileNotFoundError
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        version = out.stdout.strip().split("\n")[0].strip() if out.returncode == 0 else ""
+        if version:
+            return version, "nvidia-smi"
+    except (OSError, subprocess.SubprocessError):
+        pass
     return None
 
 
@@ -137,13 +124,10 @@ def no_gpu_message():
             "check on the CPU: --device cpu --tiny (make gpu-check GPU_CHECK_FLAGS=\"--device cpu --tiny\")")
 
 
-def _wants_gpu(device):
-    return not device or torch.device(device).type == "cuda"
-
-
 def main(argv=None):
     args = parse_args(argv)
-    if _wants_gpu(args.device) and not torch.cuda.is_available():  # never the real widths on the CPU by accident
+    wants_gpu = not args.device or torch.device(args.device).type == "cuda"
+    if wants_gpu and not torch.cuda.is_available():  # never the real widths on the CPU by accident
         print(f"error: {no_gpu_message()}", file=sys.stderr, flush=True)
         return 2
     started = time.perf_counter()
@@ -158,7 +142,7 @@ def main(argv=None):
     if args.repeats:
         profile = replace(profile, repeats=args.repeats)
     compile_on = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-    dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "bfloat16")]
+    dtype = args.dtype or ("float16" if device.type == "cuda" else "bfloat16")
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,7 +157,7 @@ def main(argv=None):
     report = {"schema": SCHEMA, "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "command": " ".join(["python", "scripts/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
               "device": info, "gpu_run": info["gpu"], "tiny": args.tiny, "profile": asdict(profile),
-              "low_precision": str(dtype).replace("torch.", ""), "compile_measured": compile_on, "errors": {}}
+              "low_precision": dtype, "compile_measured": compile_on, "errors": {}}
     num_channels = args.num_channels or None
     log(f"device {device} ({info['name']}), tiny={args.tiny}, sections {', '.join(sections)}")
     steps = {

@@ -12,7 +12,7 @@ from guided_diffusion.unet import attention_blocks
 from sampling.model_configs import load_model_config
 from sampling.models import set_compute_dtype
 
-from .models import ARCHS, CLASSIFIER, PAG_SCALE, build, classifier_flags, diffusion_flags, log
+from .models import ARCHS, CLASSIFIER, PAG_SCALE, build, diffusion_flags, log
 
 HEALTH_TIMESTEPS = (999, 500, 10)
 SAG_SCALE = 1.0
@@ -60,7 +60,7 @@ def _guided_eps(model, classifier, diffusion, method, x, t, y, row_seeds):
     return eps
 
 
-def health_methods(class_cond, classifier_scale, tiny=False):
+def health_methods(classifier_scale=1.0, tiny=False):
     methods = [{"name": "unguided", "guidance": {}}]
     for kind in pag.REGISTRY:
         guidance = dict(pag_scale=PAG_SCALE, perturbation=kind)
@@ -74,41 +74,39 @@ def health_methods(class_cond, classifier_scale, tiny=False):
 
 
 def check_health(device, profile, tiny, num_channels, model_dir, seed, dtype):
-    """Every method at every health timestep in ``dtype`` (float16 on a GPU: upstream's ``convert_to_fp16``) against
-    float32 with the same weights."""
-    name = str(dtype).replace("torch.", "")
+    """Every method at every health timestep in ``dtype`` (a name; float16 on a GPU: upstream's
+    ``convert_to_fp16``) against float32 with the same weights."""
     cases, weights = [], {}
-    for arch in ARCHS:
+    for arch in ARCHS:  # the build order sets the global RNG state that the label embedding draws from
         flags = diffusion_flags(arch, tiny, num_channels)
-        model32, diffusion, weights[arch] = build("diffusion", dict(flags, use_fp16=False), device, seed, model_dir,
-                                                  arch)
+        model32, diffusion, weights[arch] = build("diffusion", flags, device, seed, model_dir, arch)
         model_low = set_compute_dtype(copy.deepcopy(model32), dtype)  # float16: convert_to_fp16()
-        classifier32, _, weights[CLASSIFIER] = build("classifier", classifier_flags(tiny), device, seed + 1,
-                                                     model_dir, CLASSIFIER)
+        classifier32, _, weights[CLASSIFIER] = build("classifier", diffusion_flags(CLASSIFIER, tiny), device,
+                                                     seed + 1, model_dir, CLASSIFIER)
         classifier_low = set_compute_dtype(copy.deepcopy(classifier32), dtype)
         scale = float(load_model_config(arch).get("classifier", {}).get("scale", 1.0))
         size, batch = flags["image_size"], profile.health_batch
-        for method in health_methods(flags.get("class_cond", False), scale, tiny):
+        for method in health_methods(scale, tiny):
             log(f"health: {arch} {method['name']}")
             for step in HEALTH_TIMESTEPS:
                 gen = torch.Generator().manual_seed(seed * 1000 + step)
                 x = torch.randn(batch, 3, size, size, generator=gen).to(device)
                 y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
                 t = torch.full((batch,), step, device=device, dtype=torch.long)
-                row_seeds = tuple(range(batch))
+                inputs = (diffusion, method, x, t, y, tuple(range(batch)))
                 stats, handles = _hooks({"": model_low, "classifier:": classifier_low})
                 try:
-                    eps_low = _guided_eps(model_low, classifier_low, diffusion, method, x, t, y, row_seeds)
+                    eps_low = _guided_eps(model_low, classifier_low, *inputs)
                 finally:
                     for handle in handles:
                         handle.remove()
                 with full_float32():
-                    eps32 = _guided_eps(model32, classifier32, diffusion, method, x, t, y, row_seeds)
+                    eps32 = _guided_eps(model32, classifier32, *inputs)
                 finite = bool(torch.isfinite(eps_low).all())
                 diff = (eps_low - eps32) if finite else None
                 rel_rms = float(diff.norm() / eps32.norm().clamp_min(1e-30)) if finite else None
                 rel_max = float(diff.abs().max() / eps32.abs().max().clamp_min(1e-30)) if finite else None
-                tolerance = TOLERANCE[name]["unguided" if method["name"] == "unguided" else "guided"]
+                tolerance = TOLERANCE[dtype]["unguided" if method["name"] == "unguided" else "guided"]
                 ok = finite and not stats["nonfinite_blocks"] and rel_rms <= tolerance
                 cases.append({"arch": arch, "method": method["name"], "t": step, "finite_eps": finite,
                               "nonfinite_attention_blocks": sorted(stats["nonfinite_blocks"]),
@@ -117,7 +115,7 @@ def check_health(device, profile, tiny, num_channels, model_dir, seed, dtype):
         del model_low, model32, classifier_low, classifier32
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {"dtype": name, "cases": cases, "ok": all(c["ok"] for c in cases), "tolerance": TOLERANCE[name],
+    return {"dtype": dtype, "cases": cases, "ok": all(c["ok"] for c in cases), "tolerance": TOLERANCE[dtype],
             "tolerance_why": TOLERANCE_WHY, "weights": weights, "batch": profile.health_batch,
             "pag_scale": PAG_SCALE, "sag_scale": SAG_SCALE, "timesteps": list(HEALTH_TIMESTEPS),
-            "classifier": f"256x256_classifier flags, converted to {name} in the {name} run"}
+            "classifier": f"256x256_classifier flags, converted to {dtype} in the {dtype} run"}

@@ -20,6 +20,7 @@ import pag
 from sampling.models import set_compute_dtype
 
 from .models import ARCHS, build, diffusion_flags, step_inputs
+from .report import table as markdown_table
 from .timing import guided_variants
 
 GIB = 2**30
@@ -67,7 +68,7 @@ def memory_table(batch_sizes=(8, 32, 64), device="meta", dtype=torch.float16, ar
     """Rows of peak activation GiB per variant and batch size for ``arch`` (the real widths unless
     ``num_channels``), the torso in ``dtype`` (float16: upstream's use_fp16 conversion), at ``step_inputs``."""
     flags = diffusion_flags(arch, tiny=False, num_channels=num_channels)
-    model, _, _ = build("diffusion", dict(flags, use_fp16=False), device, seed=0)
+    model, _, _ = build("diffusion", flags, device, seed=0)
     model = set_compute_dtype(model, dtype)
     layers = pag.resolve_layers(model, pag.PAPER_LAYERS_256)
     rows = []
@@ -80,12 +81,10 @@ def memory_table(batch_sizes=(8, 32, 64), device="meta", dtype=torch.float16, ar
 
 
 def to_markdown(table):
-    lines = [f"Peak activation memory of one model call, GiB ({table['arch']}, {table['dtype']} torso, "
-             f"PAG at {', '.join(table['layers'])}; counted on `{table['device']}` by benchmarks/memory.py):", "",
-             "| batch B | unguided (B) | unguided (2B) | engine, batched | engine, sequential | two passes | "
-             "engine / unguided (2B) |", "|---|---|---|---|---|---|---|"]
-    for r in table["rows"]:
-        lines.append(f"| {r['batch']} | {r['unguided']:.1f} | {r['unguided_2b']:.1f} | {r['engine']:.1f} | "
-                     f"{r['engine_sequential']:.1f} | {r['two_pass']:.1f} | {r['engine_vs_unguided_2b']:.3f} |")
-    return "\n".join(lines)
-
+    title = (f"Peak activation memory of one model call, GiB ({table['arch']}, {table['dtype']} torso, "
+             f"PAG at {', '.join(table['layers'])}; counted on `{table['device']}` by benchmarks/memory.py):")
+    return "\n".join([title, ""] + markdown_table(
+        ["batch B", "unguided (B)", "unguided (2B)", "engine, batched", "engine, sequential", "two passes",
+         "engine / unguided (2B)"],
+        [[r["batch"]] + [f"{r[k]:.1f}" for k in ("unguided", "unguided_2b", "engine", "engine_sequential", "two_pass")]
+         + [f"{r['engine_vs_unguided_2b']:.3f}"] for r in table["rows"]]))

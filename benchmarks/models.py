@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.script_util import create_model_from_flags
 from sampling.model_configs import load_model_config
 
@@ -27,18 +28,12 @@ def log(message):
 
 
 def diffusion_flags(name, tiny, num_channels=None):
+    """The official flags of ``name`` (:data:`CLASSIFIER` too), at the tiny widths with ``tiny``."""
     flags = dict(load_model_config(name)["flags"])
     if tiny:
-        flags.update(TINY_FLAGS)
+        flags.update(TINY_CLASSIFIER_FLAGS if name == CLASSIFIER else TINY_FLAGS)
     if num_channels:
         flags["num_channels"] = num_channels
-    return flags
-
-
-def classifier_flags(tiny):
-    flags = dict(load_model_config(CLASSIFIER)["flags"])
-    if tiny:
-        flags.update(TINY_CLASSIFIER_FLAGS)
     return flags
 
 
@@ -52,33 +47,19 @@ def step_inputs(flags, batch, device):
     return x, t, {"y": torch.zeros(batch, dtype=torch.long, device=device)} if flags.get("class_cond") else {}
 
 
-def randomize(model, seed):
-    """Random weights in which every layer counts: PyTorch's default initialisation for every convolution and
-    linear layer (ADM zero-initialises the output convolutions and attention projections)."""
+def build(kind, flags, device, seed, model_dir=None, name=None):
+    """``(network, diffusion, weights)``: the official checkpoint ``name`` when ``model_dir`` holds it, else random
+    weights in which every layer counts: PyTorch's default initialisation for every convolution and linear layer
+    (ADM zero-initialises the output convolutions and attention projections). A U-Net computes in float32 (no
+    ``use_fp16``); callers convert it with ``sampling.models.set_compute_dtype``."""
+    with torch.device(device):
+        net, diffusion = create_model_from_flags(kind, dict(flags, use_fp16=False) if kind == "diffusion" else flags)
     torch.manual_seed(seed)
-    for module in model.modules():
+    for module in net.modules():
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             module.reset_parameters()
-    return model
-
-
-def load_official(model, model_dir, name):
-    """Load the official checkpoint ``name`` from ``model_dir`` when it is there; returns whether it was."""
-    if not model_dir:
-        return False
-    path = Path(model_dir) / load_model_config(name)["file"]
-    if not path.is_file():
-        return False
-    from guided_diffusion.checkpoint import load_checkpoint
-
-    load_checkpoint(model, path)
-    return True
-
-
-def build(kind, flags, device, seed, model_dir=None, name=None):
-    """``(network, diffusion, weights)``: random weights unless ``model_dir`` holds the official checkpoint."""
-    with torch.device(device):
-        net, diffusion = create_model_from_flags(kind, flags)
-    randomize(net, seed)
-    weights = "official checkpoint" if load_official(net, model_dir, name) else "random"
-    return net.eval().requires_grad_(False), diffusion, weights
+    path = Path(model_dir) / load_model_config(name)["file"] if model_dir else None
+    official = path is not None and path.is_file()
+    if official:
+        load_checkpoint(net, path)
+    return net.eval().requires_grad_(False), diffusion, "official checkpoint" if official else "random"

@@ -4,12 +4,14 @@ from .health import health_methods
 from .models import ARCHS
 
 
-def _fmt(value, digits=1):
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
+def _fmt(value, spec=".1f"):
+    return "-" if value is None else format(value, spec) if isinstance(value, float) else str(value)
+
+
+def table(header, rows, right=0):
+    """Markdown table lines: ``header`` (cells), the rule (the last ``right`` columns right-aligned), the rows."""
+    rule = "|" + "---|" * (len(header) - right) + "---:|" * right
+    return [f"| {' | '.join(header)} |", rule] + [f"| {' | '.join(map(str, row))} |" for row in rows]
 
 
 def to_markdown(report):
@@ -21,29 +23,26 @@ def to_markdown(report):
                   + (" at tiny widths" if report["tiny"] else "") + "; the GPU goals are not measured.", ""]
     lines += [f"Device: {d['name']} ({d['type']}), torch {d['torch']}"
               + (f", CUDA {d.get('cuda')}, {d.get('memory_gib')} GiB" if d["gpu"] else "")
-              + f". Peak: {_fmt(d.get('peak_fp16_tflops'), 0)} TFLOP/s ({d['peak_note']}).",
+              + f". Peak: {_fmt(d.get('peak_fp16_tflops'), '.0f')} TFLOP/s ({d['peak_note']}).",
               f"Created {report['created']}, {report['elapsed_s']:.0f} s. Verdict: "
               f"**{'PASS' if report['ok'] else 'FAIL'}** (correctness; speed goals below are reported).", ""]
     if "health" in report:
         h = report["health"]
         bad = [c for c in h["cases"] if not c["ok"]]
-        worst = {}
+        groups = {}
         for c in h["cases"]:
-            key = (c["arch"], c["method"])
-            if c["rel_rms"] is not None:
-                worst[key] = max(worst.get(key, 0.0), c["rel_rms"])
+            groups.setdefault((c["arch"], c["method"]), []).append(c)
         lines += [f"## 1. {h['dtype']} health", "",
                   f"{len(h['cases'])} cases ({len(bad)} failed): {', '.join(ARCHS)} x "
-                  f"{len(health_methods(False, 1.0))} methods x t in {h['timesteps']}, batch {h['batch']}; "
+                  f"{len(health_methods())} methods x t in {h['timesteps']}, batch {h['batch']}; "
                   f"weights: {', '.join(f'{k}: {v}' for k, v in h['weights'].items())}.",
                   f"Tolerance (relative RMS of eps vs float32): unguided {h['tolerance']['unguided']}, "
-                  f"guided {h['tolerance']['guided']}. Why: {h['tolerance_why']}", "",
-                  "| model | method | worst rel. RMS | max abs attention output | ok |", "|---|---|---|---|---|"]
-        for (arch, method), value in worst.items():
-            rows = [c for c in h["cases"] if c["arch"] == arch and c["method"] == method]
-            lines.append(f"| {arch} | {method} | {value:.2e} | "
-                         f"{max(c['max_abs_attention_output'] for c in rows):.3g} | "
-                         f"{'yes' if all(c['ok'] for c in rows) else '**NO**'} |")
+                  f"guided {h['tolerance']['guided']}. Why: {h['tolerance_why']}", ""]
+        lines += table(["model", "method", "worst rel. RMS", "max abs attention output", "ok"],
+                       [(arch, method, _fmt(max((c["rel_rms"] for c in cs if c["rel_rms"] is not None), default=None),
+                                            ".2e"),
+                         _fmt(max(c["max_abs_attention_output"] for c in cs), ".3g"),
+                         "yes" if all(c["ok"] for c in cs) else "**NO**") for (arch, method), cs in groups.items()])
         for c in bad:
             lines.append(f"- FAILED: {c['arch']} {c['method']} t={c['t']}: finite eps {c['finite_eps']}, "
                          f"non-finite attention blocks {c['nonfinite_attention_blocks']}, rel. RMS {c['rel_rms']}")
@@ -52,31 +51,29 @@ def to_markdown(report):
         s = report["speed"]
         lines += ["## 2. Speed per guided step", "",
                   f"{s['arch']}, {s['dtype']}, PAG s = {s['pag_scale']} on {', '.join(s['layers'])}, t = "
-                  f"{s['timestep']}; median of {s['repeats']} after {s['warmup']} warm-up. {s['note']}.", "",
-                  "| batch | variant | ms/step | img/s (DDIM-25) | peak MiB | GFLOP | TFLOP/s | share of peak |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in s["rows"]:
-            share = f"{100 * r['peak_share']:.1f} %" if r["peak_share"] is not None else "-"
-            lines.append(f"| {r['batch']} | {r['variant']} | {_fmt(r['ms_per_step'], 2)} | "
-                         f"{_fmt(r['images_per_s_ddim25'], 2)} | {_fmt(r['peak_mib'], 0)} | {_fmt(r['gflop'], 1)} | "
-                         f"{_fmt(r['tflops_per_s'], 3)} | {share}{' ' + r['error'] if r['error'] else ''} |")
-        lines += ["", "Execution options (unguided and engine step):", "",
-                  "| option | batch | unguided ms | engine ms | engine / unguided | unguided TFLOP/s | share of peak |",
-                  "|---|---|---|---|---|---|---|"]
-        for o in s["options"]:
-            share = f"{100 * o['peak_share']:.1f} %" if o["peak_share"] is not None else "-"
-            lines.append(f"| {o['option']} | {o['batch']} | {_fmt(o['unguided_ms'], 2)} | {_fmt(o['engine_ms'], 2)} "
-                         f"| {_fmt(o['engine_vs_unguided'], 3)} | {_fmt(o['tflops_per_s'], 3)} | {share}"
-                         f"{' (' + o['error'] + ')' if o['error'] else ''} |")
+                  f"{s['timestep']}; median of {s['repeats']} after {s['warmup']} warm-up. {s['note']}.", ""]
+        lines += table(["batch", "variant", "ms/step", "img/s (DDIM-25)", "peak MiB", "GFLOP", "TFLOP/s",
+                        "share of peak"],
+                       [(r["batch"], r["variant"], _fmt(r["ms_per_step"], ".2f"), _fmt(r["images_per_s_ddim25"], ".2f"),
+                         _fmt(r["peak_mib"], ".0f"), _fmt(r["gflop"]), _fmt(r["tflops_per_s"], ".3f"),
+                         _fmt(r["peak_share"], ".1%").replace("%", " %") + (" " + r["error"] if r["error"] else ""))
+                        for r in s["rows"]])
+        lines += ["", "Execution options (unguided and engine step):", ""]
+        lines += table(["option", "batch", "unguided ms", "engine ms", "engine / unguided", "unguided TFLOP/s",
+                        "share of peak"],
+                       [(o["option"], o["batch"], _fmt(o["unguided_ms"], ".2f"), _fmt(o["engine_ms"], ".2f"),
+                         _fmt(o["engine_vs_unguided"], ".3f"), _fmt(o["tflops_per_s"], ".3f"),
+                         _fmt(o["peak_share"], ".1%").replace("%", " %") + (f" ({o['error']})" if o["error"] else ""))
+                        for o in s["options"]])
         lines.append("")
     if "goals" in report:
-        lines += ["## Goals (issue 14)", "", "| goal | target | value | status |", "|---|---|---|---|"]
+        rows = []
         for g in report["goals"]:
-            value = _fmt(g["value"], 3) + (f" ({g['best_option']})" if g.get("best_option") else "")
+            value = _fmt(g["value"], ".3f") + (f" ({g['best_option']})" if g.get("best_option") else "")
             if g.get("cpu_value") is not None:
                 value = f"- (this CPU at batch {g['batch']}: {g['cpu_value']:.3f})"
-            lines.append(f"| {g['what']} | {g['target']} | {value} | {g['status']} |")
-        lines.append("")
+            rows.append((g["what"], g["target"], value, g["status"]))
+        lines += ["## Goals (issue 14)", ""] + table(["goal", "target", "value", "status"], rows) + [""]
     if "sampler" in report:
         r = report["sampler"]
         lines += ["## 3. Sampler end to end", "", f"`{r['command']}` (run twice)", ""]

@@ -28,7 +28,7 @@ def goal_batch(profile):
 
 def check_speed(device, profile, tiny, num_channels, seed, compile_on, peak, dtype):
     flags = diffusion_flags(ARCHS[0], tiny, num_channels)
-    master, _, _ = build("diffusion", dict(flags, use_fp16=False), device, seed)
+    master, _, _ = build("diffusion", flags, device, seed)
     model = set_compute_dtype(copy.deepcopy(master), dtype)  # float16: upstream's use_fp16, the default
     layers = pag.resolve_layers(model, pag.PAPER_LAYERS_256)
     rows = []
@@ -50,8 +50,7 @@ def check_speed(device, profile, tiny, num_channels, seed, compile_on, peak, dty
                     row["peak_share"] = row["tflops_per_s"] / peak
             rows.append(row)
     options = check_options(master, flags, device, profile, compile_on, layers, peak, rows)
-    dtype_name = str(dtype).replace("torch.", "")
-    return {"dtype": dtype_name + (" (upstream's use_fp16 conversion)" if dtype == torch.float16 else ""),
+    return {"dtype": dtype + (" (upstream's use_fp16 conversion)" if dtype == "float16" else ""),
             "arch": ARCHS[0], "layers": layers,
             "pag_scale": PAG_SCALE, "timestep": TIMESTEP, "repeats": profile.repeats, "warmup": profile.warmup,
             "rows": rows, "options": options,
@@ -64,22 +63,21 @@ def check_options(master, flags, device, profile, compile_on, layers, peak, rows
     """Unguided and engine step at the goal batch size for each execution option."""
     batch = goal_batch(profile)
     unguided_flops = next((r["gflop"] for r in rows if r["batch"] == batch and r["variant"] == "unguided"), None)
-    options = [("float16", torch.float16, {}), ("bfloat16", torch.bfloat16, {}),
-               ("float16 + channels_last", torch.float16, {"channels_last": True}),
-               ("bfloat16 + channels_last", torch.bfloat16, {"channels_last": True}),
-               ("float16 + compile", torch.float16, {"compile": True}),  # one compiled dtype: minutes each
-               ("float32" + (" (TF32 convolutions)" if device.type == "cuda" else ""), torch.float32, {})]
+    options = [("float16", {}), ("bfloat16", {}), ("float16 + channels_last", {"channels_last": True}),
+               ("bfloat16 + channels_last", {"channels_last": True}),
+               ("float16 + compile", {"compile": True}),  # one compiled dtype: minutes each
+               ("float32" + (" (TF32 convolutions)" if device.type == "cuda" else ""), {})]
     results = []
     x, t, kwargs = step_inputs(flags, batch, device)
-    for name, dtype, execution in options:
+    for name, execution in options:
+        dtype = name.split()[0]
         row = {"option": name, "batch": batch, "unguided_ms": None, "engine_ms": None, "engine_vs_unguided": None,
                "tflops_per_s": None, "peak_share": None, "error": None}
         if execution.get("compile") and not compile_on:
             row["error"] = "skipped (compile measured on a GPU, or with --compile on)"
-            results.append(row)
-            continue
-        if dtype == torch.float16 and device.type == "cpu":
+        elif dtype == "float16" and device.type == "cpu":
             row["error"] = "skipped on the CPU (no fast float16 convolution kernels)"
+        if row["error"]:
             results.append(row)
             continue
         log(f"options: {name}")
@@ -94,13 +92,10 @@ def check_options(master, flags, device, profile, compile_on, layers, peak, rows
             if execution.get("compile"):
                 row["compile_and_warmup_s"] = time.perf_counter() - start
             row["error"] = "; ".join(f"{k}: {v}" for k, v in failed.items()) or None
-            if median["unguided"] is not None:
-                row["unguided_ms"] = median["unguided"] * 1e3
-                if unguided_flops:
-                    row["tflops_per_s"] = unguided_flops / 1e3 / median["unguided"]
-                    row["peak_share"] = row["tflops_per_s"] / peak if peak else None
-            if median["engine"] is not None:
-                row["engine_ms"] = median["engine"] * 1e3
+            row.update({f"{k}_ms": v * 1e3 for k, v in median.items() if v is not None})
+            if row["unguided_ms"] and unguided_flops:
+                row["tflops_per_s"] = unguided_flops / row["unguided_ms"]  # GFLOP per ms
+                row["peak_share"] = row["tflops_per_s"] / peak if peak else None
             if row["unguided_ms"] and row["engine_ms"]:
                 row["engine_vs_unguided"] = row["engine_ms"] / row["unguided_ms"]
         except Exception as e:  # an option this machine cannot run is reported, not fatal
@@ -118,10 +113,9 @@ def evaluate_goals(speed, device, profile):
     batch = goal_batch(profile)
     step = {(r["batch"], r["variant"]): r["ms_per_step"] for r in speed["rows"]}
     value = {}
-    if step.get((batch, "unguided")) and step.get((batch, "engine")):
-        value["engine_vs_unguided"] = step[(batch, "engine")] / step[(batch, "unguided")]
-    if step.get((batch, "two_pass")) and step.get((batch, "engine")):
-        value["naive_vs_engine"] = step[(batch, "two_pass")] / step[(batch, "engine")]
+    for key, slow, fast in (("engine_vs_unguided", "engine", "unguided"), ("naive_vs_engine", "two_pass", "engine")):
+        if step.get((batch, slow)) and step.get((batch, fast)):
+            value[key] = step[(batch, slow)] / step[(batch, fast)]
     low = [o for o in speed["options"] if not o["option"].startswith("float32") and o["peak_share"] is not None]
     best = max(low, key=lambda o: o["peak_share"], default=None)
     if best is not None:

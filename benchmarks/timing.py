@@ -14,20 +14,13 @@ from .models import PAG_SCALE
 
 # Dense (no sparsity) fp16/bf16 tensor-core peaks with fp32 accumulation, TFLOP/s, by device-name substring
 # (first match wins). Unknown devices get no share of peak.
-PEAK_DENSE_FP16_TFLOPS = (
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),  # SXM
-    ("A100", 312.0),
-    ("V100", 125.0),
-    ("L40S", 362.0),
-    ("RTX 4090", 165.0),
-)
+PEAK_DENSE_FP16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0,  # "H100": SXM
+                          "A100": 312.0, "V100": 125.0, "L40S": 362.0, "RTX 4090": 165.0}
 
 
 def peak_fp16_tflops(device_name):
     """The dense fp16 tensor peak of a device by name (:data:`PEAK_DENSE_FP16_TFLOPS`), None when unknown."""
-    return next((value for key, value in PEAK_DENSE_FP16_TFLOPS if key in device_name), None)
+    return next((value for key, value in PEAK_DENSE_FP16_TFLOPS.items() if key in device_name), None)
 
 
 def sync(device):
@@ -121,15 +114,12 @@ def peak_memory(fn, device):
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def _cpu_flash_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs):
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
 def count_flops(fn):
     """Floating-point operations of one call (matmuls, convolutions, attention; 2 per multiply-add)."""
     mapping = {}
     if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):  # not in torch's table
-        mapping[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_sdpa_flops
+        mapping[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = (
+            lambda q, k, v, *args, **kwargs: sdpa_flop_count(q, k, v))  # query, key and value shapes
     counter = FlopCounterMode(display=False, custom_mapping=mapping)
     with counter, torch.no_grad():
         fn()
