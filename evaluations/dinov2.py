@@ -22,12 +22,9 @@ import sys
 import numpy as np
 import torch
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from adm_common.files import file_sha256  # noqa: E402
-from adm_common.npz import check_image_batch  # noqa: E402
-from evaluations.features import FeatureNetwork, WeightsFile  # noqa: E402
+from adm_common.files import file_sha256
+from adm_common.npz import check_image_batch
+from evaluations.features import FeatureNetwork, WeightsFile
 
 MODEL_NAME = "vit_large_patch14_dinov2"
 EXTRACTOR_NAME = "dinov2-vitl14"

@@ -253,11 +253,7 @@ class InceptionFeatures(FeatureNetwork):
                                f"expected (N, {SPATIAL_DIM})")
         self.num_calls += 1
         self.num_images += images.shape[0]
-        return {
-            "pool": pool.float().cpu().numpy(),
-            "logits": logits.float().cpu().numpy(),
-            "spatial": spatial.numpy(),
-        }
+        return {"pool": pool.float().cpu().numpy(), "logits": logits.float().cpu().numpy(), "spatial": spatial.numpy()}
 
 
 def load_extractor(spec, path, device=None):

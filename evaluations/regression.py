@@ -13,14 +13,11 @@ import argparse
 import os
 import sys
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from evaluations.evaluator import evaluate  # noqa: E402
-from evaluations.metrics import METRIC_KEYS, METRICS_BY_KEY  # noqa: E402
-from evaluations.features import WEIGHTS_FILENAME, WEIGHTS_URL, default_weights_path  # noqa: E402
-from evaluations.reference import default_cache_dir  # noqa: E402
-from adm_common.flags import FlagParser  # noqa: E402
+from evaluations.evaluator import evaluate
+from evaluations.metrics import METRIC_KEYS, METRICS_BY_KEY
+from evaluations.features import WEIGHTS_FILENAME, WEIGHTS_URL, default_weights_path
+from evaluations.reference import default_cache_dir
+from adm_common.flags import FlagParser
 
 _BASE = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
 REF_FILE = "VIRTUAL_imagenet256_labeled.npz"
