@@ -104,7 +104,7 @@ def create_model_and_diffusion(
     use_new_attention_order,
 ):
     flags = locals()
-    return _call_with(create_model, flags), _diffusion_from(flags)
+    return call_with(create_model, flags), diffusion_from(flags)
 
 
 def _channel_mult(channel_mult, image_size, table):
@@ -186,7 +186,7 @@ def create_classifier_and_diffusion(
     rescale_learned_sigmas,
 ):
     flags = locals()
-    return _call_with(create_classifier, flags), _diffusion_from(flags)
+    return call_with(create_classifier, flags), diffusion_from(flags)
 
 
 def create_classifier(
@@ -216,9 +216,7 @@ def create_classifier(
 
 
 def sr_model_and_diffusion_defaults():
-    res = dict(model_and_diffusion_defaults(), large_size=256, small_size=64)
-    arg_names = inspect.signature(sr_create_model_and_diffusion).parameters
-    return {k: v for k, v in res.items() if k in arg_names}
+    return flags_of(sr_create_model_and_diffusion, dict(model_and_diffusion_defaults(), large_size=256, small_size=64))
 
 
 def sr_create_model_and_diffusion(
@@ -246,7 +244,7 @@ def sr_create_model_and_diffusion(
     use_fp16,
 ):
     flags = locals()
-    return _call_with(sr_create_model, flags), _diffusion_from(flags)
+    return call_with(sr_create_model, flags), diffusion_from(flags)
 
 
 def sr_create_model(
@@ -305,14 +303,18 @@ def create_gaussian_diffusion(
     )
 
 
-def _call_with(fn, flags):
-    """``fn`` called with the entries of ``flags`` it takes."""
-    return fn(**{name: flags[name] for name in inspect.signature(fn).parameters if name in flags})
+def flags_of(fn, flags):
+    """The entries of ``flags`` that builder ``fn`` takes (each builder takes the flags of its parameter names)."""
+    return {name: flags[name] for name in inspect.signature(fn).parameters if name in flags}
 
 
-def _diffusion_from(flags):
-    """The diffusion of a create_*_and_diffusion function's flags."""
-    return _call_with(create_gaussian_diffusion, dict(flags, steps=flags["diffusion_steps"]))
+def call_with(fn, flags):
+    return fn(**flags_of(fn, flags))
+
+
+def diffusion_from(flags):
+    """The diffusion of a flag dictionary (a create_*_and_diffusion function's, or a run's)."""
+    return call_with(create_gaussian_diffusion, dict(flags, steps=flags["diffusion_steps"]))
 
 
 # kind -> (upstream's flag defaults, the builder of (model, diffusion) from those flags)

@@ -9,14 +9,13 @@ prefix and the rest), each ``GuidedModel`` its own copies.
 """
 
 import dataclasses
-import inspect
 import json
 from typing import Any, Optional
 
 import torch as th
 
 import pag
-from guided_diffusion.script_util import create_classifier, create_gaussian_diffusion, create_model
+from guided_diffusion.script_util import call_with, create_classifier, create_model, diffusion_from, flags_of
 
 from .checkpoint_files import check_checkpoint, load_weights
 from .settings import COMPUTE_DTYPES, SampleConfigError
@@ -36,27 +35,18 @@ class Networks:
     guided: Any = None  # pag.GuidedModel of model
 
 
-def _flags_of(fn, flags):
-    """The arguments of upstream's builder ``fn`` among the run's flags (each takes the flags of its names)."""
-    return {k: flags[k] for k in inspect.signature(fn).parameters if k in flags}
-
-
-def _call_with(fn, flags):
-    return fn(**_flags_of(fn, flags))
-
-
 def build_model(settings):
     """The diffusion network of ``settings`` (random weights; build under ``th.device("meta")`` to check
     flags without memory)."""
-    return _call_with(create_model, settings.flat())
+    return call_with(create_model, settings.flat())
 
 
 def build_classifier(settings):
-    return _call_with(create_classifier, settings.flat())
+    return call_with(create_classifier, settings.flat())
 
 
 def build_diffusion(settings):
-    return _call_with(create_gaussian_diffusion, dict(settings.flat(), steps=settings.diffusion.diffusion_steps))
+    return diffusion_from(settings.flat())
 
 
 def guide(model, settings, diffusion):
@@ -120,7 +110,7 @@ def load_networks(networks, settings, device, cache=None):
                        "float16" if m.classifier_use_fp16 else "float32", False))
     loaded = []
     for net, path, flag, builder, dtype, channels_last in wanted:
-        key = json.dumps([path, str(device), _flags_of(builder, flags), dtype, channels_last], default=str)
+        key = json.dumps([path, str(device), flags_of(builder, flags), dtype, channels_last], default=str)
         if key not in cache:
             cache[key] = set_compute_dtype(load_weights(net, path, flag, device), dtype, channels_last)
         loaded.append(cache[key])
