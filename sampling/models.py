@@ -15,9 +15,12 @@ from typing import Any, Optional
 import torch as th
 
 import pag
-from guided_diffusion.script_util import call_with, create_classifier, create_model, diffusion_from, flags_of
+from adm_common.flags import FlagParser
+from guided_diffusion.script_util import (call_with, create_classifier, create_model, create_model_from_flags,
+                                          diffusion_from, flags_of)
 
 from .checkpoint_files import check_checkpoint, load_weights
+from .model_configs import load_model_config
 from .settings import COMPUTE_DTYPES, SampleConfigError
 
 # torch.compile keywords of ``--compile`` (tests choose a cheap backend here).
@@ -122,3 +125,28 @@ def load_models(settings, device, cache=None):
     """The run's networks built, checked and loaded on ``device`` in one call (analysis, benchmarks, tests).
     Model flags that do not fit the checkpoint raise :class:`CheckpointError` naming the flag."""
     return load_networks(build_networks(settings), settings, device, cache)
+
+
+def list_attention_blocks(argv=None):
+    """Print every attention block of a model (name, resolution, channels, heads) for choosing PAG layers: the
+    model of an official checkpoint name (256x256_diffusion_uncond) or a model config YAML, or of --set flags
+    (--set image_size=32 --set channel_mult=1,2,2). Built on the meta device: no weights, memory or checkpoint."""
+    from .cli import parse_overrides  # sampling.cli runs the networks built here
+
+    parser = FlagParser(description=list_attention_blocks.__doc__)
+    parser.add_argument("model", nargs="?", help="official checkpoint name or model config YAML")
+    parser.add_argument("--kind", default="diffusion", help="with --set: diffusion, upsampler or classifier")
+    parser.add_argument("--set", "--flag", dest="flags", action="append", default=[], metavar="KEY=VALUE",
+                        help="model flag (repeatable, a YAML scalar as sweep.py's --set), applied over the config "
+                        "or the upstream defaults")
+    args = parser.parse_args(argv)
+    if not (args.model or args.flags):
+        parser.error("give a model name / config, or --set KEY=VALUE flags")
+    try:
+        config = load_model_config(args.model) if args.model else {"kind": args.kind, "flags": {}}
+        with th.device("meta"):
+            model = create_model_from_flags(config["kind"], dict(config["flags"], **parse_overrides(args.flags)))[0]
+    except ValueError as e:  # ModelConfigError, SampleConfigError (--set), flags the model refuses
+        parser.error(str(e))
+    print(pag.format_attention_blocks(model))
+    return 0
