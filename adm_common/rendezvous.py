@@ -1,7 +1,8 @@
 """The rendezvous of several processes: rank 0's TCP store reached within a short connect timeout, while the
 collectives that follow keep a long one (``init_process_group``'s one timeout would be both: a mistyped
-MASTER_ADDR then waits 12 hours). Used by the sampler's process group (``guided_diffusion.dist_util``) and the
-evaluator's (``evaluations.reference``). torch is imported only when a store is made.
+MASTER_ADDR then waits 12 hours). The one set-up of the sampler's process group (``guided_diffusion.dist_util``)
+and the evaluator's (``evaluations.reference``): :func:`launch_info`, then :func:`start_group`. torch and mpi4py
+are imported only when needed.
 
 ``PAG_DIST_CONNECT_TIMEOUT_SECONDS`` (default 300): how long a rank may take to reach the rendezvous and wait there
 for the others; ``PAG_DIST_TIMEOUT_MINUTES`` (default 720): how long a collective may wait.
@@ -12,7 +13,7 @@ import os
 import socket
 import time
 
-from .launch import LaunchInfo
+from .launch import LaunchInfo, detect_launch, mpi_local_rank
 
 
 class DistSetupError(RuntimeError):
@@ -89,3 +90,103 @@ def connect_store(info: LaunchInfo, connect: datetime.timedelta):
             f"{launch_checks(info.launcher)}; PAG_DIST_CONNECT_TIMEOUT_SECONDS={connect.total_seconds():g} sets the "
             f"wait ({detail})") from None
     return store
+
+
+def _mpi_launch_info() -> LaunchInfo:
+    try:
+        from mpi4py import MPI  # initialises MPI: only imported under an MPI launcher
+    except ImportError as e:
+        raise RuntimeError(
+            "this process was started by an MPI launcher (mpiexec/mpirun) but mpi4py cannot be "
+            f"imported ({e}); install mpi4py in this environment") from e
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if size == 1:
+        return LaunchInfo("none")
+    local = mpi_local_rank(os.environ)
+    if local is None:
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    hosts = comm.allgather(socket.gethostname())
+    if rank == 0:
+        if len(set(hosts)) == 1:
+            addr = "127.0.0.1"  # one node: loopback works even where the host name does not resolve
+        else:
+            addr = os.environ.get("MASTER_ADDR") or _routable_address()
+        port = int(os.environ["MASTER_PORT"]) if os.environ.get("MASTER_PORT") else _free_port()
+        addr, port = comm.bcast((addr, port), root=0)
+    else:
+        addr, port = comm.bcast(None, root=0)
+    return LaunchInfo("mpi", rank, size, local, addr, port)
+
+
+def _routable_address() -> str:
+    """An address of this host that other nodes can reach (not 127.x, which /etc/hosts often maps
+    the host name to); set MASTER_ADDR to choose the interface yourself."""
+    for name in (socket.getfqdn(), socket.gethostname()):
+        try:
+            infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
+        except OSError:
+            continue
+        for info in infos:
+            addr = info[4][0]
+            if not addr.startswith("127."):
+                return addr
+    try:  # the interface of the default route (a UDP "connect" sends nothing)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            addr = s.getsockname()[0]
+            if not addr.startswith("127.") and addr != "0.0.0.0":
+                return addr
+    except OSError:
+        pass
+    return socket.gethostname()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def launch_info() -> LaunchInfo:
+    """This process's launch (``detect_launch``); under an MPI launcher (the one case that imports mpi4py) its rank
+    and size from mpi4py, and the address and free port that rank 0 chose (MASTER_ADDR/MASTER_PORT override them)."""
+    info = detect_launch()
+    if info.launcher == "mpi":
+        info = _mpi_launch_info()
+    if not 0 <= info.rank < info.world_size:
+        raise ValueError(f"rank {info.rank} is outside world size {info.world_size} ({info.launcher} launch)")
+    return info
+
+
+def start_group(info: LaunchInfo, backend: str, meet=None) -> None:
+    """Make the process group of ``info``'s ranks on ``backend``: several meet at rank 0's TCP store
+    (:func:`connect_store`), one uses an in-memory store (no network, no MPI). ``meet(store)`` (store None for one
+    process) runs before the group is made, while the store still waits only the connect timeout."""
+    import torch.distributed as dist
+
+    store = connect_store(info, connect_timeout()) if info.world_size > 1 else dist.HashStore()
+    if meet is not None:
+        meet(store if info.world_size > 1 else None)
+    store.set_timeout(process_group_timeout())  # connected: the store now waits as long as collectives
+    dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=info.world_size,
+                            timeout=process_group_timeout())
+
+
+def cuda_index(local_rank: int, wrap: bool = False) -> int:
+    """The GPU of local rank ``local_rank`` (the sampler's and the evaluator's). One visible GPU is everyone's GPU 0:
+    the launcher may have given each task its own (``srun --gpus-per-task=1``) or all of them the same one; only
+    the sampler's shared-GPU check can tell. ``wrap``: more local ranks than GPUs wrap around (for that check to
+    name the ranks that collide), else an error."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if count <= 1:
+        return 0
+    if local_rank >= count:
+        if wrap:
+            return local_rank % count
+        raise RuntimeError(
+            f"local rank {local_rank} but only {count} GPUs are visible on this node: launch at most "
+            f"{count} processes per node (or set CUDA_VISIBLE_DEVICES per process)")
+    return local_rank

@@ -30,13 +30,16 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from adm_common.launch import LaunchInfo, detect_launch, local_rank_from_env, mpi_local_rank
+from adm_common.launch import LaunchInfo, local_rank_from_env
 from adm_common.rendezvous import (  # noqa: F401 (re-exported: upstream-style callers use dist_util)
     DistSetupError,
     connect_store,
     connect_timeout,
+    cuda_index,
     launch_checks,
+    launch_info,
     process_group_timeout,
+    start_group,
 )
 
 from .blobs import read_bytes
@@ -54,65 +57,6 @@ class _State:
 
 
 _state = _State()
-
-
-# ----------------------------------------------------------------------------- MPI
-
-
-def _mpi_launch_info() -> LaunchInfo:
-    try:
-        from mpi4py import MPI  # initialises MPI: only imported under an MPI launcher
-    except ImportError as e:
-        raise RuntimeError(
-            "this process was started by an MPI launcher (mpiexec/mpirun) but mpi4py cannot be "
-            f"imported ({e}); install mpi4py in this environment") from e
-    comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
-    if size == 1:
-        return LaunchInfo("none")
-    local = mpi_local_rank(os.environ)
-    if local is None:
-        local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-    hosts = comm.allgather(socket.gethostname())
-    if rank == 0:
-        if len(set(hosts)) == 1:
-            addr = "127.0.0.1"  # one node: loopback works even where the host name does not resolve
-        else:
-            addr = os.environ.get("MASTER_ADDR") or _routable_address()
-        port = int(os.environ["MASTER_PORT"]) if os.environ.get("MASTER_PORT") else _free_port()
-        addr, port = comm.bcast((addr, port), root=0)
-    else:
-        addr, port = comm.bcast(None, root=0)
-    return LaunchInfo("mpi", rank, size, local, addr, port)
-
-
-def _routable_address() -> str:
-    """An address of this host that other nodes can reach (not 127.x, which /etc/hosts often maps
-    the host name to); set MASTER_ADDR to choose the interface yourself."""
-    for name in (socket.getfqdn(), socket.gethostname()):
-        try:
-            infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
-        except OSError:
-            continue
-        for info in infos:
-            addr = info[4][0]
-            if not addr.startswith("127."):
-                return addr
-    try:  # the interface of the default route (a UDP "connect" sends nothing)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))
-            addr = s.getsockname()[0]
-            if not addr.startswith("127.") and addr != "0.0.0.0":
-                return addr
-    except OSError:
-        pass
-    return socket.gethostname()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -139,22 +83,6 @@ def _check_backend(chosen: str, uses_cuda: bool) -> None:
     if chosen == "nccl" and not uses_cuda:
         raise DistSetupError("backend nccl (PAG_DIST_BACKEND) but this run's device is the CPU: NCCL moves GPU "
                              "tensors only; unset PAG_DIST_BACKEND or set it to gloo", everywhere=True)
-
-
-def _cuda_index(local_rank: int, wrap: bool = False) -> int:
-    """The GPU of local rank ``local_rank``. One visible GPU is everyone's GPU 0: the launcher may have given each
-    task its own (``srun --gpus-per-task=1``) or all of them the same one; only ``_shared_gpu_error`` can tell.
-    ``wrap``: more local ranks than GPUs wrap around, for ``_shared_gpu_error`` to name the ranks that collide."""
-    count = torch.cuda.device_count()
-    if count <= 1:
-        return 0
-    if local_rank >= count:
-        if wrap:
-            return local_rank % count
-        raise RuntimeError(
-            f"local rank {local_rank} but only {count} GPUs are visible on this node: launch at most "
-            f"{count} processes per node (or set CUDA_VISIBLE_DEVICES per process)")
-    return local_rank
 
 
 # Which GPU a rank would use, told apart across the processes of a machine. Why not the launcher's local size:
@@ -271,39 +199,35 @@ def setup_dist(backend: Optional[str] = None, device=None) -> None:
         # Someone else (e.g. a test harness or a training framework) made the group: adopt it.
         _state.launcher, _state.local_rank = "external", local_rank_from_env() or 0
         if uses_cuda:
-            index = fixed_index if fixed_index is not None else _cuda_index(_state.local_rank)
+            index = fixed_index if fixed_index is not None else cuda_index(_state.local_rank)
             torch.cuda.set_device(index)
     else:
-        info = detect_launch()
-        if info.launcher == "mpi":
-            info = _mpi_launch_info()
-        if not 0 <= info.rank < info.world_size:
-            raise ValueError(f"rank {info.rank} is outside world size {info.world_size} ({info.launcher} launch)")
+        info = launch_info()
         chosen = backend or _pick_backend(uses_cuda)
         if uses_cuda:
-            index = fixed_index if fixed_index is not None else _cuda_index(info.local_rank, wrap=info.world_size > 1)
+            index = fixed_index if fixed_index is not None else cuda_index(info.local_rank, wrap=info.world_size > 1)
         if info.world_size > 1 and not dist.is_available():
             raise RuntimeError("this PyTorch build has no torch.distributed support")
         _check_backend(chosen, uses_cuda)
-        try:
-            _state.launcher, _state.local_rank = info.launcher, info.local_rank
-            if info.world_size > 1:
+
+        def meet(store):  # several ranks compare their GPUs before the group exists; then this rank takes its own
+            if store is not None:
                 connect = connect_timeout()
-                store = connect_store(info, connect)
                 records = _exchange(store, info, _gpu_record(index) if index is not None else None, connect)
                 _all_have_read(store, info, connect)
                 shared = _shared_gpu_error(records, pinned=fixed_index)
                 if shared:
                     raise DistSetupError(shared, everywhere=True)
-                store.set_timeout(process_group_timeout())  # connected: the store now waits as long as collectives
-            elif dist.is_available():
-                store = dist.HashStore()  # one process: no network, no MPI
             if index is not None:
                 torch.cuda.set_device(index)
+
+        try:
+            _state.launcher, _state.local_rank = info.launcher, info.local_rank
             if dist.is_available():
-                dist.init_process_group(backend=chosen, store=store, rank=info.rank, world_size=info.world_size,
-                                        timeout=process_group_timeout())
+                start_group(info, chosen, meet)
                 _state.owns_group = True
+            else:
+                meet(None)
         except BaseException:
             _state = _State()
             raise
@@ -354,7 +278,7 @@ def dev() -> torch.device:
     if _state.device is not None:
         return _state.device
     if torch.cuda.is_available():
-        return torch.device("cuda", _cuda_index(get_local_rank()))
+        return torch.device("cuda", cuda_index(get_local_rank()))
     return torch.device("cpu")
 
 

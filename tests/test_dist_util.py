@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adm_common import launch
+from adm_common import launch, rendezvous
 from guided_diffusion import blobs, dist_util
 from guided_diffusion.checkpoint import read_state_dict
 from http_fixture import FileServer
@@ -179,7 +179,7 @@ def test_rendezvous_address_is_not_loopback(monkeypatch):
     # /etc/hosts often maps the host name to 127.0.1.1, which other nodes cannot reach.
     monkeypatch.setattr(dist_util.socket, "getaddrinfo",
                         lambda *a, **k: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.1.1", 0))])
-    assert not dist_util._routable_address().startswith("127.")
+    assert not rendezvous._routable_address().startswith("127.")
 
 
 def test_blob_urls_go_to_blobfile():
@@ -240,7 +240,7 @@ def test_tune_cpu_allocator_keeps_freed_blocks_in_the_heap():
     if "libc" not in (ctypes.util.find_library("c") or ""):
         pytest.skip("no glibc")
     script = (
-        "import torch, sys; from sampling.allocator import tune_cpu_allocator; "
+        "import torch, sys; from sampling.process import tune_cpu_allocator; "
         "tuned = tune_cpu_allocator() if sys.argv[1] == '1' else False; "
         "import resource; "
         "exec('for _ in range(10): block = torch.ones(64 * 2**20 // 4); del block'); "
@@ -319,9 +319,9 @@ def test_cpu_run_on_a_gpu_machine_uses_gloo_and_never_a_gpu(no_launcher):
 
 def test_shared_gpu_message_names_ranks_gpu_and_fix(no_launcher):
     fake_gpus(no_launcher, 8)
-    assert [dist_util._cuda_index(r, wrap=True) for r in (0, 7, 8, 9)] == [0, 7, 0, 1]
+    assert [dist_util.cuda_index(r, wrap=True) for r in (0, 7, 8, 9)] == [0, 7, 0, 1]
     with pytest.raises(RuntimeError, match="local rank 9 but only 8 GPUs are visible"):
-        dist_util._cuda_index(9)  # without a group to name the ranks (an adopted one, dev() before set-up)
+        dist_util.cuda_index(9)  # without a group to name the ranks (an adopted one, dev() before set-up)
 
     def record(host, index, uuid, visible=8):
         return {"host": host, "index": index, "visible": visible, "gpu": f"uuid:{uuid}"}
