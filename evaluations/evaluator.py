@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from adm_common.files import atomic_write_text  # noqa: E402
 from adm_common.flags import FlagParser  # noqa: E402
 from adm_common.launch import detect_launch, local_rank_from_env  # noqa: E402
-from adm_common.rendezvous import DistSetupError  # noqa: E402
+from adm_common.rendezvous import DistSetupError, cuda_index  # noqa: E402
 from adm_common.npz import NpzImages  # noqa: E402
 from evaluations.bootstrap import (  # noqa: E402
     BOOTSTRAP_SEED,
@@ -184,7 +184,7 @@ def _device(device, dist):
     """Under several processes on GPUs, one GPU per process on a node: the launcher's local rank (as the sampler)."""
     if device is None and dist.world_size > 1 and torch.cuda.is_available():
         local = local_rank_from_env()
-        return f"cuda:{(dist.rank if local is None else local) % torch.cuda.device_count()}"
+        return f"cuda:{cuda_index(dist.rank if local is None else local, wrap=True)}"
     return device
 
 
