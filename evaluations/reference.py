@@ -35,30 +35,37 @@ def default_cache_dir():
     return user_cache_dir("eval")
 
 
-def read_npz_statistics(path):
-    """``{"mu", "sigma", "mu_s", "sigma_s"}`` from the npz when it holds them (as ADM reference batches do), else
-    None. Only these four members are read."""
+def read_npz_statistics(path, dims=(POOL_DIM, SPATIAL_DIM), both=True):
+    """The ``mu``/``sigma`` (FID) and ``mu_s``/``sigma_s`` (sFID) an npz holds (as ADM reference batches do), as
+    float64, checked by :func:`check_statistics`; None when it holds none. Only these members are read."""
     with np.load(path, allow_pickle=False) as obj:
-        keys = set(obj.files)
-        if "mu" not in keys:
-            return None
-        missing = [k for k in STAT_KEYS if k not in keys]
-        if missing:
-            raise ValueError(f"{path} has 'mu' but not {missing}: reference statistics need all of {STAT_KEYS}")
-        stats = {k: np.asarray(obj[k], dtype=np.float64) for k in STAT_KEYS}
-    check_statistics(stats, where=str(path))
-    return stats
+        stats = {k: obj[k] for k in STAT_KEYS if k in obj.files}
+    if not stats:
+        return None
+    check_statistics(stats, str(path), dims, both)
+    return {k: v.astype(np.float64) for k, v in stats.items()}
 
 
-def check_statistics(stats, where="statistics", dims=(POOL_DIM, SPATIAL_DIM)):
-    """Shapes (by default Inception's: 2048 pool, 2023 spatial) and finiteness of ``mu``, ``sigma``, ``mu_s``,
-    ``sigma_s``. ``dims=None`` checks only that each ``sigma`` is square and fits its ``mu`` (other extractors)."""
+def check_statistics(stats, where="statistics", dims=(POOL_DIM, SPATIAL_DIM), both=True):
+    """Each ``mu`` with its ``sigma`` (``both``: FID's and sFID's pair; else any present), a finite float vector
+    (d,) and (d, d) matrix, d Inception's (2048 pool, 2023 spatial) or with ``dims=None`` any (other extractors)."""
     for (mu_key, sigma_key), dim in zip((("mu", "sigma"), ("mu_s", "sigma_s")), dims or (None, None)):
+        missing = [k for k in (mu_key, sigma_key) if k not in stats]
+        if len(missing) == 1:
+            raise ValueError(f"{where} has {({mu_key, sigma_key} - set(missing)).pop()} but not its partner "
+                             f"{missing[0]}")
+        if missing and both:
+            raise ValueError(f"{where} has {', '.join(stats)} but not {mu_key}, {sigma_key}: reference statistics "
+                             f"need all of {', '.join(STAT_KEYS)}")
+        if missing:
+            continue
         mu, sigma = stats[mu_key], stats[sigma_key]
         dim = mu.shape[0] if dim is None and mu.ndim == 1 else dim
-        if mu.shape != (dim,) or sigma.shape != (dim, dim):
-            raise ValueError(f"{where}: {mu_key} {mu.shape} / {sigma_key} {sigma.shape} do not match the "
-                             f"evaluator's features: expected ({dim},) / ({dim}, {dim})")
+        if mu.shape != (dim,) or sigma.shape != (dim, dim) or mu.dtype.kind != "f" or sigma.dtype.kind != "f":
+            d = dim or "d"
+            raise ValueError(f"{where}: {mu_key} {mu.dtype} {list(mu.shape)} / {sigma_key} {sigma.dtype} "
+                             f"{list(sigma.shape)} do not match the features: {mu_key} must be a float vector "
+                             f"({d},) and {sigma_key} a float ({d}, {d}) matrix")
         for key in (mu_key, sigma_key):
             if not np.all(np.isfinite(stats[key])):
                 raise ValueError(f"{where}: {key} contains NaN or infinite values")

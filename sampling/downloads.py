@@ -266,35 +266,9 @@ def expected_shapes(item: Item) -> Dict[str, Tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _statistics_summary(path: Path, members) -> List[str]:
-    """``mu``/``sigma`` (and ``mu_s``/``sigma_s``) where present: in pairs, a float vector (d,) and a finite
-    float (d, d) matrix."""
-    import numpy as np
-
-    summary = []
-    with np.load(path, allow_pickle=False) as data:
-        for mu_key, sigma_key in (("mu", "sigma"), ("mu_s", "sigma_s")):  # the evaluator's FID and sFID pairs
-            present = [k for k in (mu_key, sigma_key) if k in members]
-            if len(present) == 1:
-                raise VerifyError(f"{path} has {present[0]} but not its partner "
-                                  f"({sigma_key if present[0] == mu_key else mu_key})")
-            if not present:
-                continue
-            mu, sigma = data[mu_key], data[sigma_key]
-            d = mu.shape[0] if mu.ndim == 1 else None
-            if d is None or sigma.shape != (d, d) or mu.dtype.kind != "f" or sigma.dtype.kind != "f":
-                raise VerifyError(f"{path}: {mu_key} must be a float vector (d,) and {sigma_key} a float (d, d) "
-                                  f"matrix, got {mu.dtype} {list(mu.shape)} and {sigma.dtype} {list(sigma.shape)}")
-            if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-                raise VerifyError(f"{path}: {mu_key}/{sigma_key} contain non-finite values")
-            summary.append(f"{mu_key}/{sigma_key} d={d}")
-    return summary
-
-
 def verify_npz(path: Path) -> str:
     """An evaluator batch: every zip member passes its CRC check (the evaluator reads only what it needs,
-    unchecked), images in ``arr_0`` as the evaluator reads them (its ``NpzImages``), consistent ``mu``/``sigma``
-    if present."""
+    unchecked), images in ``arr_0`` and ``mu``/``sigma`` pairs if present as the evaluator reads them."""
     try:
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
@@ -306,8 +280,15 @@ def verify_npz(path: Path) -> str:
         images = NpzImages(path)
     except ValueError as e:
         raise VerifyError(f"no arr_0 the evaluator can read as uint8 N x H x W x 3 images: {e}") from None
+    from evaluations.reference import read_npz_statistics
+
+    try:
+        stats = read_npz_statistics(path, dims=None, both=False) or {}  # the evaluator's check, any feature size
+    except ValueError as e:
+        raise VerifyError(str(e)) from None
     shape = "x".join(map(str, images.shape))
-    return ", ".join([f"arr_0 {images.dtype} {shape}"] + _statistics_summary(path, images.keys))
+    return ", ".join([f"arr_0 {images.dtype} {shape}"] + [f"{m}/{s} d={len(stats[m])}" for m, s in
+                                                          (("mu", "sigma"), ("mu_s", "sigma_s")) if m in stats])
 
 
 ShapesFn = Callable[[Item], Optional[Dict[str, Tuple[int, ...]]]]
