@@ -21,7 +21,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 
@@ -342,39 +342,40 @@ def build_parser():
     p.add_argument("ref_batch", help="reference batch npz (arr_0: uint8 N x H x W x 3; optional mu/sigma/mu_s/sigma_s)")
     p.add_argument("sample_batch", help="sample batch npz (arr_0: uint8 N x H x W x 3)")
     p.add_argument("--json", metavar="PATH", help="also write the metrics and the inputs' details as JSON")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--inception-weights", metavar="PATH",
                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: torch hub cache)")
     p.add_argument("--allow-random-weights", action="store_true",
                    help="without weights, use a randomly initialised network (tests, dry runs; numbers meaningless)")
-    p.add_argument("--cache-dir", default=default_cache_dir(),
-                   help="feature/statistics cache (default: %(default)s)")
+    p.add_argument("--cache-dir", help="feature/statistics cache (default: %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--cache-samples", action="store_true", help="cache the sample batch's features too")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--feature-net", metavar="PATH",
                    help="use a custom feature network instead of Inception (default loader: the CPU demo's, "
                         "numbers marked DEMO-FEATURES)")
-    p.add_argument("--feature-extractor", metavar="MODULE:CLASS", default=DEMO_EXTRACTOR,
+    p.add_argument("--feature-extractor", metavar="MODULE:CLASS",
                    help="the class that loads --feature-net (default: %(default)s)")
-    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
-                   help=f"comma-separated, among {','.join(METRICS)} (default: %(default)s)")
-    p.add_argument("--pr-precision", choices=PR_PRECISIONS, default="float16",
+    p.add_argument("--metrics", help=f"comma-separated, among {','.join(METRICS)} (default: %(default)s)")
+    p.add_argument("--pr-precision", choices=PR_PRECISIONS,
                    help="precision/recall distances: float16 blocks with float32 fallback as OpenAI's evaluator "
                         "(default), or float32 throughout")
-    p.add_argument("--min-samples", type=int, default=MIN_SAMPLES, metavar="N",
+    p.add_argument("--min-samples", type=int, metavar="N",
                    help="refuse batches of fewer images (default: %(default)s; 0: score any size; random-weight "
                         "networks are exempt)")
     p.add_argument("--dinov2-weights", metavar="PATH",
                    help="DINOv2 ViT-L/14 checkpoint dinov2_vitl14_pretrain.pth for fd_dinov2 (default: torch hub "
                         "cache; make download-dinov2)")
-    p.add_argument("--bootstrap", type=int, default=0, metavar="K",
+    p.add_argument("--bootstrap", type=int, metavar="K",
                    help="also report a bootstrap interval of FID, sFID, IS, precision and recall from K resamples "
                         "of the samples' features, the reference fixed (K >= 2; costs about K FID/sFID "
                         "computations, see docs/evaluation.md)")
-    p.add_argument("--bootstrap-seed", type=int, default=BOOTSTRAP_SEED, metavar="S",
+    p.add_argument("--bootstrap-seed", type=int, metavar="S",
                    help="seed of the bootstrap's draws (default: %(default)s)")
+    # The defaults are EvaluationSettings' (one place); --metrics shows its parsed default.
+    defaults = {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(EvaluationSettings)}
+    p.set_defaults(**dict(defaults, metrics=",".join(DEFAULT_METRICS)))
     return p
 
 
