@@ -28,10 +28,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from adm_common.files import atomic_write_text, file_sha256
 from adm_common.npz import NpzImages
-from guided_diffusion.script_util import MODEL_KINDS
 
 from .config_files import read_yaml_mapping
-from .model_configs import CONFIG_ROOT, ModelConfigError, load_model_config
+from .model_configs import CONFIG_ROOT, REQUIRED_KEYS, ModelConfigError, check_entry, load_model_config
 
 DEFAULT_MANIFEST = Path("downloads") / "manifest.json"
 CHUNK_BYTES = 1 << 20
@@ -63,16 +62,6 @@ class Item:
 # --------------------------------------------------------------------------------------- configs
 
 
-def _check_entry(entry, where: str, required=("url", "file")) -> None:
-    if not isinstance(entry, dict):
-        raise DownloadError(f"{where}: expected a mapping, got {type(entry).__name__}")
-    for key in required:
-        if not isinstance(entry.get(key), str) or not entry[key]:
-            raise DownloadError(f"{where}: missing or empty '{key}'")
-    if os.path.basename(entry["file"]) != entry["file"]:
-        raise DownloadError(f"{where}: 'file' must be a bare file name, got {entry['file']!r}")
-
-
 def load_model_items(configs_dir: Path = CONFIG_ROOT) -> Dict[str, Item]:
     """Every configs/models/*.yaml, by name."""
     model_dir = Path(configs_dir) / "models"
@@ -82,16 +71,9 @@ def load_model_items(configs_dir: Path = CONFIG_ROOT) -> Dict[str, Item]:
     items = {}
     for path in paths:
         try:
-            cfg = load_model_config(path)
+            cfg = load_model_config(path, required=REQUIRED_KEYS + ("url", "file"))
         except ModelConfigError as e:
             raise DownloadError(str(e)) from None
-        _check_entry(cfg, str(path), required=("name", "kind", "url", "file"))
-        if cfg["name"] != path.stem:
-            raise DownloadError(f"{path}: name {cfg['name']!r} differs from the file name {path.stem!r}")
-        if cfg["kind"] not in MODEL_KINDS:
-            raise DownloadError(f"{path}: kind {cfg['kind']!r} is not one of {', '.join(MODEL_KINDS)}")
-        if not isinstance(cfg.get("flags"), dict):
-            raise DownloadError(f"{path}: 'flags' must be a mapping of upstream flag names to values")
         items[cfg["name"]] = Item("models", cfg["name"], cfg["kind"], cfg["url"], cfg["file"], cfg["flags"])
     return items
 
@@ -107,7 +89,7 @@ def load_ref_items(configs_dir: Path = CONFIG_ROOT) -> Dict[str, Item]:
         raise DownloadError(f"{path}: expected a top-level 'refs' mapping")
     items = {}
     for name, entry in cfg["refs"].items():
-        _check_entry(entry, f"{path}: refs.{name}")
+        check_entry(entry, f"{path}: refs.{name}", error=DownloadError)
         items[name] = Item("refs", name, entry.get("kind", "reference"), entry["url"], entry["file"])
     return items
 
@@ -115,7 +97,7 @@ def load_ref_items(configs_dir: Path = CONFIG_ROOT) -> Dict[str, Item]:
 def load_inception_item(configs_dir: Path = CONFIG_ROOT) -> Item:
     path, cfg = _read_refs(configs_dir)
     entry = cfg.get("inception")
-    _check_entry(entry, f"{path}: inception")
+    check_entry(entry, f"{path}: inception", error=DownloadError)
     return Item("inception", "inception", "inception", entry["url"], entry["file"])
 
 

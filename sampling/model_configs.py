@@ -5,9 +5,11 @@ The one reader of these files: ``--model NAME``, ``scripts/download.py``, ``list
 the benchmarks all come here.
 """
 
+import os
 from pathlib import Path
 
 from adm_common.yaml_files import read_yaml
+from guided_diffusion.script_util import MODEL_KINDS
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 CONFIG_DIR = CONFIG_ROOT / "models"
@@ -23,8 +25,9 @@ def known_names(config_dir=CONFIG_DIR, kind=None):
     return sorted(name for name, entry in model_configs(config_dir).items() if kind is None or entry["kind"] == kind)
 
 
-def load_model_config(name_or_path, config_dir=CONFIG_DIR):
-    """Read a model config by checkpoint name (``256x256_diffusion_uncond``) or by YAML path."""
+def load_model_config(name_or_path, config_dir=CONFIG_DIR, required=REQUIRED_KEYS):
+    """Read a model config by checkpoint name (``256x256_diffusion_uncond``) or by YAML path, checked:
+    the ``required`` keys (the downloader's add url, file), its name the YAML's, a known kind, flags a mapping."""
     path = Path(name_or_path)
     if not path.suffix:
         path = Path(config_dir) / f"{name_or_path}.yaml"
@@ -33,10 +36,29 @@ def load_model_config(name_or_path, config_dir=CONFIG_DIR):
                                f"{', '.join(sorted(p.stem for p in Path(config_dir).glob('*.yaml')))}; "
                                "or give the path of a model config .yaml)")
     config = read_yaml(path, "model config", ModelConfigError)
-    missing = [key for key in REQUIRED_KEYS if key not in config]
-    if missing:
-        raise ModelConfigError(f"{path}: model config lacks {', '.join(repr(k) for k in missing)}")
+    check_entry(config, f"{path}: model config", required)
+    if config["name"] != path.stem:
+        raise ModelConfigError(f"{path}: name {config['name']!r} differs from the file name {path.stem!r}")
+    if config["kind"] not in MODEL_KINDS:
+        raise ModelConfigError(f"{path}: kind {config['kind']!r} is not one of {', '.join(MODEL_KINDS)}")
+    if not isinstance(config["flags"], dict):
+        raise ModelConfigError(f"{path}: 'flags' must be a mapping of upstream flag names to values")
     return config
+
+
+def check_entry(entry, where, required=("url", "file"), error=ModelConfigError):
+    """A mapping with the ``required`` keys, whose ``url`` and ``file`` (where present) are non-empty strings,
+    ``file`` a bare file name: a model config, or an entry of configs/refs.yaml (the downloader's)."""
+    if not isinstance(entry, dict):
+        raise error(f"{where}: expected a mapping, got {type(entry).__name__}")
+    missing = [key for key in required if key not in entry]
+    if missing:
+        raise error(f"{where} lacks {', '.join(repr(k) for k in missing)}")
+    for key in ("url", "file"):
+        if key in entry and (not isinstance(entry[key], str) or not entry[key]):
+            raise error(f"{where}: {key!r} must be a non-empty string")
+    if os.path.basename(entry.get("file", "")) != entry.get("file", ""):
+        raise error(f"{where}: 'file' must be a bare file name, got {entry['file']!r}")
 
 
 def model_configs(config_dir=CONFIG_DIR):
