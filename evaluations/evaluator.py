@@ -12,8 +12,8 @@ k = 3 and upstream's float16 distance blocks (``--pr-precision float32`` for flo
 ``--metrics`` selects among ``fid,sfid,is,pr,fd_dinov2`` (default ``fid,sfid,is,pr``: the five lines above).
 ``fd_dinov2`` adds EDM2's FD_DINOv2 (``evaluations/dinov2.py``) and a line ``FD_DINOv2: `` after them.
 
-Run under ``mpiexec -n N`` (or with torch.distributed initialised), every process extracts a contiguous slice of
-each file and rank 0 computes and prints the metrics.
+Run under ``mpiexec -n N``, torchrun or srun (or with torch.distributed initialised), every process extracts a
+contiguous slice of each file and rank 0 computes and prints the metrics.
 """
 
 import json

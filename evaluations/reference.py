@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from adm_common.files import HashMemo, atomic_write_bytes, user_cache_dir
-from adm_common.launch import detect_launch
-from adm_common.rendezvous import connect_store, connect_timeout, process_group_timeout
+from adm_common.rendezvous import launch_info, start_group
 from adm_common.npz import NpzImages
 from evaluations.features import POOL_DIM, SPATIAL_DIM, feature_numerics, full_float32
 
@@ -125,43 +124,18 @@ class TorchDistributed:
         return box[0]
 
 
-class MPIDistributed:
-    def __init__(self, comm):
-        self.comm = comm
-        self.rank = comm.Get_rank()
-        self.world_size = comm.Get_size()
-
-    def gather(self, obj):
-        return self.comm.gather(obj, root=0)
-
-    def bcast(self, obj):
-        return self.comm.bcast(obj, root=0)
-
-    def close(self):
-        pass
-
-
 def detect_distributed():
-    """How this evaluation is split over processes: an initialised torch.distributed group; else the launcher
-    of ``adm_common.launch`` (the one detection the sampler uses too): mpiexec through mpi4py, torchrun or srun
-    through a gloo process group created here; else a single process."""
+    """How this evaluation is split over processes: an initialised torch.distributed group; else a gloo group of
+    the launch (mpiexec, torchrun or srun: the sampler's one set-up, ``adm_common.rendezvous``), which the caller
+    closes (evaluator.main does); else a single process."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return TorchDistributed()
-    info = detect_launch()
-    if info.launcher == "mpi":
-        from mpi4py import MPI  # initialises MPI: only under an MPI launcher
-
-        if MPI.COMM_WORLD.Get_size() > 1:
-            return MPIDistributed(MPI.COMM_WORLD)
-    elif info.launcher in ("torchrun", "slurm") and info.world_size > 1:
-        # Connecting times out in minutes with a message naming the address; the collectives keep the long timeout.
-        store = connect_store(info, connect_timeout())
-        store.set_timeout(process_group_timeout())
-        dist.init_process_group("gloo", store=store, rank=info.rank, world_size=info.world_size,
-                                timeout=process_group_timeout())
-        return TorchDistributed(owns_group=True)  # the caller closes it (evaluator.main does)
+    info = launch_info()
+    if info.world_size > 1:
+        start_group(info, "gloo")
+        return TorchDistributed(owns_group=True)
     return SingleProcess()
 
 
@@ -204,8 +178,8 @@ class FeatureUse:
 
 def extract_all(images, extractors, batch_size=64, progress=False, dist=None, desc=None):
     """Run every extractor over the images of an ``NpzImages`` in one pass over the file, each process (``dist``, or
-    the detected torch.distributed / MPI world) a contiguous slice. Rank 0 gets, per extractor, ``{output: float32
-    array}`` in file order; other ranks None. Every extractor runs inside ``full_float32()``: float32, no TF32."""
+    the detected process group) a contiguous slice. Rank 0 gets, per extractor, ``{output: float32 array}`` in
+    file order; other ranks None. Every extractor runs inside ``full_float32()``: float32, no TF32."""
     dist = dist or detect_distributed()
     start, stop = shard_bounds(images.num_images, dist.rank, dist.world_size)
     parts = [{} for _ in extractors]
