@@ -13,6 +13,7 @@ import os
 import re
 
 from adm_common.files import atomic_write_bytes, atomic_write_text
+from adm_common.yaml_files import parse_yaml, read_yaml
 from evaluations.evaluator import RESULT_FORMAT, result_marker
 from evaluations.features import DEMO_FEATURES_MARK, RANDOM_WEIGHTS_MARK
 from evaluations.metrics import METRIC_KEYS, METRIC_TABLE, METRICS_BY_KEY
@@ -82,18 +83,12 @@ def find_result_files(path):
 
 
 def _load_config(json_path):
-    import yaml
-
     here = os.path.dirname(os.path.abspath(json_path))
     for directory in (here, os.path.dirname(here)):
         for name in CONFIG_NAMES:
             candidate = os.path.join(directory, name)
             if os.path.isfile(candidate):
-                with open(candidate) as f:
-                    cfg = yaml.safe_load(f) or {}
-                if not isinstance(cfg, dict):
-                    raise ValueError(f"{candidate}: expected a mapping, got {type(cfg).__name__}")
-                return cfg, candidate
+                return read_yaml(candidate, "run config"), candidate
     return {}, None
 
 
@@ -531,10 +526,8 @@ def make_table_from_rows(rows, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None,
 
 def load_anchors(path):
     """The ``anchors:`` list of an experiment YAML (or a YAML file that is itself the list)."""
-    import yaml
-
     with open(path) as f:
-        data = yaml.safe_load(f)
+        data = parse_yaml(f, f"anchors file {path}")
     if isinstance(data, dict):
         data = data.get("anchors")
         if data is None:
