@@ -100,9 +100,8 @@ def resolve(argv=None):
 
 
 def main(argv=None):
-    from sampling.allocator import tune_cpu_allocator
     from sampling.models import load_models
-    from sampling.process import resolve_device
+    from sampling.process import resolve_device, tune_cpu_allocator
 
     from . import TraceOptions, analyze
 

@@ -7,7 +7,7 @@ this one run. ``--num_channels`` shrinks the width for CPU runs (the topology st
 "engine" is what sampling uses (``pag.guide``: shared prefix, then one pass on ``[x; x]``);
 "engine_sequential" is its lower-memory variant (``batch_passes=False``: the rest runs twice on ``x``).
 On CUDA each variant's peak GPU memory (``torch.cuda.max_memory_allocated``) is printed too; there is
-no per-variant peak on CPU. On CPU the host allocator is tuned as the sampling entry points do (``sampling.allocator.tune_cpu_allocator``).
+no per-variant peak on CPU. On CPU the host allocator is tuned as the sampling entry points do (``sampling.process.tune_cpu_allocator``).
 
     python scripts/bench_guidance.py                      # CPU-sized: 64 channels, batch 1
     python scripts/bench_guidance.py --num_channels 256 --batch_size 8 --device cuda --fp16
@@ -24,7 +24,7 @@ import torch
 import pag
 from adm_common.files import atomic_write_text
 from adm_common.flags import FlagParser
-from sampling.allocator import tune_cpu_allocator
+from sampling.process import tune_cpu_allocator
 from sampling.models import set_compute_dtype
 
 from .models import build, diffusion_flags, step_inputs

@@ -147,7 +147,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cpu":  # as the sampling entry points do (large activations would page-fault in each step)
-        from sampling.allocator import tune_cpu_allocator
+        from sampling.process import tune_cpu_allocator
 
         tune_cpu_allocator()
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
