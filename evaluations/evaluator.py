@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from adm_common.files import atomic_write_text  # noqa: E402
 from adm_common.flags import FlagParser  # noqa: E402
-from adm_common.launch import detect_launch, local_rank_from_env  # noqa: E402
+from adm_common.launch import local_rank_from_env, rank_from_env  # noqa: E402
 from adm_common.rendezvous import DistSetupError, cuda_index  # noqa: E402
 from adm_common.npz import NpzImages  # noqa: E402
 from evaluations.bootstrap import (  # noqa: E402
@@ -384,7 +384,7 @@ def main(argv=None):
     try:
         dist = detect_distributed()
     except (DistSetupError, ValueError) as e:  # the rendezvous does not answer, a bad PAG_DIST_* value
-        print(f"[rank {detect_launch().rank}] error: {e}", file=sys.stderr)
+        print(f"[rank {rank_from_env()}] error: {e}", file=sys.stderr)
         return 2
     options = {key: value for key, value in vars(args).items() if key in EVALUATION_OPTIONS}  # same names
     options.update(cache_dir=None if args.no_cache else args.cache_dir, progress=not args.no_progress)
