@@ -13,14 +13,25 @@ def _is_blob_url(path: str) -> bool:
         parsed.scheme == "https" and parsed.netloc.endswith(".blob.core.windows.net"))
 
 
-def read_bytes(path: str) -> bytes:
-    """All bytes of a local path, ``file://`` URL, blobfile URL (gs://, az://, Azure https://)
-    or other http(s) URL."""
+def local_path(path):
+    """The file-system path that ``path`` (a local path or ``file://`` URL) names; None for a URL to fetch."""
     path = os.fspath(path)
     parsed = urllib.parse.urlparse(path)
     if parsed.scheme == "file":
-        path = urllib.request.url2pathname(parsed.path)
-        parsed = urllib.parse.urlparse(path)
+        return urllib.request.url2pathname(parsed.path)
+    return None if len(parsed.scheme) > 1 else path  # one letter: a Windows drive
+
+
+def read_bytes(path: str) -> bytes:
+    """All bytes of ``path``, a local path or any URL of the module's docstring."""
+    path, local = os.fspath(path), local_path(path)
+    if local is not None:
+        if not os.path.exists(local):
+            raise FileNotFoundError(f"checkpoint not found: {local}")
+        if os.path.isdir(local):
+            raise IsADirectoryError(f"checkpoint path is a directory, not a file: {local}")
+        with open(local, "rb") as f:
+            return f.read()
     if _is_blob_url(path):
         import blobfile as bf  # heavy import, only when needed
 
@@ -28,22 +39,16 @@ def read_bytes(path: str) -> bytes:
             raise FileNotFoundError(f"checkpoint not found: {path}")
         with bf.BlobFile(path, "rb") as f:
             return f.read()
-    if parsed.scheme in ("http", "https"):
-        try:
-            with urllib.request.urlopen(path, timeout=60) as r:
-                return r.read()
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                raise FileNotFoundError(f"checkpoint not found: {path} (HTTP 404)") from e
-            raise OSError(f"cannot read {path}: HTTP {e.code} {e.reason}") from e
-        except urllib.error.URLError as e:
-            raise OSError(f"cannot read {path}: {e.reason}") from e
-    if parsed.scheme and len(parsed.scheme) > 1:  # one letter: a Windows drive
-        raise ValueError(f"unsupported URL scheme {parsed.scheme!r} in {path!r}: use a local path, "
-                         "file://, gs://, az://, or http(s)://")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"checkpoint path is a directory, not a file: {path}")
-    with open(path, "rb") as f:
-        return f.read()
+    scheme = urllib.parse.urlparse(path).scheme
+    if scheme not in ("http", "https"):
+        raise ValueError(f"unsupported URL scheme {scheme!r} in {path!r}: use a local path, file://, gs://, az://, "
+                         "or http(s)://")
+    try:
+        with urllib.request.urlopen(path, timeout=60) as r:
+            return r.read()
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise FileNotFoundError(f"checkpoint not found: {path} (HTTP 404)") from e
+        raise OSError(f"cannot read {path}: HTTP {e.code} {e.reason}") from e
+    except urllib.error.URLError as e:
+        raise OSError(f"cannot read {path}: {e.reason}") from e

@@ -5,18 +5,11 @@ what identifies their content in the run record."""
 import os
 
 from adm_common.files import cached_file_sha256
+from guided_diffusion.blobs import local_path
 from guided_diffusion.checkpoint import CheckpointError, check_state_dict, read_state_dict
 
 from .model_configs import DEFAULT_MODEL_DIR, model_configs
 from .settings import SampleConfigError
-
-
-def is_url(path):
-    return "://" in path and not path.startswith("file://")
-
-
-def local_path(path):
-    return path[len("file://"):] if path.startswith("file://") else path
 
 
 def _checkpoint_hint(path):
@@ -32,9 +25,9 @@ def _checkpoint_hint(path):
 def check_checkpoint(net, path, flag):
     """A local checkpoint exists, is a file and fits ``net`` (on the meta device): names and shapes, reading only
     its index (memory-mapped). URLs, and checkpoints that cannot be mapped, are checked when they are loaded."""
-    if is_url(path):
-        return
     local = local_path(path)
+    if local is None:
+        return
     if not os.path.exists(local):
         raise SampleConfigError(f"checkpoint not found: {path} (--{flag}). {_checkpoint_hint(local)}")
     if os.path.isdir(local):
@@ -61,4 +54,5 @@ def load_weights(net, path, flag, device):
 def checkpoint_identity(path):
     """What identifies a checkpoint's content: ``sha256:<hex>`` of a local file (remembered beside it, see
     ``adm_common.files.cached_file_sha256``), ``url:<url>`` of a URL (read on every rank 0 anew)."""
-    return f"url:{path}" if is_url(path) else f"sha256:{cached_file_sha256(local_path(path))}"
+    local = local_path(path)
+    return f"url:{path}" if local is None else f"sha256:{cached_file_sha256(local)}"
