@@ -29,7 +29,7 @@ MODELS ?= 256x256_diffusion_uncond 256x256_diffusion 256x256_classifier
 REFS ?= imagenet256
 DOWNLOAD_FLAGS ?=
 
-.PHONY: download-models download-refs download-inception
+.PHONY: download-models download-refs download-inception download-dinov2
 
 download-models: venv
 	$(PY) scripts/download.py models $(MODELS) $(DOWNLOAD_FLAGS)
@@ -40,14 +40,9 @@ download-refs: venv
 download-inception: venv
 	$(PY) scripts/download.py inception $(DOWNLOAD_FLAGS)
 
-# DINOv2 ViT-L/14 weights for --metrics ...,fd_dinov2: Meta's dinov2_vitl14_pretrain.pth into torch hub's cache
-# (<torch hub dir>/checkpoints/), checked by loading it. DINOV2_FLAGS="--dest PATH" puts it elsewhere.
-DINOV2_FLAGS ?=
-
-.PHONY: download-dinov2
-
+# DINOv2 ViT-L/14 weights for --metrics ...,fd_dinov2, into torch hub's cache like Inception's.
 download-dinov2: venv
-	$(PY) -m evaluations.dinov2 --download $(DINOV2_FLAGS)
+	$(PY) scripts/download.py dinov2 $(DOWNLOAD_FLAGS)
 
 # GPU acceptance check (scripts/gpu_check.py over benchmarks/): float16 health, speed per guided step (batch
 # 1/8/32/64, the goals), the sampler end to end and feature-extraction throughput on this process's GPU, random

@@ -8,21 +8,16 @@ samples' features.
 
 The network is timm's ``vit_large_patch14_dinov2`` built for 224 x 224 input. Its weights are Meta's
 ``dinov2_vitl14_pretrain.pth`` (what ``torch.hub.load("facebookresearch/dinov2", "dinov2_vitl14")`` loads; same
-parameter names as timm's), read from disk, never downloaded here: ``make download-dinov2`` (or
-``python -m evaluations.dinov2 --download``) puts it in torch hub's cache. That checkpoint's position embedding is
+parameter names as timm's), read from disk, never downloaded here: ``make download-dinov2`` (``python
+scripts/download.py dinov2``) puts it in torch hub's cache. That checkpoint's position embedding is
 for 518 x 518 (37 x 37 patches); DINOv2 interpolates it to the input's 16 x 16 patches at every forward (bicubic,
 ``scale_factor = (16 + 0.1) / 37``, no antialiasing). The same interpolation is done here once, when loading, so
 the features are those of the hub model at 224 x 224.
 """
 
-import argparse
-import os
-import sys
-
 import numpy as np
 import torch
 
-from adm_common.files import file_sha256
 from adm_common.npz import check_image_batch
 from evaluations.features import FeatureNetwork, WeightsFile
 
@@ -143,38 +138,3 @@ class DINOv2Features(FeatureNetwork):
         self.num_calls += 1
         self.num_images += x.shape[0]
         return out
-
-
-# --------------------------------------------------------------------------------------------------------------
-# download (make download-dinov2)
-
-
-def download_weights(dest=None, url=WEIGHTS_URL):
-    """Download the checkpoint to ``dest`` (default: torch hub's cache), then check that it loads into ViT-L/14."""
-    dest = os.path.expanduser(dest) if dest else default_weights_path()
-    if os.path.isfile(dest):
-        print(f"{dest} already present")
-    else:
-        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-        print(f"downloading {url}\n  -> {dest}")
-        torch.hub.download_url_to_file(url, dest, progress=True)  # writes a temp file, then renames it
-    load_dinov2_weights(build_model(MODEL_NAME), load_checkpoint(dest))
-    print(f"ok: {dest} loads into {MODEL_NAME} (sha256 {file_sha256(dest)})")
-    return dest
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="DINOv2 ViT-L/14 weights for FD_DINOv2.")
-    p.add_argument("--download", action="store_true", help=f"download {WEIGHTS_FILENAME} and check it loads")
-    p.add_argument("--dest", default=None, help=f"where to put it (default: {default_weights_path()})")
-    args = p.parse_args(argv)
-    if not args.download:
-        path = args.dest or default_weights_path()
-        print(f"{path}: {'present' if os.path.isfile(path) else 'missing'}")
-        return 0 if os.path.isfile(path) else 1
-    download_weights(args.dest)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,13 +1,14 @@
-"""Download the official ADM checkpoints, the evaluator's reference batches and the Inception weights.
+"""Download the official ADM checkpoints, the evaluator's reference batches and the Inception and DINOv2 weights.
 
     python scripts/download.py models 256x256_diffusion_uncond 256x256_classifier   # or: models all
     python scripts/download.py refs imagenet256                                     # or: refs all
-    python scripts/download.py inception
+    python scripts/download.py inception                                            # or: dinov2
     python scripts/download.py list
 
-What is available comes from configs/models/*.yaml and configs/refs.yaml. Resumable (``FILE.part``, HTTP Range),
-verified by loading with the readers that will use the file (renamed into place only then), recorded by size and
-sha256 in ./downloads/manifest.json, never replacing a present file without ``--force``: docs/sampling.md#downloads.
+What is available comes from configs/models/*.yaml, configs/refs.yaml and evaluations.dinov2. Resumable
+(``FILE.part``, HTTP Range), verified by loading with the readers that will use the file (renamed into place only
+then), recorded by size and sha256 in ./downloads/manifest.json, never replacing a present file without
+``--force``: docs/sampling.md#downloads.
 """
 
 import argparse
@@ -46,9 +47,9 @@ class VerifyError(DownloadError):
 
 @dataclass
 class Item:
-    group: str  # "models", "refs" or "inception"
+    group: str  # "models", "refs", "inception" or "dinov2"
     name: str
-    kind: str  # diffusion | upsampler | classifier | reference | samples | inception
+    kind: str  # diffusion | upsampler | classifier | reference | samples | inception | dinov2
     url: str
     file: str
     flags: Dict = field(default_factory=dict)
@@ -99,6 +100,13 @@ def load_inception_item(configs_dir: Path = CONFIG_ROOT) -> Item:
     entry = cfg.get("inception")
     check_entry(entry, f"{path}: inception", error=DownloadError)
     return Item("inception", "inception", "inception", entry["url"], entry["file"])
+
+
+def load_dinov2_item(configs_dir=None) -> Item:
+    """Meta's DINOv2 ViT-L/14 checkpoint (FD_DINOv2): the file and URL of evaluations.dinov2's WeightsFile."""
+    from evaluations.dinov2 import WEIGHTS
+
+    return Item("dinov2", "dinov2", "dinov2", WEIGHTS.url, WEIGHTS.filename)
 
 
 def select(available: Dict[str, Item], names: List[str], group: str) -> List[Item]:
@@ -277,8 +285,8 @@ ShapesFn = Callable[[Item], Optional[Dict[str, Tuple[int, ...]]]]
 
 
 def verify_file(item: Item, path: Path, shapes_fn: ShapesFn = expected_shapes) -> str:
-    """Load ``path`` as what ``item`` says it is (a checkpoint or the Inception weights with the fork's checkpoint
-    reader); return a one-line summary or raise VerifyError."""
+    """Load ``path`` as what ``item`` says it is (a checkpoint, the Inception or DINOv2 weights, with the fork's
+    checkpoint reader); return a one-line summary or raise VerifyError."""
     if item.group == "refs":
         return verify_npz(path)
     from guided_diffusion.checkpoint import CheckpointError, UnreadableCheckpoint, mismatch_report, read_state_dict
@@ -297,6 +305,14 @@ def verify_file(item: Item, path: Path, shapes_fn: ShapesFn = expected_shapes) -
             raise VerifyError(f"{path} loads but is not torch-fidelity's Inception weights "
                               f"(fc.weight should be 1008 x 2048, got {None if fc is None else list(fc.shape)})")
         return f"{len(state)} tensors, fc 1008x2048"
+    if item.group == "dinov2":
+        from evaluations.dinov2 import MODEL_NAME, build_model, load_dinov2_weights
+
+        try:
+            load_dinov2_weights(build_model(), state)
+        except (RuntimeError, ValueError) as e:
+            raise VerifyError(f"{path} loads but not into {MODEL_NAME}: {e}") from None
+        return f"{len(state)} tensors, loads into {MODEL_NAME}"
     expected = shapes_fn(item)
     report = expected is not None and mismatch_report(expected, {k: v.shape for k, v in state.items()},
                                                       f"checkpoint {item.name} ({path})")
@@ -310,7 +326,7 @@ def verify_file(item: Item, path: Path, shapes_fn: ShapesFn = expected_shapes) -
 
 
 def _force_hint(item: Item) -> str:
-    names = "" if item.group == "inception" else f" {item.name}"
+    names = "" if item.group == item.name else f" {item.name}"  # inception, dinov2: one file each
     return f"python scripts/download.py {item.group}{names} --force"
 
 
@@ -389,17 +405,17 @@ def ensure(item: Item, dest: Path, manifest: Manifest, *, force: bool = False, v
 
 
 def default_dest(group: str) -> Path:
-    if group == "inception":
+    if group in ("inception", "dinov2"):
         from evaluations.features import default_weights_path
 
-        return Path(default_weights_path()).parent  # torch hub's checkpoints, where the evaluator looks
+        return Path(default_weights_path()).parent  # torch hub's checkpoints, where the evaluator looks for both
     return Path("downloads") / group
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dest", type=Path, help="target directory (default: ./downloads/models, "
-                        "./downloads/refs, or torch hub's checkpoints directory for inception)")
+                        "./downloads/refs, or torch hub's checkpoints directory for inception and dinov2)")
     common.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST,
                         help="size/sha256 record (default: %(default)s)")
     common.add_argument("--configs", type=Path, default=CONFIG_ROOT,
@@ -417,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("refs", parents=[common], help="evaluator reference batches (configs/refs.yaml)")
     p.add_argument("names", nargs="*", metavar="NAME", help="batch names, or 'all'")
     sub.add_parser("inception", parents=[common], help="torch-fidelity's Inception weights")
+    sub.add_parser("dinov2", parents=[common], help="Meta's DINOv2 ViT-L/14 weights (for fd_dinov2)")
     sub.add_parser("list", parents=[common], help="list what can be downloaded")
     return parser
 
@@ -427,16 +444,15 @@ def main(argv=None, shapes_fn: ShapesFn = expected_shapes) -> int:
         print("error: --retries must be >= 0", file=sys.stderr)
         return 2
     try:
-        if args.group == "list":
-            for group, items in (("models", load_model_items(args.configs)), ("refs", load_ref_items(args.configs))):
-                for name, item in items.items():
-                    print(f"{group:7s} {name:28s} {item.kind:10s} {item.url}")
-            item = load_inception_item(args.configs)
-            print(f"inception {item.file:26s} {item.url}")
-            return 0
         loaders = {"models": load_model_items, "refs": load_ref_items}
+        single = {"inception": load_inception_item, "dinov2": load_dinov2_item}
+        if args.group == "list":
+            for item in [i for load in loaders.values() for i in load(args.configs).values()] + \
+                    [load(args.configs) for load in single.values()]:
+                print(f"{item.group:9s} {item.name:36s} {item.kind:10s} {item.url}")
+            return 0
         items = select(loaders[args.group](args.configs), args.names, args.group) if args.group in loaders else \
-            [load_inception_item(args.configs)]
+            [single[args.group](args.configs)]
         manifest = Manifest(args.manifest)
     except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)
