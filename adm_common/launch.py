@@ -130,7 +130,7 @@ def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
     """Work out the launcher from environment variables alone (never imports mpi4py).
 
     For MPI the result only says ``launcher="mpi"``; the rank and size come from mpi4py
-    in ``setup_dist``.  A SLURM step whose variables disagree with those of an MPI launcher
+    in ``rendezvous.launch_info``.  A SLURM step whose variables disagree with those of an MPI launcher
     (``mpiexec`` run inside an ``sbatch`` script inherits the batch step's SLURM_PROCID=0)
     is treated as an MPI launch.  The batch script itself (no ``SLURM_STEP_ID``) is not a
     SLURM launch: ``python script.py`` in an sbatch script runs as one process.
@@ -205,9 +205,3 @@ def local_rank_from_env(env: Optional[Mapping[str, str]] = None) -> Optional[int
     name = _first_var(env, _MPI_LOCAL_RANK_VARS + ("LOCAL_RANK",))
     return int(env[name]) if name and env[name].isdigit() else None
 
-
-def mpi_local_rank(env: Optional[Mapping[str, str]] = None) -> Optional[int]:
-    """The node-local rank an MPI launcher put into the environment, or None."""
-    env = os.environ if env is None else env
-    name = _first_var(env, _MPI_LOCAL_RANK_VARS)
-    return _int_var(env, name) if name else None

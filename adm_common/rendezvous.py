@@ -13,7 +13,7 @@ import os
 import socket
 import time
 
-from .launch import LaunchInfo, detect_launch, mpi_local_rank
+from .launch import LaunchInfo, detect_launch, local_rank_from_env
 
 
 class DistSetupError(RuntimeError):
@@ -103,7 +103,7 @@ def _mpi_launch_info() -> LaunchInfo:
     rank, size = comm.Get_rank(), comm.Get_size()
     if size == 1:
         return LaunchInfo("none")
-    local = mpi_local_rank(os.environ)
+    local = local_rank_from_env()
     if local is None:
         local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
     hosts = comm.allgather(socket.gethostname())
@@ -174,10 +174,8 @@ def start_group(info: LaunchInfo, backend: str, meet=None) -> None:
 
 
 def cuda_index(local_rank: int, wrap: bool = False) -> int:
-    """The GPU of local rank ``local_rank`` (the sampler's and the evaluator's). One visible GPU is everyone's GPU 0:
-    the launcher may have given each task its own (``srun --gpus-per-task=1``) or all of them the same one; only
-    the sampler's shared-GPU check can tell. ``wrap``: more local ranks than GPUs wrap around (for that check to
-    name the ranks that collide), else an error."""
+    """The GPU of local rank ``local_rank`` (sampler and evaluator); one visible GPU is everyone's GPU 0 (their own
+    or one shared: dist_util's GPU check tells). ``wrap``: more local ranks than GPUs wrap around, else an error."""
     import torch
 
     count = torch.cuda.device_count()

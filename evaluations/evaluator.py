@@ -136,7 +136,10 @@ def evaluate(ref_path, sample_path, *, json_path=None, dist=None, extractor=None
     batches = {"ref": _open_batch(ref_path, s), "sample": _open_batch(sample_path, s)}
     input_warnings = _input_warnings(batches["ref"][0], batches["sample"][0])
     dist = dist or detect_distributed()
-    nets = _networks(s, _device(s.device, dist), extractor, dinov2_extractor)
+    device, local = s.device, local_rank_from_env()
+    if device is None and dist.world_size > 1 and torch.cuda.is_available():  # as the sampler: one GPU a process
+        device = f"cuda:{cuda_index(dist.rank if local is None else local, wrap=True)}"
+    nets = _networks(s, device, extractor, dinov2_extractor)
     _check_sizes(s, nets, [images for images, _ in batches.values()])
     started = time.time()
     feats = {}
@@ -178,14 +181,6 @@ def _input_warnings(ref, sample):
             "published protocol (use a reference batch of the samples' resolution)")
     warnings.warn(text, UserWarning, stacklevel=3)
     return [text]
-
-
-def _device(device, dist):
-    """Under several processes on GPUs, one GPU per process on a node: the launcher's local rank (as the sampler)."""
-    if device is None and dist.world_size > 1 and torch.cuda.is_available():
-        local = local_rank_from_env()
-        return f"cuda:{cuda_index(dist.rank if local is None else local, wrap=True)}"
-    return device
 
 
 def _networks(s, device, extractor, dinov2_extractor):

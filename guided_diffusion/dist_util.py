@@ -7,10 +7,8 @@ forces ``nccl`` or ``gloo``. A process started by none of them runs as world siz
 an in-memory store (as upstream, whose scripts call ``torch.distributed`` directly), and mpi4py is never
 imported (importing it initialises MPI, which is slow and can fail on machines without a working MPI).
 
-Timeouts (``adm_common.rendezvous``): collectives ``PAG_DIST_TIMEOUT_MINUTES`` (default 720: longer than any
-single wait of a 50k-sample cell; the sampler's ranks wait for each other by polling files); reaching rank 0's
-TCP store and waiting there for every rank ``PAG_DIST_CONNECT_TIMEOUT_SECONDS`` (default 300), with one line
-naming the address, the port and the launcher.
+The set-up and its timeouts are ``adm_common.rendezvous``'s (shared with the evaluator); collectives may wait
+``PAG_DIST_TIMEOUT_MINUTES`` (720: longer than any single wait of a 50k-sample cell).
 
 Backend: NCCL when the run computes on a GPU, gloo otherwise, so a CPU run never touches a GPU. Each process
 uses the GPU of its local rank (``dev()``); two ranks that would use one GPU stop at start-up with one line
