@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from adm_common.files import atomic_write_bytes, atomic_write_text
+from adm_common.yaml_files import read_yaml
 from evaluations.uncertainty import seed_run_name
-from sampling.config_files import read_yaml_mapping
 from sampling.images import image_grid, save_png, save_side_by_side
 from sampling.model_configs import load_model_config
 from sampling.sweep import expand, load_sweep
@@ -211,7 +211,7 @@ def main(argv=None):
     parser.add_argument("--grid", choices=("pair", "rows"), default="pair",
                         help="finish's grid.png: the demo's baseline beside PAG s = 2 (pair) or every cell (rows)")
     args = parser.parse_args(argv)
-    config = read_yaml_mapping(args.config, "demo config")
+    config = read_yaml(args.config, "demo config")
     if args.step == "prepare":
         prepare(config, args.num_reference)
     else:

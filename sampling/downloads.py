@@ -29,8 +29,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from adm_common.files import atomic_write_text, file_sha256
 from adm_common.npz import NpzImages
+from adm_common.yaml_files import read_yaml
 
-from .config_files import read_yaml_mapping
 from .model_configs import CONFIG_ROOT, REQUIRED_KEYS, ModelConfigError, check_entry, load_model_config
 
 DEFAULT_MANIFEST = Path("downloads") / "manifest.json"
@@ -81,7 +81,7 @@ def load_model_items(configs_dir: Path = CONFIG_ROOT) -> Dict[str, Item]:
 
 def _read_refs(configs_dir) -> Tuple[Path, Dict]:
     path = Path(configs_dir) / "refs.yaml"
-    return path, read_yaml_mapping(path, "config", DownloadError)
+    return path, read_yaml(path, "config", DownloadError)
 
 
 def load_ref_items(configs_dir: Path = CONFIG_ROOT) -> Dict[str, Item]:
