@@ -30,13 +30,21 @@ def remove_quietly(path):
 
 
 @contextlib.contextmanager
-def atomic_open(path):
+def atomic_open(path, need=None, needer="it", root=None, before=None):
     """The one atomic writer: a binary file to write (``with atomic_open(path) as f: torch.save(obj, f)``) that
     replaces ``path`` only when the block ends without an error, so readers see the old file or the whole new one;
     on an error the temporary file is removed and ``path`` is left as it was. The temporary file is made next to
     ``path`` (the rename is atomic), exclusively under a random name and used through its descriptor only, so a
-    link planted at its name is never followed; a link at ``path`` is replaced, never written through."""
+    link planted at its name is never followed; a link at ``path`` is replaced, never written through.
+
+    The one place a full disk becomes :func:`disk_full`'s message (about ``need`` bytes for ``needer``, free space
+    in ``root``, default ``path``'s directory); with ``before`` (e.g. "merge the shards into") that free space is
+    checked ahead of writing."""
     directory, name = os.path.split(os.path.abspath(path))
+    root = root or directory
+    full = disk_full(root, path, need, needer, before) if before is not None else None
+    if full is not None:
+        raise full
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{name}{_TMP_MARK}{secrets.token_hex(8)}")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
@@ -46,8 +54,10 @@ def atomic_open(path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         remove_quietly(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise disk_full(root, path, need, needer) from None
         raise
     with contextlib.suppress(OSError):  # the rename made durable
         dir_fd = os.open(directory, os.O_RDONLY)
@@ -66,8 +76,9 @@ def atomic_write_bytes(path, data):
 atomic_write_text = atomic_write_bytes  # the name text writers across the project import
 
 
-class DiskFullError(RuntimeError):
-    """Not enough free space for a file being written; what was finished before is kept."""
+class DiskFullError(OSError):
+    """Not enough free space for a file being written; what was finished before is kept (an OSError: whoever
+    carries on without a file it could not write still does)."""
 
 
 def _size(n):

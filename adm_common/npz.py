@@ -1,7 +1,7 @@
 """npz files of images (upstream's format: uint8 N x H x W x 3 images in ``arr_0``, int64 labels in ``arr_1``).
 
 :class:`NpzImages` streams ``arr_0`` from the zip member, so a 50k x 256 x 256 x 3 file (10 GB) is never in memory
-at once; :func:`NpzWriter` writes members as stored zip entries chunk by chunk with a fixed timestamp, so the same
+at once; :class:`NpzWriter` writes members as stored zip entries chunk by chunk with a fixed timestamp, so the same
 arrays always give the same bytes, and the file appears only complete.
 """
 
@@ -163,21 +163,23 @@ class ArrayStream:
             raise ValueError(f"{self.name}: {self.rows} rows written, the array has {self.shape[0]}")
 
 
-@contextlib.contextmanager
-def NpzWriter(path):  # noqa: N802 (used as a class: ``with NpzWriter(path) as w``)
-    """Write an ``.npz`` atomically (:func:`adm_common.files.atomic_open`), member by member: ``with NpzWriter(path)
-    as w:`` then ``w.write(name, array)``, or ``with w.stream(name, shape, dtype) as s: s.write(rows)`` for large
-    arrays. The file appears at ``path`` only when the block ends without an exception."""
-    path = os.fspath(path)
-    with atomic_open(path) as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        yield _NpzMembers(path, zf)
+class NpzWriter:
+    """Write an ``.npz`` atomically (:func:`adm_common.files.atomic_open`, given ``space``), member by member: ``with
+    NpzWriter(path) as w:`` then ``w.write(name, array)``, or ``with w.stream(name, shape, dtype) as s:
+    s.write(rows)`` for large arrays. The file appears at ``path`` only when the block ends without an exception."""
 
+    def __init__(self, path, **space):
+        self.path, self._names, self._space = os.fspath(path), set(), space
 
-class _NpzMembers:
-    """The members of an npz being written (see :func:`NpzWriter`)."""
+    def __enter__(self):
+        with contextlib.ExitStack() as stack:
+            f = stack.enter_context(atomic_open(self.path, **self._space))
+            self._zip = stack.enter_context(zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True))
+            self._close = stack.pop_all()
+        return self
 
-    def __init__(self, path, zf):
-        self.path, self._zip, self._names = path, zf, set()
+    def __exit__(self, *exc):
+        return self._close.__exit__(*exc)
 
     @contextlib.contextmanager
     def stream(self, name, shape, dtype):

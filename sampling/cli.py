@@ -17,14 +17,16 @@ import sys
 
 import torch as th
 
+from adm_common.files import DiskFullError, disk_full
 from adm_common.flags import FlagParser
 from adm_common.launch import rank_from_env, world_size_from_env
 from adm_common.yaml_files import parse_yaml
 from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoint import CheckpointError
 
-from .execute import DiskFullError, PeerFailedError, RunStopped, disk_full
+from .execute import RunStopped
 from .process import start_process
+from .progress import PeerFailedError
 from .run import run
 from .sampler import NonFiniteError
 from .settings import SETTINGS, SampleConfigError, read_yaml_mapping, resolve_settings

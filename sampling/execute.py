@@ -8,23 +8,16 @@ out): they poll the file system (:mod:`sampling.progress`), and rank 0 verifies 
 (:func:`sampling.shards.collect`).
 """
 
-import errno
 import os
 import signal
 import time
 
-import numpy as np
-
-from adm_common.files import DiskFullError, disk_full, real_directory  # noqa: F401 (cli imports them here)
-from adm_common.npz import NpzWriter
 from guided_diffusion import dist_util, logger
 
 from . import shards
 from .claims import Claims
-from .layout import FAILED_DIR, PROGRESS_DIR, SHARD_DIR
-from .progress import POLL_SECONDS, PeerFailedError, Progress, Rank0Watch  # noqa: F401 (imported from here)
+from .progress import PeerFailedError, Progress
 from .record import write_run_record
-from .settings import SampleConfigError
 
 
 class RunStopped(BaseException):
@@ -43,6 +36,19 @@ class _Superseded(Exception):
     """This rank's claim on the shard it sampled was taken over meanwhile: its copy is not kept."""
 
 
+def _sampled(sampler, start, end, k, progress, claims):
+    """Shard k's (images, labels) batches; each finished batch keeps the claim's heartbeat going. The claim is asked
+    again before the file is put in place: a copy whose claim another rank took over meanwhile is dropped."""
+    batch_size = sampler.settings.runtime.batch_size
+    for b in range(start, end, batch_size):
+        images, labels = sampler.sample(list(range(b, min(b + batch_size, end))))
+        yield images, labels
+        progress.advance(len(images))
+        claims.progressed()
+    if not claims.still_mine(k):
+        raise _Superseded()
+
+
 def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
     """Claim and sample unfinished shards until none is left, then (rank 0) merge. Returns the npz path.
 
@@ -53,32 +59,25 @@ def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
     s, layout = plan.settings, plan.layout
     for note in plan.notes if rank == 0 else []:
         logger.log(note)
+    if rank == 0 and plan.complete:
+        logger.log(f"{layout.final_path} exists: the run is complete")
     verified = {k for k in range(plan.num_shards) if k not in plan.remaining}  # checked by prepare
-    if plan.complete:
-        if rank == 0:
-            logger.log(f"{layout.final_path} exists: the run is complete")
-            shards.collect(plan, verified, with_labels=None)
-        dist_util.barrier()
-        return layout.final_path
     own = plan.remaining[rank::world]
     # Own share first, then every other shard: one verified by prepare may fail the merge and be sampled again.
     order = own + sorted(set(range(plan.num_shards)) - set(own))
-    size, batch_size = s.model.image_size, s.runtime.batch_size
     count = claimed = 0
     try:  # from here on a failure leaves a note in .failed/ that stops the other ranks
-        if rank == 0:
+        if rank == 0 and not plan.complete:
             write_run_record(plan, sampler.device)
             logger.log(f"{s.sampling.num_samples} samples in {plan.num_shards} shards of {s.sampling.shard_size}: "
                        f"{plan.done_images} done, {len(plan.remaining)} shards to sample on {world} process(es); "
-                       f"device {sampler.device}, batch size {batch_size}")
-        for name in (SHARD_DIR, PROGRESS_DIR, FAILED_DIR):  # a link there is refused (never written through)
-            real_directory(plan.out_dir, name, error=SampleConfigError)
-        with Progress(plan, rank) as progress, Claims(plan, rank) as claims:
+                       f"device {sampler.device}, batch size {s.runtime.batch_size}")
+        with Progress(plan, rank) as progress, Claims(plan, rank) as claims:  # a complete plan: nothing to claim
             progress.check()
             while True:
                 if rank != 0 and os.path.exists(layout.final_path):
                     break
-                if rank == 0 and shards.collect(plan, verified, sampler.with_labels):
+                if rank == 0 and shards.collect(plan, verified, s.with_labels):
                     break
                 k, note = claims.claim_next(order)
                 if k is None:
@@ -91,38 +90,17 @@ def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
                 claimed += 1
                 if on_shard_claimed is not None:
                     on_shard_claimed(claimed)
-                # Sample shard k into its file (atomically); each finished batch keeps the claim's heartbeat going.
-                # A copy whose claim another rank took over meanwhile (asked before sampling and before the file is
-                # put in place) is dropped.
-                (start, end), path, labels, t0 = layout.shard_bounds(k), layout.shard_path(k), [], time.time()
+                (start, end), t0 = layout.shard_bounds(k), time.time()
                 try:
-                    try:
-                        if not claims.still_mine(k):
-                            raise _Superseded()
-                        with NpzWriter(path) as writer:
-                            with writer.stream("arr_0", (end - start, size, size, 3), np.uint8) as out:
-                                for b in range(start, end, batch_size):
-                                    images, batch_labels = sampler.sample(list(range(b, min(b + batch_size, end))))
-                                    out.write(images)
-                                    labels.append(batch_labels)
-                                    progress.advance(len(images))
-                                    claims.progressed()
-                            if sampler.with_labels:
-                                writer.write("arr_1", np.concatenate(labels))
-                            writer.write("sample_range", np.array([start, end], dtype=np.int64))
-                            writer.write("run_id", np.array([plan.run_id]))
-                            if not claims.still_mine(k):
-                                raise _Superseded()
-                    finally:
-                        claims.release(k)
+                    if not claims.still_mine(k):  # taken over before sampling began
+                        raise _Superseded()
+                    shards.write_shard(plan, k, _sampled(sampler, start, end, k, progress, claims))
                 except _Superseded:
                     logger.log(f"shard {k + 1}/{plan.num_shards} was taken over by another rank while rank {rank} "
                                "sampled it; this copy is discarded")
                     continue
-                except OSError as e:
-                    if e.errno == errno.ENOSPC:
-                        raise disk_full(plan.out_dir, path, (end - start) * size ** 2 * 3, "a shard") from None
-                    raise
+                finally:
+                    claims.release(k)
                 seconds = time.time() - t0
                 logger.log(f"shard {k + 1}/{plan.num_shards} (samples {start}-{end - 1}) done by rank {rank} in "
                            f"{seconds:.1f}s ({(end - start) / max(seconds, 1e-9):.2f} img/s)")

@@ -219,7 +219,7 @@ def _reuse_merged_batches(plan, notes):
             for start, end, images, labels in rows_from_batch(path, [layout.shard_bounds(k) for k in covered],
                                                               plan.settings.with_labels):
                 k = start // layout.shard_size
-                write_shard(layout.shard_path(k), images, labels, start, end, plan.run_id)
+                write_shard(plan, k, [(images, labels)])
                 plan.remaining.remove(k)
                 plan.done_images += end - start
         except (ShardError, ValueError, KeyError, OSError) as e:

@@ -8,7 +8,6 @@ found it right; one that fails is moved to ``shards/rejected/`` (:func:`reject_s
 import contextlib
 import dataclasses
 import datetime
-import errno
 import os
 import time
 import zipfile
@@ -16,7 +15,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from adm_common.files import atomic_write_text, disk_full, real_directory
+from adm_common.files import atomic_write_text, real_directory
 from adm_common.npz import NpzImages, NpzWriter, npz_header, npz_members
 from guided_diffusion import logger
 
@@ -91,14 +90,20 @@ def reject_shard(path, reason):
     return target
 
 
-def write_shard(path, images, labels, start, end, run_id):
-    """Write a finished shard in one go (shards derived from a merged sample batch)."""
-    with NpzWriter(path) as writer:
-        writer.write("arr_0", images)
-        if labels is not None:
-            writer.write("arr_1", labels)
+def write_shard(plan, k, batches):
+    """Write shard k of ``plan``'s run (atomically; a full disk is named in out_dir's terms): ``batches`` of (images,
+    labels) streamed into ``arr_0`` and ``arr_1``, then its ``sample_range`` and ``run_id``."""
+    (start, end), size, labels = plan.layout.shard_bounds(k), plan.layout.image_size, []
+    with NpzWriter(plan.layout.shard_path(k), need=(end - start) * size ** 2 * 3, needer="a shard",
+                   root=plan.out_dir) as writer:
+        with writer.stream("arr_0", (end - start, size, size, 3), np.uint8) as out:
+            for images, batch_labels in batches:
+                out.write(images)
+                labels.append(batch_labels)
+        if plan.settings.with_labels:
+            writer.write("arr_1", np.concatenate(labels))
         writer.write("sample_range", np.array([start, end], dtype=np.int64))
-        writer.write("run_id", np.array([run_id]))
+        writer.write("run_id", np.array([plan.run_id]))
 
 
 def rows_from_batch(npz_path, bounds, with_labels):
@@ -127,10 +132,7 @@ def merge_shards(shard_paths, out_path, with_labels):
     one shard's images in memory), when the free space holds it (as much again as the shards). The shards were
     verified (:func:`shard_problem`: uint8 images of the run's size); the stream's own checks catch any other.
     Returns the merged images' shape."""
-    directory, need = os.path.dirname(os.path.abspath(out_path)), sum(os.path.getsize(p) for p in shard_paths)
-    full = disk_full(directory, out_path, need, "the merged file (as much as the shards)", "merge the shards into")
-    if full is not None:
-        raise full
+    need = sum(os.path.getsize(p) for p in shard_paths)
     shapes = []
     for path in shard_paths:
         try:
@@ -148,50 +150,47 @@ def merge_shards(shard_paths, out_path, with_labels):
                 raise  # the disk, not the shard (e.g. no space left)
             raise ShardError(path, f"cannot be read for the merge ({type(e).__name__}: {e})") from None
 
-    try:
-        with NpzWriter(out_path) as w:
-            with w.stream("arr_0", total, np.uint8) as s:
+    with NpzWriter(out_path, need=need, needer="the merged file (as much as the shards)",
+                   before="merge the shards into") as w:
+        with w.stream("arr_0", total, np.uint8) as s:
+            for path in shard_paths:
+                s.write(read(path, "arr_0"))
+        if with_labels:
+            with w.stream("arr_1", (total[0],), np.int64) as s:
                 for path in shard_paths:
-                    s.write(read(path, "arr_0"))
-            if with_labels:
-                with w.stream("arr_1", (total[0],), np.int64) as s:
-                    for path in shard_paths:
-                        s.write(read(path, "arr_1").astype(np.int64, copy=False))
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise disk_full(directory, out_path, need, "the merged file") from None
-        raise
+                    s.write(read(path, "arr_1").astype(np.int64, copy=False))
     return total
 
 
 def collect(plan, verified, with_labels):
-    """Rank 0, each poll: verify the shards that appeared since the last look (``verified``: the indices checked;
-    a bad one is moved aside and sampled again); once all are, merge them (checking the free space first), draw
-    the grid and remove the shards (unless kept). True when the run is finished."""
-    layout = plan.layout
+    """Rank 0, each poll: verify the shards that appeared since the last look (``verified``: the indices checked);
+    once all are, merge them (checking the free space first), draw the grid and remove the shards (unless kept). A
+    bad shard, found now or by the merge, is moved aside and sampled again. True when the run is finished."""
+    layout, rejects = plan.layout, []  # (path, reason, what the log says)
     for k in range(plan.num_shards):
         if k not in verified and os.path.exists(layout.shard_path(k)):
             problem = plan.shard_problem(k)
-            if not problem:
+            if problem:
+                rejects.append((layout.shard_path(k), problem, f"shard {shard_filename(k)} rejected ({problem})"))
+            else:
                 verified.add(k)
-                continue
-            target = reject_shard(layout.shard_path(k), problem)
-            logger.log(f"shard {shard_filename(k)} rejected ({problem}): moved to {target}, it is sampled again")
-    if len(verified) < plan.num_shards:
-        return False
     shards = [layout.shard_path(k) for k in range(plan.num_shards)]
-    if not os.path.exists(layout.final_path):
+    if len(verified) == plan.num_shards and not os.path.exists(layout.final_path):
         t0 = time.time()
         try:
             shape = merge_shards(shards, layout.final_path, with_labels)
-        except ShardError as e:  # damaged after it was verified: set aside, sample again
-            logger.log(f"{e}: moved to {reject_shard(e.path, e.reason)}, it is sampled again")
-            verified.discard(shard_index(os.path.basename(e.path)))
-            return False
-        logger.log(f"merged {plan.num_shards} shards into {layout.final_path} {shape} in {time.time() - t0:.1f}s")
+            logger.log(f"merged {plan.num_shards} shards into {layout.final_path} {shape} in {time.time() - t0:.1f}s")
+        except ShardError as e:  # damaged after it was verified
+            rejects.append((e.path, e.reason, str(e)))
+    for path, reason, said in rejects:
+        logger.log(f"{said}: moved to {reject_shard(path, reason)}, it is sampled again")
+        verified.discard(shard_index(os.path.basename(path)))
+    if len(verified) < plan.num_shards:
+        return False
     grid = layout.path(GRID_NAME)
     if os.path.islink(grid) or not os.path.exists(grid):  # a link put there meanwhile is replaced, not followed
-        save_png(image_grid(NpzImages(layout.final_path).first(64)), grid)
+        first = NpzImages(layout.final_path).first(64)
+        save_png(image_grid(first), grid)
     if not plan.settings.runtime.keep_shards:  # the claims go after the final barrier (a rank may still claim)
         for path in shards:
             if os.path.exists(path):

@@ -12,7 +12,7 @@ from adm_common.files import HashMemo, atomic_write_text, link_text, read_json_m
 from adm_common.npz import samples_filename
 from guided_diffusion import dist_util, logger
 
-from .execute import POLL_SECONDS, PeerFailedError, Rank0Watch
+from .progress import POLL_SECONDS, PeerFailedError, Rank0Watch
 from .settings import SampleConfigError, plain, sampler_label
 
 

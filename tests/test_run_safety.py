@@ -814,7 +814,7 @@ def test_a_hung_rank_stops_refreshing_its_claim(tmp_path):
 
 
 def test_rank0_watch_notices_a_dead_rank0(tmp_path, monkeypatch):
-    from sampling.execute import PeerFailedError, Rank0Watch
+    from sampling.progress import PeerFailedError, Rank0Watch
 
     assert not Rank0Watch(str(tmp_path)).active  # no lock file: never a false alarm
     Rank0Watch(str(tmp_path)).check()
