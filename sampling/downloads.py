@@ -71,10 +71,7 @@ def load_model_items(configs_dir: Path = CONFIG_ROOT) -> Dict[str, Item]:
         raise DownloadError(f"no model configs (*.yaml) in {model_dir}")
     items = {}
     for path in paths:
-        try:
-            cfg = load_model_config(path, required=REQUIRED_KEYS + ("url", "file"))
-        except ModelConfigError as e:
-            raise DownloadError(str(e)) from None
+        cfg = load_model_config(path, required=REQUIRED_KEYS + ("url", "file"))  # ModelConfigError if unusable
         items[cfg["name"]] = Item("models", cfg["name"], cfg["kind"], cfg["url"], cfg["file"], cfg["flags"])
     return items
 
@@ -233,10 +230,8 @@ def fetch(url: str, part: Path, *, expected_size: Optional[int] = None, retries:
             continue
         return
     got = part.stat().st_size if part.exists() else 0
-    if got:
-        hint = f"{part} keeps the {got} bytes received: run the same command again to resume"
-    else:
-        hint = "check the network connection (or the URL in the config) and run the command again"
+    hint = (f"{part} keeps the {got} bytes received: run the same command again to resume" if got else
+            "check the network connection (or the URL in the config) and run the command again")
     raise DownloadError(f"could not download {url} after {retries + 1} attempts ({last_error}); {hint}")
 
 
@@ -454,7 +449,7 @@ def main(argv=None, shapes_fn: ShapesFn = expected_shapes) -> int:
         items = select(loaders[args.group](args.configs), args.names, args.group) if args.group in loaders else \
             [single[args.group](args.configs)]
         manifest = Manifest(args.manifest)
-    except DownloadError as e:
+    except (DownloadError, ModelConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     dest = args.dest if args.dest is not None else default_dest(args.group)
