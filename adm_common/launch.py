@@ -112,14 +112,10 @@ def _detect_slurm(env: Mapping[str, str]) -> LaunchInfo:
     world = _int_var(env, size_var)
     rank = _int_var(env, "SLURM_PROCID")
     local = _int_var(env, "SLURM_LOCALID") if env.get("SLURM_LOCALID") else 0
-    addr = env.get("MASTER_ADDR") or None
-    if addr is None:
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        if nodelist:
-            addr = expand_slurm_nodelist(nodelist)[0]
-    if addr is None:
-        addr = env.get("SLURM_LAUNCH_NODE_IPADDR") or None
-    if addr is None:
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    addr = (env.get("MASTER_ADDR") or (nodelist and expand_slurm_nodelist(nodelist)[0])
+            or env.get("SLURM_LAUNCH_NODE_IPADDR"))
+    if not addr:
         raise ValueError("SLURM launch detected but no rendezvous host: none of MASTER_ADDR, "
                          "SLURM_STEP_NODELIST, SLURM_JOB_NODELIST, SLURM_LAUNCH_NODE_IPADDR is set")
     port = _int_var(env, "MASTER_PORT") if env.get("MASTER_PORT") else _slurm_port(env)

@@ -1,19 +1,12 @@
-"""PyTorch evaluator compatible with OpenAI's ADM (guided-diffusion) evaluator.
+"""PyTorch evaluator compatible with OpenAI's ADM (guided-diffusion) evaluator; docs/evaluation.md has its options
+and protocol (the 2015 TF Inception's features, stored FID statistics when present, IS splits of 5000, precision/
+recall with k = 3 in upstream's float16 blocks).
 
-    python evaluations/evaluator.py REF.npz SAMPLE.npz [--json PATH] [--batch-size 64] [--device cuda]
+    python evaluations/evaluator.py REF.npz SAMPLE.npz [--json PATH] [--metrics fid,sfid,is,pr,fd_dinov2]
 
-prints the five lines of the upstream evaluator (``Inception Score: ``, ``FID: ``, ``sFID: ``, ``Precision: ``,
-``Recall: ``); progress and notes go to stderr. From Python: ``evaluate(ref_path, sample_path, ...) -> dict``.
-
-Protocol (as upstream; ``features.py`` and ``metrics.py`` have the details): the 2015 TF Inception's features of
-``arr_0``; FID and sFID from the npz's stored statistics when present; IS in splits of 5000; precision/recall with
-k = 3 and upstream's float16 distance blocks (``--pr-precision float32`` for float32 throughout).
-
-``--metrics`` selects among ``fid,sfid,is,pr,fd_dinov2`` (default ``fid,sfid,is,pr``: the five lines above).
-``fd_dinov2`` adds EDM2's FD_DINOv2 (``evaluations/dinov2.py``) and a line ``FD_DINOv2: `` after them.
-
-Run under ``mpiexec -n N``, torchrun or srun (or with torch.distributed initialised), every process extracts a
-contiguous slice of each file and rank 0 computes and prints the metrics.
+prints upstream's five lines (``Inception Score: ``, ``FID: ``, ``sFID: ``, ``Precision: ``, ``Recall: ``; then
+``FD_DINOv2: `` when asked); progress goes to stderr. From Python: ``evaluate(ref_path, sample_path, ...) -> dict``.
+Under ``mpiexec -n N``, torchrun or srun each process extracts a slice of each file; rank 0 prints the metrics.
 """
 
 import json
