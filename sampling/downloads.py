@@ -156,11 +156,8 @@ def _content_range(header: Optional[str]) -> Tuple[Optional[int], Optional[int]]
 
 def fetch(url: str, part: Path, *, expected_size: Optional[int] = None, retries: int = 3,
           backoff: float = 2.0, timeout: float = 60.0, progress: bool = True, log=print) -> None:
-    """Download ``url`` into ``part``, continuing what ``part`` already holds (HTTP Range).
-
-    Returns when ``part`` holds the whole file; raises DownloadError after ``retries`` failed
-    attempts (the partial file is kept, so the next run resumes).
-    """
+    """Download ``url`` into ``part``, continuing what ``part`` already holds (HTTP Range), until it holds the whole
+    file; DownloadError after ``retries`` failed attempts (the partial file is kept, so the next run resumes)."""
     from tqdm import tqdm
 
     part = Path(part)
@@ -212,8 +209,7 @@ def fetch(url: str, part: Path, *, expected_size: Optional[int] = None, retries:
                 have, mode = 0, "wb"
                 length = response.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
-            if total is None:
-                total = expected_size
+            total = expected_size if total is None else total
             try:
                 with tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
                           desc=part.name.removesuffix(".part"), disable=None if progress else True) as bar, \
