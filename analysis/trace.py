@@ -287,9 +287,13 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
     row_seeds = draws.model_kwargs["row_seeds"]
     net_kwargs = {"y": draws.model_kwargs["y"]} if s.model.class_cond else {}
 
+    cond_fn = sampler.cond_fn
+
     def recording_cond_fn(x, t, **kwargs):
-        seen["gradient"] = sampler.cond_fn(x, t, **kwargs)
+        seen["gradient"] = cond_fn(x, t, **kwargs)
         return seen["gradient"]
+
+    sampler.cond_fn = recording_cond_fn if cond_fn else None
 
     use_ddim = s.sampling.use_ddim
     clip = s.sampling.clip_denoised
@@ -309,7 +313,6 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
         outputs = [th.cat([e.to(rest.dtype), rest], dim=1) for e in (before, after)]
         return _rms(step_mean(outputs[1], x, index, None) - step_mean(outputs[0], x, index, None))
 
-    loop = diffusion.ddim_sample_loop_progressive if use_ddim else diffusion.p_sample_loop_progressive
     steps = diffusion.num_timesteps
     channels = 3
     stats = {name: [] for name in STATS}
@@ -317,9 +320,7 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
     entropy = {name: [] for name in probe.blocks}
     maps = {name: [] for name in probe.blocks}
     final = None
-    for step, out in enumerate(loop(sampler.model_fn, (batch, channels, s.model.image_size, s.model.image_size),
-                                    clip_denoised=clip, cond_fn=recording_cond_fn if sampler.cond_fn else None,
-                                    model_kwargs=draws.model_kwargs, device=device, randn_like=draws.randn_like)):
+    for step, out in enumerate(sampler.steps(indices, draws)):
         index = steps - 1 - step
         x, t, eps = seen["x"], seen["t"], seen["eps"].float()
         output = seen["output"]

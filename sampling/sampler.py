@@ -125,21 +125,25 @@ class Sampler:
     def draws(self, indices):
         return sample_draws(self.settings, indices, self.device, self.with_labels)
 
-    def sample(self, indices):
-        s, device = self.settings, self.device
-        draws = self.draws(indices)
+    def steps(self, indices, draws):
+        """The diffusion loop over samples ``indices`` with their :meth:`draws`: yields each step's output
+        (``sample``, ``pred_xstart``), the last one's sample the result (``analysis.trace`` records every step)."""
+        s = self.settings
         self.guided.start_batch()  # APG's momentum is per batch
-        batch = len(indices)
         loop = self.diffusion.ddim_sample_loop_progressive if s.sampling.use_ddim else \
             self.diffusion.p_sample_loop_progressive
+        shape = (len(indices), 3, s.model.image_size, s.model.image_size)
+        yield from loop(self.model_fn, shape, clip_denoised=s.sampling.clip_denoised, cond_fn=self.cond_fn,
+                        model_kwargs=draws.model_kwargs, device=self.device, randn_like=draws.randn_like)
+
+    def sample(self, indices):
+        s = self.settings
+        draws = self.draws(indices)
         steps = self.diffusion.num_timesteps
         timestep_map = getattr(self.diffusion, "timestep_map", list(range(steps)))
-        size = s.model.image_size
         sample = None
-        first_bad_step = th.full((batch,), steps, dtype=th.long, device=device)  # per row; steps = never
-        for step, out in enumerate(loop(self.model_fn, (batch, 3, size, size), clip_denoised=s.sampling.clip_denoised,
-                                        cond_fn=self.cond_fn, model_kwargs=draws.model_kwargs, device=device,
-                                        randn_like=draws.randn_like)):
+        first_bad_step = th.full((len(indices),), steps, dtype=th.long, device=self.device)  # per row; steps = never
+        for step, out in enumerate(self.steps(indices, draws)):
             sample = out["sample"]
             finite = th.isfinite(sample).flatten(1).all(dim=1)
             first_bad_step = th.where(finite, first_bad_step, first_bad_step.clamp(max=step))
