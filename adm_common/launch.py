@@ -159,45 +159,34 @@ def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
     return LaunchInfo("none")
 
 
-def _known_launch(env: Mapping[str, str]) -> Optional[LaunchInfo]:
-    """The torchrun or SLURM launch of ``env``, else None (MPI, whose rank and size mpi4py gives; no launcher;
-    incomplete torchrun variables, for which the logger still wants a rank)."""
+def _from_env(env: Optional[Mapping[str, str]], field: str, names, default):
+    """``field`` of the torchrun or SLURM launch of ``env``, else the first of ``names`` set to a number (MPI, whose
+    rank and size mpi4py gives; no launcher; incomplete torchrun variables, for which the logger still wants a
+    rank), else ``default``."""
+    env = os.environ if env is None else env
     try:
         info = detect_launch(env)
     except ValueError:
-        return None
-    return info if info.launcher in ("torchrun", "slurm") else None
+        info = None
+    if info is not None and info.launcher in ("torchrun", "slurm"):
+        return getattr(info, field)
+    return next((int(env[name]) for name in names if env.get(name, "").isdigit()), default)
 
 
 def rank_from_env(env: Optional[Mapping[str, str]] = None) -> int:
     """This process's rank as far as the environment tells it (before or without a process group): the
     launcher's, else any rank variable a launcher sets (a lone ``RANK`` too), else 0."""
-    env = os.environ if env is None else env
-    info = _known_launch(env)
-    if info is not None:
-        return info.rank
-    return next((int(env[name]) for name in ("RANK",) + _MPI_RANK_VARS if env.get(name, "").isdigit()), 0)
+    return _from_env(env, "rank", ("RANK",) + _MPI_RANK_VARS, 0)
 
 
 def world_size_from_env(env: Optional[Mapping[str, str]] = None) -> int:
     """The job's size as far as the environment tells it (before or without a process group): the launcher's,
     else an MPI launcher's size variable, else 1."""
-    env = os.environ if env is None else env
-    info = _known_launch(env)
-    if info is not None:
-        return info.world_size
-    name = _first_var(env, _MPI_SIZE_VARS)
-    return int(env[name]) if name and env[name].isdigit() and int(env[name]) > 0 else 1
+    return _from_env(env, "world_size", _MPI_SIZE_VARS, 0) or 1
 
 
 def local_rank_from_env(env: Optional[Mapping[str, str]] = None) -> Optional[int]:
     """This process's rank on its node, as the launcher tells it (torchrun's ``LOCAL_RANK``, ``SLURM_LOCALID``, an
     MPI launcher's local-rank variable; a lone ``LOCAL_RANK`` too, e.g. beside a group made elsewhere), or None
     when the environment does not say."""
-    env = os.environ if env is None else env
-    info = _known_launch(env)
-    if info is not None:
-        return info.local_rank
-    name = _first_var(env, _MPI_LOCAL_RANK_VARS + ("LOCAL_RANK",))
-    return int(env[name]) if name and env[name].isdigit() else None
-
+    return _from_env(env, "local_rank", _MPI_LOCAL_RANK_VARS + ("LOCAL_RANK",), None)

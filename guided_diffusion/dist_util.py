@@ -1,18 +1,14 @@
-"""Process-group set-up and small collective helpers.
+"""Process-group set-up and small collective helpers (upstream's ``dist_util`` API).
 
-One process group serves every launcher that ``adm_common.launch`` detects (torchrun, SLURM ``srun``,
-``mpiexec``/``mpirun``: rank 0 picks host and a free port and broadcasts them through mpi4py).
-``PAG_DIST_LAUNCHER`` (``torchrun``, ``slurm``, ``mpi``, ``none``) skips the detection; ``PAG_DIST_BACKEND``
-forces ``nccl`` or ``gloo``. A process started by none of them runs as world size 1 in a one-process group on
-an in-memory store (as upstream, whose scripts call ``torch.distributed`` directly), and mpi4py is never
-imported (importing it initialises MPI, which is slow and can fail on machines without a working MPI).
+One process group for every launcher ``adm_common.launch`` detects, made by ``adm_common.rendezvous`` (shared with
+the evaluator: launch detection, rank 0's TCP store, timeouts; collectives may wait ``PAG_DIST_TIMEOUT_MINUTES``,
+720: longer than any single wait of a 50k-sample cell). A process started by no launcher runs as world size 1 in
+a one-process group on an in-memory store (as upstream, whose scripts call ``torch.distributed`` directly), and
+mpi4py is never imported (importing it initialises MPI, which is slow and can fail without a working MPI).
 
-The set-up and its timeouts are ``adm_common.rendezvous``'s (shared with the evaluator); collectives may wait
-``PAG_DIST_TIMEOUT_MINUTES`` (720: longer than any single wait of a 50k-sample cell).
-
-Backend: NCCL when the run computes on a GPU, gloo otherwise, so a CPU run never touches a GPU. Each process
-uses the GPU of its local rank (``dev()``); two ranks that would use one GPU stop at start-up with one line
-naming them.
+Backend: NCCL when the run computes on a GPU, gloo otherwise (``PAG_DIST_BACKEND`` forces one), so a CPU run never
+touches a GPU. Each process uses the GPU of its local rank (``dev()``); two ranks that would use one GPU stop at
+start-up with one line naming them.
 """
 
 import datetime
