@@ -285,10 +285,7 @@ def _comm_device() -> torch.device:
 
 def barrier() -> None:
     if _group_active():
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[dev().index])
-        else:
-            dist.barrier()
+        dist.barrier(device_ids=[dev().index] if dist.get_backend() == "nccl" else None)
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -326,13 +323,15 @@ def sync_params(params) -> None:
         return
     with torch.no_grad():
         for p in params:
-            data = p.data if isinstance(p, torch.nn.Parameter) else p
-            if data.device != _comm_device():
-                staged = data.to(_comm_device())
-                dist.broadcast(staged, 0)
-                data.copy_(staged)
-            else:
-                dist.broadcast(data, 0)
+            _broadcast_in_place(p.data if isinstance(p, torch.nn.Parameter) else p)
+
+
+def _broadcast_in_place(tensor: torch.Tensor) -> None:
+    """Rank 0's values into ``tensor`` on every rank, staged on the backend's device when it lives elsewhere."""
+    staged = tensor.to(_comm_device())
+    dist.broadcast(staged, 0)
+    if staged is not tensor and get_rank() != 0:
+        tensor.copy_(staged)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -340,7 +339,6 @@ def sync_params(params) -> None:
 
 def _broadcast_bytes(data: Optional[bytes], error: Optional[BaseException]):
     """Rank 0's bytes (or its read error, re-raised everywhere) on every rank."""
-    device = _comm_device()
     rank = get_rank()
     header = None  # rank 0's length, or the type and text of its read error
     if rank == 0:
@@ -359,14 +357,7 @@ def _broadcast_bytes(data: Optional[bytes], error: Optional[BaseException]):
         view = torch.frombuffer(buf, dtype=torch.uint8) if length else None
     step = max(1, int(BROADCAST_CHUNK_BYTES))
     for start in range(0, length, step):
-        piece = view[start:min(start + step, length)]
-        if device.type == "cpu":
-            dist.broadcast(piece, 0)  # a contiguous slice: received in place
-        else:
-            staged = piece.to(device)
-            dist.broadcast(staged, 0)
-            if rank != 0:
-                piece.copy_(staged.cpu())
+        _broadcast_in_place(view[start:min(start + step, length)])  # a contiguous slice of ``buf``
     return buf
 
 
