@@ -13,7 +13,7 @@ import yaml
 import pag
 import sampling
 from adm_common.npz import NpzWriter
-from guided_diffusion import logger
+from guided_diffusion import logger, script_util
 from conftest import TINY_MODEL_FLAGS
 from sampling import models as models_module
 from sampling import sweep
@@ -172,8 +172,8 @@ def test_a_run_builds_its_networks_once(ckpt, tmp_path, monkeypatch):
         return wrapper
 
     monkeypatch.setattr(models_module, "create_model", counting("model", models_module.create_model))
-    monkeypatch.setattr(models_module, "create_gaussian_diffusion",
-                        counting("diffusion", models_module.create_gaussian_diffusion))
+    monkeypatch.setattr(script_util, "create_gaussian_diffusion",  # sampling.models builds through script_util
+                        counting("diffusion", script_util.create_gaussian_diffusion))
     monkeypatch.setattr(pag, "guide", counting("guided", pag.guide))
     settings = settings_for(ckpt, tmp_path / "run")
     path = sampling.run(settings)
