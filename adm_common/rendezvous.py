@@ -43,8 +43,7 @@ def process_group_timeout() -> datetime.timedelta:
 
 
 def connect_timeout() -> datetime.timedelta:
-    """How long a rank may take to reach the rendezvous and wait there for the others to join
-    (``PAG_DIST_CONNECT_TIMEOUT_SECONDS``, default 300)."""
+    """How long a rank may take to reach the rendezvous and wait there (``PAG_DIST_CONNECT_TIMEOUT_SECONDS``)."""
     return datetime.timedelta(seconds=_positive_number("PAG_DIST_CONNECT_TIMEOUT_SECONDS", 300.0, "seconds"))
 
 

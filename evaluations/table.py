@@ -50,8 +50,7 @@ def _is_result(obj):
 
 def _first_result(directory):
     """The first evaluator JSON in ``directory`` (``eval.json`` first), or None."""
-    names = sorted(n for n in os.listdir(directory) if n.endswith(".json"))
-    for name in sorted(names, key=lambda n: n != "eval.json"):
+    for name in sorted((n for n in os.listdir(directory) if n.endswith(".json")), key=lambda n: (n != "eval.json", n)):
         try:
             with open(os.path.join(directory, name)) as f:
                 if _is_result(json.load(f)):
