@@ -32,18 +32,15 @@ def remove_quietly(path):
 @contextlib.contextmanager
 def atomic_open(path, need=None, needer="it", root=None, before=None):
     """The one atomic writer: a binary file to write (``with atomic_open(path) as f: torch.save(obj, f)``) that
-    replaces ``path`` only when the block ends without an error, so readers see the old file or the whole new one;
-    on an error the temporary file is removed and ``path`` is left as it was. The temporary file is made next to
-    ``path`` (the rename is atomic), exclusively under a random name and used through its descriptor only, so a
-    link planted at its name is never followed; a link at ``path`` is replaced, never written through.
-
-    The one place a full disk becomes :func:`disk_full`'s message (about ``need`` bytes for ``needer``, free space
-    in ``root``, default ``path``'s directory); with ``before`` (e.g. "merge the shards into") that free space is
-    checked ahead of writing."""
+    replaces ``path`` only when the block ends without an error (readers see the old file or the whole new one; on
+    an error the temporary file is removed). The temporary file is made next to ``path`` (the rename is atomic),
+    exclusively under a random name and used through its descriptor only, so a link planted at its name is never
+    followed; a link at ``path`` is replaced, never written through. A full disk becomes :func:`disk_full`'s
+    message (``need`` bytes for ``needer``, free in ``root``: ``path``'s directory unless given), checked ahead of
+    writing with ``before`` (e.g. "merge the shards into")."""
     directory, name = os.path.split(os.path.abspath(path))
     root = root or directory
-    full = disk_full(root, path, need, needer, before) if before is not None else None
-    if full is not None:
+    if before is not None and (full := disk_full(root, path, need, needer, before)) is not None:
         raise full
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{name}{_TMP_MARK}{secrets.token_hex(8)}")
@@ -77,8 +74,7 @@ atomic_write_text = atomic_write_bytes  # the name text writers across the proje
 
 
 class DiskFullError(OSError):
-    """Not enough free space for a file being written; what was finished before is kept (an OSError: whoever
-    carries on without a file it could not write still does)."""
+    """Not enough free space for a file being written (an OSError: who carries on without the file still does)."""
 
 
 def _size(n):

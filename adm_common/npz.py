@@ -78,8 +78,7 @@ class NpzImages:
     """Lazy view of an image array (``arr_0``) in an npz: shape and dtype from the header, data streamed."""
 
     def __init__(self, path, key="arr_0"):
-        self.path = str(path)
-        self.key = key
+        self.path, self.key = str(path), key
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"no such npz file: {self.path}")
         if not zipfile.is_zipfile(self.path):
@@ -92,7 +91,6 @@ class NpzImages:
             self.member = members[key]
             with zf.open(self.member) as f:  # the header versions numpy writes are the ones np.load reads
                 self.shape, self.fortran_order, self.dtype = read_npy_header(f)
-        self.keys = list(members)
         check_image_header(self.shape, self.dtype, f"{self.path}: {key}")
 
     def __len__(self):
@@ -139,11 +137,8 @@ class ArrayStream:
     """One ``.npy`` member being written: ``write`` chunks of rows until ``shape[0]`` rows are in."""
 
     def __init__(self, fileobj, name, shape, dtype):
-        self._f = fileobj
-        self.name = name
-        self.shape = tuple(int(s) for s in shape)
-        self.dtype = np.dtype(dtype)
-        self.rows = 0
+        self._f, self.name, self.rows = fileobj, name, 0
+        self.shape, self.dtype = tuple(int(s) for s in shape), np.dtype(dtype)
         header = {"descr": npy_format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
         npy_format.write_array_header_1_0(self._f, header)
 
@@ -157,10 +152,6 @@ class ArrayStream:
             raise ValueError(f"{self.name}: {self.rows + len(chunk)} rows written, the array has {self.shape[0]}")
         self._f.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
         self.rows += len(chunk)
-
-    def finish(self):
-        if self.rows != self.shape[0]:
-            raise ValueError(f"{self.name}: {self.rows} rows written, the array has {self.shape[0]}")
 
 
 class NpzWriter:
@@ -187,13 +178,13 @@ class NpzWriter:
         if name in self._names:
             raise ValueError(f"{self.path}: member {name} written twice")
         self._names.add(name)
-        info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
-        info.compress_type = zipfile.ZIP_STORED
+        info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)  # stored (not compressed), as ZipInfo's default
         info.external_attr = 0o644 << 16
         with self._zip.open(info, "w", force_zip64=True) as f:
             stream = ArrayStream(f, name, shape, dtype)
             yield stream
-            stream.finish()
+            if stream.rows != stream.shape[0]:
+                raise ValueError(f"{name}: {stream.rows} rows written, the array has {stream.shape[0]}")
 
     def write(self, name, array):
         array = np.asarray(array)

@@ -66,8 +66,7 @@ class RankMarkers:
         """``{rank: text}`` by rank ({} when the directory is missing); a link or unreadable file is left out."""
         found = {}
         for name in _listdir(self.directory):
-            m = _RANK_MARKER_RE.match(name)
-            if not m:
+            if not (m := _RANK_MARKER_RE.match(name)):
                 continue
             try:
                 with open(os.open(os.path.join(self.directory, name), os.O_RDONLY | os.O_NOFOLLOW),

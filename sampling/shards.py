@@ -132,24 +132,19 @@ def merge_shards(shard_paths, out_path, with_labels):
     one shard's images in memory), when the free space holds it (as much again as the shards). The shards were
     verified (:func:`shard_problem`: uint8 images of the run's size); the stream's own checks catch any other.
     Returns the merged images' shape."""
-    need = sum(os.path.getsize(p) for p in shard_paths)
-    shapes = []
-    for path in shard_paths:
+    def read(path, key=None):  # arr_0's shape, or a member whole (checking its CRC); a failure names the shard
         try:
-            shapes.append(npz_header(path, "arr_0")[0])
-        except (zipfile.BadZipFile, ValueError, EOFError) as e:
-            raise ShardError(path, f"cannot be read for the merge ({type(e).__name__}: {e})") from None
-    total = (sum(s[0] for s in shapes),) + shapes[0][1:]
-
-    def read(path, key):  # reading a member whole checks its CRC; a failure names the shard
-        try:
+            if key is None:
+                return npz_header(path, "arr_0")[0]
             with np.load(path, allow_pickle=False) as npz:
                 return npz[key]
         except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError) as e:
             if isinstance(e, OSError) and getattr(e, "errno", None) is not None:
-                raise  # the disk, not the shard (e.g. no space left)
+                raise  # the disk, not the shard
             raise ShardError(path, f"cannot be read for the merge ({type(e).__name__}: {e})") from None
 
+    shapes = [read(path) for path in shard_paths]
+    total, need = (sum(s[0] for s in shapes),) + shapes[0][1:], sum(os.path.getsize(p) for p in shard_paths)
     with NpzWriter(out_path, need=need, needer="the merged file (as much as the shards)",
                    before="merge the shards into") as w:
         with w.stream("arr_0", total, np.uint8) as s:
