@@ -38,14 +38,20 @@ def npz_members(zf):
     return {n[:-4]: n for n in zf.namelist() if n.endswith(".npy")}
 
 
-def npz_header(path, name):
-    """(shape, dtype) of member ``name`` of an npz, read from its header only."""
+def _member_header(path, name):
+    """(zip member, shape, fortran_order, dtype) of array ``name`` of an npz, read from its header only."""
     with zipfile.ZipFile(path) as zf:
         members = npz_members(zf)
         if name not in members:
-            raise ValueError(f"{path} has no array {name} (it has {', '.join(sorted(members)) or 'nothing'})")
-        with zf.open(members[name]) as f:
-            shape, _, dtype = read_npy_header(f)
+            raise ValueError(f"{path} has no array '{name}' (it has {', '.join(sorted(members)) or 'nothing'}); "
+                             f"image batches keep their uint8 N x H x W x 3 images in 'arr_0'")
+        with zf.open(members[name]) as f:  # the header versions numpy writes are the ones np.load reads
+            return (members[name],) + read_npy_header(f)
+
+
+def npz_header(path, name):
+    """(shape, dtype) of member ``name`` of an npz, read from its header only."""
+    _, shape, _, dtype = _member_header(path, name)
     return shape, dtype
 
 
@@ -83,14 +89,7 @@ class NpzImages:
             raise FileNotFoundError(f"no such npz file: {self.path}")
         if not zipfile.is_zipfile(self.path):
             raise ValueError(f"{self.path} is not an npz (zip) file")
-        with zipfile.ZipFile(self.path) as zf:
-            members = npz_members(zf)
-            if key not in members:
-                raise ValueError(f"{self.path} has no '{key}' array (it has: {', '.join(members) or 'nothing'}); "
-                                 f"image batches keep their uint8 N x H x W x 3 images in '{key}'")
-            self.member = members[key]
-            with zf.open(self.member) as f:  # the header versions numpy writes are the ones np.load reads
-                self.shape, self.fortran_order, self.dtype = read_npy_header(f)
+        self.member, self.shape, self.fortran_order, self.dtype = _member_header(self.path, key)
         check_image_header(self.shape, self.dtype, f"{self.path}: {key}")
 
     def __len__(self):
