@@ -116,7 +116,5 @@ def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
     if rank == 0:
         # The claims again: a rank taken over may have touched them after the merge.
         layout.remove_markers(claims=not s.runtime.keep_shards)
-        if not s.runtime.keep_shards:
-            layout.remove_empty_shard_dir()
         logger.log(f"done: {layout.final_path}")
     return layout.final_path

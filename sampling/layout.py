@@ -159,11 +159,14 @@ class RunLayout:
         return links
 
     def remove_markers(self, claims=True):
-        """The per-rank markers and (unless ``claims`` is False) the shard claims: a session's leftovers."""
+        """The per-rank markers and (unless ``claims`` is False) the shard claims, and ``shards/`` when that leaves
+        it empty: a session's leftovers."""
         self.progress_markers.clear()
         self.failure_markers.clear()
         if claims:
             shutil.rmtree(self.claims_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # not empty, or not there
+                os.rmdir(self.shard_dir)
 
     def remove_run_files(self):
         """Delete what runs write (--overwrite only): the record, grid, eval.json, sample batches, shard files and
@@ -180,12 +183,7 @@ class RunLayout:
             if shards:
                 removed.append(f"{len(shards)} shard(s)")
         self.remove_markers()
-        self.remove_empty_shard_dir()
         return removed or ["nothing"]
-
-    def remove_empty_shard_dir(self):
-        with contextlib.suppress(OSError):  # not empty, or not there
-            os.rmdir(self.shard_dir)
 
 
 def _listdir(directory):

@@ -190,5 +190,4 @@ def collect(plan, verified, with_labels):
         for path in shards:
             if os.path.exists(path):
                 os.remove(path)
-        layout.remove_empty_shard_dir()
     return True
