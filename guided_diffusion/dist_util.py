@@ -364,15 +364,16 @@ def _broadcast_bytes(data: Optional[bytes], error: Optional[BaseException]):
 def read_everywhere(path) -> bytes:
     """The bytes of ``path`` (see ``blobs.read_bytes``) on every rank: with a process group only rank 0
     reads the file and broadcasts it, and its read error is raised on every rank."""
-    if _group_active() and get_world_size() > 1:
-        data, error = None, None
-        if get_rank() == 0:
-            try:
-                data = read_bytes(path)
-            except Exception as e:  # re-raised on every rank by _broadcast_bytes
-                error = e
-        return _broadcast_bytes(data, error)
-    return read_bytes(path)
+    shared = _group_active() and get_world_size() > 1
+    data, error = None, None
+    if not shared or get_rank() == 0:
+        try:
+            data = read_bytes(path)
+        except Exception as e:  # with a group, re-raised on every rank by _broadcast_bytes
+            if not shared:
+                raise
+            error = e
+    return _broadcast_bytes(data, error) if shared else data
 
 
 def load_state_dict(path, **kwargs) -> Dict[str, Any]:

@@ -65,14 +65,14 @@ def build_networks(settings):
     """The run's networks on the meta device (no memory, no weights), checked before anything in out_dir is read,
     written or deleted: the model flags build a model, the guidance settings resolve on it (layers exist, SAG has
     what it needs), and the checkpoints exist (and, where they can be memory-mapped, fit the model flags)."""
-    m = settings.model
+    m, flags = settings.model, settings.flat()
     try:
         with th.device("meta"):
-            model = build_model(settings)
-            classifier = build_classifier(settings) if m.classifier_path else None
+            model = call_with(create_model, flags)
+            classifier = call_with(create_classifier, flags) if m.classifier_path else None
     except (ValueError, KeyError, TypeError, AssertionError) as e:
         raise SampleConfigError(f"model flags: {type(e).__name__}: {e}") from None
-    diffusion = build_diffusion(settings)
+    diffusion = diffusion_from(flags)
     guided = guide(model, settings, diffusion)
     for net, flag in ((model, "model_path"), (classifier, "classifier_path")):
         if net is not None:
