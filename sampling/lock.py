@@ -26,6 +26,7 @@ from .settings import SampleConfigError
 
 HEARTBEAT_SECONDS = 30.0
 FOREIGN_FRESH_SECONDS = 120.0  # a lock file of another host touched this recently is taken to be alive
+NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # flock's errors where it is not supported
 
 class RunLockedError(SampleConfigError):
     """Another run holds the lock of this out_dir."""
@@ -79,9 +80,14 @@ class RunLock:
 
         mode = "flock"  # "exclusive" where the file system has no flock: the lock is the file's existence
         for _ in range(10):
-            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | (os.O_EXCL if mode == "exclusive" else 0)
-            try:
-                fd = os.open(self.path, flags, 0o644)
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+            try:  # created here (not opened): this process's own file, so it holds the exclusive lock already
+                try:
+                    fd, created = os.open(self.path, flags | os.O_EXCL, 0o644), True
+                except FileExistsError:
+                    if mode == "exclusive":
+                        raise
+                    fd, created = os.open(self.path, flags, 0o644), False
             except OSError as e:
                 if os.path.islink(self.path):
                     raise self._link_refused() from None
@@ -95,23 +101,25 @@ class RunLock:
                     continue
                 except OSError:
                     inode, age, info = None, 0.0, {}
-                if info.get("host") == socket.gethostname() and info.get("pid") and not _pid_alive(info["pid"]):
+                here = info.get("host") == socket.gethostname()
+                if here and info.get("pid") and not _pid_alive(info["pid"]):
                     if take_over(self.path, inode, info, os.getpid()):
                         self.took_over = info
                     continue  # a live lock put there meanwhile by another process is refused next time round
-                raise locked_error(self.out_dir, info, f"; this file system has no flock, so a lock left by a run "
-                                                       f"that died on another host stays: if no run uses "
-                                                       f"{self.out_dir} (the file was last refreshed {age:.0f} s "
-                                                       f"ago), delete {self.path}")
+                raise locked_error(self.out_dir, info, "" if here else f"; this file system has no flock, so a lock "
+                                   f"left by a run that died on another host stays: if no run uses {self.out_dir} "
+                                   f"(the file was last refreshed {age:.0f} s ago), delete {self.path}")
             if mode == "exclusive":
                 return self._hold(fd, mode)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
+                if created and e.errno in NO_FLOCK:
+                    return self._hold(fd, "exclusive")
                 os.close(fd)
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise locked_error(self.out_dir, read_json_mapping(self.path)) from None
-                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                if e.errno in NO_FLOCK:
                     mode = "exclusive"
                     continue
                 raise

@@ -204,6 +204,23 @@ def test_lock_file_records_and_fallback_without_flock(tmp_path, monkeypatch):
         lock.RunLock(str(tmp_path)).acquire()
 
 
+def test_without_flock_an_empty_out_dir_is_locked(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    held = lock.RunLock(str(tmp_path)).acquire()
+    assert held.mode == "exclusive" and json.loads((tmp_path / "lock").read_text())["pid"] == os.getpid()
+    with pytest.raises(lock.RunLockedError, match=f"pid {os.getpid()}") as refused:
+        lock.RunLock(str(tmp_path)).acquire()
+    assert "another host" not in str(refused.value)  # a live lock of this host: nothing to delete
+    held.release()
+    assert not (tmp_path / "lock").exists()
+    lock.RunLock(str(tmp_path)).acquire().release()
+
+
 # ---------------------------------------------------------------------------- 2. identity by content
 
 
