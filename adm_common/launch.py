@@ -159,10 +159,11 @@ def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
     return LaunchInfo("none")
 
 
-def _from_env(env: Optional[Mapping[str, str]], field: str, names, default):
-    """``field`` of the torchrun or SLURM launch of ``env``, else the first of ``names`` set to a number (MPI, whose
-    rank and size mpi4py gives; no launcher; incomplete torchrun variables, for which the logger still wants a
-    rank), else ``default``."""
+def _from_env(env: Optional[Mapping[str, str]], field: str, own: str, mpi_names, default):
+    """``field`` of the torchrun or SLURM launch of ``env``, else the first of torchrun's variable ``own`` (alone, e.g.
+    beside a group made elsewhere, or incomplete torchrun variables, for which the logger still wants a rank) and the
+    MPI launchers' ``mpi_names`` set to a number, the MPI ones first under an MPI launch (whose rank and size mpi4py
+    gives), else ``default``."""
     env = os.environ if env is None else env
     try:
         info = detect_launch(env)
@@ -170,23 +171,24 @@ def _from_env(env: Optional[Mapping[str, str]], field: str, names, default):
         info = None
     if info is not None and info.launcher in ("torchrun", "slurm"):
         return getattr(info, field)
+    names = mpi_names + (own,) if info is not None and info.launcher == "mpi" else (own,) + mpi_names
     return next((int(env[name]) for name in names if env.get(name, "").isdigit()), default)
 
 
 def rank_from_env(env: Optional[Mapping[str, str]] = None) -> int:
     """This process's rank as far as the environment tells it (before or without a process group): the
     launcher's, else any rank variable a launcher sets (a lone ``RANK`` too), else 0."""
-    return _from_env(env, "rank", ("RANK",) + _MPI_RANK_VARS, 0)
+    return _from_env(env, "rank", "RANK", _MPI_RANK_VARS, 0)
 
 
 def world_size_from_env(env: Optional[Mapping[str, str]] = None) -> int:
     """The job's size as far as the environment tells it (before or without a process group): the launcher's,
-    else an MPI launcher's size variable, else 1."""
-    return _from_env(env, "world_size", _MPI_SIZE_VARS, 0) or 1
+    else any size variable a launcher sets (a lone ``WORLD_SIZE`` too), else 1."""
+    return _from_env(env, "world_size", "WORLD_SIZE", _MPI_SIZE_VARS, 0) or 1
 
 
 def local_rank_from_env(env: Optional[Mapping[str, str]] = None) -> Optional[int]:
     """This process's rank on its node, as the launcher tells it (torchrun's ``LOCAL_RANK``, ``SLURM_LOCALID``, an
     MPI launcher's local-rank variable; a lone ``LOCAL_RANK`` too, e.g. beside a group made elsewhere), or None
     when the environment does not say."""
-    return _from_env(env, "local_rank", _MPI_LOCAL_RANK_VARS + ("LOCAL_RANK",), None)
+    return _from_env(env, "local_rank", "LOCAL_RANK", _MPI_LOCAL_RANK_VARS, None)

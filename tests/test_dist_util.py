@@ -108,6 +108,15 @@ def test_mpiexec_inside_allocation_is_mpi():
     assert launch.detect_launch({"PMI_SIZE": "2", "PMI_RANK": "1"}).launcher == "mpi"
 
 
+def test_place_from_incomplete_or_mixed_launcher_variables():
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "PMI_SIZE": "8", "MPI_LOCALRANKID": "3"}
+    assert (launch.rank_from_env(env), launch.world_size_from_env(env), launch.local_rank_from_env(env)) == (1, 2, 1)
+    assert launch.local_rank_from_env({"LOCAL_RANK": "3", "MPI_LOCALRANKID": "0"}) == 3  # no MPI launch
+    mpiexec = {"PMI_SIZE": "2", "PMI_RANK": "1", "MPI_LOCALRANKID": "1", "LOCAL_RANK": "0"}
+    assert (launch.rank_from_env(mpiexec), launch.world_size_from_env(mpiexec)) == (1, 2)
+    assert launch.local_rank_from_env(mpiexec) == 1
+
+
 def test_forced_launcher():
     assert launch.detect_launch(dict(SRUN_ENV, PAG_DIST_LAUNCHER="none")).launcher == "none"
     assert launch.detect_launch({"PAG_DIST_LAUNCHER": "mpi"}).launcher == "mpi"
