@@ -74,7 +74,7 @@ class SpacedDiffusion(GaussianDiffusion):
                 self.timestep_map.append(step)
         kwargs["betas"] = np.array(new_betas)
         super().__init__(**kwargs)
-        self._timestep_tensors = {}  # (device, dtype) -> timestep_map as a tensor, copied there once
+        self._timestep_tensors = {}  # the wrappers' (device, dtype) -> timestep_map tensors, copied there once
 
     # Everything that calls the model or a classifier goes through these, so wrapping here covers
     # sampling, guidance and training.
@@ -93,29 +93,30 @@ class SpacedDiffusion(GaussianDiffusion):
     def _wrap_model(self, model):
         if isinstance(model, _WrappedModel):  # already maps indices; mapping twice would be wrong
             return model
-        return _WrappedModel(model, self)
+        return _WrappedModel(model, self.timestep_map, self.rescale_timesteps, self.original_num_steps,
+                             self._timestep_tensors)
 
     def _scale_timesteps(self, t):
         # The wrapper maps (and, if asked, rescales) timesteps, so nothing is done here.
         return t
 
-    def _original_timesteps(self, ts):
-        """The original timesteps of step indices ``ts``, rescaled to 0..1000 with ``rescale_timesteps``."""
-        key = (ts.device, ts.dtype)
-        if key not in self._timestep_tensors:
-            self._timestep_tensors[key] = th.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
-        new_ts = self._timestep_tensors[key][ts]
-        if self.rescale_timesteps:
-            new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
-        return new_ts
-
 
 class _WrappedModel:
-    """Calls `model` with original timesteps in place of the respaced process's step indices."""
+    """Calls `model` with original timesteps in place of the respaced process's step indices (upstream's
+    signature; ``tensors`` caches the map per device and dtype across the wrappers of a process, one per step)."""
 
-    def __init__(self, model, diffusion):
+    def __init__(self, model, timestep_map, rescale_timesteps, original_num_steps, tensors=None):
         self.model = model
-        self.diffusion = diffusion
+        self.timestep_map = timestep_map
+        self.rescale_timesteps = rescale_timesteps
+        self.original_num_steps = original_num_steps
+        self.tensors = {} if tensors is None else tensors
 
     def __call__(self, x, ts, **kwargs):
-        return self.model(x, self.diffusion._original_timesteps(ts), **kwargs)
+        key = (ts.device, ts.dtype)
+        if key not in self.tensors:
+            self.tensors[key] = th.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
+        new_ts = self.tensors[key][ts]
+        if self.rescale_timesteps:
+            new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
+        return self.model(x, new_ts, **kwargs)

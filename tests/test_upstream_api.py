@@ -186,6 +186,7 @@ UPSTREAM = {
         "SpacedDiffusion.training_losses": "(self, model, *args, **kwargs)",
         "SpacedDiffusion.condition_mean": "(self, cond_fn, *args, **kwargs)",
         "SpacedDiffusion.condition_score": "(self, cond_fn, *args, **kwargs)",
+        "_WrappedModel.__init__": "(self, model, timestep_map, rescale_timesteps, original_num_steps)",
     },
     "script_util": {
         "diffusion_defaults": "()",
@@ -327,6 +328,18 @@ def test_upstream_name_exists_with_compatible_signature(module, name):
         assert extra.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD) or (
             extra.default is not inspect.Parameter.empty
         ), f"{module}.{name}: added parameter {extra.name} is required"
+
+
+def test_wrapped_model_maps_step_indices_as_upstreams():
+    from guided_diffusion.respace import _WrappedModel
+
+    seen = []
+    wrapped = _WrappedModel(lambda x, t: seen.append(t.tolist()), [0, 20, 40], False, 1000)
+    wrapped(torch.zeros(1), torch.tensor([1]))
+    assert seen == [[20]] and (wrapped.timestep_map, wrapped.rescale_timesteps, wrapped.original_num_steps) == (
+        [0, 20, 40], False, 1000)
+    _WrappedModel(lambda x, t: seen.append(t.tolist()), [0, 20, 40], True, 4000)(torch.zeros(1), torch.tensor([2]))
+    assert seen[-1] == [10.0]
 
 
 def test_upstream_module_values():
