@@ -90,15 +90,19 @@ def load_optimizer_state(opt, main_checkpoint, step):
     if dist_util.broadcast_object(bf.exists(path)):
         logger.log(f"loading optimizer state from checkpoint: {path}")
         opt.load_state_dict(read_checkpoint(path))  # moves the state onto the parameters' device
+    else:
+        logger.log(f"no optimizer state at {path}: the optimizer starts fresh")
 
 
 class TrainLoop:
     @classmethod
-    def from_args(cls, args, *, model, diffusion, data, **extra):
-        """A loop configured by the flags of :func:`training_defaults` (parsed ``args``)."""
+    def from_args(cls, args, *, model, diffusion, data, schedule_sampler=None, **extra):
+        """A loop configured by the flags of :func:`training_defaults` (parsed ``args``); ``schedule_sampler``
+        replaces the one the flags name."""
         flags = {k: getattr(args, k) for k in training_defaults() if k not in ("data_dir", "schedule_sampler")}
-        sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
-        return cls(model=model, diffusion=diffusion, data=data, schedule_sampler=sampler, **flags, **extra)
+        if schedule_sampler is None:
+            schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+        return cls(model=model, diffusion=diffusion, data=data, schedule_sampler=schedule_sampler, **flags, **extra)
 
     def __init__(self, *, model, diffusion, data, batch_size, microbatch, lr, ema_rate, log_interval, save_interval,
                  resume_checkpoint, use_fp16=False, fp16_scale_growth=1e-3, schedule_sampler=None, weight_decay=0.0,

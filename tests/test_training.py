@@ -2,6 +2,7 @@
 the nn / fp16_util helpers, and upstream's scripts (image_train, super_res_train, classifier_train,
 image_nll) run as commands on a tiny generated PNG folder."""
 
+import argparse
 import csv
 import os
 import subprocess
@@ -16,7 +17,9 @@ from PIL import Image
 from guided_diffusion import fp16_util, logger, nn as gnn
 from guided_diffusion import script_util as su
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.train_util import TrainLoop, parse_resume_step_from_filename, save_checkpoint_file
+from guided_diffusion.resample import UniformSampler
+from guided_diffusion.train_util import (TrainLoop, parse_resume_step_from_filename, save_checkpoint_file,
+                                         training_defaults)
 from processes import clean_env, free_port, run_together
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,6 +272,21 @@ def test_lr_schedule_ema_schedule_and_step_callback(image_folder, tmp_path):
     saved, ema = load(tmp_path / "model000002.pt"), load(tmp_path / "ema_0.99_000002.pt")
     assert all(torch.equal(saved[k], ema[k]) for k in saved)
     assert load(tmp_path / "opt000002.pt")["param_groups"][0]["lr"] == 2e-3
+
+
+def test_from_args_takes_a_schedule_sampler_and_says_when_the_optimizer_starts_fresh(tmp_path):
+    model, diffusion = build()
+    torch.save(model.state_dict(), tmp_path / "model000003.pt")  # no opt000003.pt beside it
+    args = argparse.Namespace(**dict(training_defaults(), resume_checkpoint=str(tmp_path / "model000003.pt")))
+    sampler = UniformSampler(diffusion)
+    logger.configure(dir=str(tmp_path / "log"), format_strs=["log"])
+    try:
+        loop = TrainLoop.from_args(args, model=model, diffusion=diffusion, data=None, schedule_sampler=sampler)
+    finally:
+        logger.reset()
+    assert loop.schedule_sampler is sampler and loop.resume_step == 3
+    assert (f"no optimizer state at {tmp_path / 'opt000003.pt'}: the optimizer starts fresh"
+            in (tmp_path / "log" / "log.txt").read_text())
 
 
 def test_checkpoint_files_are_replaced_whole_or_not_at_all(tmp_path):
