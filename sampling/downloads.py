@@ -280,6 +280,9 @@ def verify_file(item: Item, path: Path, shapes_fn: ShapesFn = expected_shapes) -
     checkpoint reader); return a one-line summary or raise VerifyError."""
     if item.group == "refs":
         return verify_npz(path)
+    if item.group not in ("models", "inception", "dinov2"):
+        raise DownloadError(f"{path}: cannot verify a file of group {item.group!r}; known: models, refs, inception, "
+                            f"dinov2")
     from guided_diffusion.checkpoint import CheckpointError, UnreadableCheckpoint, mismatch_report, read_state_dict
 
     try:

@@ -323,6 +323,8 @@ def test_inception_weights_check(tmp_path):
     assert "fc 1008x2048" in download.verify_file(item, good)
     with pytest.raises(download.VerifyError, match="not torch-fidelity's Inception"):
         download.verify_file(item, bad)
+    with pytest.raises(download.DownloadError, match="group 'weights'; known: models, refs, inception, dinov2"):
+        download.verify_file(download.Item("weights", "w", "inception", "unused", "w.pth"), good)
 
 
 # ------------------------------------------------------------------------------------------- CLI
