@@ -160,7 +160,9 @@ def load_run(path, group_by=DEFAULT_GROUP_BY):
     cfg, cfg_path = _load_config(json_path)
     flat = _flatten(cfg)
     run_dir = os.path.dirname(os.path.abspath(json_path))
-    experiment = _lookup(flat, "experiment") or os.path.basename(os.path.dirname(run_dir)) or "experiment"
+    experiment = _lookup(flat, "experiment")
+    if experiment is None:  # an empty name is a name
+        experiment = os.path.basename(os.path.dirname(run_dir)) or "experiment"
     return row_from_result(result, os.path.basename(run_dir), experiment, flat, group_by, json_path, cfg_path)
 
 

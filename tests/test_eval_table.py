@@ -11,7 +11,7 @@ import yaml
 
 from evaluations import regression
 from evaluations.evaluator import RESULT_FORMAT, format_lines
-from evaluations.table import load_anchors, make_table, normalise_anchor
+from evaluations.table import load_anchors, load_run, make_table, normalise_anchor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANCHORS_MD = os.path.join(REPO, "..", "shared", "reference", "anchors.md")
@@ -121,6 +121,11 @@ def test_sampler_column_is_the_records_label_never_derived(tmp_path):
     assert md[2] == "| run | pag_scale | sampler | FID | sFID | IS | Precision | Recall | N | source |"
     assert {ln.split(" | ")[0][2:]: ln.split(" | ")[2] for ln in md[4:7]} == {"ddim": "DDIM-1000",
                                                                            "steps4000": "DDPM-4000", "old": "?"}
+
+
+def test_experiment_name_from_the_config_even_empty(tmp_path):
+    assert load_run(write_run(tmp_path / "dir", "a", metrics(10.0, 50.0), {"experiment": ""}))["experiment"] == ""
+    assert load_run(write_run(tmp_path / "dir", "b", metrics(10.0, 50.0), {"pag_scale": 1.0}))["experiment"] == "dir"
 
 
 def test_metric_names_are_one_table():
