@@ -159,6 +159,10 @@ def test_super_res_and_classifier_training_commands(image_folder, tmp_path):
     stdout = run_script("classifier_train.py", classifier, tmp_path / "cls")
     assert {"model000001.pt", "opt000001.pt"} <= set(os.listdir(tmp_path / "cls"))
     assert "train_acc@1" in stdout and "val_loss" in stdout
+    # Resumed at or past --iterations: nothing to train, the state is saved under the step it resumed at.
+    run_script("classifier_train.py", dict(classifier, iterations=1, resume_checkpoint=tmp_path / "cls" /
+                                           "model000001.pt"), tmp_path / "cls_resumed")
+    assert {"model000001.pt", "opt000001.pt"} <= set(os.listdir(tmp_path / "cls_resumed"))
 
 
 def test_two_process_training_torchrun_style(image_folder, tmp_path):
