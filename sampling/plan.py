@@ -291,7 +291,7 @@ def prepare(settings, device_type="cpu", check_only=False, locks=None):
     ``check_only``: stop after the judgement (the lock stays held); returns None.
     """
     locks = run_lock.RunLocks() if locks is None else locks
-    result = None
+    result = error = None  # error: rank 0's unexpected exception, chained to the SampleConfigError
     if dist_util.get_rank() == 0:
         try:
             result = ("ok",) + _prepare_rank0(settings, device_type, check_only, locks)
@@ -300,10 +300,10 @@ def prepare(settings, device_type="cpu", check_only=False, locks=None):
                 raise
             result = ("error", str(e) if isinstance(e, SampleConfigError) else f"{type(e).__name__}: {e}")
         except Exception as e:  # tell the other ranks instead of leaving them waiting; one process: exit status 2
-            result = ("error", f"{type(e).__name__}: {e}")
+            result, error = ("error", f"{type(e).__name__}: {e}"), e
     result = dist_util.broadcast_object(result)
     if result[0] == "error":
-        raise SampleConfigError(result[1])
+        raise SampleConfigError(result[1]) from error
     plan = result[1]
     if plan is None:
         return None

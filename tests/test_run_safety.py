@@ -221,6 +221,18 @@ def test_without_flock_an_empty_out_dir_is_locked(tmp_path, monkeypatch):
     lock.RunLock(str(tmp_path)).acquire().release()
 
 
+def test_an_unexpected_error_while_planning_keeps_its_cause(monkeypatch):
+    from sampling import plan
+
+    def fail(*args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(plan, "_prepare_rank0", fail)
+    with pytest.raises(SampleConfigError, match="OSError: .*Input/output error") as refused:
+        plan.prepare(None)
+    assert isinstance(refused.value.__cause__, OSError)  # the traceback still shows where it failed
+
+
 # ---------------------------------------------------------------------------- 2. identity by content
 
 
