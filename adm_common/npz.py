@@ -43,7 +43,7 @@ def _member_header(path, name):
     with zipfile.ZipFile(path) as zf:
         members = npz_members(zf)
         if name not in members:
-            raise ValueError(f"{path} has no array '{name}' (it has {', '.join(sorted(members)) or 'nothing'}); "
+            raise ValueError(f"{path} has no '{name}' array (it has {', '.join(sorted(members)) or 'nothing'}); "
                              f"image batches keep their uint8 N x H x W x 3 images in 'arr_0'")
         with zf.open(members[name]) as f:  # the header versions numpy writes are the ones np.load reads
             return (members[name],) + read_npy_header(f)
