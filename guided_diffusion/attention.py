@@ -77,6 +77,8 @@ class AttentionOverride:
     def __post_init__(self):
         if isinstance(self.rows, str) and self.rows not in ("all", "second_half"):
             raise ValueError(f"rows must be 'all', 'second_half', a slice or a bool tensor, got {self.rows!r}")
+        if isinstance(self.rows, slice) and self.rows.step not in (None, 1):  # attend_rows slices lo:hi
+            raise ValueError(f"a slice of rows must be contiguous (step 1), got {self.rows}: use a bool tensor")
         object.__setattr__(self, "heads", tuple(self.heads))
         check_heads(self.heads, whole_block=self.attention_fn is skip_block)
 

@@ -216,6 +216,12 @@ def test_override_validation():
     override = AttentionOverride(identity_attention, rows=torch.tensor([True, False]))
     with pytest.raises(ValueError, match="3 rows"):
         override.row_mask(3, "cpu")
+    # attend_rows takes a slice as the contiguous rows lo:hi, so a stepped slice (which row_mask would honour)
+    # is refused instead of perturbing other rows than the block skips.
+    with pytest.raises(ValueError, match="contiguous"):
+        AttentionOverride(identity_attention, rows=slice(0, 4, 2))
+    assert AttentionOverride(identity_attention, rows=slice(1, 3)).row_mask(4, "cpu").tolist() == [False, True, True,
+                                                                                                    False]
 
 
 def test_conformance_with_authors_forward(pag_reference):
