@@ -42,7 +42,7 @@ def read_bytes(path: str) -> bytes:
     scheme = urllib.parse.urlparse(path).scheme
     if scheme not in ("http", "https"):
         raise ValueError(f"unsupported URL scheme {scheme!r} in {path!r}: use a local path, file://, gs://, az://, "
-                         "or http(s)://")
+                         "or http(s):// (a local path with ':' in its name: prefix it with ./)")
     try:
         with urllib.request.urlopen(path, timeout=60) as r:
             return r.read()

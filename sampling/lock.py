@@ -87,7 +87,10 @@ class RunLock:
                 except FileExistsError:
                     if mode == "exclusive":
                         raise
-                    fd, created = os.open(self.path, flags, 0o644), False
+                    try:  # not O_CREAT: a file made here must count as created (else it is never released)
+                        fd, created = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW), False
+                    except FileNotFoundError:  # released between the two opens: create it afresh
+                        continue
             except OSError as e:
                 if os.path.islink(self.path):
                     raise self._link_refused() from None

@@ -27,7 +27,8 @@ def known_names(config_dir=CONFIG_DIR, kind=None):
 
 def load_model_config(name_or_path, config_dir=CONFIG_DIR, required=REQUIRED_KEYS):
     """Read a model config by checkpoint name (``256x256_diffusion_uncond``) or by YAML path, checked:
-    the ``required`` keys (the downloader's add url, file), its name the YAML's, a known kind, flags a mapping."""
+    the ``required`` keys (the downloader's add url, file, and its name must be the YAML's), a known kind, flags a
+    mapping."""
     path = Path(name_or_path)
     if not path.suffix:
         path = Path(config_dir) / f"{name_or_path}.yaml"
@@ -37,7 +38,7 @@ def load_model_config(name_or_path, config_dir=CONFIG_DIR, required=REQUIRED_KEY
                                "or give the path of a model config .yaml)")
     config = read_yaml(path, "model config", ModelConfigError)
     check_entry(config, f"{path}: model config", required)
-    if config["name"] != path.stem:
+    if "url" in required and config["name"] != path.stem:  # the downloader's: a user's copy may have any name
         raise ModelConfigError(f"{path}: name {config['name']!r} differs from the file name {path.stem!r}")
     if config["kind"] not in MODEL_KINDS:
         raise ModelConfigError(f"{path}: kind {config['kind']!r} is not one of {', '.join(MODEL_KINDS)}")

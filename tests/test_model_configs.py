@@ -99,3 +99,13 @@ def test_unknown_flag_in_config_is_rejected():
     item = download.Item("models", "x", "diffusion", "u", "x.pt", {"image_size": 64, "num_chanels": 128})
     with pytest.raises(download.DownloadError, match="num_chanels"):
         download.expected_shapes(item)
+
+
+def test_a_renamed_copy_of_a_config_loads_by_path_but_not_for_the_downloader(tmp_path):
+    from sampling.model_configs import CONFIG_DIR, ModelConfigError, load_model_config
+
+    copy = tmp_path / "my_adm256_finetuned.yaml"
+    copy.write_text((CONFIG_DIR / "256x256_diffusion_uncond.yaml").read_text())
+    assert load_model_config(copy)["name"] == "256x256_diffusion_uncond"  # --model path.yaml, as before
+    with pytest.raises(ModelConfigError, match="differs from the file name"):
+        load_model_config(copy, required=("name", "kind", "flags", "url", "file"))

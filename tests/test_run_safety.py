@@ -221,6 +221,31 @@ def test_without_flock_an_empty_out_dir_is_locked(tmp_path, monkeypatch):
     lock.RunLock(str(tmp_path)).acquire().release()
 
 
+def test_without_flock_a_lock_released_between_two_opens_is_taken_not_left_empty(tmp_path, monkeypatch):
+    import fcntl
+    import socket
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    path = tmp_path / "lock"
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": 1, "started": "x"}))  # a live holder
+    real_open, calls = os.open, []
+
+    def racy_open(p, flags, *mode):  # the holder releases between this process's O_EXCL open and the next one
+        if str(p) == str(path) and not flags & os.O_EXCL and not calls:
+            calls.append(p)
+            os.remove(path)
+        return real_open(p, flags, *mode)
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    monkeypatch.setattr(lock.os, "open", racy_open)
+    held = lock.RunLock(str(tmp_path)).acquire()
+    assert calls and json.loads(path.read_text())["pid"] == os.getpid()
+    held.release()
+    assert not path.exists()  # no empty lock file left to refuse every later run
+
+
 def test_an_unexpected_error_while_planning_keeps_its_cause(monkeypatch):
     from sampling import plan
 
