@@ -1,4 +1,4 @@
-"""The evaluator under torchrun / srun splits the feature extraction over the processes (one launcher
+"""The evaluator under torchrun / srun / mpiexec splits the feature extraction over the processes (one launcher
 detection, adm_common.launch), instead of every process computing the whole thing."""
 
 import json
@@ -61,6 +61,25 @@ def test_torchrun_and_srun_split_the_extraction(tmp_path):
     port = free_port()
     _check(_launch(npz, lambda r: dict(SLURM_PROCID=str(r), SLURM_STEP_NUM_TASKS="2", SLURM_STEP_ID="0",
                                        SLURM_LOCALID=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))), images)
+
+
+def test_mpiexec_splits_the_extraction(tmp_path):
+    # Under mpiexec the evaluator meets over a gloo group on a TCP store (adm_common.rendezvous, as the sampler).
+    import shutil
+    from pathlib import Path
+
+    mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+    assert mpiexec, "mpiexec not found: `make install` installs the openmpi package into .venv"
+    images = np.random.default_rng(1).integers(0, 256, (9, 8, 8, 3), dtype=np.uint8)
+    npz = tmp_path / "batch.npz"
+    np.savez(npz, arr_0=images)
+    done = subprocess.run([mpiexec, "--oversubscribe", "-n", "2", sys.executable, "-c", WORKER, str(npz)],
+                          env=clean_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = sorted((json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")),
+                     key=lambda r: r["rank"])
+    assert [(r["rank"], r["world"]) for r in results] == [(0, 2), (1, 2)]
+    _check(results, images)
 
 
 class _Stop(Exception):
