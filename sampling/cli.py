@@ -20,7 +20,6 @@ import torch as th
 from adm_common.files import DiskFullError, disk_full
 from adm_common.flags import FlagParser
 from adm_common.launch import rank_from_env, world_size_from_env
-from adm_common.yaml_files import parse_yaml
 from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoint import CheckpointError
 
@@ -29,7 +28,7 @@ from .process import start_process
 from .progress import PeerFailedError
 from .run import run
 from .sampler import NonFiniteError
-from .settings import SETTINGS, SampleConfigError, read_yaml_mapping, resolve_settings
+from .settings import SETTINGS, SampleConfigError, parse_overrides, read_yaml_mapping, resolve_settings
 from .sweep import check_cells, describe, expand, load_sweep, run_sweep
 from .sweep_evaluation import EvaluationFailedError
 
@@ -71,18 +70,6 @@ def build_sweep_parser():
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a base setting of every cell, e.g. --set num_samples=1000 (repeatable)")
     return p
-
-
-def parse_overrides(items):
-    """``["num_samples=1000", ...]`` -> ``{"num_samples": 1000}`` (values parsed as YAML scalars)."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise SampleConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        where = f"--set {item}: the value"
-        overrides[key.strip()] = parse_yaml(value, where, SampleConfigError) if value.strip() else ""
-    return overrides
 
 
 def report_error(error, everywhere):

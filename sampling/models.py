@@ -21,7 +21,7 @@ from guided_diffusion.script_util import (call_with, create_classifier, create_m
 
 from .checkpoint_files import check_checkpoint, load_weights
 from .model_configs import load_model_config
-from .settings import COMPUTE_DTYPES, SampleConfigError
+from .settings import COMPUTE_DTYPES, SampleConfigError, parse_overrides
 
 # torch.compile keywords of ``--compile`` (tests choose a cheap backend here).
 COMPILE_OPTIONS = {}
@@ -131,8 +131,6 @@ def list_attention_blocks(argv=None):
     """Print every attention block of a model (name, resolution, channels, heads) for choosing PAG layers: the
     model of an official checkpoint name (256x256_diffusion_uncond) or a model config YAML, or of --set flags
     (--set image_size=32 --set channel_mult=1,2,2). Built on the meta device: no weights, memory or checkpoint."""
-    from .cli import parse_overrides  # sampling.cli runs the networks built here
-
     parser = FlagParser(description=list_attention_blocks.__doc__)
     parser.add_argument("model", nargs="?", help="official checkpoint name or model config YAML")
     parser.add_argument("--kind", default="diffusion", help="with --set: diffusion, upsampler or classifier")

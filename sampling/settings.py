@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from adm_common.yaml_files import read_yaml
+from adm_common.yaml_files import parse_yaml, read_yaml
 
 import pag
 from pag.config import LIST_SETTINGS
@@ -259,6 +259,18 @@ def check_keys(values, source):
 def coerce_all(values, source):
     check_keys(values, source)
     return {k: coerce(k, v, source) for k, v in values.items()}
+
+
+def parse_overrides(items):
+    """``["num_samples=1000", ...]`` -> ``{"num_samples": 1000}`` (values parsed as YAML scalars)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SampleConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        where = f"--set {item}: the value"
+        overrides[key.strip()] = parse_yaml(value, where, SampleConfigError) if value.strip() else ""
+    return overrides
 
 
 def read_yaml_mapping(path, what="--config"):
