@@ -1,11 +1,7 @@
-"""Train the embedded demo's models on a generated data set (demo/data.py) into --out_dir (checkpoints/demo):
-
-(a) the tiny ADM U-Net (<model>.pt: EMA weights, float32; <model>.yaml: its flags as configs/models/*.yaml),
-    trained by upstream's guided_diffusion.train_util.TrainLoop with this script's learning-rate schedule, EMA
-    warm-up and a per-step callback (thread choice, progress, --max_minutes); TrainLoop's own checkpoints go to a
-    temporary directory that is removed. --init_from continues from a saved <model>.pt (the record says so);
-(b) its feature network (demo/features.py) for demo-feature FID / precision / recall / classifier score;
-then TRAINING.md (the record: command, steps, time, losses, held-out accuracy, data, seed, versions) and, with
+"""Train the embedded demo's models on a generated data set (demo/data.py) into --out_dir (checkpoints/demo): the
+tiny ADM U-Net (<model>.pt: EMA weights, float32; <model>.yaml: its flags as configs/models/*.yaml) by upstream's
+TrainLoop with this script's learning-rate schedule, EMA warm-up and per-step callback (--init_from continues from a
+saved <model>.pt), and its feature network (demo/features.py); then TRAINING.md, the record, and with
 --check_samples N, DDIM-25 samples, unguided (left) and PAG (right), from the same noise.
 
     python scripts/train_demo.py --what all --check_samples 64   # what `make train-demo` runs
@@ -142,19 +138,16 @@ class ThreadChooser:
             if phase == 0:
                 self.times, self.probing = {}, True
             if self.probing:
+                two_is_slow = 2 in self.times and max(self.times[2]) > 1.5 * np.median(self.times[1])
                 if phase < self.probe:
                     self.current = 1
-                elif phase < 2 * self.probe and not self._two_is_slow():
+                elif phase < 2 * self.probe and not two_is_slow:
                     self.current = 2
                 else:
                     self.current = min(self.times, key=lambda n: np.median(self.times[n]))
                     self.probing = False
         th.set_num_threads(self.current)
         self.used.add(self.current)
-
-    def _two_is_slow(self):
-        one, two = self.times.get(1), self.times.get(2)
-        return bool(one and two and max(two) > 1.5 * np.median(one))
 
     def after_step(self, step, seconds):
         if not self.fixed and self.probing:
@@ -176,10 +169,8 @@ class LossHistory(logger.KVWriter):
     """A logger output that keeps each table's loss terms: with log_interval 1, TrainLoop's per-step losses
     (each the batch mean, weighted by the timestep sampler's weights)."""
 
-    KEYS = ("loss", "mse", "vb")
-
     def __init__(self):
-        self.values = {key: [] for key in self.KEYS}
+        self.values = {key: [] for key in ("loss", "mse", "vb")}
 
     def writekvs(self, kvs):
         for key, values in self.values.items():
@@ -338,15 +329,10 @@ def _run_lines(args, argv, data_seconds, threads, device=None):
     ]
 
 
-def headings(dataset):
-    """The record's two section headings of data set ``dataset``: (diffusion model, feature network)."""
-    spec = DATASETS[dataset]
-    return f"## Diffusion model ({spec.model}.pt, {spec.model}.yaml)", f"## Feature network ({spec.features})"
-
-
 def write_record(args, out_dir, data_seconds, diffusion_info, feature_info, argv, previous=""):
     """Write TRAINING.md; ``previous`` is the record before this run (sections not retrained are kept, the
     other data sets' too)."""
+    spec, flags = DATASETS[args.dataset], model_flags(args.dataset)
     lines = [
         "# Demo checkpoints: how they were trained",
         "",
@@ -356,73 +342,63 @@ def write_record(args, out_dir, data_seconds, diffusion_info, feature_info, argv
         "model: the right half is the left half's mirror image).",
         "",
     ]
-    for dataset in DATASETS:
-        if dataset == args.dataset:
-            lines += _record_sections(args, out_dir, data_seconds, diffusion_info, feature_info, argv, previous)
+    for dataset, names in DATASETS.items():  # every data set's two sections, this run's rewritten
+        diffusion_title = f"## Diffusion model ({names.model}.pt, {names.model}.yaml)"
+        features_title = f"## Feature network ({names.features})"
+        d = diffusion_info if dataset == args.dataset else None
+        f = feature_info if dataset == args.dataset else None
+        if not d:
+            lines.append(_section(previous, diffusion_title))
         else:
-            lines += [_section(previous, heading) for heading in headings(dataset)]
+            lines += [diffusion_title, ""] + _run_lines(args, argv, data_seconds, d["threads"], d.get("device")) + [
+                f"- architecture (upstream flags): {', '.join(f'{k}={v}' for k, v in flags.items())}",
+                f"- parameters: {d['params']:,} ({d['bytes'] / 1e6:.2f} MB as float32)",
+                f"- objective: upstream hybrid loss ({'x_0' if flags.get('predict_xstart') else 'eps'} MSE + VB "
+                "term for the learned variance), uniform timestep sampler",
+                f"- optimiser: AdamW, lr {args.lr} (linear warm-up over {args.warmup_steps} steps, then "
+                f"{'cosine decay to 0' if args.lr_schedule == 'cosine' else 'constant'}), weight decay 0, "
+                f"batch {args.batch_size}; training loop `guided_diffusion.train_util.TrainLoop`",
+            ]
+            if args.init_from:
+                lines.append(f"- started from `{args.init_from}` (continued training, fresh optimiser; the run that "
+                             "wrote it is recorded under 'Earlier stage' below)")
+            lines += [
+                f"- steps: {d['steps']} (requested {args.steps}), {d['steps'] * args.batch_size} images seen, "
+                f"{d['seconds'] / 60:.1f} min ({d['steps'] / max(d['seconds'], 1e-9):.2f} steps/s)",
+                f"- final losses (mean of the last {d['tail']} steps): loss {d['final']['loss']:.4f}, "
+                f"mse {d['final']['mse']:.4f}, vb {d['final']['vb']:.4f}",
+                f"- saved weights: EMA, rate {args.ema_rate} with warm-up min(rate, (1 + n) / (10 + n)); float32",
+                "",
+            ]
+            if args.init_from:  # the run that wrote --init_from, from its record
+                init_record = Path(args.init_from).parent / "TRAINING.md"
+                same = init_record.resolve() == (out_dir / "TRAINING.md").resolve()
+                earlier = _section(previous if same else (init_record.read_text() if init_record.exists() else ""),
+                                   diffusion_title)
+                if earlier:
+                    earlier = earlier.replace("\n### ", "\n#### ").replace(diffusion_title, "### Earlier stage", 1)
+                    lines.append(earlier.rstrip() + "\n")
+        if not f:
+            lines.append(_section(previous, features_title))
+        else:
+            broken = ("; plus a fifth as many images of a \"broken\" class (the halves of two different images, "
+                      "`demo.data.make_broken_mirror`)" if args.dataset == "mirror" else "")
+            lines += [features_title, ""] + _run_lines(args, argv, data_seconds, [f["threads"]]) + [
+                "- `demo.features.DemoFeatureNet`: 4 conv blocks -> 128-d pooled features -> "
+                f"{spec.feature_classes} logits ({f['params']:,} parameters){broken}",
+                f"- training: cross-entropy, Adam one-cycle lr {args.feature_lr}, batch {args.feature_batch_size}, "
+                f"{f['steps']} steps, {'90-degree rotations and flips' if spec.rotations else 'flips'}; "
+                f"{f['seconds'] / 60:.1f} min; final loss {f['final_loss']:.4f}",
+                f"- held-out accuracy: {f['held_out_accuracy']:.4f} on {f['held_out_images']} images "
+                f"(`make_dataset({args.held_out}, seed={args.seed + FEATURES_HELD_OUT_SEED_OFFSET}, "
+                f"kind={args.dataset!r})`{' and its broken class' if args.dataset == 'mirror' else ''})",
+                "- its features give the demo's demo-feature FID / precision / recall / classifier score; "
+                "these are not Inception metrics",
+                "",
+            ]
     path = out_dir / "TRAINING.md"
     atomic_write_text(path, "\n".join(line for line in lines if line is not None).rstrip() + "\n")
     return path
-
-
-def _record_sections(args, out_dir, data_seconds, diffusion_info, feature_info, argv, previous):
-    spec, flags = DATASETS[args.dataset], model_flags(args.dataset)
-    diffusion_title, features_title = headings(args.dataset)
-    lines = []
-    if diffusion_info:
-        d = diffusion_info
-        lines += [diffusion_title, ""] + _run_lines(args, argv, data_seconds, d["threads"], d.get("device")) + [
-            f"- architecture (upstream flags): {', '.join(f'{k}={v}' for k, v in flags.items())}",
-            f"- parameters: {d['params']:,} ({d['bytes'] / 1e6:.2f} MB as float32)",
-            f"- objective: upstream hybrid loss ({'x_0' if flags.get('predict_xstart') else 'eps'} MSE + VB "
-            "term for the learned variance), uniform timestep sampler",
-            f"- optimiser: AdamW, lr {args.lr} (linear warm-up over {args.warmup_steps} steps, then "
-            f"{'cosine decay to 0' if args.lr_schedule == 'cosine' else 'constant'}), weight decay 0, "
-            f"batch {args.batch_size}; training loop `guided_diffusion.train_util.TrainLoop`",
-        ]
-        if args.init_from:
-            lines.append(f"- started from `{args.init_from}` (continued training, fresh optimiser; the run that "
-                         "wrote it is recorded under 'Earlier stage' below)")
-        lines += [
-            f"- steps: {d['steps']} (requested {args.steps}), {d['steps'] * args.batch_size} images seen, "
-            f"{d['seconds'] / 60:.1f} min ({d['steps'] / max(d['seconds'], 1e-9):.2f} steps/s)",
-            f"- final losses (mean of the last {d['tail']} steps): loss {d['final']['loss']:.4f}, "
-            f"mse {d['final']['mse']:.4f}, vb {d['final']['vb']:.4f}",
-            f"- saved weights: EMA, rate {args.ema_rate} with warm-up min(rate, (1 + n) / (10 + n)); float32",
-            "",
-        ]
-        earlier = ""
-        if args.init_from:
-            init_record = Path(args.init_from).parent / "TRAINING.md"
-            same = init_record.resolve() == (out_dir / "TRAINING.md").resolve()
-            earlier_text = previous if same else (init_record.read_text() if init_record.exists() else "")
-            earlier = _section(earlier_text, diffusion_title)
-        if earlier:
-            earlier = earlier.replace("\n### ", "\n#### ").replace(diffusion_title, "### Earlier stage", 1)
-            lines.append(earlier.rstrip() + "\n")
-    else:
-        lines.append(_section(previous, diffusion_title))
-    if feature_info:
-        f = feature_info
-        broken = ("; plus a fifth as many images of a \"broken\" class (the halves of two different images, "
-                  "`demo.data.make_broken_mirror`)" if args.dataset == "mirror" else "")
-        lines += [features_title, ""] + _run_lines(args, argv, data_seconds, [f["threads"]]) + [
-            "- `demo.features.DemoFeatureNet`: 4 conv blocks -> 128-d pooled features -> "
-            f"{spec.feature_classes} logits ({f['params']:,} parameters){broken}",
-            f"- training: cross-entropy, Adam one-cycle lr {args.feature_lr}, batch {args.feature_batch_size}, "
-            f"{f['steps']} steps, {'90-degree rotations and flips' if spec.rotations else 'flips'}; "
-            f"{f['seconds'] / 60:.1f} min; final loss {f['final_loss']:.4f}",
-            f"- held-out accuracy: {f['held_out_accuracy']:.4f} on {f['held_out_images']} images "
-            f"(`make_dataset({args.held_out}, seed={args.seed + FEATURES_HELD_OUT_SEED_OFFSET}, "
-            f"kind={args.dataset!r})`{' and its broken class' if args.dataset == 'mirror' else ''})",
-            "- its features give the demo's demo-feature FID / precision / recall / classifier score; "
-            "these are not Inception metrics",
-            "",
-        ]
-    else:
-        lines.append(_section(previous, features_title))
-    return lines
 
 
 def main(argv=None):
