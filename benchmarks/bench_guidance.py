@@ -1,18 +1,12 @@
-"""Cost per sampling step: unguided model vs naive two-pass PAG (the authors' strategy) vs our engine.
-
-Builds the ADM 256x256 topology (the paper's model) with random weights, perturbs the paper's layers
-(input_blocks.14.1, 16.1, 17.1, middle_block.1) with the identity map, and times one guided model call
-per variant, interleaving the variants so machine load affects them alike. Prints ratios measured in
-this one run. ``--num_channels`` shrinks the width for CPU runs (the topology stays the same).
-"engine" is what sampling uses (``pag.guide``: shared prefix, then one pass on ``[x; x]``);
-"engine_sequential" is its lower-memory variant (``batch_passes=False``: the rest runs twice on ``x``).
-On CUDA each variant's peak GPU memory (``torch.cuda.max_memory_allocated``) is printed too; there is
-no per-variant peak on CPU. On CPU the host allocator is tuned as the sampling entry points do (``sampling.process.tune_cpu_allocator``).
+"""Cost per sampling step: unguided model vs naive two-pass PAG (the authors' strategy) vs our engine (``pag.guide``,
+as sampling runs it; "engine_sequential": its lower-memory ``batch_passes=False``), one guided model call each on
+the ADM 256x256 topology with random weights at the paper's layers (identity map), interleaved so machine load
+affects them alike; prints the ratios measured in this one run, and on CUDA each variant's peak memory.
+``--num_channels`` shrinks the width for CPU runs (the topology stays); on the CPU the host allocator is tuned as
+the sampling entry points do. Goals on the 2-core CPU: engine / unguided <= 1.80, naive / engine >= 1.10.
 
     python scripts/bench_guidance.py                      # CPU-sized: 64 channels, batch 1
     python scripts/bench_guidance.py --num_channels 256 --batch_size 8 --device cuda --fp16
-
-Goals on the 2-core CPU: engine / unguided <= 1.80, naive / engine >= 1.10.
 """
 
 import argparse

@@ -1,21 +1,9 @@
-"""FLOPs and GPU-hours of the paper's ADM 256x256 runs, counted on the ``meta`` device.
-
-The official U-Nets at full width (``256x256_diffusion_uncond`` and ``256x256_diffusion`` flags) are built on
-``meta``: their parameters and activations have shapes but no storage, so the full-width models cost no memory
-and a forward takes milliseconds. ``torch.utils.flop_counter.FlopCounterMode`` counts each call's convolutions,
-matmuls and attention (2 FLOPs per multiply-add; torch's meta SDPA runs as two batched matmuls, which it counts,
-and :func:`attention_check` compares them with a hand count). Per image and sampling step, at batch 1 (the counts
-are linear in the batch):
-
-* unguided: one forward;
-* PAG engine: ``pag.guide(model, {"pag_scale": 3.0, "pag_layers": <the paper's layers>})``, batched (shared prefix,
-  then the rest on ``[x; x]``; identity attention in the perturbed half skips those blocks' two matmuls);
-* PAG two-pass: the authors' strategy, a clean forward and a perturbed forward.
-
-Then per image (x steps), per 50,000-sample run, and GPU-hours per 50,000 images at an assumed fraction of each
-device's dense fp16 tensor peak (``--peak_fraction``, default 40 %, the GPU check's goal for the unguided forward):
-an assumption, not a measurement. The classifier of PAG + CG and SAG (whose degraded input needs values) are not
-counted here.
+"""FLOPs and GPU-hours of the paper's ADM 256x256 runs, counted on the ``meta`` device (shapes without storage: the
+full-width U-Nets cost no memory and a forward takes milliseconds) by ``torch.utils.flop_counter`` (2 FLOPs per
+multiply-add; :func:`attention_check` compares its attention count with a hand count). Per image and step, at batch 1:
+unguided, the PAG engine (``pag.guide``: shared prefix, then ``[x; x]``) and the authors' two passes; GPU-hours per
+50,000 images at an assumed ``--peak_fraction`` (default 40 %) of each device's dense fp16 peak, not a measurement.
+The classifier of PAG + CG and SAG are not counted (docs/reproduction.md#cost-estimates).
 
     python scripts/bench_cost.py                      # = make bench-cost; seconds on a CPU
     python scripts/bench_cost.py --peak_fraction 0.3

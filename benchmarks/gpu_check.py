@@ -3,16 +3,11 @@
     make gpu-check                                    # = python scripts/gpu_check.py (the local rank's GPU)
     python scripts/gpu_check.py --device cpu --tiny   # the same report on the CPU at tiny widths (the test suite)
 
-Random weights at the real widths of the paper's models (nothing is downloaded; ``--model_dir DIR`` uses the
-official checkpoints there instead when they exist). Writes ``OUT/report.json`` and ``OUT/report.md``
-(default ``results/gpu_check/``) and prints the Markdown. Sections (docs/gpu.md has what each measures): 1. float16
-health (:mod:`benchmarks.health`); 2. speed per guided step, the execution options and the goals of issue 14
-(:mod:`benchmarks.speed`); 3. the sampler end to end and 4. the evaluator's feature extraction throughput
-(:mod:`benchmarks.end_to_end`).
-
-Exit status 0 when every correctness check passed (speed goals are reported, not enforced), 1 otherwise; 2 at once,
-before anything runs, when no GPU is usable (a driver too old for the installed CUDA wheel, a CPU-only wheel, hidden
-GPUs) and ``--device cpu`` was not given: the message names the wheel's CUDA version and the driver's.
+Random weights at the real widths of the paper's models (``--model_dir DIR``: the official checkpoints there when
+they exist). Writes and prints ``OUT/report.md`` and ``OUT/report.json`` (default ``results/gpu_check/``); sections
+(docs/gpu.md): 1. float16 health, 2. speed per guided step, options and goals, 3. the sampler end to end, 4. the
+evaluator's feature throughput. Exit status 0 when every correctness check passed (speed goals are reported), 1
+otherwise; 2 at once when no GPU is usable and ``--device cpu`` was not given (the message names why).
 """
 
 import argparse

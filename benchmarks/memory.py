@@ -1,13 +1,7 @@
-"""Activation memory of one guided model call, measured without a GPU.
-
-:class:`LiveBytes` is a ``TorchDispatchMode`` that counts the bytes of every storage created inside it while the
-storage lives, and their peak: on real CPU tensors it measures what a call keeps alive, and on the ``meta`` device
-it measures the real ADM-256 at full width in no memory (tensors there have shapes and sizes but no data). What it
-cannot see: a kernel's internal workspace (flash attention's, cuDNN's) and the CUDA caching allocator's rounding
-and fragmentation, so a GPU's ``max_memory_allocated`` is somewhat higher. On ``meta`` the attention kernel is
-torch's math path, which materialises the (T x T) map that flash attention on a GPU does not.
-
-``python scripts/bench_memory.py`` prints :func:`memory_table` (docs/gpu.md quotes it).
+"""Activation memory of one guided model call, measured without a GPU: :class:`LiveBytes` counts live storage bytes,
+on real CPU tensors or on ``meta`` (the real ADM-256 widths in no memory). It cannot see kernel workspaces
+(flash attention's, cuDNN's) or the CUDA allocator's rounding, and ``meta``'s math attention keeps the (T x T) map
+that flash attention does not (docs/gpu.md). ``python scripts/bench_memory.py`` prints :func:`memory_table`.
 """
 
 import weakref
