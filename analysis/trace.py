@@ -1,21 +1,12 @@
-"""Per-step quantities of guided sampling: what every guidance term contributes, and what attention looks like.
+"""Per-step quantities of guided sampling (docs/analysis.md): :func:`trace` samples the given indices through
+``sampling.Sampler`` (the final images are the sampler's) and records at every step:
 
-:func:`trace` samples the given indices through ``sampling.Sampler`` (its guided model, x_T, labels, step noise and
-row seeds: the final images are the sampler's) and records, at every step:
-
-* the guidance terms, read through ``GuidedModel.observer`` (the formula stays in ``pag.guidance``): PAG's
-  ``s * (eps - eps_perturbed)``, SAG's, ICG's, classifier guidance's in eps units (``-sqrt(1 - abar_t) *
-  cond_fn(x_t, t)``, what DDIM adds to eps; DDPM adds the same gradient to the mean), and the corrections of the
-  summed term by APG (after APG minus the plain sum) and by guidance rescale (after minus before);
-* their RMS per sample (``*_rms``: L2 norm / sqrt(C * H * W)), the cosine of the PAG and CG terms, and
-  ``guidance_share`` = |guidance part| / (|guidance part| + |unguided update|) in [0, 1], where the step's
-  deterministic update x_t -> mean_guided splits into the unguided update (mean_unguided - x_t) and guidance's part
-  (mean_guided - mean_unguided), the means being the sampler's own step (DDIM, or DDPM's posterior mean) on the
-  recorded outputs with zero noise; ``icg_share``, ``apg_share`` and ``rescale_share``: one term's move of that
-  mean on the same scale (docs/analysis.md);
-* the attention entropy of chosen blocks (mean over samples, heads and queries of -sum_j p_ij log p_ij in nats: 0
-  for the identity map, log T uniform), by forward hooks on the blocks' ``attention`` submodules (the clean pass's
-  qkv; no module is replaced);
+* the guidance terms, read through ``GuidedModel.observer`` (the formula stays in ``pag.guidance``): PAG's, SAG's,
+  ICG's, classifier guidance's in eps units (``-sqrt(1 - abar_t) * cond_fn``, what DDIM adds to eps), and APG's and
+  guidance rescale's corrections of the summed term; their RMS per sample (L2 norm / sqrt(C * H * W)), the cosine
+  of the PAG and CG terms, and ``guidance_share`` = |mean_guided - mean_unguided| / (that + |mean_unguided - x_t|),
+  the means being the sampler's own step on the recorded outputs with zero noise (``*_share``: one term's move);
+* the attention entropy of chosen blocks (nats; 0 identity, log T uniform), by forward hooks on the clean pass;
 
 and, at a few shown steps, for the strip samples: x_t, the clean, perturbed and guided x0, the PAG term, and the
 head-averaged attention map of a few query tokens.
@@ -205,12 +196,8 @@ class _AttentionProbe:
 
 
 def trace(settings, models, device, indices, config=None, options=None):
-    """Sample ``indices`` with ``config`` (default ``settings.guidance``) as the sampler does, recording the
-    per-step quantities described in this module's docstring. Returns a :class:`Trace`.
-
-    settings: a ``sampling.RunSettings`` (model, diffusion, seed, sampler, batch size); models: its
-    ``sampling.load_models`` result (its diffusion is used); device: a torch device.
-    """
+    """A :class:`Trace` of ``indices`` sampled with ``config`` (default ``settings.guidance``) as the sampler does
+    (``settings``: a ``sampling.RunSettings``; ``models``: its ``sampling.load_models`` result)."""
     config = settings.guidance if config is None else config
     options = options or TraceOptions()
     indices = [int(i) for i in indices]
@@ -381,17 +368,14 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
 
 
 @th.no_grad()
-def perturbed_x0(settings, models, device, reference, kinds, params=None):
-    """The perturbed pass's predicted x0 of each of ``kinds`` on the reference trace's x_t (its shown steps, its
-    strip samples): the degradation each perturbation causes, side by side on the same inputs.
-
-    params: perturbation parameter values (default: the reference config's). Returns {kind: (len(shown),
-    len(strip), C, H, W)}, with "clean" for the unperturbed prediction.
-    """
+def perturbed_x0(settings, models, device, reference, kinds):
+    """The perturbed pass's predicted x0 of each of ``kinds`` (with the reference config's perturbation parameters)
+    on the reference trace's x_t at its shown steps, for its strip samples: {kind: (len(shown), len(strip), C, H,
+    W)}, with "clean" for the unperturbed prediction."""
     if "x_t" not in reference.images:
         raise ValueError("the reference trace has no images (no strip samples)")
     config = reference.config
-    values = dict(config.perturbation_params if params is None else params)
+    values = dict(config.perturbation_params)
     model = models.model
     diffusion = models.diffusion
     steps = diffusion.num_timesteps
