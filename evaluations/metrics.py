@@ -1,19 +1,7 @@
-"""FID / sFID, Inception Score and precision/recall as OpenAI's ADM evaluator defines them.
-
-* ``frechet_distance``: ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr(sqrtm(S1 S2)) with scipy's ``sqrtm``; when that
-  is not finite, 1e-6 * I is added to both covariances and it is retried; an imaginary part above 1e-3 on the
-  diagonal of the root is an error, a smaller one is dropped.
-* ``inception_score``: softmax of the (bias-free) logits, consecutive splits of ``split_size`` samples (the last
-  one may be shorter, as upstream), exp of the mean KL(p(y|x) || p(y)) per split, averaged over splits.
-* ``precision_recall``: Kynkaenniemi et al. (2019) with k = 3, as OpenAI's evaluator computes it: the radius
-  of a point is the squared distance to its k-th nearest neighbour in its own set (itself counted as the 0-th);
-  a point lies in the other set's manifold when it is within (<=) the radius of any point of that set.
-  Precision = share of samples in the reference manifold, recall = share of reference points in the sample
-  manifold. By default (``pr_precision="float16"``) the squared distances are upstream's: per block of
-  10,000 x 10,000, ``max(|u|^2 - 2 u.v + |v|^2, 0)`` from float16 casts with float16 rounding, the block redone
-  in float32 when any entry is not finite; ``pr_precision="float32"`` computes every block in float32.
-  Against upstream's TensorFlow graph on a CPU, precision and recall are equal on the sets we measured (a few
-  float16 distances, about 6 in a million in 2048-d, differ by an ulp; see ``float16_norms`` for the GPU).
+"""FID / sFID, Inception Score and precision/recall as OpenAI's ADM evaluator defines them, with its numerics
+(scipy's ``sqrtm`` with its 1e-6 retry, IS splits whose last may be shorter, precision/recall with k = 3 in
+upstream's float16 distance blocks, or ``pr_precision="float32"`` throughout). The method and what was measured
+against upstream's TensorFlow graph: docs/evaluation.md, "Relation to the upstream (TensorFlow) evaluator".
 """
 
 import warnings
@@ -77,8 +65,10 @@ class EvaluationWarning(UserWarning):
     pass
 
 
-def _finite_array(x, name, ndim):
-    x = (np.atleast_1d if ndim == 1 else np.atleast_2d)(np.asarray(x, dtype=np.float64))
+def _finite_array(x, name, ndim, dtype=np.float64):
+    if torch.is_tensor(x):
+        x = x.detach().cpu()
+    x = (np.atleast_1d if ndim == 1 else np.atleast_2d)(np.asarray(x, dtype=dtype))
     if x.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {x.shape}")
     if not np.all(np.isfinite(x)):
@@ -158,19 +148,7 @@ def _logsumexp(x):
 PR_PRECISIONS = ("float16", "float32")
 # OpenAI's ManifoldEstimator: pairwise distances in blocks of 10,000 x 10,000; the float16 attempt and its float32
 # fallback are decided per block.
-UPSTREAM_ROW_BATCH = 10000
-UPSTREAM_COL_BATCH = 10000
-
-
-def _check_features(x, name):
-    if torch.is_tensor(x):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be N x D, got shape {x.shape}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return x
+UPSTREAM_BATCH = 10000
 
 
 def check_pr_precision(pr_precision):
@@ -246,19 +224,12 @@ def _eigen_tree_sums16(sq, first, lo, m):
 
 
 def float16_norms(x):
-    """Squared norms as upstream's float16 graph computes them on TensorFlow's CPU kernels: ``x`` cast to float16,
-    each square rounded to float16 (``tf.square``), and the squares summed in float16 (``tf.reduce_sum`` on half)
-    in the order of Eigen's vectorized tree reduction for ``SumReducer<half>`` with 8-lane packets, every add
-    rounded to float16 (see ``_eigen_leaf_sums16`` and ``_eigen_tree_sums16``). Measured against TensorFlow 2.21
-    (CPU, any intra-op thread count): bit-identical on every row of every set we tried, 1 to 12,801 dims.
-
-    The same float16 adds in the same order run on any device, so CUDA gives the CPU's numbers. TensorFlow on a GPU
-    (where the published ADM numbers come from) also accumulates in float16, but in CUB's segmented-reduction
-    order, which we could not measure; its norms may differ from these by an ulp on some rows.
-
-    ``x``: float32 tensor (n, d); returns float32 holding float16 values (inf where a partial sum overflows).
-    Rows are processed in chunks of 8192; the split point of a row longer than 1600 values depends on the row's
-    flat offset modulo 8, taken from its index in ``x`` (upstream feeds batches of 10,000 rows, a multiple of 8)."""
+    """Squared norms as upstream's float16 graph computes them on TensorFlow's CPU kernels: ``x`` (float32, n x d)
+    cast to float16, each square rounded to float16, the squares summed in float16 in the order of Eigen's tree
+    reduction for ``SumReducer<half>`` (``_eigen_tree_sums16``). Bit-identical to TensorFlow 2.21 (CPU) on every
+    row we tried, 1 to 12,801 dims, and on CUDA alike (same adds, same order); TensorFlow on a GPU sums in CUB's
+    order, unmeasured. Returns float32 holding float16 values (inf where a partial sum overflows). A row over 1600
+    values splits at a point set by its flat offset modulo 8, from its index in ``x`` (upstream's batches: 10,000)."""
     n, d = x.shape
     x16 = _round16(x)
     out = x.new_empty(n)
@@ -278,16 +249,10 @@ def float16_norms(x):
 
 
 def squared_distances_float16(a, b, norms_a=None, norms_b=None):
-    """Upstream's float16 distance block: ``max((|a|^2 - 2 a.b) + |b|^2, 0)`` where both batches are cast to
-    float16, the squared norms are summed in float16 as TensorFlow's CPU kernels do (``float16_norms``), the dot
-    products are accumulated in float32 and rounded to float16, and every following operation rounds its result to
-    float16 (so overflow gives inf or, through ``-inf`` and the clamp, 0).
-
-    On CUDA this is a float16 matmul and float16 element-wise ops; elsewhere it is emulated in float32 with a
-    rounding to float16 after every op (float32 holds the exact sum, difference and product of two float16 values
-    closely enough that rounding it to float16 is the correctly rounded float16 result). Returns float32 tensors
-    holding float16 values.
-    """
+    """Upstream's float16 distance block: ``max((|a|^2 - 2 a.b) + |b|^2, 0)`` from float16 casts, the norms as
+    ``float16_norms``, the dot products accumulated in float32, every result rounded to float16 (overflow gives inf
+    or, through ``-inf`` and the clamp, 0). A float16 matmul on CUDA; elsewhere float32 rounded to float16 after
+    every op (exact: float32 holds two float16 values' sum or product closely enough). Returns float32 tensors."""
     norms_a = float16_norms(a) if norms_a is None else norms_a
     norms_b = float16_norms(b) if norms_b is None else norms_b
     if a.is_cuda:
@@ -359,22 +324,10 @@ def _manifold_radii(feats, k, max_block_elems, pr_precision, row_batch_size, col
     return radii
 
 
-def precision_recall(ref_features, sample_features, k=3, max_block_elems=2 ** 25, device="cpu",
-                     pr_precision="float16", row_batch_size=UPSTREAM_ROW_BATCH, col_batch_size=UPSTREAM_COL_BATCH,
-                     block_log=None):
+def precision_recall(ref_features, sample_features, **options):
     """``(precision, recall)`` of samples against a reference set of features (both N x D), as OpenAI's evaluator
-    computes them (``ManifoldEstimator`` with ``DistanceBlock``; the method and ``pr_precision``: the module's
-    docstring). Blocks are ``row_batch_size`` x ``col_batch_size`` (upstream's 10,000 x 10,000); the reference
-    rows are the distance formula's ``u`` and the samples its ``v``, as upstream (float16 rounding makes the order
-    matter).
-
-    :param max_block_elems: memory only: a block is computed in row chunks of at most this many distances (the
-        float16/float32 decision stays per block), so the results do not depend on it.
-    :param block_log: a list to which ``(phase, row_start, col_start, precision_used)`` is appended per block, phase
-        ``"ref_radii"``, ``"sample_radii"`` or ``"pr"`` (rows: reference, columns: samples).
-    """
-    m = manifold_memberships(ref_features, sample_features, k, max_block_elems, device, pr_precision,
-                             row_batch_size, col_batch_size, block_log)
+    computes them; ``options``: :func:`manifold_memberships`'."""
+    m = manifold_memberships(ref_features, sample_features, **options)
     return int(m.sample_in_ref.sum()) / len(m.sample_in_ref), int(m.ref_in_sample.sum()) / len(m.ref_in_sample)
 
 
@@ -389,13 +342,21 @@ class Memberships:
 
 
 def manifold_memberships(ref_features, sample_features, k=3, max_block_elems=2 ** 25, device="cpu",
-                         pr_precision="float16", row_batch_size=UPSTREAM_ROW_BATCH,
-                         col_batch_size=UPSTREAM_COL_BATCH, block_log=None, ref_radii=None):
-    """The :class:`Memberships` behind :func:`precision_recall` (same arguments); ``ref_radii`` from an earlier
-    call with the same reference features skips their computation (the bootstrap's resamples)."""
+                         pr_precision="float16", row_batch_size=UPSTREAM_BATCH,
+                         col_batch_size=UPSTREAM_BATCH, block_log=None, ref_radii=None):
+    """The :class:`Memberships` of OpenAI's ``ManifoldEstimator`` with ``DistanceBlock``: blocks of
+    ``row_batch_size`` x ``col_batch_size``, the reference rows the distance formula's ``u`` and the samples its
+    ``v``, as upstream (float16 rounding makes the order matter).
+
+    :param max_block_elems: memory only: a block is computed in row chunks of at most this many distances (the
+        float16/float32 decision stays per block), so the results do not depend on it.
+    :param block_log: a list to which ``(phase, row_start, col_start, precision_used)`` is appended per block, phase
+        ``"ref_radii"``, ``"sample_radii"`` or ``"pr"`` (rows: reference, columns: samples).
+    :param ref_radii: from an earlier call with the same reference features: skips their computation (the
+        bootstrap's resamples)."""
     check_pr_precision(pr_precision)
-    ref = _check_features(ref_features, "ref_features")
-    sample = _check_features(sample_features, "sample_features")
+    ref = _finite_array(ref_features, "ref_features", 2, np.float32)
+    sample = _finite_array(sample_features, "sample_features", 2, np.float32)
     if ref.shape[1] != sample.shape[1]:
         raise ValueError(f"feature dimensions differ: reference {ref.shape[1]}, samples {sample.shape[1]}")
     if row_batch_size < 1 or col_batch_size < 1:
