@@ -1,8 +1,6 @@
-"""Tables and plots of many runs' evaluation results: one table per experiment in Markdown, CSV and LaTeX, rows
-grouped by guidance scale / layer set / perturbation / sampler (values the run record stores: read, never
-derived here), published anchors (an experiment YAML's ``anchors:``) below our rows, and plots of FID and IS against
-the guidance scale and of precision against recall. A run on disk is a directory holding the evaluator's JSON
-(``eval.json`` by convention) and the run's ``config.yaml`` (nested mappings are searched too).
+"""Tables (Markdown, CSV, LaTeX) and plots of many runs' evaluation results, one table per experiment: rows grouped by
+values the run record stores (read, never derived here), an experiment's published ``anchors:`` below ours
+(docs/evaluation.md, "Tables and plots").
 """
 
 import csv
@@ -32,8 +30,6 @@ TABLE_METRICS = tuple(m.key for m in METRIC_TABLE if m.key in METRIC_KEYS)  # th
 _METRIC_ALIASES = {re.sub(r"[^a-z]", "", name.lower()): m.key for m in METRIC_TABLE
                    for name in (m.key, m.label, m.header) + m.aliases}
 PR_FLOAT32_MARK = "PR-FLOAT32"
-_LABEL_KEYS = ("label", "name", "method", "model")
-CONFIG_NAMES = ("config.yaml", "config.yml")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -84,7 +80,7 @@ def find_result_files(path):
 def _load_config(json_path):
     here = os.path.dirname(os.path.abspath(json_path))
     for directory in (here, os.path.dirname(here)):
-        for name in CONFIG_NAMES:
+        for name in ("config.yaml", "config.yml"):
             candidate = os.path.join(directory, name)
             if os.path.isfile(candidate):
                 return read_yaml(candidate, "run config"), candidate
@@ -102,16 +98,6 @@ def _lookup(flat, key):
     return flat[key] if key in flat else next((v for k, v in flat.items() if k.endswith("." + key)), None)
 
 
-# The sampler column: the run record's ``sampler_label`` (written by the sampler, which alone derives it), or a
-# ``sampler`` named by hand (anchors, other mappings). A record from before labels, naming sampling settings but no
-# label, shows "?": the label is never derived here.
-def _sampler(flat):
-    for key in ("sampler_label", "sampler"):
-        if (value := _lookup(flat, key)) is not None:
-            return value
-    return "?" if any(_lookup(flat, key) is not None for key in ("use_ddim", "timestep_respacing")) else None
-
-
 # Settings that mean nothing when PAG is off (pag_scale 0): shown as "-" rather than their defaults.
 _PAG_ONLY_KEYS = ("pag_layers", "perturbation")
 
@@ -119,9 +105,11 @@ _PAG_ONLY_KEYS = ("pag_layers", "perturbation")
 def _group_value(flat, key):
     if key in _PAG_ONLY_KEYS and _lookup(flat, "pag_scale") in (0, 0.0):
         return "-"
-    if key == "sampler":
-        return _sampler(flat)
-    value = _lookup(flat, key)
+    # The sampler column: the run record's ``sampler_label`` (the sampler alone derives it), or a ``sampler`` named
+    # by hand (anchors); "?" for a record from before labels that names sampling settings but no label.
+    value = _lookup(flat, key) if key != "sampler" else next(
+        (v for k in ("sampler_label", "sampler") if (v := _lookup(flat, k)) is not None),
+        "?" if any(_lookup(flat, k) is not None for k in ("use_ddim", "timestep_respacing")) else None)
     if isinstance(value, (list, tuple)):
         return ", ".join(str(v) for v in value)
     return value
@@ -175,7 +163,7 @@ def normalise_anchor(anchor, group_by=DEFAULT_GROUP_BY):
         canon = _METRIC_ALIASES.get(re.sub(r"[^a-z]", "", str(key).lower()))
         if canon:
             row[canon] = None if value in (None, "-", "") else float(value)
-    row["run"] = next((str(anchor[k]) for k in _LABEL_KEYS if anchor.get(k) is not None), "published")
+    row["run"] = next((str(anchor[k]) for k in ("label", "name", "method", "model") if anchor.get(k) is not None), "published")
     if anchor.get("source"):
         row["source"] = f"published ({anchor['source']})"
     flat = _flatten(anchor)
@@ -223,8 +211,7 @@ def _columns(rows, group_by):
 def _header(col):
     if col in _MIN_COLUMNS:
         return f"{METRICS_BY_KEY[_MIN_COLUMNS[col]].header} min"
-    return {"run": "run", "num_samples": "N", "source": "source"}.get(
-        col, METRICS_BY_KEY[col].header if col in METRICS_BY_KEY else col)
+    return "N" if col == "num_samples" else METRICS_BY_KEY[col].header if col in METRICS_BY_KEY else col
 
 
 def _is_number_column(col):
@@ -457,19 +444,15 @@ def _safe_name(name):
 
 def make_table(runs, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None, experiment=None, plots=True,
                minimum=False):
-    """Gather runs on disk into one table per experiment (``scripts/make_table.py``).
+    """Gather runs on disk (run directories, result JSON files, or directories of run directories) into one table
+    per experiment in ``out_dir``: ``<experiment>.md``, ``.csv``, ``.tex`` and ``.png`` plots.
 
-    :param runs: run directories, result JSON files, or directories of run directories.
-    :param out_dir: where ``<experiment>.md``, ``.csv``, ``.tex`` and the ``.png`` plots go.
-    :param group_by: config keys that identify a row (``sampler``: the run record's ``sampler_label``, "?" for a
-        record written before runs recorded it); rows are sorted by them in order.
-    :param anchors: published numbers to print below ours: a list of dicts (e.g. an experiment YAML's
-        ``anchors:``), metric keys ``FID``/``sFID``/``IS``/``Precision``/``Recall`` in any case, optional
-        ``label`` and ``source``, and optionally group keys such as ``pag_scale``.
-    :param experiment: put every run in one table of this name (default: each run's ``experiment`` config key,
-        else the name of the directory above the run directory).
-    :param minimum: with runs of a cell over seeds (``<cell>__seed-<s>``, merged into one row of mean ± std),
-        also a column of the minimum over the seeds of FID (sFID, FD_DINOv2), as EDM2 reports it.
+    :param group_by: config keys that identify a row, sorted by them in order.
+    :param anchors: published numbers printed below ours (:func:`load_anchors`, :func:`normalise_anchor`).
+    :param experiment: one table of this name for every run (default: each run's ``experiment`` config key, else
+        the name of the directory above the run directory).
+    :param minimum: runs of a cell over seeds (``<cell>__seed-<s>``) become one row of mean ± std; with this, also
+        a column of the minimum over the seeds of FID (sFID, FD_DINOv2), as EDM2 reports it.
     :returns: ``{experiment: {"rows": [...], "files": [...]}}``.
     """
     if isinstance(runs, (str, os.PathLike)):
@@ -486,21 +469,15 @@ def make_table(runs, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None, experimen
 
 def make_table_from_results(runs, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None, experiment="experiment",
                             plots=True, minimum=False):
-    """Tables of runs whose settings the caller knows (the sweep hands its cells over this way).
-
-    :param runs: ``[{"run": name, "values": {setting: value}, "result": evaluator result, "json": path}]``;
-        ``values`` holds the group keys (``pag_scale``, ``pag_layers``, ``perturbation``, ``sampler``, ...).
-        Runs named ``<cell>__seed-<s>`` are one cell over seeds: one row, mean ± std (see :func:`make_table`'s
-        ``minimum``).
-    """
+    """:func:`make_table` of runs whose settings the caller knows (the sweep's cells): ``runs`` is
+    ``[{"run": name, "values": {group key: value}, "result": evaluator result, "json": path}]``."""
     rows = [row_from_result(r["result"], r["run"], experiment, r["values"], tuple(group_by), r.get("json"))
             for r in runs]
     return make_table_from_rows(rows, out_dir, group_by, anchors, plots, minimum)
 
 
 def make_table_from_rows(rows, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None, plots=True, minimum=False):
-    """Write the tables (and plots) of ``rows`` (from :func:`row_from_result`), one per experiment; the runs of
-    a cell over seeds merged into one row (``evaluations.uncertainty.aggregate_seeds``)."""
+    """Write the tables (and plots) of ``rows`` (from :func:`row_from_result`), one per experiment."""
     group_by = tuple(group_by)
     rows = aggregate_seeds(rows, minimum)
     anchor_rows = [normalise_anchor(a, group_by) for a in (anchors or [])]
