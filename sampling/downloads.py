@@ -1,14 +1,7 @@
 """Download the official ADM checkpoints, the evaluator's reference batches and the Inception and DINOv2 weights.
 
-    python scripts/download.py models 256x256_diffusion_uncond 256x256_classifier   # or: models all
-    python scripts/download.py refs imagenet256                                     # or: refs all
-    python scripts/download.py inception                                            # or: dinov2
-    python scripts/download.py list
-
-What is available comes from configs/models/*.yaml, configs/refs.yaml and evaluations.dinov2. Resumable
-(``FILE.part``, HTTP Range), verified by loading with the readers that will use the file (renamed into place only
-then), recorded by size and sha256 in ./downloads/manifest.json, never replacing a present file without
-``--force``: docs/sampling.md#downloads.
+Resumable (``FILE.part``, HTTP Range), verified by loading before the rename into place, recorded by size and sha256
+in ./downloads/manifest.json, never replacing a present file without ``--force``: docs/sampling.md#downloads.
 """
 
 import argparse
@@ -76,13 +69,8 @@ def load_model_items(configs_dir: Path = CONFIG_ROOT) -> Dict[str, Item]:
     return items
 
 
-def _read_refs(configs_dir) -> Tuple[Path, Dict]:
-    path = Path(configs_dir) / "refs.yaml"
-    return path, read_yaml(path, "config", DownloadError)
-
-
 def load_ref_items(configs_dir: Path = CONFIG_ROOT) -> Dict[str, Item]:
-    path, cfg = _read_refs(configs_dir)
+    cfg = read_yaml(path := Path(configs_dir) / "refs.yaml", "config", DownloadError)
     if not isinstance(cfg.get("refs"), dict):
         raise DownloadError(f"{path}: expected a top-level 'refs' mapping")
     items = {}
@@ -93,8 +81,7 @@ def load_ref_items(configs_dir: Path = CONFIG_ROOT) -> Dict[str, Item]:
 
 
 def load_inception_item(configs_dir: Path = CONFIG_ROOT) -> Item:
-    path, cfg = _read_refs(configs_dir)
-    entry = cfg.get("inception")
+    entry = read_yaml(path := Path(configs_dir) / "refs.yaml", "config", DownloadError).get("inception")
     check_entry(entry, f"{path}: inception", error=DownloadError)
     return Item("inception", "inception", "inception", entry["url"], entry["file"])
 
@@ -327,14 +314,13 @@ def _force_hint(item: Item) -> str:
 def _check_record(item: Item, path: Path, record: Dict) -> None:
     size = path.stat().st_size
     if size != record.get("size"):
-        raise DownloadError(
-            f"{path} has {size} bytes but the manifest recorded {record.get('size')} when it was downloaded: "
-            f"the file is truncated or was replaced. Re-download it with `{_force_hint(item)}`")
-    digest = file_sha256(path)
-    if digest != record.get("sha256"):
-        raise DownloadError(
-            f"{path}: sha256 {digest} differs from the manifest's {record.get('sha256')}: the file is corrupt "
-            f"or was replaced. Re-download it with `{_force_hint(item)}`")
+        problem = f" has {size} bytes but the manifest recorded {record.get('size')} when it was downloaded: the " \
+                  "file is truncated"
+    elif (digest := file_sha256(path)) != record.get("sha256"):
+        problem = f": sha256 {digest} differs from the manifest's {record.get('sha256')}: the file is corrupt"
+    else:
+        return
+    raise DownloadError(f"{path}{problem} or was replaced. Re-download it with `{_force_hint(item)}`")
 
 
 def _entry(item: Item, path: Path, summary: str) -> Dict:

@@ -1,12 +1,7 @@
-"""The run schema: every setting of a sampling run, declared once (:data:`SETTINGS`), built and validated once.
-
-Each entry names a setting (its flag and config key), its group, default (whose type is the flag's), help and,
-where it has a range, its check; upstream's flags take upstream's defaults, the guidance settings pag's. The group
-dataclasses, the flags of ``scripts/image_sample.py``, the defaults of a ``--config`` file or a sweep's ``base:``
-and the table in docs/sampling.md are built from it. Groups: ``model`` (upstream's model and classifier flags, the
-checkpoints), ``diffusion``, ``guidance``, ``sampling`` (what else decides the samples) and ``runtime`` (what
-changes no image). Precedence, lowest first: defaults, ``--model``'s flags, ``--config FILE.yaml``, the command
-line. :func:`build_settings` checks everything and names every problem in one :class:`SampleConfigError`.
+"""The run schema: every setting of a sampling run declared once (:data:`SETTINGS`: flag and config key, group,
+default, help, check); the group dataclasses, the flags, the defaults of a ``--config`` file or a sweep's ``base:``
+and the table of docs/sampling.md are built from it. Precedence, lowest first: defaults, ``--model``'s flags,
+``--config FILE.yaml``, the command line. :func:`build_settings` names every problem in one :class:`SampleConfigError`.
 """
 
 import argparse
@@ -126,13 +121,10 @@ def _group(name, group, doc):
     return cls
 
 
-ModelSettings = _group("ModelSettings", "model", "Upstream's model and classifier flags (their defaults are "
-                                                 "upstream's) and the checkpoints to load.")
+ModelSettings = _group("ModelSettings", "model", "Upstream's model and classifier flags, and the checkpoints.")
 DiffusionSettings = _group("DiffusionSettings", "diffusion", "Upstream's diffusion flags.")
-SamplingSettings = _group("SamplingSettings", "sampling", "What, besides model, diffusion and guidance, decides the "
-                                                          "samples.")
-RuntimeSettings = _group("RuntimeSettings", "runtime", "Settings that do not change the samples: they may differ "
-                                                       "between a run and its resumption.")
+SamplingSettings = _group("SamplingSettings", "sampling", "What, besides the other groups, decides the samples.")
+RuntimeSettings = _group("RuntimeSettings", "runtime", "What changes no sample: it may differ on resumption.")
 GROUP_CLASSES = dict(model=ModelSettings, diffusion=DiffusionSettings, guidance=pag.GuidanceConfig,
                      sampling=SamplingSettings, runtime=RuntimeSettings)
 
@@ -148,10 +140,7 @@ class RunSettings:
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
     def flat(self):
-        values = {}
-        for group in GROUPS:
-            values.update(dataclasses.asdict(getattr(self, group)))
-        return values
+        return {k: v for group in GROUPS for k, v in dataclasses.asdict(getattr(self, group)).items()}
 
     def identity(self, noise_device):
         """The settings that decide the samples: a run in the same out_dir must have the same.
@@ -248,10 +237,9 @@ def coerce(key, value, source):
 
 
 def check_keys(values, source):
-    known = list(SETTINGS)
-    unknown = [k for k in values if k not in known]
+    unknown = [k for k in values if k not in SETTINGS]
     if unknown:
-        details = ", ".join(f"{k}{suggest(k, known)}" for k in unknown)
+        details = ", ".join(f"{k}{suggest(k, SETTINGS)}" for k in unknown)
         raise SampleConfigError(f"unknown setting(s) in {source}: {details}; settings are the flag names "
                                 "of scripts/image_sample.py --help")
 
