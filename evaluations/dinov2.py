@@ -1,18 +1,8 @@
-"""DINOv2 ViT-L/14 features and FD_DINOv2, as EDM2's ``calculate_metrics.py`` computes them.
-
-Per image (uint8, N x H x W x 3): float32, bicubic resize to 224 x 224 with antialiasing (``torch.nn.functional.
-interpolate(..., mode="bicubic", antialias=True)``, no clamping or rounding), / 255, ImageNet mean/std
-normalisation, then the network's forward output: the final-LayerNorm'd class token of DINOv2 ViT-L/14 (no head),
-1024 floats. FD_DINOv2 is the Fréchet distance between the Gaussians (mean, ``np.cov``) of the reference's and the
-samples' features.
-
-The network is timm's ``vit_large_patch14_dinov2`` built for 224 x 224 input. Its weights are Meta's
-``dinov2_vitl14_pretrain.pth`` (what ``torch.hub.load("facebookresearch/dinov2", "dinov2_vitl14")`` loads; same
-parameter names as timm's), read from disk, never downloaded here: ``make download-dinov2`` (``python
-scripts/download.py dinov2``) puts it in torch hub's cache. That checkpoint's position embedding is
-for 518 x 518 (37 x 37 patches); DINOv2 interpolates it to the input's 16 x 16 patches at every forward (bicubic,
-``scale_factor = (16 + 0.1) / 37``, no antialiasing). The same interpolation is done here once, when loading, so
-the features are those of the hub model at 224 x 224.
+"""DINOv2 ViT-L/14 features and FD_DINOv2, as EDM2's ``calculate_metrics.py`` computes them (preprocessing and
+checkpoint: docs/evaluation.md): timm's ``vit_large_patch14_dinov2`` at 224 x 224 with Meta's
+``dinov2_vitl14_pretrain.pth``, read from disk, never downloaded here. That checkpoint's position embedding is for
+37 x 37 patches; DINOv2 interpolates it to the input's 16 x 16 at every forward, which is done here once, when
+loading, so the features are the hub model's at 224 x 224.
 """
 
 import numpy as np
@@ -97,15 +87,10 @@ def load_dinov2_weights(model, state_dict):
 
 
 class DINOv2Features(FeatureNetwork):
-    """Callable: uint8 N x H x W x 3 images -> float32 N x 1024 DINOv2 features (EDM2's preprocessing).
-
-    :param weights_path: Meta's ``dinov2_vitl14_pretrain.pth`` (or timm's safetensors); None looks in torch hub's
-        cache (``default_weights_path()``).
-    :param allow_random_weights: without weights there, use a randomly initialised network (seeded by ``seed``;
-        layer scales set to 1 as DINOv2's hub constructor does, so images' features differ). Tests and dry runs only.
-    :param model_name: timm architecture; ``vit_large_patch14_dinov2`` is FD_DINOv2's. Smaller variants (e.g.
-        ``vit_small_patch14_dinov2``) are for tests only, and their id says so.
-    """
+    """Callable: uint8 N x H x W x 3 images -> float32 N x 1024 DINOv2 features (EDM2's preprocessing). Weights as
+    :class:`~evaluations.features.InceptionFeatures`' (also timm's safetensors); a random network has its layer
+    scales set to 1, as DINOv2's hub constructor does, so images' features differ. ``model_name``: timm's
+    architecture; smaller variants (``vit_small_patch14_dinov2``) are for tests only, and their id says so."""
 
     def __init__(self, weights_path=None, allow_random_weights=False, device=None, seed=0, model_name=MODEL_NAME):
         super().__init__(f"{EXTRACTOR_NAME}:{model_name}", WEIGHTS.resolve, weights_path, allow_random_weights,

@@ -1,16 +1,8 @@
-"""Inception features in the layout of OpenAI's ADM (guided-diffusion) evaluator.
-
-The network is torch-fidelity's ``inception-v3-compat`` extractor, a port of the TensorFlow Inception graph
-of 2015-12-05 that the ADM evaluator uses. Per image it gives:
-
-* ``pool``: pool_3, 2048 floats (FID, precision/recall),
-* ``logits``: pool_3 times the logits weight without the bias, 1008 classes (Inception Score),
-* ``spatial``: the first 7 channels of the 17x17 ``mixed_6/conv`` tensor (torchvision layout:
-  ``Mixed_6d.branch1x1`` after its BatchNorm and ReLU), flattened in H, W, C order: 17 * 17 * 7 = 2023 floats
-  (sFID). Taken with a forward hook on that module.
-
-Input: uint8 images, N x H x W x 3, values 0..255; the network resizes them to 299 x 299 itself (the
-TensorFlow-1.x-compatible bilinear resize).
+"""Inception features in the layout of OpenAI's ADM evaluator, from torch-fidelity's ``inception-v3-compat`` port of
+its 2015-12-05 TensorFlow graph (which resizes uint8 N x H x W x 3 images to 299 x 299 itself): ``pool`` (pool_3,
+2048: FID, precision/recall), ``logits`` (bias-free, 1008: IS) and ``spatial`` (the first 7 channels of the 17 x 17
+``mixed_6/conv``, torchvision's ``Mixed_6d.branch1x1`` after BatchNorm and ReLU, taken by a forward hook and
+flattened H, W, C: 2023, sFID). Also what every feature network shares: weights files, full float32, cache keys.
 """
 
 import contextlib
@@ -27,8 +19,7 @@ from adm_common.npz import check_image_batch
 
 POOL_DIM = 2048
 SPATIAL_CHANNELS = 7
-SPATIAL_SIZE = 17
-SPATIAL_DIM = SPATIAL_SIZE * SPATIAL_SIZE * SPATIAL_CHANNELS  # 2023
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023
 
 EXTRACTOR_NAME = "inception-v3-compat"
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -136,16 +127,13 @@ WEIGHTS = WeightsFile(WEIGHTS_FILENAME, WEIGHTS_URL, f"torch-fidelity's {EXTRACT
 default_weights_path = WEIGHTS.default_path
 
 
-def _torch_fidelity_class():
+def _inception_class(random_init):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    return FeatureExtractorInceptionV3
+    if not random_init:
+        return FeatureExtractorInceptionV3
 
-
-def _random_init_class():
-    base = _torch_fidelity_class()
-
-    class RandomInitInceptionV3(base):
+    class RandomInitInceptionV3(FeatureExtractorInceptionV3):
         """torch-fidelity's inception-v3-compat architecture left at PyTorch's default initialisation.
 
         The parent constructor loads the state dict it reads from ``feature_extractor_weights_path``; this class
@@ -209,14 +197,9 @@ class FeatureNetwork:
 
 
 class InceptionFeatures(FeatureNetwork):
-    """Callable: uint8 N x H x W x 3 images -> dict of ``pool``, ``logits``, ``spatial`` float32 arrays.
-
-    :param weights_path: the weights file; None looks in torch hub's cache (``WEIGHTS.default_path()``).
-    :param allow_random_weights: when no ``weights_path`` is given and torch hub's cache has no weights, use a
-        randomly initialised network (seeded by ``seed``, so identical across processes) instead of raising.
-        For tests and dry runs only.
-    :param device: torch device; default cuda when available.
-    """
+    """Callable: uint8 N x H x W x 3 images -> dict of ``pool``, ``logits``, ``spatial`` float32 arrays. Weights:
+    ``weights_path``, else torch hub's cache, else with ``allow_random_weights`` a random network seeded by ``seed``
+    (identical across processes; tests and dry runs only)."""
 
     def __init__(self, weights_path=None, allow_random_weights=False, device=None, seed=0):
         super().__init__(EXTRACTOR_NAME, WEIGHTS.resolve, weights_path, allow_random_weights, device, seed,
@@ -228,9 +211,9 @@ class InceptionFeatures(FeatureNetwork):
                 empty = io.BytesIO()
                 torch.save({}, empty)
                 empty.seek(0)
-                model = _random_init_class()(EXTRACTOR_NAME, features, feature_extractor_weights_path=empty)
+                model = _inception_class(True)(EXTRACTOR_NAME, features, feature_extractor_weights_path=empty)
         else:
-            model = _torch_fidelity_class()(EXTRACTOR_NAME, features, feature_extractor_weights_path=self.weights_path)
+            model = _inception_class(False)(EXTRACTOR_NAME, features, feature_extractor_weights_path=self.weights_path)
         self.model = model.eval().to(self.device)
         self._spatial = None
         self.model.Mixed_6d.branch1x1.register_forward_hook(self._spatial_hook)
