@@ -1,15 +1,11 @@
-"""The embedded demo's feature network: a small CNN trained to classify the demo's shapes.
-
-Its 128-d pooled features and 10 class logits stand in for Inception's pool_3 features and logits in the
-demo (``make demo``): FID, precision / recall and the classifier score computed on them are
-*demo-feature* metrics of the 32x32 shapes data set (``demo.data``), not Inception FID
-or Inception Score, and are not comparable with published numbers.
+"""The embedded demo's feature network: a small CNN trained (``scripts/train_demo.py --what features``) to classify
+the demo's shapes. Its 128-d pooled features and class logits stand in for Inception's in ``make demo``: the FID,
+precision / recall and classifier score on them are *demo-feature* metrics, not comparable with published numbers.
 
     net = load_demo_feature_net("checkpoints/demo/features_demo.pt")
     features, logits = extract(net, images_uint8_nhwc)   # float64 [N, 128], float64 [N, 10]
 
-``scripts/train_demo.py --what features`` trains it. The evaluator loads it through its extractor seam:
-``evaluate(..., feature_net=PATH, feature_extractor="demo.features:DemoFeatures")``.
+The evaluator loads it as ``evaluate(..., feature_net=PATH, feature_extractor="demo.features:DemoFeatures")``.
 """
 
 import os
@@ -27,19 +23,15 @@ DEFAULT_WIDTHS = (32, 64, 128, 128)
 
 
 class DemoFeatureNet(nn.Module):
-    """Four conv blocks (conv3x3-BN-ReLU; 2x2 max-pool between blocks), global
-    average pooling to ``widths[-1]`` features, and a linear classifier on them.
-
-    Input: float images in [-1, 1], NCHW, 32x32. ``forward`` returns (features, logits).
-    """
+    """Four conv blocks (conv3x3-BN-ReLU; 2x2 max-pool between blocks), global average pooling to ``widths[-1]``
+    features, and a linear classifier on them. Input: float NCHW images in [-1, 1]; returns (features, logits)."""
 
     def __init__(self, num_classes=10, widths=DEFAULT_WIDTHS, image_size=32):
         super().__init__()
         self.num_classes = int(num_classes)
         self.widths = tuple(int(w) for w in widths)
         self.image_size = int(image_size)
-        layers = []
-        ch = 3
+        layers, ch = [], 3
         for i, width in enumerate(self.widths):
             layers += [nn.Conv2d(ch, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
             ch = width
@@ -47,10 +39,6 @@ class DemoFeatureNet(nn.Module):
                 layers.append(nn.MaxPool2d(2))
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(ch, self.num_classes)
-
-    @property
-    def feature_dim(self):
-        return self.widths[-1]
 
     def config(self):
         return {"num_classes": self.num_classes, "widths": list(self.widths), "image_size": self.image_size}
@@ -119,7 +107,7 @@ def extract(net, images, batch_size=256):
     finally:
         net.train(was_training)
     if not features:
-        return np.zeros((0, net.feature_dim)), np.zeros((0, net.num_classes))
+        return np.zeros((0, net.widths[-1])), np.zeros((0, net.num_classes))
     return np.concatenate(features), np.concatenate(logits)
 
 

@@ -59,10 +59,8 @@ def main(argv=None):
     logger.log("creating data loader...")
     data = load_data(data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
                      class_cond=True, random_crop=True)
-    val_data = None
-    if args.val_data_dir:
-        val_data = load_data(data_dir=args.val_data_dir, batch_size=args.batch_size, image_size=args.image_size,
-                             class_cond=True)
+    val_data = load_data(data_dir=args.val_data_dir, batch_size=args.batch_size, image_size=args.image_size,
+                         class_cond=True) if args.val_data_dir else None
 
     logger.log("creating optimizer...")
     opt = AdamW(mp_trainer.master_params, lr=args.lr, weight_decay=args.weight_decay)
@@ -75,7 +73,6 @@ def main(argv=None):
         batch, extra = next(data_loader)
         labels = extra["y"].to(dist_util.dev())
         batch = batch.to(dist_util.dev())
-        # Noisy images
         if args.noised:
             t, _ = schedule_sampler.sample(batch.shape[0], dist_util.dev())
             batch = diffusion.q_sample(batch, t)
@@ -88,7 +85,7 @@ def main(argv=None):
 
             log_loss_dict(diffusion, sub_t, {
                 f"{prefix}_loss": loss.detach(),
-                **{f"{prefix}_acc@{k}": compute_top_k(logits, sub_labels, k=k, reduction="none") for k in (1, 5)}})
+                **{f"{prefix}_acc@{k}": compute_top_k(logits, sub_labels, k=k) for k in (1, 5)}})
             loss = loss.mean()
             if loss.requires_grad:
                 if i == 0:
@@ -116,15 +113,10 @@ def main(argv=None):
     save_training_state(step + resume_step, mp_trainer, opt)
 
 
-def compute_top_k(logits, labels, k, reduction="mean"):
-    """Whether each label is among the top ``k`` logits (reduction "none"), or the mean of that."""
+def compute_top_k(logits, labels, k):
+    """Per sample, 1.0 when its label is among the top ``k`` logits, else 0.0."""
     _, top_ks = th.topk(logits, min(k, logits.shape[-1]), dim=-1)
-    hits = (top_ks == labels[:, None]).float().sum(dim=-1)
-    if reduction == "mean":
-        return hits.mean().item()
-    if reduction == "none":
-        return hits
-    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    return (top_ks == labels[:, None]).float().sum(dim=-1)
 
 
 def split_microbatches(microbatch, *args):
