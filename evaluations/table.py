@@ -163,7 +163,8 @@ def normalise_anchor(anchor, group_by=DEFAULT_GROUP_BY):
         canon = _METRIC_ALIASES.get(re.sub(r"[^a-z]", "", str(key).lower()))
         if canon:
             row[canon] = None if value in (None, "-", "") else float(value)
-    row["run"] = next((str(anchor[k]) for k in ("label", "name", "method", "model") if anchor.get(k) is not None), "published")
+    row["run"] = next((str(anchor[k]) for k in ("label", "name", "method", "model") if anchor.get(k) is not None),
+                      "published")
     if anchor.get("source"):
         row["source"] = f"published ({anchor['source']})"
     flat = _flatten(anchor)
@@ -183,13 +184,6 @@ def _sort_key(row, group_by, scale_key=None):
     order = [g for g in group_by if g != scale_key] + ([scale_key] if scale_key else [])
     return [(2, 0, "") if v is None else (0, float(v), "") if _is_number(v) else (1, 0, str(v))
             for v in (row.get(g) for g in order)]
-
-
-def _fmt_metric(key, value, std=None):
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    fmt = METRICS_BY_KEY[key].fmt
-    return fmt.format(value) + (f" \u00b1 {fmt.format(std)}" if std is not None else "")
 
 
 _MIN_COLUMNS = {min_key(m): m for m in MINIMUM_METRICS}  # "fid_min" -> "fid"
@@ -227,10 +221,11 @@ def mark_best_fid(rows):
 
 
 def _cell(row, col):
-    if col in ROW_METRICS:
-        return _fmt_metric(col, row.get(col), row.get(std_key(col)))
-    if col in _MIN_COLUMNS:
-        return _fmt_metric(_MIN_COLUMNS[col], row.get(col))
+    if col in ROW_METRICS or col in _MIN_COLUMNS:  # a minimum column has no std
+        value, std, fmt = row.get(col), row.get(std_key(col)), METRICS_BY_KEY[_MIN_COLUMNS.get(col, col)].fmt
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        return fmt.format(value) + (f" \u00b1 {fmt.format(std)}" if std is not None else "")
     if col == "source":
         marks = [m for m in (row.get("marker"), PR_FLOAT32_MARK if row.get("pr_precision") == "float32" else None)
                  if m]
@@ -349,21 +344,17 @@ def draw_plots(rows, group_by, title=None):
     others = [g for g in group_by if g != x_key and any(r.get(g) is not None for r in ours)]
     series_keys = [g for g in others if len({_fmt_value(r.get(g)) for r in ours}) > 1]
     constant = [f"{g}={_fmt_value(ours[0].get(g))}" for g in others if g not in series_keys] if ours else []
-    subtitle = ("\n" + "; ".join(constant)) if constant else ""
-
-    def series_name(row):
-        if series_keys and all(row.get(k) is None for k in series_keys):
-            return "no PAG"
-        return ", ".join(f"{k}={_fmt_value(row.get(k))}" for k in series_keys) or "ours"
-
+    heading = (title or "") + marked + (("\n" + "; ".join(constant)) if constant else "")
     series = {}
     for row in ours:
-        series.setdefault(series_name(row), []).append(row)
+        no_pag = series_keys and all(row.get(k) is None for k in series_keys)
+        name = "no PAG" if no_pag else ", ".join(f"{k}={_fmt_value(row.get(k))}" for k in series_keys) or "ours"
+        series.setdefault(name, []).append(row)
     figures = {}
 
     if x_key is not None:
-        panels = ("fid", "inception_score") + (("fd_dinov2",) if any(r.get("fd_dinov2") is not None
-                                                                    for r in rows) else ())
+        panels = [m for m in ("fid", "inception_score", "fd_dinov2") if any(r.get(m) is not None for r in rows)
+                  or m != "fd_dinov2"]
         fig = new_figure(5 * len(panels), 4)
         for index, (ax, metric) in enumerate(zip(fig.subplots(1, len(panels)), panels)):
             for name, members in series.items():
@@ -387,7 +378,7 @@ def draw_plots(rows, group_by, title=None):
             ax.set(xlabel=x_key, ylabel=METRICS_BY_KEY[metric].header)
             ax.grid(alpha=0.3)
         fig.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0))
-        fig.suptitle((title or "") + marked + subtitle, fontsize=9)
+        fig.suptitle(heading, fontsize=9)
         figures["_fid_is.png"] = fig
 
     fig = new_figure(5, 5)
@@ -410,7 +401,7 @@ def draw_plots(rows, group_by, title=None):
     ax.set(xlabel="Recall", ylabel="Precision")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
-    ax.set_title((title or "") + marked + subtitle, fontsize=8)
+    ax.set_title(heading, fontsize=8)
     figures["_pr.png"] = fig
     return figures
 
