@@ -22,10 +22,6 @@ from adm_common.flags import FlagParser
 _BASE = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
 REF_FILE = "VIRTUAL_imagenet256_labeled.npz"
 SAMPLE_FILE = "admnet_guided_upsampled_imagenet256.npz"
-FILES = {
-    "ref": (REF_FILE, _BASE + REF_FILE, 'make download-refs REFS="imagenet256"'),
-    "sample": (SAMPLE_FILE, _BASE + SAMPLE_FILE, 'make download-refs REFS="admnet_guided_upsampled_imagenet256"'),
-}
 DEFAULT_DIR = os.path.join("downloads", "refs")
 
 # guided-diffusion evaluations/README.md: the TensorFlow evaluator's output on the pair above.
@@ -37,15 +33,11 @@ EXPECTED_DELTA = {"inception_score": 0.15, "fid": 0.002, "sfid": 0.001, "precisi
 
 def missing_inputs(ref, sample, weights):
     """Lines describing each missing input and how to get it; empty when all are present."""
-    lines = []
-    for key, path in (("ref", ref), ("sample", sample)):
-        if not os.path.isfile(path):
-            name, url, make = FILES[key]
-            lines.append(f"missing {path}\n    get it with: {make}\n    or download {url}")
-    if not os.path.isfile(weights):
-        lines.append(f"missing Inception weights {weights} ({WEIGHTS_FILENAME})\n"
-                     f"    get it with: make download-inception\n    or download {WEIGHTS_URL}")
-    return lines
+    inputs = ((ref, ref, 'download-refs REFS="imagenet256"', _BASE + REF_FILE),
+              (sample, sample, 'download-refs REFS="admnet_guided_upsampled_imagenet256"', _BASE + SAMPLE_FILE),
+              (weights, f"Inception weights {weights} ({WEIGHTS_FILENAME})", "download-inception", WEIGHTS_URL))
+    return [f"missing {what}\n    get it with: make {make}\n    or download {url}"
+            for path, what, make, url in inputs if not os.path.isfile(path)]
 
 
 def compare(result):
