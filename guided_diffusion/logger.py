@@ -1,25 +1,15 @@
 """Upstream guided-diffusion's logger (from OpenAI baselines): its public names, on a smaller implementation.
 
-    logger.configure(dir="results/run1")      # stdout + results/run1/log.txt (+ progress.csv)
-    logger.log("sampling", n, "images")       # a line of text
-    logger.logkv("loss", 0.1)                 # a key/value for the current step
-    logger.logkv_mean("loss_q0", 0.3)         # averaged over the calls until the next dump
-    logger.dumpkvs()                          # writes the table, returns the dict, clears it
-
-Only rank 0 writes, unless ``configure(all_ranks=True)`` (rank r > 0 then writes ``log.rank{r}.txt`` and
-prefixes stdout with ``[rank r]``). Formats: ``stdout``, ``log`` (log.txt), ``csv`` (progress.csv), ``json``
-(progress.json, one object per line), ``tensorboard`` (tb/, needs the tensorboard package). Defaults:
-``$OPENAI_LOGDIR`` else a new temporary directory; ``$OPENAI_LOG_FORMAT`` else ``stdout,log,csv``.
-
-Unlike upstream, on purpose: log.txt and progress.json are appended to (a resumed run keeps its history), no
-output file is written through a symbolic link at its name, log.txt lines carry the time, an empty table is
-not written, averaging over ranks gives every rank the means and keeps non-numeric values, and logging
-before ``configure()`` goes to stdout only.
+Only rank 0 writes, unless ``configure(all_ranks=True)`` (rank r > 0 then writes ``log.rank{r}.txt`` and prefixes
+stdout with ``[rank r]``). Formats: ``stdout``, ``log`` (log.txt), ``csv``, ``json`` (one object per line),
+``tensorboard`` (tb/). Defaults: ``$OPENAI_LOGDIR`` else a new temporary directory; ``$OPENAI_LOG_FORMAT`` else
+``stdout,log,csv``. Unlike upstream (see docs/api.md): log.txt (timed lines) and progress.json are appended to, no
+output is written through a symbolic link at its name, an empty table is not written, averaging over ranks gives
+every rank the means and keeps non-numeric values, and logging before ``configure()`` goes to stdout only.
 """
 
 import csv
 import datetime
-import functools
 import io
 import json
 import os
@@ -44,12 +34,6 @@ def get_rank_without_mpi_import() -> int:
     return dist_util.get_rank() if dist_util.get_world_size() > 1 else rank_from_env()
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:<8.3g}"
-    return str(value)
-
-
 class KVWriter:
     """An output of the key/value tables (``Logger.dumpkvs`` calls ``writekvs`` with each table)."""
 
@@ -68,12 +52,9 @@ class SeqWriter:
 
 
 class HumanOutputFormat(KVWriter, SeqWriter):
-    """Log lines and key/value tables as text, to an open stream (stdout) or a file name (appended to, never
-    through a symbolic link: a link at that name is replaced by a new file, see ``adm_common.files.open_append``).
-
-    ``timestamps`` (default: for a file name) starts each log line with the local date and time
-    (``2026-12-01 13:36:51``); ``prefix`` starts every line (``[rank 1] ``).
-    """
+    """Log lines and tables as text, to an open stream or a file name (appended to; a symbolic link at the name is
+    replaced, see ``adm_common.files.open_append``). ``timestamps`` (default: for a file name) starts each log
+    line with the local date and time; ``prefix`` starts every line (``[rank 1] ``)."""
 
     def __init__(self, filename_or_file, *, prefix: str = "", timestamps: Optional[bool] = None):
         if isinstance(filename_or_file, (str, os.PathLike)):
@@ -100,7 +81,7 @@ class HumanOutputFormat(KVWriter, SeqWriter):
     def writekvs(self, kvs: Dict[str, Any]) -> None:
         if not kvs:
             return
-        rows = [(str(k)[:40], _fmt(v)[:40]) for k, v in sorted(kvs.items())]
+        rows = [(str(k)[:40], (f"{v:<8.3g}" if isinstance(v, float) else str(v))[:40]) for k, v in sorted(kvs.items())]
         kw = max(len(k) for k, _ in rows)
         vw = max(len(v) for _, v in rows)
         rule = "-" * (kw + vw + 7)
@@ -154,9 +135,8 @@ class JSONOutputFormat(KVWriter):
 
 
 class TensorBoardOutputFormat(KVWriter):
-    """The numeric key/values of each table as TensorBoard scalars in ``dir``, at step 1, 2, ... (one per
-    table). Upstream writes TensorFlow's event files with TensorFlow; this uses torch's
-    ``torch.utils.tensorboard.SummaryWriter``, which needs the ``tensorboard`` package."""
+    """The numeric values of each table as TensorBoard scalars in ``dir`` at step 1, 2, ..., through torch's
+    ``SummaryWriter`` (needs the ``tensorboard`` package; upstream writes TensorFlow's event files)."""
 
     def __init__(self, dir):
         try:
@@ -204,11 +184,8 @@ def make_output_format(format: str, ev_dir: str, log_suffix: str = "") -> KVWrit
 
 
 class Logger:
-    """Key/values of the current step and where tables and log lines go (``output_formats``).
-
-    ``comm`` (upstream's): when set, ``dumpkvs`` averages each value over the processes (``mpi_weighted_mean``).
-    ``rank`` (keyword only, this fork's): the process's rank, for its outputs' names and prefix.
-    """
+    """Key/values of the current step and where tables and log lines go. ``comm``: when set, ``dumpkvs`` averages
+    each value over the processes (``mpi_weighted_mean``); ``rank`` (this fork's): the process's rank."""
 
     DEFAULT: Optional["Logger"] = None  # stdout only: what logs before configure() and after reset()
     CURRENT: Optional["Logger"] = None  # the logger the module's functions use
@@ -222,7 +199,6 @@ class Logger:
         self.comm = comm
         self.rank = rank
 
-    # Logging API, forwarded
     def logkv(self, key: str, val: Any) -> None:
         self.name2val[key] = val
         self.name2cnt.pop(key, None)  # a later logkv_mean starts a new mean
@@ -250,7 +226,6 @@ class Logger:
             if isinstance(fmt, SeqWriter):
                 fmt.writeseq([str(a) for a in args])
 
-    # Configuration
     def set_level(self, level: int) -> None:
         self.level = level
 
@@ -267,13 +242,9 @@ class Logger:
 
 
 def mpi_weighted_mean(comm: Any, local_name2valcount: Dict[str, Any]) -> Dict[str, Any]:
-    """``{key: (value, count)}`` of every process -> ``{key: mean of the values weighted by the counts}``.
-
-    A collective: every process must call it. ``comm``: an mpi4py communicator (its ``allgather``, as upstream
-    passes), else torch.distributed's process group (``dist_util.all_gather_object``; one process without a
-    group: its own values). Unlike upstream, every rank gets the means (upstream: rank 0, the others ``{}``),
-    and a value that is not a number keeps the first process's value (upstream drops it with a warning).
-    """
+    """``{key: (value, count)}`` of every process -> ``{key: mean of the values weighted by the counts}``; a
+    collective, over ``comm`` (an mpi4py communicator) else torch.distributed's group. Unlike upstream, every rank
+    gets the means, and a value that is not a number keeps the first process's value (upstream drops it)."""
     from . import dist_util
 
     gather = comm.allgather if hasattr(comm, "allgather") else dist_util.all_gather_object
@@ -433,14 +404,5 @@ def profile_kv(scopename: str):
 
 
 def profile(n: str):
-    """A decorator that times each call of the function with ``profile_kv(n)``."""
-
-    def decorator_with_name(func):
-        @functools.wraps(func)
-        def func_wrapper(*args, **kwargs):
-            with profile_kv(n):
-                return func(*args, **kwargs)
-
-        return func_wrapper
-
-    return decorator_with_name
+    """A decorator that times each call of the function with ``profile_kv(n)`` (a context manager decorates)."""
+    return profile_kv(n)
