@@ -23,7 +23,7 @@ from .checkpoint_files import checkpoint_identity
 from .layout import RunLayout
 from .record import read_run_record
 from .settings import SampleConfigError, config_differences, plain, settings_warnings
-from .shards import ShardError, reject_shard, rows_from_batch, shard_problem, write_shard
+from .shards import ShardError, cut_with_error, rows_from_batch, shard_problem, verify_shard, write_shard
 
 
 @dataclasses.dataclass
@@ -124,12 +124,6 @@ def _recorded_shard_size(record):
     return None
 
 
-def _cut_with(layout, old, prefix=""):
-    return SampleConfigError(f"{prefix}the shards in {layout.shard_dir} were cut with shard_size {old}, not "
-                             f"{layout.shard_size}. Resume with --shard_size {old} (shard_size changes no sample), "
-                             "or move shards/ away to sample them again")
-
-
 @dataclasses.dataclass
 class OutDirState:
     """What an out_dir holds, as a run with ``identity`` may use it: its record (None: none), how that record's
@@ -179,32 +173,8 @@ def out_dir_state(settings, device_type, lock_held):
             + "\nUse another --out_dir, or --overwrite to delete that run's samples and start afresh.")
     previous, size = _recorded_shard_size(record), settings.sampling.shard_size
     if not diffs and previous and previous != size and layout.shard_files():
-        raise _cut_with(layout, previous)
+        raise cut_with_error(layout, previous)
     return OutDirState(identity, record=record, differences=diffs)
-
-
-def _scan_shards(plan, notes):
-    """Count the verified shards; move bad ones aside. A shard of this run cut with another shard_size is an
-    error (its samples would be lost or mixed)."""
-    layout = plan.layout
-    for k in range(layout.num_shards):
-        path = layout.shard_path(k)
-        if not os.path.exists(path):
-            plan.remaining.append(k)
-            continue
-        problem = plan.shard_problem(k)
-        stored = problem.stored_range if problem else None
-        if stored and (stored[0] != k * layout.shard_size or stored[1] - stored[0] > layout.shard_size):
-            raise _cut_with(layout, stored[0] // k if k else stored[1] - stored[0],
-                            f"{path} holds samples {stored[0]}-{stored[1] - 1}: ")
-        if problem:
-            target = reject_shard(path, problem)
-            notes.append(f"shard {os.path.basename(path)} rejected ({problem}): moved to {target}, it is sampled "
-                         "again")
-            plan.remaining.append(k)
-            continue
-        start, end = layout.shard_bounds(k)
-        plan.done_images += end - start
 
 
 def _reuse_merged_batches(plan, notes):
@@ -255,7 +225,11 @@ def _plan_rank0(settings, state, lock, notes):
     if os.path.exists(layout.final_path):
         plan.complete, plan.done_images = True, layout.num_samples
         return plan
-    _scan_shards(plan, notes)
+    for k in range(layout.num_shards):  # the verified shards counted, bad ones moved aside
+        if not os.path.exists(layout.shard_path(k)) or not verify_shard(plan, k, notes.append):
+            plan.remaining.append(k)
+        else:
+            plan.done_images += layout.shard_bounds(k)[1] - layout.shard_bounds(k)[0]
     if plan.remaining and record:
         _reuse_merged_batches(plan, notes)
     return plan
