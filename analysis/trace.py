@@ -298,10 +298,8 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
 
     steps = diffusion.num_timesteps
     channels = 3
-    stats = {name: [] for name in STATS}
-    images = {name: [] for name in IMAGES}
-    entropy = {name: [] for name in probe.blocks}
-    maps = {name: [] for name in probe.blocks}
+    stats, images, entropy, maps = ({name: [] for name in names} for names in (STATS, IMAGES, probe.blocks,
+                                                                                probe.blocks))
     final = None
     for step, out in enumerate(sampler.steps(indices, draws)):
         index = steps - 1 - step
@@ -312,11 +310,8 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
         pag_term, sag_term, icg_term = (guidance_step(eps, seen[key]) - eps if seen[key] is not None else zero
                                         for key in ("pag", "sag", "icg"))
         gradient = seen.get("gradient")
-        if gradient is not None:
-            abar = th.as_tensor(diffusion.alphas_cumprod[index], dtype=th.float32, device=eps.device)
-            cg_term = -(1 - abar).sqrt() * gradient.float()
-        else:
-            cg_term = zero
+        abar = th.as_tensor(diffusion.alphas_cumprod[index], dtype=th.float32, device=eps.device)
+        cg_term = zero if gradient is None else -(1 - abar).sqrt() * gradient.float()
         clean_output = th.cat([seen["eps"], rest], dim=1)
         plain, projected, applied = (seen[k].float() for k in ("guided", "projected", "applied"))
         apg_correction, rescale_correction = projected - plain, applied - projected

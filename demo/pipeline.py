@@ -12,7 +12,6 @@ table, exactly as the reproduction targets do.
 
 import argparse
 import csv
-import io
 import json
 import math
 import os
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adm_common.files import atomic_write_bytes, atomic_write_text
+from adm_common.files import atomic_open, atomic_write_text
 from adm_common.yaml_files import read_yaml
 from evaluations.uncertainty import seed_run_name
 from sampling.images import image_grid, save_png, save_side_by_side
@@ -62,10 +61,8 @@ def prepare(config, num_reference):
                 return path
         raise SystemExit(f"{path} holds other images than {num_reference} held-out images of the {dataset} data "
                          "set (another demo's reference?): remove it first")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez(buf, arr_0=images, arr_1=labels)
-    atomic_write_bytes(path, buf.getvalue())
+    with atomic_open(path) as f:  # creates the directory
+        np.savez(f, arr_0=images, arr_1=labels)
     print(f"wrote reference batch {path}: {num_reference} held-out images of the {dataset} data set")
     return path
 
