@@ -23,7 +23,7 @@ from .checkpoint_files import checkpoint_identity
 from .layout import RunLayout
 from .record import read_run_record
 from .settings import SampleConfigError, config_differences, plain, settings_warnings
-from .shards import ShardError, cut_with_error, rows_from_batch, shard_problem, verify_shard, write_shard
+from .shards import ShardError, reject_shard, rows_from_batch, shard_problem, write_shard
 
 
 @dataclasses.dataclass
@@ -49,10 +49,16 @@ class RunPlan:
         return self.layout.num_shards
 
     def shard_problem(self, k):
-        """Why shard k on disk is not this run's (None when it is); reads the whole file (CRC)."""
-        start, end = self.layout.shard_bounds(k)
-        return shard_problem(self.layout.shard_path(k), start, end, self.layout.image_size, self.run_id,
-                             allow_without_run_id=self.legacy_shards)
+        """Why shard k on disk is not this run's (None when it is); reads the whole file (CRC). A shard of this run
+        cut with another shard_size is an error (its samples would be lost or mixed)."""
+        layout, (start, end) = self.layout, self.layout.shard_bounds(k)
+        problem = shard_problem(layout.shard_path(k), start, end, layout.image_size, self.run_id,
+                                allow_without_run_id=self.legacy_shards)
+        stored = problem.stored_range if problem else None
+        if stored and (stored[0] != k * layout.shard_size or stored[1] - stored[0] > layout.shard_size):
+            raise _cut_with(layout, stored[0] // k if k else stored[1] - stored[0],
+                            f"{layout.shard_path(k)} holds samples {stored[0]}-{stored[1] - 1}: ")
+        return problem
 
 
 def run_identity(settings, device_type):
@@ -124,6 +130,12 @@ def _recorded_shard_size(record):
     return None
 
 
+def _cut_with(layout, old, prefix=""):
+    return SampleConfigError(f"{prefix}the shards in {layout.shard_dir} were cut with shard_size {old}, not "
+                             f"{layout.shard_size}. Resume with --shard_size {old} (shard_size changes no sample), "
+                             "or move shards/ away to sample them again")
+
+
 @dataclasses.dataclass
 class OutDirState:
     """What an out_dir holds, as a run with ``identity`` may use it: its record (None: none), how that record's
@@ -173,7 +185,7 @@ def out_dir_state(settings, device_type, lock_held):
             + "\nUse another --out_dir, or --overwrite to delete that run's samples and start afresh.")
     previous, size = _recorded_shard_size(record), settings.sampling.shard_size
     if not diffs and previous and previous != size and layout.shard_files():
-        raise cut_with_error(layout, previous)
+        raise _cut_with(layout, previous)
     return OutDirState(identity, record=record, differences=diffs)
 
 
@@ -225,11 +237,15 @@ def _plan_rank0(settings, state, lock, notes):
     if os.path.exists(layout.final_path):
         plan.complete, plan.done_images = True, layout.num_samples
         return plan
-    for k in range(layout.num_shards):  # the verified shards counted, bad ones moved aside
-        if not os.path.exists(layout.shard_path(k)) or not verify_shard(plan, k, notes.append):
-            plan.remaining.append(k)
-        else:
+    for k in range(layout.num_shards):  # the verified shards counted, bad ones moved aside and sampled again
+        path = layout.shard_path(k)
+        if os.path.exists(path) and not (problem := plan.shard_problem(k)):
             plan.done_images += layout.shard_bounds(k)[1] - layout.shard_bounds(k)[0]
+            continue
+        if os.path.exists(path):
+            notes.append(f"shard {os.path.basename(path)} rejected ({problem}): moved to "
+                         f"{reject_shard(path, problem)}, it is sampled again")
+        plan.remaining.append(k)
     if plan.remaining and record:
         _reuse_merged_batches(plan, notes)
     return plan

@@ -90,26 +90,6 @@ def reject_shard(path, reason):
     return target
 
 
-def cut_with_error(layout, old, prefix=""):
-    return SampleConfigError(f"{prefix}the shards in {layout.shard_dir} were cut with shard_size {old}, not "
-                             f"{layout.shard_size}. Resume with --shard_size {old} (shard_size changes no sample), "
-                             "or move shards/ away to sample them again")
-
-
-def verify_shard(plan, k, say):
-    """Whether shard k on disk is ``plan``'s (:meth:`RunPlan.shard_problem`); a bad one is moved aside (and ``say``
-    told so), one of this run cut with another shard_size is an error (its samples would be lost or mixed)."""
-    layout, problem = plan.layout, plan.shard_problem(k)
-    stored = problem.stored_range if problem else None
-    if stored and (stored[0] != k * layout.shard_size or stored[1] - stored[0] > layout.shard_size):
-        raise cut_with_error(layout, stored[0] // k if k else stored[1] - stored[0],
-                             f"{layout.shard_path(k)} holds samples {stored[0]}-{stored[1] - 1}: ")
-    if problem:
-        target = reject_shard(layout.shard_path(k), problem)
-        say(f"shard {shard_filename(k)} rejected ({problem}): moved to {target}, it is sampled again")
-    return problem is None
-
-
 def write_shard(plan, k, batches):
     """Write shard k of ``plan``'s run (atomically; a full disk is named in out_dir's terms): ``batches`` of (images,
     labels) streamed into ``arr_0`` and ``arr_1``, then its ``sample_range`` and ``run_id``."""
@@ -181,10 +161,14 @@ def collect(plan, verified, with_labels):
     """Rank 0, each poll: verify the shards that appeared since the last look (``verified``: the indices checked);
     once all are, merge them (checking the free space first), draw the grid and remove the shards (unless kept). A
     bad shard, found now or by the merge, is moved aside and sampled again. True when the run is finished."""
-    layout = plan.layout
+    layout, rejects = plan.layout, []  # (path, reason, what the log says)
     for k in range(plan.num_shards):
-        if k not in verified and os.path.exists(layout.shard_path(k)) and verify_shard(plan, k, logger.log):
-            verified.add(k)
+        if k not in verified and os.path.exists(layout.shard_path(k)):
+            problem = plan.shard_problem(k)
+            if problem:
+                rejects.append((layout.shard_path(k), problem, f"shard {shard_filename(k)} rejected ({problem})"))
+            else:
+                verified.add(k)
     shards = [layout.shard_path(k) for k in range(plan.num_shards)]
     if len(verified) == plan.num_shards and not os.path.exists(layout.final_path):
         t0 = time.time()
@@ -192,8 +176,10 @@ def collect(plan, verified, with_labels):
             shape = merge_shards(shards, layout.final_path, with_labels)
             logger.log(f"merged {plan.num_shards} shards into {layout.final_path} {shape} in {time.time() - t0:.1f}s")
         except ShardError as e:  # damaged after it was verified
-            logger.log(f"{e}: moved to {reject_shard(e.path, e.reason)}, it is sampled again")
-            verified.discard(shard_index(os.path.basename(e.path)))
+            rejects.append((e.path, e.reason, str(e)))
+    for path, reason, said in rejects:
+        logger.log(f"{said}: moved to {reject_shard(path, reason)}, it is sampled again")
+        verified.discard(shard_index(os.path.basename(path)))
     if len(verified) < plan.num_shards:
         return False
     grid = layout.path(GRID_NAME)
