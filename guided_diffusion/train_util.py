@@ -1,16 +1,10 @@
 """Upstream's diffusion training loop (``TrainLoop``), its checkpoint names and its resumption, and the start-up
 the training scripts share (``script_parser``, ``start_script``).
 
-Every ``save_interval`` steps it writes into ``logger.get_dir()``: ``model{step:06d}.pt`` (float32 master
-weights with ``use_fp16``), ``ema_{rate}_{step:06d}.pt`` per rate of ``ema_rate`` ("0.9999" or "0.999,0.9999")
-and ``opt{step:06d}.pt`` (AdamW). ``resume_checkpoint=".../model{step:06d}.pt"`` continues from them: the step
-comes from the file name; the EMA and optimiser files of that step next to it are loaded when they exist.
-
-Differences from upstream, on purpose: ``model{N}.pt`` holds the state after N optimiser steps (upstream
-saves after step N + 1 under the name N, so a resumed run repeated a step); checkpoints are written when
-the total step count is a multiple of ``save_interval`` (also after a resume); the table of averages is
-dumped every ``log_interval`` steps together with a progress line (loss, samples/s); several processes
-train with DistributedDataParallel on CPU (gloo) as well as on GPUs.
+Every ``save_interval`` steps it writes ``model{step:06d}.pt``, ``ema_{rate}_{step:06d}.pt`` per rate and
+``opt{step:06d}.pt`` into ``logger.get_dir()``; ``resume_checkpoint=".../model{step:06d}.pt"`` continues from them
+(the step comes from the file name). ``model{N}.pt`` holds the state after N steps (upstream's held N + 1, so a
+resumed run repeated a step); docs/api.md lists the other differences from upstream.
 
 Extension points (keyword arguments after upstream's; all optional):
     lr_schedule(step) -> lr         the learning rate of optimiser step ``step`` (0-based over the whole run, so a
@@ -195,7 +189,7 @@ class TrainLoop:
 
     def run_step(self, batch, cond):
         if self.lr_schedule is not None:
-            self._set_lr(self.lr_schedule(self.step + self.resume_step))
+            set_lr(self.opt, self.lr_schedule(self.step + self.resume_step))
         self.forward_backward(batch, cond)
         took_step = self.mp_trainer.optimize(self.opt)
         if took_step:
@@ -233,10 +227,7 @@ class TrainLoop:
         if not self.lr_anneal_steps or self.lr_schedule is not None:
             return
         frac_done = (self.step + self.resume_step) / self.lr_anneal_steps
-        self._set_lr(self.lr * (1 - frac_done))
-
-    def _set_lr(self, lr):
-        set_lr(self.opt, lr)
+        set_lr(self.opt, self.lr * (1 - frac_done))
 
     def log_step(self):
         logger.logkv("step", self.step + self.resume_step)
