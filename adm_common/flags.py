@@ -1,11 +1,6 @@
-"""One flag spelling per command family, the other accepted silently.
-
-Each family of commands spells its multi-word flags one way: underscores (``--num_samples``, upstream
-guided-diffusion's spelling) for sampling, sweeps, analysis, benchmarks, training and the demo; hyphens
-(``--batch-size``) for the evaluator, the tables and the downloads. :class:`FlagParser` declares and lists (in
-``--help``) only its family's spelling and reads the other as the same flag; :func:`respell_flags` does the same
-for a command line handed to a parser built elsewhere.
-"""
+"""One flag spelling per command family (README: underscores for sampling, sweeps, analysis, benchmarks, training
+and the demo; hyphens for the evaluator, the tables and the downloads), the other accepted silently:
+:class:`FlagParser` lists only its family's spelling; :func:`respell_flags` serves parsers built elsewhere."""
 
 import argparse
 import functools

@@ -1,12 +1,7 @@
-"""Which launcher started this process, and its place in the job, from environment variables alone.
-
-Launchers, detected in this order: ``torchrun`` (or anything that sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/
-``MASTER_ADDR``/``MASTER_PORT``); SLURM ``srun`` steps (``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``/``SLURM_NTASKS``,
-``SLURM_LOCALID``; the rendezvous host is the first node of the step); ``mpiexec``/``mpirun`` (Open MPI, MPICH/PMI,
-PMIx, MVAPICH variables; rank and size then come from mpi4py). ``PAG_DIST_LAUNCHER`` (``torchrun``, ``slurm``,
-``mpi`` or ``none``) skips the detection. Nothing here imports mpi4py or torch: the process-group set-up
-(``guided_diffusion.dist_util``), the logger and the evaluator all read the job from this one module.
-"""
+"""Which launcher started this process, and its place in the job, from environment variables alone (no mpi4py, no
+torch): ``torchrun`` (or anything that sets ``RANK``/``WORLD_SIZE``...), SLURM ``srun`` steps (the rendezvous host is
+the first node of the step), ``mpiexec``/``mpirun`` (rank and size then come from mpi4py), detected in this order;
+``PAG_DIST_LAUNCHER`` skips the detection. The process-group set-up, the logger and the evaluator all read it here."""
 
 import os
 import re

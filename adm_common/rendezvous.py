@@ -1,12 +1,7 @@
-"""The rendezvous of several processes: rank 0's TCP store reached within a short connect timeout, while the
-collectives that follow keep a long one (``init_process_group``'s one timeout would be both: a mistyped
-MASTER_ADDR then waits 12 hours). The one set-up of the sampler's process group (``guided_diffusion.dist_util``)
-and the evaluator's (``evaluations.reference``): :func:`launch_info`, then :func:`start_group`. torch and mpi4py
-are imported only when needed.
-
-``PAG_DIST_CONNECT_TIMEOUT_SECONDS`` (default 300): how long a rank may take to reach the rendezvous and wait there
-for the others; ``PAG_DIST_TIMEOUT_MINUTES`` (default 720): how long a collective may wait.
-"""
+"""The one process-group set-up (the sampler's ``guided_diffusion.dist_util`` and the evaluator's):
+:func:`launch_info`, then :func:`start_group`. Rank 0's TCP store is reached within a short connect timeout
+(``PAG_DIST_CONNECT_TIMEOUT_SECONDS``, default 300) while collectives keep a long one (``PAG_DIST_TIMEOUT_MINUTES``,
+default 720): ``init_process_group``'s one timeout would be both, and a mistyped MASTER_ADDR would wait 12 hours."""
 
 import datetime
 import os

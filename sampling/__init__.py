@@ -1,8 +1,5 @@
-"""Sampling at scale: the run schema, run planning and resume, the sampler, sharded npz output and sweeps.
-
-Layers (one way): ``adm_common`` < ``guided_diffusion`` < ``pag`` < ``sampling``; ``evaluations`` (which
-needs only ``adm_common``) is called by the sweep after sampling. The model configs of the official
-checkpoints ship with this package (``sampling/configs/``).
+"""Sampling at scale: the run schema, run planning and resume, the sampler, sharded npz output and sweeps (the
+official checkpoints' model configs ship in ``sampling/configs/``).
 
     settings = sampling.resolve_settings([("my settings", {"model": "256x256_diffusion", "out_dir": "out",
                                                            "pag_scale": 3.0, "num_samples": 1000})])

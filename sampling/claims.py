@@ -1,10 +1,6 @@
-"""Claims on shards: which process samples which shard of a run.
-
-A claim is a file ``shards/.claims/shard_{k:06d}.claim`` created exclusively naming its holder; a thread of the
-holder refreshes its mtime (the heartbeat) while batches keep coming (a main thread hung in a GPU call or a file
-system read stops it). A claim without a heartbeat for ``claim_lease`` seconds is taken over
-(:func:`sampling.heartbeat.take_over`): of several ranks that see it stale exactly one claims the shard.
-"""
+"""Claims on shards: a file ``shards/.claims/shard_{k:06d}.claim`` created exclusively names which process samples
+shard k; a heartbeat refreshes it while batches keep coming (a main thread hung in a GPU call stops it), and a claim
+without one for ``claim_lease`` seconds is taken over (:func:`sampling.heartbeat.take_over`: exactly one taker)."""
 
 import json
 import os

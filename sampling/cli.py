@@ -1,12 +1,7 @@
-"""The command lines of ``scripts/image_sample.py`` and ``scripts/sweep.py``: flags, one exit-code mapping,
-and the process-wide settings a sampling process wants (set here, in the entry point, not on import).
-
-Exit status: 0 done, 2 bad input (reported before anything is sampled or deleted; also an out_dir in use by
-another run, or processes that cannot form their group: a rendezvous not reached, two ranks on one GPU), 1 a
-failed run (non-finite samples, a failed peer process or evaluation, a full disk; finished shards are kept), 128
-+ the signal's number when stopped by SIGTERM (143) or SIGINT (130) (the shard being written is discarded,
-finished ones are kept: rerun the same command to resume).
-"""
+"""The command lines of ``scripts/image_sample.py`` and ``scripts/sweep.py``: flags, the one exit-code mapping and
+the process-wide settings of a sampling process (set here, in the entry point, not on import). Exit status
+(docs/what-happens-when.md): 0 done, 2 bad input (before anything is sampled or deleted; also an out_dir in use, or
+processes that cannot form their group), 1 a failed run (finished shards are kept), 128 + the signal's number."""
 
 import argparse
 import contextlib

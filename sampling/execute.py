@@ -1,11 +1,7 @@
-"""Carrying out a plan: the ranks claim and sample the unfinished shards, rank 0 verifies and merges them.
-
-Shards are claimed, not assigned (:mod:`sampling.claims`): each rank takes its own share (``remaining[rank::world]``)
-first, then any other shard not on disk and unclaimed, or whose claim went stale. Claiming changes only who samples
-a shard, never what it holds: sample i depends only on (seed, i). Ranks never wait for each other in a collective
-while sampling or merging (a rank with more work would make the others time out): they poll the file system
-(:mod:`sampling.progress`), and rank 0 verifies and merges the shards (:func:`sampling.shards.collect`).
-"""
+"""Carrying out a plan: each rank claims (:mod:`sampling.claims`) and samples unfinished shards, its own share
+(``remaining[rank::world]``) first, then any other not on disk and unclaimed or stale; rank 0 verifies and merges
+them (:func:`sampling.shards.collect`). Ranks never wait in a collective while sampling or merging (a rank with more
+work would make the others time out): they poll the file system (:mod:`sampling.progress`)."""
 
 import os
 import signal

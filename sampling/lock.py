@@ -1,13 +1,7 @@
-"""The run lock: one run at a time in an ``out_dir``.
-
-Rank 0 takes an exclusive ``flock`` on ``out_dir/lock`` (which says who holds it) before it reads or writes anything
-else there, and holds it until the run ends (a process that dies releases it with its file descriptors). A second
-run on the same ``out_dir`` is refused with a :class:`RunLockedError` (exit status 2) naming the running one.
-File systems without ``flock`` fall back to creating the file exclusively; such a lock left by a dead process on
-the same host is taken over, one left by another host must be removed by hand (the error says how). A heartbeat
-refreshes the file's mtime, so that a live lock of another host is refused even where ``flock`` is local to each
-node. A symbolic link at the lock's path is refused, never written through.
-"""
+"""The run lock: one run at a time in an ``out_dir`` (docs/what-happens-when.md). Rank 0 holds an exclusive ``flock``
+on ``out_dir/lock`` (naming the holder) from before it reads anything there until the run ends; without ``flock``
+the lock is the file's existence (one left by a dead process of this host is taken over). A heartbeat refreshes the
+file's mtime, so a live lock of another host is refused where ``flock`` is local to each node. A link is refused."""
 
 import contextlib
 import datetime

@@ -1,9 +1,5 @@
-"""The official checkpoints' model configs, shipped with the package (``sampling/configs/models/*.yaml``;
-``configs/`` in the repository links there): name, kind, url, file and upstream flags of each.
-
-The one reader of these files: ``--model NAME``, ``scripts/download.py``, ``list_attention_blocks.py`` and
-the benchmarks all come here.
-"""
+"""The official checkpoints' model configs (``sampling/configs/models/*.yaml``; the repository's ``configs/`` links
+there): name, kind, url, file and upstream flags of each. The one reader of these files."""
 
 import os
 from pathlib import Path

@@ -1,12 +1,7 @@
-"""The networks of a run, built once (stage 3 of ``sampling.run``): on the meta device from the run's flags, where
-every check that needs no weights runs (the flags build a model, the guidance layers exist, the checkpoints
-exist and fit), then materialised on the run's device and loaded from their checkpoints
-(``sampling.checkpoint_files``; local path or URL; rank 0 reads, the others receive).
-
-The builder applies what changes a network's numbers or layout: the compute dtype and channels-last weights
-(``GuidedModel`` only computes guidance). ``--compile`` compiles the guided model's own two pieces (the shared
-prefix and the rest), each ``GuidedModel`` its own copies.
-"""
+"""The networks of a run, built once: on the meta device from the run's flags, where every check that needs no
+weights runs, then materialised on the run's device and loaded (``sampling.checkpoint_files``). The builder applies
+the compute dtype and channels-last weights (``GuidedModel`` only computes guidance); ``--compile`` compiles the
+guided model's two pieces (the shared prefix and the rest)."""
 
 import dataclasses
 import json

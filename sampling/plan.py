@@ -1,11 +1,7 @@
-"""Planning a run in its ``out_dir`` (stage 4 of ``sampling.run``; no model code): where it stands, whether it may
-continue there, and what is left to sample. The files are :class:`sampling.layout.RunLayout`'s, the record
-:mod:`sampling.record`'s. Rank 0, under the run lock (:mod:`sampling.lock`), judges the out_dir with
-:func:`out_dir_state` (a dry run asks the same function). The same identity resumes: verified shards (CRC, sample
-range, run id) are kept, bad ones moved to ``shards/rejected/`` and sampled again, and the rows of a merged batch
-of this run (``samples_{M}x...``, e.g. before ``num_samples`` was extended) reused as shards. Another
-configuration is refused with the differing settings named; ``--overwrite`` deletes only the files runs write.
-"""
+"""Planning a run in its ``out_dir`` (no model code): rank 0, under the run lock, judges the out_dir
+(:func:`out_dir_state`, which a dry run asks too), then keeps this run's verified shards, moves bad ones to
+``shards/rejected/``, reuses the rows of a merged batch of this run as shards and lists what is left to sample.
+Another configuration is refused with the differing settings named; ``--overwrite`` deletes only what runs write."""
 
 import dataclasses
 import errno

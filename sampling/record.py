@@ -1,7 +1,6 @@
-"""A run's record, ``config.yaml`` in its ``out_dir``: the identity (``settings``: what decides the samples,
-with the checkpoints' content hashes), its hash ``run_id`` (stored in every shard), the first session's
-``runtime`` (batch size, device, checkpoint paths: information only), ``provenance`` (versions, git commit,
-host, command) and the later ``sessions``. Resume and the table read it back."""
+"""A run's record, ``config.yaml`` in its ``out_dir``: the identity (``settings``, with the checkpoints' content
+hashes), its hash ``run_id`` (stored in every shard), the first session's ``runtime``, ``provenance`` and the later
+``sessions``. Resume and the table read it back."""
 
 import datetime
 import importlib.metadata

@@ -1,16 +1,7 @@
-"""One sampling run, as one line of stages:
-
-1. settings, resolved and checked once (``sampling.settings``; pure);
-2. the process, started once by the entry point (``sampling.process``: group, device, allocator; ``sampling.cli``:
-   signals, exit codes);
-3. the networks, built once on the meta device and checked, then (when samples are left) materialised and loaded
-   (``sampling.models``);
-4. the plan, under the run lock: the out_dir's state, record, overwrite, shards (``sampling.plan``; no model code);
-5. the sampler, with what exists (``sampling.sampler``), carried out shard by shard and merged
-   (``sampling.execute``).
-
-A sweep (``sampling.sweep``) is the same line in a loop; checking every cell first is stage 4 with check_only.
-"""
+"""One sampling run as one line of stages (docs/layout.md): settings, resolved once (pure) -> the process, started
+once by the entry point -> the networks, built once -> the plan, under the run lock (no model code) -> the sampler,
+carried out shard by shard and merged. A sweep is the same line in a loop; checking every cell first is the plan
+with ``check_only``."""
 
 from guided_diffusion import dist_util, logger
 

@@ -1,13 +1,7 @@
-"""Drawing samples by index: per-sample seeds, guided model function, the diffusion loop.
-
-Sample i's class label, its x_T and every step's noise come from generators seeded with ``(seed, i)`` only
-(the noise generator lives on the sampling device, so CPU and GPU runs differ), and random perturbations get a
-per-sample ``row_seeds`` from the same pair: a sample does not depend on the batch size, the number of processes
-or which process drew it.
-
-Placement: every tensor the sampler makes is made on the sampling device once per batch, and nothing is read back
-from the device during the loop (the non-finite check is read once per batch).
-"""
+"""Drawing samples by index. Sample i's label, x_T and every step's noise come from generators seeded with
+``(seed, i)`` only (on the sampling device, so CPU and GPU runs differ), random perturbations get per-sample
+``row_seeds`` from the same pair: a sample depends on neither the batch size nor which process drew it. Nothing is
+read back from the device during the loop (the non-finite check once per batch)."""
 
 import collections
 

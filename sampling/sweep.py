@@ -1,10 +1,6 @@
-"""Sweeps: a base configuration and a grid of values, one resumable sampling run per grid cell (the config format,
-cell names and ``seeds:``: docs/sampling.md#sweeps; the command line: ``sampling.cli``, ``scripts/sweep.py``).
-
-Every cell is checked (settings, checkpoints, out_dir, model flags, guidance layers) and locked before the first
-sample is drawn, by the same plan function a run uses (``check_only``); then the cells run one after the other in
-the same process world, each resuming where it stopped, and :func:`after_runs` evaluates them and makes the table.
-"""
+"""Sweeps: a base configuration and a grid of values, one resumable run per grid cell (docs/sampling.md#sweeps).
+Every cell is checked and locked before the first sample (the plan with ``check_only``), then the cells run one after
+the other in the same process world and :func:`after_runs` evaluates them and makes the table."""
 
 import dataclasses
 import hashlib
