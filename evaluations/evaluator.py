@@ -1,12 +1,9 @@
-"""PyTorch evaluator compatible with OpenAI's ADM (guided-diffusion) evaluator; docs/evaluation.md has its options
-and protocol (the 2015 TF Inception's features, stored FID statistics when present, IS splits of 5000, precision/
-recall with k = 3 in upstream's float16 blocks).
+"""PyTorch evaluator compatible with OpenAI's ADM (guided-diffusion) evaluator (options, protocol: docs/evaluation.md).
 
     python evaluations/evaluator.py REF.npz SAMPLE.npz [--json PATH] [--metrics fid,sfid,is,pr,fd_dinov2]
 
-prints upstream's five lines (``Inception Score: ``, ``FID: ``, ``sFID: ``, ``Precision: ``, ``Recall: ``; then
-``FD_DINOv2: `` when asked); progress goes to stderr. From Python: ``evaluate(ref_path, sample_path, ...) -> dict``.
-Under ``mpiexec -n N``, torchrun or srun each process extracts a slice of each file; rank 0 prints the metrics.
+prints upstream's five lines (then ``FD_DINOv2: `` when asked); progress goes to stderr. Under ``mpiexec -n N``,
+torchrun or srun each process extracts a slice of each file; rank 0 prints the metrics.
 """
 
 import json
@@ -115,16 +112,10 @@ EVALUATION_OPTIONS = tuple(EvaluationSettings.__dataclass_fields__)  # evaluate(
 
 def evaluate(ref_path, sample_path, *, json_path=None, dist=None, extractor=None, dinov2_extractor=None,
              **options):
-    """Evaluate ``sample_path`` against ``ref_path`` (both npz image batches); ``options`` are
-    :class:`EvaluationSettings`. Returns the result dict (the ``--json`` content: the requested metrics among
-    ``inception_score``, ``fid``, ``sfid``, ``precision``, ``recall``, ``fd_dinov2``, and provenance); under
-    several processes only rank 0 gets it (others None). Both files are read and checked before any work; then
-    each is streamed once, through every network it needs.
-
-    :param json_path: also write the result there (:func:`write_result`).
-    :param extractor, dinov2_extractor: networks to reuse (an ``InceptionFeatures`` or custom extractor, a
-        ``DINOv2Features``) instead of building them from the settings.
-    """
+    """Evaluate ``sample_path`` against ``ref_path`` (both npz image batches) with the :class:`EvaluationSettings`
+    ``options``: the result dict (the ``--json`` content, also written to ``json_path``) on rank 0, None on other
+    ranks. Both files are read and checked before any work, then each streamed once through every network it
+    needs; ``extractor`` and ``dinov2_extractor`` are networks to reuse instead of building them."""
     s = EvaluationSettings(**options)
     batches = {"ref": _open_batch(ref_path, s), "sample": _open_batch(sample_path, s)}
     input_warnings = _input_warnings(batches["ref"][0], batches["sample"][0])
@@ -288,8 +279,8 @@ def _versions(dinov2=False):
 
 def write_result(path, result):
     """The one writer of evaluation results (``--json``, ``evaluate(json_path=)``, a sweep cell's ``eval.json``):
-    indented JSON, keys sorted, numpy numbers as floats; atomic (a temp file in the same directory, renamed over
-    ``path``: a symbolic link there is replaced, never written through)."""
+    indented JSON, keys sorted, numpy numbers as floats, atomic (a symbolic link at ``path`` is replaced, not
+    followed)."""
     atomic_write_text(path, json.dumps(result, indent=2, sort_keys=True, default=float) + "\n")
 
 
@@ -300,9 +291,8 @@ def result_marker(result):
 
 
 def format_lines(result):
-    """The upstream evaluator's five lines (those of the metrics the result holds), then ``FD_DINOv2: `` when it
-    holds that; with random weights (or the demo's feature network) a line carries its network's mark
-    (RANDOM-WEIGHTS, DEMO-FEATURES)."""
+    """The upstream evaluator's lines of the metrics the result holds, then ``FD_DINOv2: ``; each with its network's
+    mark (RANDOM-WEIGHTS, DEMO-FEATURES) when it has one."""
     marks = result.get("marks")
     lines = []
     for key in METRIC_KEYS + ("fd_dinov2",):
@@ -314,8 +304,8 @@ def format_lines(result):
 
 
 def format_bootstrap_lines(result):
-    """One line per metric of the result's bootstrap interval (none without one), after :func:`format_lines`'s
-    (which stay upstream's, for the scripts that parse them)."""
+    """One line per metric of the result's bootstrap interval, after :func:`format_lines`' (which stay upstream's,
+    for the scripts that parse them)."""
     intervals = result.get("bootstrap")
     if not intervals:
         return []
