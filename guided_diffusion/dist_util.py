@@ -1,14 +1,10 @@
 """Process-group set-up and small collective helpers (upstream's ``dist_util`` API).
 
 One process group for every launcher ``adm_common.launch`` detects, made by ``adm_common.rendezvous`` (shared with
-the evaluator: launch detection, rank 0's TCP store, timeouts; collectives may wait ``PAG_DIST_TIMEOUT_MINUTES``,
-720: longer than any single wait of a 50k-sample cell). A process started by no launcher runs as world size 1 in
-a one-process group on an in-memory store (as upstream, whose scripts call ``torch.distributed`` directly), and
-mpi4py is never imported (importing it initialises MPI, which is slow and can fail without a working MPI).
-
-Backend: NCCL when the run computes on a GPU, gloo otherwise (``PAG_DIST_BACKEND`` forces one), so a CPU run never
-touches a GPU. Each process uses the GPU of its local rank (``dev()``); two ranks that would use one GPU stop at
-start-up with one line naming them.
+the evaluator); a process started by no launcher gets a one-process group on an in-memory store, and mpi4py is
+never imported (importing it initialises MPI, slow and fallible). Backend: NCCL when the run computes on a GPU,
+gloo otherwise (``PAG_DIST_BACKEND`` forces one), so a CPU run never touches a GPU. Each process uses the GPU of
+its local rank (``dev()``); two ranks that would share one GPU stop at start-up with one line naming them.
 """
 
 import datetime
@@ -174,14 +170,9 @@ def _all_have_read(store, info: LaunchInfo, connect: datetime.timedelta) -> None
 
 
 def setup_dist(backend: Optional[str] = None, device=None) -> None:
-    """Create the process group for this launch (idempotent).
-
-    ``device``: what the run computes on (``"cpu"``, ``"cuda"``, ``"cuda:N"``; None: the GPU of the local rank
-    when CUDA is available, else the CPU). A CPU run uses gloo and never calls ``torch.cuda.set_device``, so
-    several CPU processes may share a machine with one GPU. ``backend`` (or ``PAG_DIST_BACKEND``) forces one.
-    Several processes meet at rank 0's TCP store (``connect_store``), compare their GPUs (``_shared_gpu_error``)
-    and then create the group.
-    """
+    """Create the process group for this launch (idempotent). ``device``: what the run computes on (``"cpu"``,
+    ``"cuda"``, ``"cuda:N"``; None: the local rank's GPU when there is one, else the CPU; a CPU run never calls
+    ``torch.cuda.set_device``). Several processes compare their GPUs at rank 0's store before making the group."""
     global _state
     if _state.initialized:
         return
@@ -337,12 +328,18 @@ def _broadcast_in_place(tensor: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _broadcast_bytes(data: Optional[bytes], error: Optional[BaseException]):
-    """Rank 0's bytes (or its read error, re-raised everywhere) on every rank."""
-    rank = get_rank()
-    header = None  # rank 0's length, or the type and text of its read error
+def read_everywhere(path) -> bytes:
+    """The bytes of ``path`` (see ``blobs.read_bytes``) on every rank: with a process group only rank 0
+    reads the file and broadcasts it, and its read error is raised on every rank."""
+    if not (_group_active() and get_world_size() > 1):
+        return read_bytes(path)
+    rank, data, header = get_rank(), None, None  # header: rank 0's length, or the type and text of its read error
     if rank == 0:
-        header = len(data) if error is None else (type(error).__name__, str(error))
+        try:
+            data = read_bytes(path)
+            header = len(data)
+        except Exception as e:
+            error, header = e, (type(e).__name__, str(e))
     length = broadcast_object(header)
     if not isinstance(length, int):
         if rank == 0:
@@ -359,21 +356,6 @@ def _broadcast_bytes(data: Optional[bytes], error: Optional[BaseException]):
     for start in range(0, length, step):
         _broadcast_in_place(view[start:min(start + step, length)])  # a contiguous slice of ``buf``
     return buf
-
-
-def read_everywhere(path) -> bytes:
-    """The bytes of ``path`` (see ``blobs.read_bytes``) on every rank: with a process group only rank 0
-    reads the file and broadcasts it, and its read error is raised on every rank."""
-    shared = _group_active() and get_world_size() > 1
-    data, error = None, None
-    if not shared or get_rank() == 0:
-        try:
-            data = read_bytes(path)
-        except Exception as e:  # with a group, re-raised on every rank by _broadcast_bytes
-            if not shared:
-                raise
-            error = e
-    return _broadcast_bytes(data, error) if shared else data
 
 
 def load_state_dict(path, **kwargs) -> Dict[str, Any]:
