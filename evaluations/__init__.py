@@ -1,5 +1,2 @@
-"""ADM-compatible evaluation (FID, sFID, IS, precision, recall) on PyTorch, and result tables.
-
-``evaluations.evaluator.evaluate`` evaluates a sample batch against a reference batch;
-``evaluations.table.make_table`` gathers many runs' results into tables and plots.
-"""
+"""ADM-compatible evaluation on PyTorch (``evaluator.evaluate``: a sample batch against a reference batch) and
+result tables (``table.make_table``: many runs' results into tables and plots)."""

@@ -16,10 +16,8 @@ from .features import full_float32
 
 @dataclass(frozen=True)
 class Metric:
-    """A metric's names: ``key`` in results, ``option`` that selects it (``--metrics``, ``evaluate(metrics=)``),
-    ``label`` of its printed line, ``header`` of its table column, ``fmt`` of its table cells, the ``network`` it
-    needs, and ``aliases``: spellings of published anchors besides its key, label and header (letters only, lower
-    case)."""
+    """A metric's names (result key, ``--metrics`` option, printed label, table header and cell format), the network
+    it needs, and the other spellings of published anchors (letters only, lower case)."""
 
     key: str
     option: str
@@ -107,12 +105,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 def inception_score(logits, split_size=5000):
-    """Inception Score from N x C logits (the ADM evaluator's: pool_3 times the logits weight, no bias).
-
-    Splits are consecutive runs of ``split_size`` samples; like upstream, a shorter last split is kept and
-    counted as one split. With fewer samples than ``split_size`` this is a single split of all samples (a
-    warning says so): the score is then not comparable with 5000-sample splits.
-    """
+    """Inception Score from N x C logits (the ADM evaluator's: pool_3 times the logits weight, no bias) over
+    consecutive splits of ``split_size``: as upstream, a shorter last split counts as one, and fewer samples than
+    ``split_size`` make a single split (with a warning: not comparable with 5000-sample splits)."""
     logits = _finite_array(logits, "logits", 2)
     n = logits.shape[0]
     if n == 0:
@@ -126,7 +121,8 @@ def inception_score(logits, split_size=5000):
     elif n % split_size:
         warnings.warn(f"Inception Score: {n} samples is not a multiple of {split_size}; as in the ADM "
                       f"evaluator, the last split has only {n % split_size} samples", EvaluationWarning)
-    log_p = logits - _logsumexp(logits)
+    m = np.max(logits, axis=1, keepdims=True)
+    log_p = logits - (m + np.log(np.sum(np.exp(logits - m), axis=1, keepdims=True)))  # log softmax
     scores = []
     for i in range(0, n, split_size):
         part = log_p[i:i + split_size]
@@ -135,11 +131,6 @@ def inception_score(logits, split_size=5000):
         kl = np.sum(p * (part - log_py), axis=1).mean()
         scores.append(np.exp(kl))
     return float(np.mean(scores))
-
-
-def _logsumexp(x):
-    m = np.max(x, axis=1, keepdims=True)
-    return m + np.log(np.sum(np.exp(x - m), axis=1, keepdims=True))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -278,12 +269,9 @@ class _Features:
 
 
 def _block(rows, r0, r1, cols, c0, c1, pr_precision, max_block_elems, reduce, log=None, phase=None):
-    """One upstream distance block: rows ``r0:r1`` x columns ``c0:c1``, computed in row chunks of at most
-    ``max_block_elems`` entries, ``reduce(d, lo, hi)`` applied to each chunk (``lo:hi`` relative to ``r0``).
-
-    float16: when any entry of the whole block is not finite, the block is computed again in float32 (the
-    results of its chunks so far are dropped), as upstream's ``tf.cond(reduce_all(is_finite(D16)), D16, D32)``.
-    Returns the chunks' results in order."""
+    """``reduce(d, lo, hi)`` of each row chunk (``lo:hi`` from ``r0``) of the distance block rows ``r0:r1`` x columns
+    ``c0:c1``, in order. float16: when any entry of the whole block is not finite, it is all computed again in
+    float32, as upstream's ``tf.cond(reduce_all(is_finite(D16)), D16, D32)``."""
     u, v = rows.x[r0:r1], cols.x[c0:c1]
     chunks = _spans(r1 - r0, max(1, int(max_block_elems // max(1, c1 - c0))))  # rows of at most that many entries
     used = pr_precision

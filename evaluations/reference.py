@@ -1,11 +1,7 @@
-"""Image batches (npz, ``arr_0`` uint8 N x H x W x 3) through every network in one pass, each process a slice;
-their features and statistics, cached.
-
-``arr_0`` is streamed in batches, so a 50k x 256 x 256 x 3 file (10 GB) is never in memory at once. Reference
-batches may also carry ``mu``, ``sigma`` (pool_3) and ``mu_s``, ``sigma_s`` (spatial) statistics; like the ADM
-evaluator, those are used for FID/sFID when present. The cache is keyed by the file's sha256, the extractor's id
-(which hashes its weights) and its numerics (device type and precision): a sweep extracts its reference batch once,
-and features computed on a GPU are never read back on a CPU or the other way round.
+"""Image batches (npz, ``arr_0`` uint8 N x H x W x 3, streamed: a 10 GB file is never in memory at once) through
+every network in one pass, each process a slice; their features and statistics (or the ``mu``/``sigma``/``mu_s``/
+``sigma_s`` a reference npz stores, used for FID/sFID as the ADM evaluator does), cached by the file's sha256, the
+extractor's id and its numerics (features computed on a GPU are never read back on a CPU, nor the other way round).
 """
 
 import hashlib
@@ -164,9 +160,8 @@ class FeatureUse:
 
     @classmethod
     def inception(cls, extractor, keep_spatial=False):
-        """Inception's outputs (also a custom network's, which has the same): pool and logits kept (and spatial,
-        with ``keep_spatial``: the bootstrap's sFID), statistics of pool (``mu``, ``sigma``: FID) and spatial
-        (``mu_s``, ``sigma_s``: sFID)."""
+        """Inception's outputs (a custom network's alike): pool and logits kept (spatial too with ``keep_spatial``:
+        the bootstrap's sFID), statistics of pool (``mu``, ``sigma``: FID) and spatial (``mu_s``, ``sigma_s``: sFID)."""
         return cls(extractor, ("pool", "logits") + (("spatial",) if keep_spatial else ()),
                    (("pool", ""), ("spatial", "_s")))
 
@@ -246,12 +241,9 @@ class FeatureCache:
 
 
 def image_features(images, uses, batch_size=64, cache_dir=None, progress=False, dist=None, desc=None):
-    """What each :class:`FeatureUse` keeps of an image batch (an ``NpzImages``), from the cache where it has an
-    entry, else extracted: every network without one in a single pass over the file (and cached).
-
-    Returns on rank 0, per use, its kept outputs, ``mu``, ``sigma`` (and ``mu_s``, ``sigma_s``...; None below 2
-    images), ``num_images``, ``image_shape``, ``sha256`` (with a cache) and ``from_cache``; None on other ranks.
-    The statistics are those of the images; :func:`fid_statistics` prefers the ones stored in the npz."""
+    """Per :class:`FeatureUse`, what it keeps of an image batch (an ``NpzImages``), from the cache, else extracted
+    (every network without an entry in one pass, then cached): its outputs, ``mu``, ``sigma`` (``mu_s``, ...; None
+    below 2 images), ``num_images``, ``image_shape``, ``sha256`` (with a cache), ``from_cache``; on rank 0 only."""
     dist = dist or detect_distributed()
     cache = FeatureCache(cache_dir)
     digest, entries, found = None, [None] * len(uses), [None] * len(uses)
