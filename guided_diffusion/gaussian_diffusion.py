@@ -36,10 +36,7 @@ def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
         scale = 1000 / num_diffusion_timesteps
         return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
     if schedule_name == "cosine":
-        return betas_for_alpha_bar(
-            num_diffusion_timesteps,
-            lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2,
-        )
+        return betas_for_alpha_bar(num_diffusion_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
     raise NotImplementedError(f"unknown beta schedule: {schedule_name}")
 
 
@@ -93,14 +90,8 @@ class LossType(enum.Enum):
 
 
 class GaussianDiffusion:
-    """Training and sampling utilities for a discrete-time Gaussian diffusion.
-
-    :param betas: 1-D array of betas, one per step, step 0 first (least noise).
-    :param model_mean_type: a ModelMeanType.
-    :param model_var_type: a ModelVarType.
-    :param loss_type: a LossType.
-    :param rescale_timesteps: if True the model sees float timesteps scaled to 0..1000 whatever T is.
-    """
+    """Training and sampling utilities for a discrete-time Gaussian diffusion over ``betas`` (step 0 first, least
+    noise). ``rescale_timesteps``: the model sees float timesteps scaled to 0..1000 whatever T is."""
 
     def __init__(self, *, betas, model_mean_type, model_var_type, loss_type, rescale_timesteps=False):
         self.model_mean_type = model_mean_type
@@ -198,14 +189,9 @@ class GaussianDiffusion:
     # -- reverse process ------------------------------------------------------------------------
 
     def p_mean_variance(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None):
-        """Run the model once and turn its output into p(x_{t-1} | x_t) and a prediction of x_0.
-
-        :param model: called as model(x, scaled_t, **model_kwargs).
-        :param t: 1-D tensor of step indices, one per batch element.
-        :param clip_denoised: clamp the x_0 prediction to [-1, 1].
-        :param denoised_fn: applied to the x_0 prediction before clipping.
-        :return: dict with 'mean', 'variance', 'log_variance', 'pred_xstart', all shaped like x.
-        """
+        """Run the model once (``model(x, scaled_t, **model_kwargs)``) and turn its output into p(x_{t-1} | x_t):
+        {'mean', 'variance', 'log_variance', 'pred_xstart'}, each shaped like x. ``denoised_fn`` is applied to
+        the x_0 prediction before clipping it to [-1, 1] (``clip_denoised``)."""
         if t.shape != x.shape[:1]:
             raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
         model_output = model(x, self._scale_timesteps(t), **(model_kwargs or {}))
@@ -249,12 +235,8 @@ class GaussianDiffusion:
         else:
             raise NotImplementedError(self.model_mean_type)
 
-        return {
-            "mean": model_mean,
-            "variance": model_variance,
-            "log_variance": model_log_variance,
-            "pred_xstart": pred_xstart,
-        }
+        return {"mean": model_mean, "variance": model_variance, "log_variance": model_log_variance,
+                "pred_xstart": pred_xstart}
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
         # x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), written with the precomputed reciprocals.
@@ -312,24 +294,11 @@ class GaussianDiffusion:
 
     # -- ancestral (DDPM) sampling --------------------------------------------------------------
 
-    def p_sample(
-        self,
-        model,
-        x,
-        t,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        randn_like=None,
-    ):
-        """Draw x_{t-1} ~ p(x_{t-1} | x_t). Returns {'sample', 'pred_xstart'}.
-
-        :param randn_like: optional callable replacing th.randn_like for this step's noise.
-        """
-        out = self.p_mean_variance(
-            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
-        )
+    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
+                 randn_like=None):
+        """Draw x_{t-1} ~ p(x_{t-1} | x_t) (``randn_like`` replaces th.randn_like): {'sample', 'pred_xstart'}."""
+        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                   model_kwargs=model_kwargs)
         # Noise is drawn even where t == 0 (then masked), so the random stream does not depend on t.
         noise = (randn_like or th.randn_like)(x)
         nonzero_mask = _nonzero_mask(t, x)
@@ -340,15 +309,9 @@ class GaussianDiffusion:
 
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
                       model_kwargs=None, device=None, progress=False, randn_like=None):
-        """Sample with all T ancestral steps and return the final batch.
-
-        :param shape: (N, C, H, W).
-        :param noise: the initial x_T; if None it is drawn (see `randn_like`).
-        :param device: where to sample; default: the model's parameters' device.
-        :param progress: show a tqdm bar.
-        :param randn_like: optional callable f(x) -> normal noise shaped like x, used for every
-            step's noise and, when `noise` is None, for x_T (called on an empty tensor of `shape`).
-        """
+        """Sample with all T ancestral steps and return the final batch. ``noise``: x_T (default: drawn);
+        ``device``: default the model's parameters'; ``progress``: a tqdm bar; ``randn_like(x)``: the normal noise
+        of every step and, when ``noise`` is None, of x_T (called on an empty tensor of ``shape``)."""
         return _final_sample(self.p_sample_loop_progressive(
             model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, randn_like))
 
@@ -361,22 +324,11 @@ class GaussianDiffusion:
 
     # -- DDIM sampling --------------------------------------------------------------------------
 
-    def ddim_sample(
-        self,
-        model,
-        x,
-        t,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        eta=0.0,
-        randn_like=None,
-    ):
+    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, eta=0.0,
+                    randn_like=None):
         """One DDIM step x_t -> x_{t-1} (Song et al. 2020, eq. 12). Returns {'sample', 'pred_xstart'}."""
-        out = self.p_mean_variance(
-            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
-        )
+        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                   model_kwargs=model_kwargs)
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
 
@@ -386,32 +338,18 @@ class GaussianDiffusion:
 
         alpha_bar = self._coef("alphas_cumprod", t, x.shape)
         alpha_bar_prev = self._coef("alphas_cumprod_prev", t, x.shape)
-        sigma = (
-            eta
-            * th.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
-            * th.sqrt(1 - alpha_bar / alpha_bar_prev)
-        )
+        sigma = eta * th.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * th.sqrt(1 - alpha_bar / alpha_bar_prev)
         noise = (randn_like or th.randn_like)(x)  # drawn even for eta=0, as upstream, to keep the stream
         mean_pred = out["pred_xstart"] * th.sqrt(alpha_bar_prev) + th.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         sample = mean_pred + _nonzero_mask(t, x) * sigma * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def ddim_reverse_sample(
-        self,
-        model,
-        x,
-        t,
-        clip_denoised=True,
-        denoised_fn=None,
-        model_kwargs=None,
-        eta=0.0,
-    ):
+    def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0):
         """One deterministic DDIM step backwards, x_t -> x_{t+1} (encoding an image into noise)."""
         if eta != 0.0:
             raise ValueError("the reverse DDIM step is only defined for the deterministic path (eta=0)")
-        out = self.p_mean_variance(
-            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
-        )
+        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                   model_kwargs=model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         alpha_bar_next = self._coef("alphas_cumprod_next", t, x.shape)
         mean_pred = out["pred_xstart"] * th.sqrt(alpha_bar_next) + th.sqrt(1 - alpha_bar_next) * eps
@@ -459,41 +397,31 @@ class GaussianDiffusion:
     # -- likelihood and training ----------------------------------------------------------------
 
     def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None):
-        """One term of the variational bound, in bits per dimension.
-
-        KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0; the decoder NLL of x_0 at t = 0.
-        :return: {'output': [N] tensor, 'pred_xstart': x_0 predictions}.
-        """
+        """One term of the variational bound in bits per dimension, {'output': [N], 'pred_xstart'}:
+        KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0; the decoder NLL of x_0 at t = 0."""
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)
         out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         kl = normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])
         kl = mean_flat(kl) / _LOG2
 
-        decoder_nll = -discretized_gaussian_log_likelihood(
-            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
-        )
+        decoder_nll = -discretized_gaussian_log_likelihood(x_start, means=out["mean"],
+                                                           log_scales=0.5 * out["log_variance"])
         decoder_nll = mean_flat(decoder_nll) / _LOG2
 
         output = th.where(t == 0, decoder_nll, kl)
         return {"output": output, "pred_xstart": out["pred_xstart"]}
 
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
-        """Losses for one timestep per batch element.
-
-        :param t: [N] step indices (e.g. from a ScheduleSampler).
-        :param noise: fixes the eps used to make x_t.
-        :return: dict with 'loss' ([N]); the MSE losses also give 'mse' and, with a learned
-            variance, 'vb' (the hybrid objective: loss = mse + vb).
-        """
+        """Losses for one timestep per batch element (``t``: [N] step indices; ``noise``: the eps of x_t): {'loss'}
+        ([N]); the MSE losses also give 'mse' and, with a learned variance, 'vb' (the hybrid loss = mse + vb)."""
         if noise is None:
             noise = th.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise=noise)
 
         terms = {}
         if self.loss_type.is_vb():
-            terms["loss"] = self._vb_terms_bpd(
-                model=model, x_start=x_start, x_t=x_t, t=t, clip_denoised=False, model_kwargs=model_kwargs
-            )["output"]
+            terms["loss"] = self._vb_terms_bpd(model=model, x_start=x_start, x_t=x_t, t=t, clip_denoised=False,
+                                               model_kwargs=model_kwargs)["output"]
             if self.loss_type == LossType.RESCALED_KL:
                 terms["loss"] *= self.num_timesteps
         elif self.loss_type in (LossType.MSE, LossType.RESCALED_MSE):
@@ -504,13 +432,8 @@ class GaussianDiffusion:
                 # The VB term trains only the variance: the mean half is detached so the MSE alone
                 # drives the mean (Nichol & Dhariwal's hybrid objective).
                 frozen_out = th.cat([model_output.detach(), var_values], dim=1)
-                terms["vb"] = self._vb_terms_bpd(
-                    model=lambda *args, r=frozen_out: r,
-                    x_start=x_start,
-                    x_t=x_t,
-                    t=t,
-                    clip_denoised=False,
-                )["output"]
+                terms["vb"] = self._vb_terms_bpd(model=lambda *args, r=frozen_out: r, x_start=x_start, x_t=x_t, t=t,
+                                                 clip_denoised=False)["output"]
                 if self.loss_type == LossType.RESCALED_MSE:
                     # Upstream's scaling: T/1000, so the VB term does not swamp the MSE.
                     terms["vb"] *= self.num_timesteps / 1000.0
@@ -539,11 +462,8 @@ class GaussianDiffusion:
         return mean_flat(kl_prior) / _LOG2
 
     def calc_bpd_loop(self, model, x_start, clip_denoised=True, model_kwargs=None):
-        """The full variational bound (bits/dim) and per-step diagnostics.
-
-        :return: dict with 'total_bpd' [N], 'prior_bpd' [N], and [N, T] tensors 'vb',
-            'xstart_mse', 'mse' (eps MSE); column j belongs to step T-1-j (the loop runs from T-1 down).
-        """
+        """The full variational bound (bits/dim): 'total_bpd' [N], 'prior_bpd' [N], and [N, T] diagnostics 'vb',
+        'xstart_mse', 'mse' (eps MSE) whose column j belongs to step T-1-j (the loop runs from T-1 down)."""
         device = x_start.device
         batch_size = x_start.shape[0]
         vb, xstart_mse, mse = [], [], []
@@ -552,14 +472,8 @@ class GaussianDiffusion:
             noise = th.randn_like(x_start)
             x_t = self.q_sample(x_start=x_start, t=t_batch, noise=noise)
             with th.no_grad():
-                out = self._vb_terms_bpd(
-                    model,
-                    x_start=x_start,
-                    x_t=x_t,
-                    t=t_batch,
-                    clip_denoised=clip_denoised,
-                    model_kwargs=model_kwargs,
-                )
+                out = self._vb_terms_bpd(model, x_start=x_start, x_t=x_t, t=t_batch, clip_denoised=clip_denoised,
+                                         model_kwargs=model_kwargs)
             vb.append(out["output"])
             xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
             eps = self._predict_eps_from_xstart(x_t, t_batch, out["pred_xstart"])
@@ -567,13 +481,8 @@ class GaussianDiffusion:
 
         vb = th.stack(vb, dim=1)
         prior_bpd = self._prior_bpd(x_start)
-        return {
-            "total_bpd": vb.sum(dim=1) + prior_bpd,
-            "prior_bpd": prior_bpd,
-            "vb": vb,
-            "xstart_mse": th.stack(xstart_mse, dim=1),
-            "mse": th.stack(mse, dim=1),
-        }
+        return {"total_bpd": vb.sum(dim=1) + prior_bpd, "prior_bpd": prior_bpd, "vb": vb,
+                "xstart_mse": th.stack(xstart_mse, dim=1), "mse": th.stack(mse, dim=1)}
 
 
 # ----------------------------------------------------------------------------------------------
