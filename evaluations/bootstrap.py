@@ -1,14 +1,11 @@
-"""Bootstrap intervals of one sample set's metrics (``evaluate(bootstrap=K)``, ``--bootstrap K``; the method, its
-cost and its tests: docs/evaluation.md).
-
-The samples' features are resampled with replacement K times (seeded); each metric is computed again against the
-reference, which stays fixed (its statistics, features and radii computed once). Per metric: the std of the K
-values (ddof=1), their mean's offset from the full set's value v (``bias``), and the 2.5 and 97.5 percentiles
-shifted by ``-bias``: a resample repeats about a third of its rows, which moves its covariance, so FID and sFID over
-resamples sit off v (measured: d = 16, N = 1500, FID 0.247 against resamples' 0.266-0.330), and the plain
-percentiles may not hold v. Precision is the mean of the full set's memberships at the resampled indices (a
-sample's membership does not depend on the others); recall uses the resample's distinct points (a copy at distance
-0 would shrink a radius).
+"""Bootstrap intervals of one sample set's metrics (``evaluate(bootstrap=K)``, ``--bootstrap K``; cost and tests:
+docs/evaluation.md). The samples' features are resampled with replacement K times (seeded), each metric computed
+again against the fixed reference. Per metric: the std of the K values (ddof=1), their mean's offset from the full
+set's value v (``bias``), and the 2.5 and 97.5 percentiles shifted by ``-bias``: a resample repeats about a third of
+its rows, which moves its covariance, so FID and sFID over resamples sit off v (d = 16, N = 1500: FID 0.247, the
+resamples' 0.266-0.330). Precision is the mean of the full set's memberships at the resampled indices (a sample's
+membership does not depend on the others); recall uses the resample's distinct points (a copy at distance 0 would
+shrink a radius).
 """
 import warnings
 

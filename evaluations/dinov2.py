@@ -54,8 +54,6 @@ def interpolate_pos_embed(pos_embed, grid):
     scale = float(grid + POS_EMBED_OFFSET) / side
     patches = torch.nn.functional.interpolate(patches, scale_factor=(scale, scale), mode="bicubic",
                                               antialias=False)
-    if patches.shape[-2:] != (grid, grid):
-        raise ValueError(f"position embedding resized to {tuple(patches.shape[-2:])}, expected {(grid, grid)}")
     patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, dim)
     return torch.cat([pos[:, :1], patches], dim=1).to(dtype)
 
@@ -80,8 +78,7 @@ def load_dinov2_weights(model, state_dict):
     otherwise: a missing or unexpected parameter is an error."""
     state = {k: v for k, v in state_dict.items() if k != "mask_token"}
     if "pos_embed" in state:
-        grid = model.patch_embed.grid_size[0]
-        state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], grid)
+        state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], model.patch_embed.grid_size[0])
     model.load_state_dict(state, strict=True)
     return model
 

@@ -6,6 +6,7 @@ prints upstream's five lines (then ``FD_DINOv2: `` when asked); progress goes to
 torchrun or srun each process extracts a slice of each file; rank 0 prints the metrics.
 """
 
+import importlib
 import json
 import os
 import sys
@@ -65,7 +66,6 @@ RESULT_FORMAT = "pag_adm.evaluation/1"
 # is estimation error (published numbers use 50,000 samples). Random-weight networks (tests, dry runs) are exempt:
 # their numbers are marked meaningless anyway.
 MIN_SAMPLES = 100
-DEMO_EXTRACTOR = "demo.features:DemoFeatures"  # imported only when --feature-net is given
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class EvaluationSettings:
     dinov2_weights: str = None
     allow_random_weights: bool = False
     feature_net: str = None
-    feature_extractor: str = DEMO_EXTRACTOR
+    feature_extractor: str = "demo.features:DemoFeatures"  # imported only when --feature-net is given
     pr_precision: str = "float16"
     split_size: int = 5000
     k: int = 3
@@ -249,7 +249,8 @@ def _provenance(s, nets, batches, feats, details, dist, started):
         "settings": dict({"batch_size": s.batch_size, "split_size": s.split_size, "k": s.k,
                           "device": str(next(iter(nets.values())).device), "processes": dist.world_size},
                          **({"pr_blocks": details["pr_blocks"]} if "pr_blocks" in details else {})),
-        "versions": _versions(dinov2 is not None),
+        "versions": {name: importlib.import_module(name).__version__
+                     for name in ("torch", "torch_fidelity", "numpy", "scipy") + (("timm",) * (dinov2 is not None))},
         "seconds": round(time.time() - started, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -270,13 +271,6 @@ def _provenance(s, nets, batches, feats, details, dist, started):
     return out
 
 
-def _versions(dinov2=False):
-    import importlib
-
-    names = ("torch", "torch_fidelity", "numpy", "scipy") + (("timm",) if dinov2 else ())
-    return {name: importlib.import_module(name).__version__ for name in names}
-
-
 def write_result(path, result):
     """The one writer of evaluation results (``--json``, ``evaluate(json_path=)``, a sweep cell's ``eval.json``):
     indented JSON, keys sorted, numpy numbers as floats, atomic (a symbolic link at ``path`` is replaced, not
@@ -294,13 +288,9 @@ def format_lines(result):
     """The upstream evaluator's lines of the metrics the result holds, then ``FD_DINOv2: ``; each with its network's
     mark (RANDOM-WEIGHTS, DEMO-FEATURES) when it has one."""
     marks = result.get("marks")
-    lines = []
-    for key in METRIC_KEYS + ("fd_dinov2",):
-        if key not in result:
-            continue
-        marker = marks.get(key) if isinstance(marks, dict) else result_marker(result)
-        lines.append(f"{METRICS_BY_KEY[key].label}: {float(result[key])!r}" + (f"  [{marker}]" if marker else ""))
-    return lines
+    marks = marks if isinstance(marks, dict) else dict.fromkeys(result, result_marker(result))
+    return [f"{METRICS_BY_KEY[key].label}: {float(result[key])!r}" + (f"  [{marks[key]}]" if marks.get(key) else "")
+            for key in METRIC_KEYS + ("fd_dinov2",) if key in result]
 
 
 def format_bootstrap_lines(result):

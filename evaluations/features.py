@@ -8,6 +8,7 @@ flattened H, W, C: 2023, sFID). Also what every feature network shares: weights 
 import contextlib
 import io
 import os
+import pkgutil
 import sys
 from dataclasses import dataclass
 
@@ -85,10 +86,9 @@ def full_float32():
 
 
 def feature_numerics(extractor):
-    """How an extractor's numbers were computed: ``"<device type>/<precision>"``, e.g. ``"cuda/float32"`` or
-    ``"cpu/float32"``. Part of the feature cache's key: features computed on one device type are not reused on
-    another (float32 kernels of CPU and GPU differ by rounding). ``precision`` is the extractor's attribute when it
-    has one (a custom network computing in another precision says so), else :data:`FEATURE_PRECISION`."""
+    """``"<device type>/<precision>"`` (``"cuda/float32"``): part of the feature cache's key, as float32 kernels of
+    CPU and GPU round differently. ``precision``: the extractor's attribute (a custom network computing in another
+    precision says so), else :data:`FEATURE_PRECISION`."""
     device = getattr(extractor, "device", None)
     device_type = torch.device(device).type if device is not None else "unknown-device"
     return f"{device_type}/{getattr(extractor, 'precision', None) or FEATURE_PRECISION}"
@@ -134,14 +134,9 @@ def _inception_class(random_init):
         return FeatureExtractorInceptionV3
 
     class RandomInitInceptionV3(FeatureExtractorInceptionV3):
-        """torch-fidelity's inception-v3-compat architecture left at PyTorch's default initialisation.
-
-        The parent constructor loads the state dict it reads from ``feature_extractor_weights_path``; this class
-        is given an empty one, and an empty state dict leaves the initialised parameters as they are. Convolutions
-        are then re-initialised with He (fan-in, ReLU) scaling so that activations keep their scale through the
-        network's depth (PyTorch's default initialisation shrinks them to ~1e-8 at pool_3: degenerate features and
-        slow denormal arithmetic).
-        """
+        """torch-fidelity's architecture, given an empty state dict to load (which leaves it as initialised), its
+        convolutions re-initialised with He (fan-in, ReLU) scaling: PyTorch's default initialisation shrinks the
+        activations to ~1e-8 at pool_3 (degenerate features, slow denormal arithmetic)."""
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -244,13 +239,8 @@ def load_extractor(spec, path, device=None):
     ``(path, device=...)`` with the interface of :class:`InceptionFeatures` (``__call__(uint8 NHWC) -> {pool,
     logits, spatial}``, ``id``, ``device``, ``weights_path``, ``random_weights``, ``marker``). Imported when asked
     for, so the evaluator depends on no particular network (the CPU demo's is ``demo.features:DemoFeatures``)."""
-    import importlib
-
-    module_name, sep, attr = str(spec).partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"feature extractor {spec!r}: expected 'module:Class'")
     try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"feature extractor {spec!r} cannot be imported: {e}") from None
+        cls = pkgutil.resolve_name(str(spec))
+    except (ValueError, ImportError, AttributeError) as e:
+        raise ValueError(f"feature extractor {spec!r} (expected 'module:Class') cannot be imported: {e}") from None
     return cls(path, device=device)

@@ -55,13 +55,8 @@ def aggregate_seeds(rows, minimum=False):
         cell, seed = split_seed_run(row.get("run"))
         key = (row.get("experiment"), cell) if seed is not None else id(row)
         groups.setdefault(key, []).append((seed, row))
-    out = []
-    for key, members in groups.items():
-        if members[0][0] is None:
-            out.append(members[0][1])
-            continue
-        out.append(_merge(key[1], sorted(members, key=lambda m: m[0]), minimum))
-    return out
+    return [members[0][1] if members[0][0] is None else _merge(key[1], sorted(members, key=lambda m: m[0]), minimum)
+            for key, members in groups.items()]
 
 
 # What the runs of one cell over seeds must share to be one row (a table of two sweeps, or of runs cut with other
