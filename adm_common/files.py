@@ -31,13 +31,10 @@ def remove_quietly(path):
 
 @contextlib.contextmanager
 def atomic_open(path, need=None, needer="it", root=None, before=None):
-    """The one atomic writer: a binary file to write (``with atomic_open(path) as f: torch.save(obj, f)``) that
-    replaces ``path`` only when the block ends without an error (readers see the old file or the whole new one; on
-    an error the temporary file is removed). The temporary file is made next to ``path`` (the rename is atomic),
-    exclusively under a random name and used through its descriptor only, so a link planted at its name is never
-    followed; a link at ``path`` is replaced, never written through. A full disk becomes :func:`disk_full`'s
-    message (``need`` bytes for ``needer``, free in ``root``: ``path``'s directory unless given), checked ahead of
-    writing with ``before`` (e.g. "merge the shards into")."""
+    """The one atomic writer: a binary file to write that replaces ``path`` only when the block ends without an error.
+    The temporary file is made next to ``path`` exclusively under a random name and used through its descriptor only,
+    so a link is never followed (one at ``path`` is replaced). A full disk becomes :func:`disk_full`'s message, checked
+    ahead of writing with ``before`` (e.g. "merge the shards into")."""
     directory, name = os.path.split(os.path.abspath(path))
     root = root or directory
     if before is not None and (full := disk_full(root, path, need, needer, before)) is not None:
@@ -189,12 +186,9 @@ def user_cache_dir(name):
 
 
 class HashMemo:
-    """sha256 of files, remembered so that a large file (a checkpoint, a 10 GB image batch) is read once, valid
-    while the file's :func:`_stamp` is unchanged.
-
-    :param directory: keep every file's record in ``<directory>/hashes.json``, keyed by the file's real path (a
-        cache's memo: the evaluator's); None: each file's record beside it in ``<path>.sha256`` (checkpoints), or
-        where that directory is read-only in ``~/.cache/pag_adm/sha256/hashes.json``."""
+    """sha256 of files, remembered (valid while the file's :func:`_stamp` is unchanged) so that a large file is read
+    once: in ``<directory>/hashes.json`` keyed by real path (the evaluator's cache), or without ``directory`` beside
+    each file in ``<path>.sha256`` (checkpoints; ``~/.cache/pag_adm/sha256/hashes.json`` where that is read-only)."""
 
     def __init__(self, directory=None):
         self.directory = os.path.expanduser(os.fspath(directory)) if directory else None

@@ -41,19 +41,9 @@ def _int_var(env: Mapping[str, str], name: str) -> int:
         raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
-def _first_var(env: Mapping[str, str], names) -> Optional[str]:
-    for name in names:
-        if env.get(name, "") != "":
-            return name
-    return None
-
-
 def expand_slurm_nodelist(nodelist: str) -> List[str]:
-    """Expand a SLURM host list such as ``gpu[01-03,07],login1`` into host names.
-
-    Uses ``scontrol show hostnames`` when it is on PATH; otherwise a parser for the common
-    forms (comma-separated hosts, one bracketed range group per host, zero padding kept).
-    """
+    """``gpu[01-03,07],login1`` -> host names: ``scontrol show hostnames`` when it is on PATH, else a parser for the
+    common forms (one bracketed range group per host, zero padding kept)."""
     nodelist = nodelist.strip()
     if not nodelist:
         raise ValueError("empty SLURM node list")
@@ -118,14 +108,10 @@ def _detect_slurm(env: Mapping[str, str]) -> LaunchInfo:
 
 
 def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
-    """Work out the launcher from environment variables alone (never imports mpi4py).
-
-    For MPI the result only says ``launcher="mpi"``; the rank and size come from mpi4py
-    in ``rendezvous.launch_info``.  A SLURM step whose variables disagree with those of an MPI launcher
-    (``mpiexec`` run inside an ``sbatch`` script inherits the batch step's SLURM_PROCID=0)
-    is treated as an MPI launch.  The batch script itself (no ``SLURM_STEP_ID``) is not a
-    SLURM launch: ``python script.py`` in an sbatch script runs as one process.
-    """
+    """The launcher, from environment variables alone (MPI's rank and size come from mpi4py in
+    ``rendezvous.launch_info``). A SLURM step whose variables disagree with an MPI launcher's (``mpiexec`` inside an
+    ``sbatch`` script inherits the batch step's SLURM_PROCID=0) is an MPI launch; the batch script itself (no
+    ``SLURM_STEP_ID``) is no SLURM launch: ``python script.py`` there runs as one process."""
     env = os.environ if env is None else env
     forced = env.get("PAG_DIST_LAUNCHER", "").strip().lower()
     if forced and forced not in ("torchrun", "slurm", "mpi", "none"):
@@ -137,8 +123,8 @@ def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
     if forced == "mpi":
         return LaunchInfo("mpi")
 
-    mpi_size, mpi_rank = (_int_var(env, name) if name else None
-                          for name in (_first_var(env, _MPI_SIZE_VARS), _first_var(env, _MPI_RANK_VARS)))
+    first_set = (next((n for n in names if env.get(n, "") != ""), None) for names in (_MPI_SIZE_VARS, _MPI_RANK_VARS))
+    mpi_size, mpi_rank = (_int_var(env, name) if name else None for name in first_set)
     in_srun_step = env.get("SLURM_PROCID", "") != "" and (
         env.get("SLURM_STEP_ID", "") != "" or env.get("SLURM_STEPID", "") != ""
         or env.get("SLURM_STEP_NUM_TASKS", "") != "")

@@ -92,9 +92,6 @@ class NpzImages:
         self.member, self.shape, self.fortran_order, self.dtype = _member_header(self.path, key)
         check_image_header(self.shape, self.dtype, f"{self.path}: {key}")
 
-    def __len__(self):
-        return int(self.shape[0])
-
     @property
     def num_images(self):
         return int(self.shape[0])

@@ -16,15 +16,11 @@ from .record import write_run_record
 
 
 class RunStopped(BaseException):
-    """The process got a termination signal (raised by the handler the entry point installs)."""
+    """SIGTERM or SIGINT arrived (raised by the handler the entry point installs)."""
 
     def __init__(self, signum):
         self.signum = int(signum)
-        try:
-            self.signal_name = signal.Signals(self.signum).name
-        except ValueError:
-            self.signal_name = f"signal {self.signum}"
-        super().__init__(f"stopped by {self.signal_name}")
+        super().__init__(f"stopped by {signal.Signals(self.signum).name}")
 
 
 class _Superseded(Exception):
@@ -45,11 +41,8 @@ def _sampled(sampler, start, end, k, progress, claims):
 
 
 def execute(plan, sampler, on_shard_written=None, on_shard_claimed=None):
-    """Claim and sample unfinished shards until none is left, then (rank 0) merge. Returns the npz path.
-
-    ``sampler`` may be None for a complete plan. ``on_shard_claimed(count)`` / ``on_shard_written(count)`` are
-    called when this rank claims / has written its count-th shard (tests stop or kill a process there).
-    """
+    """Claim and sample unfinished shards until none is left, then (rank 0) merge; returns the npz path (``sampler``
+    None for a complete plan). ``on_shard_claimed`` / ``on_shard_written(count)``: test seams (stop or kill there)."""
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     s, layout = plan.settings, plan.layout
     for note in plan.notes if rank == 0 else []:

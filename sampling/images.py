@@ -16,10 +16,8 @@ def to_uint8_nhwc(x):
 
 
 def image_grid(images, columns=None, pad=0, pad_value=0):
-    """(N, H, W, 3) uint8 -> one image of ``columns`` cells per row (default: about square).
-
-    ``pad`` pixels of ``pad_value`` separate and surround the cells; empty cells are ``pad_value``.
-    """
+    """(N, H, W, 3) uint8 -> one image of ``columns`` cells per row (default: about square), ``pad`` pixels of
+    ``pad_value`` between and around them."""
     images = np.asarray(images)
     n, h, w, c = images.shape
     columns = columns or max(1, math.ceil(math.sqrt(n)))

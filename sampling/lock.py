@@ -65,10 +65,6 @@ class RunLock:
         self.took_over = None  # the record of a dead holder whose lock was taken over
         self._heartbeat = None  # refreshes the file's mtime while the lock is held
 
-    def _link_refused(self):
-        return SampleConfigError(f"{link_text(self.path)}, not a run lock: a run never writes through a link in its "
-                                 f"out_dir; remove it (rm {self.path}) and rerun")
-
     def acquire(self):
         import fcntl
 
@@ -87,7 +83,8 @@ class RunLock:
                         continue
             except OSError as e:
                 if os.path.islink(self.path):
-                    raise self._link_refused() from None
+                    raise SampleConfigError(f"{link_text(self.path)}, not a run lock: a run never writes through a "
+                                            f"link in its out_dir; remove it (rm {self.path}) and rerun") from None
                 if not isinstance(e, FileExistsError):
                     raise
                 try:  # the record and the inode judged, from one open file

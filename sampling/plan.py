@@ -149,11 +149,9 @@ class OutDirState:
 
 
 def out_dir_state(settings, device_type, lock_held):
-    """The one judgement of an out_dir, for a run and for a dry run alike: raises :class:`SampleConfigError` naming
-    what the run would refuse (a link where it reads or writes, an out_dir it cannot write to, another run holding
-    the lock, another configuration without --overwrite, shards of another shard_size, samples without a record),
-    else returns the :class:`OutDirState`. ``lock_held``: the caller holds the run lock (a dry run only asks who
-    does). Reads, never writes (but the probe file of :func:`check_writable`)."""
+    """The one judgement of an out_dir, for a run and a dry run alike: the :class:`OutDirState`, or a
+    :class:`SampleConfigError` naming what the run would refuse. ``lock_held``: the caller holds the run lock (a dry
+    run only asks who does). Reads, never writes (but :func:`check_writable`'s probe file)."""
     layout, out_dir = RunLayout.of(settings), settings.out_dir
     identity = run_identity(settings, device_type)
     if not lock_held and os.path.isdir(out_dir):
@@ -268,14 +266,10 @@ def _prepare_rank0(settings, device_type, check_only, locks):
 
 
 def prepare(settings, device_type="cpu", check_only=False, locks=None):
-    """Lock ``out_dir``, judge it (:func:`out_dir_state`) and plan the work (collective). The settings and the
-    networks are checked before (``sampling.run``): nothing here builds or reads a model.
-
-    Rank 0 decides and takes the run lock into ``locks`` (a :class:`sampling.lock.RunLocks` the caller releases;
-    without one the lock is held until the process ends); every rank gets the plan, or raises the same
-    :class:`SampleConfigError`. ``device_type``: where the noise is drawn (part of the run's identity).
-    ``check_only``: stop after the judgement (the lock stays held); returns None.
-    """
+    """Lock ``out_dir``, judge it (:func:`out_dir_state`) and plan the work (collective; nothing here builds or reads
+    a model). Rank 0 decides and takes the run lock into ``locks`` (released by the caller; without: at the process's
+    end); every rank gets the plan or raises the same :class:`SampleConfigError`. ``device_type``: where the noise is
+    drawn (part of the identity). ``check_only``: stop after the judgement (the lock stays held); returns None."""
     locks = run_lock.RunLocks() if locks is None else locks
     result = error = None  # error: rank 0's unexpected exception, chained to the SampleConfigError
     if dist_util.get_rank() == 0:

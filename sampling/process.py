@@ -12,12 +12,9 @@ from .settings import SampleConfigError
 
 
 def tune_cpu_allocator() -> bool:
-    """Keep freed host memory in the heap instead of returning it to the OS (glibc only; process-wide, so called
-    by entry points only: :func:`start_process`, the benchmarks, analysis). Returns whether it took effect.
-
-    glibc serves blocks of 32 MiB and more (one 256x256 activation of a batch of two) with mmap and unmaps
-    them on free, so every U-Net step page-faults its activations in again: on CPU that costs about a
-    quarter of the time, more for larger batches."""
+    """Keep freed host memory in the heap (glibc only; process-wide, so for entry points only); whether it took effect.
+    glibc mmaps blocks of 32 MiB and more (one 256x256 activation of a batch of two) and unmaps them on free, so every
+    U-Net step page-faults its activations in again: about a quarter of the time on CPU."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt

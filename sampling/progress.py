@@ -31,12 +31,10 @@ def raise_if_peer_failed(failures, rank):
 
 
 class Rank0Watch:
-    """On the other ranks: whether rank 0 still runs, seen from its run lock file (``out_dir/lock``), whose mtime
-    its heartbeat refreshes every ``lock.HEARTBEAT_SECONDS``. Rank 0 is gone when the file was not refreshed for
-    ``RANK0_STALE_HEARTBEATS`` beats (it died), or has been missing that long (it ended and released the lock),
-    and still is one beat after this rank first saw it so (a job suspended and resumed as a whole is not a death).
-    Checked only when rank 0 is known to hold the lock (``expected``) or the file exists when watching starts, so a
-    run without a lock file is never taken for a failed one."""
+    """On the other ranks: whether rank 0 still runs, seen from its run lock's mtime (its heartbeat). Rank 0 is gone
+    when the file was not refreshed, or has been missing, for ``RANK0_STALE_HEARTBEATS`` beats and still is one beat
+    after this rank first saw it so (a job suspended and resumed as a whole is not a death). Checked only when rank 0
+    is known to hold the lock (``expected``) or the file exists when watching starts."""
 
     def __init__(self, out_dir, expected=False):
         self.out_dir = out_dir

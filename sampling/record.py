@@ -72,11 +72,9 @@ def _session(plan, device):
 
 
 def write_run_record(plan, device):
-    """``config.yaml``: identity (``settings``), ``run_id``, the first session's ``runtime`` (with the checkpoint
-    paths, information only) and ``provenance``; each later session appends to ``sessions``. A record from before
-    run ids is brought up to date (checkpoint hashes, run id; its shards stay accepted). ``sampler_label`` and
-    ``labels`` (``none``: no labels) are stored so that a table reads them, with the other values it groups by
-    (in ``settings``, where they apply), and derives none of them."""
+    """``config.yaml``: the first session writes it whole, each later one appends to ``sessions``; a record from before
+    run ids is brought up to date (its shards stay accepted). ``sampler_label`` and ``labels`` (``none``: no labels)
+    are stored so that a table reads them and derives none."""
     session = _session(plan, device)
     record_path = plan.layout.record_path
     if os.path.exists(record_path):

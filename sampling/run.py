@@ -18,9 +18,8 @@ def configure_logging(out_dir):
 
 
 def make_sampler(plan, networks, device, cache=None, model_wrapper=None):
-    """The run's log in its out_dir, then the second half of stage 3 and stage 5's sampler: ``networks`` loaded on
-    ``device`` (``cache``: networks loaded for earlier runs of the same flags) and the :class:`Sampler` that uses
-    them; None for a complete plan."""
+    """The run's log in its out_dir, ``networks`` loaded on ``device`` (``cache``: those of earlier runs) and the
+    :class:`Sampler` using them; None for a complete plan."""
     configure_logging(plan.out_dir)
     if plan.complete:
         return None
@@ -33,13 +32,9 @@ def make_sampler(plan, networks, device, cache=None, model_wrapper=None):
 
 
 def run(settings, model_wrapper=None, on_shard_written=None, on_shard_claimed=None):
-    """Sample ``settings`` (a checked ``RunSettings``) to completion; returns the npz path. The entry point has
-    started the process (``sampling.process.start_process``; one process needs nothing started).
-
-    ``model_wrapper``, ``on_shard_written`` and ``on_shard_claimed`` are seams for tests (see ``Sampler`` and
-    ``execute``). The run lock of ``out_dir`` (taken by ``prepare`` on rank 0) is released when this returns or
-    raises.
-    """
+    """Sample ``settings`` (checked) to completion; returns the npz path. The entry point has started the process
+    (``start_process``; one process needs nothing). ``model_wrapper``, ``on_shard_*``: test seams. The run lock is
+    released when this returns or raises."""
     device = resolve_device(settings)
     networks = models.build_networks(settings)  # every check that needs no weights, before out_dir is touched
     with run_lock.RunLocks() as locks:

@@ -30,12 +30,9 @@ BALANCED_LABELS_KEY = 0xBA1  # keys the permutation of balanced labels apart fro
 
 
 def sample_labels(seed, indices, num_classes=NUM_CLASSES, balanced_over=None):
-    """Class labels of samples ``indices``: uniform over ``num_classes``, each from (seed, i) only.
-
-    ``balanced_over=N`` (the run's num_samples): class-balanced labels instead. Sample i gets ``order[i] %
-    num_classes`` with ``order`` a permutation of 0..N-1 seeded by (seed, N), so each class occurs N / num_classes
-    times when N is a multiple of num_classes (else the first N % num_classes classes once more), and sample i's
-    label is a function of (seed, i, N): not of the batch or the process that draws it."""
+    """Class labels of samples ``indices``, uniform over ``num_classes`` from (seed, i) only; ``balanced_over=N``:
+    sample i gets ``order[i] % num_classes``, ``order`` a permutation of 0..N-1 seeded by (seed, N), so each class
+    occurs N / num_classes times (the first N % num_classes once more) and label i depends on (seed, i, N) only."""
     if balanced_over is None:
         return np.array([np.random.default_rng(sample_seeds(seed, i)[1]).integers(num_classes) for i in indices],
                         dtype=np.int64)
@@ -86,12 +83,9 @@ def sample_draws(settings, indices, device, with_labels):
 
 
 class Sampler:
-    """Draws samples by index: ``sample([i, j, ...]) -> (uint8 NHWC images, int64 labels or None)``, with the
-    networks it is given (``sampling.models``): it builds none. Networks loaded for other guidance settings (a
-    cached model shared by sweep cells, a test's) are guided by this run's here.
-
-    ``model_wrapper(fn) -> fn`` wraps the guided model function (tests inject faults with it).
-    """
+    """``sample([i, j, ...]) -> (uint8 NHWC images, int64 labels or None)`` with the networks it is given (it builds
+    none; networks loaded for other guidance settings are guided by this run's). ``model_wrapper(fn) -> fn`` wraps the
+    guided model function (tests inject faults with it)."""
 
     def __init__(self, settings, networks, device, model_wrapper=None):
         self.settings = settings

@@ -146,11 +146,9 @@ class RunSettings:
         return values
 
     def identity(self, noise_device):
-        """The settings that decide the samples: a run in the same out_dir must have the same.
-
-        Left out: runtime settings, ``num_samples`` and ``shard_size`` (sample i depends on neither, so a run
-        can be extended), the checkpoint paths (the run plan adds the checkpoints' content hashes instead) and
-        settings that the chosen method does not use (:func:`inapplicable_settings`)."""
+        """The settings that decide the samples (a run in the same out_dir must have the same): not the runtime ones,
+        ``num_samples`` and ``shard_size`` (so a run can be extended), the checkpoint paths (the plan adds their content
+        hashes) or those the chosen method does not use (:func:`inapplicable_settings`)."""
         skip = set(NOT_IN_IDENTITY) | set(inapplicable_settings(self))
         ident = {k: v for k, v in self.flat().items() if FLAG_GROUP[k] != "runtime" and k not in skip}
         ident["noise_device"] = noise_device
@@ -395,11 +393,8 @@ def settings_warnings(settings):
 
 
 def config_differences(old, new):
-    """Lines naming each setting that differs between a recorded identity and a new one.
-
-    Only the settings of the new identity count: a recorded setting that no longer identifies a run (such as
-    ``num_samples``, or a parameter the method does not use) is no difference, and a setting added after that
-    run is none while it has its default."""
+    """Lines naming each setting that differs between a recorded identity and a new one: only the new identity's
+    settings count, and a setting added after that run is no difference while it has its default."""
     defaults = default_settings_flat()
     lines = []
     for key in sorted(new):

@@ -128,10 +128,8 @@ def rows_from_batch(npz_path, bounds, with_labels):
 
 
 def merge_shards(shard_paths, out_path, with_labels):
-    """Concatenate the shards' ``arr_0`` (and ``arr_1``) into one npz at ``out_path``, one shard at a time (at most
-    one shard's images in memory), when the free space holds it (as much again as the shards). The shards were
-    verified (:func:`shard_problem`: uint8 images of the run's size); the stream's own checks catch any other.
-    Returns the merged images' shape."""
+    """Concatenate the verified shards' ``arr_0`` (and ``arr_1``) into one npz at ``out_path``, one shard in memory at
+    a time, when the free space holds it (as much again as the shards); returns the merged images' shape."""
     def read(path, key=None):  # arr_0's shape, or a member whole (checking its CRC); a failure names the shard
         try:
             if key is None:

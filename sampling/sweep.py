@@ -21,16 +21,8 @@ from .plan import out_dir_state, prepare
 from .process import resolve_device
 from .execute import execute
 from .run import configure_logging, make_sampler
-from .settings import (
-    SampleConfigError,
-    check_keys,
-    read_yaml_mapping,
-    resolve_settings,
-    sample_defaults,
-    settings_warnings,
-    suggest,
-    to_command,
-)
+from .settings import (SampleConfigError, check_keys, read_yaml_mapping, resolve_settings, sample_defaults,
+                       settings_warnings, suggest, to_command)
 from .sweep_evaluation import after_runs, check_evaluation, evaluation_markers, remove_evaluation_markers  # noqa: F401
 
 SWEEP_KEYS = ("out_dir", "base", "grid", "ref_batch", "evaluation", "name", "anchors", "seeds", "table")
@@ -227,9 +219,8 @@ def refuse_linked_cell(cell):
 
 
 def check_cell(cell):
-    """What a real run would refuse in this cell, found without taking its lock: (problems, notes). The same
-    checks as a run's: its networks (:func:`sampling.models.build_networks`), its out_dir
-    (:func:`sampling.plan.out_dir_state`)."""
+    """What a real run would refuse in this cell, found without taking its lock, by a run's own checks:
+    (problems, notes)."""
     s = cell.settings
     notes = [f"warning: {w}" for w in settings_warnings(s)]
     try:
@@ -290,9 +281,8 @@ def _for_each_cell(stage, cells, *columns):
 
 
 def run_sweep(sweep, cells, evaluate_fn=None, table_fn=None, model_wrapper=None):
-    """Every cell through a run's line of stages (collective): first every cell's networks and out_dir checked and
-    locked (a plan with check_only), then each cell planned, sampled and merged, then :func:`after_runs`. The
-    entry point has started the process (``sampling.process.start_process``). Returns the cells' out_dirs."""
+    """Every cell through a run's line of stages (collective): every cell checked and locked first (check_only), then
+    each planned, sampled and merged, then :func:`after_runs`. Returns the cells' out_dirs."""
     check_evaluation(sweep, evaluate_fn)
     with run_lock.RunLocks() as locks:
         devices = {cell.name: resolve_device(cell.settings) for cell in cells}

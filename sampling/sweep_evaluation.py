@@ -17,9 +17,8 @@ from .settings import SampleConfigError, plain, sampler_label
 
 
 def check_evaluation(sweep, evaluate_fn=None):
-    """Before sampling: the reference batch exists, ``evaluation:`` holds valid options of evaluate() (of
-    ``evaluate_fn`` when given: its arguments) and the table's directory (``out_dir/table``) is not a symbolic
-    link."""
+    """Before sampling: the reference batch exists, ``evaluation:`` holds valid options of evaluate() (or of
+    ``evaluate_fn``) and ``out_dir/table`` is not a symbolic link."""
     if not sweep.ref_batch:
         return
     table = table_dir(sweep)
