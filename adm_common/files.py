@@ -100,8 +100,7 @@ def disk_full(directory, path, need=None, needer="it", before=None):
 
 
 class UnsafePathError(ValueError):
-    """A path that files are written into is a symbolic link (or not a directory); the message is one line
-    naming it."""
+    """A path written into is a symbolic link (or not a directory); the message is one line naming it."""
 
 
 def link_text(path):
@@ -132,8 +131,7 @@ def real_directory(root, *names, error=UnsafePathError):
 
 
 def symlinks_in(directory, accept=None):
-    """The symbolic links directly in ``directory`` whose names ``accept(name)`` (default: all), sorted; [] when
-    ``directory`` is missing or not a directory."""
+    """The symbolic links directly in ``directory`` whose names ``accept(name)``, sorted ([] without the directory)."""
     try:
         with os.scandir(directory) as entries:
             return sorted(e.path for e in entries if (accept is None or accept(e.name)) and e.is_symlink())

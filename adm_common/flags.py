@@ -25,8 +25,7 @@ def respell_flags(argv, separator):
 
 
 class FlagParser(argparse.ArgumentParser):
-    """An ``argparse.ArgumentParser`` whose flags are spelled with ``separator`` and that also accepts them
-    spelled with the other one (not listed in ``--help``). Its flags must all use ``separator``."""
+    """An ArgumentParser whose flags use ``separator``; the other spelling is accepted too (not listed in --help)."""
 
     def __init__(self, *args, separator="_", **kwargs):
         if separator not in SEPARATORS:  # fails here, not at the first parse

@@ -157,14 +157,12 @@ def _from_env(env: Optional[Mapping[str, str]], field: str, own: str, mpi_names,
 
 
 def rank_from_env(env: Optional[Mapping[str, str]] = None) -> int:
-    """This process's rank as far as the environment tells it (before or without a process group): the
-    launcher's, else any rank variable a launcher sets (a lone ``RANK`` too), else 0."""
+    """This process's rank as the environment tells it: the launcher's, else any rank variable, else 0."""
     return _from_env(env, "rank", "RANK", _MPI_RANK_VARS, 0)
 
 
 def world_size_from_env(env: Optional[Mapping[str, str]] = None) -> int:
-    """The job's size as far as the environment tells it (before or without a process group): the launcher's,
-    else any size variable a launcher sets (a lone ``WORLD_SIZE`` too), else 1."""
+    """The job's size as the environment tells it: the launcher's, else any size variable, else 1."""
     return _from_env(env, "world_size", "WORLD_SIZE", _MPI_SIZE_VARS, 0) or 1
 
 

@@ -13,8 +13,7 @@ def parse_yaml(source, where, error=ValueError):
 
 
 def read_yaml(path, what="YAML file", error=ValueError):
-    """The mapping in the YAML file ``path`` ({} for an empty file). Problems raise ``error`` naming ``what``
-    the file is (``--config``, ``sweep config``, ``model config``, ...)."""
+    """The mapping in the YAML file ``path`` ({} when empty); problems raise ``error`` naming ``what`` the file is."""
     try:
         with open(path) as f:
             data = parse_yaml(f, f"{what} {path}", error)

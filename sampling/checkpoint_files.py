@@ -52,7 +52,6 @@ def load_weights(net, path, flag, device):
 
 
 def checkpoint_identity(path):
-    """What identifies a checkpoint's content: ``sha256:<hex>`` of a local file (remembered beside it, see
-    ``adm_common.files.cached_file_sha256``), ``url:<url>`` of a URL (read on every rank 0 anew)."""
+    """A checkpoint's content: ``sha256:<hex>`` of a local file (remembered beside it), else ``url:<url>``."""
     local = local_path(path)
     return f"url:{path}" if local is None else f"sha256:{cached_file_sha256(local)}"

@@ -43,8 +43,7 @@ def save_png(image, path, zoom=1):
 
 
 def save_side_by_side(left, right, path, columns=8, gap=6, zoom=3):
-    """Two grids of ``columns`` on a white background, ``left`` beside ``right`` (e.g. the same seeds
-    without and with guidance), enlarged ``zoom`` times without smoothing; written atomically as PNG."""
+    """Two grids of ``columns``, ``left`` beside ``right`` on white, enlarged ``zoom`` times, as a PNG (atomically)."""
     a = image_grid(left, columns, pad=2, pad_value=255)
     b = image_grid(right, columns, pad=2, pad_value=255)
     canvas = np.full((max(a.shape[0], b.shape[0]), a.shape[1] + gap + b.shape[1], 3), 255, np.uint8)

@@ -159,8 +159,7 @@ class RunLayout:
         return links
 
     def remove_markers(self, claims=True):
-        """The per-rank markers and (unless ``claims`` is False) the shard claims, and ``shards/`` when that leaves
-        it empty: a session's leftovers."""
+        """A session's leftovers: rank markers, shard claims (unless not ``claims``) and an empty ``shards/``."""
         self.progress_markers.clear()
         self.failure_markers.clear()
         if claims:

@@ -34,8 +34,7 @@ class Networks:
 
 
 def build_model(settings):
-    """The diffusion network of ``settings`` (random weights; build under ``th.device("meta")`` to check
-    flags without memory)."""
+    """The diffusion network of ``settings`` (random weights; under ``th.device("meta")``: no memory)."""
     return call_with(create_model, settings.flat())
 
 
@@ -117,8 +116,7 @@ def load_networks(networks, settings, device, cache=None):
 
 
 def load_models(settings, device, cache=None):
-    """The run's networks built, checked and loaded on ``device`` in one call (analysis, benchmarks, tests).
-    Model flags that do not fit the checkpoint raise :class:`CheckpointError` naming the flag."""
+    """The run's networks built, checked and loaded on ``device`` in one call (analysis, benchmarks, tests)."""
     return load_networks(build_networks(settings), settings, device, cache)
 
 

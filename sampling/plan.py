@@ -86,8 +86,7 @@ def record_differences(recorded, ident, settings):
 
 
 def refuse_links(layout):
-    """Raise :class:`SampleConfigError` (one line naming the first) when ``out_dir`` holds links at paths a run
-    reads or writes (:meth:`RunLayout.links`)."""
+    """One line naming the first link at a path a run reads or writes (:meth:`RunLayout.links`), if any."""
     links = layout.links()
     if links:
         more = f" (and {len(links) - 1} more: {', '.join(links[1:3])}{', ...' if len(links) > 3 else ''})" \

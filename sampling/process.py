@@ -25,8 +25,7 @@ def tune_cpu_allocator() -> bool:
 
 
 def resolve_device(settings):
-    """The device a run samples on: ``--device``, else the GPU of this process's local rank, else the CPU; a bare
-    ``cuda`` is the local rank's GPU."""
+    """``--device`` (a bare ``cuda``: the local rank's GPU), else the local rank's GPU, else the CPU."""
     name = settings.runtime.device
     if not name:
         return dist_util.dev()
@@ -52,8 +51,7 @@ def group_device(settings_list):
 
 
 def start_process(settings_list):
-    """The process group for these runs, started once their settings are resolved (which needs no group), and the
-    process-wide settings of a process that samples on the CPU."""
+    """The process group for these runs (their settings resolved first: that needs no group), and the CPU allocator."""
     try:
         dist_util.setup_dist(device=group_device(settings_list))
     except ValueError as e:  # a bad launcher or PAG_DIST_* variable: the same on every rank

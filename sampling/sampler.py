@@ -114,8 +114,7 @@ class Sampler:
         return sample_draws(self.settings, indices, self.device, self.with_labels)
 
     def steps(self, indices, draws):
-        """The diffusion loop over samples ``indices`` with their :meth:`draws`: yields each step's output
-        (``sample``, ``pred_xstart``), the last one's sample the result (``analysis.trace`` records every step)."""
+        """The diffusion loop over ``indices`` with their :meth:`draws`, yielding each step's output."""
         s = self.settings
         self.guided.start_batch()  # APG's momentum is per batch
         loop = self.diffusion.ddim_sample_loop_progressive if s.sampling.use_ddim else \

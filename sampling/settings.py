@@ -288,8 +288,7 @@ def preset_values(name):
 
 
 def resolve_settings(layers):
-    """Defaults < ``--model`` flags < each layer in order. ``layers``: [(source, {flag: value})].
-    Returns the checked :class:`RunSettings`."""
+    """Defaults < ``--model`` flags < each of ``layers`` ([(source, {flag: value})]): the checked RunSettings."""
     typed = [(source, coerce_all(values, source)) for source, values in layers]
     merged = sample_defaults()
     name = ""

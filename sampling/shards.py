@@ -45,8 +45,7 @@ class ShardProblem:
 
 
 def shard_problem(path, start, end, image_size, run_id, allow_without_run_id=False):
-    """Why the shard at ``path`` is not shard [start, end) of run ``run_id``: a :class:`ShardProblem`, or None when
-    it is. Reads the whole file (every member's CRC)."""
+    """Why ``path`` is not shard [start, end) of run ``run_id`` (a :class:`ShardProblem`), else None; checks CRCs."""
     try:
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
@@ -74,8 +73,7 @@ def shard_problem(path, start, end, image_size, run_id, allow_without_run_id=Fal
 
 
 def reject_shard(path, reason):
-    """Move a shard that cannot be used to ``shards/rejected/`` (never deleted: it may be someone's) with a
-    ``.reason.txt`` beside it; returns the new path."""
+    """Move a shard to ``shards/rejected/`` (never deleted) with a ``.reason.txt`` beside it; returns the new path."""
     directory = real_directory(os.path.dirname(os.path.abspath(path)), REJECTED_DIR, error=SampleConfigError)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = os.path.basename(path)
@@ -107,8 +105,7 @@ def write_shard(plan, k, batches):
 
 
 def rows_from_batch(npz_path, bounds, with_labels):
-    """Yield (start, end, images, labels) for each [start, end) of ``bounds`` from a merged sample batch, after
-    checking every CRC of the file; the images are read in one more pass."""
+    """(start, end, images, labels) of each of ``bounds`` from a merged sample batch, after checking its every CRC."""
     with zipfile.ZipFile(npz_path) as zf:
         bad = zf.testzip()
     if bad is not None:

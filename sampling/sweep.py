@@ -147,8 +147,7 @@ def _seeds(path, data, base, grid):
 
 
 def cell_name(assignments):
-    """The directory name of a cell: ``axis-value`` parts joined with ``__`` (a bundle gives its name, a list its
-    values joined with ``+``), file-system safe."""
+    """A cell's directory name: ``axis-value`` parts joined by ``__`` (a bundle's name, a list's values by ``+``)."""
     if not assignments:
         return "base"
     parts = []
@@ -219,8 +218,7 @@ def refuse_linked_cell(cell):
 
 
 def check_cell(cell):
-    """What a real run would refuse in this cell, found without taking its lock, by a run's own checks:
-    (problems, notes)."""
+    """What a real run would refuse in this cell, by a run's own checks without its lock: (problems, notes)."""
     s = cell.settings
     notes = [f"warning: {w}" for w in settings_warnings(s)]
     try:
@@ -233,8 +231,7 @@ def check_cell(cell):
 
 
 def check_cells(sweep, cells, evaluate_fn=None):
-    """Every check before sampling, for ``--dry_run``: {cell name: (problems, notes)}, and the sweep's own
-    problems (the reference batch, evaluation settings) under the key None."""
+    """For ``--dry_run``: {cell name: (problems, notes)}, the sweep's own problems under the key None."""
     found = {cell.name: check_cell(cell) for cell in cells}
     try:
         check_evaluation(sweep, evaluate_fn)
@@ -245,8 +242,7 @@ def check_cells(sweep, cells, evaluate_fn=None):
 
 
 def describe(sweep, cells, checks):
-    """The dry-run listing: each cell, its grid settings, status and an equivalent command, and what a real run
-    would refuse (``checks``: :func:`check_cells`). Returns (text, problems)."""
+    """The dry-run listing (each cell, its grid settings, status and command), and what would fail: (text, problems)."""
     lines = [f"{len(cells)} cell(s) in {sweep.out_dir}:"]
     problems = []
     for cell in cells:

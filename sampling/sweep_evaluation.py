@@ -106,8 +106,7 @@ def _evaluate_cells(cells, sweep, evaluate_fn):
 
 
 def _evaluate_and_tabulate(cells, sweep, evaluate_fn, table_fn):
-    """Hand each cell's name, settings (by flag name, and the sampler as tables name it) and result to the table
-    code (nothing is re-read from disk)."""
+    """Each cell's name, settings (with the sampler label) and result handed to the table code (none re-read)."""
     results = _evaluate_cells(cells, sweep, evaluate_fn)
     runs = [{"run": cell.name, "values": dict(cell.settings.flat(), sampler=sampler_label(cell.settings)),
              "result": result, "json": os.path.join(cell.out_dir, "eval.json")} for cell, result in zip(cells, results)]
