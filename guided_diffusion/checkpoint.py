@@ -23,14 +23,9 @@ class UnreadableCheckpoint(CheckpointError):
 
 
 def read_checkpoint(path, mmap=False):
-    """The object saved at ``path`` (a local path or URL: gs://, az://, https://, file://), loaded onto the CPU
-    with torch's ``weights_only`` (tensors, numbers, strings and containers of them).
-
-    Under a process group, rank 0 reads the file and broadcasts its bytes (``dist_util``). ``mmap=True`` maps a
-    local file instead, read by this process alone (no collective: also for one rank working on its own), a
-    tensor's bytes only when it is used (names and shapes are checked without reading the weights). This is the one
-    way the project reads checkpoints (sampling, downloads' verification, the demo, the benchmarks).
-    """
+    """The object saved at ``path`` (a local path or URL: gs://, az://, https://, file://), loaded onto the CPU with
+    ``weights_only``: the project's one checkpoint reader. Under a process group rank 0 reads and broadcasts the bytes;
+    ``mmap=True`` maps a local file for this process alone (no collective), each tensor read only when used."""
     source = os.fspath(path)
     try:
         data = None if mmap else dist_util.read_everywhere(path)
@@ -67,10 +62,7 @@ def _attention_names(names):
 
 
 def diagnose_mismatch(model_shapes, ckpt_shapes):
-    """Explain, in flag terms, why a checkpoint's names/shapes differ from a model's.
-
-    Both arguments map parameter names to shapes. Returns a list of sentences (empty when they fit).
-    """
+    """Sentences (none when they fit) saying in flag terms why a checkpoint's {name: shape} differ from a model's."""
     hints = []
     model_names, ckpt_names = set(model_shapes), set(ckpt_shapes)
 

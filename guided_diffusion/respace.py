@@ -11,15 +11,9 @@ from .gaussian_diffusion import GaussianDiffusion
 
 
 def space_timesteps(num_timesteps, section_counts):
-    """The set of original steps to keep.
-
-    :param num_timesteps: steps of the original process.
-    :param section_counts: a list of counts or a comma-separated string ("250", "10,10,5"): the
-        original steps are cut into that many equal sections (earlier sections take the remainder)
-        and each section keeps its count of steps, evenly spaced from its first to its last step.
-        "ddimN" instead keeps range(0, T, stride) for the integer stride giving exactly N steps,
-        as in the DDIM paper.
-    """
+    """The set of original steps to keep. ``section_counts`` ("250", "10,10,5" or a list) cuts the steps into that
+    many equal sections (earlier ones take the remainder), each keeping its count evenly spaced from its first to its
+    last step; "ddimN" keeps range(0, T, stride) for the integer stride giving exactly N steps (the DDIM paper)."""
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
             desired = int(section_counts[len("ddim"):])
@@ -51,11 +45,7 @@ def space_timesteps(num_timesteps, section_counts):
 
 
 class SpacedDiffusion(GaussianDiffusion):
-    """A GaussianDiffusion over a subset of another one's steps.
-
-    :param use_timesteps: the original steps to keep (any collection).
-    :param kwargs: GaussianDiffusion's arguments for the original process.
-    """
+    """A GaussianDiffusion over ``use_timesteps``, a subset of the steps of the process ``kwargs`` describe."""
 
     def __init__(self, use_timesteps, **kwargs):
         self.use_timesteps = set(use_timesteps)
