@@ -36,7 +36,10 @@ def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
         scale = 1000 / num_diffusion_timesteps
         return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
     if schedule_name == "cosine":
-        return betas_for_alpha_bar(num_diffusion_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
+        return betas_for_alpha_bar(
+            num_diffusion_timesteps,
+            lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2,
+        )
     raise NotImplementedError(f"unknown beta schedule: {schedule_name}")
 
 
@@ -235,8 +238,12 @@ class GaussianDiffusion:
         else:
             raise NotImplementedError(self.model_mean_type)
 
-        return {"mean": model_mean, "variance": model_variance, "log_variance": model_log_variance,
-                "pred_xstart": pred_xstart}
+        return {
+            "mean": model_mean,
+            "variance": model_variance,
+            "log_variance": model_log_variance,
+            "pred_xstart": pred_xstart,
+        }
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
         # x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), written with the precomputed reciprocals.
@@ -294,11 +301,21 @@ class GaussianDiffusion:
 
     # -- ancestral (DDPM) sampling --------------------------------------------------------------
 
-    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
-                 randn_like=None):
+    def p_sample(
+        self,
+        model,
+        x,
+        t,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        randn_like=None,
+    ):
         """Draw x_{t-1} ~ p(x_{t-1} | x_t) (``randn_like`` replaces th.randn_like): {'sample', 'pred_xstart'}."""
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                   model_kwargs=model_kwargs)
+        out = self.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+        )
         # Noise is drawn even where t == 0 (then masked), so the random stream does not depend on t.
         noise = (randn_like or th.randn_like)(x)
         nonzero_mask = _nonzero_mask(t, x)
@@ -324,11 +341,22 @@ class GaussianDiffusion:
 
     # -- DDIM sampling --------------------------------------------------------------------------
 
-    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, eta=0.0,
-                    randn_like=None):
+    def ddim_sample(
+        self,
+        model,
+        x,
+        t,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        eta=0.0,
+        randn_like=None,
+    ):
         """One DDIM step x_t -> x_{t-1} (Song et al. 2020, eq. 12). Returns {'sample', 'pred_xstart'}."""
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                   model_kwargs=model_kwargs)
+        out = self.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+        )
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
 
@@ -344,12 +372,22 @@ class GaussianDiffusion:
         sample = mean_pred + _nonzero_mask(t, x) * sigma * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0):
+    def ddim_reverse_sample(
+        self,
+        model,
+        x,
+        t,
+        clip_denoised=True,
+        denoised_fn=None,
+        model_kwargs=None,
+        eta=0.0,
+    ):
         """One deterministic DDIM step backwards, x_t -> x_{t+1} (encoding an image into noise)."""
         if eta != 0.0:
             raise ValueError("the reverse DDIM step is only defined for the deterministic path (eta=0)")
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                   model_kwargs=model_kwargs)
+        out = self.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+        )
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         alpha_bar_next = self._coef("alphas_cumprod_next", t, x.shape)
         mean_pred = out["pred_xstart"] * th.sqrt(alpha_bar_next) + th.sqrt(1 - alpha_bar_next) * eps
@@ -404,8 +442,9 @@ class GaussianDiffusion:
         kl = normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])
         kl = mean_flat(kl) / _LOG2
 
-        decoder_nll = -discretized_gaussian_log_likelihood(x_start, means=out["mean"],
-                                                           log_scales=0.5 * out["log_variance"])
+        decoder_nll = -discretized_gaussian_log_likelihood(
+            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
+        )
         decoder_nll = mean_flat(decoder_nll) / _LOG2
 
         output = th.where(t == 0, decoder_nll, kl)
@@ -420,8 +459,9 @@ class GaussianDiffusion:
 
         terms = {}
         if self.loss_type.is_vb():
-            terms["loss"] = self._vb_terms_bpd(model=model, x_start=x_start, x_t=x_t, t=t, clip_denoised=False,
-                                               model_kwargs=model_kwargs)["output"]
+            terms["loss"] = self._vb_terms_bpd(
+                model=model, x_start=x_start, x_t=x_t, t=t, clip_denoised=False, model_kwargs=model_kwargs
+            )["output"]
             if self.loss_type == LossType.RESCALED_KL:
                 terms["loss"] *= self.num_timesteps
         elif self.loss_type in (LossType.MSE, LossType.RESCALED_MSE):
@@ -432,8 +472,13 @@ class GaussianDiffusion:
                 # The VB term trains only the variance: the mean half is detached so the MSE alone
                 # drives the mean (Nichol & Dhariwal's hybrid objective).
                 frozen_out = th.cat([model_output.detach(), var_values], dim=1)
-                terms["vb"] = self._vb_terms_bpd(model=lambda *args, r=frozen_out: r, x_start=x_start, x_t=x_t, t=t,
-                                                 clip_denoised=False)["output"]
+                terms["vb"] = self._vb_terms_bpd(
+                    model=lambda *args, r=frozen_out: r,
+                    x_start=x_start,
+                    x_t=x_t,
+                    t=t,
+                    clip_denoised=False,
+                )["output"]
                 if self.loss_type == LossType.RESCALED_MSE:
                     # Upstream's scaling: T/1000, so the VB term does not swamp the MSE.
                     terms["vb"] *= self.num_timesteps / 1000.0
@@ -472,8 +517,14 @@ class GaussianDiffusion:
             noise = th.randn_like(x_start)
             x_t = self.q_sample(x_start=x_start, t=t_batch, noise=noise)
             with th.no_grad():
-                out = self._vb_terms_bpd(model, x_start=x_start, x_t=x_t, t=t_batch, clip_denoised=clip_denoised,
-                                         model_kwargs=model_kwargs)
+                out = self._vb_terms_bpd(
+                    model,
+                    x_start=x_start,
+                    x_t=x_t,
+                    t=t_batch,
+                    clip_denoised=clip_denoised,
+                    model_kwargs=model_kwargs,
+                )
             vb.append(out["output"])
             xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
             eps = self._predict_eps_from_xstart(x_t, t_batch, out["pred_xstart"])
@@ -481,8 +532,13 @@ class GaussianDiffusion:
 
         vb = th.stack(vb, dim=1)
         prior_bpd = self._prior_bpd(x_start)
-        return {"total_bpd": vb.sum(dim=1) + prior_bpd, "prior_bpd": prior_bpd, "vb": vb,
-                "xstart_mse": th.stack(xstart_mse, dim=1), "mse": th.stack(mse, dim=1)}
+        return {
+            "total_bpd": vb.sum(dim=1) + prior_bpd,
+            "prior_bpd": prior_bpd,
+            "vb": vb,
+            "xstart_mse": th.stack(xstart_mse, dim=1),
+            "mse": th.stack(mse, dim=1),
+        }
 
 
 # ----------------------------------------------------------------------------------------------

@@ -100,8 +100,19 @@ class Downsample(nn.Module):
 class ResBlock(TimestepBlock):
     """Residual block conditioned on the timestep embedding (optionally by scale and shift)."""
 
-    def __init__(self, channels, emb_channels, dropout, out_channels=None, use_conv=False, use_scale_shift_norm=False,
-                 dims=2, use_checkpoint=False, up=False, down=False):
+    def __init__(
+        self,
+        channels,
+        emb_channels,
+        dropout,
+        out_channels=None,
+        use_conv=False,
+        use_scale_shift_norm=False,
+        dims=2,
+        use_checkpoint=False,
+        up=False,
+        down=False,
+    ):
         super().__init__()
         self.channels = channels
         self.emb_channels = emb_channels
@@ -111,8 +122,11 @@ class ResBlock(TimestepBlock):
         self.use_checkpoint = use_checkpoint
         self.use_scale_shift_norm = use_scale_shift_norm
 
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(),
-                                       conv_nd(dims, channels, self.out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            normalization(channels),
+            nn.SiLU(),
+            conv_nd(dims, channels, self.out_channels, 3, padding=1),
+        )
         self.updown = up or down
         if up:
             self.h_upd = Upsample(channels, False, dims)
@@ -124,7 +138,9 @@ class ResBlock(TimestepBlock):
             self.h_upd = self.x_upd = nn.Identity()
 
         self.emb_layers = nn.Sequential(
-            nn.SiLU(), linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels))
+            nn.SiLU(),
+            linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels),
+        )
         self.out_layers = nn.Sequential(
             normalization(self.out_channels),
             nn.SiLU(),
@@ -167,15 +183,23 @@ class AttentionBlock(nn.Module):
     ``override`` (an :class:`AttentionOverride`, set by PAG; None otherwise) replaces the attention computation
     for some batch rows; it lives on the ``attention`` submodule."""
 
-    def __init__(self, channels, num_heads=1, num_head_channels=-1, use_checkpoint=False,
-                 use_new_attention_order=False):
+    def __init__(
+        self,
+        channels,
+        num_heads=1,
+        num_head_channels=-1,
+        use_checkpoint=False,
+        use_new_attention_order=False,
+    ):
         super().__init__()
         self.channels = channels
         if num_head_channels == -1:
             self.num_heads = num_heads
         else:
             if channels % num_head_channels:
-                raise ValueError(f"{channels} channels do not split into heads of {num_head_channels} channels")
+                raise ValueError(
+                    f"{channels} channels do not split into heads of {num_head_channels} channels"
+                )
             self.num_heads = channels // num_head_channels
         if channels % self.num_heads:
             raise ValueError(f"{channels} channels do not split into {self.num_heads} heads")
@@ -284,7 +308,9 @@ class AttentionPool2d(nn.Module):
 
     def __init__(self, spacial_dim: int, embed_dim: int, num_heads_channels: int, output_dim: int = None):
         super().__init__()
-        self.positional_embedding = nn.Parameter(th.randn(embed_dim, spacial_dim**2 + 1) / embed_dim**0.5)
+        self.positional_embedding = nn.Parameter(
+            th.randn(embed_dim, spacial_dim**2 + 1) / embed_dim**0.5
+        )
         self.qkv_proj = conv_nd(1, embed_dim, 3 * embed_dim, 1)
         self.c_proj = conv_nd(1, embed_dim, output_dim or embed_dim, 1)
         self.num_heads = embed_dim // num_heads_channels
@@ -318,8 +344,11 @@ class _Torso(nn.Module):
             self.num_heads_upsample = self.num_heads
         self.dtype = th.float16 if self.use_fp16 else th.float32
         dims, time_embed_dim = self.dims, self.model_channels * 4
-        self.time_embed = nn.Sequential(linear(self.model_channels, time_embed_dim), nn.SiLU(),
-                                        linear(time_embed_dim, time_embed_dim))
+        self.time_embed = nn.Sequential(
+            linear(self.model_channels, time_embed_dim),
+            nn.SiLU(),
+            linear(time_embed_dim, time_embed_dim),
+        )
         if getattr(self, "num_classes", None) is not None:
             self.label_emb = nn.Embedding(self.num_classes, time_embed_dim)
 
@@ -343,8 +372,9 @@ class _Torso(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential(down))
                 skip_channels.append(ch)
                 ds *= 2
-        self.middle_block = TimestepEmbedSequential(self._resblock(ch, ch), self._attention(ch, self.num_heads, ds),
-                                                    self._resblock(ch, ch))
+        self.middle_block = TimestepEmbedSequential(
+            self._resblock(ch, ch), self._attention(ch, self.num_heads, ds), self._resblock(ch, ch)
+        )
         return skip_channels, ch, ds
 
     def _attention(self, ch, heads, downsample_factor):
@@ -379,10 +409,28 @@ class UNetModel(_Torso):
 
     _torso = ("input_blocks", "middle_block", "output_blocks")
 
-    def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
-                 dropout=0, channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2, num_classes=None,
-                 use_checkpoint=False, use_fp16=False, num_heads=1, num_head_channels=-1, num_heads_upsample=-1,
-                 use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=False):
+    def __init__(
+        self,
+        image_size,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        dropout=0,
+        channel_mult=(1, 2, 4, 8),
+        conv_resample=True,
+        dims=2,
+        num_classes=None,
+        use_checkpoint=False,
+        use_fp16=False,
+        num_heads=1,
+        num_head_channels=-1,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=False,
+        resblock_updown=False,
+        use_new_attention_order=False,
+    ):
         super().__init__()
         skip_channels, ch, ds = self._build_torso(locals())
         self.output_blocks = nn.ModuleList([])
@@ -402,8 +450,11 @@ class UNetModel(_Torso):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         input_ch = int(channel_mult[0] * model_channels)
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(),
-                                 zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1)))
+        self.out = nn.Sequential(
+            normalization(ch),
+            nn.SiLU(),
+            zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1)),
+        )
 
     def forward(self, x, timesteps, y=None):
         """Predict eps (and the variance interpolation with learned sigma) for ``x`` at ``timesteps``."""
@@ -415,8 +466,11 @@ class UNetModel(_Torso):
     @property
     def stage_names(self):
         """Top-level block names in execution order."""
-        return ([f"input_blocks.{i}" for i in range(len(self.input_blocks))] + ["middle_block"]
-                + [f"output_blocks.{i}" for i in range(len(self.output_blocks))])
+        return (
+            [f"input_blocks.{i}" for i in range(len(self.input_blocks))]
+            + ["middle_block"]
+            + [f"output_blocks.{i}" for i in range(len(self.output_blocks))]
+        )
 
     def stage_of(self, module_name):
         """Index in :attr:`stage_names` of the stage that contains ``module_name``."""
@@ -509,20 +563,26 @@ def _check_images(x, timesteps, channels, image_size, what="model", dims=2, mult
         other = f" (or any sides that are multiples of {multiple})" if multiple > 1 else ""
         raise ValueError(f"the {what} expects images of shape ({expected}){other}, got {tuple(x.shape)}")
     if timesteps.dim() != 1 or timesteps.shape[0] not in (1, x.shape[0]):
-        raise ValueError(f"expected one timestep per image ({x.shape[0]}) or one for the batch, got timesteps of "
-                         f"shape {tuple(timesteps.shape)}")
+        raise ValueError(
+            f"expected one timestep per image ({x.shape[0]}) or one for the batch, got timesteps of shape "
+            f"{tuple(timesteps.shape)}"
+        )
     return timesteps.expand(x.shape[0])
 
 
 def _check_labels(num_classes, batch_size, y):
     if num_classes is None:
         if y is not None:
-            raise ValueError("this model is unconditional (class_cond=False) but was given labels y; "
-                             "drop y, or build the model with class_cond=True")
+            raise ValueError(
+                "this model is unconditional (class_cond=False) but was given labels y; "
+                "drop y, or build the model with class_cond=True"
+            )
         return
     if y is None:
-        raise ValueError(f"this model is class-conditional ({num_classes} classes) and needs labels: "
-                         "pass y=<LongTensor of shape (N,)>")
+        raise ValueError(
+            f"this model is class-conditional ({num_classes} classes) and needs labels: "
+            "pass y=<LongTensor of shape (N,)>"
+        )
     if y.dim() != 1 or y.shape[0] != batch_size:
         raise ValueError(f"expected {batch_size} labels of shape ({batch_size},), got {tuple(y.shape)}")
     if y.dtype.is_floating_point:
@@ -532,7 +592,9 @@ def _check_labels(num_classes, batch_size, y):
     if y.device.type != "cpu":  # checked on the device: reading the labels back would wait for the GPU each step
         th._assert_async(((y >= 0) & (y < num_classes)).all(), f"labels must lie in [0, {num_classes - 1}]")
     elif int(y.min()) < 0 or int(y.max()) >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes - 1}], got values from {int(y.min())} to {int(y.max())}")
+        raise ValueError(
+            f"labels must lie in [0, {num_classes - 1}], got values from {int(y.min())} to {int(y.max())}"
+        )
 
 
 class SuperResModel(UNetModel):
@@ -551,8 +613,10 @@ class SuperResModel(UNetModel):
         _check_images(x, timesteps, channels, self.image_size, dims=self.dims,
                       multiple=2 ** (len(self.channel_mult) - 1))
         if low_res.dim() != x.dim() or low_res.shape[:2] != x.shape[:2]:
-            raise ValueError(f"low_res must hold one {channels}-channel image per input image, shaped "
-                             f"({x.shape[0]}, {channels}, h, w); got {tuple(low_res.shape)}")
+            raise ValueError(
+                f"low_res must hold one {channels}-channel image per input image, shaped "
+                f"({x.shape[0]}, {channels}, h, w); got {tuple(low_res.shape)}"
+            )
         upsampled = F.interpolate(low_res, x.shape[2:], mode="bilinear")
         return super().begin(th.cat([x, upsampled], dim=1), timesteps, **kwargs)
 
@@ -560,26 +624,58 @@ class SuperResModel(UNetModel):
 class EncoderUNetModel(_Torso):
     """The half U-Net with attention pooling used as the noisy-image classifier."""
 
-    def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
-                 dropout=0, channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2, use_checkpoint=False,
-                 use_fp16=False, num_heads=1, num_head_channels=-1, num_heads_upsample=-1, use_scale_shift_norm=False,
-                 resblock_updown=False, use_new_attention_order=False, pool="adaptive"):
+    def __init__(
+        self,
+        image_size,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        dropout=0,
+        channel_mult=(1, 2, 4, 8),
+        conv_resample=True,
+        dims=2,
+        use_checkpoint=False,
+        use_fp16=False,
+        num_heads=1,
+        num_head_channels=-1,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=False,
+        resblock_updown=False,
+        use_new_attention_order=False,
+        pool="adaptive",
+    ):
         super().__init__()
         skip_channels, ch, ds = self._build_torso(locals())
         features = sum(skip_channels) + ch  # what the spatial pools concatenate
         if pool == "adaptive":
-            self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.AdaptiveAvgPool2d((1, 1)),
-                                     zero_module(conv_nd(dims, ch, out_channels, 1)), nn.Flatten())
+            self.out = nn.Sequential(
+                normalization(ch),
+                nn.SiLU(),
+                nn.AdaptiveAvgPool2d((1, 1)),
+                zero_module(conv_nd(dims, ch, out_channels, 1)),
+                nn.Flatten(),
+            )
         elif pool == "attention":
             if num_head_channels == -1:
                 raise ValueError("attention pooling needs num_head_channels")
-            self.out = nn.Sequential(normalization(ch), nn.SiLU(),
-                                     AttentionPool2d(image_size // ds, ch, num_head_channels, out_channels))
+            self.out = nn.Sequential(
+                normalization(ch),
+                nn.SiLU(),
+                AttentionPool2d(image_size // ds, ch, num_head_channels, out_channels),
+            )
         elif pool == "spatial":
-            self.out = nn.Sequential(nn.Linear(features, 2048), nn.ReLU(), nn.Linear(2048, out_channels))
+            self.out = nn.Sequential(
+                nn.Linear(features, 2048), nn.ReLU(), nn.Linear(2048, out_channels)
+            )
         elif pool == "spatial_v2":
-            self.out = nn.Sequential(nn.Linear(features, 2048), normalization(2048), nn.SiLU(),
-                                     nn.Linear(2048, out_channels))
+            self.out = nn.Sequential(
+                nn.Linear(features, 2048),
+                normalization(2048),
+                nn.SiLU(),
+                nn.Linear(2048, out_channels),
+            )
         else:
             raise ValueError(f"unknown classifier pool {pool!r}: use adaptive, attention, spatial or spatial_v2")
 
@@ -602,9 +698,11 @@ class EncoderUNetModel(_Torso):
         if self.pool == "attention":
             side = self.out[-1].spacial_dim
             if tuple(h.shape[2:]) != (side, side):
-                raise ValueError(f"the classifier expects images of shape (N, {self.in_channels}, {self.image_size}, "
-                                 f"{self.image_size}): its attention pooling is built for {side}x{side} features, "
-                                 f"and images of {tuple(x.shape)} give {tuple(h.shape[2:])}")
+                raise ValueError(
+                    f"the classifier expects images of shape (N, {self.in_channels}, {self.image_size}, "
+                    f"{self.image_size}): its attention pooling is built for {side}x{side} features, and "
+                    f"images of {tuple(x.shape)} give {tuple(h.shape[2:])}"
+                )
         return self.out(h.type(x.dtype))
 
 
@@ -615,6 +713,8 @@ def attention_blocks(model):
 
 def attention_block_info(model):
     """Rows of (name, resolution, channels, heads) for every attention block of a U-Net or classifier."""
-    return [(name, model.image_size // block.downsample_factor, block.channels, block.num_heads)
-            for name, block in attention_blocks(model).items()]
+    return [
+        (name, model.image_size // block.downsample_factor, block.channels, block.num_heads)
+        for name, block in attention_blocks(model).items()
+    ]
 
