@@ -25,40 +25,14 @@ from adm_common.launch import local_rank_from_env, rank_from_env  # noqa: E402
 from adm_common.rendezvous import DistSetupError, cuda_index  # noqa: E402
 from adm_common.npz import NpzImages  # noqa: E402
 from evaluations.bootstrap import (  # noqa: E402
-    BOOTSTRAP_SEED,
-    bootstrap,
-    check_bootstrap,
-    frechet_fn,
-    inception_score_fn,
-    precision_recall_fns,
-)
+    BOOTSTRAP_SEED, bootstrap, check_bootstrap, frechet_fn, inception_score_fn, precision_recall_fns)
 from evaluations.features import (  # noqa: E402
-    RANDOM_WEIGHTS_MARK,
-    InceptionFeatures,
-    MissingInceptionWeights,
-    load_extractor,
-)
+    RANDOM_WEIGHTS_MARK, InceptionFeatures, MissingInceptionWeights, load_extractor)
 from evaluations.metrics import (  # noqa: E402
-    DEFAULT_METRICS,
-    METRIC_KEYS,
-    METRIC_TABLE,
-    METRICS,
-    METRICS_BY_KEY,
-    PR_PRECISIONS,
-    check_pr_precision,
-    frechet_distance,
-    inception_score,
-    manifold_memberships,
-    parse_metrics,
-)
+    DEFAULT_METRICS, METRIC_KEYS, METRIC_TABLE, METRICS, METRICS_BY_KEY, PR_PRECISIONS, check_pr_precision,
+    frechet_distance, inception_score, manifold_memberships, parse_metrics)
 from evaluations.reference import (  # noqa: E402
-    FeatureUse,
-    default_cache_dir,
-    detect_distributed,
-    fid_statistics,
-    image_features,
-    read_npz_statistics,
-)
+    FeatureUse, default_cache_dir, detect_distributed, fid_statistics, image_features, read_npz_statistics)
 
 RESULT_FORMAT = "pag_adm.evaluation/1"
 # Fewer images than this in either batch are refused (unless min_samples / --min-samples is lowered): FID, sFID and
@@ -70,10 +44,9 @@ MIN_SAMPLES = 100
 
 @dataclass(frozen=True)
 class EvaluationSettings:
-    """What :func:`evaluate` computes and how (its keyword options; a sweep's ``evaluation:`` mapping). Each option
-    is the evaluator's flag of the same name (:func:`build_parser` has their help); ``metrics`` is a list or a
-    comma-separated string, ``cache_dir=None`` caches nothing, ``feature_net`` is loaded by ``feature_extractor``
-    (``"module:Class"``)."""
+    """:func:`evaluate`'s keyword options (a sweep's ``evaluation:`` mapping), each the flag of the same name
+    (:func:`build_parser` has their help); ``metrics``: a list or a comma-separated string; ``cache_dir=None``
+    caches nothing; ``feature_net`` is loaded by ``feature_extractor`` (``"module:Class"``)."""
 
     metrics: tuple = None
     batch_size: int = 64

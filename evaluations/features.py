@@ -55,12 +55,10 @@ def _legacy_flag(read, default):
 def full_float32():
     """Inside: float32 convolutions and matmuls in full float32, TF32 off on every backend, and float16 matmuls
     accumulated in float32 (cuBLAS may otherwise reduce split-K partial sums in float16; TensorFlow does not); on
-    exit, also on exceptions, the settings are what they were. The project's one such context.
-
-    cuDNN's TF32 is on by default, so on Ampere/Hopper the features would differ from float32 by ~1e-3 relative:
-    more than the evaluator's regression tolerances, and unlike the CPU's. Sets both of torch's interfaces, kept
-    consistent so that neither raises inside: the legacy flags and, where torch has it, the per-backend
-    ``fp32_precision`` of every operator (cuda and mkldnn matmul/conv/rnn: "ieee")."""
+    exit, also on exceptions, the settings are what they were. The project's one such context. cuDNN's TF32, on by
+    default, would move Ampere/Hopper features ~1e-3 relative from float32: more than the regression tolerances.
+    Both of torch's interfaces are set, consistently so that neither raises: the legacy flags and, where torch has
+    it, every operator's per-backend ``fp32_precision`` (cuda and mkldnn matmul/conv/rnn: "ieee")."""
     new_api = hasattr(torch._C, "_get_fp32_precision_getter")
     matmul = _legacy_flag(torch.get_float32_matmul_precision, "highest")
     cudnn = _legacy_flag(lambda: torch.backends.cudnn.allow_tf32, True)
@@ -159,11 +157,9 @@ def default_device():
 
 
 class FeatureNetwork:
-    """What the evaluator's own networks (Inception, DINOv2) share: the device, the weights file found by
-    ``resolve(weights_path)`` or, where it is missing, no path was given and ``allow_random_weights``, random
-    weights (``random_weights``, marked ``RANDOM-WEIGHTS``: ``marker``, printed beside every number); the ``id`` of
-    cache keys, ``<name>:sha256=...`` (hashed lazily: only caches need it) or ``<name>:RANDOM-WEIGHTS:seed<seed>``;
-    and counts of the batches (``num_calls``) and images run through the network."""
+    """What Inception and DINOv2 share: the device; the weights file ``resolve(weights_path)`` finds, else (no path
+    given, ``allow_random_weights``) random weights marked ``RANDOM-WEIGHTS``; the cache keys' ``id`` (the weights'
+    sha256, hashed lazily: only caches need it); counts of the batches and images run through the network."""
 
     def __init__(self, name, resolve, weights_path, allow_random_weights, device, seed, meaningless):
         self.device = torch.device(device or default_device())

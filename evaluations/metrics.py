@@ -340,8 +340,7 @@ def manifold_memberships(ref_features, sample_features, k=3, max_block_elems=2 *
         float16/float32 decision stays per block), so the results do not depend on it.
     :param block_log: a list to which ``(phase, row_start, col_start, precision_used)`` is appended per block, phase
         ``"ref_radii"``, ``"sample_radii"`` or ``"pr"`` (rows: reference, columns: samples).
-    :param ref_radii: from an earlier call with the same reference features: skips their computation (the
-        bootstrap's resamples)."""
+    :param ref_radii: an earlier call's, with the same reference features (the bootstrap's resamples)."""
     check_pr_precision(pr_precision)
     ref = _finite_array(ref_features, "ref_features", 2, np.float32)
     sample = _finite_array(sample_features, "sample_features", 2, np.float32)

@@ -149,10 +149,9 @@ def batch_statistics(features):
 
 @dataclass(frozen=True)
 class FeatureUse:
-    """One feature network of a pass and what is kept of its outputs: ``keep``, whole (Inception's pool for
-    precision/recall, its logits for IS), and the mean and covariance of each output of ``statistics``
-    (``(output, suffix)`` -> ``mu<suffix>``, ``sigma<suffix>``). An extractor returning one array (DINOv2) has one
-    output, ``features``; one returning a dict (Inception, a ``--feature-net``) names its outputs."""
+    """One feature network of a pass and what is kept of its outputs: ``keep`` whole, and the mean and covariance of
+    each of ``statistics`` (``(output, suffix)`` -> ``mu<suffix>``, ``sigma<suffix>``). An extractor returning one
+    array (DINOv2) has one output, ``features``; one returning a dict (Inception, a ``--feature-net``) names them."""
 
     extractor: object
     keep: tuple = ()
@@ -273,9 +272,8 @@ def image_features(images, uses, batch_size=64, cache_dir=None, progress=False, 
 
 
 def fid_statistics(stored, features, where):
-    """FID/sFID statistics of a batch: ``stored`` (its npz's ``mu``/``sigma``/``mu_s``/``sigma_s``, from
-    :func:`read_npz_statistics`) when it has them (as the ADM evaluator), else those of its extracted features.
-    Returns ``(stats, source)``, source "npz" or "images"."""
+    """``(stats, "npz")``: a batch's stored FID/sFID statistics (:func:`read_npz_statistics`) when it has them (as
+    the ADM evaluator), else ``(stats, "images")``: those of its extracted features."""
     if stored is not None:
         return stored, "npz"
     if features.get("mu") is None:

@@ -15,14 +15,8 @@ from adm_common.yaml_files import parse_yaml, read_yaml
 from evaluations.evaluator import RESULT_FORMAT, result_marker
 from evaluations.features import DEMO_FEATURES_MARK, RANDOM_WEIGHTS_MARK
 from evaluations.metrics import METRIC_KEYS, METRIC_TABLE, METRICS_BY_KEY
-from evaluations.uncertainty import (  # ROW_METRICS: upstream's five, and FD_DINOv2 (a column when a row has it)
-    MINIMUM_METRICS,
-    ROW_METRICS,
-    aggregate_seeds,
-    bootstrap_stds,
-    min_key,
-    std_key,
-)
+# ROW_METRICS: upstream's five, and FD_DINOv2 (a column when a row has it)
+from evaluations.uncertainty import MINIMUM_METRICS, ROW_METRICS, aggregate_seeds, bootstrap_stds, min_key, std_key
 
 DEFAULT_GROUP_BY = ("pag_scale", "pag_layers", "perturbation", "sampler")
 TABLE_METRICS = tuple(m.key for m in METRIC_TABLE if m.key in METRIC_KEYS)  # the order of published tables
@@ -436,16 +430,12 @@ def _safe_name(name):
 def make_table(runs, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None, experiment=None, plots=True,
                minimum=False):
     """Gather runs on disk (run directories, result JSON files, or directories of run directories) into one table
-    per experiment in ``out_dir``: ``<experiment>.md``, ``.csv``, ``.tex`` and ``.png`` plots.
-
-    :param group_by: config keys that identify a row, sorted by them in order.
-    :param anchors: published numbers printed below ours (:func:`load_anchors`, :func:`normalise_anchor`).
-    :param experiment: one table of this name for every run (default: each run's ``experiment`` config key, else
-        the name of the directory above the run directory).
-    :param minimum: runs of a cell over seeds (``<cell>__seed-<s>``) become one row of mean ± std; with this, also
-        a column of the minimum over the seeds of FID (sFID, FD_DINOv2), as EDM2 reports it.
-    :returns: ``{experiment: {"rows": [...], "files": [...]}}``.
-    """
+    per experiment in ``out_dir`` (``<experiment>.md``, ``.csv``, ``.tex``, ``.png`` plots): ``{experiment: {"rows":
+    [...], "files": [...]}}``. Rows are identified and sorted by the ``group_by`` config keys, published ``anchors``
+    (:func:`load_anchors`) printed below ours. ``experiment``: one table of this name for every run (default: each
+    run's ``experiment`` config key, else the name of the directory above the run directory). Runs of a cell over
+    seeds (``<cell>__seed-<s>``) become one row of mean ± std; ``minimum`` adds the minimum over the seeds of FID
+    (sFID, FD_DINOv2), as EDM2 reports it."""
     if isinstance(runs, (str, os.PathLike)):
         runs = [runs]
     json_paths = [path for run in runs for path in find_result_files(run)]

@@ -46,10 +46,9 @@ def bootstrap_stds(result):
 
 def aggregate_seeds(rows, minimum=False):
     """``rows`` with the runs of each cell over seeds (same experiment, names ``<cell>__seed-<s>``) merged into one
-    row named ``<cell>``: each metric's mean, ``<metric>_std`` (ddof=1; None for a single seed) and, with
-    ``minimum``, ``<metric>_min`` (of :data:`MINIMUM_METRICS`); ``seeds`` (their number) and ``seed_values``. A
-    metric missing from some run of a cell is left out (None) rather than averaged over the others. Other rows
-    are returned unchanged, in order (a merged row where its cell's first run was)."""
+    row named ``<cell>`` (where its first run was): each metric's mean, ``<metric>_std`` (ddof=1; None for one
+    seed), with ``minimum`` ``<metric>_min`` (of :data:`MINIMUM_METRICS`), ``seeds`` and ``seed_values``; a metric
+    missing from some run is None rather than averaged over the others. Other rows are returned unchanged."""
     groups = {}  # in the order of each group's first row
     for row in rows:
         cell, seed = split_seed_run(row.get("run"))
