@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, make_dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,21 +36,9 @@ from .timing import device_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = 1
-
-
-@dataclass
-class Profile:
-    batch_sizes: tuple
-    repeats: int
-    warmup: int
-    health_batch: int
-    sampler_samples: int
-    sampler_batch: int
-    sync_batches: tuple
-    feature_batch: int
-    feature_repeats: int
-
-
+# How much each section measures: FULL (make gpu-check) and TINY (--tiny, the test suite).
+Profile = make_dataclass("Profile", ["batch_sizes", "repeats", "warmup", "health_batch", "sampler_samples",
+                                     "sampler_batch", "sync_batches", "feature_batch", "feature_repeats"])
 FULL = Profile(batch_sizes=(1, 8, 32, 64), repeats=10, warmup=2, health_batch=2, sampler_samples=64,
                sampler_batch=32, sync_batches=(1, 4), feature_batch=64, feature_repeats=5)
 TINY = Profile(batch_sizes=(1, 2), repeats=2, warmup=1, health_batch=1, sampler_samples=4, sampler_batch=2,

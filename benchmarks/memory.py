@@ -1,7 +1,8 @@
-"""Activation memory of one guided model call, measured without a GPU: :class:`LiveBytes` counts live storage bytes,
-on real CPU tensors or on ``meta`` (the real ADM-256 widths in no memory). It cannot see kernel workspaces
-(flash attention's, cuDNN's) or the CUDA allocator's rounding, and ``meta``'s math attention keeps the (T x T) map
-that flash attention does not (docs/gpu.md). ``python scripts/bench_memory.py`` prints :func:`memory_table`.
+"""Peak activation memory of one guided model call at the real ADM-256 widths, counted on torch's meta device (no GPU,
+no memory; ``python scripts/bench_memory.py``): unguided at B and 2B, the engine batched and sequential, the authors'
+two passes. :class:`LiveBytes` counts live storage bytes (on real CPU tensors too); it cannot see kernel workspaces
+(flash attention's, cuDNN's) or the CUDA allocator's rounding, and meta's math attention keeps the (T x T) map that
+flash attention does not (docs/gpu.md).
 """
 
 import weakref
@@ -11,13 +12,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import pag
+from adm_common.flags import FlagParser
 from sampling.models import set_compute_dtype
 
 from .models import ARCHS, build, diffusion_flags, step_inputs
 from .report import table as markdown_table
 from .timing import guided_variants
-
-GIB = 2**30
 
 
 class LiveBytes(TorchDispatchMode):
@@ -68,7 +68,7 @@ def memory_table(batch_sizes=(8, 32, 64), device="meta", dtype=torch.float16, ar
     rows = []
     for batch in batch_sizes:
         variants = guided_variants(model, layers, *step_inputs(flags, batch, device), doubled=True)
-        peaks = {name: peak_bytes(fn) / GIB for name, fn in variants.items()}
+        peaks = {name: peak_bytes(fn) / 2**30 for name, fn in variants.items()}
         rows.append(dict(batch=batch, **peaks, engine_vs_unguided_2b=peaks["engine"] / peaks["unguided_2b"]))
     return {"arch": arch, "dtype": str(dtype).replace("torch.", ""), "device": str(device), "layers": layers,
             "rows": rows}
@@ -82,3 +82,14 @@ def to_markdown(table):
          "engine / unguided (2B)"],
         [[r["batch"]] + [f"{r[k]:.1f}" for k in ("unguided", "unguided_2b", "engine", "engine_sequential", "two_pass")]
          + [f"{r['engine_vs_unguided_2b']:.3f}"] for r in table["rows"]]))
+
+
+def main(argv=None):
+    p = FlagParser(description=__doc__)
+    p.add_argument("--batch_sizes", default="8,32,64", help="comma-separated batch sizes B")
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--arch", default=ARCHS[0])
+    args = p.parse_args(argv)
+    batches = tuple(int(b) for b in args.batch_sizes.split(","))
+    print(to_markdown(memory_table(batches, dtype=getattr(torch, args.dtype), arch=args.arch)))
+    return 0

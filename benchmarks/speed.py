@@ -19,7 +19,6 @@ GOALS = (
     ("unguided_peak_share", "unguided forward at batch 32, best float16/bfloat16 option, share of dense peak",
      ">=", 0.40),
 )
-NO_GPU = "not measured (no GPU)"
 
 
 def goal_batch(profile):
@@ -124,7 +123,7 @@ def evaluate_goals(speed, device, profile):
     for key, what, op, target in GOALS:
         measured = value.get(key)
         if not gpu:
-            status = NO_GPU
+            status = "not measured (no GPU)"
         elif measured is None:
             status = "not measured (" + ("device peak unknown" if key == "unguided_peak_share" else "failed") + ")"
         else:

@@ -1,6 +1,5 @@
 #!/usr/bin/env python
-"""Per-step analysis of PAG (and SAG / CG): x_t and x0 strips, guidance-term curves, attention maps and
-entropies per perturbation kind (analysis/cli.py; docs/analysis.md)."""
+"""Per-step analysis of PAG (and SAG / CG): strips, curves, attention per kind (analysis/cli.py; docs/analysis.md)."""
 
 import os
 import sys

@@ -1,6 +1,5 @@
 #!/usr/bin/env python
-"""FLOPs and GPU-hours of the paper's ADM 256x256 runs, counted on the meta device (benchmarks/cost.py;
-``make bench-cost``; ``--help``)."""
+"""FLOPs and GPU-hours of the paper's ADM 256x256 runs, counted on meta (make bench-cost; benchmarks/cost.py)."""
 
 import os
 import sys

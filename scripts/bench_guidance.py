@@ -1,6 +1,5 @@
 #!/usr/bin/env python
-"""Cost per sampling step: unguided vs naive two-pass PAG (the authors' strategy) vs our engine
-(benchmarks/bench_guidance.py; docs/gpu.md; ``--help``)."""
+"""Cost per sampling step: unguided vs the authors' two passes vs our engine (benchmarks/bench_guidance.py)."""
 
 import os
 import sys

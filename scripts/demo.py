@@ -1,6 +1,5 @@
 #!/usr/bin/env python
-"""The CPU demo's bookends around the sweep (``make demo``): ``prepare`` writes the reference batch,
-``finish`` prints the table and draws the plots. See demo/pipeline.py."""
+"""The CPU demo's bookends around the sweep (make demo): prepare the reference, finish the table (demo/pipeline.py)."""
 
 import os
 import sys

@@ -1,6 +1,5 @@
 #!/usr/bin/env python
-"""Download the official ADM checkpoints, the evaluator's reference batches and the Inception weights
-(``python scripts/download.py --help``; the work is in sampling/downloads.py)."""
+"""Download the official ADM checkpoints, reference batches and Inception weights (sampling/downloads.py)."""
 
 import os
 import sys

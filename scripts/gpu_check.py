@@ -1,6 +1,5 @@
 #!/usr/bin/env python
-"""GPU acceptance check (``make gpu-check``): whether this machine samples correctly and how fast; writes
-results/gpu_check/report.{json,md} (benchmarks/gpu_check.py; docs/gpu.md; ``--help``)."""
+"""GPU acceptance check (make gpu-check): results/gpu_check/report.{json,md} (benchmarks/gpu_check.py)."""
 
 import os
 import sys

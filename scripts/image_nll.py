@@ -46,16 +46,14 @@ def run_bpd_evaluation(model, diffusion, data, num_samples, clip_denoised):
         batch, model_kwargs = next(data)
         batch = batch.to(dist_util.dev())
         model_kwargs = {k: v.to(dist_util.dev()) for k, v in model_kwargs.items()}
-        minibatch_metrics = diffusion.calc_bpd_loop(
-            model, batch, clip_denoised=clip_denoised, model_kwargs=model_kwargs
-        )
+        metrics = diffusion.calc_bpd_loop(model, batch, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
 
         for key, term_list in all_metrics.items():
-            terms = minibatch_metrics[key].mean(dim=0) / world
+            terms = metrics[key].mean(dim=0) / world
             dist_util.all_reduce(terms)
             term_list.append(terms.detach().cpu().numpy())
 
-        total_bpd = minibatch_metrics["total_bpd"].mean() / world
+        total_bpd = metrics["total_bpd"].mean() / world
         dist_util.all_reduce(total_bpd)
         all_bpd.append(total_bpd.item())
         num_complete += world * batch.shape[0]

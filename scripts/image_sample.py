@@ -1,6 +1,5 @@
 #!/usr/bin/env python
-"""Sample from an ADM model with PAG (and SAG / classifier guidance) into resumable, sharded npz output; upstream
-guided-diffusion's flags work unchanged, ``--config FILE.yaml`` supplies flags (sampling/cli.py; docs/sampling.md)."""
+"""Sample from an ADM model with PAG into resumable, sharded npz; upstream's flags work (sampling/cli.py)."""
 
 import os
 import sys

@@ -1,6 +1,5 @@
 #!/usr/bin/env python
-"""Run a sweep: a base configuration and a grid of values, one resumable sampling run per cell; ``--dry_run``
-lists and checks the cells (sampling/sweep.py; the config format: docs/sampling.md#sweeps)."""
+"""Run a sweep: one resumable sampling run per grid cell, --dry_run lists them (sampling/sweep.py, docs/sampling.md)."""
 
 import os
 import sys
