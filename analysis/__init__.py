@@ -36,8 +36,7 @@ def analyze(settings, models, device, out_dir, indices, kinds=None, compare_kind
     for kind in kinds:
         config = dataclasses.replace(settings.guidance, perturbation=kind)
         result = trace(settings, models, device, traced, config=config, options=opts)
-        kind_dir = os.path.join(out_dir, kind)
-        os.makedirs(kind_dir, exist_ok=True)
+        kind_dir = os.path.join(out_dir, kind)  # made by the atomic writers
         title = f"{kind}, s={config.pag_scale:g}"
         paths = []
         for row, index in enumerate(strip):

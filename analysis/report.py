@@ -52,9 +52,8 @@ def write_csv(path, columns, rows):
 
 
 def _tile_rgb(image, size):
-    """(C, H, W) in [-1, 1] -> (size, size, 3) floats in [0, 1] (nearest-neighbour enlarged)."""
-    array = image.numpy() if hasattr(image, "numpy") else np.asarray(image)
-    array = np.clip((array + 1) / 2, 0, 1)
+    """(C, H, W) tensor in [-1, 1] -> (size, size, 3) floats in [0, 1] (nearest-neighbour enlarged)."""
+    array = np.clip((image.numpy() + 1) / 2, 0, 1)
     array = np.repeat(array, 3, axis=0) if array.shape[0] == 1 else array
     return _enlarge(array.transpose(1, 2, 0), size)
 
@@ -221,14 +220,10 @@ def write_kind_comparison(reference, x0_by_kind, row, path, title=""):
 def write_kind_change(reference, x0_by_kind, out_dir):
     """compare_x0.csv: for each kind and shown step, the RMS of (perturbed x0 - clean x0) over the strip samples
     (pixels in [-1, 1]): how much each perturbation degrades the prediction on the same x_t."""
-    rows = []
     clean = x0_by_kind["clean"]
-    for kind, x0 in x0_by_kind.items():
-        if kind == "clean":
-            continue
-        for j, step in enumerate(reference.shown):
-            change = float((x0[j] - clean[j]).flatten(1).pow(2).mean(dim=1).sqrt().mean())
-            rows.append({"kind": kind, "step": step, "timestep": reference.timesteps[step], "x0_rms_change": change})
+    rows = [{"kind": kind, "step": step, "timestep": reference.timesteps[step],
+             "x0_rms_change": float((x0[j] - clean[j]).flatten(1).pow(2).mean(dim=1).sqrt().mean())}
+            for kind, x0 in x0_by_kind.items() if kind != "clean" for j, step in enumerate(reference.shown)]
     return write_csv(os.path.join(out_dir, "compare_x0.csv"), ("kind", "step", "timestep", "x0_rms_change"), rows)
 
 

@@ -278,14 +278,13 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
 
     sampler.cond_fn = recording_cond_fn if cond_fn else None
 
-    use_ddim = s.sampling.use_ddim
     clip = s.sampling.clip_denoised
 
     def step_mean(output, x, index, gradient):
         """The step's deterministic part: the diffusion's own step on ``output`` with zero noise."""
         t = th.full((x.shape[0],), index, device=x.device, dtype=th.long)
         cond = _replay(gradient) if gradient is not None else None
-        step = diffusion.ddim_sample if use_ddim else diffusion.p_sample
+        step = diffusion.ddim_sample if s.sampling.use_ddim else diffusion.p_sample
         return step(_replay(output), x, t, clip_denoised=clip, cond_fn=cond, randn_like=th.zeros_like)["sample"]
 
     def mean_move(before, after, rest, x, index):

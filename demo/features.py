@@ -81,9 +81,7 @@ def load_demo_feature_net(path, device="cpu"):
     obj = read_checkpoint(path, mmap=True)
     if not isinstance(obj, dict) or "state_dict" not in obj or "config" not in obj:
         raise ValueError(f"{path} is not a demo feature-net checkpoint (expected keys state_dict, config)")
-    config = dict(obj["config"])
-    net = DemoFeatureNet(num_classes=config["num_classes"], widths=config["widths"],
-                         image_size=config.get("image_size", 32))
+    net = DemoFeatureNet(**obj["config"])  # what DemoFeatureNet.config() saved
     net.load_state_dict({k: v.float() for k, v in obj["state_dict"].items()}, strict=True)
     return net.to(device).eval()
 
@@ -148,9 +146,7 @@ def train_feature_net(images, labels, steps=600, batch_size=128, lr=2e-3, seed=0
         running.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             log(f"features step {step + 1}/{steps} loss {np.mean(running[-log_every:]):.4f}")
-    net.eval()
-    final = float(np.mean(running[-min(len(running), 100):])) if running else float("nan")
-    return net, final
+    return net.eval(), float(np.mean(running[-100:])) if running else float("nan")
 
 
 def _existing(path):

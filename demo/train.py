@@ -42,8 +42,6 @@ DATASETS = demo_data.DATASETS  # per data set: the model, its feature net and th
 DEMO_FLAGS = dict(image_size=32, class_cond=True, learn_sigma=True, num_channels=32, num_res_blocks=1,
                   channel_mult="2,2,2", attention_resolutions="16,8", num_head_channels=32, use_scale_shift_norm=True,
                   resblock_updown=True, dropout=0.0, diffusion_steps=1000, noise_schedule="linear")
-CHECK_PAG_LAYERS = ["input_blocks.5.1", "middle_block.1"]  # the 8x8 encoder and middle attention blocks
-CHECK_PAG_SCALE = 3.0
 FEATURES_HELD_OUT_SEED_OFFSET = 1000  # held-out images: make_dataset(n, seed + 1000)
 
 
@@ -297,9 +295,10 @@ def check_samples(model, n, seed, out_dir, dataset="shapes"):
     noise = th.randn(n, 3, 32, 32, generator=th.Generator().manual_seed(seed))
     kwargs = {"y": th.arange(n) % demo_data.NUM_CLASSES} if DATASETS[dataset].class_cond else {}
     grids = []
-    for scale in (0.0, CHECK_PAG_SCALE):
-        guided = pag.guide(model, pag.GuidanceConfig(pag_scale=scale, pag_layers=CHECK_PAG_LAYERS))
-        x = diffusion.ddim_sample_loop(guided, (n, 3, 32, 32), noise=noise.clone(), model_kwargs=kwargs)
+    for scale in (0.0, 3.0):  # PAG at the 8x8 encoder and middle attention blocks
+        config = pag.GuidanceConfig(pag_scale=scale, pag_layers=["input_blocks.5.1", "middle_block.1"])
+        x = diffusion.ddim_sample_loop(pag.guide(model, config), (n, 3, 32, 32), noise=noise.clone(),
+                                       model_kwargs=kwargs)
         grids.append(sample_images.to_uint8_nhwc(x))
     path = out_dir / check_name(dataset)
     sample_images.save_side_by_side(grids[0], grids[1], path, gap=8)
@@ -316,9 +315,8 @@ def _section(text, heading):
 
 
 def _run_lines(args, argv, data_seconds, threads, device=None):
-    where = f"{platform.machine()} CPU"
-    if device is not None and device.type == "cuda":
-        where = f"GPU ({th.cuda.get_device_name(device)})"
+    cuda = device is not None and device.type == "cuda"
+    where = f"GPU ({th.cuda.get_device_name(device)})" if cuda else f"{platform.machine()} CPU"
     return [
         f"- command: `python scripts/train_demo.py {' '.join(argv)}`",
         f"- torch {th.__version__}, numpy {np.__version__}, Python {platform.python_version()}, "
