@@ -1,11 +1,6 @@
-"""``scripts/analyze.py``: the sampling flags (model, guidance, sampler, seed) plus what to analyse.
-
-    python scripts/analyze.py --model checkpoints/demo/adm_demo.yaml --num_classes 10 --pag_scale 2 \
-        --pag_layers input_blocks.3.1,input_blocks.5.1,middle_block.1 --timestep_respacing ddim25 --use_ddim True \
-        --device cpu --name demo --indices 0,1,2,3 --kinds identity,seg --compare_kinds all
-
-Writes results/analysis/<name>/summary.md and the files it links. Exit status: 0 done, 2 bad input.
-"""
+"""``scripts/analyze.py``: the sampling flags (model, guidance, sampler, seed) plus what to analyse (docs/analysis.md;
+``make analyze-demo``). Writes results/analysis/<name>/summary.md and the files it links. Exit status: 0 done, 2 bad
+input."""
 
 import os
 import shlex

@@ -100,8 +100,7 @@ def check_sampler(device, profile, tiny, num_channels, seed, out_dir):
     with np.load(final) as npz:
         images, labels = npz["arr_0"], npz.get("arr_1")
         result["npz"] = {"file": final.name, "arrays": sorted(npz.files), "shape": list(images.shape),
-                         "dtype": str(images.dtype),
-                         "labels_shape": None if labels is None else list(labels.shape),
+                         "dtype": str(images.dtype), "labels_shape": None if labels is None else list(labels.shape),
                          "labels_dtype": None if labels is None else str(labels.dtype)}
     expected_labels = sampling.sample_labels(seed, range(n))
     checks = {

@@ -49,10 +49,9 @@ def check_speed(device, profile, tiny, num_channels, seed, compile_on, peak, dty
                     row["peak_share"] = row["tflops_per_s"] / peak
             rows.append(row)
     options = check_options(master, flags, device, profile, compile_on, layers, peak, rows)
-    return {"dtype": dtype + (" (upstream's use_fp16 conversion)" if dtype == "float16" else ""),
-            "arch": ARCHS[0], "layers": layers,
-            "pag_scale": PAG_SCALE, "timestep": TIMESTEP, "repeats": profile.repeats, "warmup": profile.warmup,
-            "rows": rows, "options": options,
+    return {"dtype": dtype + (" (upstream's use_fp16 conversion)" if dtype == "float16" else ""), "arch": ARCHS[0],
+            "layers": layers, "pag_scale": PAG_SCALE, "timestep": TIMESTEP, "repeats": profile.repeats,
+            "warmup": profile.warmup, "rows": rows, "options": options,
             "note": "ms per guided model call (one sampling step without the diffusion update); images/s of a "
                     f"DDIM-{DDIM_STEPS} image = batch / ({DDIM_STEPS} x step time); FLOPs counted by "
                     "torch.utils.flop_counter (convolutions, matmuls, attention)"}

@@ -94,8 +94,7 @@ def files_written(args):
     """The checkpoint files this run writes into --out_dir (TRAINING.md is updated, not replaced)."""
     spec, names = DATASETS[args.dataset], []
     if args.what in ("diffusion", "all"):
-        names += [f"{spec.model}.pt", f"{spec.model}.yaml"] + ([check_name(args.dataset)]
-                                                                      if args.check_samples else [])
+        names += [f"{spec.model}.pt", f"{spec.model}.yaml", *([check_name(args.dataset)] if args.check_samples else [])]
     if args.what in ("features", "all"):
         names.append(spec.features)
     return names
@@ -213,12 +212,12 @@ def train_diffusion(args, images, labels):
     with tempfile.TemporaryDirectory(prefix="adm_demo_trainloop-") as run_dir, \
             logger.scoped_configure(dir=run_dir, format_strs=[]) as run_logger:
         run_logger.output_formats.append(history)
+        data = demo_batches(images, labels if DATASETS[args.dataset].class_cond else None, args.batch_size, train_seed)
         loop = TrainLoop(
-            model=model, diffusion=diffusion, data=demo_batches(images, labels if DATASETS[args.dataset].class_cond else None,
-                                                               args.batch_size, train_seed),
-            batch_size=args.batch_size, microbatch=-1, lr=args.lr, ema_rate=str(args.ema_rate), log_interval=1,
-            save_interval=args.steps, resume_checkpoint="", weight_decay=0.0, lr_anneal_steps=args.steps,
-            lr_schedule=lambda step: lr_at(step, args), ema_schedule=ema_rate_at, step_callback=after_step,
+            model=model, diffusion=diffusion, data=data, batch_size=args.batch_size, microbatch=-1, lr=args.lr,
+            ema_rate=str(args.ema_rate), log_interval=1, save_interval=args.steps, resume_checkpoint="",
+            weight_decay=0.0, lr_anneal_steps=args.steps, lr_schedule=lambda step: lr_at(step, args),
+            ema_schedule=ema_rate_at, step_callback=after_step,
         )
         threads.before_step(0)
         clock["training"] = clock["step"] = time.time()
@@ -239,11 +238,9 @@ def save_diffusion(model, out_dir, dataset="shapes"):
     state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     save_checkpoint_file(state, path)
     config = {"name": name, "kind": "diffusion", "file": path.name, "flags": model_flags(dataset)}
-    header = (
-        f"# The embedded demo's tiny ADM model, trained by scripts/train_demo.py on demo/data.py's {dataset!r}\n"
-        "# data set (see TRAINING.md). flags: upstream flag names; every flag not listed keeps its upstream "
-        "default.\n"
-    )
+    header = (f"# The embedded demo's tiny ADM model, trained by scripts/train_demo.py on demo/data.py's {dataset!r}\n"
+              "# data set (see TRAINING.md). flags: upstream flag names; every flag not listed keeps its upstream "
+              "default.\n")
     if DATASETS[dataset].class_cond:
         # The U-Net keeps upstream's 1000-row label embedding; only labels 0..9 (the shapes) were trained.
         config.update(num_classes=demo_data.NUM_CLASSES, class_names=list(demo_data.CLASS_NAMES))
