@@ -103,14 +103,10 @@ def demo_claims(rows):
     the baseline's FID, the PAG scale with the lowest mean FID and its FID, whether their difference exceeds
     ``CLAIM_SIGMAS`` combined standard deviations (sqrt(std_b^2 + std_p^2)), and every scale's FID, precision and
     recall. None when the table has no baseline row (pag_scale 0), no PAG row or no spread over seeds."""
-    by_scale = []
-    for row in rows:
-        if row.get("source", "ours") != "ours" or _number(row.get("pag_scale")) is None:
-            continue
-        entry = {"pag_scale": _number(row["pag_scale"]), "seeds": int(_number(row.get("seeds")) or 1)}
-        for metric in ("fid", "precision", "recall"):
-            entry[metric], entry[f"{metric}_std"] = _number(row.get(metric)), _number(row.get(f"{metric}_std"))
-        by_scale.append(entry)
+    by_scale = [{"pag_scale": _number(row["pag_scale"]), "seeds": int(_number(row.get("seeds")) or 1),
+                 **{key: _number(row.get(key)) for metric in ("fid", "precision", "recall")
+                    for key in (metric, f"{metric}_std")}}
+                for row in rows if row.get("source", "ours") == "ours" and _number(row.get("pag_scale")) is not None]
     baseline = [e for e in by_scale if e["pag_scale"] == 0]
     guided = [e for e in by_scale if e["pag_scale"] > 0 and e["fid"] is not None]
     if len(baseline) != 1 or not guided or any(e["fid_std"] is None for e in baseline + guided):
