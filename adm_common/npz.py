@@ -33,15 +33,16 @@ def read_npy_header(f):
     return tuple(shape), bool(fortran), np.dtype(dtype)
 
 
-def npz_members(zf):
-    """{array name: zip member name} of an open ``ZipFile``."""
-    return {n[:-4]: n for n in zf.namelist() if n.endswith(".npy")}
+def crc_failure(path):
+    """The first member of zip ``path`` whose CRC check fails (every member is read), else None."""
+    with zipfile.ZipFile(path) as zf:
+        return zf.testzip()
 
 
 def _member_header(path, name):
     """(zip member, shape, fortran_order, dtype) of array ``name`` of an npz, read from its header only."""
     with zipfile.ZipFile(path) as zf:
-        members = npz_members(zf)
+        members = {n[:-4]: n for n in zf.namelist() if n.endswith(".npy")}
         if name not in members:
             raise ValueError(f"{path} has no '{name}' array (it has {', '.join(sorted(members)) or 'nothing'}); "
                              f"image batches keep their uint8 N x H x W x 3 images in 'arr_0'")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 from adm_common.files import atomic_write_text, file_sha256
-from adm_common.npz import NpzImages
+from adm_common.npz import NpzImages, crc_failure
 from adm_common.yaml_files import read_yaml
 
 from .model_configs import CONFIG_ROOT, REQUIRED_KEYS, ModelConfigError, check_entry, load_model_config
@@ -238,8 +238,7 @@ def verify_npz(path: Path) -> str:
     """An evaluator batch: every zip member passes its CRC check (the evaluator reads only what it needs,
     unchecked), images in ``arr_0`` and ``mu``/``sigma`` pairs if present as the evaluator reads them."""
     try:
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()
+        bad = crc_failure(path)
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
         raise VerifyError(f"{path} is not a readable npz (zip) archive (truncated or corrupt download?): {e}") from e
     if bad is not None:

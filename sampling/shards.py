@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from adm_common.files import atomic_write_text, real_directory
-from adm_common.npz import NpzImages, NpzWriter, npz_header, npz_members
+from adm_common.npz import NpzImages, NpzWriter, crc_failure, npz_header
 from guided_diffusion import logger
 
 from .images import image_grid, save_png
@@ -47,15 +47,13 @@ class ShardProblem:
 def shard_problem(path, start, end, image_size, run_id, allow_without_run_id=False):
     """Why ``path`` is not shard [start, end) of run ``run_id`` (a :class:`ShardProblem`), else None; checks CRCs."""
     try:
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()
-            if bad is not None:
-                return ShardProblem(f"damaged: the CRC check of {bad} failed")
-            members = npz_members(zf)
+        bad = crc_failure(path)
+        if bad is not None:
+            return ShardProblem(f"damaged: the CRC check of {bad} failed")
         shape, dtype = npz_header(path, "arr_0")
         with np.load(path, allow_pickle=False) as npz:
-            stored = tuple(int(v) for v in npz["sample_range"]) if "sample_range" in members else None
-            stored_id = str(npz["run_id"][0]) if "run_id" in members else None
+            stored = tuple(int(v) for v in npz["sample_range"]) if "sample_range" in npz.files else None
+            stored_id = str(npz["run_id"][0]) if "run_id" in npz.files else None
     except Exception as e:  # a damaged zip shows up as several exception types
         return ShardProblem(f"unreadable ({type(e).__name__}: {e})")
     if stored_id is None and not allow_without_run_id:
@@ -106,8 +104,7 @@ def write_shard(plan, k, batches):
 
 def rows_from_batch(npz_path, bounds, with_labels):
     """(start, end, images, labels) of each of ``bounds`` from a merged sample batch, after checking its every CRC."""
-    with zipfile.ZipFile(npz_path) as zf:
-        bad = zf.testzip()
+    bad = crc_failure(npz_path)
     if bad is not None:
         raise ShardError(npz_path, f"damaged: the CRC check of {bad} failed")
     bounds = sorted((int(start), int(end)) for start, end in bounds)  # shard bounds: never overlapping
