@@ -116,7 +116,3 @@ def main(argv=None):
         return 2
     print(f"wrote {result['summary']} ({result['seconds']:.1f} s)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,6 @@ the sampling entry points do. Goals on the 2-core CPU: engine / unguided <= 1.80
 
 import argparse
 import json
-import sys
 
 import torch
 
@@ -68,7 +67,3 @@ def main(argv=None):
         atomic_write_text(args.json, json.dumps({"median_s": median, "ratios": ratios, "peak_mib": peak,
                                                  "args": vars(args)}, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

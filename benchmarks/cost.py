@@ -11,7 +11,6 @@ The classifier of PAG + CG and SAG are not counted (docs/reproduction.md#cost-es
 
 import argparse
 import functools
-import sys
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -117,7 +116,3 @@ def main(argv=None):
         parser.error(f"--peak_fraction must lie in (0, 1], got {args.peak_fraction}")
     print(cost_markdown(args.peak_fraction))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

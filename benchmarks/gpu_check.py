@@ -173,7 +173,3 @@ def main(argv=None):
     print(markdown)
     torch.set_num_threads(threads)
     return 0 if report["ok"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
