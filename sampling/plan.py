@@ -96,22 +96,24 @@ def refuse_links(layout):
                                 "run's own file there) and rerun")
 
 
-def check_writable(directory):
+def check_writable(directory, make=False):
     """Files can be made in ``directory`` (a probe file, created and removed); one not made yet: its nearest
-    existing parent lets directories be made."""
+    existing parent lets directories be made (and ``make`` makes it, then probes it)."""
     try:
-        if os.path.isdir(directory):
-            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=directory)
-            os.close(fd)
-            os.remove(probe)
-            return
-        if os.path.exists(directory):
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-        parent = os.path.dirname(os.path.abspath(directory))
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
-            raise PermissionError(f"{parent} does not let directories be made")
+        if not os.path.isdir(directory):
+            if os.path.exists(directory):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            parent = os.path.dirname(os.path.abspath(directory))
+            while not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
+                raise PermissionError(f"{parent} does not let directories be made")
+            if not make:
+                return
+            os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=directory)
+        os.close(fd)
+        os.remove(probe)
     except OSError as e:
         raise SampleConfigError(f"out_dir {directory} is not a writable directory: {e.strerror or e}") from None
 
@@ -246,13 +248,8 @@ def _plan_rank0(settings, state, lock, notes):
 
 def _prepare_rank0(settings, device_type, check_only, locks):
     out_dir = settings.out_dir
-    if not os.path.isdir(out_dir):
-        check_writable(out_dir)
-    try:  # out_dir made and its lock taken before anything in it is read or written
-        os.makedirs(out_dir, exist_ok=True)
-        lock = locks.acquire(out_dir)
-    except OSError as e:
-        raise SampleConfigError(f"out_dir {out_dir} is not a writable directory: {e.strerror or e}") from None
+    check_writable(out_dir, make=True)  # out_dir made and its lock taken before anything in it is read or written
+    lock = locks.acquire(out_dir)
     try:
         state = out_dir_state(settings, device_type, lock_held=True)
         if check_only:
