@@ -9,8 +9,10 @@ import json
 import math
 import os
 import re
+import sys
 
 from adm_common.files import atomic_write_bytes, atomic_write_text
+from adm_common.flags import FlagParser
 from adm_common.yaml_files import parse_yaml, read_yaml
 from evaluations.evaluator import RESULT_FORMAT, result_marker
 from evaluations.features import DEMO_FEATURES_MARK, RANDOM_WEIGHTS_MARK
@@ -494,3 +496,32 @@ def load_anchors(path):
     if not isinstance(data, list):
         raise ValueError(f"{path}: anchors must be a list of mappings")
     return data
+
+
+def main(argv=None):
+    """``scripts/make_table.py``: each experiment's table printed, its files named on stderr; 2 on bad input."""
+    p = FlagParser(separator="-", description=__doc__)
+    p.add_argument("runs", nargs="+", help="run directories (the evaluator's JSON plus config.yaml), result JSON "
+                   "files, or directories of runs; runs named <cell>__seed-<s> are one row, mean ± std over the seeds")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--group-by", default=",".join(DEFAULT_GROUP_BY),
+                   help="comma-separated config keys identifying a row (default: %(default)s)")
+    p.add_argument("--anchors", metavar="YAML", help="experiment YAML whose 'anchors:' list is printed beside ours")
+    p.add_argument("--experiment", help="one table of this name for all runs")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--minimum", action="store_true",
+                   help="for runs over seeds, also a column of the minimum FID over the seeds (EDM2's convention)")
+    args = p.parse_args(argv)
+    try:
+        anchors = load_anchors(args.anchors) if args.anchors else None
+        group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
+        tables = make_table(args.runs, args.out, group_by=group_by, anchors=anchors, experiment=args.experiment,
+                            plots=not args.no_plots, minimum=args.minimum)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for table in tables.values():
+        with open(table["files"][0]) as f:
+            print(f.read())
+        print("wrote: " + ", ".join(table["files"]), file=sys.stderr)
+    return 0
