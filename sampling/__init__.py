@@ -8,7 +8,7 @@ official checkpoints' model configs ship in ``sampling/configs/``).
 
 from .execute import PeerFailedError, execute
 from .layout import RunLayout
-from .models import Networks, build_diffusion, build_networks, load_models, load_networks
+from .models import Networks, build_networks, load_models, load_networks
 from .plan import RunPlan, prepare
 from .process import resolve_device, start_process
 from .run import run
@@ -17,7 +17,7 @@ from .settings import RunSettings, SampleConfigError, build_settings, resolve_se
 
 __all__ = [
     "Networks", "NonFiniteError", "PeerFailedError", "RunLayout", "RunPlan", "RunSettings", "SampleConfigError",
-    "Sampler", "build_diffusion", "build_networks", "build_settings", "execute", "load_models", "load_networks",
+    "Sampler", "build_networks", "build_settings", "execute", "load_models", "load_networks",
     "prepare", "resolve_device", "resolve_settings", "run", "sample_draws", "sample_labels", "sample_seeds",
     "start_process"
 ]

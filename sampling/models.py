@@ -33,19 +33,6 @@ class Networks:
     guided: Any = None  # pag.GuidedModel of model
 
 
-def build_model(settings):
-    """The diffusion network of ``settings`` (random weights; under ``th.device("meta")``: no memory)."""
-    return call_with(create_model, settings.flat())
-
-
-def build_classifier(settings):
-    return call_with(create_classifier, settings.flat())
-
-
-def build_diffusion(settings):
-    return diffusion_from(settings.flat())
-
-
 def guide(model, settings, diffusion):
     """``model`` guided by the run's guidance settings (compiled with ``--compile``)."""
     try:

@@ -14,7 +14,8 @@ import pag
 from analysis import cli as analysis_cli
 from analysis.report import COMPARE_COLUMNS, CURVE_COLUMNS, ENTROPY_COLUMNS
 from analysis.trace import STATS, TraceOptions, _AttentionProbe, shown_step_numbers
-from sampling.models import build_classifier, build_diffusion, build_model, load_models
+from guided_diffusion.script_util import call_with, create_classifier, create_model
+from sampling.models import load_models
 from sampling.sampler import Sampler, sample_labels, sample_seeds
 from sampling.settings import resolve_settings
 
@@ -44,7 +45,7 @@ def tiny(tmp_path_factory):
         merged.update(values)
         return resolve_settings([("test", merged)])
 
-    torch.save(random_weights(build_model(settings()), 0).state_dict(), path)
+    torch.save(random_weights(call_with(create_model, settings().flat()), 0).state_dict(), path)
     return {"root": root, "path": path, "settings": settings, "models": load_models(settings(), CPU)}
 
 
@@ -207,8 +208,8 @@ def test_sag_and_classifier_terms(tmp_path):
         classifier_depth=1, classifier_attention_resolutions="8", classifier_scale=2.0, out_dir="-",
         num_classes=10, timestep_respacing="ddim3", use_ddim=True, pag_layers="middle_block.1", pag_scale=1.0,
         sag_scale=0.5, sag_layer="output_blocks.1.1"))])
-    torch.save(random_weights(build_model(settings), 1).state_dict(), tmp_path / "m.pt")
-    torch.save(random_weights(build_classifier(settings), 2).state_dict(), tmp_path / "c.pt")
+    torch.save(random_weights(call_with(create_model, settings.flat()), 1).state_dict(), tmp_path / "m.pt")
+    torch.save(random_weights(call_with(create_classifier, settings.flat()), 2).state_dict(), tmp_path / "c.pt")
     models = load_models(settings, CPU)
     result = analysis.trace(settings, models, CPU, [0, 1], options=TraceOptions(shown_steps=1, blocks=[]))
     assert result.cg_on and (result.stats["sag_rms"] > 0).all() and (result.stats["cg_rms"] > 0).all()
@@ -222,7 +223,7 @@ def test_sag_and_classifier_terms(tmp_path):
         x_in = x.clone().requires_grad_(True)
         log_p = torch.log_softmax(models.classifier(x_in, t), dim=-1)[torch.arange(2), y].sum()
         grad = torch.autograd.grad(log_p, x_in)[0] * 2.0
-    abar = float(build_diffusion(settings).alphas_cumprod[-1])
+    abar = float(models.diffusion.alphas_cumprod[-1])
     expected = rms(-math.sqrt(1 - abar) * grad)
     assert result.stats["cg_rms"][0] == pytest.approx(expected.double().numpy(), rel=1e-4)
 
