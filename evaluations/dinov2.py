@@ -28,7 +28,6 @@ class MissingDINOv2Weights(FileNotFoundError):
 
 WEIGHTS = WeightsFile(WEIGHTS_FILENAME, WEIGHTS_URL, "Meta's DINOv2 ViT-L/14", "download-dinov2", "--dinov2-weights",
                       "FD_DINOv2 is", MissingDINOv2Weights)
-default_weights_path = WEIGHTS.default_path
 
 
 def build_model(model_name=MODEL_NAME):

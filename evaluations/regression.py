@@ -15,7 +15,7 @@ import sys
 
 from evaluations.evaluator import evaluate
 from evaluations.metrics import METRIC_KEYS, METRICS_BY_KEY
-from evaluations.features import WEIGHTS_FILENAME, WEIGHTS_URL, default_weights_path
+from evaluations.features import WEIGHTS, WEIGHTS_FILENAME, WEIGHTS_URL
 from evaluations.reference import default_cache_dir
 from adm_common.flags import FlagParser
 
@@ -62,14 +62,14 @@ def main(argv=None):
     p = FlagParser(separator="-", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ref", default=os.path.join(DEFAULT_DIR, REF_FILE))
     p.add_argument("--sample", default=os.path.join(DEFAULT_DIR, SAMPLE_FILE))
-    p.add_argument("--inception-weights", default=None, help=f"default: {default_weights_path()}")
+    p.add_argument("--inception-weights", default=None, help=f"default: {WEIGHTS.default_path()}")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None)
     p.add_argument("--cache-dir", default=default_cache_dir())
     p.add_argument("--json", metavar="PATH", help="also write our result as JSON")
     args = p.parse_args(argv)
 
-    weights = os.path.expanduser(args.inception_weights) if args.inception_weights else default_weights_path()
+    weights = os.path.expanduser(args.inception_weights) if args.inception_weights else WEIGHTS.default_path()
     missing = missing_inputs(args.ref, args.sample, weights)
     if missing:
         print("check-evaluator: cannot run the regression pair; missing inputs:\n" + "\n".join(missing))

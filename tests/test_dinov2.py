@@ -100,7 +100,7 @@ def test_random_weights_are_seeded_marked_and_informative(small, empty_torch_hom
 
 def test_missing_weights_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    assert dinov2.default_weights_path() == str(tmp_path / "torch_home" / "hub" / "checkpoints" / WEIGHTS_FILENAME)
+    assert dinov2.WEIGHTS.default_path() == str(tmp_path / "torch_home" / "hub" / "checkpoints" / WEIGHTS_FILENAME)
     missing = str(tmp_path / "nowhere.pth")
     for kwargs in ({}, {"weights_path": missing}, {"weights_path": missing, "allow_random_weights": True}):
         with pytest.raises(MissingDINOv2Weights) as info:
