@@ -385,9 +385,9 @@ def ensure(item: Item, dest: Path, manifest: Manifest, *, force: bool = False, v
 
 def default_dest(group: str) -> Path:
     if group in ("inception", "dinov2"):
-        from evaluations.features import default_weights_path
+        from evaluations.features import WEIGHTS
 
-        return Path(default_weights_path()).parent  # torch hub's checkpoints, where the evaluator looks for both
+        return Path(WEIGHTS.default_path()).parent  # torch hub's checkpoints, where the evaluator looks for both
     return Path("downloads") / group
 
 

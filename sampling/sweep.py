@@ -23,7 +23,7 @@ from .execute import execute
 from .run import configure_logging, make_sampler
 from .settings import (SampleConfigError, check_keys, read_yaml_mapping, resolve_settings, sample_defaults,
                        settings_warnings, suggest, to_command)
-from .sweep_evaluation import after_runs, check_evaluation, evaluation_markers, remove_evaluation_markers  # noqa: F401
+from .sweep_evaluation import after_runs, check_evaluation, remove_evaluation_markers
 
 SWEEP_KEYS = ("out_dir", "base", "grid", "ref_batch", "evaluation", "name", "anchors", "seeds", "table")
 MAX_NAME = 120

@@ -7,6 +7,7 @@ its done or failed marker instead of waiting in a collective."""
 import inspect
 import os
 import time
+from types import SimpleNamespace
 
 from adm_common.files import HashMemo, atomic_write_text, link_text, read_json_mapping, real_directory
 from adm_common.npz import samples_filename
@@ -67,20 +68,18 @@ def _stale_reason(recorded, inputs):
 def _evaluate_cells(cells, sweep, evaluate_fn):
     """Evaluate each cell whose eval.json does not record its current inputs (on this process alone; the inputs go
     into eval.json under ``sweep_inputs``, written once, by the evaluator's one writer); returns the results."""
-    import torch
-
     from evaluations.evaluator import RESULT_FORMAT, write_result
-    from evaluations.features import FEATURE_PRECISION, default_device
+    from evaluations.features import default_device, feature_numerics
     from evaluations.reference import CACHE_FORMAT, SingleProcess, default_cache_dir
 
+    extractor = SimpleNamespace(device=sweep.evaluation.get("device") or default_device())  # as the evaluator's
     memo = HashMemo(sweep.evaluation.get("cache_dir", default_cache_dir()))
     common = {"ref_sha256": memo.sha256(sweep.ref_batch), "evaluation": plain(dict(sweep.evaluation)),
               "evaluation_files": {k: memo.sha256(v) for k, v in sorted(sweep.evaluation.items())
                                    if k in EVALUATION_FILES and isinstance(v, str) and os.path.isfile(v)},
               # Results of another device type, precision or evaluator format are not reused (features on a GPU
               # and on the CPU differ by rounding; TF32 features before cache format 2 are wrong at 1e-3).
-              "numerics": f"{torch.device(sweep.evaluation.get('device') or default_device()).type}/"
-                          f"{FEATURE_PRECISION} {RESULT_FORMAT} cache{CACHE_FORMAT}"}
+              "numerics": f"{feature_numerics(extractor)} {RESULT_FORMAT} cache{CACHE_FORMAT}"}
     results = []
     for cell in cells:
         s = cell.settings

@@ -32,6 +32,7 @@ from guided_diffusion.script_util import create_model
 from sampling import cli, lock, sweep
 from sampling import shards as shard_files
 from sampling.settings import SampleConfigError
+from sampling.sweep_evaluation import evaluation_markers
 from processes import clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -899,7 +900,7 @@ def test_a_refused_sweep_leaves_the_running_sweeps_evaluation_markers(ckpt, tmp_
     cells = sweep.expand(cfg)
     os.makedirs(cells[1].out_dir)
     running = lock.RunLock(cells[1].out_dir).acquire()  # the running sweep holds its cells' locks
-    markers = sweep.evaluation_markers(cfg)
+    markers = evaluation_markers(cfg)
     try:
         for marker in markers:  # the running sweep's other ranks wait for these
             Path(marker).write_text("")
@@ -914,7 +915,7 @@ def test_stale_evaluation_markers_go_once_the_sweep_holds_its_cells(ckpt, tmp_pa
     path = write_sweep(tmp_path / "s.yaml", ckpt, tmp_path / "out", {"pag_scale": [0]})
     cfg = sweep.load_sweep(path)
     os.makedirs(cfg.out_dir)
-    markers = sweep.evaluation_markers(cfg)
+    markers = evaluation_markers(cfg)
     for marker in markers:
         Path(marker).write_text("")
     sweep.run_sweep(cfg, sweep.expand(cfg), evaluate_fn=FakeEvaluator(), table_fn=no_table)
