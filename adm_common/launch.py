@@ -74,13 +74,6 @@ def expand_slurm_nodelist(nodelist: str) -> List[str]:
     return hosts
 
 
-def _slurm_port(env: Mapping[str, str]) -> int:
-    """A port every task of the step derives alike, without talking to the others."""
-    job = int(env.get("SLURM_JOB_ID", env.get("SLURM_JOBID", "0")) or 0)
-    step = int(env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "0")) or 0)
-    return 15000 + (job * 7 + step) % 20000
-
-
 def _detect_torchrun(env: Mapping[str, str]) -> LaunchInfo:
     missing = [v for v in _TORCHRUN_VARS if env.get(v, "") == ""]
     if missing:
@@ -93,8 +86,7 @@ def _detect_torchrun(env: Mapping[str, str]) -> LaunchInfo:
 
 
 def _detect_slurm(env: Mapping[str, str]) -> LaunchInfo:
-    size_var = "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
-    world = _int_var(env, size_var)
+    world = _int_var(env, "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS")
     rank = _int_var(env, "SLURM_PROCID")
     local = _int_var(env, "SLURM_LOCALID") if env.get("SLURM_LOCALID") else 0
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
@@ -103,7 +95,10 @@ def _detect_slurm(env: Mapping[str, str]) -> LaunchInfo:
     if not addr:
         raise ValueError("SLURM launch detected but no rendezvous host: none of MASTER_ADDR, "
                          "SLURM_STEP_NODELIST, SLURM_JOB_NODELIST, SLURM_LAUNCH_NODE_IPADDR is set")
-    port = _int_var(env, "MASTER_PORT") if env.get("MASTER_PORT") else _slurm_port(env)
+    job = int(env.get("SLURM_JOB_ID", env.get("SLURM_JOBID", "0")) or 0)
+    step = int(env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "0")) or 0)
+    # without MASTER_PORT: a port every task of the step derives alike, without talking to the others
+    port = _int_var(env, "MASTER_PORT") if env.get("MASTER_PORT") else 15000 + (job * 7 + step) % 20000
     return LaunchInfo("slurm", rank, world, local, addr, port)
 
 
