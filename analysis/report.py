@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from adm_common.files import atomic_write_text
-from evaluations.table import new_figure, save_png
+from evaluations.table import markdown_table, new_figure, save_png
 
 from .trace import STATS, shown_step_numbers
 
@@ -248,12 +248,8 @@ def write_compare_curves(traces, out_dir):
 
 
 def _md_table(columns, rows):
-    out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        cells = ["-" if row.get(c) is None else f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])
-                 for c in columns]
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    return "\n".join(markdown_table(columns, [["-" if r.get(c) is None else f"{r[c]:.4g}" if isinstance(r[c], float)
+                                                else r[c] for c in columns] for r in rows]))
 
 
 def summary_markdown(name, command, traces, files, comparison_files, seconds):

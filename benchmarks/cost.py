@@ -17,10 +17,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import pag
 from adm_common.flags import FlagParser
+from evaluations.table import markdown_table as table
 from guided_diffusion.unet import attention_block_info
 
 from .models import ARCHS, PAG_SCALE, TIMESTEP, build, diffusion_flags, step_inputs
-from .report import table
 from .timing import count_flops, guided_variants, peak_fp16_tflops
 
 SAMPLERS = (("DDPM-250", 250), ("DDIM-25", 25))
@@ -103,7 +103,7 @@ def cost_markdown(peak_fraction=DEFAULT_PEAK_FRACTION, archs=ARCHS):
               f"PFLOP / {NUM_SAMPLES // 1000}k"] + [f"{d} h / {NUM_SAMPLES // 1000}k" for d in DEVICES]
     lines += table(header, [[r["model"], r["sampler"], r["guidance"], f"{r['forwards']:.3f}",
                              f"{r['tflop_per_step']:.3f}", f"{r['tflop_per_image']:,.1f}", f"{r['pflop_per_run']:,.0f}"]
-                            + [f"{r['hours'][d]:,.1f}" for d in DEVICES] for r in rows], right=len(header) - 3)
+                            + [f"{r['hours'][d]:,.1f}" for d in DEVICES] for r in rows], right=range(3, len(header)))
     return "\n".join(lines)
 
 

@@ -13,10 +13,10 @@ from torch.utils._pytree import tree_flatten
 
 import pag
 from adm_common.flags import FlagParser
+from evaluations.table import markdown_table
 from sampling.models import set_compute_dtype
 
 from .models import ARCHS, build, diffusion_flags, step_inputs
-from .report import table as markdown_table
 from .timing import guided_variants
 
 

@@ -1,17 +1,13 @@
 """The GPU check's report (the dict written to ``report.json``) as Markdown (``report.md``)."""
 
+from evaluations.table import markdown_table as table
+
 from .health import health_methods
 from .models import ARCHS
 
 
 def _fmt(value, spec=".1f"):
     return "-" if value is None else format(value, spec) if isinstance(value, float) else str(value)
-
-
-def table(header, rows, right=0):
-    """Markdown table lines: ``header`` (cells), the rule (the last ``right`` columns right-aligned), the rows."""
-    rule = "|" + "---|" * (len(header) - right) + "---:|" * right
-    return [f"| {' | '.join(header)} |", rule] + [f"| {' | '.join(map(str, row))} |" for row in rows]
 
 
 def to_markdown(report):

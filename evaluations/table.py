@@ -260,14 +260,19 @@ def _notes(rows):
     return notes
 
 
+def markdown_table(header, rows, right=()):
+    """Markdown table lines: ``header``, the rule (the columns numbered in ``right`` right-aligned), the rows."""
+    rule = "|" + "".join("---:|" if i in right else "---|" for i in range(len(header)))
+    return [f"| {' | '.join(header)} |", rule] + [f"| {' | '.join(map(str, row))} |" for row in rows]
+
+
 def render_markdown(rows, group_by, title=None):
     cols = _columns(rows, group_by)
-    out = ([f"## {title}", ""] if title else []) + ["| " + " | ".join(_header(c) for c in cols) + " |"]
-    out.append("|" + "|".join("---:" if _is_number_column(c) else "---" for c in cols) + "|")
-    for row in rows:
-        cells = [_cell(row, c).replace("|", "\\|") for c in cols]
-        cells = [f"**{v}**" if c == "fid" and row.get("best_fid") else v for c, v in zip(cols, cells)]
-        out.append("| " + " | ".join(cells) + " |")
+    cells = [[_cell(row, c).replace("|", "\\|") for c in cols] for row in rows]
+    cells = [[f"**{v}**" if c == "fid" and row.get("best_fid") else v for c, v in zip(cols, line)]
+             for row, line in zip(rows, cells)]
+    out = ([f"## {title}", ""] if title else []) + markdown_table(
+        [_header(c) for c in cols], cells, right=[i for i, c in enumerate(cols) if _is_number_column(c)])
     notes = _notes(rows)
     out += [""] + [f"*{n}*" for n in notes] if notes else []
     return "\n".join(out) + "\n"
