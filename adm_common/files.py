@@ -217,11 +217,6 @@ class HashMemo:
         return digest
 
 
-def cached_file_sha256(path):
-    """Hex sha256 of a file, remembered beside it (:class:`HashMemo`'s sidecar ``<path>.sha256``)."""
-    return HashMemo().sha256(path)
-
-
 def read_json_mapping(path):
     """The JSON object in ``path`` (or an open text file), or {} when the file is missing, unreadable, empty or not
     an object (small records other processes may be rewriting: lock holders, shard claims, hash memos)."""

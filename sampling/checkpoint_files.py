@@ -4,7 +4,7 @@ what identifies their content in the run record."""
 
 import os
 
-from adm_common.files import cached_file_sha256
+from adm_common.files import HashMemo
 from guided_diffusion.blobs import local_path
 from guided_diffusion.checkpoint import CheckpointError, check_state_dict, read_state_dict
 
@@ -54,4 +54,4 @@ def load_weights(net, path, flag, device):
 def checkpoint_identity(path):
     """A checkpoint's content: ``sha256:<hex>`` of a local file (remembered beside it), else ``url:<url>``."""
     local = local_path(path)
-    return f"url:{path}" if local is None else f"sha256:{cached_file_sha256(local)}"
+    return f"url:{path}" if local is None else f"sha256:{HashMemo().sha256(local)}"
