@@ -125,29 +125,22 @@ class Progress:
         time.sleep(POLL_SECONDS)
         self.check()
 
-    def _count(self):
-        total = sum(int(text) for text in self.markers.read_all().values() if text.strip().isdecimal())
-        return min(self.total, self.start + total)  # a shard sampled twice (taken over) counts once
-
-    def _line(self):
-        elapsed = max(time.time() - self.t0, 1e-9)
-        rate = (self.done - self.start) / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else None
-        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta is not None and eta < 86400 * 30 else "?"
-        print(f"{self.name}: {self.done}/{self.total} images ({100 * self.done / self.total:.1f}%), "
-              f"{rate:.2f} img/s, ETA {eta_text}", file=sys.stderr, flush=True)
-
     def refresh(self, last=False):
         """Rank 0: show all ranks' images (``last``: the final line, or the bar closed)."""
         if self.rank != 0:
             return
-        self.done = max(self.done, self._count())
+        counted = sum(int(text) for text in self.markers.read_all().values() if text.strip().isdecimal())
+        self.done = max(self.done, min(self.total, self.start + counted))  # a shard taken over counts once
         if self.bar is not None:
             self.bar.update(max(0, self.done - self.bar.n))
             if last:
                 self.bar.close()
         elif last or time.time() - self.last_line >= PLAIN_PROGRESS_SECONDS:
-            self._line()
+            rate = (self.done - self.start) / max(time.time() - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else None
+            eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta is not None and eta < 86400 * 30 else "?"
+            print(f"{self.name}: {self.done}/{self.total} images ({100 * self.done / self.total:.1f}%), "
+                  f"{rate:.2f} img/s, ETA {eta_text}", file=sys.stderr, flush=True)
             self.last_line = time.time()
 
     def close(self):
