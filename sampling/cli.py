@@ -92,11 +92,9 @@ def _stop_on_signal():
             fired.append(signum)
             raise RunStopped(signum)
 
-    try:
+    with contextlib.suppress(ValueError):  # ValueError: not the main thread, the signals are left alone
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, handler)
-    except ValueError:  # not the main thread: leave the signals alone
-        pass
     try:
         yield
     finally:
@@ -123,10 +121,8 @@ def exit_code(body):
         return 1
     except RunStopped as e:
         message = f"{e}; rerun the same command to resume"
-        try:
+        with contextlib.suppress(OSError):
             logger.log(message)  # into the run's log.txt
-        except OSError:
-            pass
         report_error(message, everywhere=False)
         return 128 + e.signum
     except OSError as e:
