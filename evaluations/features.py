@@ -122,7 +122,6 @@ class WeightsFile:
 
 WEIGHTS = WeightsFile(WEIGHTS_FILENAME, WEIGHTS_URL, f"torch-fidelity's {EXTRACTOR_NAME}", "download-inception",
                       "--inception-weights", "every number is", MissingInceptionWeights)
-default_weights_path = WEIGHTS.default_path
 
 
 def _inception_class(random_init):
