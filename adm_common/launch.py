@@ -95,11 +95,15 @@ def _detect_slurm(env: Mapping[str, str]) -> LaunchInfo:
     if not addr:
         raise ValueError("SLURM launch detected but no rendezvous host: none of MASTER_ADDR, "
                          "SLURM_STEP_NODELIST, SLURM_JOB_NODELIST, SLURM_LAUNCH_NODE_IPADDR is set")
+    port = _int_var(env, "MASTER_PORT") if env.get("MASTER_PORT") else _slurm_port(env)
+    return LaunchInfo("slurm", rank, world, local, addr, port)
+
+
+def _slurm_port(env: Mapping[str, str]) -> int:
+    """Without MASTER_PORT: a port every task of the step derives alike, without talking to the others."""
     job = int(env.get("SLURM_JOB_ID", env.get("SLURM_JOBID", "0")) or 0)
     step = int(env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "0")) or 0)
-    # without MASTER_PORT: a port every task of the step derives alike, without talking to the others
-    port = _int_var(env, "MASTER_PORT") if env.get("MASTER_PORT") else 15000 + (job * 7 + step) % 20000
-    return LaunchInfo("slurm", rank, world, local, addr, port)
+    return 15000 + (job * 7 + step) % 20000
 
 
 def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:

@@ -1,6 +1,6 @@
 """Peak activation memory of one guided model call at the real ADM-256 widths, counted on torch's meta device (no GPU,
-no memory; ``python scripts/bench_memory.py``): unguided at B and 2B, the engine batched and sequential, the authors'
-two passes. :class:`LiveBytes` counts live storage bytes (on real CPU tensors too); it cannot see kernel workspaces
+no memory): unguided at B and 2B, the engine batched and sequential, the authors' two passes. What is counted is
+live storage bytes (on real CPU tensors too); that cannot see kernel workspaces
 (flash attention's, cuDNN's) or the CUDA allocator's rounding, and meta's math attention keeps the (T x T) map that
 flash attention does not (docs/gpu.md).
 """

@@ -324,10 +324,9 @@ def _run_lines(args, argv, data_seconds, threads, device=None):
     ]
 
 
-def write_record(args, out_dir, data_seconds, diffusion_info, feature_info, argv):
-    """Rewrite TRAINING.md: the sections of what this run trained; the record's other sections are kept."""
-    path = out_dir / "TRAINING.md"
-    previous = path.read_text() if path.exists() else ""
+def write_record(args, out_dir, data_seconds, diffusion_info, feature_info, argv, previous=""):
+    """Write TRAINING.md; ``previous`` is the record before this run (sections not retrained are kept, the
+    other data sets' too)."""
     spec, flags = DATASETS[args.dataset], model_flags(args.dataset)
     lines = [
         "# Demo checkpoints: how they were trained",
@@ -368,7 +367,7 @@ def write_record(args, out_dir, data_seconds, diffusion_info, feature_info, argv
             ]
             if args.init_from:  # the run that wrote --init_from, from its record
                 init_record = Path(args.init_from).parent / "TRAINING.md"
-                same = init_record.resolve() == path.resolve()
+                same = init_record.resolve() == (out_dir / "TRAINING.md").resolve()
                 earlier = _section(previous if same else (init_record.read_text() if init_record.exists() else ""),
                                    diffusion_title)
                 if earlier:
@@ -392,6 +391,7 @@ def write_record(args, out_dir, data_seconds, diffusion_info, feature_info, argv
                 "these are not Inception metrics",
                 "",
             ]
+    path = out_dir / "TRAINING.md"
     atomic_write_text(path, "\n".join(line for line in lines if line is not None).rstrip() + "\n")
     return path
 
@@ -408,6 +408,8 @@ def main(argv=None):
         raise SystemExit(f"error: {out_dir} already holds {', '.join(existing)}: pass --overwrite to replace them "
                          "(make train-demo TRAIN_DEMO_FLAGS=--overwrite), or choose another --out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
+    record_path = out_dir / "TRAINING.md"
+    previous = record_path.read_text() if record_path.exists() else ""
 
     start = time.time()
     images, labels = demo_data.make_dataset(args.num_images, args.seed, kind=args.dataset)
@@ -428,7 +430,7 @@ def main(argv=None):
             f"final loss {diffusion_info['final']['loss']:.4f}; wrote {path}")
         if args.check_samples:
             log(f"sample check: {check_samples(model, args.check_samples, args.seed, out_dir, args.dataset)}")
-    record = write_record(args, out_dir, data_seconds, diffusion_info, feature_info, argv)
+    record = write_record(args, out_dir, data_seconds, diffusion_info, feature_info, argv, previous)
     log(f"wrote {record}")
 
 

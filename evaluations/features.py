@@ -234,6 +234,8 @@ def load_extractor(spec, path, device=None):
     ``(path, device=...)`` with the interface of :class:`InceptionFeatures` (``__call__(uint8 NHWC) -> {pool,
     logits, spatial}``, ``id``, ``device``, ``weights_path``, ``random_weights``, ``marker``). Imported when asked
     for, so the evaluator depends on no particular network (the CPU demo's is ``demo.features:DemoFeatures``)."""
+    if not str(spec).partition(":")[2] or str(spec).startswith(":"):
+        raise ValueError(f"feature extractor {spec!r}: expected 'module:Class'")
     try:
         cls = pkgutil.resolve_name(str(spec))
     except (ValueError, ImportError, AttributeError) as e:

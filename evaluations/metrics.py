@@ -63,10 +63,12 @@ class EvaluationWarning(UserWarning):
     pass
 
 
-def _finite_array(x, name, ndim, dtype=np.float64):
+def _finite_array(x, name, ndim, dtype=np.float64, promote=True):
+    """``x`` as a finite ``ndim``-D array; ``promote``: a scalar mu/sigma (1-D Gaussian) becomes 1-D/2-D."""
     if torch.is_tensor(x):
         x = x.detach().cpu()
-    x = (np.atleast_1d if ndim == 1 else np.atleast_2d)(np.asarray(x, dtype=dtype))
+    x = np.asarray(x, dtype=dtype)
+    x = (np.atleast_1d if ndim == 1 else np.atleast_2d)(x) if promote else x
     if x.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {x.shape}")
     if not np.all(np.isfinite(x)):
@@ -312,10 +314,10 @@ def _manifold_radii(feats, k, max_block_elems, pr_precision, row_batch_size, col
     return radii
 
 
-def precision_recall(ref_features, sample_features, **options):
+def precision_recall(ref_features, sample_features, *args, **kwargs):
     """``(precision, recall)`` of samples against a reference set of features (both N x D), as OpenAI's evaluator
-    computes them; ``options``: :func:`manifold_memberships`'."""
-    m = manifold_memberships(ref_features, sample_features, **options)
+    computes them; the other arguments (``k``, ...): :func:`manifold_memberships`'."""
+    m = manifold_memberships(ref_features, sample_features, *args, **kwargs)
     return int(m.sample_in_ref.sum()) / len(m.sample_in_ref), int(m.ref_in_sample.sum()) / len(m.ref_in_sample)
 
 
@@ -342,8 +344,8 @@ def manifold_memberships(ref_features, sample_features, k=3, max_block_elems=2 *
         ``"ref_radii"``, ``"sample_radii"`` or ``"pr"`` (rows: reference, columns: samples).
     :param ref_radii: an earlier call's, with the same reference features (the bootstrap's resamples)."""
     check_pr_precision(pr_precision)
-    ref = _finite_array(ref_features, "ref_features", 2, np.float32)
-    sample = _finite_array(sample_features, "sample_features", 2, np.float32)
+    ref = _finite_array(ref_features, "ref_features (N x D)", 2, np.float32, promote=False)
+    sample = _finite_array(sample_features, "sample_features (N x D)", 2, np.float32, promote=False)
     if ref.shape[1] != sample.shape[1]:
         raise ValueError(f"feature dimensions differ: reference {ref.shape[1]}, samples {sample.shape[1]}")
     if row_batch_size < 1 or col_batch_size < 1:

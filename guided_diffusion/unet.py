@@ -648,7 +648,7 @@ class EncoderUNetModel(_Torso):
     ):
         super().__init__()
         skip_channels, ch, ds = self._build_torso(locals())
-        features = sum(skip_channels) + ch  # what the spatial pools concatenate
+        self._feature_size = sum(skip_channels) + ch  # what the spatial pools concatenate
         if pool == "adaptive":
             self.out = nn.Sequential(
                 normalization(ch),
@@ -667,11 +667,11 @@ class EncoderUNetModel(_Torso):
             )
         elif pool == "spatial":
             self.out = nn.Sequential(
-                nn.Linear(features, 2048), nn.ReLU(), nn.Linear(2048, out_channels)
+                nn.Linear(self._feature_size, 2048), nn.ReLU(), nn.Linear(2048, out_channels)
             )
         elif pool == "spatial_v2":
             self.out = nn.Sequential(
-                nn.Linear(features, 2048),
+                nn.Linear(self._feature_size, 2048),
                 normalization(2048),
                 nn.SiLU(),
                 nn.Linear(2048, out_channels),

@@ -44,16 +44,17 @@ class RunPlan:
     def num_shards(self):
         return self.layout.num_shards
 
-    def shard_problem(self, k):
-        """Why shard k on disk is not this run's (None when it is); reads the whole file (CRC). A shard of this run
-        cut with another shard_size is an error (its samples would be lost or mixed)."""
+    def shard_problem(self, k, strict=False):
+        """Why shard k on disk is not this run's (None when it is); reads the whole file (CRC). ``strict`` (planning,
+        before anything is sampled): a shard of this run cut with another shard_size is an error (its samples would
+        be lost or mixed); during the run (``shards.collect``) it is rejected and sampled again like any bad shard."""
         layout, (start, end) = self.layout, self.layout.shard_bounds(k)
         problem = shard_problem(layout.shard_path(k), start, end, layout.image_size, self.run_id,
                                 allow_without_run_id=self.legacy_shards)
         stored = problem.stored_range if problem else None
-        if stored and (stored[0] != k * layout.shard_size or stored[1] - stored[0] > layout.shard_size):
-            raise _cut_with(layout, stored[0] // k if k else stored[1] - stored[0],
-                            f"{layout.shard_path(k)} holds samples {stored[0]}-{stored[1] - 1}: ")
+        if strict and stored and (stored[0] != k * layout.shard_size or stored[1] - stored[0] > layout.shard_size):
+            old_size = stored[0] // k if k and stored[0] >= k else stored[1] - stored[0]
+            raise _cut_with(layout, old_size, f"{layout.shard_path(k)} holds samples {stored[0]}-{stored[1] - 1}: ")
         return problem
 
 
@@ -86,7 +87,7 @@ def record_differences(recorded, ident, settings):
 
 
 def refuse_links(layout):
-    """One line naming the first link at a path a run reads or writes (:meth:`RunLayout.links`), if any."""
+    """Raise :class:`SampleConfigError` naming the first link at a path a run reads or writes (RunLayout.links)."""
     links = layout.links()
     if links:
         more = f" (and {len(links) - 1} more: {', '.join(links[1:3])}{', ...' if len(links) > 3 else ''})" \
@@ -234,13 +235,14 @@ def _plan_rank0(settings, state, lock, notes):
         return plan
     for k in range(layout.num_shards):  # the verified shards counted, bad ones moved aside and sampled again
         path = layout.shard_path(k)
-        if os.path.exists(path) and not (problem := plan.shard_problem(k)):
-            plan.done_images += layout.shard_bounds(k)[1] - layout.shard_bounds(k)[0]
-            continue
-        if os.path.exists(path):
+        if not os.path.exists(path):
+            plan.remaining.append(k)
+        elif problem := plan.shard_problem(k, strict=True):
             notes.append(f"shard {os.path.basename(path)} rejected ({problem}): moved to "
                          f"{reject_shard(path, problem)}, it is sampled again")
-        plan.remaining.append(k)
+            plan.remaining.append(k)
+        else:
+            plan.done_images += layout.shard_bounds(k)[1] - layout.shard_bounds(k)[0]
     if plan.remaining and record:
         _reuse_merged_batches(plan, notes)
     return plan

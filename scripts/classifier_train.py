@@ -85,7 +85,7 @@ def main(argv=None):
 
             log_loss_dict(diffusion, sub_t, {
                 f"{prefix}_loss": loss.detach(),
-                **{f"{prefix}_acc@{k}": compute_top_k(logits, sub_labels, k=k) for k in (1, 5)}})
+                **{f"{prefix}_acc@{k}": compute_top_k(logits, sub_labels, k=k, reduction="none") for k in (1, 5)}})
             loss = loss.mean()
             if loss.requires_grad:
                 if i == 0:
@@ -113,10 +113,13 @@ def main(argv=None):
     save_training_state(step + resume_step, mp_trainer, opt)
 
 
-def compute_top_k(logits, labels, k):
-    """Per sample, 1.0 when its label is among the top ``k`` logits, else 0.0."""
+def compute_top_k(logits, labels, k, reduction="mean"):
+    """Whether each label is among the top ``k`` logits (reduction "none"), or the mean of that (upstream's)."""
     _, top_ks = th.topk(logits, min(k, logits.shape[-1]), dim=-1)
-    return (top_ks == labels[:, None]).float().sum(dim=-1)
+    hits = (top_ks == labels[:, None]).float().sum(dim=-1)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    return hits.mean().item() if reduction == "mean" else hits
 
 
 def split_microbatches(microbatch, *args):

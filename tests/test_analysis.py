@@ -14,7 +14,7 @@ import pag
 from analysis import cli as analysis_cli
 from analysis.report import COMPARE_COLUMNS, CURVE_COLUMNS, ENTROPY_COLUMNS
 from analysis.trace import STATS, TraceOptions, _AttentionProbe, shown_step_numbers
-from guided_diffusion.script_util import call_with, create_classifier, create_model
+from guided_diffusion.script_util import call_with, create_classifier, create_model, diffusion_from
 from sampling.models import load_models
 from sampling.sampler import Sampler, sample_labels, sample_seeds
 from sampling.settings import resolve_settings
@@ -223,7 +223,7 @@ def test_sag_and_classifier_terms(tmp_path):
         x_in = x.clone().requires_grad_(True)
         log_p = torch.log_softmax(models.classifier(x_in, t), dim=-1)[torch.arange(2), y].sum()
         grad = torch.autograd.grad(log_p, x_in)[0] * 2.0
-    abar = float(models.diffusion.alphas_cumprod[-1])
+    abar = float(diffusion_from(settings.flat()).alphas_cumprod[-1])
     expected = rms(-math.sqrt(1 - abar) * grad)
     assert result.stats["cg_rms"][0] == pytest.approx(expected.double().numpy(), rel=1e-4)
 

@@ -84,6 +84,8 @@ def test_srun_step(monkeypatch):
     assert info.master_port == launch.detect_launch(dict(SRUN_ENV, SLURM_PROCID="0")).master_port
     assert 1024 < info.master_port < 65536
     assert launch.detect_launch(dict(SRUN_ENV, MASTER_ADDR="head", MASTER_PORT="1234")).master_addr == "head"
+    # with MASTER_PORT the job and step ids are not read (a step id need not be a number)
+    assert launch.detect_launch(dict(SRUN_ENV, SLURM_STEP_ID="batch", MASTER_PORT="1234")).master_port == 1234
 
 
 def test_srun_without_node_list_uses_launch_node():

@@ -267,3 +267,11 @@ def test_entries_of_the_old_format_are_not_read(batch, tmp_path):
     out = batch_features(batch, extractor, batch_size=8, cache_dir=cache_dir)
     assert not out["from_cache"] and extractor.num_calls == 1 and not np.all(out["pool"] == 7.0)
     assert old.exists() and len(list(cache_dir.glob("*.npz"))) == 2
+
+
+@pytest.mark.parametrize("spec", ["demo.features", "demo.features:", ":DemoFeatures"])
+def test_a_feature_extractor_spec_without_a_class_is_a_clear_error(spec):
+    from evaluations.features import load_extractor
+
+    with pytest.raises(ValueError, match="expected 'module:Class'"):
+        load_extractor(spec, "unused.pt")

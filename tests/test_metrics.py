@@ -528,3 +528,10 @@ def test_shard_bounds_cover_range_contiguously(n, world):
     assert max(sizes) - min(sizes) <= 1
     with pytest.raises(ValueError):
         shard_bounds(n, world, world)
+
+
+def test_feature_arrays_must_be_two_dimensional_and_options_may_be_positional():
+    ref = np.random.default_rng(0).random((20, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"ref_features \(N x D\) must be 2-D, got shape \(64,\)"):
+        metrics.precision_recall(np.zeros(64), ref)
+    assert metrics.precision_recall(ref, ref, 3) == metrics.precision_recall(ref, ref, k=3) == (1.0, 1.0)

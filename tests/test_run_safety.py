@@ -657,6 +657,21 @@ def test_other_shard_size_with_shards_present_is_refused_clearly(ckpt, tmp_path,
     assert snapshot(out_dir / "shards") == before
 
 
+def test_a_misplaced_shard_found_during_the_run_is_rejected_not_fatal(ckpt, tmp_path, one_thread):
+    # Only planning refuses a shard of another sample range (before anything is sampled); rank 0's collect, in the
+    # middle of a run, moves it aside and samples it again, as any bad shard.
+    out_dir = tmp_path / "run"
+
+    def copy_first_over_last(count):
+        if count == 1:
+            shutil.copy(out_dir / "shards" / "shard_000000.npz", out_dir / "shards" / "shard_000002.npz")
+
+    assert cli.main(argv(out_dir, ckpt), on_shard_written=copy_first_over_last) == 0
+    with np.load(final(out_dir)) as batch:
+        assert batch["arr_0"].shape == (N, 32, 32, 3)
+    assert [p.name for p in (out_dir / "shards" / "rejected").glob("shard_000002*.npz")], "the copy was not set aside"
+
+
 # ------------------------------------------------------------------------------------- 11. dry runs
 
 
