@@ -211,7 +211,6 @@ class GaussianDiffusion:
                 model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = th.exp(model_log_variance)
         elif self.model_var_type == ModelVarType.FIXED_LARGE:
-            # beta_t, except at t=0 where the posterior variance gives a better decoder likelihood.
             model_variance = self._coef("fixed_large_variance", t, x.shape)
             model_log_variance = self._coef("fixed_large_log_variance", t, x.shape)
         elif self.model_var_type == ModelVarType.FIXED_SMALL:
@@ -499,13 +498,6 @@ class GaussianDiffusion:
             raise NotImplementedError(self.loss_type)
         return terms
 
-    def _prior_bpd(self, x_start):
-        """KL(q(x_T | x_0) || N(0, I)) in bits per dimension, per batch element (not trainable)."""
-        t = th.tensor([self.num_timesteps - 1] * x_start.shape[0], device=x_start.device)
-        qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
-        kl_prior = normal_kl(mean1=qt_mean, logvar1=qt_log_variance, mean2=0.0, logvar2=0.0)
-        return mean_flat(kl_prior) / _LOG2
-
     def calc_bpd_loop(self, model, x_start, clip_denoised=True, model_kwargs=None):
         """The full variational bound (bits/dim): 'total_bpd' [N], 'prior_bpd' [N], and [N, T] diagnostics 'vb',
         'xstart_mse', 'mse' (eps MSE) whose column j belongs to step T-1-j (the loop runs from T-1 down)."""
@@ -531,7 +523,9 @@ class GaussianDiffusion:
             mse.append(mean_flat((eps - noise) ** 2))
 
         vb = th.stack(vb, dim=1)
-        prior_bpd = self._prior_bpd(x_start)
+        # KL(q(x_T | x_0) || N(0, I)) in bits per dimension (not trainable).
+        qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, th.full_like(t_batch, self.num_timesteps - 1))
+        prior_bpd = mean_flat(normal_kl(mean1=qt_mean, logvar1=qt_log_variance, mean2=0.0, logvar2=0.0)) / _LOG2
         return {
             "total_bpd": vb.sum(dim=1) + prior_bpd,
             "prior_bpd": prior_bpd,

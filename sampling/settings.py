@@ -140,10 +140,7 @@ class RunSettings:
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
     def flat(self):
-        values = {}
-        for group in GROUPS:
-            values.update(dataclasses.asdict(getattr(self, group)))
-        return values
+        return {k: v for group in GROUPS for k, v in dataclasses.asdict(getattr(self, group)).items()}
 
     def identity(self, noise_device):
         """The settings that decide the samples (a run in the same out_dir must have the same): not the runtime ones,
