@@ -430,10 +430,6 @@ def save_png(fig, path, dpi=120):
 # entry point
 
 
-def _safe_name(name):
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "experiment"
-
-
 def make_table(runs, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None, experiment=None, plots=True,
                minimum=False):
     """Gather runs on disk (run directories, result JSON files, or directories of run directories) into one table
@@ -477,7 +473,7 @@ def make_table_from_rows(rows, out_dir, group_by=DEFAULT_GROUP_BY, anchors=None,
         ours.sort(key=lambda r: _sort_key(r, group_by, scale_key))
         mark_best_fid(ours)
         table_rows = ours + anchor_rows
-        prefix = os.path.join(out_dir, _safe_name(name))
+        prefix = os.path.join(out_dir, re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "experiment")
         files = []
         for ext, text in (("md", render_markdown(table_rows, group_by, title=name)),
                           ("csv", render_csv(table_rows, group_by)),

@@ -47,8 +47,7 @@ class ShardProblem:
 def shard_problem(path, start, end, image_size, run_id, allow_without_run_id=False):
     """Why ``path`` is not shard [start, end) of run ``run_id`` (a :class:`ShardProblem`), else None; checks CRCs."""
     try:
-        bad = crc_failure(path)
-        if bad is not None:
+        if (bad := crc_failure(path)) is not None:
             return ShardProblem(f"damaged: the CRC check of {bad} failed")
         shape, dtype = npz_header(path, "arr_0")
         with np.load(path, allow_pickle=False) as npz:
@@ -104,8 +103,7 @@ def write_shard(plan, k, batches):
 
 def rows_from_batch(npz_path, bounds, with_labels):
     """(start, end, images, labels) of each of ``bounds`` from a merged sample batch, after checking its every CRC."""
-    bad = crc_failure(npz_path)
-    if bad is not None:
+    if (bad := crc_failure(npz_path)) is not None:
         raise ShardError(npz_path, f"damaged: the CRC check of {bad} failed")
     bounds = sorted((int(start), int(end)) for start, end in bounds)  # shard bounds: never overlapping
     if not bounds:
