@@ -101,9 +101,10 @@ ablation-perturbation: venv
 # The embedded demo's models (demo/train.py), written to checkpoints/demo/ with the record TRAINING.md and a
 # DDIM-25 sample check. train-demo: the tiny class-conditional ADM model (EMA weights) and its feature net on the
 # generated shapes data set (demo/data.py; about 45 minutes on a shared 2-core CPU). train-demo-mirror: the
-# unconditional model `make demo` uses and its feature net, on the mirror data set (the right half mirrors the
-# left; about 65 minutes). TRAIN_DEMO_FLAGS passes through: "--overwrite" to replace the committed files
-# (refused otherwise), "--threads 2" on an idle machine.
+# unconditional model `make demo` uses and its feature net, on the textured mirror data set (the right half mirrors
+# the left; about 65 minutes; the committed model was trained in two stages, see checkpoints/demo/TRAINING.md).
+# TRAIN_DEMO_FLAGS passes through: "--overwrite" to replace the committed files (refused otherwise), "--threads 2"
+# on an idle machine.
 TRAIN_DEMO_FLAGS ?=
 
 .PHONY: train-demo train-demo-mirror
@@ -136,7 +137,7 @@ demo: venv
 ANALYZE_FLAGS ?=
 ANALYZE_DEMO = --model checkpoints/demo/adm_mirror.yaml --device cpu --batch_size 16 \
 	--timestep_respacing ddim25 --use_ddim True --pag_scale 2 \
-	--pag_layers input_blocks.3.1,input_blocks.5.1,middle_block.1 \
+	--pag_layers output_blocks.2.1 \
 	--name demo --indices 0-3 --curve_samples 16 --kinds identity,seg --compare_kinds all
 
 .PHONY: analyze-demo

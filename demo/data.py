@@ -1,11 +1,11 @@
 """The embedded demo's data sets: 32x32 RGB images of shapes, generated on the fly.
 
 ``shapes`` (the class-conditional demo model): one shape per image, labelled with its class.
-``mirror`` (the unconditional demo model): the same drawing confined to the left half, and the right half
-its mirror image, so every pixel must agree with the one 31 - x columns away: a long-range dependency that
-convolutions at 32x32 cannot see and attention can (a 16x16 attention token's partner is 15 - j tokens
-away). Its label is still the shape's class; ``make_broken_mirror`` gives the feature net's negative class
-(the two halves of different images).
+``mirror`` (the unconditional demo model): the same drawing confined to the left half under a fine coloured
+texture, and the right half its mirror image, so every pixel must agree with the one 31 - x columns away: a
+long-range dependency that convolutions at 32x32 cannot see and attention can (a 16x16 token's partner is 15 - j
+tokens away). The texture is why attention must look there: on a smooth gradient any nearby token would do.
+Its label is the shape's class; ``make_broken_mirror`` gives the feature net's "broken" class (two images' halves).
 
 Each image is one filled shape (the class) of random colour, size, position and rotation on a smooth
 two-colour gradient with faint low-frequency texture. Shapes are drawn with Pillow at 4x (128x128) as a
@@ -134,7 +134,8 @@ def make_mirror_sample(seed, index):
     """Sample ``index`` of the mirror data set: a smaller shape drawn in the left half, the right half its
     mirror image (the background too). (uint8 [32, 32, 3] image, int label of the shape)."""
     # A stream of its own: mirror sample i is not shapes sample i cut in half.
-    image, label = _draw(np.random.default_rng([int(seed), int(index), MIRROR_STREAM]), IMAGE_SIZE * SUPERSAMPLE // 2)
+    rng = np.random.default_rng([int(seed), int(index), MIRROR_STREAM])
+    image, label = _draw(rng, IMAGE_SIZE * SUPERSAMPLE // 2, texture=MIRROR_TEXTURE)
     half = IMAGE_SIZE // 2
     image[:, half:] = image[:, :half][:, ::-1]
     return image, label
@@ -151,12 +152,14 @@ def make_broken_mirror(seed, index):
 
 
 MIRROR_STREAM = 1
+MIRROR_TEXTURE = 0.3  # amplitude of the mirror set's texture: colour noise on a 12 x 12 grid (left half: 6 cells wide)
 BROKEN_PARTNER_OFFSET = 1 << 40  # partners outside any index a data set of this project uses
 BROKEN_LABEL = NUM_CLASSES  # the mirror feature net's extra class
 
 
-def _draw(rng, width):
-    """One shape on a gradient background, the shape inside the first ``width`` columns (at 4x)."""
+def _draw(rng, width, texture=0.0):
+    """One shape on a gradient background, the shape inside the first ``width`` columns (at 4x); ``texture``: the
+    amplitude of a fine colour texture over the whole image."""
     label = int(rng.integers(NUM_CLASSES))
     name = CLASS_NAMES[label]
 
@@ -183,6 +186,8 @@ def _draw(rng, width):
     alpha = _shape_mask(name, center, radius, angle)[..., None]
 
     image = background * (1 - alpha) + fg * alpha
+    if texture:
+        image = image + texture * np.stack([_smooth_noise(rng, cells=12) for _ in range(3)], axis=-1)
     return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8), label
 
 

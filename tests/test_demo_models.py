@@ -189,7 +189,9 @@ def test_committed_mirror_model_is_unconditional_and_denoises_mirror_images():
     untrained_mse = _x0_mse(model, diffusion, kind="mirror")
     load_checkpoint(model, str(DEMO_DIR / config["file"]))
     trained_mse = _x0_mse(model, diffusion, kind="mirror")
-    assert untrained_mse > 0.1 and trained_mse < 0.03, (untrained_mse, trained_mse)
+    # The fine texture is partly lost under t = 300's noise (abar 0.39): the committed model scores 0.046, the one
+    # trained before the texture was added 0.060, an untrained one 1.5.
+    assert untrained_mse > 0.1 and trained_mse < 0.055, (untrained_mse, trained_mse)
     total = sum((DEMO_DIR / name).stat().st_size for name in ("adm_demo.pt", "features_demo.pt", "adm_mirror.pt",
                                                               "features_mirror.pt"))
     assert total <= 20 * 1024 * 1024, total  # the committed demo files stay under 20 MB
