@@ -99,8 +99,8 @@ ablation-perturbation: venv
 	$(SWEEP) configs/experiments/ablation_perturbation.yaml $(SWEEP_FLAGS)
 
 # The embedded demo's models (demo/train.py), written to checkpoints/demo/ with the record TRAINING.md and a
-# DDIM-25 sample check. train-demo: the tiny class-conditional ADM model (EMA weights) and its feature net on the
-# generated shapes data set (demo/data.py; about 45 minutes on a shared 2-core CPU). train-demo-mirror: the
+# DDIM-25 sample check (unguided beside PAG s = 3 at input_blocks.5.1, middle_block.1). train-demo: the tiny
+# class-conditional ADM model (EMA weights) and its feature net on the generated shapes data set (demo/data.py; about 45 minutes on a shared 2-core CPU). train-demo-mirror: the
 # unconditional model `make demo` uses and its feature net, on the textured mirror data set (the right half mirrors
 # the left; about 65 minutes; the committed model was trained in two stages, see checkpoints/demo/TRAINING.md).
 # TRAIN_DEMO_FLAGS passes through: "--overwrite" to replace the committed files (refused otherwise), "--threads 2"
@@ -165,9 +165,9 @@ BEYOND_PAG = beyond_pag_uncond beyond_pag_cond
 beyond-pag: venv
 	$(foreach e,$(BEYOND_PAG),$(SWEEP) configs/experiments/$(e).yaml $(SWEEP_FLAGS) &&) true
 
-# The same comparison on the demo model at demo scale (configs/compare_demo.yaml, 8 methods, s = 2 at the demo's
-# layers), through `make demo`'s steps: results/compare_demo/{table.md,grid.png} (one row of the same seeds per
-# method), the table printed. Within 5 minutes on 2 CPU cores (docs/reproduction.md has a timed run).
+# The same comparison on the shapes model at demo scale (configs/compare_demo.yaml, 8 methods, s = 2 at
+# input_blocks.3.1, input_blocks.5.1, middle_block.1), through `make demo`'s steps:
+# results/compare_demo/{table.md,grid.png} (one row of the same seeds per method), the table printed. Within 5 minutes on 2 CPU cores (docs/reproduction.md has a timed run).
 COMPARE_DEMO_CONFIG ?= configs/compare_demo.yaml
 
 .PHONY: compare-demo

@@ -2,9 +2,9 @@
 
 ``shapes`` (the class-conditional demo model): one shape per image, labelled with its class.
 ``mirror`` (the unconditional demo model): the same drawing confined to the left half under a fine coloured
-texture, and the right half its mirror image, so every pixel must agree with the one 31 - x columns away: a
-long-range dependency that convolutions at 32x32 cannot see and attention can (a 16x16 token's partner is 15 - j
-tokens away). The texture is why attention must look there: on a smooth gradient any nearby token would do.
+texture, and the right half its mirror image, so every pixel must agree with the one in column 31 - x: a
+long-range dependency that convolutions at 32x32 cannot see and attention can (a 16x16 token in column j has its
+partner in column 15 - j). The texture is why attention must look there: on a smooth gradient any nearby token would do.
 Its label is the shape's class; ``make_broken_mirror`` gives the feature net's "broken" class (two images' halves).
 
 Each image is one filled shape (the class) of random colour, size, position and rotation on a smooth
@@ -13,7 +13,7 @@ mask, then box-filtered down to 32x32, so edges are anti-aliased. The shape's ou
 classes apart: colour, size, position and rotation are nuisance variables drawn independently of it.
 
 ``make_dataset(n, seed)`` is deterministic, and sample ``i`` depends only on ``(seed, i)`` (each sample
-has its own generator seeded by ``[seed, i]``), so a data set of 10 images is the prefix of one of 20.
+has its own generator: ``[seed, i]``, mirror ``[seed, i, 1]``), so a data set of 10 images is the prefix of one of 20.
 """
 
 import math
@@ -119,7 +119,7 @@ _GRID = _GRID.astype(np.float32)  # [y, x, (x, y)]
 
 
 def _smooth_noise(rng, cells=4):
-    """Low-frequency noise in [-1, 1]: a random cells x cells grid upsampled bilinearly to 32x32."""
+    """Smooth noise in [-1, 1]: a random cells x cells grid upsampled bilinearly to 32x32 (4: faint, 12: fine)."""
     grid = rng.uniform(0, 255, size=(cells, cells)).astype(np.uint8)
     img = Image.fromarray(grid, "L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
     return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
@@ -131,8 +131,8 @@ def make_sample(seed, index):
 
 
 def make_mirror_sample(seed, index):
-    """Sample ``index`` of the mirror data set: a smaller shape drawn in the left half, the right half its
-    mirror image (the background too). (uint8 [32, 32, 3] image, int label of the shape)."""
+    """Sample ``index`` of the mirror data set: a smaller shape in the left half under a fine colour texture, the
+    right half its mirror image (background and texture too). (uint8 [32, 32, 3] image, int label of the shape)."""
     # A stream of its own: mirror sample i is not shapes sample i cut in half.
     rng = np.random.default_rng([int(seed), int(index), MIRROR_STREAM])
     image, label = _draw(rng, IMAGE_SIZE * SUPERSAMPLE // 2, texture=MIRROR_TEXTURE)

@@ -331,10 +331,11 @@ def write_record(args, out_dir, data_seconds, diffusion_info, feature_info, argv
     lines = [
         "# Demo checkpoints: how they were trained",
         "",
-        "Written by `scripts/train_demo.py` (rebuild with `make train-demo` and `make train-demo-mirror`). "
+        "Written by `scripts/train_demo.py` (`make train-demo` rebuilds the shapes model; `make train-demo-mirror` "
+        "trains a mirror model from scratch, not the committed two-stage one). "
         f"Data sets: `demo/data.py`, {demo_data.NUM_CLASSES} shape classes "
         f"({', '.join(demo_data.CLASS_NAMES)}); `shapes` (class-conditional model) and `mirror` (unconditional "
-        "model: the right half is the left half's mirror image).",
+        "model: a fine colour texture over the left half, the right half the left half's mirror image).",
         "",
     ]
     for dataset, names in DATASETS.items():  # every data set's two sections, this run's rewritten
