@@ -140,7 +140,10 @@ class RunSettings:
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
     def flat(self):
-        return {k: v for group in GROUPS for k, v in dataclasses.asdict(getattr(self, group)).items()}
+        values = {}
+        for group in GROUPS:
+            values.update(dataclasses.asdict(getattr(self, group)))
+        return values
 
     def identity(self, noise_device):
         """The settings that decide the samples (a run in the same out_dir must have the same): not the runtime ones,
