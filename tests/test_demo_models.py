@@ -325,3 +325,14 @@ def test_thread_chooser_picks_the_faster_setting():
         assert fixed.current == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_mirror_images_carry_a_fine_texture_that_the_shapes_set_lacks():
+    # The texture is what makes attention look across the image (docs/analysis.md): neighbouring pixels of the
+    # left half differ about three times as much as in the shapes set (measured 17.8 against 5.8 grey levels).
+    def neighbour_difference(images):
+        return np.abs(np.diff(images[:, :, :16].astype(int), axis=2)).mean()
+
+    mirror, _ = demo_data.make_dataset(40, seed=5, kind="mirror")
+    shapes, _ = demo_data.make_dataset(40, seed=5, kind="shapes")
+    assert neighbour_difference(mirror) > 2 * neighbour_difference(shapes)
