@@ -498,6 +498,13 @@ class GaussianDiffusion:
             raise NotImplementedError(self.loss_type)
         return terms
 
+    def _prior_bpd(self, x_start):
+        """KL(q(x_T | x_0) || N(0, I)) in bits per dimension, per batch element (not trainable; upstream's name)."""
+        t = th.tensor([self.num_timesteps - 1] * x_start.shape[0], device=x_start.device)
+        qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
+        kl_prior = normal_kl(mean1=qt_mean, logvar1=qt_log_variance, mean2=0.0, logvar2=0.0)
+        return mean_flat(kl_prior) / _LOG2
+
     def calc_bpd_loop(self, model, x_start, clip_denoised=True, model_kwargs=None):
         """The full variational bound (bits/dim): 'total_bpd' [N], 'prior_bpd' [N], and [N, T] diagnostics 'vb',
         'xstart_mse', 'mse' (eps MSE) whose column j belongs to step T-1-j (the loop runs from T-1 down)."""
@@ -523,9 +530,7 @@ class GaussianDiffusion:
             mse.append(mean_flat((eps - noise) ** 2))
 
         vb = th.stack(vb, dim=1)
-        # KL(q(x_T | x_0) || N(0, I)) in bits per dimension (not trainable).
-        qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, th.full_like(t_batch, self.num_timesteps - 1))
-        prior_bpd = mean_flat(normal_kl(mean1=qt_mean, logvar1=qt_log_variance, mean2=0.0, logvar2=0.0)) / _LOG2
+        prior_bpd = self._prior_bpd(x_start)
         return {
             "total_bpd": vb.sum(dim=1) + prior_bpd,
             "prior_bpd": prior_bpd,
