@@ -44,11 +44,8 @@ def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
 
 
 def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):
-    """Discretise a continuous alpha_bar(t), t in [0, 1], into T betas.
-
-    beta_i = 1 - alpha_bar((i+1)/T) / alpha_bar(i/T), capped at max_beta because the cosine
-    schedule's last step would otherwise be (almost) 1 and make the process singular.
-    """
+    """Discretise a continuous alpha_bar(t), t in [0, 1], into T betas, each capped at max_beta: the cosine
+    schedule's last step would otherwise be (almost) 1 and make the process singular."""
     betas = []
     for i in range(num_diffusion_timesteps):
         t_start = i / num_diffusion_timesteps
@@ -545,11 +542,7 @@ class GaussianDiffusion:
 
 
 def _extract_into_tensor(arr, timesteps, broadcast_shape):
-    """Gather arr[timesteps] (arr: float64 numpy) as float32, shaped [N, 1, ...] and broadcast to broadcast_shape.
-
-    Indexing happens in float64 and the cast to float32 comes last, as upstream, so coefficients
-    are bit-identical to upstream's.
-    """
+    """Upstream's gather (see the module docstring): arr[timesteps] as float32, broadcast to broadcast_shape."""
     return _gather(th.from_numpy(arr).to(device=timesteps.device), timesteps, broadcast_shape)
 
 

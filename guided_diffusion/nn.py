@@ -87,10 +87,7 @@ def timestep_embedding(timesteps, dim, max_period=10000):
 
 def checkpoint(func, inputs, params, flag):
     """Evaluate ``func(*inputs)``, recomputing its activations in the backward pass when ``flag`` is set.
-
-    ``params``: the parameters ``func`` uses without taking them as arguments (they receive gradients).
-    Without ``flag`` (or without autograd) this is just ``func(*inputs)``.
-    """
+    ``params``: the parameters ``func`` uses without taking them as arguments (they receive gradients)."""
     if not flag:
         return func(*inputs)
     inputs, params = tuple(inputs), tuple(params)
@@ -98,11 +95,8 @@ def checkpoint(func, inputs, params, flag):
 
 
 class CheckpointFunction(th.autograd.Function):
-    """Upstream's gradient checkpoint: forward without saving activations, recompute them for backward.
-
-    ``apply(run_function, length, *args)``: the first ``length`` of ``args`` are ``run_function``'s inputs,
-    the rest are the parameters it closes over.
-    """
+    """Upstream's gradient checkpoint (:func:`checkpoint`'s ``apply(func, len(inputs), *inputs, *params)``): forward
+    without saving activations, recompute them for backward."""
 
     @staticmethod
     def forward(ctx, run_function, length, *args):
