@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import AttentionOverride, attend_rows
+from .attention import attend_rows
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
 from .nn import (
     avg_pool_nd,
@@ -536,9 +536,7 @@ class UNetState:
         return self._map(lambda tensor: tensor[index], consume)
 
     def repeat(self, times, consume=False):
-        """The same state for ``[x; x; ...]`` (``times`` copies along the batch). With ``consume=True`` this
-        state is emptied tensor by tensor while the copies are made, so the original and the repeated skips
-        never all live at once."""
+        """The same state for ``[x; x; ...]`` (``times`` copies along the batch); ``consume`` as in :meth:`rows`."""
         return self._map(lambda tensor: tensor.repeat(times, *([1] * (tensor.dim() - 1))), consume)
 
     def _map(self, fn, consume):
