@@ -106,13 +106,12 @@ class CSVOutputFormat(KVWriter):
         self.rows.append(dict(kvs))
         new = [k for k in sorted(kvs) if k not in self.keys]
         self.keys.extend(new)
-        rewrite = bool(new) or len(self.rows) == 1
         buf = io.StringIO(newline="")
         writer = csv.DictWriter(buf, fieldnames=self.keys, restval="")
-        if rewrite:
+        if new:  # the first table's keys are all new
             writer.writeheader()
-        writer.writerows(self.rows if rewrite else [kvs])
-        if rewrite:  # never through a symbolic link: the new file replaces a link at the path
+        writer.writerows(self.rows if new else [kvs])
+        if new:  # never through a symbolic link: the new file replaces a link at the path
             atomic_write_text(self.path, buf.getvalue())
         else:
             with open_append(self.path) as f:
@@ -266,7 +265,7 @@ def _make_logger(dir, format_strs, comm, log_suffix: str = "", all_ranks: bool =
             tempfile.gettempdir(), datetime.datetime.now().strftime("pag-%Y-%m-%d-%H-%M-%S-%f"))
     dir = os.path.abspath(os.path.expanduser(os.fspath(dir)))
     if format_strs is None:
-        format_strs = [s for s in os.environ.get("OPENAI_LOG_FORMAT", "stdout,log,csv").split(",") if s]
+        format_strs = os.environ.get("OPENAI_LOG_FORMAT", "stdout,log,csv").split(",")
     format_strs = [s for s in format_strs if s]
     unknown = [s for s in format_strs if s not in _FORMATS]
     if unknown:

@@ -19,7 +19,6 @@ Extension points (keyword arguments after upstream's; all optional):
 import argparse
 import contextlib
 import copy
-import functools
 import os
 import time
 
@@ -191,8 +190,7 @@ class TrainLoop:
         if self.lr_schedule is not None:
             set_lr(self.opt, self.lr_schedule(self.step + self.resume_step))
         self.forward_backward(batch, cond)
-        took_step = self.mp_trainer.optimize(self.opt)
-        if took_step:
+        if self.mp_trainer.optimize(self.opt):
             self._update_ema()
         self._anneal_lr()
         self.log_step()
@@ -204,13 +202,10 @@ class TrainLoop:
             micro_cond = {k: v[i : i + self.microbatch].to(dist_util.dev()) for k, v in cond.items()}
             last_batch = (i + self.microbatch) >= batch.shape[0]
             t, weights = self.schedule_sampler.sample(micro.shape[0], dist_util.dev())
-
-            compute_losses = functools.partial(self.diffusion.training_losses, self.ddp_model, micro, t,
-                                               model_kwargs=micro_cond)
             # Gradients are all-reduced once per batch, on its last microbatch.
             sync = last_batch or not self.use_ddp
             with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
-                losses = compute_losses()
+                losses = self.diffusion.training_losses(self.ddp_model, micro, t, model_kwargs=micro_cond)
                 if isinstance(self.schedule_sampler, LossAwareSampler):
                     self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
                 loss = (losses["loss"] * weights).mean()
