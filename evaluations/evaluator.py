@@ -91,7 +91,13 @@ def evaluate(ref_path, sample_path, *, json_path=None, dist=None, extractor=None
     needs; ``extractor`` and ``dinov2_extractor`` are networks to reuse instead of building them."""
     s = EvaluationSettings(**options)
     batches = {"ref": _open_batch(ref_path, s), "sample": _open_batch(sample_path, s)}
-    input_warnings = _input_warnings(batches["ref"][0], batches["sample"][0])
+    ref_hw, sample_hw = (images.shape[1:3] for images, _ in batches.values())
+    input_warnings = [] if ref_hw == sample_hw else [
+        f"the reference images are {ref_hw[0]}x{ref_hw[1]}, the samples {sample_hw[0]}x{sample_hw[1]}: both are "
+        "resized for the network, but scores across resolutions are not the published protocol (use a reference "
+        "batch of the samples' resolution)"]
+    for text in input_warnings:
+        warnings.warn(text, UserWarning, stacklevel=2)
     dist = dist or detect_distributed()
     device, local = s.device, local_rank_from_env()
     if device is None and dist.world_size > 1 and torch.cuda.is_available():  # as the sampler: one GPU a process
@@ -128,16 +134,6 @@ def _open_batch(path, s):
     if "fd_dinov2" in s.metrics and images.num_images < 2:
         raise ValueError(f"{images.path}: FD_DINOv2 needs at least 2 images, got {images.num_images}")
     return images, (read_npz_statistics(path) if s.wants("inception") else None)
-
-
-def _input_warnings(ref, sample):
-    if tuple(ref.shape[1:3]) == tuple(sample.shape[1:3]):
-        return []
-    text = (f"the reference images are {ref.shape[1]}x{ref.shape[2]}, the samples {sample.shape[1]}x"
-            f"{sample.shape[2]}: both are resized for the network, but scores across resolutions are not the "
-            "published protocol (use a reference batch of the samples' resolution)")
-    warnings.warn(text, UserWarning, stacklevel=3)
-    return [text]
 
 
 def _networks(s, device, extractor, dinov2_extractor):
