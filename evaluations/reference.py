@@ -5,7 +5,6 @@ extractor's id and its numerics (features computed on a GPU are never read back 
 """
 
 import hashlib
-import io
 import json
 import os
 import time
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adm_common.files import HashMemo, atomic_write_bytes, user_cache_dir
+from adm_common.files import HashMemo, atomic_open, user_cache_dir
 from adm_common.rendezvous import launch_info, start_group
 from adm_common.npz import NpzImages
 from evaluations.features import POOL_DIM, SPATIAL_DIM, feature_numerics, full_float32
@@ -234,9 +233,8 @@ class FeatureCache:
         return data
 
     def save(self, entry, data, meta):
-        buf = io.BytesIO()
-        np.savez(buf, meta=np.array(json.dumps(meta)), **data)
-        atomic_write_bytes(entry, buf.getvalue())
+        with atomic_open(entry) as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), **data)
 
 
 def image_features(images, uses, batch_size=64, cache_dir=None, progress=False, dist=None, desc=None):

@@ -11,7 +11,7 @@ import os
 import re
 import sys
 
-from adm_common.files import atomic_write_bytes, atomic_write_text
+from adm_common.files import atomic_open, atomic_write_text, read_json_mapping
 from adm_common.flags import FlagParser
 from adm_common.yaml_files import parse_yaml, read_yaml
 from evaluations.evaluator import RESULT_FORMAT, result_marker
@@ -43,12 +43,8 @@ def _is_result(obj):
 def _first_result(directory):
     """The first evaluator JSON in ``directory`` (``eval.json`` first), or None."""
     for name in sorted((n for n in os.listdir(directory) if n.endswith(".json")), key=lambda n: (n != "eval.json", n)):
-        try:
-            with open(os.path.join(directory, name)) as f:
-                if _is_result(json.load(f)):
-                    return os.path.join(directory, name)
-        except (OSError, ValueError):
-            continue
+        if _is_result(read_json_mapping(os.path.join(directory, name))):  # {} when unreadable or not JSON
+            return os.path.join(directory, name)
     return None
 
 
@@ -154,15 +150,14 @@ def normalise_anchor(anchor, group_by=DEFAULT_GROUP_BY):
     """A published-anchor dict (metric names in any usual spelling: FID, sFID, IS, Precision, Recall) -> row."""
     if not isinstance(anchor, dict):
         raise ValueError(f"an anchor must be a mapping, got {anchor!r}")
-    row = {"run": None, "source": "published", "random_weights": False, "num_samples": None}
+    row = {"run": next((str(anchor[k]) for k in ("label", "name", "method", "model") if anchor.get(k) is not None),
+                       "published"),
+           "source": f"published ({anchor['source']})" if anchor.get("source") else "published",
+           "random_weights": False, "num_samples": None}
     for key, value in anchor.items():
         canon = _METRIC_ALIASES.get(re.sub(r"[^a-z]", "", str(key).lower()))
         if canon:
             row[canon] = None if value in (None, "-", "") else float(value)
-    row["run"] = next((str(anchor[k]) for k in ("label", "name", "method", "model") if anchor.get(k) is not None),
-                      "published")
-    if anchor.get("source"):
-        row["source"] = f"published ({anchor['source']})"
     flat = _flatten(anchor)
     row.update((key, _group_value(flat, key)) for key in group_by)
     row.update((k, row.get(k)) for k in ROW_METRICS)
@@ -418,11 +413,9 @@ def new_figure(width, height):
 
 
 def save_png(fig, path, dpi=120):
-    """PNG drawn in memory, then written atomically (a symbolic link at ``path`` is replaced, not followed);
-    returns ``path``."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
+    """PNG written atomically (a symbolic link at ``path`` is replaced, not followed); returns ``path``."""
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
     return path
 
 
