@@ -242,7 +242,6 @@ def trace(settings, models, device, indices, config=None, options=None):
 
 def _trace_chunk(settings, models, device, diffusion, config, indices, strip, shown, probe):
     """One batch of samples through the whole loop; returns per-step arrays for these samples."""
-    s = settings
     model = models.model
     batch = len(indices)
     seen = {}
@@ -263,12 +262,12 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
 
     # The sampler's own guided model, labels, classifier guidance and draws; a fresh guided model (guided=None), as
     # the observer is set on it, and uncompiled, so the hooks record the clean pass.
-    run = dataclasses.replace(s, guidance=config, runtime=dataclasses.replace(s.runtime, compile=False))
+    run = dataclasses.replace(settings, guidance=config, runtime=dataclasses.replace(settings.runtime, compile=False))
     sampler = Sampler(run, dataclasses.replace(models, guided=None), device, model_wrapper=recording)
     sampler.guided.observer = lambda **values: seen.update(values)
     draws = sampler.draws(indices)
     row_seeds = draws.model_kwargs["row_seeds"]
-    net_kwargs = {"y": draws.model_kwargs["y"]} if s.model.class_cond else {}
+    net_kwargs = {"y": draws.model_kwargs["y"]} if settings.model.class_cond else {}
 
     cond_fn = sampler.cond_fn
 
@@ -278,13 +277,13 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
 
     sampler.cond_fn = recording_cond_fn if cond_fn else None
 
-    clip = s.sampling.clip_denoised
+    clip = settings.sampling.clip_denoised
 
     def step_mean(output, x, index, gradient):
         """The step's deterministic part: the diffusion's own step on ``output`` with zero noise."""
         t = th.full((x.shape[0],), index, device=x.device, dtype=th.long)
         cond = _replay(gradient) if gradient is not None else None
-        step = diffusion.ddim_sample if s.sampling.use_ddim else diffusion.p_sample
+        step = diffusion.ddim_sample if settings.sampling.use_ddim else diffusion.p_sample
         return step(_replay(output), x, t, clip_denoised=clip, cond_fn=cond, randn_like=th.zeros_like)["sample"]
 
     def mean_move(before, after, rest, x, index):
@@ -295,13 +294,11 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
         outputs = [th.cat([e.to(rest.dtype), rest], dim=1) for e in (before, after)]
         return _rms(step_mean(outputs[1], x, index, None) - step_mean(outputs[0], x, index, None))
 
-    steps = diffusion.num_timesteps
     channels = 3
     stats, images, entropy, maps = ({name: [] for name in names} for names in (STATS, IMAGES, probe.blocks,
                                                                                 probe.blocks))
-    final = None
     for step, out in enumerate(sampler.steps(indices, draws)):
-        index = steps - 1 - step
+        index = diffusion.num_timesteps - 1 - step
         x, t, eps = seen["x"], seen["t"], seen["eps"].float()
         output = seen["output"]
         rest = output[:, channels:]
@@ -352,13 +349,12 @@ def _trace_chunk(settings, models, device, diffusion, config, indices, strip, sh
                 images[name].append(value[strip].float().cpu())
             for name in probe.blocks:
                 maps[name].append(probe.maps[name][strip])
-        final = out["sample"]
         next_step["step"] = step + 1
     return {"stats": {k: th.stack(v).double().numpy() for k, v in stats.items()},
             "images": {k: th.stack(v) for k, v in images.items() if v},
             "entropy": {k: np.stack(v) for k, v in entropy.items()},
             "maps": {k: th.stack(v) for k, v in maps.items() if v},
-            "labels": draws.labels, "samples": to_uint8_nhwc(final)}
+            "labels": draws.labels, "samples": to_uint8_nhwc(out["sample"])}  # the last step's
 
 
 @th.no_grad()
@@ -372,16 +368,14 @@ def perturbed_x0(settings, models, device, reference, kinds):
     values = dict(config.perturbation_params)
     model = models.model
     diffusion = models.diffusion
-    steps = diffusion.num_timesteps
-    strip = reference.strip_indices
-    draws = sample_draws(settings, strip, device, with_labels=settings.model.class_cond)
+    draws = sample_draws(settings, reference.strip_indices, device, with_labels=settings.model.class_cond)
     row_seeds = draws.model_kwargs["row_seeds"]
     net_kwargs = {"y": draws.model_kwargs["y"]} if settings.model.class_cond else {}
     out = {name: [] for name in ("clean", *kinds)}
     clip = settings.sampling.clip_denoised
     for j, step in enumerate(reference.shown):
         x = reference.images["x_t"][j].to(device)
-        index = steps - 1 - step
+        index = diffusion.num_timesteps - 1 - step
         t = th.full((x.shape[0],), reference.timesteps[step], device=device, dtype=th.long)
         out["clean"].append(_pred_x0(diffusion, model(x, t, **net_kwargs), x, index, clip).float().cpu())
         for kind in kinds:
