@@ -32,7 +32,7 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_host_syncs(sampler, indices, device, steps):
+def count_host_syncs(sampler, indices, device):
     """Host synchronisations per sampling step of ``sampler.sample(indices)``: on CUDA every synchronising call
     (``torch.cuda.set_sync_debug_mode``: item/bool reads, blocking copies); on the CPU the value reads that would
     synchronise on CUDA."""
@@ -50,7 +50,7 @@ def count_host_syncs(sampler, indices, device, steps):
         with HostReads() as reads:
             sampler.sample(indices)
         count = reads.count
-    return count / steps
+    return count / sampler.diffusion.num_timesteps
 
 
 def check_sampler(device, profile, tiny, num_channels, seed, out_dir):
@@ -115,8 +115,7 @@ def check_sampler(device, profile, tiny, num_channels, seed, out_dir):
     # Host synchronisations per step, at two batch sizes (they must not grow with the batch).
     settings = cli.resolve_cli(argv + ["--out_dir", str(work / "sync")])
     sampler = sampling.Sampler(settings, sampling.load_models(settings, device), device)
-    steps = sampler.diffusion.num_timesteps
-    result["host_syncs_per_step"] = {str(b): count_host_syncs(sampler, list(range(b)), device, steps)
+    result["host_syncs_per_step"] = {str(b): count_host_syncs(sampler, list(range(b)), device)
                                      for b in profile.sync_batches}
     result["host_syncs_method"] = ("torch.cuda.set_sync_debug_mode warnings" if device.type == "cuda" else
                                    "CPU: host reads of tensor values (aten._local_scalar_dense), which synchronise "

@@ -48,8 +48,7 @@ def _hooks(networks):
 
 def _guided_eps(model, classifier, diffusion, method, x, t, y, row_seeds):
     """eps of ``method`` (first 3 output channels); with classifier guidance, upstream's condition_score."""
-    settings = dict(method["guidance"])
-    guided = pag.guide(model, pag.GuidanceConfig(**settings), diffusion=diffusion)
+    guided = pag.guide(model, pag.GuidanceConfig(**method["guidance"]), diffusion=diffusion)
     kwargs = {"y": y} if model.num_classes else {}
     with torch.no_grad():
         eps = guided(x, t, row_seeds=row_seeds, **kwargs)[:, :3].float()
