@@ -12,8 +12,7 @@ $OPENAI_LOGDIR/{vb,mse,xstart_mse}_terms.npz.
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 import numpy as np  # noqa: E402
 

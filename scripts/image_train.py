@@ -15,8 +15,7 @@ part before the first underscore. See guided_diffusion/train_util.py.
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 from guided_diffusion import logger  # noqa: E402
 from guided_diffusion.image_datasets import load_data  # noqa: E402
