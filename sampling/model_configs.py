@@ -17,10 +17,6 @@ class ModelConfigError(ValueError):
     """A model config that does not exist or cannot be used."""
 
 
-def known_names(config_dir=CONFIG_DIR, kind=None):
-    return sorted(name for name, entry in model_configs(config_dir).items() if kind is None or entry["kind"] == kind)
-
-
 def load_model_config(name_or_path, config_dir=CONFIG_DIR, required=REQUIRED_KEYS):
     """Read a model config by checkpoint name (``256x256_diffusion_uncond``) or by YAML path, checked:
     the ``required`` keys (the downloader's add url, file, and its name must be the YAML's), a known kind, flags a

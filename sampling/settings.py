@@ -23,7 +23,7 @@ from guided_diffusion.respace import space_timesteps
 from guided_diffusion.script_util import NUM_CLASSES, classifier_defaults, diffusion_defaults
 from guided_diffusion.script_util import model_and_diffusion_defaults, str2bool
 
-from .model_configs import CONFIG_DIR, DEFAULT_MODEL_DIR, ModelConfigError, known_names, load_model_config
+from .model_configs import DEFAULT_MODEL_DIR, ModelConfigError, load_model_config, model_configs
 
 
 class SampleConfigError(ValueError):
@@ -48,7 +48,6 @@ class Setting:
         return f"{self.name} must {self.requirement}, got {value!r}"
 
 
-GROUPS = ("model", "diffusion", "guidance", "sampling", "runtime")
 COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
 LABEL_ORDERS = ("random", "balanced")
 EXPECTED = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}  # YAML values
@@ -114,11 +113,9 @@ FLAG_GROUP = {name: setting.group for name, setting in SETTINGS.items()}
 
 
 def _group(name, group, doc):
-    cls = dataclasses.make_dataclass(name, [(s.name, type(s.default), field(default=s.default))
-                                            for s in SETTINGS.values() if s.group == group])
-    cls.__doc__ = doc
-    cls.__module__ = __name__
-    return cls
+    return dataclasses.make_dataclass(name, [(s.name, type(s.default), field(default=s.default))
+                                             for s in SETTINGS.values() if s.group == group],
+                                      namespace={"__doc__": doc, "__module__": __name__})
 
 
 ModelSettings = _group("ModelSettings", "model", "Upstream's model and classifier flags, and the checkpoints.")
@@ -141,7 +138,7 @@ class RunSettings:
 
     def flat(self):
         values = {}
-        for group in GROUPS:
+        for group in GROUP_CLASSES:
             values.update(dataclasses.asdict(getattr(self, group)))
         return values
 
@@ -278,7 +275,7 @@ def preset_values(name):
             raise SampleConfigError(f"--model {name}: {e}") from None
         entry = None
     if entry is None or entry.get("kind") != "diffusion":
-        known = known_names(CONFIG_DIR, kind="diffusion")
+        known = sorted(model for model, config in model_configs().items() if config["kind"] == "diffusion")
         raise SampleConfigError(f"unknown --model {name!r}{suggest(str(name), known)}; the diffusion models of "
                                 f"configs/models/ are: {', '.join(known)} (or give a model config .yaml path)")
     model_path = Path(name).parent / entry["file"] if is_path else DEFAULT_MODEL_DIR / entry["file"]
@@ -340,8 +337,8 @@ def build_settings(values):
         problems.append(f"guidance settings: {e}")
     if problems:
         raise SampleConfigError("; ".join(problems))
-    groups = {group: GROUP_CLASSES[group](**{k: s[k] for k in s if FLAG_GROUP.get(k) == group})
-              for group in GROUPS if group != "guidance"}
+    groups = {group: cls(**{k: s[k] for k in s if FLAG_GROUP.get(k) == group})
+              for group, cls in GROUP_CLASSES.items() if group != "guidance"}
     return RunSettings(guidance=guidance, **groups)
 
 
