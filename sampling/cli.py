@@ -49,8 +49,7 @@ def resolve_cli(argv=None):
     given = vars(build_sample_parser().parse_args(argv))
     config = given.pop("config", None)
     layers = [(f"--config {config}", read_yaml_mapping(config))] if config else []
-    layers.append(("the command line", given))
-    return resolve_settings(layers)
+    return resolve_settings(layers + [("the command line", given)])
 
 
 def build_sweep_parser():
