@@ -16,8 +16,7 @@ def tune_cpu_allocator() -> bool:
     glibc mmaps blocks of 32 MiB and more (one 256x256 activation of a batch of two) and unmaps them on free, so every
     U-Net step page-faults its activations in again: about a quarter of the time on CPU."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc
         return False
     m_trim_threshold, m_mmap_max = -1, -4

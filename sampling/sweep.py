@@ -157,8 +157,7 @@ def cell_name(assignments):
         parts.append(f"{axis}-{text}" if text else axis)
     name = re.sub(r"[^A-Za-z0-9._+-]+", "_", "__".join(parts)).strip("._") or "cell"
     if len(name) > MAX_NAME:
-        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
-        name = f"{name[:MAX_NAME - 11]}-{digest}"
+        name = f"{name[:MAX_NAME - 11]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
     return name
 
 

@@ -30,7 +30,7 @@ def check_evaluation(sweep, evaluate_fn=None):
         raise SampleConfigError(f"ref_batch {sweep.ref_batch} not found (download the reference batches with "
                                 "`make download-refs`)")
     if evaluate_fn is None:
-        from evaluations.evaluator import EVALUATION_OPTIONS as known
+        from evaluations.evaluator import EVALUATION_OPTIONS as known, EvaluationSettings
     else:  # a stand-in (tests): its keyword arguments
         known = [k for k in inspect.signature(evaluate_fn).parameters if k not in ("ref_path", "sample_path",
                                                                                   "json_path")]
@@ -38,8 +38,6 @@ def check_evaluation(sweep, evaluate_fn=None):
     if bad:
         raise SampleConfigError(f"sweep config {sweep.path}: evaluation: unknown argument(s) {', '.join(bad)}")
     if evaluate_fn is None:  # values too: metrics, pr_precision, batch_size
-        from evaluations.evaluator import EvaluationSettings
-
         try:
             EvaluationSettings(**sweep.evaluation)
         except ValueError as e:
