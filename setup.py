@@ -4,7 +4,8 @@ setup(
     name="pag-adm",
     version="0.1.0",
     description="Perturbed-Attention Guidance (PAG) on OpenAI's ADM (guided-diffusion) models",
-    packages=find_packages(include=["adm_common", "guided_diffusion", "pag", "sampling", "evaluations", "analysis", "benchmarks"]),
+    packages=find_packages(include=["adm_common", "guided_diffusion", "pag", "sampling", "evaluations", "analysis",
+                                    "benchmarks"]),
     # The model configs of the official checkpoints, the reference batches' list and the experiment sweeps
     # (configs/ in the repository is a link to sampling/configs/).
     package_data={"sampling": ["configs/*.yaml", "configs/*/*.yaml"]},

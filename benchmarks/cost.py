@@ -85,7 +85,7 @@ def cost_rows(peak_fraction=DEFAULT_PEAK_FRACTION, archs=ARCHS):
 
 
 def cost_markdown(peak_fraction=DEFAULT_PEAK_FRACTION, archs=ARCHS):
-    """What ``make bench-cost`` prints (and docs/reproduction.md holds): the assumptions, the attention check, the table."""
+    """What ``make bench-cost`` prints (as docs/reproduction.md): the assumptions, the attention check, the table."""
     rows = cost_rows(peak_fraction, archs)
     model, flags = meta_model(archs[0])
     counted, by_hand = attention_check(model, flags)

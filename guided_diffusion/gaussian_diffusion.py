@@ -44,8 +44,8 @@ def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
 
 
 def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):
-    """Discretise a continuous alpha_bar(t), t in [0, 1], into T betas, each capped at max_beta: the cosine
-    schedule's last step would otherwise be (almost) 1 and make the process singular."""
+    """Discretise a continuous alpha_bar(t), t in [0, 1], into T betas, 1 - alpha_bar((i+1)/T) / alpha_bar(i/T), each
+    capped at max_beta: the cosine schedule's last step would otherwise be (almost) 1 and make the process singular."""
     betas = []
     for i in range(num_diffusion_timesteps):
         t_start = i / num_diffusion_timesteps
@@ -542,7 +542,8 @@ class GaussianDiffusion:
 
 
 def _extract_into_tensor(arr, timesteps, broadcast_shape):
-    """Upstream's gather (see the module docstring): arr[timesteps] as float32, broadcast to broadcast_shape."""
+    """Upstream's gather (see the module docstring): ``arr`` (a 1-D float64 numpy array) at ``timesteps``, as
+    float32 shaped [N, 1, ...], broadcast to broadcast_shape."""
     return _gather(th.from_numpy(arr).to(device=timesteps.device), timesteps, broadcast_shape)
 
 

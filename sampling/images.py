@@ -1,11 +1,10 @@
 """Images of a run: upstream's uint8 conversion, grids, side-by-side comparisons and PNG files (atomic)."""
 
-import io
 import math
 
 import numpy as np
 
-from adm_common.files import atomic_write_bytes
+from adm_common.files import atomic_open
 
 
 def to_uint8_nhwc(x):
@@ -37,9 +36,8 @@ def save_png(image, path, zoom=1):
     picture = Image.fromarray(image)
     if zoom != 1:
         picture = picture.resize((image.shape[1] * zoom, image.shape[0] * zoom), Image.NEAREST)
-    buf = io.BytesIO()
-    picture.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    with atomic_open(path) as f:
+        picture.save(f, format="PNG")
 
 
 def save_side_by_side(left, right, path, columns=8, gap=6, zoom=3):
