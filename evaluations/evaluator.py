@@ -91,7 +91,7 @@ def evaluate(ref_path, sample_path, *, json_path=None, dist=None, extractor=None
     needs; ``extractor`` and ``dinov2_extractor`` are networks to reuse instead of building them."""
     s = EvaluationSettings(**options)
     batches = {"ref": _open_batch(ref_path, s), "sample": _open_batch(sample_path, s)}
-    ref_hw, sample_hw = (images.shape[1:3] for images, _ in batches.values())
+    ref_hw, sample_hw = (batches[name][0].shape[1:3] for name in ("ref", "sample"))
     input_warnings = [] if ref_hw == sample_hw else [
         f"the reference images are {ref_hw[0]}x{ref_hw[1]}, the samples {sample_hw[0]}x{sample_hw[1]}: both are "
         "resized for the network, but scores across resolutions are not the published protocol (use a reference "
